@@ -1,0 +1,262 @@
+//! Stage one of config parsing, shared by every family: unwrap multimodal wrappers
+//! (`text_config`), deserialize into a family's serde struct with error paths that name the key,
+//! refuse keys nobody understands, and read RoPE parameter blocks.
+
+use super::Rope;
+use anyhow::{anyhow, bail, Context as _, Result};
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+/// How strict parsing is.
+#[derive(Debug, Clone, Default)]
+pub struct ParseOptions {
+    /// Downgrade unknown config keys from an error to a warning.
+    pub allow_unknown_keys: bool,
+}
+
+/// The text part of a `config.json`: the file itself for a bare text model, its `text_config`
+/// for a multimodal wrapper.
+#[derive(Debug, Clone)]
+pub struct TextConfig {
+    /// `model_type` of the text config (`gemma4_text`, `qwen3_5_moe_text`, `laguna`, ...).
+    pub model_type: String,
+    /// `model_type` of the wrapper, when there is one (`gemma4`, `qwen3_5`, ...).
+    pub wrapper_model_type: Option<String>,
+    /// `architectures[0]` of the file.
+    pub architecture: Option<String>,
+    /// The text config object.
+    pub value: Map<String, Value>,
+    /// The wrapper's own keys (without `text_config`), when there is one.
+    pub wrapper: Option<Map<String, Value>>,
+    pub opts: ParseOptions,
+}
+
+impl TextConfig {
+    pub fn from_raw(raw: &Value, opts: &ParseOptions) -> Result<TextConfig> {
+        let obj = raw
+            .as_object()
+            .ok_or_else(|| anyhow!("the config is not a JSON object"))?;
+        let architecture = match obj.get("architectures") {
+            Some(Value::Array(a)) => a.first().and_then(|v| v.as_str()).map(String::from),
+            _ => None,
+        };
+        let model_type = |o: &Map<String, Value>| -> Option<String> {
+            o.get("model_type").and_then(|v| v.as_str()).map(String::from)
+        };
+        match obj.get("text_config") {
+            Some(Value::Object(text)) => {
+                let mut wrapper = obj.clone();
+                wrapper.remove("text_config");
+                let wrapper_type = model_type(obj);
+                let text_type = model_type(text)
+                    .or_else(|| wrapper_type.as_ref().map(|w| format!("{w}_text")))
+                    .unwrap_or_default();
+                Ok(TextConfig {
+                    model_type: text_type,
+                    wrapper_model_type: wrapper_type,
+                    architecture,
+                    value: text.clone(),
+                    wrapper: Some(wrapper),
+                    opts: opts.clone(),
+                })
+            }
+            Some(other) if !other.is_null() => {
+                bail!("key `text_config` is not an object")
+            }
+            _ => {
+                let mt = model_type(obj);
+                if mt.is_none() && architecture.is_none() {
+                    bail!("neither `model_type` nor `architectures` is set, so the family is unknown")
+                }
+                Ok(TextConfig {
+                    model_type: mt.unwrap_or_default(),
+                    wrapper_model_type: None,
+                    architecture,
+                    value: obj.clone(),
+                    wrapper: None,
+                    opts: opts.clone(),
+                })
+            }
+        }
+    }
+
+    /// Where keys live, for error messages: `text_config.` for wrappers.
+    pub fn key_prefix(&self) -> &'static str {
+        if self.wrapper.is_some() {
+            "text_config."
+        } else {
+            ""
+        }
+    }
+
+    /// Deserialize the text config into a family's serde struct; errors name the key.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T> {
+        let v = Value::Object(self.value.clone());
+        serde_path_to_error::deserialize(v).map_err(|e| {
+            let path = e.path().to_string();
+            anyhow!("key `{}{}`: {}", self.key_prefix(), path, e.inner())
+        })
+    }
+
+    /// The checkpoint dtype: the text config's `dtype`/`torch_dtype`, else the wrapper's.
+    pub fn dtype(&self) -> Option<String> {
+        let pick = |o: &Map<String, Value>| {
+            o.get("dtype")
+                .or_else(|| o.get("torch_dtype"))
+                .and_then(|v| v.as_str())
+                .map(String::from)
+        };
+        pick(&self.value).or_else(|| self.wrapper.as_ref().and_then(pick))
+    }
+
+    /// Refuse keys that neither the family's struct consumed (`rest`) nor are known not to
+    /// change the architecture (`COMMON_HARMLESS_KEYS` + `family_harmless`). Returns warnings
+    /// when unknown keys are allowed.
+    pub fn check_unknown_keys(
+        &self,
+        rest: &Map<String, Value>,
+        family_harmless: &[&str],
+    ) -> Result<Vec<String>> {
+        let unknown: Vec<&String> = rest
+            .keys()
+            .filter(|k| {
+                !COMMON_HARMLESS_KEYS.contains(&k.as_str()) && !family_harmless.contains(&k.as_str())
+            })
+            .collect();
+        if unknown.is_empty() {
+            return Ok(vec![]);
+        }
+        let list = unknown
+            .iter()
+            .map(|k| format!("`{}{k}`", self.key_prefix()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if self.opts.allow_unknown_keys {
+            return Ok(vec![format!(
+                "ignoring config keys llmarch does not know: {list}; the numbers may be wrong"
+            )]);
+        }
+        Err(anyhow!(
+            "config keys llmarch does not know for {}: {list}; a key that may change the \
+             architecture is never ignored silently",
+            self.model_type
+        )
+        .context(
+            "hint: pass --allow-unknown-keys to treat them as warnings, and report the key if it matters",
+        ))
+    }
+}
+
+/// Keys every `PreTrainedConfig` may carry that do not change what the text model computes.
+pub const COMMON_HARMLESS_KEYS: &[&str] = &[
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "_name_or_path",
+    "initializer_range",
+    "use_cache",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "attention_dropout",
+    "hidden_dropout",
+    "output_router_logits",
+    "router_aux_loss_coef",
+    "router_jitter_noise",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "tokenizer_class",
+    "is_encoder_decoder",
+    "is_decoder",
+    "chunk_size_feed_forward",
+    "tie_encoder_decoder",
+    "use_bfloat16",
+    "quantization_config",
+    "keys_to_ignore_at_inference",
+];
+
+/// A `rope_parameters` block (`rope_type`, `rope_theta`, `partial_rotary_factor`, scaling
+/// fields) turned into a [`Rope`] for a head of `head_dim`. `what` names the block for errors.
+pub fn rope_from_params(block: &Value, head_dim: usize, what: &str) -> Result<Rope> {
+    let obj = block
+        .as_object()
+        .ok_or_else(|| anyhow!("key `{what}` is not an object"))?;
+    let kind = obj
+        .get("rope_type")
+        .or_else(|| obj.get("type"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("default")
+        .to_string();
+    const KNOWN: &[&str] = &[
+        "default",
+        "proportional",
+        "linear",
+        "dynamic",
+        "yarn",
+        "longrope",
+        "llama3",
+    ];
+    if !KNOWN.contains(&kind.as_str()) {
+        bail!(
+            "key `{what}.rope_type`: unknown RoPE type `{kind}` (known: {})",
+            KNOWN.join(", ")
+        );
+    }
+    let theta = obj
+        .get("rope_theta")
+        .and_then(|v| v.as_f64())
+        .ok_or_else(|| anyhow!("key `{what}.rope_theta` is missing or not a number"))?;
+    let partial = match obj.get("partial_rotary_factor") {
+        None | Some(Value::Null) => 1.0,
+        Some(v) => v.as_f64().ok_or_else(|| {
+            anyhow!("key `{what}.partial_rotary_factor` is not a number")
+        })?,
+    };
+    if !(0.0..=1.0).contains(&partial) || partial == 0.0 {
+        bail!("key `{what}.partial_rotary_factor` = {partial} is outside (0, 1]");
+    }
+    let factor = obj.get("factor").and_then(|v| v.as_f64());
+    Ok(Rope {
+        kind,
+        theta,
+        rotary_dim: (head_dim as f64 * partial) as usize,
+        factor,
+    })
+}
+
+/// A per-layer list must have one entry per layer.
+pub fn check_len<T>(key: &str, list: &[T], layers: usize) -> Result<()> {
+    if list.len() != layers {
+        bail!(
+            "key `{key}` has {} entries but num_hidden_layers is {layers}",
+            list.len()
+        );
+    }
+    Ok(())
+}
+
+/// Heads must split evenly into KV groups.
+pub fn check_heads(layer: usize, q_heads: usize, kv_heads: usize) -> Result<()> {
+    if kv_heads == 0 || q_heads == 0 || q_heads % kv_heads != 0 {
+        bail!(
+            "layer {layer}: {q_heads} query heads do not divide into {kv_heads} KV heads"
+        );
+    }
+    Ok(())
+}
+
+/// A number that must be positive; names the key when it is not.
+pub fn positive(key: &str, v: usize) -> Result<usize> {
+    if v == 0 {
+        bail!("key `{key}` must be positive");
+    }
+    Ok(v)
+}

@@ -1,0 +1,491 @@
+//! WHAT a model is: the registry of families and the one per-layer table every command reads.
+//!
+//! Parsing a `config.json` is two-stage. Each family file (`gemma4.rs`, `laguna.rs`, ...) holds a
+//! serde struct with the Hugging Face field names and the reference's defaults (transformers
+//! 5.23.0), and turns it into a validated [`ArchSpec`]: model-wide facts plus one [`LayerSpec`] per
+//! decoder layer. `inspect` prints that table, `kv-budget` computes from it, and later the model
+//! builder and the live KV panel read it. Nothing else re-derives per-layer facts from the config.
+//!
+//! The cache a layer holds is described by [`CachePart`]s (K, V, K=V, compressed entries, indexer
+//! keys, convolution and recurrent states), each with how many entries it keeps at a context
+//! length. KV sharing is a [`LayerSpec::kv_source`] pointing at the owning layer, which then holds
+//! nothing itself.
+
+pub mod budget;
+pub mod config;
+pub mod deepseek_v4;
+pub mod gemma4;
+pub mod laguna;
+pub mod qwen3_5;
+pub mod zaya;
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+use serde_json::Value;
+
+/// One architecture family: how to recognise its configs and how to parse them.
+pub struct Family {
+    /// Module name, e.g. `gemma4`.
+    pub name: &'static str,
+    /// `model_type` values (bare text config and multimodal wrapper) this family accepts.
+    pub model_types: &'static [&'static str],
+    /// `architectures[0]` values this family accepts.
+    pub architectures: &'static [&'static str],
+    /// One line on what is new in it.
+    pub summary: &'static str,
+    /// Turns the text config (wrapper already unwrapped) into the spec.
+    pub parse: fn(&config::TextConfig) -> Result<ArchSpec>,
+}
+
+/// The registry: adding a family is one file plus one line here.
+pub const FAMILIES: &[Family] = &[
+    gemma4::FAMILY,
+    laguna::FAMILY,
+    zaya::FAMILY,
+    deepseek_v4::FAMILY,
+    qwen3_5::FAMILY,
+];
+
+/// Every `model_type` we accept, for error messages.
+pub fn supported_model_types() -> Vec<&'static str> {
+    FAMILIES
+        .iter()
+        .flat_map(|f| f.model_types.iter().copied())
+        .collect()
+}
+
+/// Parse a whole `config.json` (bare or multimodal wrapper) into an [`ArchSpec`].
+pub fn parse_config(raw: &Value, opts: &config::ParseOptions) -> Result<ArchSpec> {
+    let text = config::TextConfig::from_raw(raw, opts)?;
+    let family = FAMILIES
+        .iter()
+        .find(|f| {
+            f.model_types.contains(&text.model_type.as_str())
+                || text
+                    .architecture
+                    .as_deref()
+                    .is_some_and(|a| f.architectures.contains(&a))
+        })
+        .ok_or_else(|| {
+            let what = if text.model_type.is_empty() {
+                format!(
+                    "architecture `{}`",
+                    text.architecture.as_deref().unwrap_or("?")
+                )
+            } else {
+                format!("model_type `{}`", text.model_type)
+            };
+            anyhow::anyhow!(
+                "unsupported {what}; supported model types: {}",
+                supported_model_types().join(", ")
+            )
+        })?;
+    let spec = (family.parse)(&text)?;
+    spec.check()?;
+    Ok(spec)
+}
+
+/// What attention a layer runs, and so what its cache keeps.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Attention {
+    /// Causal attention over every earlier token.
+    Full,
+    /// Causal attention over the last `window` tokens (the current one included).
+    Sliding { window: usize },
+    /// ZAYA's Compressed Convolutional Attention; `window` for its `hybrid_sliding` layers.
+    Cca { window: Option<usize> },
+    /// DeepSeek V4: a sliding window plus entries compressed `ratio`:1. With `index_topk`, a
+    /// lightning indexer picks the top-k compressed entries (CSA); without, all of them (HCA).
+    Compressed {
+        ratio: usize,
+        window: usize,
+        index_topk: Option<usize>,
+    },
+    /// Linear attention (Gated DeltaNet): a fixed-size state instead of a growing cache.
+    Linear,
+}
+
+impl Attention {
+    /// Short name for tables: `full`, `sliding 512`, `CSA 4:1`, ...
+    pub fn label(&self) -> String {
+        match self {
+            Attention::Full => "full".into(),
+            Attention::Sliding { window } => format!("sliding {window}"),
+            Attention::Cca { window: None } => "CCA".into(),
+            Attention::Cca { window: Some(w) } => format!("CCA sliding {w}"),
+            Attention::Compressed {
+                ratio,
+                index_topk: Some(_),
+                ..
+            } => format!("CSA {ratio}:1"),
+            Attention::Compressed {
+                ratio,
+                index_topk: None,
+                ..
+            } => format!("HCA {ratio}:1"),
+            Attention::Linear => "linear (DeltaNet)".into(),
+        }
+    }
+
+    /// How many cached tokens one query attends at `context` tokens.
+    pub fn attended_tokens(&self, context: u64) -> u64 {
+        match *self {
+            Attention::Full | Attention::Cca { window: None } => context,
+            Attention::Sliding { window } | Attention::Cca { window: Some(window) } => {
+                context.min(window as u64)
+            }
+            Attention::Compressed {
+                ratio,
+                window,
+                index_topk,
+            } => {
+                let entries = context / ratio as u64;
+                context.min(window as u64) + index_topk.map_or(entries, |k| entries.min(k as u64))
+            }
+            Attention::Linear => 0,
+        }
+    }
+
+    /// The long-context trick this attention kind is, for the savings breakdown.
+    pub fn trick(&self) -> Option<Trick> {
+        match self {
+            Attention::Full => None,
+            Attention::Sliding { .. } => Some(Trick::SlidingWindow),
+            Attention::Cca { .. } => Some(Trick::ConvolutionalAttention),
+            Attention::Compressed { .. } => Some(Trick::Compression),
+            Attention::Linear => Some(Trick::LinearAttention),
+        }
+    }
+}
+
+/// The tricks whose savings `kv-budget` reports, in the order they are applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trick {
+    /// Fewer KV heads than query heads (GQA/MQA).
+    GroupedKv,
+    /// Layers reading another layer's cache.
+    KvSharing,
+    /// One tensor serves as both K and V.
+    KEqV,
+    /// Only the last `window` tokens are kept.
+    SlidingWindow,
+    /// Compressed entries (DeepSeek V4 CSA/HCA).
+    Compression,
+    /// A fixed-size state replaces the cache (Gated DeltaNet).
+    LinearAttention,
+    /// ZAYA's CCA: K/V in a compressed latent space plus a convolution state.
+    ConvolutionalAttention,
+}
+
+impl Trick {
+    pub const ALL: [Trick; 7] = [
+        Trick::GroupedKv,
+        Trick::KvSharing,
+        Trick::KEqV,
+        Trick::SlidingWindow,
+        Trick::Compression,
+        Trick::LinearAttention,
+        Trick::ConvolutionalAttention,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Trick::GroupedKv => "GQA/MQA",
+            Trick::KvSharing => "cross-layer KV sharing",
+            Trick::KEqV => "K=V",
+            Trick::SlidingWindow => "sliding window",
+            Trick::Compression => "compression",
+            Trick::LinearAttention => "linear attention",
+            Trick::ConvolutionalAttention => "CCA",
+        }
+    }
+}
+
+/// How many entries of a cache part are held at a given context length.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Retention {
+    /// One entry per token.
+    AllTokens,
+    /// One entry per token, at most `window`.
+    Window { window: usize },
+    /// One entry per `ratio` complete tokens.
+    Compressed { ratio: usize },
+    /// A fixed number of entries whatever the context.
+    Fixed { entries: usize },
+}
+
+impl Retention {
+    pub fn entries(&self, context: u64) -> u64 {
+        match *self {
+            Retention::AllTokens => context,
+            Retention::Window { window } => context.min(window as u64),
+            Retention::Compressed { ratio } => context / ratio as u64,
+            Retention::Fixed { entries } => entries as u64,
+        }
+    }
+}
+
+/// The element type a cache part is stored in.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PartDtype {
+    /// The KV dtype the user picks (`--kv-dtype`).
+    Kv,
+    /// A state kept in f32 whatever the KV dtype (the config says so, e.g. `mamba_ssm_dtype`).
+    F32,
+}
+
+/// One tensor (or group of tensors) of a layer's cache.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CachePart {
+    /// What it is: `K`, `V`, `K=V`, `compressed KV`, `indexer keys`, `conv state`, ...
+    pub name: &'static str,
+    /// Elements per entry (all heads together).
+    pub elems_per_entry: u64,
+    pub retention: Retention,
+    pub dtype: PartDtype,
+}
+
+impl CachePart {
+    pub fn new(name: &'static str, elems_per_entry: usize, retention: Retention) -> Self {
+        CachePart {
+            name,
+            elems_per_entry: elems_per_entry as u64,
+            retention,
+            dtype: PartDtype::Kv,
+        }
+    }
+
+    pub fn f32(mut self) -> Self {
+        self.dtype = PartDtype::F32;
+        self
+    }
+}
+
+/// How a RoPE variant rotates.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Rope {
+    /// `default`, `proportional`, `yarn`, ...
+    pub kind: String,
+    pub theta: f64,
+    /// How many of the head's dimensions are rotated.
+    pub rotary_dim: usize,
+    /// YaRN/other scaling factor, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub factor: Option<f64>,
+}
+
+impl Rope {
+    pub fn label(&self) -> String {
+        let theta = crate::report::units::compact_number(self.theta);
+        let mut s = format!("{} θ{theta} rot {}", self.kind, self.rotary_dim);
+        if let Some(f) = self.factor {
+            s.push_str(&format!(" ×{f}"));
+        }
+        s
+    }
+}
+
+/// The feed-forward block of a layer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Ffn {
+    Dense {
+        width: usize,
+    },
+    Moe {
+        experts: usize,
+        top_k: usize,
+        width: usize,
+        /// Width of an always-on shared expert, if any.
+        shared_width: Option<usize>,
+        /// Width of a dense MLP running beside the experts (Gemma 4 26B-A4B), if any.
+        dense_width: Option<usize>,
+        /// How tokens pick experts: `softmax`, `sigmoid`, `hash`, `mlp router`, ...
+        routing: String,
+    },
+}
+
+impl Ffn {
+    pub fn label(&self) -> String {
+        match self {
+            Ffn::Dense { width } => format!("MLP {width}"),
+            Ffn::Moe {
+                experts,
+                top_k,
+                width,
+                shared_width,
+                dense_width,
+                routing,
+            } => {
+                let mut s = format!("MoE {top_k}/{experts}×{width} {routing}");
+                if let Some(w) = shared_width {
+                    s.push_str(&format!(" +shared {w}"));
+                }
+                if let Some(w) = dense_width {
+                    s.push_str(&format!(" +MLP {w}"));
+                }
+                s
+            }
+        }
+    }
+}
+
+/// Every fact about one decoder layer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LayerSpec {
+    pub index: usize,
+    pub attention: Attention,
+    /// Query heads (for linear attention: value heads).
+    pub q_heads: usize,
+    /// KV heads (for linear attention: key heads).
+    pub kv_heads: usize,
+    /// Query/key head dimension.
+    pub head_dim: usize,
+    /// Value head dimension.
+    pub v_head_dim: usize,
+    /// `Some(j)`: this layer reads layer `j`'s cache and holds none itself.
+    pub kv_source: Option<usize>,
+    /// One tensor serves as K and V.
+    pub k_eq_v: bool,
+    pub rope: Option<Rope>,
+    pub ffn: Ffn,
+    /// Width of this layer's slice of the per-layer embedding (Gemma 4 E2B/E4B).
+    pub ple_width: Option<usize>,
+    /// What this layer's own cache holds (empty when `kv_source` is set).
+    pub cache: Vec<CachePart>,
+    /// Family-specific facts worth a column: `gate per-head`, `o_groups 8`, ...
+    pub notes: Vec<String>,
+}
+
+impl LayerSpec {
+    /// The usual K and V parts for `kv_heads × head_dim` per token, kept as `retention` says; one
+    /// part when K=V.
+    pub fn kv_parts(
+        kv_heads: usize,
+        head_dim: usize,
+        v_head_dim: usize,
+        k_eq_v: bool,
+        retention: Retention,
+    ) -> Vec<CachePart> {
+        if k_eq_v {
+            vec![CachePart::new("K=V", kv_heads * head_dim, retention)]
+        } else {
+            vec![
+                CachePart::new("K", kv_heads * head_dim, retention),
+                CachePart::new("V", kv_heads * v_head_dim, retention),
+            ]
+        }
+    }
+
+    /// Query heads per KV head.
+    pub fn group_size(&self) -> f64 {
+        self.q_heads as f64 / self.kv_heads.max(1) as f64
+    }
+
+    /// Attention FLOPs per generated token at `context` tokens: scores (q·k) and the weighted sum
+    /// of values, 2 FLOPs per multiply-add, over the tokens this layer attends. Linear attention
+    /// counts its state update and read-out instead.
+    pub fn attention_flops(&self, context: u64) -> u64 {
+        let heads = self.q_heads as u64;
+        match self.attention {
+            Attention::Linear => 4 * heads * self.head_dim as u64 * self.v_head_dim as u64,
+            _ => {
+                let t = self.attention.attended_tokens(context);
+                2 * heads * (self.head_dim + self.v_head_dim) as u64 * t
+            }
+        }
+    }
+}
+
+/// Parameter counts of the text model as the reference builds it (`*ForCausalLM`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ParamCounts {
+    pub total: u64,
+    /// Input embedding table.
+    pub embedding: u64,
+    /// Gemma 4's per-layer-embedding table (0 when absent).
+    pub ple: u64,
+    /// Untied output head (0 when tied to the embedding).
+    pub lm_head: u64,
+    /// Routed expert weights (0 for dense models).
+    pub routed_experts: u64,
+    /// Total without the PLE table.
+    pub effective: u64,
+    /// Used per token: total minus the routed experts a token does not use.
+    pub active: u64,
+}
+
+impl ParamCounts {
+    /// Fill `effective` and `active` from the rest; `top_k`/`experts` of the routed MoE.
+    pub fn finish(mut self, top_k: usize, experts: usize) -> Self {
+        self.effective = self.total - self.ple;
+        self.active = if experts == 0 || self.routed_experts == 0 {
+            self.total
+        } else {
+            let unused = self.routed_experts as f64 * (1.0 - top_k as f64 / experts as f64);
+            self.total - unused.round() as u64
+        };
+        self
+    }
+}
+
+/// A validated model: model-wide facts plus one [`LayerSpec`] per decoder layer.
+#[derive(Debug, Clone, Serialize)]
+pub struct ArchSpec {
+    /// Family module name, e.g. `gemma4`.
+    pub family: &'static str,
+    /// The `model_type` of the text config.
+    pub model_type: String,
+    /// The reference class that builds the text model.
+    pub hf_class: String,
+    /// `architectures[0]` of the file, if different (e.g. the multimodal wrapper).
+    pub architecture: Option<String>,
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+    pub max_context: usize,
+    /// `dtype`/`torch_dtype` of the checkpoint, if given.
+    pub dtype: Option<String>,
+    pub tie_word_embeddings: bool,
+    pub params: ParamCounts,
+    pub layers: Vec<LayerSpec>,
+    /// Model-wide facts worth printing: `mHC ×4`, `MTP layers: 1 (not run)`, ...
+    pub notes: Vec<String>,
+    /// Things the user should know: keys ignored under `--allow-unknown-keys`, values the
+    /// reference overrides.
+    pub warnings: Vec<String>,
+}
+
+impl ArchSpec {
+    /// Cross-layer invariants every family must satisfy; a failure here is a bug or a bad config.
+    fn check(&self) -> Result<()> {
+        for (i, l) in self.layers.iter().enumerate() {
+            if l.index != i {
+                bail!("internal: layer {i} carries index {}", l.index);
+            }
+            if let Some(src) = l.kv_source {
+                if src >= i {
+                    bail!("layer {i}: reads the KV cache of layer {src}, which does not come earlier");
+                }
+                let donor = &self.layers[src];
+                if donor.kv_source.is_some() || donor.cache.is_empty() {
+                    bail!("layer {i}: reads the KV cache of layer {src}, which holds none of its own");
+                }
+                if donor.attention != l.attention {
+                    bail!(
+                        "layer {i}: reads the KV cache of layer {src} of another type ({} vs {})",
+                        l.attention.label(),
+                        donor.attention.label()
+                    );
+                }
+                if !l.cache.is_empty() {
+                    bail!("internal: layer {i} shares KV but lists cache parts");
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,15 @@
+//! llmarch: run and inspect the newest open-weight LLM architectures, and see what their
+//! long-context tricks cost and save.
+//!
+//! Map of the crate:
+//! - [`cli`]: clap types, one file per subcommand; no model math.
+//! - [`loader`]: where the bytes come from: model references (alias, `org/name[@rev]`, local
+//!   directory), the embedded configs of the aliases, the Hub through hf-hub.
+//! - [`arch`]: what a model is: the family registry and the per-layer [`arch::ArchSpec`] table,
+//!   one file per family; [`arch::budget`] is the KV-cache arithmetic over that table.
+//! - [`report`]: tables, bars and unit formatting.
+
+pub mod arch;
+pub mod cli;
+pub mod loader;
+pub mod report;

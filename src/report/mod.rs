@@ -1,0 +1,3 @@
+//! What the user sees: tables (comfy-table), bars, unit formatting.
+
+pub mod units;
