@@ -3,7 +3,7 @@
 //! refuse keys nobody understands, and read RoPE parameter blocks.
 
 use super::Rope;
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{anyhow, bail, Result};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
