@@ -15,7 +15,6 @@ Writes tests/fixtures/reference_params.json and prints a summary.
 """
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -24,6 +23,9 @@ from collections import OrderedDict
 import torch
 import transformers
 from transformers import AutoConfig
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compact_json  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -116,9 +118,22 @@ def measure(folder, path):
     num_experts, top_k = expert_counts(text_cfg)
 
     breakdown = OrderedDict()
+    layer_totals = [0] * len(model.model.layers)
     for n, p in named:
         key = pattern(n)
         breakdown[key] = breakdown.get(key, 0) + p.numel()
+        m = LAYER_RE.search(n)
+        if m:
+            layer_totals[int(m.group(2))] += p.numel()
+
+    # Persistent buffers are saved in checkpoints but are not parameters (e.g. DeepSeek-V4's
+    # hash-routing table `tid2eid`). Informational only: NOT included in any count above.
+    param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    buffers = OrderedDict()
+    for n, t in model.state_dict(keep_vars=True).items():
+        if n not in param_names:
+            key = pattern(n)
+            buffers[key] = buffers.get(key, 0) + t.numel()
 
     return {
         "repo_class": cls_name,
@@ -132,7 +147,10 @@ def measure(folder, path):
         "num_experts": num_experts,
         "top_k": top_k,
         "layers": len(model.model.layers),
+        "non_layer": total - sum(layer_totals),
+        "layer_totals": layer_totals,
         "breakdown": dict(breakdown),
+        "persistent_buffers": dict(buffers),
     }
 
 
@@ -150,9 +168,7 @@ def main():
         result[folder] = measure(folder, os.path.join(args.configs, folder))
 
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
+    compact_json.dump(result, args.out)
 
     print(f"transformers {transformers.__version__}, torch {torch.__version__}")
     hdr = f"{'folder':<20} {'class':<22} {'total B':>10} {'README':>9} {'routed B':>9} {'README':>9} {'embed B':>8} {'ple B':>7} {'lm_head B':>9}"

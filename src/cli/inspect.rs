@@ -1,0 +1,211 @@
+//! `llmarch inspect <MODEL>`: model-wide facts, parameter counts and the per-layer table, folded
+//! into ranges of identical consecutive layers.
+
+use super::Ctx;
+use crate::arch::{ArchSpec, LayerSpec};
+use crate::loader::{self, ModelRef};
+use crate::report::{self, units};
+use anyhow::Result;
+use serde_json::json;
+use std::io::Write;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// An alias (`llmarch models`), a Hub repo id `org/name[@revision]`, or a local directory.
+    pub model: String,
+    /// Machine-readable output on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
+    let (model, spec) = loader::load_spec(&args.model, &ctx.parse, ctx.progress())?;
+    for w in &spec.warnings {
+        ctx.warn(w);
+    }
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&to_json(&model, &spec))?)?;
+        return Ok(());
+    }
+    write_text(&model, &spec, out)
+}
+
+fn repo_of(model: &ModelRef) -> Option<String> {
+    match model {
+        ModelRef::Alias(a) => Some(a.repo.to_string()),
+        ModelRef::Repo { id, .. } => Some(id.clone()),
+        ModelRef::Local(_) => None,
+    }
+}
+
+pub fn to_json(model: &ModelRef, spec: &ArchSpec) -> serde_json::Value {
+    let mut v = serde_json::to_value(spec).unwrap_or_default();
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("model".into(), json!(model.display_name()));
+        obj.insert("repo".into(), json!(repo_of(model)));
+        obj.insert("num_layers".into(), json!(spec.layers.len()));
+    }
+    v
+}
+
+/// The per-layer cells, everything but the index (used for folding and for `chat /layers`).
+pub fn layer_cells(l: &LayerSpec) -> Vec<String> {
+    let heads = format!("{}q/{}kv", l.q_heads, l.kv_heads);
+    let dims = if l.head_dim == l.v_head_dim {
+        format!("{}d", l.head_dim)
+    } else {
+        format!("{}d/{}d", l.head_dim, l.v_head_dim)
+    };
+    let kv = match (l.kv_source, l.k_eq_v) {
+        (Some(src), _) => format!("→ L{src}"),
+        (None, true) => "own, K=V".into(),
+        (None, false) if l.cache.is_empty() => "none".into(),
+        (None, false) => "own".into(),
+    };
+    let per_token: u64 = l
+        .cache
+        .iter()
+        .filter(|p| !matches!(p.retention, crate::arch::Retention::Fixed { .. }))
+        .map(|p| p.elems_per_entry)
+        .sum();
+    let fixed: u64 = l
+        .cache
+        .iter()
+        .filter_map(|p| match p.retention {
+            crate::arch::Retention::Fixed { entries } => Some(entries as u64 * p.elems_per_entry),
+            _ => None,
+        })
+        .sum();
+    let mut holds = vec![];
+    if per_token > 0 {
+        holds.push(format!("{per_token}/tok"));
+    }
+    if fixed > 0 {
+        holds.push(format!("{fixed} fixed"));
+    }
+    vec![
+        l.attention.label(),
+        heads,
+        dims,
+        kv,
+        if holds.is_empty() {
+            "-".into()
+        } else {
+            holds.join(" + ")
+        },
+        l.rope.as_ref().map_or("-".into(), |r| r.label()),
+        l.ffn.label(),
+        l.ple_width.map_or("-".into(), |w| w.to_string()),
+        l.notes.join(", "),
+    ]
+}
+
+pub const LAYER_HEADER: [&str; 10] = [
+    "layers",
+    "attention",
+    "heads",
+    "head dim",
+    "KV",
+    "cache elems",
+    "RoPE",
+    "FFN",
+    "PLE",
+    "notes",
+];
+
+/// The folded per-layer table; columns empty for every layer (no PLE, no notes) are left out.
+pub fn layer_table(spec: &ArchSpec) -> comfy_table::Table {
+    let rows: Vec<(usize, Vec<String>)> = spec
+        .layers
+        .iter()
+        .map(|l| (l.index, layer_cells(l)))
+        .collect();
+    let keep: Vec<bool> = (0..LAYER_HEADER.len() - 1)
+        .map(|c| rows.iter().any(|(_, cells)| !matches!(cells[c].as_str(), "" | "-")))
+        .collect();
+    let pick = |cells: Vec<String>| -> Vec<String> {
+        cells
+            .into_iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(c, _)| c)
+            .collect()
+    };
+    let header: Vec<&str> = std::iter::once(LAYER_HEADER[0])
+        .chain(pick(LAYER_HEADER[1..].iter().map(|s| s.to_string()).collect()).iter().map(|s| {
+            LAYER_HEADER.iter().find(|h| **h == s.as_str()).copied().unwrap_or("")
+        }))
+        .collect();
+    let mut t = report::table(&header);
+    for (label, cells) in report::fold_rows(rows) {
+        let mut row = vec![label];
+        row.extend(pick(cells));
+        t.add_row(row);
+    }
+    t
+}
+
+fn write_text(model: &ModelRef, spec: &ArchSpec, out: &mut dyn Write) -> Result<()> {
+    let name = model.display_name();
+    match repo_of(model) {
+        Some(repo) if repo != name => writeln!(out, "{name}  ({repo})")?,
+        _ => writeln!(out, "{name}")?,
+    }
+    let class = match &spec.architecture {
+        Some(a) if *a != spec.hf_class => format!("{} (file: {a})", spec.hf_class),
+        _ => spec.hf_class.clone(),
+    };
+    writeln!(out, "  family      {} · {class} · model_type {}", spec.family, spec.model_type)?;
+    writeln!(
+        out,
+        "  shape       hidden {} · {} layers · vocab {} · context {} ({}) · dtype {}{}",
+        spec.hidden_size,
+        spec.layers.len(),
+        spec.vocab_size,
+        units::context(spec.max_context as u64),
+        spec.max_context,
+        spec.dtype.as_deref().unwrap_or("unspecified"),
+        if spec.tie_word_embeddings {
+            " · tied embeddings"
+        } else {
+            ""
+        }
+    )?;
+    let p = &spec.params;
+    let mut parts = vec![
+        format!("total {}", units::params(p.total)),
+        format!("embedding {}", units::params(p.embedding)),
+    ];
+    if p.lm_head > 0 {
+        parts.push(format!("lm_head {}", units::params(p.lm_head)));
+    }
+    if p.ple > 0 {
+        parts.push(format!("PLE table {}", units::params(p.ple)));
+        parts.push(format!("effective {}", units::params(p.effective)));
+    }
+    if p.routed_experts > 0 {
+        parts.push(format!("routed experts {}", units::params(p.routed_experts)));
+        parts.push(format!("active {}", units::params(p.active)));
+    }
+    writeln!(out, "  parameters  {}", parts.join(" · "))?;
+    writeln!(out, "              ({} exactly)", group_digits(p.total))?;
+    for n in &spec.notes {
+        writeln!(out, "  note        {n}")?;
+    }
+    writeln!(out)?;
+    writeln!(out, "{}", layer_table(spec))?;
+    Ok(())
+}
+
+/// `4629000000` → `4,629,000,000`.
+pub fn group_digits(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

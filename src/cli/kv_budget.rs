@@ -1,0 +1,388 @@
+//! `llmarch kv-budget [MODEL...]`: what the KV cache holds at each context length, against the
+//! naive cache, with what each trick saves and the attention budget per layer.
+
+use super::inspect::group_digits;
+use super::Ctx;
+use crate::arch::budget::{self, Budget, KvDtype};
+use crate::arch::{ArchSpec, PartDtype, Retention};
+use crate::loader::{self, aliases::ALIASES, ModelRef};
+use crate::report::{self, units};
+use anyhow::Result;
+use serde_json::json;
+use std::io::Write;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Models to compare (aliases, Hub repo ids, local directories); none: every alias.
+    pub models: Vec<String>,
+    /// Context lengths: a comma-separated list of numbers with an optional k/m suffix
+    /// (binary: 128k = 131072, 1m = 1048576).
+    #[arg(short, long, default_value = "4k,32k,128k", value_parser = parse_contexts)]
+    pub context: Contexts,
+    /// Element type of the cached keys and values. States that the config keeps in f32 stay f32.
+    #[arg(long, value_enum, default_value = "bf16")]
+    pub kv_dtype: KvDtype,
+    /// Sequences cached at once.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch: u64,
+    /// One row per layer (identical neighbours folded) with bytes and attention FLOPs.
+    #[arg(long)]
+    pub per_layer: bool,
+    /// Show the formula with the numbers filled in, for one layer of each kind.
+    #[arg(long)]
+    pub explain: bool,
+    /// Machine-readable output on stdout: an array, one object per model and context.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parsed `--context` list.
+#[derive(Debug, Clone)]
+pub struct Contexts(pub Vec<u64>);
+
+/// `4k,32k,128k,1m` or plain numbers → token counts.
+pub fn parse_contexts(s: &str) -> std::result::Result<Contexts, String> {
+    let mut out = vec![];
+    for item in s.split(',').map(str::trim) {
+        let lower = item.to_ascii_lowercase();
+        let (num, mult) = if let Some(n) = lower.strip_suffix('k') {
+            (n, 1u64 << 10)
+        } else if let Some(n) = lower.strip_suffix('m') {
+            (n, 1 << 20)
+        } else {
+            (lower.as_str(), 1)
+        };
+        let n: u64 = num.parse().map_err(|_| {
+            format!("`{item}` is not a context length (use e.g. 4096, 32k, 128k or 1m)")
+        })?;
+        let tokens = n
+            .checked_mul(mult)
+            .filter(|&t| t > 0 && t <= 1 << 40)
+            .ok_or_else(|| format!("`{item}` is out of range (1 to 1T tokens)"))?;
+        out.push(tokens);
+    }
+    Ok(Contexts(out))
+}
+
+struct Entry {
+    name: String,
+    repo: Option<String>,
+    spec: ArchSpec,
+}
+
+pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
+    let names: Vec<String> = if args.models.is_empty() {
+        ALIASES.iter().map(|a| a.name.to_string()).collect()
+    } else {
+        args.models.clone()
+    };
+    let mut entries = vec![];
+    for name in &names {
+        let (model, spec) = loader::load_spec(name, &ctx.parse, ctx.progress())?;
+        for w in &spec.warnings {
+            ctx.warn(&format!("{}: {w}", model.display_name()));
+        }
+        let repo = match &model {
+            ModelRef::Alias(a) => Some(a.repo.to_string()),
+            ModelRef::Repo { id, .. } => Some(id.clone()),
+            ModelRef::Local(_) => None,
+        };
+        entries.push(Entry {
+            name: model.display_name(),
+            repo,
+            spec,
+        });
+    }
+    let budgets: Vec<(usize, Budget)> = entries
+        .iter()
+        .enumerate()
+        .flat_map(|(i, e)| {
+            args.context
+                .0
+                .iter()
+                .map(move |&c| (i, budget::compute(&e.spec, c, args.batch, args.kv_dtype)))
+        })
+        .collect();
+    if args.json {
+        let v: Vec<_> = budgets
+            .iter()
+            .map(|(i, b)| budget_json(&entries[*i], b))
+            .collect();
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        return Ok(());
+    }
+    write_summary(&entries, &budgets, &args, out)?;
+    if args.per_layer {
+        for (i, b) in &budgets {
+            write_per_layer(&entries[*i], b, out)?;
+        }
+    }
+    if args.explain {
+        for e in &entries {
+            let ctx_len = *args.context.0.last().unwrap_or(&1);
+            write_explain(e, ctx_len, args.batch, args.kv_dtype, out)?;
+        }
+    }
+    Ok(())
+}
+
+fn budget_json(e: &Entry, b: &Budget) -> serde_json::Value {
+    let savings: serde_json::Map<String, serde_json::Value> = b
+        .savings
+        .iter()
+        .map(|s| (format!("{:?}", s.trick).to_lowercase(), json!(s.bytes)))
+        .collect();
+    json!({
+        "model": e.name,
+        "repo": e.repo,
+        "family": e.spec.family,
+        "context": b.context,
+        "beyond_max_context": b.context > e.spec.max_context as u64,
+        "kv_dtype": b.kv_dtype.name(),
+        "batch": b.batch,
+        "total_bytes": b.total_bytes,
+        "naive_bytes": b.naive_bytes,
+        "savings": savings,
+        "savings_by_trick": b.savings,
+        "attention_flops_per_token": b.attention_flops,
+        "layers": b.layers,
+    })
+}
+
+fn write_summary(
+    entries: &[Entry],
+    budgets: &[(usize, Budget)],
+    args: &Args,
+    out: &mut dyn Write,
+) -> Result<()> {
+    writeln!(
+        out,
+        "KV cache at {} per element{}, batch {}",
+        args.kv_dtype.name(),
+        match args.kv_dtype {
+            KvDtype::Q8_0 => " (34-byte blocks of 32)",
+            KvDtype::Q4_0 => " (18-byte blocks of 32)",
+            _ => "",
+        },
+        args.batch
+    )?;
+    let max = budgets
+        .iter()
+        .map(|(_, b)| b.total_bytes)
+        .max()
+        .unwrap_or(0) as f64;
+    let mut t = report::table(&[
+        "model",
+        "context",
+        "KV cache",
+        "",
+        "naive",
+        "saved",
+        "attn FLOPs/token",
+    ]);
+    for (i, b) in budgets {
+        let e = &entries[*i];
+        let saved = b.naive_bytes.saturating_sub(b.total_bytes);
+        let pct = if b.naive_bytes > 0 {
+            100.0 * saved as f64 / b.naive_bytes as f64
+        } else {
+            0.0
+        };
+        let mut ctx_label = units::context(b.context);
+        if b.context > e.spec.max_context as u64 {
+            ctx_label.push_str(" (>max)");
+        }
+        t.add_row(vec![
+            e.name.clone(),
+            ctx_label,
+            units::bytes(b.total_bytes),
+            report::bar(b.total_bytes as f64, max, 20),
+            units::bytes(b.naive_bytes),
+            format!("{pct:.1}%"),
+            units::flops(b.attention_flops),
+        ]);
+    }
+    report::align_right(&mut t, &[2, 4, 5, 6]);
+    writeln!(out, "{t}")?;
+    writeln!(out, "naive: every layer caches full-length K and V for all its query heads.")?;
+    writeln!(out, "saved, trick by trick (each credited with what it removes, in this order):")?;
+    for (i, b) in budgets {
+        let e = &entries[*i];
+        let items: Vec<String> = b
+            .savings
+            .iter()
+            .map(|s| format!("{} {}", s.label, units::signed_bytes(s.bytes)))
+            .collect();
+        writeln!(
+            out,
+            "  {} @ {}: {}",
+            e.name,
+            units::context(b.context),
+            if items.is_empty() {
+                "none".into()
+            } else {
+                items.join(" · ")
+            }
+        )?;
+    }
+    let beyond: Vec<String> = entries
+        .iter()
+        .filter(|e| args.context.0.iter().any(|&c| c > e.spec.max_context as u64))
+        .map(|e| format!("{} ({})", e.name, units::context(e.spec.max_context as u64)))
+        .collect();
+    if !beyond.is_empty() {
+        writeln!(out, "(>max): beyond the model's context length: {}", beyond.join(", "))?;
+    }
+    Ok(())
+}
+
+fn write_per_layer(e: &Entry, b: &Budget, out: &mut dyn Write) -> Result<()> {
+    writeln!(
+        out,
+        "\n{} @ {} tokens ({}), {} per element",
+        e.name,
+        group_digits(b.context),
+        units::context(b.context),
+        b.kv_dtype.name()
+    )?;
+    let rows = b
+        .layers
+        .iter()
+        .map(|l| {
+            let holds = if let Some(src) = l.kv_source {
+                format!("reads L{src}")
+            } else {
+                l.parts
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" + ")
+            };
+            (
+                l.index,
+                vec![
+                    l.attention.clone(),
+                    format!("{:.3}", l.q_per_kv)
+                        .trim_end_matches('0')
+                        .trim_end_matches('.')
+                        .to_string(),
+                    holds,
+                    units::bytes(l.bytes),
+                    units::bytes(l.naive_bytes),
+                    units::flops(l.attention_flops),
+                ],
+            )
+        })
+        .collect();
+    let mut t = report::table(&[
+        "layers",
+        "attention",
+        "q per kv",
+        "holds",
+        "bytes/layer",
+        "naive/layer",
+        "attn FLOPs/token/layer",
+    ]);
+    for (label, cells) in report::fold_rows(rows) {
+        let mut row = vec![label];
+        row.extend(cells);
+        t.add_row(row);
+    }
+    report::align_right(&mut t, &[2, 4, 5, 6]);
+    writeln!(out, "{t}")?;
+    writeln!(
+        out,
+        "total {} ({} B) · naive {} · attention {} per token",
+        units::bytes(b.total_bytes),
+        group_digits(b.total_bytes),
+        units::bytes(b.naive_bytes),
+        units::flops(b.attention_flops)
+    )?;
+    Ok(())
+}
+
+fn write_explain(e: &Entry, context: u64, batch: u64, kv: KvDtype, out: &mut dyn Write) -> Result<()> {
+    writeln!(
+        out,
+        "\n{}: how the bytes are computed at {} tokens, batch {batch}, {} ({} B/element{})",
+        e.name,
+        group_digits(context),
+        kv.name(),
+        match kv {
+            KvDtype::F32 => "4",
+            KvDtype::Bf16 | KvDtype::F16 => "2",
+            KvDtype::Q8_0 => "34/32",
+            KvDtype::Q4_0 => "18/32",
+        },
+        if matches!(kv, KvDtype::Q8_0 | KvDtype::Q4_0) {
+            ", whole blocks"
+        } else {
+            ""
+        }
+    )?;
+    let mut seen: Vec<String> = vec![];
+    for l in &e.spec.layers {
+        let kind = format!("{}{}", l.attention.label(), if l.kv_source.is_some() { " shared" } else { "" });
+        if seen.contains(&kind) {
+            continue;
+        }
+        seen.push(kind.clone());
+        writeln!(out, "  layer {} ({kind}):", l.index)?;
+        if let Some(src) = l.kv_source {
+            writeln!(out, "    reads layer {src}'s cache = 0 B of its own")?;
+        }
+        let parts = budget::layer_bytes(l, context, batch, kv);
+        for (p, (_, bytes)) in l.cache.iter().zip(&parts) {
+            let entries = match p.retention {
+                Retention::AllTokens => format!("{context} tokens"),
+                Retention::Window { window } => format!("min({context}, {window}) tokens"),
+                Retention::Compressed { ratio } => format!("⌊{context} / {ratio}⌋ entries"),
+                Retention::Fixed { entries } => format!("{entries} (fixed)"),
+            };
+            let dtype = match p.dtype {
+                PartDtype::Kv => kv.name().to_string(),
+                PartDtype::F32 => "f32 (state)".to_string(),
+            };
+            writeln!(
+                out,
+                "    {:<14} {entries} × {} elems × {batch} × {dtype} = {} B",
+                p.name,
+                p.elems_per_entry,
+                group_digits(*bytes)
+            )?;
+        }
+        writeln!(
+            out,
+            "    naive          {context} tokens × {} q heads × ({} + {}) dims × {batch} × {} = {} B",
+            l.q_heads,
+            l.head_dim,
+            l.v_head_dim,
+            kv.name(),
+            group_digits(kv.bytes(context * batch * (l.q_heads * (l.head_dim + l.v_head_dim)) as u64))
+        )?;
+        writeln!(
+            out,
+            "    attention      {} q heads / {} kv heads = {:.2} per KV head; {} FLOPs per token",
+            l.q_heads,
+            l.kv_heads,
+            l.group_size(),
+            group_digits(l.attention_flops(context) * batch)
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contexts() {
+        assert_eq!(parse_contexts("4k,32K,128k,1m").unwrap().0, [4096, 32768, 131072, 1 << 20]);
+        assert_eq!(parse_contexts("1000").unwrap().0, [1000]);
+        assert!(parse_contexts("12q").is_err());
+        assert!(parse_contexts("0").is_err());
+        assert!(parse_contexts("").is_err());
+        assert!(parse_contexts("99999999999999999999m").is_err());
+    }
+}
