@@ -127,14 +127,11 @@ pub fn layer_table(spec: &ArchSpec) -> comfy_table::Table {
         cells
             .into_iter()
             .zip(&keep)
-            .filter(|(_, k)| **k)
-            .map(|(c, _)| c)
+            .filter_map(|(c, k)| k.then_some(c))
             .collect()
     };
     let header: Vec<&str> = std::iter::once(LAYER_HEADER[0])
-        .chain(pick(LAYER_HEADER[1..].iter().map(|s| s.to_string()).collect()).iter().map(|s| {
-            LAYER_HEADER.iter().find(|h| **h == s.as_str()).copied().unwrap_or("")
-        }))
+        .chain(LAYER_HEADER[1..].iter().zip(&keep).filter_map(|(h, k)| k.then_some(*h)))
         .collect();
     let mut t = report::table(&header);
     for (label, cells) in report::fold_rows(rows) {
