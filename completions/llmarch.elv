@@ -1,0 +1,98 @@
+
+use builtin;
+use str;
+
+set edit:completion:arg-completer[llmarch] = {|@words|
+    fn spaces {|n|
+        builtin:repeat $n ' ' | str:join ''
+    }
+    fn cand {|text desc|
+        edit:complex-candidate $text &display=$text' '(spaces (- 14 (wcswidth $text)))$desc
+    }
+    var command = 'llmarch'
+    for word $words[1..-1] {
+        if (str:has-prefix $word '-') {
+            break
+        }
+        set command = $command';'$word
+    }
+    var completions = [
+        &'llmarch'= {
+            cand -q 'No progress bars or notes on stderr (errors are still printed)'
+            cand --quiet 'No progress bars or notes on stderr (errors are still printed)'
+            cand --allow-unknown-keys 'Treat config keys llmarch does not know as warnings instead of errors'
+            cand -h 'Print help'
+            cand --help 'Print help'
+            cand -V 'Print version'
+            cand --version 'Print version'
+            cand inspect 'Architecture of a model: per-layer table and parameter counts'
+            cand kv-budget 'KV-cache memory and attention budget, per model, context and layer'
+            cand models 'The built-in model aliases and supported families'
+            cand completions 'Shell completions (also committed under completions/)'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'llmarch;inspect'= {
+            cand --json 'Machine-readable output on stdout'
+            cand -q 'No progress bars or notes on stderr (errors are still printed)'
+            cand --quiet 'No progress bars or notes on stderr (errors are still printed)'
+            cand --allow-unknown-keys 'Treat config keys llmarch does not know as warnings instead of errors'
+            cand -h 'Print help'
+            cand --help 'Print help'
+            cand -V 'Print version'
+            cand --version 'Print version'
+        }
+        &'llmarch;kv-budget'= {
+            cand -c 'Context lengths: a comma-separated list of numbers with an optional k/m suffix (binary: 128k = 131072, 1m = 1048576)'
+            cand --context 'Context lengths: a comma-separated list of numbers with an optional k/m suffix (binary: 128k = 131072, 1m = 1048576)'
+            cand --kv-dtype 'Element type of the cached keys and values. States that the config keeps in f32 stay f32'
+            cand --batch 'Sequences cached at once'
+            cand --per-layer 'One row per layer (identical neighbours folded) with bytes and attention FLOPs'
+            cand --explain 'Show the formula with the numbers filled in, for one layer of each kind'
+            cand --json 'Machine-readable output on stdout: an array, one object per model and context'
+            cand -q 'No progress bars or notes on stderr (errors are still printed)'
+            cand --quiet 'No progress bars or notes on stderr (errors are still printed)'
+            cand --allow-unknown-keys 'Treat config keys llmarch does not know as warnings instead of errors'
+            cand -h 'Print help'
+            cand --help 'Print help'
+            cand -V 'Print version'
+            cand --version 'Print version'
+        }
+        &'llmarch;models'= {
+            cand --json 'Machine-readable output on stdout'
+            cand -q 'No progress bars or notes on stderr (errors are still printed)'
+            cand --quiet 'No progress bars or notes on stderr (errors are still printed)'
+            cand --allow-unknown-keys 'Treat config keys llmarch does not know as warnings instead of errors'
+            cand -h 'Print help'
+            cand --help 'Print help'
+            cand -V 'Print version'
+            cand --version 'Print version'
+        }
+        &'llmarch;completions'= {
+            cand -q 'No progress bars or notes on stderr (errors are still printed)'
+            cand --quiet 'No progress bars or notes on stderr (errors are still printed)'
+            cand --allow-unknown-keys 'Treat config keys llmarch does not know as warnings instead of errors'
+            cand -h 'Print help'
+            cand --help 'Print help'
+            cand -V 'Print version'
+            cand --version 'Print version'
+        }
+        &'llmarch;help'= {
+            cand inspect 'Architecture of a model: per-layer table and parameter counts'
+            cand kv-budget 'KV-cache memory and attention budget, per model, context and layer'
+            cand models 'The built-in model aliases and supported families'
+            cand completions 'Shell completions (also committed under completions/)'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'llmarch;help;inspect'= {
+        }
+        &'llmarch;help;kv-budget'= {
+        }
+        &'llmarch;help;models'= {
+        }
+        &'llmarch;help;completions'= {
+        }
+        &'llmarch;help;help'= {
+        }
+    ]
+    $completions[$command]
+}
