@@ -1,15 +1,916 @@
-//! Placeholder while the family is written.
-use super::{config::TextConfig, ArchSpec, Family};
-use anyhow::{bail, Result};
+//! Laguna (poolside): `LagunaForCausalLM`. Reference: transformers 5.23.0
+//! `models/laguna/{configuration,modeling}_laguna.py`.
+//!
+//! Notable:
+//! - per-layer query-head counts (`num_attention_heads_per_layer`: Laguna-XS.2 has 48 on its full
+//!   layers and 64 on its sliding ones) over a fixed `num_key_value_heads` (8), so the GQA group is
+//!   6 on full layers and 8 on sliding ones; the KV cache does not depend on the query heads;
+//! - sliding (`sliding_window`) and full layers, each with its own RoPE block (XS.2: YaRN ×32 with
+//!   half the head rotated on full layers, plain θ10000 over the whole head on sliding ones);
+//! - RMS QK norm, and a softplus output gate `g_proj` on the attention output: one gate per head
+//!   (`gating: true` / `"per-head"`) or one per channel (`"per-element"`, and — surprisingly —
+//!   also `false` and any other string: the reference only tests for the per-head spellings);
+//! - sigmoid-routed MoE (bias-corrected top-k, weights renormalised, ×`moe_routed_scaling_factor`)
+//!   plus an always-on shared expert; `mlp_layer_types` picks dense or sparse per layer.
+//!
+//! Cache: K and V of `num_key_value_heads × head_dim` per token on every layer; sliding layers keep
+//! `sliding_window` tokens here. The reference's `DynamicSlidingWindowLayer` keeps
+//! `sliding_window − 1` (it appends the current token before attending), one token fewer.
+//!
+//! RoPE forms: the reference's config class does not standardise `rope_parameters` (its
+//! `convert_rope_params_to_dict` is a no-op), so it accepts (a) the nested per-layer-type form
+//! (used), (b) a flat block plus `swa_rope_parameters` (the pre-release layout: read here as
+//! full = flat, sliding = `swa_rope_parameters`; transformers 5.23 loads such a config but cannot
+//! build the model from it, so llmarch warns), and rejects (c) a nested form whose YaRN block lacks
+//! `original_max_position_embeddings` (a copy beside the blocks is not read). A legacy
+//! `rope_scaling` replaces `rope_parameters` wholesale, as the reference's property setter does.
+
+use super::config::{check_heads, check_len, positive, rope_from_params, TextConfig};
+use super::{ArchSpec, Attention, Family, Ffn, LayerSpec, ParamCounts, Retention, Rope};
+use anyhow::{anyhow, bail, Result};
+use serde::Deserialize;
+use serde_json::{Map, Value};
 
 pub const FAMILY: Family = Family {
     name: "laguna",
-    model_types: &[],
-    architectures: &[],
-    summary: "",
+    model_types: &["laguna"],
+    architectures: &["LagunaForCausalLM"],
+    summary: "per-layer query-head counts, softplus output gate, QK norm, sliding + full RoPE, sigmoid MoE + shared expert",
     parse,
 };
 
-fn parse(_text: &TextConfig) -> Result<ArchSpec> {
-    bail!("not yet")
+/// `LagunaConfig` with the reference's defaults.
+#[derive(Debug, Deserialize)]
+struct LagunaConfig {
+    #[serde(default = "d_vocab")]
+    vocab_size: usize,
+    #[serde(default = "d_hidden")]
+    hidden_size: usize,
+    #[serde(default = "d_inter")]
+    intermediate_size: usize,
+    #[serde(default = "d_layers")]
+    num_hidden_layers: usize,
+    #[serde(default = "d_heads")]
+    num_attention_heads: usize,
+    #[serde(default = "d_kv_heads")]
+    num_key_value_heads: usize,
+    #[serde(default = "d_act")]
+    hidden_act: String,
+    #[serde(default = "d_ctx")]
+    max_position_embeddings: usize,
+    #[serde(default = "d_eps")]
+    #[allow(dead_code)]
+    rms_norm_eps: f64,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    rope_parameters: Option<Value>,
+    /// Legacy name; the reference's setter makes it replace `rope_parameters`.
+    rope_scaling: Option<Value>,
+    /// Pre-release flat form: the sliding layers' RoPE block.
+    swa_rope_parameters: Option<Value>,
+    /// Top-level RoPE keys: not read by the reference (kept as plain attributes); defaults for a
+    /// flat `rope_parameters` block here.
+    rope_theta: Option<f64>,
+    partial_rotary_factor: Option<f64>,
+    original_max_position_embeddings: Option<Value>,
+    #[serde(default = "d_window")]
+    sliding_window: usize,
+    #[serde(default = "d_moe_inter")]
+    moe_intermediate_size: usize,
+    #[serde(default = "d_moe_inter")]
+    shared_expert_intermediate_size: usize,
+    #[serde(default = "d_top_k")]
+    num_experts_per_tok: usize,
+    #[serde(default = "d_experts")]
+    num_experts: usize,
+    layer_types: Option<Vec<String>>,
+    #[serde(default = "d_head_dim")]
+    head_dim: usize,
+    #[serde(default)]
+    attention_bias: bool,
+    #[serde(default = "d_gating")]
+    gating: Value,
+    num_attention_heads_per_layer: Option<Vec<usize>>,
+    mlp_layer_types: Option<Vec<String>>,
+    #[serde(default = "d_one")]
+    moe_routed_scaling_factor: f64,
+    #[serde(default)]
+    moe_apply_router_weight_on_input: bool,
+    #[serde(default)]
+    moe_router_logit_softcapping: f64,
+    /// Not a `LagunaConfig` field: the reference always renormalises the top-k weights.
+    norm_topk_prob: Option<bool>,
+    /// Legacy Qwen-MoE-style keys that transformers ignores (`mlp_layer_types` decides).
+    mlp_only_layers: Option<Value>,
+    decoder_sparse_step: Option<Value>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+fn d_vocab() -> usize {
+    100_352
+}
+fn d_hidden() -> usize {
+    2048
+}
+fn d_inter() -> usize {
+    8192
+}
+fn d_layers() -> usize {
+    40
+}
+fn d_heads() -> usize {
+    48
+}
+fn d_kv_heads() -> usize {
+    8
+}
+fn d_act() -> String {
+    "silu".into()
+}
+fn d_ctx() -> usize {
+    131_072
+}
+fn d_eps() -> f64 {
+    1e-6
+}
+fn d_window() -> usize {
+    512
+}
+fn d_moe_inter() -> usize {
+    512
+}
+fn d_top_k() -> usize {
+    8
+}
+fn d_experts() -> usize {
+    256
+}
+fn d_head_dim() -> usize {
+    128
+}
+fn d_gating() -> Value {
+    Value::Bool(true)
+}
+fn d_one() -> f64 {
+    1.0
+}
+
+/// No Laguna-specific keys are known to be harmless beyond the common ones.
+const HARMLESS: &[&str] = &[];
+
+const SLIDING: &str = "sliding_attention";
+const FULL: &str = "full_attention";
+const DENSE: &str = "dense";
+const SPARSE: &str = "sparse";
+
+/// Upper bound for any single dimension, so that parameter and cache arithmetic cannot overflow.
+pub(super) const MAX_DIM: usize = 1 << 24;
+
+/// A positive dimension no larger than [`MAX_DIM`]; names the key when it is not.
+pub(super) fn dim(key: &str, v: usize) -> Result<usize> {
+    positive(key, v)?;
+    if v > MAX_DIM {
+        bail!("key `{key}` = {v} is implausibly large (more than {MAX_DIM})");
+    }
+    Ok(v)
+}
+
+/// A layer count: positive and at most 65536.
+pub(super) fn layers_count(key: &str, v: usize) -> Result<usize> {
+    positive(key, v)?;
+    if v > 1 << 16 {
+        bail!("key `{key}` = {v} is implausibly large (more than 65536 layers)");
+    }
+    Ok(v)
+}
+
+/// Turn a parameter total computed in u128 into u64.
+pub(super) fn to_u64(n: u128) -> Result<u64> {
+    u64::try_from(n).map_err(|_| anyhow!("the parameter count does not fit in 64 bits"))
+}
+
+/// One RoPE block, validated as the reference does: `rope_type` (or legacy `type`, default
+/// `default`), the keys its `_validate_<type>_rope_parameters` requires, `rope_theta` (the model
+/// reads it unconditionally), and an even rotary dimension when the whole head rotates.
+pub(super) fn rope_block(block: &Value, head_dim: usize, what: &str) -> Result<Rope> {
+    let obj = match block {
+        Value::Object(o) => o,
+        Value::Null => bail!(
+            "key `{what}` is null: a layer type without RoPE loads in the reference but its \
+             forward fails; give it a RoPE block"
+        ),
+        _ => bail!("key `{what}` is not an object"),
+    };
+    let kind = obj
+        .get("rope_type")
+        .or_else(|| obj.get("type"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
+    let required: &[&str] = match kind {
+        "yarn" => &["factor", "original_max_position_embeddings"],
+        "linear" | "dynamic" => &["factor"],
+        "longrope" => &["short_factor", "long_factor", "original_max_position_embeddings"],
+        "llama3" => &[
+            "factor",
+            "original_max_position_embeddings",
+            "low_freq_factor",
+            "high_freq_factor",
+        ],
+        _ => &[],
+    };
+    for k in required {
+        if !obj.contains_key(*k) {
+            bail!("key `{what}.{k}` is required for rope_type `{kind}` (the reference refuses the config without it)");
+        }
+    }
+    let rope = rope_from_params(block, head_dim, what)?;
+    if head_dim > 4 && head_dim % 2 == 1 && rope.rotary_dim == head_dim {
+        bail!("key `{what}`: RoPE needs an even rotary dimension, but the whole head of {head_dim} rotates");
+    }
+    Ok(rope)
+}
+
+/// Where the two layer types' RoPE blocks come from.
+struct RopeBlocks {
+    full: Option<Value>,
+    sliding: Option<Value>,
+}
+
+/// Resolve every form of `rope_parameters` the reference's config class accepts into one block
+/// per layer type (see the module notes). Only the types in use must be present.
+fn resolve_rope(
+    c: &LagunaConfig,
+    used_full: bool,
+    used_sliding: bool,
+    warnings: &mut Vec<String>,
+) -> Result<RopeBlocks> {
+    let mut params = c.rope_parameters.clone().filter(|v| !v.is_null());
+    if let Some(rs) = c.rope_scaling.clone().filter(|v| !v.is_null()) {
+        warnings.push(
+            "legacy key `rope_scaling` replaces `rope_parameters` (as the reference's setter does)"
+                .into(),
+        );
+        params = Some(rs);
+    }
+    let ignored_top = |warnings: &mut Vec<String>| {
+        for (k, present) in [
+            ("rope_theta", c.rope_theta.is_some()),
+            ("partial_rotary_factor", c.partial_rotary_factor.is_some()),
+            (
+                "original_max_position_embeddings",
+                c.original_max_position_embeddings.is_some(),
+            ),
+        ] {
+            if present {
+                warnings.push(format!(
+                    "key `{k}` is not read: the reference takes RoPE from `rope_parameters.<layer type>`"
+                ));
+            }
+        }
+    };
+    let Some(params) = params else {
+        // The reference's defaults.
+        ignored_top(warnings);
+        return Ok(RopeBlocks {
+            full: Some(serde_json::json!({"rope_type": "default", "rope_theta": 500_000.0, "partial_rotary_factor": 0.5})),
+            sliding: Some(serde_json::json!({"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 1.0})),
+        });
+    };
+    let obj = params
+        .as_object()
+        .ok_or_else(|| anyhow!("key `rope_parameters` is not an object"))?;
+    let nested = obj.contains_key(FULL) || obj.contains_key(SLIDING);
+    if nested {
+        ignored_top(warnings);
+        if c.swa_rope_parameters.as_ref().is_some_and(|v| !v.is_null()) {
+            warnings.push("key `swa_rope_parameters` is not read: `rope_parameters` is nested by layer type, so sliding layers use `rope_parameters.sliding_attention`".into());
+        }
+        for k in obj.keys() {
+            if k != FULL && k != SLIDING {
+                let hint = if k == "original_max_position_embeddings" {
+                    " (a YaRN block needs its own `original_max_position_embeddings`)"
+                } else {
+                    ""
+                };
+                warnings.push(format!(
+                    "key `rope_parameters.{k}` is not read: with per-layer-type blocks the reference reads only `{FULL}` and `{SLIDING}`{hint}"
+                ));
+            }
+        }
+        let take = |ty: &str, used: bool| -> Result<Option<Value>> {
+            if !used {
+                return Ok(None);
+            }
+            match obj.get(ty) {
+                Some(v) => Ok(Some(v.clone())),
+                None => bail!(
+                    "key `rope_parameters.{ty}` is missing, but some layers are `{ty}` (the reference fails to build the model)"
+                ),
+            }
+        };
+        return Ok(RopeBlocks {
+            full: take(FULL, used_full)?,
+            sliding: take(SLIDING, used_sliding)?,
+        });
+    }
+    // Flat form: the full layers' block, with the top-level keys as defaults; the sliding layers
+    // read `swa_rope_parameters`.
+    let mut full = obj.clone();
+    if let Some(t) = c.rope_theta {
+        full.entry("rope_theta").or_insert(Value::from(t));
+    }
+    if let Some(p) = c.partial_rotary_factor {
+        full.entry("partial_rotary_factor").or_insert(Value::from(p));
+    }
+    if c.original_max_position_embeddings.is_some() {
+        warnings.push("key `original_max_position_embeddings` is not read: the reference looks for it inside the RoPE block".into());
+    }
+    let sliding = if used_sliding {
+        match c.swa_rope_parameters.clone().filter(|v| !v.is_null()) {
+            Some(v) => Some(v),
+            None => bail!(
+                "key `rope_parameters` is a single flat block, so the sliding layers' RoPE must be in \
+                 `swa_rope_parameters`, which is missing (the nested form keys blocks by `{FULL}`/`{SLIDING}`)"
+            ),
+        }
+    } else {
+        None
+    };
+    warnings.push(format!(
+        "flat `rope_parameters`{}: read as the pre-release layout (full layers: `rope_parameters`, \
+         sliding layers: `swa_rope_parameters`); transformers 5.23 loads this config but cannot build \
+         the model from it (it indexes `rope_parameters` by layer type)",
+        if used_sliding { " + `swa_rope_parameters`" } else { "" }
+    ));
+    Ok(RopeBlocks {
+        full: Some(Value::Object(full)),
+        sliding,
+    })
+}
+
+/// `gating`: true / "per-head" → one gate per head; "per-element" → one per channel. The
+/// reference treats every other value as per-element; llmarch accepts `false` with a warning and
+/// refuses unknown strings (a typo would silently change the parameter count).
+fn read_gating(v: &Value, warnings: &mut Vec<String>) -> Result<bool> {
+    match v {
+        Value::Bool(true) => Ok(true),
+        Value::Bool(false) => {
+            warnings.push(
+                "key `gating` = false still builds a per-element output gate in the reference \
+                 (only true/\"per-head\" select per-head); counted as per-element"
+                    .into(),
+            );
+            Ok(false)
+        }
+        Value::String(s) if s == "per-head" => Ok(true),
+        Value::String(s) if s == "per-element" => Ok(false),
+        Value::String(s) => bail!(
+            "key `gating` = \"{s}\" is not a known gate granularity (true, \"per-head\", \"per-element\"); \
+             the reference would silently build a per-element gate"
+        ),
+        other => bail!("key `gating`: expected true/false, \"per-head\" or \"per-element\", got {other}"),
+    }
+}
+
+/// Which layers the legacy `mlp_only_layers` / `decoder_sparse_step` keys would make sparse
+/// (Qwen-MoE convention), when both are readable.
+fn legacy_sparse_layers(c: &LagunaConfig, n: usize) -> Option<Vec<bool>> {
+    if c.mlp_only_layers.is_none() && c.decoder_sparse_step.is_none() {
+        return None;
+    }
+    let only: Vec<u64> = match &c.mlp_only_layers {
+        None | Some(Value::Null) => vec![],
+        Some(Value::Array(a)) => a.iter().map(|v| v.as_u64()).collect::<Option<_>>()?,
+        Some(_) => return None,
+    };
+    let step = match &c.decoder_sparse_step {
+        None | Some(Value::Null) => 1,
+        Some(v) => v.as_u64().filter(|&s| s > 0)?,
+    };
+    Some(
+        (0..n)
+            .map(|i| {
+                c.num_experts > 0 && !only.contains(&(i as u64)) && (i as u64 + 1) % step == 0
+            })
+            .collect(),
+    )
+}
+
+fn parse(text: &TextConfig) -> Result<ArchSpec> {
+    let c: LagunaConfig = text.parse()?;
+    let mut warnings = text.check_unknown_keys(&c.rest, HARMLESS)?;
+    let n = layers_count("num_hidden_layers", c.num_hidden_layers)?;
+    let hidden = dim("hidden_size", c.hidden_size)?;
+    let vocab = dim("vocab_size", c.vocab_size)?;
+    let head_dim = dim("head_dim", c.head_dim)?;
+    let kv_heads = dim("num_key_value_heads", c.num_key_value_heads)?;
+
+    if c.moe_apply_router_weight_on_input {
+        bail!(
+            "key `moe_apply_router_weight_on_input` = true is not supported (the reference raises \
+             NotImplementedError for it too)"
+        );
+    }
+    if c.hidden_act != "silu" {
+        bail!(
+            "key `hidden_act` = `{}` is not supported (Laguna uses silu)",
+            c.hidden_act
+        );
+    }
+    let per_head_gate = read_gating(&c.gating, &mut warnings)?;
+    if c.norm_topk_prob == Some(false) {
+        warnings.push(
+            "key `norm_topk_prob` = false is not read: the reference always renormalises the top-k router weights".into(),
+        );
+    }
+
+    // Per-layer lists, with the reference's defaults.
+    let types = c.layer_types.clone().unwrap_or_else(|| vec![FULL.to_string(); n]);
+    check_len("layer_types", &types, n)?;
+    for (i, t) in types.iter().enumerate() {
+        if t != SLIDING && t != FULL {
+            bail!("key `layer_types[{i}]` = `{t}`: Laguna layers are `{SLIDING}` or `{FULL}`");
+        }
+    }
+    let mlp_types = c.mlp_layer_types.clone().unwrap_or_else(|| {
+        (0..n)
+            .map(|i| if i == 0 { DENSE } else { SPARSE }.to_string())
+            .collect()
+    });
+    check_len("mlp_layer_types", &mlp_types, n)?;
+    for (i, t) in mlp_types.iter().enumerate() {
+        if t != DENSE && t != SPARSE {
+            bail!("key `mlp_layer_types[{i}]` = `{t}`: Laguna MLP layers are `{DENSE}` or `{SPARSE}`");
+        }
+    }
+    let heads = c
+        .num_attention_heads_per_layer
+        .clone()
+        .unwrap_or_else(|| vec![c.num_attention_heads; n]);
+    check_len("num_attention_heads_per_layer", &heads, n)?;
+    for (i, &q) in heads.iter().enumerate() {
+        dim(&format!("num_attention_heads_per_layer[{i}]"), q)?;
+        check_heads(i, q, kv_heads)?;
+    }
+
+    // Legacy keys transformers ignores: harmless unless they disagree with `mlp_layer_types`.
+    if let Some(legacy) = legacy_sparse_layers(&c, n) {
+        let differ: Vec<String> = legacy
+            .iter()
+            .zip(&mlp_types)
+            .enumerate()
+            .filter(|(_, (&sparse, t))| sparse != (t.as_str() == SPARSE))
+            .map(|(i, _)| i.to_string())
+            .collect();
+        if !differ.is_empty() {
+            warnings.push(format!(
+                "legacy keys `mlp_only_layers`/`decoder_sparse_step` disagree with `mlp_layer_types` on \
+                 layers {}; transformers ignores them and so does llmarch",
+                differ.join(", ")
+            ));
+        }
+    } else if c.mlp_only_layers.is_some() || c.decoder_sparse_step.is_some() {
+        warnings.push(
+            "legacy keys `mlp_only_layers`/`decoder_sparse_step` are unreadable; transformers ignores them and so does llmarch".into(),
+        );
+    }
+
+    let any_sparse = mlp_types.iter().any(|t| t == SPARSE);
+    let any_dense = mlp_types.iter().any(|t| t == DENSE);
+    let any_sliding = types.iter().any(|t| t == SLIDING);
+    let any_full = types.iter().any(|t| t == FULL);
+    if any_sparse {
+        dim("num_experts", c.num_experts)?;
+        dim("moe_intermediate_size", c.moe_intermediate_size)?;
+        if c.num_experts_per_tok == 0 || c.num_experts_per_tok > c.num_experts {
+            bail!(
+                "key `num_experts_per_tok` = {} must be between 1 and num_experts ({})",
+                c.num_experts_per_tok,
+                c.num_experts
+            );
+        }
+        if c.shared_expert_intermediate_size > MAX_DIM {
+            bail!(
+                "key `shared_expert_intermediate_size` = {} is implausibly large",
+                c.shared_expert_intermediate_size
+            );
+        }
+    }
+    if any_dense {
+        dim("intermediate_size", c.intermediate_size)?;
+    }
+    if any_sliding {
+        dim("sliding_window", c.sliding_window)?;
+    }
+
+    let blocks = resolve_rope(&c, any_full, any_sliding, &mut warnings)?;
+    let rope_full = match &blocks.full {
+        Some(b) => Some(rope_block(b, head_dim, "rope_parameters.full_attention")?),
+        None => None,
+    };
+    let rope_sliding = match &blocks.sliding {
+        Some(b) => Some(rope_block(b, head_dim, "rope_parameters.sliding_attention")?),
+        None => None,
+    };
+
+    // Parameters, tensor by tensor as `LagunaForCausalLM` builds them (in u128: no overflow).
+    let (h, v, hd, kvh) = (hidden as u128, vocab as u128, head_dim as u128, kv_heads as u128);
+    let bias = |n: u128| if c.attention_bias { n } else { 0 };
+    let embedding = v * h;
+    let lm_head = if c.tie_word_embeddings { 0 } else { v * h };
+    let mut routed: u128 = 0;
+    let mut other: u128 = h; // final norm
+
+    let mut layers = Vec::with_capacity(n);
+    for i in 0..n {
+        let sliding = types[i] == SLIDING;
+        let q = heads[i];
+        let qh = q as u128;
+
+        let mut lp = h * qh * hd + bias(qh * hd); // q_proj
+        lp += 2 * (h * kvh * hd + bias(kvh * hd)); // k_proj, v_proj
+        lp += qh * hd * h + bias(h); // o_proj
+        lp += 2 * hd; // q_norm, k_norm
+        lp += h * if per_head_gate { qh } else { qh * hd }; // g_proj (no bias)
+        lp += 2 * h; // input / post-attention norms
+
+        let ffn = if mlp_types[i] == SPARSE {
+            let (e, w, sw) = (
+                c.num_experts as u128,
+                c.moe_intermediate_size as u128,
+                c.shared_expert_intermediate_size as u128,
+            );
+            routed += e * 3 * w * h; // experts.gate_up_proj [E, 2w, h] + down_proj [E, h, w]
+            lp += e * h + e; // router weight + e_score_correction_bias (a parameter)
+            lp += 3 * h * sw; // shared expert
+            Ffn::Moe {
+                experts: c.num_experts,
+                top_k: c.num_experts_per_tok,
+                width: c.moe_intermediate_size,
+                shared_width: (c.shared_expert_intermediate_size > 0)
+                    .then_some(c.shared_expert_intermediate_size),
+                dense_width: None,
+                routing: "sigmoid".into(),
+            }
+        } else {
+            lp += 3 * h * c.intermediate_size as u128;
+            Ffn::Dense {
+                width: c.intermediate_size,
+            }
+        };
+        other += lp;
+
+        let (attention, retention, rope) = if sliding {
+            (
+                Attention::Sliding {
+                    window: c.sliding_window,
+                },
+                Retention::Window {
+                    window: c.sliding_window,
+                },
+                rope_sliding.clone(),
+            )
+        } else {
+            (Attention::Full, Retention::AllTokens, rope_full.clone())
+        };
+        let rope = rope.ok_or_else(|| anyhow!("internal: layer {i} has no RoPE block"))?;
+
+        layers.push(LayerSpec {
+            index: i,
+            attention,
+            q_heads: q,
+            kv_heads,
+            head_dim,
+            v_head_dim: head_dim,
+            kv_source: None,
+            k_eq_v: false,
+            rope: Some(rope),
+            ffn,
+            ple_width: None,
+            cache: LayerSpec::kv_parts(kv_heads, head_dim, head_dim, false, retention),
+            notes: vec![if per_head_gate {
+                "gate per-head".to_string()
+            } else {
+                "gate per-element".to_string()
+            }],
+        });
+    }
+
+    let params = ParamCounts {
+        total: to_u64(embedding + lm_head + routed + other)?,
+        embedding: to_u64(embedding)?,
+        ple: 0,
+        lm_head: to_u64(lm_head)?,
+        routed_experts: to_u64(routed)?,
+        ..Default::default()
+    };
+    let (top_k, experts) = if any_sparse {
+        (c.num_experts_per_tok, c.num_experts)
+    } else {
+        (0, 0)
+    };
+
+    let mut notes = vec![
+        format!(
+            "softplus output gate ({})",
+            if per_head_gate { "per head" } else { "per element" }
+        ),
+        "QK norm (RMS)".to_string(),
+    ];
+    if any_sparse {
+        let mut s = format!(
+            "sigmoid router, bias-corrected top-{}, renormalised, routed ×{}",
+            c.num_experts_per_tok, c.moe_routed_scaling_factor
+        );
+        if c.moe_router_logit_softcapping > 0.0 {
+            s.push_str(&format!(", router logit softcap {}", c.moe_router_logit_softcapping));
+        }
+        notes.push(s);
+    }
+
+    Ok(ArchSpec {
+        family: FAMILY.name,
+        model_type: text.model_type.clone(),
+        hf_class: "LagunaForCausalLM".into(),
+        architecture: text.architecture.clone(),
+        hidden_size: hidden,
+        vocab_size: vocab,
+        max_context: c.max_position_embeddings,
+        dtype: text.dtype(),
+        tie_word_embeddings: c.tie_word_embeddings,
+        params: params.finish(top_k, experts),
+        layers,
+        notes,
+        warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{parse_config, ArchSpec, Attention, Ffn};
+    use crate::arch::config::ParseOptions;
+    use serde_json::{json, Value};
+
+    const XS2: &str = include_str!("../../configs/Laguna-XS.2/config.json");
+
+    fn real() -> Value {
+        serde_json::from_str(XS2).expect("config parses as JSON")
+    }
+
+    fn spec(v: &Value) -> anyhow::Result<ArchSpec> {
+        parse_config(v, &ParseOptions::default())
+    }
+
+    fn err(v: &Value) -> String {
+        match spec(v) {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn real_config_layers() {
+        let s = spec(&real()).unwrap();
+        assert_eq!(s.family, "laguna");
+        assert_eq!(s.layers.len(), 40);
+        for l in &s.layers {
+            assert_eq!(l.kv_heads, 8);
+            assert_eq!(l.head_dim, 128);
+            if l.index % 4 == 0 {
+                assert_eq!(l.attention, Attention::Full);
+                assert_eq!(l.q_heads, 48);
+                assert_eq!(l.group_size(), 6.0);
+                let r = l.rope.as_ref().unwrap();
+                assert_eq!((r.kind.as_str(), r.rotary_dim, r.factor), ("yarn", 64, Some(32.0)));
+            } else {
+                assert_eq!(l.attention, Attention::Sliding { window: 512 });
+                assert_eq!(l.q_heads, 64);
+                assert_eq!(l.group_size(), 8.0);
+                let r = l.rope.as_ref().unwrap();
+                assert_eq!((r.kind.as_str(), r.rotary_dim, r.theta), ("default", 128, 10_000.0));
+            }
+            // K and V of 8 × 128 per token.
+            let elems: u64 = l.cache.iter().map(|p| p.elems_per_entry).sum();
+            assert_eq!(elems, 2 * 8 * 128);
+            assert_eq!(l.notes, vec!["gate per-head".to_string()]);
+        }
+        assert_eq!(s.layers[0].ffn, Ffn::Dense { width: 8192 });
+        match &s.layers[1].ffn {
+            Ffn::Moe {
+                experts,
+                top_k,
+                width,
+                shared_width,
+                ..
+            } => assert_eq!((*experts, *top_k, *width, *shared_width), (256, 8, 512, Some(512))),
+            f => panic!("layer 1 should be MoE, got {f:?}"),
+        }
+        // The legacy keys agree with mlp_layer_types: no warning.
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    }
+
+    #[test]
+    fn real_config_params_match_reference() {
+        let s = spec(&real()).unwrap();
+        // tests/fixtures/reference_params.json, "Laguna-XS.2".
+        assert_eq!(s.params.total, 33_442_617_088);
+        assert_eq!(s.params.embedding, 205_520_896);
+        assert_eq!(s.params.lm_head, 205_520_896);
+        assert_eq!(s.params.routed_experts, 31_406_948_352);
+        let active = s.params.active as f64 / 1e9;
+        assert!((active - 3.02).abs() < 0.005, "active {active}");
+    }
+
+    #[test]
+    fn per_element_gate_changes_params() {
+        let mut v = real();
+        v["gating"] = json!("per-element");
+        let s = spec(&v).unwrap();
+        // g_proj grows from q to q × head_dim outputs on every layer.
+        let heads: u64 = 10 * 48 + 30 * 64;
+        assert_eq!(s.params.total, 33_442_617_088 + 2048 * heads * 127);
+        assert_eq!(s.layers[0].notes, vec!["gate per-element".to_string()]);
+        v["gating"] = json!(true);
+        assert_eq!(spec(&v).unwrap().params.total, 33_442_617_088);
+        v["gating"] = json!(false);
+        let s = spec(&v).unwrap();
+        assert_eq!(s.params.total, 33_442_617_088 + 2048 * heads * 127);
+        assert!(s.warnings.iter().any(|w| w.contains("gating")));
+        v["gating"] = json!("per_head");
+        assert!(err(&v).contains("`gating`"));
+    }
+
+    #[test]
+    fn head_list_of_wrong_length() {
+        let mut v = real();
+        v["num_attention_heads_per_layer"].as_array_mut().unwrap().pop();
+        let e = err(&v);
+        assert!(e.contains("num_attention_heads_per_layer"), "{e}");
+        assert!(e.contains("39") && e.contains("40"), "{e}");
+    }
+
+    #[test]
+    fn heads_not_divisible() {
+        let mut v = real();
+        v["num_attention_heads_per_layer"][5] = json!(60);
+        let e = err(&v);
+        assert!(e.contains("layer 5"), "{e}");
+    }
+
+    #[test]
+    fn bad_layer_lists() {
+        let mut v = real();
+        v["layer_types"][3] = json!("chunked_attention");
+        assert!(err(&v).contains("layer_types[3]"));
+        let mut v = real();
+        v["mlp_layer_types"][7] = json!("moe");
+        assert!(err(&v).contains("mlp_layer_types[7]"));
+        let mut v = real();
+        v["mlp_layer_types"].as_array_mut().unwrap().push(json!("dense"));
+        assert!(err(&v).contains("mlp_layer_types"));
+        let mut v = real();
+        v["layer_types"].as_array_mut().unwrap().pop();
+        assert!(err(&v).contains("layer_types"));
+    }
+
+    #[test]
+    fn router_weight_on_input_is_refused() {
+        let mut v = real();
+        v["moe_apply_router_weight_on_input"] = json!(true);
+        assert!(err(&v).contains("moe_apply_router_weight_on_input"));
+    }
+
+    #[test]
+    fn bad_moe_and_window() {
+        let mut v = real();
+        v["num_experts_per_tok"] = json!(300);
+        assert!(err(&v).contains("num_experts_per_tok"));
+        let mut v = real();
+        v["sliding_window"] = json!(null);
+        assert!(err(&v).contains("sliding_window"));
+        let mut v = real();
+        v["sliding_window"] = json!(0);
+        assert!(err(&v).contains("sliding_window"));
+        let mut v = real();
+        v["hidden_act"] = json!("gelu");
+        assert!(err(&v).contains("hidden_act"));
+        let mut v = real();
+        v["head_dim"] = json!(null);
+        assert!(err(&v).contains("head_dim"));
+    }
+
+    #[test]
+    fn legacy_keys_contradicting_mlp_layer_types_warn() {
+        let mut v = real();
+        v["mlp_only_layers"] = json!([0, 1]);
+        let s = spec(&v).unwrap();
+        assert!(
+            s.warnings.iter().any(|w| w.contains("mlp_only_layers") && w.contains("layers 1")),
+            "{:?}",
+            s.warnings
+        );
+        let mut v = real();
+        v["decoder_sparse_step"] = json!(2);
+        let s = spec(&v).unwrap();
+        assert!(s.warnings.iter().any(|w| w.contains("decoder_sparse_step")));
+        // Parameters follow mlp_layer_types, as in the reference.
+        assert_eq!(s.params.total, 33_442_617_088);
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let mut v = real();
+        v["attention_sink"] = json!(true);
+        assert!(err(&v).contains("attention_sink"));
+    }
+
+    #[test]
+    fn rope_defaults_when_absent() {
+        let mut v = real();
+        v.as_object_mut().unwrap().remove("rope_parameters");
+        let s = spec(&v).unwrap();
+        let full = s.layers[0].rope.as_ref().unwrap();
+        assert_eq!((full.kind.as_str(), full.theta, full.rotary_dim), ("default", 500_000.0, 64));
+        let sl = s.layers[1].rope.as_ref().unwrap();
+        assert_eq!((sl.theta, sl.rotary_dim), (10_000.0, 128));
+    }
+
+    #[test]
+    fn rope_flat_with_swa_block() {
+        let mut v = real();
+        let full = v["rope_parameters"]["full_attention"].clone();
+        let sliding = v["rope_parameters"]["sliding_attention"].clone();
+        v["rope_parameters"] = full;
+        v["swa_rope_parameters"] = sliding;
+        let s = spec(&v).unwrap();
+        assert_eq!(s.layers[0].rope.as_ref().unwrap().kind, "yarn");
+        assert_eq!(s.layers[1].rope.as_ref().unwrap().rotary_dim, 128);
+        assert!(s.warnings.iter().any(|w| w.contains("flat")));
+        // Without the sliding block the sliding layers have no RoPE.
+        v.as_object_mut().unwrap().remove("swa_rope_parameters");
+        assert!(err(&v).contains("swa_rope_parameters"));
+    }
+
+    #[test]
+    fn rope_top_level_original_max_is_refused() {
+        // Form (c): the reference rejects a YaRN block without its own original_max_position_embeddings.
+        let mut v = real();
+        let omp = v["rope_parameters"]["full_attention"]
+            .as_object_mut()
+            .unwrap()
+            .remove("original_max_position_embeddings")
+            .unwrap();
+        v["rope_parameters"]["original_max_position_embeddings"] = omp;
+        let e = err(&v);
+        assert!(
+            e.contains("rope_parameters.full_attention.original_max_position_embeddings"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn rope_missing_or_bad_blocks() {
+        let mut v = real();
+        v["rope_parameters"].as_object_mut().unwrap().remove("sliding_attention");
+        assert!(err(&v).contains("rope_parameters.sliding_attention"));
+        let mut v = real();
+        v["rope_parameters"]["sliding_attention"] = json!(null);
+        assert!(err(&v).contains("rope_parameters.sliding_attention"));
+        let mut v = real();
+        v["rope_parameters"]["sliding_attention"]
+            .as_object_mut()
+            .unwrap()
+            .remove("rope_theta");
+        assert!(err(&v).contains("rope_parameters.sliding_attention.rope_theta"));
+        let mut v = real();
+        v["rope_parameters"]["full_attention"]["rope_type"] = json!("foo");
+        assert!(err(&v).contains("rope_parameters.full_attention.rope_type"));
+        // A missing rope_type means `default`, as in the reference.
+        let mut v = real();
+        v["rope_parameters"]["sliding_attention"]
+            .as_object_mut()
+            .unwrap()
+            .remove("rope_type");
+        assert!(spec(&v).is_ok());
+    }
+
+    #[test]
+    fn rope_scaling_replaces_rope_parameters() {
+        let mut v = real();
+        v["rope_scaling"] = json!({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4});
+        v["swa_rope_parameters"] = json!({"rope_type": "default", "rope_theta": 1e4});
+        let s = spec(&v).unwrap();
+        assert_eq!(s.layers[0].rope.as_ref().unwrap().kind, "linear");
+        assert!(s.warnings.iter().any(|w| w.contains("rope_scaling")));
+    }
+
+    #[test]
+    fn all_full_needs_no_sliding_block() {
+        let mut v = real();
+        v["layer_types"] = json!(vec!["full_attention"; 40]);
+        v["rope_parameters"].as_object_mut().unwrap().remove("sliding_attention");
+        let s = spec(&v).unwrap();
+        assert!(s.layers.iter().all(|l| l.attention == Attention::Full));
+    }
 }

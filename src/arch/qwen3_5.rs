@@ -1142,6 +1142,17 @@ mod tests {
         assert_eq!((rope.theta, rope.rotary_dim), (1e7, 64));
     }
 
+    /// The tiny oracle configs, counted on the meta device with transformers 5.23.0
+    /// (`sum(p.numel() for p in Qwen3_5(Moe)ForCausalLM(cfg).parameters())`).
+    #[test]
+    fn tiny_params_match_reference() {
+        for ((name, src), want) in TINY.iter().zip([363_040u64, 414_752, 363_040]) {
+            let s = spec(&json(src)).unwrap();
+            assert_eq!(s.params.total, want, "{name}");
+            assert!(s.warnings.is_empty(), "{name}: {:?}", s.warnings);
+        }
+    }
+
     /// The tiny oracle configs: our cache equals what the reference measured, except that the
     /// conv state keeps `kernel − 1` columns instead of the reference's `kernel`.
     #[test]
