@@ -493,13 +493,12 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
     let rope_what = key(rope_key);
     let rope = rope_from_params(&Value::Object(rope_map.clone()), head_dim, &rope_what)?;
     let sections = mrope_sections(&rope_map, &rope_what)?;
-    let section_sum: usize = sections.iter().sum();
-    if n_full > 0 && section_sum * 2 != rope.rotary_dim {
+    let section_sum = sum(&sections.map(|x| x as u64))?.saturating_mul(2);
+    if n_full > 0 && section_sum != rope.rotary_dim as u64 {
         warnings.push(format!(
             "`{rope_what}.mrope_section` {sections:?} covers {} dims but {} are rotated; \
              text-only positions are unaffected",
-            section_sum * 2,
-            rope.rotary_dim
+            section_sum, rope.rotary_dim
         ));
     }
 
@@ -705,7 +704,8 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
             }
         };
         // Make sure the budget's per-token products stay in range.
-        prod(&[layer.q_heads, layer.head_dim + layer.v_head_dim])?;
+        let dims = sum(&[layer.head_dim as u64, layer.v_head_dim as u64])?;
+        prod(&[layer.q_heads, usize_of(dims)?])?;
         other = sum(&[other, ffn_params, norms])?;
         params.routed_experts = sum(&[params.routed_experts, routed_per_layer])?;
         layers.push(layer);
