@@ -169,6 +169,8 @@ fn d_linear_v_heads() -> usize {
 const HARMLESS: &[&str] = &[];
 
 const LINEAR: &str = "linear_attention";
+/// Sanity bound on `num_hidden_layers`.
+const MAX_LAYERS: usize = 1 << 16;
 const FULL: &str = "full_attention";
 
 /// Dense (`Qwen3_5TextConfig`) or MoE (`Qwen3_5MoeTextConfig`).
@@ -378,6 +380,14 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
         &key("num_hidden_layers"),
         c.num_hidden_layers.unwrap_or(dense_layers),
     )?;
+    // Per-layer tables are built eagerly: refuse counts no model has rather than abort on an
+    // allocation of that size.
+    if n > MAX_LAYERS {
+        bail!(
+            "key `{}` = {n} is implausibly large (more than {MAX_LAYERS} layers)",
+            key("num_hidden_layers")
+        );
+    }
     let hidden = positive(&key("hidden_size"), c.hidden_size.unwrap_or(dense_hidden))?;
     let vocab = positive(&key("vocab_size"), c.vocab_size)?;
     let kv_heads = c.num_key_value_heads.unwrap_or(dense_kv);
@@ -1057,6 +1067,11 @@ mod tests {
             t.insert("head_dim".into(), Value::Null);
         }));
         assert!(e.contains("text_config.head_dim"), "{e}");
+        let e = err(&edit(DENSE_27B, |t| {
+            t.remove("layer_types");
+            t.insert("num_hidden_layers".into(), 1_000_000_000_000u64.into());
+        }));
+        assert!(e.contains("text_config.num_hidden_layers"), "{e}");
         let e = err(&edit(DENSE_27B, |t| {
             t.insert("hidden_size".into(), (u64::MAX / 2).into());
         }));

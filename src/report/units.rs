@@ -65,15 +65,13 @@ fn scaled(mut v: f64, step: f64, units: &[&str]) -> String {
         v /= step;
         i += 1;
     }
-    let sep = " ";
-    if i == 0 {
-        format!("{v:.0}{sep}{}", units[i])
-    } else if v >= 100.0 {
-        format!("{v:.0}{sep}{}", units[i])
+    let unit = units[i];
+    if i == 0 || v >= 100.0 {
+        format!("{v:.0} {unit}")
     } else if v >= 10.0 {
-        format!("{v:.1}{sep}{}", units[i])
+        format!("{v:.1} {unit}")
     } else {
-        format!("{v:.2}{sep}{}", units[i])
+        format!("{v:.2} {unit}")
     }
 }
 
