@@ -64,7 +64,9 @@ fn parameter_counts_equal_the_reference() {
 ///    `attention_k_eq_v`, every DeepSeek V4 layer); the reference stores a second copy in Gemma 4
 ///    (normed differently, the norms are recomputed from the one stored tensor here) and in
 ///    DeepSeek V4's sliding layers (its CSA/HCA layers already alias them);
-/// 3. bookkeeping scalars (the window length as a tensor) are not cache.
+/// 3. bookkeeping scalars (the window length as a tensor) are not cache;
+/// 4. a Gated DeltaNet convolution state keeps `kernel − 1` columns here (all the causal
+///    convolution reads, as llama.cpp and vLLM keep it), `kernel` in the reference.
 #[test]
 fn kv_budget_equals_the_reference_cache() {
     let reference = fixture("tests/fixtures/reference_cache.json");
@@ -100,6 +102,11 @@ fn kv_budget_equals_the_reference_cache() {
                     // rule 1: scale from the reference's min(N, w − 1) tokens to min(N, w).
                     let theirs = tokens.min(w - 1);
                     bytes = bytes / theirs * tokens.min(w);
+                }
+                if tname == "conv_states[0]" && l.attention == Attention::Linear {
+                    // rule 4
+                    let k = t["shape"][2].as_u64().unwrap();
+                    bytes = bytes / k * (k - 1);
                 }
                 mapped += bytes;
             }
