@@ -9,18 +9,40 @@ use std::collections::HashMap;
 fn kv_budget_reproduces_the_gemma4_sharing_figures() {
     // Published: E2B's KV sharing saves 24,576 B/token (3.22 GB at 128K bf16) with the real
     // 512-d full-attention heads; E4B 43,008 B/token (5.6 GB).
-    let v = run_json(&["kv-budget", "gemma4-e2b", "gemma4-e4b", "--context", "128k", "--json"]);
+    let v = run_json(&[
+        "kv-budget",
+        "gemma4-e2b",
+        "gemma4-e4b",
+        "--context",
+        "128k",
+        "--json",
+    ]);
     let rows = v.as_array().unwrap();
     assert_eq!(rows.len(), 2);
     for (row, per_token) in rows.iter().zip([24_576u64, 43_008]) {
         assert_eq!(row["context"], 131_072);
         assert_eq!(row["kv_dtype"], "bf16");
-        assert_eq!(row["savings"]["kvsharing"], per_token * 131_072, "{}", row["model"]);
+        assert_eq!(
+            row["savings"]["kvsharing"],
+            per_token * 131_072,
+            "{}",
+            row["model"]
+        );
         // The waterfall adds up: naive − Σ savings = what the cache holds.
-        let saved: i64 = row["savings"].as_object().unwrap().values().map(|s| s.as_i64().unwrap()).sum();
+        let saved: i64 = row["savings"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|s| s.as_i64().unwrap())
+            .sum();
         let total = row["total_bytes"].as_i64().unwrap();
         assert_eq!(row["naive_bytes"].as_i64().unwrap() - saved, total);
-        let layers: i64 = row["layers"].as_array().unwrap().iter().map(|l| l["bytes"].as_i64().unwrap()).sum();
+        let layers: i64 = row["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["bytes"].as_i64().unwrap())
+            .sum();
         assert_eq!(layers, total);
     }
     // The article's ~2.7 GB assumes all 20 shared layers at head_dim 256 with 1 KV head:
@@ -36,7 +58,10 @@ fn e2b_and_e4b_sharing_maps() {
         assert_eq!(ls.len(), layers);
         // The owners: the last non-shared layer of each type.
         let last_of = |kind: &str| {
-            (0..first_shared).rev().find(|&j| ls[j]["attention"]["kind"] == kind).unwrap()
+            (0..first_shared)
+                .rev()
+                .find(|&j| ls[j]["attention"]["kind"] == kind)
+                .unwrap()
         };
         let (sliding_owner, full_owner) = (last_of("sliding"), last_of("full"));
         for (i, l) in ls.iter().enumerate() {
@@ -82,7 +107,12 @@ fn inspect_text_folds_layers() {
 #[test]
 fn every_alias_works_offline() {
     let v = run_json(&["models", "--json"]);
-    let aliases: Vec<&str> = v.as_array().unwrap().iter().map(|m| m["alias"].as_str().unwrap()).collect();
+    let aliases: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["alias"].as_str().unwrap())
+        .collect();
     assert_eq!(aliases.len(), 10);
     // kv-budget with no model: every alias, one row per context.
     let all = run_json(&["kv-budget", "--context", "4k,1m", "--json"]);
@@ -95,18 +125,52 @@ fn every_alias_works_offline() {
 
 #[test]
 fn kv_budget_text_views() {
-    let o = run(&["kv-budget", "gemma4-e2b", "--context", "4k,128k", "--per-layer", "--explain"]);
+    let o = run(&[
+        "kv-budget",
+        "gemma4-e2b",
+        "--context",
+        "4k,128k",
+        "--per-layer",
+        "--explain",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     assert!(out.contains("cross-layer KV sharing 3.22 GB"), "{out}");
     assert!(out.contains("min(131072, 512) tokens"), "{out}");
     assert!(out.contains("reads L13"), "{out}");
     // q8_0 uses 34-byte blocks of 32 elements.
-    let q8 = run_json(&["kv-budget", "gemma4-31b", "--kv-dtype", "q8_0", "--context", "1000", "--json"]);
-    let bf = run_json(&["kv-budget", "gemma4-31b", "--kv-dtype", "bf16", "--context", "1000", "--json"]);
-    let (q8, bf) = (q8[0]["total_bytes"].as_f64().unwrap(), bf[0]["total_bytes"].as_f64().unwrap());
+    let q8 = run_json(&[
+        "kv-budget",
+        "gemma4-31b",
+        "--kv-dtype",
+        "q8_0",
+        "--context",
+        "1000",
+        "--json",
+    ]);
+    let bf = run_json(&[
+        "kv-budget",
+        "gemma4-31b",
+        "--kv-dtype",
+        "bf16",
+        "--context",
+        "1000",
+        "--json",
+    ]);
+    let (q8, bf) = (
+        q8[0]["total_bytes"].as_f64().unwrap(),
+        bf[0]["total_bytes"].as_f64().unwrap(),
+    );
     assert!((q8 / bf - 34.0 / 64.0).abs() < 1e-3, "{q8} {bf}");
-    let b2 = run_json(&["kv-budget", "gemma4-31b", "--batch", "2", "--context", "1000", "--json"]);
+    let b2 = run_json(&[
+        "kv-budget",
+        "gemma4-31b",
+        "--batch",
+        "2",
+        "--context",
+        "1000",
+        "--json",
+    ]);
     assert_eq!(b2[0]["total_bytes"].as_f64().unwrap(), 2.0 * bf);
 }
 
@@ -128,29 +192,42 @@ fn bad_input_is_one_clear_error() {
         (vec![d("garbage", Some("{not json"))], "is not valid JSON"),
         (vec![d("array", Some("[1,2]"))], "not a JSON object"),
         (
-            vec![d("llama", Some(r#"{"model_type": "llama", "hidden_size": 8}"#))],
+            vec![d(
+                "llama",
+                Some(r#"{"model_type": "llama", "hidden_size": 8}"#),
+            )],
             "unsupported model_type `llama`; supported model types: gemma4_text",
         ),
         (
             vec![d(
                 "shared",
-                Some(r#"{"model_type": "gemma4_text", "num_hidden_layers": 4, "num_kv_shared_layers": 4}"#),
+                Some(
+                    r#"{"model_type": "gemma4_text", "num_hidden_layers": 4, "num_kv_shared_layers": 4}"#,
+                ),
             )],
             "num_kv_shared_layers` = 4 leaves no layer to own a KV cache",
         ),
         (
             vec![d(
                 "types",
-                Some(r#"{"model_type": "gemma4_text", "num_hidden_layers": 3, "layer_types": ["full_attention"]}"#),
+                Some(
+                    r#"{"model_type": "gemma4_text", "num_hidden_layers": 3, "layer_types": ["full_attention"]}"#,
+                ),
             )],
             "key `layer_types` has 1 entries but num_hidden_layers is 3",
         ),
         (
-            vec![d("wrongtype", Some(r#"{"model_type": "gemma4_text", "hidden_size": "big"}"#))],
+            vec![d(
+                "wrongtype",
+                Some(r#"{"model_type": "gemma4_text", "hidden_size": "big"}"#),
+            )],
             "key `hidden_size`: invalid type",
         ),
         (
-            vec![d("unknown", Some(r#"{"model_type": "gemma4_text", "use_magic_attention": true}"#))],
+            vec![d(
+                "unknown",
+                Some(r#"{"model_type": "gemma4_text", "use_magic_attention": true}"#),
+            )],
             "config keys llmarch does not know for gemma4_text: `use_magic_attention`",
         ),
     ];
@@ -164,10 +241,17 @@ fn bad_input_is_one_clear_error() {
         }
     }
     // Unknown keys become warnings on request.
-    let p = d("unknown2", Some(r#"{"model_type": "gemma4_text", "use_magic_attention": true}"#));
+    let p = d(
+        "unknown2",
+        Some(r#"{"model_type": "gemma4_text", "use_magic_attention": true}"#),
+    );
     let o = run(&["inspect", &p, "--allow-unknown-keys"]);
     assert!(o.status.success());
-    assert!(stderr(&o).contains("warning: ignoring config keys"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("warning: ignoring config keys"),
+        "{}",
+        stderr(&o)
+    );
     // A hint comes on its own line.
     let err = expect_error(&run(&["inspect", "gemma4-e2"]), 1);
     assert!(err.contains("\nhint: did you mean `gemma4-e2b`?"), "{err}");
@@ -187,7 +271,9 @@ fn usage_errors_exit_2() {
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
         assert!(!stderr(&o).contains("panicked"));
     }
-    assert!(stderr(&run(&["kv-budget", "--context", "12q"])).contains("`12q` is not a context length"));
+    assert!(
+        stderr(&run(&["kv-budget", "--context", "12q"])).contains("`12q` is not a context length")
+    );
     assert_eq!(run(&["--help"]).status.code(), Some(0));
 }
 
@@ -195,7 +281,13 @@ fn usage_errors_exit_2() {
 fn closed_stdout_pipe_exits_0() {
     use std::process::Stdio;
     let mut child = llmarch()
-        .args(["kv-budget", "--context", "1k,2k,4k,8k,16k,32k,64k,128k", "--per-layer", "--explain"])
+        .args([
+            "kv-budget",
+            "--context",
+            "1k,2k,4k,8k,16k,32k,64k,128k",
+            "--per-layer",
+            "--explain",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -210,8 +302,14 @@ fn closed_stdout_pipe_exits_0() {
 fn hub_download_then_offline_from_cache() {
     let config = read("configs/Laguna-XS.2/config.json");
     let routes = HashMap::from([
-        ("/acme/laguna-copy/resolve/main/config.json".to_string(), Reply::File(config.into_bytes())),
-        ("/acme/gated/resolve/main/config.json".to_string(), Reply::Status(401)),
+        (
+            "/acme/laguna-copy/resolve/main/config.json".to_string(),
+            Reply::File(config.into_bytes()),
+        ),
+        (
+            "/acme/gated/resolve/main/config.json".to_string(),
+            Reply::Status(401),
+        ),
     ]);
     let hub = FakeHub::start(routes);
     let home = tempfile::tempdir().unwrap();
@@ -228,14 +326,25 @@ fn hub_download_then_offline_from_cache() {
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["family"], "laguna");
     assert_eq!(v["model"], "acme/laguna-copy");
-    assert!(hub.hits.lock().unwrap().iter().any(|h| h.ends_with("config.json")));
+    assert!(hub
+        .hits
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|h| h.ends_with("config.json")));
 
     // Gated and missing repos.
     let err = expect_error(&with_hub(&["inspect", "acme/gated"]), 1);
     assert!(err.contains("acme/gated is gated"), "{err}");
-    assert!(err.contains("hint: accept the licence on the model page and set HF_TOKEN"), "{err}");
+    assert!(
+        err.contains("hint: accept the licence on the model page and set HF_TOKEN"),
+        "{err}"
+    );
     let err = expect_error(&with_hub(&["inspect", "acme/nothing@v2"]), 1);
-    assert!(err.contains("config.json of acme/nothing@v2 not found"), "{err}");
+    assert!(
+        err.contains("config.json of acme/nothing@v2 not found"),
+        "{err}"
+    );
 
     // Offline: served from the cache, no request made.
     drop(hub);
@@ -264,7 +373,9 @@ fn completions_are_committed_and_fresh() {
     ] {
         let o = run(&["completions", shell]);
         assert!(o.status.success());
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("completions").join(file);
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("completions")
+            .join(file);
         if std::env::var_os("LLMARCH_UPDATE_COMPLETIONS").is_some() {
             std::fs::write(&path, &o.stdout).unwrap();
         }

@@ -41,7 +41,9 @@ impl TextConfig {
             _ => None,
         };
         let model_type = |o: &Map<String, Value>| -> Option<String> {
-            o.get("model_type").and_then(|v| v.as_str()).map(String::from)
+            o.get("model_type")
+                .and_then(|v| v.as_str())
+                .map(String::from)
         };
         match obj.get("text_config") {
             Some(Value::Object(text)) => {
@@ -66,7 +68,9 @@ impl TextConfig {
             _ => {
                 let mt = model_type(obj);
                 if mt.is_none() && architecture.is_none() {
-                    bail!("neither `model_type` nor `architectures` is set, so the family is unknown")
+                    bail!(
+                        "neither `model_type` nor `architectures` is set, so the family is unknown"
+                    )
                 }
                 Ok(TextConfig {
                     model_type: mt.unwrap_or_default(),
@@ -120,7 +124,8 @@ impl TextConfig {
         let unknown: Vec<&String> = rest
             .keys()
             .filter(|k| {
-                !COMMON_HARMLESS_KEYS.contains(&k.as_str()) && !family_harmless.contains(&k.as_str())
+                !COMMON_HARMLESS_KEYS.contains(&k.as_str())
+                    && !family_harmless.contains(&k.as_str())
             })
             .collect();
         if unknown.is_empty() {
@@ -216,9 +221,9 @@ pub fn rope_from_params(block: &Value, head_dim: usize, what: &str) -> Result<Ro
         .ok_or_else(|| anyhow!("key `{what}.rope_theta` is missing or not a number"))?;
     let partial = match obj.get("partial_rotary_factor") {
         None | Some(Value::Null) => 1.0,
-        Some(v) => v.as_f64().ok_or_else(|| {
-            anyhow!("key `{what}.partial_rotary_factor` is not a number")
-        })?,
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| anyhow!("key `{what}.partial_rotary_factor` is not a number"))?,
     };
     if !(0.0..=1.0).contains(&partial) || partial == 0.0 {
         bail!("key `{what}.partial_rotary_factor` = {partial} is outside (0, 1]");
@@ -246,9 +251,7 @@ pub fn check_len<T>(key: &str, list: &[T], layers: usize) -> Result<()> {
 /// Heads must split evenly into KV groups.
 pub fn check_heads(layer: usize, q_heads: usize, kv_heads: usize) -> Result<()> {
     if kv_heads == 0 || q_heads == 0 || q_heads % kv_heads != 0 {
-        bail!(
-            "layer {layer}: {q_heads} query heads do not divide into {kv_heads} KV heads"
-        );
+        bail!("layer {layer}: {q_heads} query heads do not divide into {kv_heads} KV heads");
     }
     Ok(())
 }

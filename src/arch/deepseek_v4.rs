@@ -32,14 +32,17 @@
 //!   indexer's compressed keys, `context / ratio` rows of `index_head_dim`;
 //! - compressor carry: the projected kv and gate of the `context mod ratio` tokens of the window
 //!   still open (`buffer_kv`/`buffer_gate`; CSA: 2 series each, so 4 × `head_dim` per token, and
-//!   4 × `index_head_dim` for the indexer; HCA: 2 × `head_dim`). The interface has no
-//!   "context mod ratio" retention, so it is budgeted at its maximum, `ratio − 1` tokens; the
-//!   reference holds fewer whenever `context mod ratio < ratio − 1` (none at multiples of ratio);
+//!   4 × `index_head_dim` for the indexer; HCA: 2 × `head_dim`), as the reference;
 //! - CSA overlap carry (`overlap_kv`/`overlap_gate`): the last closed window's first series (Ca),
-//!   kv and gate, `ratio` rows of `head_dim` (and of `index_head_dim` for the indexer). The
-//!   reference creates it once the first window closes; it is budgeted from the start.
-//!   All parts are in the model (KV) dtype. (Loaded with `from_pretrained` in bf16, the
-//!   reference keeps `position_bias` in f32, so its `overlap_gate` tensors come out f32.)
+//!   kv and gate, `ratio` rows of `head_dim` (and of `index_head_dim` for the indexer), from the moment the
+//!   first window closes, as the reference.
+//!
+//! Dtypes: everything is in the KV dtype except the overlap gates, which are f32: they hold the
+//! gate logits plus `position_bias`, a parameter the reference keeps in f32
+//! (`_keep_in_fp32_modules_strict`), so a bf16 `from_pretrained` model holds them in f32 (checked
+//! on transformers 5.23.0). A model cast with `.to(bf16)` instead, as
+//! `tests/oracle/measure_cache.py` does, holds them in bf16. The carry buffers hold the raw
+//! projections (no bias yet) and are in the model dtype either way.
 
 use super::config::{check_len, positive, rope_from_params, TextConfig};
 use super::{ArchSpec, Attention, CachePart, Family, Ffn, LayerSpec, ParamCounts, Retention, Rope};
@@ -741,20 +744,29 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
                     CachePart::new(
                         "compressor carry",
                         4 * hd,
-                        Retention::Fixed { entries: r - 1 },
+                        Retention::Remainder { ratio: r },
                     ),
-                    // kv + gate of the last closed window's Ca series.
+                    // kv and gate of the last closed window's Ca series; the gate has
+                    // `position_bias` (kept f32 by the reference) added, so it is f32.
                     CachePart::new(
-                        "compressor overlap",
-                        2 * hd,
-                        Retention::Fixed { entries: r },
+                        "compressor overlap kv",
+                        hd,
+                        Retention::LastBlock { ratio: r },
                     ),
                     CachePart::new(
-                        "indexer carry",
-                        4 * ihd,
-                        Retention::Fixed { entries: r - 1 },
-                    ),
-                    CachePart::new("indexer overlap", 2 * ihd, Retention::Fixed { entries: r }),
+                        "compressor overlap gate",
+                        hd,
+                        Retention::LastBlock { ratio: r },
+                    )
+                    .f32(),
+                    CachePart::new("indexer carry", 4 * ihd, Retention::Remainder { ratio: r }),
+                    CachePart::new("indexer overlap kv", ihd, Retention::LastBlock { ratio: r }),
+                    CachePart::new(
+                        "indexer overlap gate",
+                        ihd,
+                        Retention::LastBlock { ratio: r },
+                    )
+                    .f32(),
                 ]);
                 notes.push(format!("indexer {inh}×{ihd} top-{}", c.index_topk));
                 Attention::Compressed {
@@ -769,7 +781,7 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
                     CachePart::new(
                         "compressor carry",
                         2 * hd,
-                        Retention::Fixed { entries: r - 1 },
+                        Retention::Remainder { ratio: r },
                     ),
                 ]);
                 Attention::Compressed {
@@ -897,4 +909,547 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
         notes,
         warnings,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::budget::{layer_bytes, KvDtype};
+    use crate::arch::{config::ParseOptions, parse_config};
+
+    const FLASH: &str = include_str!("../../configs/DeepSeek-V4-Flash/config.json");
+    const PRO: &str = include_str!("../../configs/DeepSeek-V4-Pro/config.json");
+    /// The tiny config transformers 5.23 saves (copy of `tests/fixtures/tiny/deepseek-v4`): the
+    /// transformers form, with `qk_rope_head_dim` written out beside `partial_rotary_factor`.
+    const TINY: &str = r#"{
+  "attention_bias": false,
+  "attention_dropout": 0.0,
+  "bos_token_id": 0,
+  "compress_rates": {
+    "compressed_sparse_attention": 4,
+    "heavily_compressed_attention": 8
+  },
+  "compress_rope_theta": 160000.0,
+  "eos_token_id": 1,
+  "hc_eps": 1e-06,
+  "hc_mult": 2,
+  "hc_sinkhorn_iters": 3,
+  "head_dim": 32,
+  "hidden_act": "silu",
+  "hidden_size": 64,
+  "index_head_dim": 16,
+  "index_n_heads": 2,
+  "index_topk": 3,
+  "initializer_range": 0.02,
+  "layer_types": [
+    "sliding_attention",
+    "compressed_sparse_attention",
+    "heavily_compressed_attention",
+    "compressed_sparse_attention",
+    "heavily_compressed_attention"
+  ],
+  "max_position_embeddings": 512,
+  "mlp_bias": false,
+  "mlp_layer_types": [
+    "hash_moe",
+    "hash_moe",
+    "moe",
+    "moe",
+    "moe"
+  ],
+  "model_type": "deepseek_v4",
+  "moe_intermediate_size": 32,
+  "n_routed_experts": 4,
+  "n_shared_experts": 1,
+  "norm_topk_prob": true,
+  "num_attention_heads": 4,
+  "num_experts_per_tok": 2,
+  "num_hidden_layers": 5,
+  "num_key_value_heads": 1,
+  "num_nextn_predict_layers": 1,
+  "o_groups": 2,
+  "o_lora_rank": 16,
+  "output_router_logits": false,
+  "pad_token_id": null,
+  "partial_rotary_factor": 0.25,
+  "q_lora_rank": 32,
+  "qk_rope_head_dim": 8,
+  "rms_norm_eps": 1e-06,
+  "rope_parameters": {
+    "compress": {
+      "attention_factor": 1.0,
+      "beta_fast": 32,
+      "beta_slow": 1,
+      "factor": 4.0,
+      "original_max_position_embeddings": 128,
+      "partial_rotary_factor": 0.25,
+      "rope_theta": 160000.0,
+      "rope_type": "yarn"
+    },
+    "main": {
+      "partial_rotary_factor": 0.25,
+      "rope_theta": 10000.0,
+      "rope_type": "default"
+    }
+  },
+  "rope_theta": 10000.0,
+  "routed_scaling_factor": 1.5,
+  "router_aux_loss_coef": 0.001,
+  "router_jitter_noise": 0.0,
+  "scoring_func": "sqrtsoftplus",
+  "sliding_window": 8,
+  "swiglu_limit": 10.0,
+  "tie_word_embeddings": false,
+  "transformers_version": "5.23.0",
+  "use_cache": true,
+  "vocab_size": 256
+}"#;
+
+    fn raw(s: &str) -> Value {
+        serde_json::from_str(s).expect("config is JSON")
+    }
+
+    fn spec(v: &Value) -> Result<ArchSpec> {
+        parse_config(v, &ParseOptions::default())
+    }
+
+    fn err(v: &Value) -> String {
+        match spec(v) {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    fn with(base: &str, edit: impl FnOnce(&mut Map<String, Value>)) -> Value {
+        let mut v = raw(base);
+        if let Some(o) = v.as_object_mut() {
+            edit(o);
+        }
+        v
+    }
+
+    fn kinds(s: &ArchSpec) -> Vec<Kind> {
+        s.layers
+            .iter()
+            .map(|l| match l.attention {
+                Attention::Sliding { .. } => Kind::Sliding,
+                Attention::Compressed {
+                    index_topk: Some(_),
+                    ..
+                } => Kind::Csa,
+                _ => Kind::Hca,
+            })
+            .collect()
+    }
+
+    fn tiny() -> Value {
+        raw(TINY)
+    }
+
+    #[test]
+    fn flash_layers_and_params() {
+        let s = spec(&raw(FLASH)).unwrap();
+        assert_eq!(
+            s.layers.len(),
+            43,
+            "the 44th compress_ratios entry (MTP) is dropped"
+        );
+        let k = kinds(&s);
+        assert_eq!(&k[..3], &[Kind::Sliding, Kind::Sliding, Kind::Csa]);
+        for (i, kind) in k.iter().enumerate().skip(2) {
+            let want = if i % 2 == 0 { Kind::Csa } else { Kind::Hca };
+            assert_eq!(*kind, want, "layer {i}");
+        }
+        assert_eq!(k.iter().filter(|&&x| x == Kind::Sliding).count(), 2);
+        assert_eq!(k.iter().filter(|&&x| x == Kind::Csa).count(), 21);
+        assert_eq!(k.iter().filter(|&&x| x == Kind::Hca).count(), 20);
+        assert_eq!(
+            s.layers[2].attention,
+            Attention::Compressed {
+                ratio: 4,
+                window: 128,
+                index_topk: Some(512)
+            }
+        );
+        assert_eq!(
+            s.layers[3].attention,
+            Attention::Compressed {
+                ratio: 128,
+                window: 128,
+                index_topk: None
+            }
+        );
+        assert_eq!(s.layers[0].attention, Attention::Sliding { window: 128 });
+        // RoPE: sliding layers plain θ10000, compressed layers YaRN θ160000; 64 rotated dims.
+        let main = s.layers[0].rope.clone().unwrap();
+        assert_eq!(
+            (main.kind.as_str(), main.theta, main.rotary_dim),
+            ("default", 10_000.0, 64)
+        );
+        let comp = s.layers[2].rope.clone().unwrap();
+        assert_eq!(
+            (comp.kind.as_str(), comp.theta, comp.rotary_dim, comp.factor),
+            ("yarn", 160_000.0, 64, Some(16.0))
+        );
+        // Hash routing on the first 3 layers.
+        let routing = |i: usize| match &s.layers[i].ffn {
+            Ffn::Moe { routing, .. } => routing.clone(),
+            _ => panic!("MoE everywhere"),
+        };
+        assert_eq!(routing(2), "hash");
+        assert_eq!(routing(3), "sqrtsoftplus");
+        for l in &s.layers {
+            assert!(l.k_eq_v && l.kv_heads == 1 && l.head_dim == 512 && l.q_heads == 64);
+        }
+        // Exact counts of transformers 5.23.0 on the meta device (tests/fixtures/reference_params.json).
+        assert_eq!(s.params.total, 284_332_230_231);
+        assert_eq!(s.params.embedding, 529_530_880);
+        assert_eq!(s.params.lm_head, 529_530_880);
+        assert_eq!(s.params.routed_experts, 277_025_390_592);
+        assert!(
+            (s.params.active as f64 / 1e9 - 13.80).abs() < 0.005,
+            "{}",
+            s.params.active
+        );
+        assert!(s.notes.iter().any(|n| n.contains("MTP layers: 1")));
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    }
+
+    #[test]
+    fn pro_layers_and_params() {
+        let s = spec(&raw(PRO)).unwrap();
+        assert_eq!(s.layers.len(), 61);
+        let k = kinds(&s);
+        assert_eq!(&k[..3], &[Kind::Hca, Kind::Hca, Kind::Csa]);
+        assert_eq!(k.iter().filter(|&&x| x == Kind::Sliding).count(), 0);
+        assert_eq!(k.iter().filter(|&&x| x == Kind::Csa).count(), 30);
+        assert_eq!(k.iter().filter(|&&x| x == Kind::Hca).count(), 31);
+        assert_eq!(s.params.total, 1_572_997_179_491);
+        assert_eq!(s.params.embedding, 926_679_040);
+        assert_eq!(s.params.lm_head, 926_679_040);
+        assert_eq!(s.params.routed_experts, 1_547_396_186_112);
+        assert!(
+            (s.params.active as f64 / 1e9 - 49.78).abs() < 0.005,
+            "{}",
+            s.params.active
+        );
+    }
+
+    #[test]
+    fn transformers_form_parses_like_hub_form() {
+        let hub = spec(&raw(FLASH)).unwrap();
+        let types: Vec<&str> = [SLIDING, SLIDING]
+            .into_iter()
+            .chain((0..41).map(|i| if i % 2 == 0 { CSA } else { HCA }))
+            .collect();
+        let mlp: Vec<&str> = (0..43)
+            .map(|i| if i < 3 { HASH_MOE } else { MOE })
+            .collect();
+        let tf = with(FLASH, |o| {
+            for k in [
+                "compress_ratios",
+                "num_hash_layers",
+                "qk_rope_head_dim",
+                "rope_scaling",
+                "compress_rope_theta",
+            ] {
+                o.remove(k);
+            }
+            o.insert("layer_types".into(), json!(types));
+            o.insert("mlp_layer_types".into(), json!(mlp));
+            o.insert("compress_rates".into(), json!({CSA: 4, HCA: 128}));
+            o.insert("partial_rotary_factor".into(), json!(0.125));
+            o.insert(
+                "rope_parameters".into(),
+                json!({
+                    "main": {"rope_type": "default", "rope_theta": 10000, "partial_rotary_factor": 0.125},
+                    "compress": {"rope_type": "yarn", "rope_theta": 160000, "factor": 16,
+                        "original_max_position_embeddings": 65536, "beta_fast": 32, "beta_slow": 1,
+                        "partial_rotary_factor": 0.125, "attention_factor": 1.0}
+                }),
+            );
+        });
+        let tf = spec(&tf).unwrap();
+        assert_eq!(tf.layers, hub.layers);
+        assert_eq!(tf.params, hub.params);
+        assert!(tf.warnings.is_empty(), "{:?}", tf.warnings);
+    }
+
+    #[test]
+    fn tiny_reference_config_params_and_cache() {
+        let s = spec(&tiny()).unwrap();
+        assert_eq!(
+            kinds(&s),
+            vec![Kind::Sliding, Kind::Csa, Kind::Hca, Kind::Csa, Kind::Hca]
+        );
+        // DeepseekV4ForCausalLM(config) on the meta device: 297,253 parameters.
+        assert_eq!(s.params.total, 297_253);
+        assert_eq!(s.params.routed_experts, 5 * 4 * 3 * 32 * 64);
+        assert_eq!(s.layers[0].rope.as_ref().unwrap().rotary_dim, 8);
+        // Cache at 43 tokens, f32 (tests/fixtures/reference_cache.json): compressed entries, indexer
+        // keys, overlap state and the 3 open tokens (43 mod 4) of CSA layers match the reference
+        // element for element; the window is 8 here (the reference keeps 7).
+        let csa: Vec<(String, u64)> = layer_bytes(&s.layers[1], 43, 1, KvDtype::F32);
+        let want = [
+            ("K=V", 8 * 32 * 4),
+            ("compressed KV", 1280),
+            ("indexer keys", 640),
+            ("compressor carry", 768 + 768),
+            ("compressor overlap kv", 512),
+            ("compressor overlap gate", 512),
+            ("indexer carry", 384 + 384),
+            ("indexer overlap kv", 256),
+            ("indexer overlap gate", 256),
+        ];
+        assert_eq!(csa.len(), want.len());
+        for ((name, bytes), (wn, wb)) in csa.iter().zip(want) {
+            assert_eq!((name.as_str(), *bytes), (wn, wb as u64));
+        }
+        // HCA (ratio 8): compressed entries (5 × 32) and the 43 mod 8 = 3 open tokens.
+        let hca = layer_bytes(&s.layers[2], 43, 1, KvDtype::F32);
+        assert_eq!(hca[1], ("compressed KV".to_string(), 640));
+        assert_eq!(hca[2], ("compressor carry".to_string(), 3 * 2 * 32 * 4));
+    }
+
+    #[test]
+    fn flash_cache_at_one_million() {
+        let s = spec(&raw(FLASH)).unwrap();
+        let ctx = 1_048_576u64;
+        let bytes = |i: usize| -> u64 {
+            layer_bytes(&s.layers[i], ctx, 1, KvDtype::Bf16)
+                .iter()
+                .map(|(_, b)| b)
+                .sum()
+        };
+        assert_eq!(bytes(0), 128 * 512 * 2);
+        // bf16 for all but the two overlap gates (f32); 2^20 is a multiple of both ratios, so no
+        // window is open.
+        let csa = 128 * 512 + (ctx / 4) * (512 + 128) + 4 * (512 + 128);
+        assert_eq!(bytes(2), csa * 2 + 4 * (512 + 128) * 4);
+        let hca = 128 * 512 + (ctx / 128) * 512;
+        assert_eq!(bytes(3), hca * 2);
+    }
+
+    #[test]
+    fn default_config_is_v4_pro_schedule() {
+        let s = spec(&json!({"model_type": "deepseek_v4"})).unwrap();
+        assert_eq!(s.layers.len(), 43);
+        let k = kinds(&s);
+        assert_eq!(&k[..4], &[Kind::Hca, Kind::Hca, Kind::Hca, Kind::Csa]);
+        assert_eq!(s.layers[0].rope.as_ref().unwrap().rotary_dim, 64);
+        assert_eq!(s.layers[0].rope.as_ref().unwrap().kind, "default");
+    }
+
+    #[test]
+    fn bad_compress_ratio_names_the_layer() {
+        let v = with(FLASH, |o| {
+            let mut r = vec![json!(0); 44];
+            r[2] = json!(7);
+            o.insert("compress_ratios".into(), json!(r));
+        });
+        let e = err(&v);
+        assert!(
+            e.contains("compress_ratios[2]") && e.contains("layer 2") && e.contains('7'),
+            "{e}"
+        );
+        // The MTP entry is mapped too (a KeyError in the reference).
+        let v = with(FLASH, |o| {
+            let mut r = vec![json!(4); 44];
+            r[43] = json!(64);
+            o.insert("compress_ratios".into(), json!(r));
+        });
+        let e = err(&v);
+        assert!(
+            e.contains("compress_ratios[43]") && e.contains("MTP"),
+            "{e}"
+        );
+        let v = with(FLASH, |o| {
+            o.insert("compress_ratios".into(), json!([0, 4]));
+        });
+        let e = err(&v);
+        assert!(e.contains("`compress_ratios` has 2 entries"), "{e}");
+    }
+
+    #[test]
+    fn bad_layer_types() {
+        let v = with(FLASH, |o| {
+            o.remove("compress_ratios");
+            o.insert("layer_types".into(), json!(vec![SLIDING; 42]));
+        });
+        let e = err(&v);
+        assert!(e.contains("`layer_types` has 42 entries"), "{e}");
+        // Longer lists are cut, as the reference does, with a warning.
+        let v = with(FLASH, |o| {
+            o.insert("layer_types".into(), json!(vec![HCA; 44]));
+        });
+        let s = spec(&v).unwrap();
+        assert_eq!(s.layers.len(), 43);
+        assert!(s.warnings.iter().any(|w| w.contains("compress_ratios")));
+        let v = with(FLASH, |o| {
+            let mut t = vec![SLIDING; 43];
+            t[5] = "full_attention";
+            o.insert("layer_types".into(), json!(t));
+        });
+        let e = err(&v);
+        assert!(e.contains("layer_types[5]") && e.contains("layer 5"), "{e}");
+    }
+
+    #[test]
+    fn bad_mlp_layer_types() {
+        let e = err(&with(FLASH, |o| {
+            o.insert("mlp_layer_types".into(), json!(vec![MOE; 40]));
+        }));
+        assert!(e.contains("`mlp_layer_types` has 40 entries"), "{e}");
+        let e = err(&with(FLASH, |o| {
+            let mut t = vec![MOE; 43];
+            t[1] = "dense";
+            o.insert("mlp_layer_types".into(), json!(t));
+        }));
+        assert!(
+            e.contains("mlp_layer_types[1]") && e.contains("layer 1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn num_hash_layers_is_capped() {
+        let s = spec(&with(FLASH, |o| {
+            o.insert("num_hash_layers".into(), json!(50));
+        }))
+        .unwrap();
+        assert!(s
+            .layers
+            .iter()
+            .all(|l| matches!(&l.ffn, Ffn::Moe { routing, .. } if routing == "hash")));
+    }
+
+    #[test]
+    fn compress_rates() {
+        // Legacy scalar override.
+        let s = spec(&with(FLASH, |o| {
+            o.insert("compress_rate_csa".into(), json!(8));
+        }))
+        .unwrap();
+        assert!(matches!(
+            s.layers[2].attention,
+            Attention::Compressed { ratio: 8, .. }
+        ));
+        let e = err(&with(FLASH, |o| {
+            o.insert("compress_rates".into(), json!({CSA: 4}));
+        }));
+        assert!(e.contains("compress_rates") && e.contains(HCA), "{e}");
+        let e = err(&with(FLASH, |o| {
+            o.insert("compress_rates".into(), json!({CSA: 0, HCA: 128}));
+        }));
+        assert!(
+            e.contains("layer 2") && e.contains("compress_rates.compressed_sparse_attention"),
+            "{e}"
+        );
+        let e = err(&with(FLASH, |o| {
+            o.insert(
+                "compress_rates".into(),
+                json!({CSA: 4, HCA: 128, SLIDING: 1}),
+            );
+        }));
+        assert!(e.contains("compress_rates.sliding_attention"), "{e}");
+    }
+
+    #[test]
+    fn keys_the_reference_ignores_are_refused() {
+        let cases: &[(&str, Value)] = &[
+            ("num_key_value_heads", json!(2)),
+            ("n_shared_experts", json!(2)),
+            ("attention_bias", json!(true)),
+            ("norm_topk_prob", json!(false)),
+            ("topk_method", json!("greedy")),
+            ("hidden_act", json!("gelu")),
+            ("scoring_func", json!("softmax")),
+            ("o_groups", json!(7)),
+            ("num_experts_per_tok", json!(300)),
+            ("head_dim", json!(0)),
+            ("kv_lora_rank", json!(512)),
+        ];
+        for (k, val) in cases {
+            let e = err(&with(FLASH, |o| {
+                o.insert(k.to_string(), val.clone());
+            }));
+            assert!(e.contains(&format!("`{k}`")), "{k}: {e}");
+        }
+    }
+
+    #[test]
+    fn rope_validation() {
+        // 63 rotated dims: the interleaved RoPE needs pairs.
+        let e = err(&with(FLASH, |o| {
+            o.insert("qk_rope_head_dim".into(), json!(63));
+        }));
+        assert!(
+            e.contains("partial_rotary_factor") && e.contains("63"),
+            "{e}"
+        );
+        // `partial_rotary_factor` wins over `qk_rope_head_dim`, with a warning when they differ.
+        let s = spec(&with(FLASH, |o| {
+            o.insert("partial_rotary_factor".into(), json!(0.25));
+        }))
+        .unwrap();
+        assert_eq!(s.layers[0].rope.as_ref().unwrap().rotary_dim, 128);
+        assert!(s.warnings.iter().any(|w| w.contains("qk_rope_head_dim")));
+        // Nested blocks without a factor rotate the whole head: more than the indexer's 128 dims.
+        let e = err(&with(FLASH, |o| {
+            o.remove("rope_scaling");
+            o.insert(
+                "rope_parameters".into(),
+                json!({"main": {"rope_type": "default"}, "compress": {"rope_type": "default"}}),
+            );
+        }));
+        assert!(e.contains("index_head_dim"), "{e}");
+        // Without `rope_scaling`, compressed layers use plain RoPE at compress_rope_theta.
+        let s = spec(&with(FLASH, |o| {
+            o.remove("rope_scaling");
+        }))
+        .unwrap();
+        let r = s.layers[2].rope.clone().unwrap();
+        assert_eq!(
+            (r.kind.as_str(), r.theta, r.factor),
+            ("default", 160_000.0, None)
+        );
+    }
+
+    #[test]
+    fn tied_embeddings_counted_once() {
+        let a = spec(&tiny()).unwrap();
+        let mut t = tiny();
+        t["tie_word_embeddings"] = json!(true);
+        let b = spec(&t).unwrap();
+        assert_eq!(a.params.total - b.params.total, 256 * 64);
+        assert_eq!(b.params.lm_head, 0);
+    }
+
+    #[test]
+    fn aliases_of_the_attribute_map() {
+        let mut t = tiny();
+        if let Some(o) = t.as_object_mut() {
+            o.remove("moe_intermediate_size");
+            o.insert("intermediate_size".into(), json!(48));
+        }
+        // 374,053 on the meta device with intermediate_size 48.
+        assert_eq!(spec(&t).unwrap().params.total, 374_053);
+        let mut t = tiny();
+        if let Some(o) = t.as_object_mut() {
+            o.remove("n_routed_experts");
+            o.insert("num_local_experts".into(), json!(8));
+        }
+        assert_eq!(spec(&t).unwrap().params.total, 421_413);
+        let mut t = tiny();
+        t["mlp_bias"] = json!(true);
+        assert_eq!(spec(&t).unwrap().params.total, 297_893);
+    }
+
+    #[test]
+    fn no_panic_on_huge_dims() {
+        let e = err(&with(FLASH, |o| {
+            o.insert("vocab_size".into(), json!(u64::MAX));
+        }));
+        assert!(e.contains("vocab_size"), "{e}");
+    }
 }

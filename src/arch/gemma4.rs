@@ -294,10 +294,16 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
     let moe = if c.enable_moe_block {
         let key = |k: &str| format!("{p}{k}");
         let experts = c.num_experts.ok_or_else(|| {
-            anyhow::anyhow!("key `{}` is required when enable_moe_block is true", key("num_experts"))
+            anyhow::anyhow!(
+                "key `{}` is required when enable_moe_block is true",
+                key("num_experts")
+            )
         })?;
         let top_k = c.top_k_experts.ok_or_else(|| {
-            anyhow::anyhow!("key `{}` is required when enable_moe_block is true", key("top_k_experts"))
+            anyhow::anyhow!(
+                "key `{}` is required when enable_moe_block is true",
+                key("top_k_experts")
+            )
         })?;
         let width = c.moe_intermediate_size.ok_or_else(|| {
             anyhow::anyhow!(
@@ -306,7 +312,10 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
             )
         })?;
         if top_k == 0 || top_k > experts {
-            bail!("key `{}` = {top_k} must be between 1 and num_experts ({experts})", key("top_k_experts"));
+            bail!(
+                "key `{}` = {top_k} must be between 1 and num_experts ({experts})",
+                key("top_k_experts")
+            );
         }
         Some((experts, top_k, width))
     } else {
@@ -374,7 +383,11 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
         };
 
         // Parameters, as `Gemma4TextDecoderLayer` builds them.
-        let (q, kvh, hd) = (c.num_attention_heads as u64, kv_heads as u64, head_dim as u64);
+        let (q, kvh, hd) = (
+            c.num_attention_heads as u64,
+            kv_heads as u64,
+            head_dim as u64,
+        );
         let mut lp = h * q * hd + bias((q * hd) as usize) + hd; // q_proj (+bias), q_norm
         lp += q * hd * h + bias(hidden); // o_proj
         if kv_source.is_none() {

@@ -210,7 +210,11 @@ pub(super) fn rope_block(block: &Value, head_dim: usize, what: &str) -> Result<R
     let required: &[&str] = match kind {
         "yarn" => &["factor", "original_max_position_embeddings"],
         "linear" | "dynamic" => &["factor"],
-        "longrope" => &["short_factor", "long_factor", "original_max_position_embeddings"],
+        "longrope" => &[
+            "short_factor",
+            "long_factor",
+            "original_max_position_embeddings",
+        ],
         "llama3" => &[
             "factor",
             "original_max_position_embeddings",
@@ -273,8 +277,12 @@ fn resolve_rope(
         // The reference's defaults.
         ignored_top(warnings);
         return Ok(RopeBlocks {
-            full: Some(serde_json::json!({"rope_type": "default", "rope_theta": 500_000.0, "partial_rotary_factor": 0.5})),
-            sliding: Some(serde_json::json!({"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 1.0})),
+            full: Some(
+                serde_json::json!({"rope_type": "default", "rope_theta": 500_000.0, "partial_rotary_factor": 0.5}),
+            ),
+            sliding: Some(
+                serde_json::json!({"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 1.0}),
+            ),
         });
     };
     let obj = params
@@ -321,7 +329,8 @@ fn resolve_rope(
         full.entry("rope_theta").or_insert(Value::from(t));
     }
     if let Some(p) = c.partial_rotary_factor {
-        full.entry("partial_rotary_factor").or_insert(Value::from(p));
+        full.entry("partial_rotary_factor")
+            .or_insert(Value::from(p));
     }
     if c.original_max_position_embeddings.is_some() {
         warnings.push("key `original_max_position_embeddings` is not read: the reference looks for it inside the RoPE block".into());
@@ -390,9 +399,7 @@ fn legacy_sparse_layers(c: &LagunaConfig, n: usize) -> Option<Vec<bool>> {
     };
     Some(
         (0..n)
-            .map(|i| {
-                c.num_experts > 0 && !only.contains(&(i as u64)) && (i as u64 + 1) % step == 0
-            })
+            .map(|i| c.num_experts > 0 && !only.contains(&(i as u64)) && (i as u64 + 1) % step == 0)
             .collect(),
     )
 }
@@ -426,7 +433,10 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
     }
 
     // Per-layer lists, with the reference's defaults.
-    let types = c.layer_types.clone().unwrap_or_else(|| vec![FULL.to_string(); n]);
+    let types = c
+        .layer_types
+        .clone()
+        .unwrap_or_else(|| vec![FULL.to_string(); n]);
     check_len("layer_types", &types, n)?;
     for (i, t) in types.iter().enumerate() {
         if t != SLIDING && t != FULL {
@@ -441,7 +451,9 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
     check_len("mlp_layer_types", &mlp_types, n)?;
     for (i, t) in mlp_types.iter().enumerate() {
         if t != DENSE && t != SPARSE {
-            bail!("key `mlp_layer_types[{i}]` = `{t}`: Laguna MLP layers are `{DENSE}` or `{SPARSE}`");
+            bail!(
+                "key `mlp_layer_types[{i}]` = `{t}`: Laguna MLP layers are `{DENSE}` or `{SPARSE}`"
+            );
         }
     }
     let heads = c
@@ -510,12 +522,21 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
         None => None,
     };
     let rope_sliding = match &blocks.sliding {
-        Some(b) => Some(rope_block(b, head_dim, "rope_parameters.sliding_attention")?),
+        Some(b) => Some(rope_block(
+            b,
+            head_dim,
+            "rope_parameters.sliding_attention",
+        )?),
         None => None,
     };
 
     // Parameters, tensor by tensor as `LagunaForCausalLM` builds them (in u128: no overflow).
-    let (h, v, hd, kvh) = (hidden as u128, vocab as u128, head_dim as u128, kv_heads as u128);
+    let (h, v, hd, kvh) = (
+        hidden as u128,
+        vocab as u128,
+        head_dim as u128,
+        kv_heads as u128,
+    );
     let bias = |n: u128| if c.attention_bias { n } else { 0 };
     let embedding = v * h;
     let lm_head = if c.tie_word_embeddings { 0 } else { v * h };
@@ -614,7 +635,11 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
     let mut notes = vec![
         format!(
             "softplus output gate ({})",
-            if per_head_gate { "per head" } else { "per element" }
+            if per_head_gate {
+                "per head"
+            } else {
+                "per element"
+            }
         ),
         "QK norm (RMS)".to_string(),
     ];
@@ -624,7 +649,10 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
             c.num_experts_per_tok, c.moe_routed_scaling_factor
         );
         if c.moe_router_logit_softcapping > 0.0 {
-            s.push_str(&format!(", router logit softcap {}", c.moe_router_logit_softcapping));
+            s.push_str(&format!(
+                ", router logit softcap {}",
+                c.moe_router_logit_softcapping
+            ));
         }
         notes.push(s);
     }
@@ -682,13 +710,19 @@ mod tests {
                 assert_eq!(l.q_heads, 48);
                 assert_eq!(l.group_size(), 6.0);
                 let r = l.rope.as_ref().unwrap();
-                assert_eq!((r.kind.as_str(), r.rotary_dim, r.factor), ("yarn", 64, Some(32.0)));
+                assert_eq!(
+                    (r.kind.as_str(), r.rotary_dim, r.factor),
+                    ("yarn", 64, Some(32.0))
+                );
             } else {
                 assert_eq!(l.attention, Attention::Sliding { window: 512 });
                 assert_eq!(l.q_heads, 64);
                 assert_eq!(l.group_size(), 8.0);
                 let r = l.rope.as_ref().unwrap();
-                assert_eq!((r.kind.as_str(), r.rotary_dim, r.theta), ("default", 128, 10_000.0));
+                assert_eq!(
+                    (r.kind.as_str(), r.rotary_dim, r.theta),
+                    ("default", 128, 10_000.0)
+                );
             }
             // K and V of 8 × 128 per token.
             let elems: u64 = l.cache.iter().map(|p| p.elems_per_entry).sum();
@@ -703,7 +737,10 @@ mod tests {
                 width,
                 shared_width,
                 ..
-            } => assert_eq!((*experts, *top_k, *width, *shared_width), (256, 8, 512, Some(512))),
+            } => assert_eq!(
+                (*experts, *top_k, *width, *shared_width),
+                (256, 8, 512, Some(512))
+            ),
             f => panic!("layer 1 should be MoE, got {f:?}"),
         }
         // The legacy keys agree with mlp_layer_types: no warning.
@@ -742,9 +779,48 @@ mod tests {
     }
 
     #[test]
+    fn tiny_variants_match_reference() {
+        // Totals measured with transformers 5.23.0 on the meta device for the real config shrunk.
+        let tiny = |f: &dyn Fn(&mut Value)| {
+            let mut v = real();
+            for (k, x) in [
+                ("num_hidden_layers", 4),
+                ("hidden_size", 64),
+                ("intermediate_size", 128),
+                ("num_experts", 4),
+                ("num_experts_per_tok", 2),
+                ("moe_intermediate_size", 32),
+                ("shared_expert_intermediate_size", 32),
+                ("vocab_size", 100),
+                ("head_dim", 16),
+                ("num_attention_heads", 4),
+                ("num_key_value_heads", 2),
+            ] {
+                v[k] = json!(x);
+            }
+            v["layer_types"] = json!([
+                "full_attention",
+                "sliding_attention",
+                "sliding_attention",
+                "sliding_attention"
+            ]);
+            v["mlp_layer_types"] = json!(["dense", "sparse", "sparse", "sparse"]);
+            v["num_attention_heads_per_layer"] = json!([4, 8, 8, 8]);
+            f(&mut v);
+            spec(&v).unwrap().params.total
+        };
+        assert_eq!(tiny(&|_| {}), 206_540);
+        assert_eq!(tiny(&|v| v["gating"] = json!("per-element")), 233_420);
+        assert_eq!(tiny(&|v| v["attention_bias"] = json!(true)), 207_500);
+    }
+
+    #[test]
     fn head_list_of_wrong_length() {
         let mut v = real();
-        v["num_attention_heads_per_layer"].as_array_mut().unwrap().pop();
+        v["num_attention_heads_per_layer"]
+            .as_array_mut()
+            .unwrap()
+            .pop();
         let e = err(&v);
         assert!(e.contains("num_attention_heads_per_layer"), "{e}");
         assert!(e.contains("39") && e.contains("40"), "{e}");
@@ -767,7 +843,10 @@ mod tests {
         v["mlp_layer_types"][7] = json!("moe");
         assert!(err(&v).contains("mlp_layer_types[7]"));
         let mut v = real();
-        v["mlp_layer_types"].as_array_mut().unwrap().push(json!("dense"));
+        v["mlp_layer_types"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!("dense"));
         assert!(err(&v).contains("mlp_layer_types"));
         let mut v = real();
         v["layer_types"].as_array_mut().unwrap().pop();
@@ -806,7 +885,9 @@ mod tests {
         v["mlp_only_layers"] = json!([0, 1]);
         let s = spec(&v).unwrap();
         assert!(
-            s.warnings.iter().any(|w| w.contains("mlp_only_layers") && w.contains("layers 1")),
+            s.warnings
+                .iter()
+                .any(|w| w.contains("mlp_only_layers") && w.contains("layers 1")),
             "{:?}",
             s.warnings
         );
@@ -831,7 +912,10 @@ mod tests {
         v.as_object_mut().unwrap().remove("rope_parameters");
         let s = spec(&v).unwrap();
         let full = s.layers[0].rope.as_ref().unwrap();
-        assert_eq!((full.kind.as_str(), full.theta, full.rotary_dim), ("default", 500_000.0, 64));
+        assert_eq!(
+            (full.kind.as_str(), full.theta, full.rotary_dim),
+            ("default", 500_000.0, 64)
+        );
         let sl = s.layers[1].rope.as_ref().unwrap();
         assert_eq!((sl.theta, sl.rotary_dim), (10_000.0, 128));
     }
@@ -872,7 +956,10 @@ mod tests {
     #[test]
     fn rope_missing_or_bad_blocks() {
         let mut v = real();
-        v["rope_parameters"].as_object_mut().unwrap().remove("sliding_attention");
+        v["rope_parameters"]
+            .as_object_mut()
+            .unwrap()
+            .remove("sliding_attention");
         assert!(err(&v).contains("rope_parameters.sliding_attention"));
         let mut v = real();
         v["rope_parameters"]["sliding_attention"] = json!(null);
@@ -909,7 +996,10 @@ mod tests {
     fn all_full_needs_no_sliding_block() {
         let mut v = real();
         v["layer_types"] = json!(vec!["full_attention"; 40]);
-        v["rope_parameters"].as_object_mut().unwrap().remove("sliding_attention");
+        v["rope_parameters"]
+            .as_object_mut()
+            .unwrap()
+            .remove("sliding_attention");
         let s = spec(&v).unwrap();
         assert!(s.layers.iter().all(|l| l.attention == Attention::Full));
     }

@@ -132,9 +132,10 @@ impl Attention {
     pub fn attended_tokens(&self, context: u64) -> u64 {
         match *self {
             Attention::Full | Attention::Cca { window: None } => context,
-            Attention::Sliding { window } | Attention::Cca { window: Some(window) } => {
-                context.min(window as u64)
-            }
+            Attention::Sliding { window }
+            | Attention::Cca {
+                window: Some(window),
+            } => context.min(window as u64),
             Attention::Compressed {
                 ratio,
                 window,
@@ -215,6 +216,10 @@ pub enum Retention {
     Compressed { ratio: usize },
     /// A fixed number of entries whatever the context.
     Fixed { entries: usize },
+    /// The `context mod ratio` tokens of a compression window still open.
+    Remainder { ratio: usize },
+    /// The `ratio` entries of the last closed compression window (none before one closes).
+    LastBlock { ratio: usize },
 }
 
 impl Retention {
@@ -224,6 +229,25 @@ impl Retention {
             Retention::Window { window } => context.min(window as u64),
             Retention::Compressed { ratio } => context / ratio as u64,
             Retention::Fixed { entries } => entries as u64,
+            Retention::Remainder { ratio } => context % ratio as u64,
+            Retention::LastBlock { ratio } => {
+                if context >= ratio as u64 {
+                    ratio as u64
+                } else {
+                    0
+                }
+            }
+        }
+    }
+
+    /// The most entries this part ever holds, if bounded whatever the context.
+    pub fn bound(&self) -> Option<usize> {
+        match *self {
+            Retention::AllTokens | Retention::Compressed { .. } => None,
+            Retention::Window { window } => Some(window),
+            Retention::Fixed { entries } => Some(entries),
+            Retention::Remainder { ratio } => Some(ratio - 1),
+            Retention::LastBlock { ratio } => Some(ratio),
         }
     }
 }
@@ -468,11 +492,15 @@ impl ArchSpec {
             }
             if let Some(src) = l.kv_source {
                 if src >= i {
-                    bail!("layer {i}: reads the KV cache of layer {src}, which does not come earlier");
+                    bail!(
+                        "layer {i}: reads the KV cache of layer {src}, which does not come earlier"
+                    );
                 }
                 let donor = &self.layers[src];
                 if donor.kv_source.is_some() || donor.cache.is_empty() {
-                    bail!("layer {i}: reads the KV cache of layer {src}, which holds none of its own");
+                    bail!(
+                        "layer {i}: reads the KV cache of layer {src}, which holds none of its own"
+                    );
                 }
                 if donor.attention != l.attention {
                     bail!(

@@ -2,7 +2,7 @@
 //! into ranges of identical consecutive layers.
 
 use super::Ctx;
-use crate::arch::{ArchSpec, LayerSpec};
+use crate::arch::{ArchSpec, LayerSpec, Retention};
 use crate::loader::{self, ModelRef};
 use crate::report::{self, units};
 use anyhow::Result;
@@ -24,7 +24,11 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         ctx.warn(w);
     }
     if args.json {
-        writeln!(out, "{}", serde_json::to_string_pretty(&to_json(&model, &spec))?)?;
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&to_json(&model, &spec))?
+        )?;
         return Ok(());
     }
     write_text(&model, &spec, out)
@@ -62,26 +66,32 @@ pub fn layer_cells(l: &LayerSpec) -> Vec<String> {
         (None, false) if l.cache.is_empty() => "none".into(),
         (None, false) => "own".into(),
     };
+    // Elements per cached token for parts that grow with the context (a window counts as
+    // growing), and the bounded states (convolution, recurrent, compressor carry) at most.
+    let grows = |p: &&crate::arch::CachePart| {
+        matches!(
+            p.retention,
+            Retention::AllTokens | Retention::Window { .. } | Retention::Compressed { .. }
+        )
+    };
     let per_token: u64 = l
         .cache
         .iter()
-        .filter(|p| !matches!(p.retention, crate::arch::Retention::Fixed { .. }))
+        .filter(grows)
         .map(|p| p.elems_per_entry)
         .sum();
-    let fixed: u64 = l
+    let state: u64 = l
         .cache
         .iter()
-        .filter_map(|p| match p.retention {
-            crate::arch::Retention::Fixed { entries } => Some(entries as u64 * p.elems_per_entry),
-            _ => None,
-        })
+        .filter(|p| !grows(p))
+        .filter_map(|p| p.retention.bound().map(|b| b as u64 * p.elems_per_entry))
         .sum();
     let mut holds = vec![];
     if per_token > 0 {
         holds.push(format!("{per_token}/tok"));
     }
-    if fixed > 0 {
-        holds.push(format!("{fixed} fixed"));
+    if state > 0 {
+        holds.push(format!("≤{state} state"));
     }
     vec![
         l.attention.label(),
@@ -121,7 +131,10 @@ pub fn layer_table(spec: &ArchSpec) -> comfy_table::Table {
         .map(|l| (l.index, layer_cells(l)))
         .collect();
     let keep: Vec<bool> = (0..LAYER_HEADER.len() - 1)
-        .map(|c| rows.iter().any(|(_, cells)| !matches!(cells[c].as_str(), "" | "-")))
+        .map(|c| {
+            rows.iter()
+                .any(|(_, cells)| !matches!(cells[c].as_str(), "" | "-"))
+        })
         .collect();
     let pick = |cells: Vec<String>| -> Vec<String> {
         cells
@@ -131,7 +144,12 @@ pub fn layer_table(spec: &ArchSpec) -> comfy_table::Table {
             .collect()
     };
     let header: Vec<&str> = std::iter::once(LAYER_HEADER[0])
-        .chain(LAYER_HEADER[1..].iter().zip(&keep).filter_map(|(h, k)| k.then_some(*h)))
+        .chain(
+            LAYER_HEADER[1..]
+                .iter()
+                .zip(&keep)
+                .filter_map(|(h, k)| k.then_some(*h)),
+        )
         .collect();
     let mut t = report::table(&header);
     for (label, cells) in report::fold_rows(rows) {
@@ -152,7 +170,11 @@ fn write_text(model: &ModelRef, spec: &ArchSpec, out: &mut dyn Write) -> Result<
         Some(a) if *a != spec.hf_class => format!("{} (file: {a})", spec.hf_class),
         _ => spec.hf_class.clone(),
     };
-    writeln!(out, "  family      {} · {class} · model_type {}", spec.family, spec.model_type)?;
+    writeln!(
+        out,
+        "  family      {} · {class} · model_type {}",
+        spec.family, spec.model_type
+    )?;
     writeln!(
         out,
         "  shape       hidden {} · {} layers · vocab {} · context {} ({}) · dtype {}{}",
@@ -181,7 +203,10 @@ fn write_text(model: &ModelRef, spec: &ArchSpec, out: &mut dyn Write) -> Result<
         parts.push(format!("effective {}", units::params(p.effective)));
     }
     if p.routed_experts > 0 {
-        parts.push(format!("routed experts {}", units::params(p.routed_experts)));
+        parts.push(format!(
+            "routed experts {}",
+            units::params(p.routed_experts)
+        ));
         parts.push(format!("active {}", units::params(p.active)));
     }
     writeln!(out, "  parameters  {}", parts.join(" · "))?;

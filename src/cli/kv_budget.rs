@@ -204,8 +204,14 @@ fn write_summary(
     }
     report::align_right(&mut t, &[2, 4, 5, 6]);
     writeln!(out, "{t}")?;
-    writeln!(out, "naive: every layer caches full-length K and V for all its query heads.")?;
-    writeln!(out, "saved, trick by trick (each credited with what it removes, in this order):")?;
+    writeln!(
+        out,
+        "naive: every layer caches full-length K and V for all its query heads."
+    )?;
+    writeln!(
+        out,
+        "saved, trick by trick (each credited with what it removes, in this order):"
+    )?;
     for (i, b) in budgets {
         let e = &entries[*i];
         let items: Vec<String> = b
@@ -227,11 +233,20 @@ fn write_summary(
     }
     let beyond: Vec<String> = entries
         .iter()
-        .filter(|e| args.context.0.iter().any(|&c| c > e.spec.max_context as u64))
+        .filter(|e| {
+            args.context
+                .0
+                .iter()
+                .any(|&c| c > e.spec.max_context as u64)
+        })
         .map(|e| format!("{} ({})", e.name, units::context(e.spec.max_context as u64)))
         .collect();
     if !beyond.is_empty() {
-        writeln!(out, "(>max): beyond the model's context length: {}", beyond.join(", "))?;
+        writeln!(
+            out,
+            "(>max): beyond the model's context length: {}",
+            beyond.join(", ")
+        )?;
     }
     Ok(())
 }
@@ -301,7 +316,13 @@ fn write_per_layer(e: &Entry, b: &Budget, out: &mut dyn Write) -> Result<()> {
     Ok(())
 }
 
-fn write_explain(e: &Entry, context: u64, batch: u64, kv: KvDtype, out: &mut dyn Write) -> Result<()> {
+fn write_explain(
+    e: &Entry,
+    context: u64,
+    batch: u64,
+    kv: KvDtype,
+    out: &mut dyn Write,
+) -> Result<()> {
     writeln!(
         out,
         "\n{}: how the bytes are computed at {} tokens, batch {batch}, {} ({} B/element{})",
@@ -322,7 +343,11 @@ fn write_explain(e: &Entry, context: u64, batch: u64, kv: KvDtype, out: &mut dyn
     )?;
     let mut seen: Vec<String> = vec![];
     for l in &e.spec.layers {
-        let kind = format!("{}{}", l.attention.label(), if l.kv_source.is_some() { " shared" } else { "" });
+        let kind = format!(
+            "{}{}",
+            l.attention.label(),
+            if l.kv_source.is_some() { " shared" } else { "" }
+        );
         if seen.contains(&kind) {
             continue;
         }
@@ -338,6 +363,8 @@ fn write_explain(e: &Entry, context: u64, batch: u64, kv: KvDtype, out: &mut dyn
                 Retention::Window { window } => format!("min({context}, {window}) tokens"),
                 Retention::Compressed { ratio } => format!("⌊{context} / {ratio}⌋ entries"),
                 Retention::Fixed { entries } => format!("{entries} (fixed)"),
+                Retention::Remainder { ratio } => format!("({context} mod {ratio}) open tokens"),
+                Retention::LastBlock { ratio } => format!("{ratio} (last closed block)"),
             };
             let dtype = match p.dtype {
                 PartDtype::Kv => kv.name().to_string(),
@@ -378,7 +405,10 @@ mod tests {
 
     #[test]
     fn contexts() {
-        assert_eq!(parse_contexts("4k,32K,128k,1m").unwrap().0, [4096, 32768, 131072, 1 << 20]);
+        assert_eq!(
+            parse_contexts("4k,32K,128k,1m").unwrap().0,
+            [4096, 32768, 131072, 1 << 20]
+        );
         assert_eq!(parse_contexts("1000").unwrap().0, [1000]);
         assert!(parse_contexts("12q").is_err());
         assert!(parse_contexts("0").is_err());

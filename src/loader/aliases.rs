@@ -25,12 +25,24 @@ macro_rules! alias {
 pub const ALIASES: &[Alias] = &[
     alias!("gemma4-e2b", "google/gemma-4-E2B-it", "gemma-4-E2B-it"),
     alias!("gemma4-e4b", "google/gemma-4-E4B-it", "gemma-4-E4B-it"),
-    alias!("gemma4-26b-a4b", "google/gemma-4-26B-A4B-it", "gemma-4-26B-A4B-it"),
+    alias!(
+        "gemma4-26b-a4b",
+        "google/gemma-4-26B-A4B-it",
+        "gemma-4-26B-A4B-it"
+    ),
     alias!("gemma4-31b", "google/gemma-4-31B-it", "gemma-4-31B-it"),
     alias!("laguna-xs.2", "poolside/Laguna-XS.2", "Laguna-XS.2"),
     alias!("zaya1-8b", "Zyphra/ZAYA1-8B", "ZAYA1-8B"),
-    alias!("deepseek-v4-flash", "deepseek-ai/DeepSeek-V4-Flash", "DeepSeek-V4-Flash"),
-    alias!("deepseek-v4-pro", "deepseek-ai/DeepSeek-V4-Pro", "DeepSeek-V4-Pro"),
+    alias!(
+        "deepseek-v4-flash",
+        "deepseek-ai/DeepSeek-V4-Flash",
+        "DeepSeek-V4-Flash"
+    ),
+    alias!(
+        "deepseek-v4-pro",
+        "deepseek-ai/DeepSeek-V4-Pro",
+        "DeepSeek-V4-Pro"
+    ),
     alias!("qwen3.6-27b", "Qwen/Qwen3.6-27B", "Qwen3.6-27B"),
     alias!("qwen3.6-35b-a3b", "Qwen/Qwen3.6-35B-A3B", "Qwen3.6-35B-A3B"),
 ];

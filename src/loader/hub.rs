@@ -70,7 +70,9 @@ fn explain(e: ApiError, id: &str, rev: &str, file: &str, has_token: bool) -> any
                 );
             }
             ureq::Error::Status(code, _) => {
-                return anyhow!("the Hub ({endpoint}) answered HTTP {code} for {file} of {id}@{rev}");
+                return anyhow!(
+                    "the Hub ({endpoint}) answered HTTP {code} for {file} of {id}@{rev}"
+                );
             }
             ureq::Error::Transport(t) => {
                 return anyhow!(

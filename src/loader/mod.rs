@@ -49,7 +49,8 @@ impl ModelRef {
                 revision,
             });
         }
-        let mut msg = format!("unknown model `{arg}`: not an alias, a Hub repo id (org/name) or a directory");
+        let mut msg =
+            format!("unknown model `{arg}`: not an alias, a Hub repo id (org/name) or a directory");
         match aliases::closest(arg) {
             Some(a) => msg.push_str(&format!("\nhint: did you mean `{}`?", a.name)),
             None => msg.push_str("\nhint: `llmarch models` lists the aliases"),
@@ -134,7 +135,10 @@ mod tests {
 
     #[test]
     fn parses_references() {
-        assert!(matches!(ModelRef::parse("gemma4-e2b").unwrap(), ModelRef::Alias(_)));
+        assert!(matches!(
+            ModelRef::parse("gemma4-e2b").unwrap(),
+            ModelRef::Alias(_)
+        ));
         match ModelRef::parse("org/name@v1.0").unwrap() {
             ModelRef::Repo { id, revision } => {
                 assert_eq!(id, "org/name");

@@ -108,14 +108,18 @@ impl FakeHub {
                         range = Some((a.parse().unwrap_or(0), b.parse().ok()));
                     }
                 }
-                let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let path = request_line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or("/")
+                    .to_string();
                 hits2.lock().unwrap().push(path.clone());
                 let reply = routes.get(&path).cloned().unwrap_or(Reply::Status(404));
                 let response = match reply {
-                    Reply::Status(code) => {
-                        format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                            .into_bytes()
-                    }
+                    Reply::Status(code) => format!(
+                        "HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    )
+                    .into_bytes(),
                     Reply::File(body) => {
                         let (start, end) = match range {
                             Some((a, Some(b))) => (a, b.min(body.len().saturating_sub(1))),
@@ -143,8 +147,9 @@ impl FakeHub {
 }
 
 fn fxhash(b: &[u8]) -> u64 {
-    b.iter()
-        .fold(0xcbf29ce484222325u64, |h, &x| (h ^ x as u64).wrapping_mul(0x100000001b3))
+    b.iter().fold(0xcbf29ce484222325u64, |h, &x| {
+        (h ^ x as u64).wrapping_mul(0x100000001b3)
+    })
 }
 
 /// Read a file under the crate root.
