@@ -188,18 +188,79 @@ pub const COMMON_HARMLESS_KEYS: &[&str] = &[
     "keys_to_ignore_at_inference",
 ];
 
-/// A `rope_parameters` block (`rope_type`, `rope_theta`, `partial_rotary_factor`, scaling
-/// fields) turned into a [`Rope`] for a head of `head_dim`. `what` names the block for errors.
+/// Upper bound for any single dimension, so that parameter and cache arithmetic cannot overflow.
+pub const MAX_DIM: usize = 1 << 24;
+
+/// A positive dimension no larger than [`MAX_DIM`]; names the key when it is not.
+pub fn dim(key: &str, v: usize) -> Result<usize> {
+    positive(key, v)?;
+    if v > MAX_DIM {
+        bail!("key `{key}` = {v} is implausibly large (more than {MAX_DIM})");
+    }
+    Ok(v)
+}
+
+/// A layer count: positive and at most 65536.
+pub fn layers_count(key: &str, v: usize) -> Result<usize> {
+    positive(key, v)?;
+    if v > 1 << 16 {
+        bail!("key `{key}` = {v} is implausibly large (more than 65536 layers)");
+    }
+    Ok(v)
+}
+
+/// Turn a parameter total computed in u128 into u64.
+pub fn to_u64(n: u128) -> Result<u64> {
+    u64::try_from(n).map_err(|_| anyhow!("the parameter count does not fit in 64 bits"))
+}
+
+/// One RoPE block, validated as the reference does: `rope_type` (or legacy `type`, default
+/// `default`), the keys its `_validate_<type>_rope_parameters` requires, `rope_theta` (the model
+/// reads it unconditionally), and an even rotary dimension when the whole head rotates.
 pub fn rope_from_params(block: &Value, head_dim: usize, what: &str) -> Result<Rope> {
-    let obj = block
-        .as_object()
-        .ok_or_else(|| anyhow!("key `{what}` is not an object"))?;
+    let obj = match block {
+        Value::Object(o) => o,
+        Value::Null => bail!(
+            "key `{what}` is null: a layer type without RoPE loads in the reference but its \
+             forward fails; give it a RoPE block"
+        ),
+        _ => bail!("key `{what}` is not an object"),
+    };
     let kind = obj
         .get("rope_type")
         .or_else(|| obj.get("type"))
         .and_then(|v| v.as_str())
-        .unwrap_or("default")
-        .to_string();
+        .unwrap_or("default");
+    let required: &[&str] = match kind {
+        "yarn" => &["factor", "original_max_position_embeddings"],
+        "linear" | "dynamic" => &["factor"],
+        "longrope" => &[
+            "short_factor",
+            "long_factor",
+            "original_max_position_embeddings",
+        ],
+        "llama3" => &[
+            "factor",
+            "original_max_position_embeddings",
+            "low_freq_factor",
+            "high_freq_factor",
+        ],
+        _ => &[],
+    };
+    for k in required {
+        if !obj.contains_key(*k) {
+            bail!("key `{what}.{k}` is required for rope_type `{kind}` (the reference refuses the config without it)");
+        }
+    }
+    let rope = rope_basics(obj, kind, head_dim, what)?;
+    if head_dim > 4 && head_dim % 2 == 1 && rope.rotary_dim == head_dim {
+        bail!("key `{what}`: RoPE needs an even rotary dimension, but the whole head of {head_dim} rotates");
+    }
+    Ok(rope)
+}
+
+/// The fields every RoPE block has: `rope_theta`, `partial_rotary_factor`, `factor`.
+fn rope_basics(obj: &Map<String, Value>, kind: &str, head_dim: usize, what: &str) -> Result<Rope> {
     const KNOWN: &[&str] = &[
         "default",
         "proportional",
@@ -209,7 +270,7 @@ pub fn rope_from_params(block: &Value, head_dim: usize, what: &str) -> Result<Ro
         "longrope",
         "llama3",
     ];
-    if !KNOWN.contains(&kind.as_str()) {
+    if !KNOWN.contains(&kind) {
         bail!(
             "key `{what}.rope_type`: unknown RoPE type `{kind}` (known: {})",
             KNOWN.join(", ")
@@ -228,12 +289,11 @@ pub fn rope_from_params(block: &Value, head_dim: usize, what: &str) -> Result<Ro
     if !(0.0..=1.0).contains(&partial) || partial == 0.0 {
         bail!("key `{what}.partial_rotary_factor` = {partial} is outside (0, 1]");
     }
-    let factor = obj.get("factor").and_then(|v| v.as_f64());
     Ok(Rope {
-        kind,
+        kind: kind.to_string(),
         theta,
         rotary_dim: (head_dim as f64 * partial) as usize,
-        factor,
+        factor: obj.get("factor").and_then(|v| v.as_f64()),
     })
 }
 

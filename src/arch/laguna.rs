@@ -25,8 +25,10 @@
 //! `original_max_position_embeddings` (a copy beside the blocks is not read). A legacy
 //! `rope_scaling` replaces `rope_parameters` wholesale, as the reference's property setter does.
 
-use super::config::{check_heads, check_len, positive, rope_from_params, TextConfig};
-use super::{ArchSpec, Attention, Family, Ffn, LayerSpec, ParamCounts, Retention, Rope};
+use super::config::{
+    check_heads, check_len, dim, layers_count, rope_from_params, to_u64, TextConfig, MAX_DIM,
+};
+use super::{ArchSpec, Attention, Family, Ffn, LayerSpec, ParamCounts, Retention};
 use anyhow::{anyhow, bail, Result};
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -163,77 +165,6 @@ const SLIDING: &str = "sliding_attention";
 const FULL: &str = "full_attention";
 const DENSE: &str = "dense";
 const SPARSE: &str = "sparse";
-
-/// Upper bound for any single dimension, so that parameter and cache arithmetic cannot overflow.
-pub(super) const MAX_DIM: usize = 1 << 24;
-
-/// A positive dimension no larger than [`MAX_DIM`]; names the key when it is not.
-pub(super) fn dim(key: &str, v: usize) -> Result<usize> {
-    positive(key, v)?;
-    if v > MAX_DIM {
-        bail!("key `{key}` = {v} is implausibly large (more than {MAX_DIM})");
-    }
-    Ok(v)
-}
-
-/// A layer count: positive and at most 65536.
-pub(super) fn layers_count(key: &str, v: usize) -> Result<usize> {
-    positive(key, v)?;
-    if v > 1 << 16 {
-        bail!("key `{key}` = {v} is implausibly large (more than 65536 layers)");
-    }
-    Ok(v)
-}
-
-/// Turn a parameter total computed in u128 into u64.
-pub(super) fn to_u64(n: u128) -> Result<u64> {
-    u64::try_from(n).map_err(|_| anyhow!("the parameter count does not fit in 64 bits"))
-}
-
-/// One RoPE block, validated as the reference does: `rope_type` (or legacy `type`, default
-/// `default`), the keys its `_validate_<type>_rope_parameters` requires, `rope_theta` (the model
-/// reads it unconditionally), and an even rotary dimension when the whole head rotates.
-pub(super) fn rope_block(block: &Value, head_dim: usize, what: &str) -> Result<Rope> {
-    let obj = match block {
-        Value::Object(o) => o,
-        Value::Null => bail!(
-            "key `{what}` is null: a layer type without RoPE loads in the reference but its \
-             forward fails; give it a RoPE block"
-        ),
-        _ => bail!("key `{what}` is not an object"),
-    };
-    let kind = obj
-        .get("rope_type")
-        .or_else(|| obj.get("type"))
-        .and_then(|v| v.as_str())
-        .unwrap_or("default");
-    let required: &[&str] = match kind {
-        "yarn" => &["factor", "original_max_position_embeddings"],
-        "linear" | "dynamic" => &["factor"],
-        "longrope" => &[
-            "short_factor",
-            "long_factor",
-            "original_max_position_embeddings",
-        ],
-        "llama3" => &[
-            "factor",
-            "original_max_position_embeddings",
-            "low_freq_factor",
-            "high_freq_factor",
-        ],
-        _ => &[],
-    };
-    for k in required {
-        if !obj.contains_key(*k) {
-            bail!("key `{what}.{k}` is required for rope_type `{kind}` (the reference refuses the config without it)");
-        }
-    }
-    let rope = rope_from_params(block, head_dim, what)?;
-    if head_dim > 4 && head_dim % 2 == 1 && rope.rotary_dim == head_dim {
-        bail!("key `{what}`: RoPE needs an even rotary dimension, but the whole head of {head_dim} rotates");
-    }
-    Ok(rope)
-}
 
 /// Where the two layer types' RoPE blocks come from.
 struct RopeBlocks {
@@ -518,11 +449,15 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
 
     let blocks = resolve_rope(&c, any_full, any_sliding, &mut warnings)?;
     let rope_full = match &blocks.full {
-        Some(b) => Some(rope_block(b, head_dim, "rope_parameters.full_attention")?),
+        Some(b) => Some(rope_from_params(
+            b,
+            head_dim,
+            "rope_parameters.full_attention",
+        )?),
         None => None,
     };
     let rope_sliding = match &blocks.sliding {
-        Some(b) => Some(rope_block(
+        Some(b) => Some(rope_from_params(
             b,
             head_dim,
             "rope_parameters.sliding_attention",

@@ -33,7 +33,7 @@
 //! from it.
 
 use super::config::{check_len, TextConfig};
-use super::laguna::{dim, layers_count, rope_block, to_u64};
+use super::config::{dim, layers_count, rope_from_params, to_u64};
 use super::{ArchSpec, Attention, CachePart, Family, Ffn, LayerSpec, ParamCounts, Retention};
 use anyhow::{anyhow, bail, Result};
 use serde::Deserialize;
@@ -340,7 +340,7 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
         let b = blocks
             .get(ty)
             .ok_or_else(|| anyhow!("key `rope_parameters.{ty}` is missing"))?;
-        rope_block(b, head_dim, &format!("rope_parameters.{ty}"))
+        rope_from_params(b, head_dim, &format!("rope_parameters.{ty}"))
     };
     let rope_hybrid = if used.contains(&HYBRID) {
         Some(rope_of(HYBRID)?)
