@@ -323,3 +323,13 @@ pub fn positive(key: &str, v: usize) -> Result<usize> {
     }
     Ok(v)
 }
+
+/// A serde default for a count: `#[serde(default = "n::<512>")]`.
+pub fn n<const N: usize>() -> usize {
+    N
+}
+
+/// A serde default of `true`.
+pub fn yes() -> bool {
+    true
+}

@@ -44,7 +44,7 @@
 //! `tests/oracle/measure_cache.py` does, holds them in bf16. The carry buffers hold the raw
 //! projections (no bias yet) and are in the model dtype either way.
 
-use super::config::{check_len, positive, rope_from_params, TextConfig};
+use super::config::{check_len, n, positive, rope_from_params, yes, TextConfig};
 use super::{ArchSpec, Attention, CachePart, Family, Ffn, LayerSpec, ParamCounts, Retention, Rope};
 use anyhow::{anyhow, bail, Result};
 use serde::Deserialize;
@@ -62,37 +62,37 @@ pub const FAMILY: Family = Family {
 /// folds in.
 #[derive(Debug, Deserialize)]
 struct DeepseekV4Config {
-    #[serde(default = "d_vocab")]
+    #[serde(default = "n::<129_280>")]
     vocab_size: usize,
-    #[serde(default = "d_hidden")]
+    #[serde(default = "n::<4096>")]
     hidden_size: usize,
     /// `intermediate_size` is mapped onto it by the reference's `attribute_map`.
-    #[serde(default = "d_moe_inter", alias = "intermediate_size")]
+    #[serde(default = "n::<2048>", alias = "intermediate_size")]
     moe_intermediate_size: usize,
-    #[serde(default = "d_layers")]
+    #[serde(default = "n::<43>")]
     num_hidden_layers: usize,
-    #[serde(default = "d_heads")]
+    #[serde(default = "n::<64>")]
     num_attention_heads: usize,
-    #[serde(default = "d_one")]
+    #[serde(default = "n::<1>")]
     num_key_value_heads: usize,
-    #[serde(default = "d_head_dim")]
+    #[serde(default = "n::<512>")]
     head_dim: usize,
-    #[serde(default = "d_q_lora")]
+    #[serde(default = "n::<1024>")]
     q_lora_rank: usize,
-    #[serde(default = "d_top_k")]
+    #[serde(default = "n::<6>")]
     num_experts_per_tok: usize,
     /// `num_local_experts` is mapped onto it by the reference's `attribute_map`.
-    #[serde(default = "d_experts", alias = "num_local_experts")]
+    #[serde(default = "n::<256>", alias = "num_local_experts")]
     n_routed_experts: usize,
-    #[serde(default = "d_one")]
+    #[serde(default = "n::<1>")]
     n_shared_experts: usize,
     #[serde(default = "d_scoring")]
     scoring_func: String,
-    #[serde(default = "d_true")]
+    #[serde(default = "yes")]
     norm_topk_prob: bool,
     #[serde(default = "d_routed_scale")]
     routed_scaling_factor: f64,
-    #[serde(default = "d_ctx")]
+    #[serde(default = "n::<1_048_576>")]
     max_position_embeddings: usize,
     #[serde(default = "d_rope_theta")]
     rope_theta: f64,
@@ -100,28 +100,28 @@ struct DeepseekV4Config {
     compress_rates: Option<Map<String, Value>>,
     #[serde(default = "d_compress_theta")]
     compress_rope_theta: f64,
-    #[serde(default = "d_hc_mult")]
+    #[serde(default = "n::<4>")]
     hc_mult: usize,
-    #[serde(default = "d_sinkhorn")]
+    #[serde(default = "n::<20>")]
     hc_sinkhorn_iters: usize,
     #[serde(default = "d_eps")]
     hc_eps: f64,
     mlp_layer_types: Option<Vec<String>>,
     #[serde(default = "d_swiglu")]
     swiglu_limit: f64,
-    #[serde(default = "d_window")]
+    #[serde(default = "n::<128>")]
     sliding_window: usize,
-    #[serde(default = "d_o_groups")]
+    #[serde(default = "n::<8>")]
     o_groups: usize,
-    #[serde(default = "d_o_lora")]
+    #[serde(default = "n::<1024>")]
     o_lora_rank: usize,
-    #[serde(default = "d_index_heads")]
+    #[serde(default = "n::<64>")]
     index_n_heads: usize,
-    #[serde(default = "d_index_head_dim")]
+    #[serde(default = "n::<128>")]
     index_head_dim: usize,
-    #[serde(default = "d_index_topk")]
+    #[serde(default = "n::<512>")]
     index_topk: usize,
-    #[serde(default = "d_one")]
+    #[serde(default = "n::<1>")]
     num_nextn_predict_layers: usize,
     #[serde(default = "d_act")]
     hidden_act: String,
@@ -150,47 +150,11 @@ struct DeepseekV4Config {
     rest: Map<String, Value>,
 }
 
-fn d_vocab() -> usize {
-    129_280
-}
-fn d_hidden() -> usize {
-    4096
-}
-fn d_moe_inter() -> usize {
-    2048
-}
-fn d_layers() -> usize {
-    43
-}
-fn d_heads() -> usize {
-    64
-}
-fn d_one() -> usize {
-    1
-}
-fn d_head_dim() -> usize {
-    512
-}
-fn d_q_lora() -> usize {
-    1024
-}
-fn d_top_k() -> usize {
-    6
-}
-fn d_experts() -> usize {
-    256
-}
 fn d_scoring() -> String {
     "sqrtsoftplus".into()
 }
-fn d_true() -> bool {
-    true
-}
 fn d_routed_scale() -> f64 {
     1.5
-}
-fn d_ctx() -> usize {
-    1_048_576
 }
 fn d_rope_theta() -> f64 {
     10_000.0
@@ -198,35 +162,11 @@ fn d_rope_theta() -> f64 {
 fn d_compress_theta() -> f64 {
     160_000.0
 }
-fn d_hc_mult() -> usize {
-    4
-}
-fn d_sinkhorn() -> usize {
-    20
-}
 fn d_eps() -> f64 {
     1e-6
 }
 fn d_swiglu() -> f64 {
     10.0
-}
-fn d_window() -> usize {
-    128
-}
-fn d_o_groups() -> usize {
-    8
-}
-fn d_o_lora() -> usize {
-    1024
-}
-fn d_index_heads() -> usize {
-    64
-}
-fn d_index_head_dim() -> usize {
-    128
-}
-fn d_index_topk() -> usize {
-    512
 }
 fn d_act() -> String {
     "silu".into()

@@ -15,7 +15,7 @@
 //! - transformers 5.23 folds `global_head_dim`/`num_global_key_value_heads` into a sparse
 //!   `per_layer_config` keyed by layer index; both forms are read.
 
-use super::config::{check_heads, check_len, positive, rope_from_params, TextConfig};
+use super::config::{check_heads, check_len, n, positive, rope_from_params, yes, TextConfig};
 use super::{ArchSpec, Attention, Family, Ffn, LayerSpec, ParamCounts, Retention};
 use anyhow::{bail, Result};
 use serde::Deserialize;
@@ -32,40 +32,40 @@ pub const FAMILY: Family = Family {
 /// `Gemma4TextConfig` with the reference's defaults.
 #[derive(Debug, Deserialize)]
 struct Gemma4TextConfig {
-    #[serde(default = "d_vocab")]
+    #[serde(default = "n::<262_144>")]
     vocab_size: usize,
-    #[serde(default = "d_hidden")]
+    #[serde(default = "n::<2304>")]
     hidden_size: usize,
-    #[serde(default = "d_inter")]
+    #[serde(default = "n::<9216>")]
     intermediate_size: usize,
-    #[serde(default = "d_layers")]
+    #[serde(default = "n::<30>")]
     num_hidden_layers: usize,
-    #[serde(default = "d_heads")]
+    #[serde(default = "n::<8>")]
     num_attention_heads: usize,
-    #[serde(default = "d_kv_heads")]
+    #[serde(default = "n::<4>")]
     num_key_value_heads: usize,
-    #[serde(default = "d_head_dim")]
+    #[serde(default = "n::<256>")]
     head_dim: usize,
     #[serde(default = "d_act")]
     hidden_activation: String,
-    #[serde(default = "d_ctx")]
+    #[serde(default = "n::<131_072>")]
     max_position_embeddings: usize,
     #[serde(default = "d_eps")]
     #[allow(dead_code)]
     rms_norm_eps: f64,
-    #[serde(default = "d_true")]
+    #[serde(default = "yes")]
     tie_word_embeddings: bool,
     rope_parameters: Option<Map<String, Value>>,
     #[serde(default)]
     attention_bias: bool,
-    #[serde(default = "d_window")]
+    #[serde(default = "n::<512>")]
     sliding_window: usize,
     layer_types: Option<Vec<String>>,
     final_logit_softcapping: Option<f64>,
     use_bidirectional_attention: Option<String>,
-    #[serde(default = "d_vocab")]
+    #[serde(default = "n::<262_144>")]
     vocab_size_per_layer_input: usize,
-    #[serde(default = "d_ple")]
+    #[serde(default = "n::<256>")]
     hidden_size_per_layer_input: usize,
     #[serde(default)]
     attention_k_eq_v: bool,
@@ -89,44 +89,11 @@ struct Gemma4TextConfig {
     rest: Map<String, Value>,
 }
 
-fn d_vocab() -> usize {
-    262_144
-}
-fn d_hidden() -> usize {
-    2304
-}
-fn d_inter() -> usize {
-    9216
-}
-fn d_layers() -> usize {
-    30
-}
-fn d_heads() -> usize {
-    8
-}
-fn d_kv_heads() -> usize {
-    4
-}
-fn d_head_dim() -> usize {
-    256
-}
 fn d_act() -> String {
     "gelu_pytorch_tanh".into()
 }
-fn d_ctx() -> usize {
-    131_072
-}
 fn d_eps() -> f64 {
     1e-6
-}
-fn d_true() -> bool {
-    true
-}
-fn d_window() -> usize {
-    512
-}
-fn d_ple() -> usize {
-    256
 }
 
 /// Keys Gemma 4 configs carry that do not change the text model.

@@ -26,7 +26,7 @@
 //! `rope_scaling` replaces `rope_parameters` wholesale, as the reference's property setter does.
 
 use super::config::{
-    check_heads, check_len, dim, layers_count, rope_from_params, to_u64, TextConfig, MAX_DIM,
+    check_heads, check_len, dim, layers_count, n, rope_from_params, to_u64, TextConfig, MAX_DIM,
 };
 use super::{ArchSpec, Attention, Family, Ffn, LayerSpec, ParamCounts, Retention};
 use anyhow::{anyhow, bail, Result};
@@ -44,21 +44,21 @@ pub const FAMILY: Family = Family {
 /// `LagunaConfig` with the reference's defaults.
 #[derive(Debug, Deserialize)]
 struct LagunaConfig {
-    #[serde(default = "d_vocab")]
+    #[serde(default = "n::<100_352>")]
     vocab_size: usize,
-    #[serde(default = "d_hidden")]
+    #[serde(default = "n::<2048>")]
     hidden_size: usize,
-    #[serde(default = "d_inter")]
+    #[serde(default = "n::<8192>")]
     intermediate_size: usize,
-    #[serde(default = "d_layers")]
+    #[serde(default = "n::<40>")]
     num_hidden_layers: usize,
-    #[serde(default = "d_heads")]
+    #[serde(default = "n::<48>")]
     num_attention_heads: usize,
-    #[serde(default = "d_kv_heads")]
+    #[serde(default = "n::<8>")]
     num_key_value_heads: usize,
     #[serde(default = "d_act")]
     hidden_act: String,
-    #[serde(default = "d_ctx")]
+    #[serde(default = "n::<131_072>")]
     max_position_embeddings: usize,
     #[serde(default = "d_eps")]
     #[allow(dead_code)]
@@ -75,18 +75,18 @@ struct LagunaConfig {
     rope_theta: Option<f64>,
     partial_rotary_factor: Option<f64>,
     original_max_position_embeddings: Option<Value>,
-    #[serde(default = "d_window")]
+    #[serde(default = "n::<512>")]
     sliding_window: usize,
-    #[serde(default = "d_moe_inter")]
+    #[serde(default = "n::<512>")]
     moe_intermediate_size: usize,
-    #[serde(default = "d_moe_inter")]
+    #[serde(default = "n::<512>")]
     shared_expert_intermediate_size: usize,
-    #[serde(default = "d_top_k")]
+    #[serde(default = "n::<8>")]
     num_experts_per_tok: usize,
-    #[serde(default = "d_experts")]
+    #[serde(default = "n::<256>")]
     num_experts: usize,
     layer_types: Option<Vec<String>>,
-    #[serde(default = "d_head_dim")]
+    #[serde(default = "n::<128>")]
     head_dim: usize,
     #[serde(default)]
     attention_bias: bool,
@@ -109,47 +109,11 @@ struct LagunaConfig {
     rest: Map<String, Value>,
 }
 
-fn d_vocab() -> usize {
-    100_352
-}
-fn d_hidden() -> usize {
-    2048
-}
-fn d_inter() -> usize {
-    8192
-}
-fn d_layers() -> usize {
-    40
-}
-fn d_heads() -> usize {
-    48
-}
-fn d_kv_heads() -> usize {
-    8
-}
 fn d_act() -> String {
     "silu".into()
 }
-fn d_ctx() -> usize {
-    131_072
-}
 fn d_eps() -> f64 {
     1e-6
-}
-fn d_window() -> usize {
-    512
-}
-fn d_moe_inter() -> usize {
-    512
-}
-fn d_top_k() -> usize {
-    8
-}
-fn d_experts() -> usize {
-    256
-}
-fn d_head_dim() -> usize {
-    128
 }
 fn d_gating() -> Value {
     Value::Bool(true)

@@ -47,7 +47,7 @@
 //!
 //! Full layers keep K and V `[batch, kv_heads, tokens, head_dim]` each (`DynamicLayer`).
 
-use super::config::{check_heads, check_len, positive, rope_from_params, TextConfig};
+use super::config::{check_heads, check_len, n, positive, rope_from_params, TextConfig};
 use super::{ArchSpec, Attention, CachePart, Family, Ffn, LayerSpec, ParamCounts, Retention};
 use anyhow::{anyhow, bail, Result};
 use serde::Deserialize;
@@ -70,18 +70,18 @@ pub const FAMILY: Family = Family {
 /// are `Option`s, resolved by [`Variant`].
 #[derive(Debug, Deserialize)]
 struct Qwen3_5TextConfig {
-    #[serde(default = "d_vocab")]
+    #[serde(default = "n::<248_320>")]
     vocab_size: usize,
     hidden_size: Option<usize>,
     /// Dense only (default 12288); the MoE config has no such field.
     intermediate_size: Option<usize>,
     num_hidden_layers: Option<usize>,
-    #[serde(default = "d_heads")]
+    #[serde(default = "n::<16>")]
     num_attention_heads: usize,
     num_key_value_heads: Option<usize>,
     #[serde(default = "d_act")]
     hidden_act: String,
-    #[serde(default = "d_ctx")]
+    #[serde(default = "n::<32_768>")]
     max_position_embeddings: usize,
     #[serde(default = "d_eps")]
     #[allow(dead_code)]
@@ -96,17 +96,17 @@ struct Qwen3_5TextConfig {
     partial_rotary_factor: Option<f64>,
     #[serde(default)]
     attention_bias: bool,
-    #[serde(default = "d_head_dim")]
+    #[serde(default = "n::<256>")]
     head_dim: usize,
-    #[serde(default = "d_kernel")]
+    #[serde(default = "n::<4>")]
     linear_conv_kernel_dim: usize,
-    #[serde(default = "d_linear_dim")]
+    #[serde(default = "n::<128>")]
     linear_key_head_dim: usize,
-    #[serde(default = "d_linear_dim")]
+    #[serde(default = "n::<128>")]
     linear_value_head_dim: usize,
-    #[serde(default = "d_linear_k_heads")]
+    #[serde(default = "n::<16>")]
     linear_num_key_heads: usize,
-    #[serde(default = "d_linear_v_heads")]
+    #[serde(default = "n::<32>")]
     linear_num_value_heads: usize,
     layer_types: Option<Vec<String>>,
     /// Only read when `layer_types` is absent.
@@ -134,35 +134,11 @@ struct Qwen3_5TextConfig {
     rest: Map<String, Value>,
 }
 
-fn d_vocab() -> usize {
-    248_320
-}
-fn d_heads() -> usize {
-    16
-}
 fn d_act() -> String {
     "silu".into()
 }
-fn d_ctx() -> usize {
-    32_768
-}
 fn d_eps() -> f64 {
     1e-6
-}
-fn d_head_dim() -> usize {
-    256
-}
-fn d_kernel() -> usize {
-    4
-}
-fn d_linear_dim() -> usize {
-    128
-}
-fn d_linear_k_heads() -> usize {
-    16
-}
-fn d_linear_v_heads() -> usize {
-    32
 }
 
 /// Keys Qwen3.5 text configs carry that do not change the text model.

@@ -32,7 +32,7 @@
 //! `zaya_mlp_expansion`, ...) is refused: transformers 5.23 would build a wrong 80-layer model
 //! from it.
 
-use super::config::{check_len, TextConfig};
+use super::config::{check_len, n, yes, TextConfig};
 use super::config::{dim, layers_count, rope_from_params, to_u64};
 use super::{ArchSpec, Attention, CachePart, Family, Ffn, LayerSpec, ParamCounts, Retention};
 use anyhow::{anyhow, bail, Result};
@@ -50,24 +50,24 @@ pub const FAMILY: Family = Family {
 /// `ZayaConfig` with the reference's defaults.
 #[derive(Debug, Deserialize)]
 struct ZayaConfig {
-    #[serde(default = "d_vocab")]
+    #[serde(default = "n::<262_272>")]
     vocab_size: usize,
-    #[serde(default = "d_hidden")]
+    #[serde(default = "n::<2048>")]
     hidden_size: usize,
-    #[serde(default = "d_layers")]
+    #[serde(default = "n::<40>")]
     num_hidden_layers: usize,
-    #[serde(default = "d_heads")]
+    #[serde(default = "n::<8>")]
     num_attention_heads: usize,
-    #[serde(default = "d_kv_heads")]
+    #[serde(default = "n::<2>")]
     num_key_value_heads: usize,
     #[serde(default = "d_act")]
     hidden_act: String,
-    #[serde(default = "d_ctx")]
+    #[serde(default = "n::<131_072>")]
     max_position_embeddings: usize,
     #[serde(default = "d_eps")]
     #[allow(dead_code)]
     rms_norm_eps: f64,
-    #[serde(default = "d_true")]
+    #[serde(default = "yes")]
     tie_word_embeddings: bool,
     rope_parameters: Option<Value>,
     /// Legacy; must be absent or null.
@@ -76,73 +76,34 @@ struct ZayaConfig {
     rope_theta: Option<f64>,
     partial_rotary_factor: Option<f64>,
     sliding_window: Option<usize>,
-    #[serde(default = "d_moe_inter")]
+    #[serde(default = "n::<2048>")]
     moe_intermediate_size: usize,
-    #[serde(default = "d_one")]
+    #[serde(default = "n::<1>")]
     num_experts_per_tok: usize,
-    #[serde(default = "d_experts")]
+    #[serde(default = "n::<16>")]
     num_experts: usize,
     layer_types: Option<Vec<String>>,
-    #[serde(default = "d_head_dim")]
+    #[serde(default = "n::<128>")]
     head_dim: usize,
     #[serde(default)]
     attention_bias: bool,
     #[serde(default)]
     lm_head_bias: bool,
-    #[serde(default = "d_router")]
+    #[serde(default = "n::<256>")]
     router_hidden_size: usize,
-    #[serde(default = "d_two")]
+    #[serde(default = "n::<2>")]
     cca_time0: usize,
-    #[serde(default = "d_two")]
+    #[serde(default = "n::<2>")]
     cca_time1: usize,
     #[serde(flatten)]
     rest: Map<String, Value>,
 }
 
-fn d_vocab() -> usize {
-    262_272
-}
-fn d_hidden() -> usize {
-    2048
-}
-fn d_layers() -> usize {
-    40
-}
-fn d_heads() -> usize {
-    8
-}
-fn d_kv_heads() -> usize {
-    2
-}
 fn d_act() -> String {
     "silu".into()
 }
-fn d_ctx() -> usize {
-    131_072
-}
 fn d_eps() -> f64 {
     1e-5
-}
-fn d_true() -> bool {
-    true
-}
-fn d_moe_inter() -> usize {
-    2048
-}
-fn d_one() -> usize {
-    1
-}
-fn d_experts() -> usize {
-    16
-}
-fn d_head_dim() -> usize {
-    128
-}
-fn d_router() -> usize {
-    256
-}
-fn d_two() -> usize {
-    2
 }
 
 /// No ZAYA-specific keys are known to be harmless beyond the common ones.
