@@ -7,9 +7,13 @@
 //!   directory), the embedded configs of the aliases, the Hub through hf-hub.
 //! - [`arch`]: what a model is: the family registry and the per-layer [`arch::ArchSpec`] table,
 //!   one file per family; [`arch::budget`] is the KV-cache arithmetic over that table.
+//! - [`layers`]: how models compute: blocks named for the technique, the KV store.
+//! - [`generate`]: the one prefill/decode loop every family shares.
 //! - [`report`]: tables, bars and unit formatting.
 
 pub mod arch;
 pub mod cli;
+pub mod generate;
+pub mod layers;
 pub mod loader;
 pub mod report;

@@ -1,5 +1,6 @@
 //! What the user sees: tables (comfy-table), bars, unit formatting, colour and terminal checks.
 
+pub mod panel;
 pub mod units;
 
 use comfy_table::{presets, CellAlignment, ContentArrangement, Table};

@@ -1,0 +1,163 @@
+//! ONE prefill/decode loop and sampler for every family: prefill the prompt in one forward, then
+//! decode a token at a time, stopping on an end-of-sequence id, the token budget, the context
+//! limit, or the caller (Ctrl-C). Stats are measured here, the same way for every model.
+
+pub mod sampler;
+
+use crate::arch::ArchSpec;
+use crate::layers::kv_store::KvStore;
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use sampler::Sampler;
+use serde::Serialize;
+use std::time::Instant;
+
+/// A causal language model the generation loop can drive. Families implement it.
+pub trait CausalLm {
+    /// The per-layer table the model was built from.
+    fn spec(&self) -> &ArchSpec;
+
+    /// An empty cache shaped for this model.
+    fn new_cache(&self) -> KvStore;
+
+    /// Feed `tokens` (batch 1) at positions `cache.seen()..`, update `cache`, and return the
+    /// logits of every fed position, `[tokens.len(), vocab]` in f32.
+    fn forward(&self, tokens: &[u32], cache: &mut KvStore) -> Result<Tensor>;
+}
+
+/// What the loop does besides sampling.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_new_tokens: usize,
+    /// Stop before the sequence (cached + new) would pass this many tokens.
+    pub max_context: usize,
+    /// End-of-sequence ids: generation stops after producing one (it is reported, not fed).
+    pub stop_ids: Vec<u32>,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    EndOfSequence,
+    MaxTokens,
+    ContextFull,
+    Interrupted,
+}
+
+/// What the caller hears about: a new token (with its logits row), and whether to go on.
+pub enum Event<'a> {
+    /// The prompt was prefilled; `logits` holds one row per prompt position.
+    Prefilled { logits: &'a Tensor },
+    /// A token was chosen from `logits` (one row).
+    Token { id: u32, logits: &'a Tensor },
+}
+
+/// Measured figures of one generation.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub ttft_ms: f64,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+    /// Bytes the cache tensors really hold at the end, measured from them.
+    pub kv_bytes: u64,
+    /// Peak resident memory of the process, where the OS tells.
+    pub peak_rss_bytes: Option<u64>,
+    pub stop: Option<StopReason>,
+}
+
+/// Prefill `prompt` after what `cache` already holds, then decode. `on_event` returns `false`
+/// to stop (Ctrl-C). The stop token is counted as generated but not fed back.
+pub fn generate(
+    model: &dyn CausalLm,
+    cache: &mut KvStore,
+    prompt: &[u32],
+    sampler: &mut Sampler,
+    limits: &Limits,
+    on_event: &mut dyn FnMut(Event) -> Result<bool>,
+) -> Result<Stats> {
+    if prompt.is_empty() {
+        bail!("the prompt is empty: nothing to continue");
+    }
+    let start_len = cache.seen();
+    if start_len + prompt.len() > limits.max_context {
+        bail!(
+            "the prompt has {} tokens{} but the context limit is {} (--max-context)",
+            prompt.len(),
+            if start_len > 0 {
+                format!(" after {start_len} already in the cache")
+            } else {
+                String::new()
+            },
+            limits.max_context
+        );
+    }
+    let mut history: Vec<u32> = prompt.to_vec();
+    let mut stats = Stats {
+        prompt_tokens: prompt.len(),
+        ..Default::default()
+    };
+
+    let t0 = Instant::now();
+    let logits = model.forward(prompt, cache)?; // [n, vocab]
+    let prefill = t0.elapsed().as_secs_f64();
+    stats.prefill_tok_s = prompt.len() as f64 / prefill.max(1e-9);
+    let mut go_on = on_event(Event::Prefilled { logits: &logits })?;
+    let mut last = logits.get(prompt.len() - 1)?; // [vocab]
+
+    let t_decode = Instant::now();
+    let mut fed_in_decode = 0usize;
+    while go_on {
+        if stats.generated_tokens >= limits.max_new_tokens {
+            stats.stop = Some(StopReason::MaxTokens);
+            break;
+        }
+        let row: Vec<f32> = last.to_dtype(DType::F32)?.to_vec1()?;
+        let id = sampler.next(&row, &history);
+        if stats.generated_tokens == 0 {
+            stats.ttft_ms = t0.elapsed().as_secs_f64() * 1e3;
+        }
+        stats.generated_tokens += 1;
+        history.push(id);
+        go_on = on_event(Event::Token { id, logits: &last })?;
+        if limits.stop_ids.contains(&id) {
+            stats.stop = Some(StopReason::EndOfSequence);
+            break;
+        }
+        if !go_on {
+            break;
+        }
+        if stats.generated_tokens >= limits.max_new_tokens {
+            stats.stop = Some(StopReason::MaxTokens);
+            break;
+        }
+        if cache.seen() + 1 > limits.max_context {
+            stats.stop = Some(StopReason::ContextFull);
+            break;
+        }
+        last = model.forward(&[id], cache)?.get(0)?;
+        fed_in_decode += 1;
+    }
+    if !go_on && stats.stop.is_none() {
+        stats.stop = Some(StopReason::Interrupted);
+    }
+    let decode = t_decode.elapsed().as_secs_f64();
+    stats.decode_tok_s = if fed_in_decode > 0 {
+        fed_in_decode as f64 / decode.max(1e-9)
+    } else {
+        0.0
+    };
+    stats.kv_bytes = cache.bytes().iter().sum();
+    stats.peak_rss_bytes = peak_rss_bytes();
+    Ok(stats)
+}
+
+/// Peak resident set size of this process (`VmHWM` on Linux).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

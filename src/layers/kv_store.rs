@@ -1,0 +1,217 @@
+//! The KV store: every layer's cache, kept outside the layers and indexed by the layer that owns
+//! it, so cross-layer sharing is a lookup of the owner's view, not a special case.
+//!
+//! A layer appends the K (and V, unless K=V) of the tokens it is fed and gets back everything a
+//! query of this chunk may attend: the cached tokens followed by the new ones. The stored copy
+//! then keeps what the next step needs: every token for full attention, the last `window`
+//! tokens for sliding layers, so memory stays flat past the window. [`KvStore::bytes`] measures
+//! the tensors really held; it equals `kv-budget` for the same config and context.
+
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+
+/// What one owning layer holds.
+#[derive(Debug, Default)]
+pub struct LayerKv {
+    /// Keys `[batch, kv_heads, tokens, head_dim]` (for K=V layers, the one shared tensor).
+    pub k: Option<Tensor>,
+    /// Values `[batch, kv_heads, tokens, v_head_dim]`; `None` for K=V layers.
+    pub v: Option<Tensor>,
+    /// Keep at most this many tokens (sliding layers).
+    pub window: Option<usize>,
+    /// Fixed-size states (convolution, recurrent, compressor carry), by name.
+    pub states: Vec<(&'static str, Tensor)>,
+}
+
+/// The keys and values a chunk attends: cached tokens then new ones, and the absolute position
+/// of the first of them.
+#[derive(Debug, Clone)]
+pub struct KvView {
+    pub k: Tensor,
+    pub v: Option<Tensor>,
+    /// Position of `k`'s first token in the sequence.
+    pub start: usize,
+}
+
+/// All layers' caches; `None` for layers that own none (KV-shared layers).
+#[derive(Debug, Default)]
+pub struct KvStore {
+    layers: Vec<Option<LayerKv>>,
+    /// Tokens fed so far (the position of the next token).
+    seen: usize,
+}
+
+impl KvStore {
+    /// One slot per layer; `owns[i]` says whether layer `i` keeps a cache, `windows[i]` its window.
+    pub fn new(owns: &[bool], windows: &[Option<usize>]) -> Self {
+        KvStore {
+            layers: owns
+                .iter()
+                .zip(windows)
+                .map(|(&own, &window)| {
+                    own.then(|| LayerKv {
+                        window,
+                        ..Default::default()
+                    })
+                })
+                .collect(),
+            seen: 0,
+        }
+    }
+
+    /// Tokens fed so far: the position the next token gets.
+    pub fn seen(&self) -> usize {
+        self.seen
+    }
+
+    /// Call once per forward, after every layer appended: `n` tokens were fed.
+    pub fn advance(&mut self, n: usize) {
+        self.seen += n;
+    }
+
+    /// Forget everything (a new conversation).
+    pub fn clear(&mut self) {
+        for l in self.layers.iter_mut().flatten() {
+            l.k = None;
+            l.v = None;
+            l.states.clear();
+        }
+        self.seen = 0;
+    }
+
+    pub fn layer(&self, i: usize) -> Option<&LayerKv> {
+        self.layers.get(i).and_then(|l| l.as_ref())
+    }
+
+    pub fn layer_mut(&mut self, i: usize) -> Result<&mut LayerKv> {
+        let n = self.layers.len();
+        match self.layers.get_mut(i) {
+            Some(Some(l)) => Ok(l),
+            Some(None) => bail!("layer {i} owns no KV cache (it reads another layer's)"),
+            None => bail!("layer {i} does not exist ({n} layers)"),
+        }
+    }
+
+    /// Append a chunk's `k` `[b, h, n, d]` (and `v`) to layer `i`; return what the chunk attends
+    /// and keep what the next step needs (the last `window` tokens for sliding layers).
+    pub fn append(&mut self, i: usize, k: Tensor, v: Option<Tensor>) -> Result<KvView> {
+        let seen = self.seen;
+        let l = self.layer_mut(i)?;
+        let cached = l.k.as_ref().map_or(0, |k| k.dim(2).unwrap_or(0));
+        let cat = |old: &Option<Tensor>, new: Tensor| -> Result<Tensor> {
+            Ok(match old {
+                Some(o) => Tensor::cat(&[o, &new], 2)?,
+                None => new,
+            })
+        };
+        let k_all = cat(&l.k, k)?;
+        let v_all = match v {
+            Some(v) => Some(cat(&l.v, v)?),
+            None => None,
+        };
+        let total = k_all.dim(2)?;
+        let keep = l.window.map_or(total, |w| total.min(w));
+        let trim = |t: &Tensor| -> Result<Tensor> {
+            Ok(if keep < total {
+                t.narrow(2, total - keep, keep)?.contiguous()?
+            } else {
+                t.clone()
+            })
+        };
+        l.k = Some(trim(&k_all)?);
+        l.v = v_all.as_ref().map(trim).transpose()?;
+        Ok(KvView {
+            k: k_all,
+            v: v_all,
+            start: seen - cached,
+        })
+    }
+
+    /// Bytes each layer really holds now (K, V and states), measured from the tensors.
+    pub fn bytes(&self) -> Vec<u64> {
+        let size = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        self.layers
+            .iter()
+            .map(|l| {
+                l.as_ref().map_or(0, |l| {
+                    l.k.iter().chain(l.v.iter()).map(size).sum::<u64>()
+                        + l.states.iter().map(|(_, t)| size(t)).sum::<u64>()
+                })
+            })
+            .collect()
+    }
+}
+
+/// Causal (and windowed) additive mask for `n` queries at positions `q_start..q_start+n` over
+/// keys at `k_start..k_start+k_len`: 0 where visible, −∞ elsewhere. `[n, k_len]`, f32.
+pub fn causal_mask(
+    n: usize,
+    q_start: usize,
+    k_start: usize,
+    k_len: usize,
+    window: Option<usize>,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let mut m = vec![0f32; n * k_len];
+    for qi in 0..n {
+        let qp = q_start + qi;
+        for kj in 0..k_len {
+            let kp = k_start + kj;
+            let visible = kp <= qp && window.is_none_or(|w| qp - kp < w);
+            if !visible {
+                m[qi * k_len + kj] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (n, k_len), device)?)
+}
+
+/// Softmax over the last dimension in f32, returning the input dtype.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    Ok(candle_nn::ops::softmax_last_dim(&x.to_dtype(candle_core::DType::F32)?)?.to_dtype(dtype)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn chunk(n: usize, start: f32) -> Tensor {
+        Tensor::arange(start, start + n as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, n, 1))
+            .unwrap()
+    }
+
+    #[test]
+    fn sliding_layers_keep_the_window_and_report_bytes() {
+        let mut s = KvStore::new(&[true, true, false], &[Some(4), None, None]);
+        // Prefill 6 tokens, then 2 decode steps.
+        for (n, start) in [(6usize, 0f32), (1, 6.0), (1, 7.0)] {
+            let v0 = s.append(0, chunk(n, start), Some(chunk(n, start))).unwrap();
+            let v1 = s.append(1, chunk(n, start), None).unwrap();
+            assert_eq!(v1.start, 0);
+            assert_eq!(v1.k.dim(2).unwrap(), s.seen() + n);
+            // The sliding view: the cached window, then the new tokens.
+            assert_eq!(v0.start + v0.k.dim(2).unwrap(), s.seen() + n);
+            s.advance(n);
+        }
+        let k0: Vec<f32> = s.layer(0).unwrap().k.as_ref().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(k0, [4.0, 5.0, 6.0, 7.0]);
+        let f32b = DType::F32.size_in_bytes() as u64;
+        assert_eq!(s.bytes(), vec![2 * 4 * f32b, 8 * f32b, 0]);
+        assert!(s.layer_mut(2).is_err());
+        s.clear();
+        assert_eq!(s.bytes(), vec![0, 0, 0]);
+    }
+
+    #[test]
+    fn masks() {
+        let m = causal_mask(2, 3, 1, 4, Some(2), &Device::Cpu).unwrap();
+        let m: Vec<Vec<f32>> = m.to_vec2().unwrap();
+        let inf = f32::NEG_INFINITY;
+        // query 3 sees keys 2,3; query 4 sees 3,4 (window 2).
+        assert_eq!(m, vec![vec![inf, 0.0, 0.0, inf], vec![inf, inf, 0.0, 0.0]]);
+    }
+}

@@ -1,0 +1,130 @@
+//! The live KV panel of `run`: per-layer (folded) bytes the cache holds now against the budget
+//! at `--max-context`, the sharing arrows, tokens/s, and the total against the naive cache.
+//!
+//! [`render`] is pure (lines of text, tested); [`LivePanel`] keeps those lines drawn below the
+//! streaming text on a terminal: before each piece of text it erases the panel, writes the text,
+//! then draws the panel again under it with the cursor put back where the text ends.
+
+use super::{bar, fold_rows, units};
+use crate::arch::budget::Budget;
+use crate::arch::ArchSpec;
+use std::io::Write;
+
+/// What the panel shows at one moment.
+pub struct Snapshot<'a> {
+    pub spec: &'a ArchSpec,
+    /// The budget at `--max-context`, in the cache's dtype.
+    pub budget: &'a Budget,
+    /// Bytes each layer's cache holds now, measured.
+    pub held: &'a [u64],
+    pub tokens: usize,
+    pub tok_s: f64,
+}
+
+/// The panel as lines of text (no trailing newlines).
+pub fn render(s: &Snapshot) -> Vec<String> {
+    let held_total: u64 = s.held.iter().sum();
+    let mut lines = vec![format!(
+        "KV {} held · budget {} at {} · naive {} · {} tokens · {:.1} tok/s",
+        units::bytes(held_total),
+        units::bytes(s.budget.total_bytes),
+        units::context(s.budget.context),
+        units::bytes(s.budget.naive_bytes),
+        s.tokens,
+        s.tok_s
+    )];
+    let rows = s
+        .spec
+        .layers
+        .iter()
+        .zip(&s.budget.layers)
+        .map(|(l, b)| {
+            let held = s.held.get(l.index).copied().unwrap_or(0);
+            let cells = match l.kv_source {
+                Some(src) => vec![l.attention.label(), format!("→ L{src}"), String::new()],
+                None => vec![
+                    l.attention.label(),
+                    format!(
+                        "{} {:>9} / {}",
+                        bar(held as f64, b.bytes as f64, 10),
+                        units::bytes(held),
+                        units::bytes(b.bytes)
+                    ),
+                    String::new(),
+                ],
+            };
+            (l.index, cells)
+        })
+        .collect();
+    for (label, cells) in fold_rows(rows) {
+        let n = label
+            .split_once('-')
+            .and_then(|(a, b)| Some(b.parse::<usize>().ok()? - a.parse::<usize>().ok()? + 1))
+            .unwrap_or(1);
+        let times = if n > 1 { format!(" ×{n}") } else { String::new() };
+        lines.push(format!("  L{label:<7} {:<18} {}{times}", cells[0], cells[1]));
+    }
+    lines
+}
+
+/// Keeps the panel drawn under the text on a terminal.
+pub struct LivePanel {
+    drawn: usize,
+}
+
+impl Default for LivePanel {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LivePanel {
+    pub fn new() -> Self {
+        LivePanel { drawn: 0 }
+    }
+
+    /// Erase the panel (the cursor is where the text ends).
+    pub fn erase(&mut self, term: &mut dyn Write) -> std::io::Result<()> {
+        if self.drawn > 0 {
+            write!(term, "\x1b[J")?;
+            self.drawn = 0;
+        }
+        term.flush()
+    }
+
+    /// Draw `lines` below the text and put the cursor back where the text ends.
+    pub fn draw(&mut self, term: &mut dyn Write, lines: &[String]) -> std::io::Result<()> {
+        let n = lines.len();
+        // Make room first (scrolling now, so the saved position stays valid), then save, draw,
+        // restore.
+        write!(term, "{}\x1b[{}A\x1b7", "\n".repeat(n), n)?;
+        for l in lines {
+            write!(term, "\n\r\x1b[2K{l}")?;
+        }
+        write!(term, "\x1b8")?;
+        self.drawn = n;
+        term.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::budget::{compute, KvDtype};
+    use crate::arch::{config::ParseOptions, parse_config};
+
+    #[test]
+    fn folds_and_shows_sharing() {
+        let raw: serde_json::Value =
+            serde_json::from_str(include_str!("../../configs/gemma-4-E2B-it/config.json")).unwrap();
+        let spec = parse_config(&raw, &ParseOptions::default()).unwrap();
+        let budget = compute(&spec, 4096, 1, KvDtype::F32);
+        let now = compute(&spec, 100, 1, KvDtype::F32);
+        let held: Vec<u64> = now.layers.iter().map(|l| l.bytes).collect();
+        let lines = render(&Snapshot { spec: &spec, budget: &budget, held: &held, tokens: 100, tok_s: 3.0 });
+        assert!(lines[0].starts_with("KV "), "{lines:?}");
+        assert!(lines.iter().any(|l| l.contains("L15-18") && l.contains("→ L13") && l.contains("×4")), "{lines:?}");
+        let window_bytes = units::bytes(budget.layers[0].bytes);
+        assert!(lines.iter().any(|l| l.contains("L0-3") && l.ends_with(&format!("/ {window_bytes} ×4"))), "{lines:?}");
+    }
+}
