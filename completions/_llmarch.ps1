@@ -28,11 +28,39 @@ Register-ArgumentCompleter -Native -CommandName 'llmarch' -ScriptBlock {
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
             [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('run', 'run', [CompletionResultType]::ParameterValue, 'Generate once, streaming tokens to stdout, with the live KV panel on stderr')
             [CompletionResult]::new('inspect', 'inspect', [CompletionResultType]::ParameterValue, 'Architecture of a model: per-layer table and parameter counts')
             [CompletionResult]::new('kv-budget', 'kv-budget', [CompletionResultType]::ParameterValue, 'KV-cache memory and attention budget, per model, context and layer')
             [CompletionResult]::new('models', 'models', [CompletionResultType]::ParameterValue, 'The built-in model aliases and supported families')
             [CompletionResult]::new('completions', 'completions', [CompletionResultType]::ParameterValue, 'Shell completions (also committed under completions/)')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'llmarch;run' {
+            [CompletionResult]::new('-p', '-p', [CompletionResultType]::ParameterName, 'The prompt text (BOS is added as the tokenizer config says)')
+            [CompletionResult]::new('--prompt', '--prompt', [CompletionResultType]::ParameterName, 'The prompt text (BOS is added as the tokenizer config says)')
+            [CompletionResult]::new('--prompt-file', '--prompt-file', [CompletionResultType]::ParameterName, 'Read the prompt from a file (`-` for stdin)')
+            [CompletionResult]::new('--prompt-ids', '--prompt-ids', [CompletionResultType]::ParameterName, 'Raw token ids instead of text, e.g. `2,651,1144`')
+            [CompletionResult]::new('-n', '-n', [CompletionResultType]::ParameterName, 'Tokens to generate at most (default: generation_config.json''s, else 128)')
+            [CompletionResult]::new('--max-new-tokens', '--max-new-tokens', [CompletionResultType]::ParameterName, 'Tokens to generate at most (default: generation_config.json''s, else 128)')
+            [CompletionResult]::new('--temperature', '--temperature', [CompletionResultType]::ParameterName, '0 = greedy. Default: generation_config.json''s when it samples, else 0')
+            [CompletionResult]::new('--top-k', '--top-k', [CompletionResultType]::ParameterName, 'Keep only the k most likely tokens')
+            [CompletionResult]::new('--top-p', '--top-p', [CompletionResultType]::ParameterName, 'Keep the smallest set of tokens whose probability reaches p')
+            [CompletionResult]::new('--min-p', '--min-p', [CompletionResultType]::ParameterName, 'Drop tokens less likely than min-p × the most likely one')
+            [CompletionResult]::new('--repeat-penalty', '--repeat-penalty', [CompletionResultType]::ParameterName, '> 1 makes tokens already in the sequence less likely')
+            [CompletionResult]::new('--seed', '--seed', [CompletionResultType]::ParameterName, 'seed')
+            [CompletionResult]::new('--dtype', '--dtype', [CompletionResultType]::ParameterName, 'Compute dtype (default: f32 on CPU, bf16 on a GPU)')
+            [CompletionResult]::new('--device', '--device', [CompletionResultType]::ParameterName, 'device')
+            [CompletionResult]::new('--max-context', '--max-context', [CompletionResultType]::ParameterName, 'Context limit for this run and the budget the panel compares against (default: the model''s own)')
+            [CompletionResult]::new('--logits-out', '--logits-out', [CompletionResultType]::ParameterName, 'Write tensor `logits` [positions, vocab] f32: every prompt position, then each step')
+            [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'Stats as one JSON object on the last stdout line')
+            [CompletionResult]::new('-q', '-q', [CompletionResultType]::ParameterName, 'No progress bars or notes on stderr (errors are still printed)')
+            [CompletionResult]::new('--quiet', '--quiet', [CompletionResultType]::ParameterName, 'No progress bars or notes on stderr (errors are still printed)')
+            [CompletionResult]::new('--allow-unknown-keys', '--allow-unknown-keys', [CompletionResultType]::ParameterName, 'Treat config keys llmarch does not know as warnings instead of errors')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
             break
         }
         'llmarch;inspect' {
@@ -85,11 +113,15 @@ Register-ArgumentCompleter -Native -CommandName 'llmarch' -ScriptBlock {
             break
         }
         'llmarch;help' {
+            [CompletionResult]::new('run', 'run', [CompletionResultType]::ParameterValue, 'Generate once, streaming tokens to stdout, with the live KV panel on stderr')
             [CompletionResult]::new('inspect', 'inspect', [CompletionResultType]::ParameterValue, 'Architecture of a model: per-layer table and parameter counts')
             [CompletionResult]::new('kv-budget', 'kv-budget', [CompletionResultType]::ParameterValue, 'KV-cache memory and attention budget, per model, context and layer')
             [CompletionResult]::new('models', 'models', [CompletionResultType]::ParameterValue, 'The built-in model aliases and supported families')
             [CompletionResult]::new('completions', 'completions', [CompletionResultType]::ParameterValue, 'Shell completions (also committed under completions/)')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'llmarch;help;run' {
             break
         }
         'llmarch;help;inspect' {

@@ -25,11 +25,38 @@ set edit:completion:arg-completer[llmarch] = {|@words|
             cand --help 'Print help'
             cand -V 'Print version'
             cand --version 'Print version'
+            cand run 'Generate once, streaming tokens to stdout, with the live KV panel on stderr'
             cand inspect 'Architecture of a model: per-layer table and parameter counts'
             cand kv-budget 'KV-cache memory and attention budget, per model, context and layer'
             cand models 'The built-in model aliases and supported families'
             cand completions 'Shell completions (also committed under completions/)'
             cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'llmarch;run'= {
+            cand -p 'The prompt text (BOS is added as the tokenizer config says)'
+            cand --prompt 'The prompt text (BOS is added as the tokenizer config says)'
+            cand --prompt-file 'Read the prompt from a file (`-` for stdin)'
+            cand --prompt-ids 'Raw token ids instead of text, e.g. `2,651,1144`'
+            cand -n 'Tokens to generate at most (default: generation_config.json''s, else 128)'
+            cand --max-new-tokens 'Tokens to generate at most (default: generation_config.json''s, else 128)'
+            cand --temperature '0 = greedy. Default: generation_config.json''s when it samples, else 0'
+            cand --top-k 'Keep only the k most likely tokens'
+            cand --top-p 'Keep the smallest set of tokens whose probability reaches p'
+            cand --min-p 'Drop tokens less likely than min-p × the most likely one'
+            cand --repeat-penalty '> 1 makes tokens already in the sequence less likely'
+            cand --seed 'seed'
+            cand --dtype 'Compute dtype (default: f32 on CPU, bf16 on a GPU)'
+            cand --device 'device'
+            cand --max-context 'Context limit for this run and the budget the panel compares against (default: the model''s own)'
+            cand --logits-out 'Write tensor `logits` [positions, vocab] f32: every prompt position, then each step'
+            cand --json 'Stats as one JSON object on the last stdout line'
+            cand -q 'No progress bars or notes on stderr (errors are still printed)'
+            cand --quiet 'No progress bars or notes on stderr (errors are still printed)'
+            cand --allow-unknown-keys 'Treat config keys llmarch does not know as warnings instead of errors'
+            cand -h 'Print help'
+            cand --help 'Print help'
+            cand -V 'Print version'
+            cand --version 'Print version'
         }
         &'llmarch;inspect'= {
             cand --json 'Machine-readable output on stdout'
@@ -77,11 +104,14 @@ set edit:completion:arg-completer[llmarch] = {|@words|
             cand --version 'Print version'
         }
         &'llmarch;help'= {
+            cand run 'Generate once, streaming tokens to stdout, with the live KV panel on stderr'
             cand inspect 'Architecture of a model: per-layer table and parameter counts'
             cand kv-budget 'KV-cache memory and attention budget, per model, context and layer'
             cand models 'The built-in model aliases and supported families'
             cand completions 'Shell completions (also committed under completions/)'
             cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'llmarch;help;run'= {
         }
         &'llmarch;help;inspect'= {
         }

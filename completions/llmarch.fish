@@ -28,11 +28,36 @@ complete -c llmarch -n "__fish_llmarch_needs_command" -s q -l quiet -d 'No progr
 complete -c llmarch -n "__fish_llmarch_needs_command" -l allow-unknown-keys -d 'Treat config keys llmarch does not know as warnings instead of errors'
 complete -c llmarch -n "__fish_llmarch_needs_command" -s h -l help -d 'Print help'
 complete -c llmarch -n "__fish_llmarch_needs_command" -s V -l version -d 'Print version'
+complete -c llmarch -n "__fish_llmarch_needs_command" -f -a "run" -d 'Generate once, streaming tokens to stdout, with the live KV panel on stderr'
 complete -c llmarch -n "__fish_llmarch_needs_command" -f -a "inspect" -d 'Architecture of a model: per-layer table and parameter counts'
 complete -c llmarch -n "__fish_llmarch_needs_command" -f -a "kv-budget" -d 'KV-cache memory and attention budget, per model, context and layer'
 complete -c llmarch -n "__fish_llmarch_needs_command" -f -a "models" -d 'The built-in model aliases and supported families'
 complete -c llmarch -n "__fish_llmarch_needs_command" -f -a "completions" -d 'Shell completions (also committed under completions/)'
 complete -c llmarch -n "__fish_llmarch_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -s p -l prompt -d 'The prompt text (BOS is added as the tokenizer config says)' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l prompt-file -d 'Read the prompt from a file (`-` for stdin)' -r -F
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l prompt-ids -d 'Raw token ids instead of text, e.g. `2,651,1144`' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -s n -l max-new-tokens -d 'Tokens to generate at most (default: generation_config.json\'s, else 128)' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l temperature -d '0 = greedy. Default: generation_config.json\'s when it samples, else 0' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l top-k -d 'Keep only the k most likely tokens' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l top-p -d 'Keep the smallest set of tokens whose probability reaches p' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l min-p -d 'Drop tokens less likely than min-p × the most likely one' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l repeat-penalty -d '> 1 makes tokens already in the sequence less likely' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l seed -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l dtype -d 'Compute dtype (default: f32 on CPU, bf16 on a GPU)' -r -f -a "f32\t''
+bf16\t''
+f16\t''"
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l device -r -f -a "cpu\t''
+cuda\t''
+metal\t''
+auto\t''"
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l max-context -d 'Context limit for this run and the budget the panel compares against (default: the model\'s own)' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l logits-out -d 'Write tensor `logits` [positions, vocab] f32: every prompt position, then each step' -r -F
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l json -d 'Stats as one JSON object on the last stdout line'
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -s q -l quiet -d 'No progress bars or notes on stderr (errors are still printed)'
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l allow-unknown-keys -d 'Treat config keys llmarch does not know as warnings instead of errors'
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -s h -l help -d 'Print help'
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -s V -l version -d 'Print version'
 complete -c llmarch -n "__fish_llmarch_using_subcommand inspect" -l json -d 'Machine-readable output on stdout'
 complete -c llmarch -n "__fish_llmarch_using_subcommand inspect" -s q -l quiet -d 'No progress bars or notes on stderr (errors are still printed)'
 complete -c llmarch -n "__fish_llmarch_using_subcommand inspect" -l allow-unknown-keys -d 'Treat config keys llmarch does not know as warnings instead of errors'
@@ -61,8 +86,9 @@ complete -c llmarch -n "__fish_llmarch_using_subcommand completions" -s q -l qui
 complete -c llmarch -n "__fish_llmarch_using_subcommand completions" -l allow-unknown-keys -d 'Treat config keys llmarch does not know as warnings instead of errors'
 complete -c llmarch -n "__fish_llmarch_using_subcommand completions" -s h -l help -d 'Print help'
 complete -c llmarch -n "__fish_llmarch_using_subcommand completions" -s V -l version -d 'Print version'
-complete -c llmarch -n "__fish_llmarch_using_subcommand help; and not __fish_seen_subcommand_from inspect kv-budget models completions help" -f -a "inspect" -d 'Architecture of a model: per-layer table and parameter counts'
-complete -c llmarch -n "__fish_llmarch_using_subcommand help; and not __fish_seen_subcommand_from inspect kv-budget models completions help" -f -a "kv-budget" -d 'KV-cache memory and attention budget, per model, context and layer'
-complete -c llmarch -n "__fish_llmarch_using_subcommand help; and not __fish_seen_subcommand_from inspect kv-budget models completions help" -f -a "models" -d 'The built-in model aliases and supported families'
-complete -c llmarch -n "__fish_llmarch_using_subcommand help; and not __fish_seen_subcommand_from inspect kv-budget models completions help" -f -a "completions" -d 'Shell completions (also committed under completions/)'
-complete -c llmarch -n "__fish_llmarch_using_subcommand help; and not __fish_seen_subcommand_from inspect kv-budget models completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c llmarch -n "__fish_llmarch_using_subcommand help; and not __fish_seen_subcommand_from run inspect kv-budget models completions help" -f -a "run" -d 'Generate once, streaming tokens to stdout, with the live KV panel on stderr'
+complete -c llmarch -n "__fish_llmarch_using_subcommand help; and not __fish_seen_subcommand_from run inspect kv-budget models completions help" -f -a "inspect" -d 'Architecture of a model: per-layer table and parameter counts'
+complete -c llmarch -n "__fish_llmarch_using_subcommand help; and not __fish_seen_subcommand_from run inspect kv-budget models completions help" -f -a "kv-budget" -d 'KV-cache memory and attention budget, per model, context and layer'
+complete -c llmarch -n "__fish_llmarch_using_subcommand help; and not __fish_seen_subcommand_from run inspect kv-budget models completions help" -f -a "models" -d 'The built-in model aliases and supported families'
+complete -c llmarch -n "__fish_llmarch_using_subcommand help; and not __fish_seen_subcommand_from run inspect kv-budget models completions help" -f -a "completions" -d 'Shell completions (also committed under completions/)'
+complete -c llmarch -n "__fish_llmarch_using_subcommand help; and not __fish_seen_subcommand_from run inspect kv-budget models completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

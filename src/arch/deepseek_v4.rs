@@ -56,6 +56,7 @@ pub const FAMILY: Family = Family {
     architectures: &["DeepseekV4ForCausalLM"],
     summary: "mHC hyper-connections, compressed sparse (CSA, lightning indexer) + heavily compressed (HCA) attention beside a sliding window, shared-KV MQA with K=V, grouped output projection, hash-routed MoE",
     parse,
+    build: None,
 };
 
 /// `DeepseekV4Config` with the reference's defaults, plus the legacy hub keys its `__post_init__`

@@ -39,6 +39,7 @@ pub const FAMILY: Family = Family {
     architectures: &["LagunaForCausalLM"],
     summary: "per-layer query-head counts, softplus output gate, QK norm, sliding + full RoPE, sigmoid MoE + shared expert",
     parse,
+    build: None,
 };
 
 /// `LagunaConfig` with the reference's defaults.

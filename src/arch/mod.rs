@@ -35,6 +35,22 @@ pub struct Family {
     pub summary: &'static str,
     /// Turns the text config (wrapper already unwrapped) into the spec.
     pub parse: fn(&config::TextConfig) -> Result<ArchSpec>,
+    /// Builds the runnable network from `config.json` and the weights (positioned at the text
+    /// model root, plus the untied LM head if any); `None` while only `inspect`/`kv-budget` work.
+    pub build: Option<BuildFn>,
+}
+
+/// See [`Family::build`].
+pub type BuildFn = fn(
+    &Value,
+    &config::ParseOptions,
+    candle_nn::VarBuilder<'static>,
+    Option<candle_nn::VarBuilder<'static>>,
+) -> Result<Box<dyn crate::generate::CausalLm>>;
+
+/// The family a spec belongs to.
+pub fn family_of(spec: &ArchSpec) -> Option<&'static Family> {
+    FAMILIES.iter().find(|f| f.name == spec.family)
 }
 
 /// The registry: adding a family is one file plus one line here.

@@ -45,6 +45,7 @@ pub const FAMILY: Family = Family {
     architectures: &["ZayaForCausalLM"],
     summary: "Compressed Convolutional Attention (conv + delayed-value state), top-1 MoE with an MLP router, residual scaling",
     parse,
+    build: None,
 };
 
 /// `ZayaConfig` with the reference's defaults.

@@ -5,6 +5,7 @@ pub mod completions;
 pub mod inspect;
 pub mod kv_budget;
 pub mod models;
+pub mod run;
 
 use crate::arch::config::ParseOptions;
 use clap::{Parser, Subcommand};
@@ -29,6 +30,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Generate once, streaming tokens to stdout, with the live KV panel on stderr.
+    Run(run::Args),
     /// Architecture of a model: per-layer table and parameter counts.
     Inspect(inspect::Args),
     /// KV-cache memory and attention budget, per model, context and layer.
@@ -69,6 +72,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         },
     };
     match cli.command {
+        Command::Run(a) => run::run(&ctx, a, out),
         Command::Inspect(a) => inspect::run(&ctx, a, out),
         Command::KvBudget(a) => kv_budget::run(&ctx, a, out),
         Command::Models(a) => models::run(a, out),

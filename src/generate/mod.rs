@@ -48,9 +48,16 @@ pub enum StopReason {
 /// What the caller hears about: a new token (with its logits row), and whether to go on.
 pub enum Event<'a> {
     /// The prompt was prefilled; `logits` holds one row per prompt position.
-    Prefilled { logits: &'a Tensor },
+    Prefilled {
+        logits: &'a Tensor,
+        cache: &'a KvStore,
+    },
     /// A token was chosen from `logits` (one row).
-    Token { id: u32, logits: &'a Tensor },
+    Token {
+        id: u32,
+        logits: &'a Tensor,
+        cache: &'a KvStore,
+    },
 }
 
 /// Measured figures of one generation.
@@ -58,6 +65,8 @@ pub enum Event<'a> {
 pub struct Stats {
     pub prompt_tokens: usize,
     pub generated_tokens: usize,
+    /// The generated ids, the stop token included.
+    pub generated_ids: Vec<u32>,
     pub ttft_ms: f64,
     pub prefill_tok_s: f64,
     pub decode_tok_s: f64,
@@ -104,7 +113,10 @@ pub fn generate(
     let logits = model.forward(prompt, cache)?; // [n, vocab]
     let prefill = t0.elapsed().as_secs_f64();
     stats.prefill_tok_s = prompt.len() as f64 / prefill.max(1e-9);
-    let mut go_on = on_event(Event::Prefilled { logits: &logits })?;
+    let mut go_on = on_event(Event::Prefilled {
+        logits: &logits,
+        cache,
+    })?;
     let mut last = logits.get(prompt.len() - 1)?; // [vocab]
 
     let t_decode = Instant::now();
@@ -120,8 +132,13 @@ pub fn generate(
             stats.ttft_ms = t0.elapsed().as_secs_f64() * 1e3;
         }
         stats.generated_tokens += 1;
+        stats.generated_ids.push(id);
         history.push(id);
-        go_on = on_event(Event::Token { id, logits: &last })?;
+        go_on = on_event(Event::Token {
+            id,
+            logits: &last,
+            cache,
+        })?;
         if limits.stop_ids.contains(&id) {
             stats.stop = Some(StopReason::EndOfSequence);
             break;

@@ -1,8 +1,16 @@
 //! Where the bytes come from: model references (alias, `org/name[@revision]`, local directory),
 //! the embedded configs of the aliases, and the Hugging Face Hub through hf-hub.
+//!
+//! For `run`: [`model_files::resolve`] gathers a complete model folder (downloading what is
+//! missing), [`weights::load`] maps and validates its safetensors into a `VarBuilder`, and
+//! [`tokenizer::load`] reads the tokenizer, stop ids, chat template and sampling defaults.
 
 pub mod aliases;
+pub mod generation_config;
 pub mod hub;
+pub mod model_files;
+pub mod tokenizer;
+pub mod weights;
 
 use crate::arch::{self, config::ParseOptions, ArchSpec};
 use anyhow::{anyhow, bail, Context, Result};

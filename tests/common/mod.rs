@@ -52,18 +52,47 @@ pub fn expect_error(o: &Output, code: i32) -> String {
     err
 }
 
-/// What the fake Hub answers for a path.
+/// The commit a [`Reply::File`] reports in `X-Repo-Commit`.
+pub const DEFAULT_COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+/// What the fake Hub answers for a path (matched without its query string).
 #[derive(Clone)]
 pub enum Reply {
+    /// A file served the way the Hub serves it (ETag, X-Repo-Commit, Content-Range, ranges),
+    /// at [`DEFAULT_COMMIT`].
     File(Vec<u8>),
+    /// The same at a given commit.
+    FileAt(Vec<u8>, String),
+    /// An empty answer with this status.
     Status(u16),
+    /// `200` with a JSON body (the `/api/models/...` endpoints).
+    Json(String),
+    /// `401` unless the request carries `Authorization: Bearer <token>`, else the inner reply.
+    Gated(String, Box<Reply>),
+    /// The inner file, but a body request (not the `bytes=0-0` probe) announces its full
+    /// length and closes the connection after `n` bytes of the file: an interrupted download.
+    Cut(Box<Reply>, usize),
+    /// The inner file, but a body request gets only its first `n` bytes, honestly sized,
+    /// while `Content-Range` still announces the whole file: a server that loses data.
+    Short(Box<Reply>, usize),
+}
+
+/// One request the fake Hub saw.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub path: String,
+    pub range: Option<String>,
+    pub authorization: Option<String>,
 }
 
 /// A fake Hub on 127.0.0.1; stops when dropped.
 pub struct FakeHub {
     pub url: String,
     stop: Arc<AtomicBool>,
+    /// The path of every request, in order.
     pub hits: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Every request with its range and authorization headers.
+    pub seen: Arc<std::sync::Mutex<Vec<Seen>>>,
 }
 
 impl Drop for FakeHub {
@@ -74,6 +103,124 @@ impl Drop for FakeHub {
     }
 }
 
+/// The routes of a model repo at one revision: `resolve/{revision}/{file}` for each file
+/// (gated behind `token` when given) and the `GET /api/models/{id}/revision/{revision}` file
+/// list that hf-hub's `info()` reads.
+pub fn repo_routes(
+    id: &str,
+    revision: &str,
+    commit: &str,
+    files: &[(&str, Vec<u8>)],
+    token: Option<&str>,
+) -> HashMap<String, Reply> {
+    let rev = revision.replace('/', "%2F");
+    let mut routes = HashMap::new();
+    for (name, body) in files {
+        let mut reply = Reply::FileAt(body.clone(), commit.to_string());
+        if let Some(t) = token {
+            reply = Reply::Gated(t.to_string(), Box::new(reply));
+        }
+        routes.insert(format!("/{id}/resolve/{rev}/{name}"), reply);
+    }
+    let siblings: Vec<serde_json::Value> = files
+        .iter()
+        .map(|(n, _)| serde_json::json!({ "rfilename": n }))
+        .collect();
+    let info = serde_json::json!({ "id": id, "modelId": id, "sha": commit, "siblings": siblings });
+    routes.insert(
+        format!("/api/models/{id}/revision/{rev}"),
+        Reply::Json(info.to_string()),
+    );
+    routes
+}
+
+fn status_line(code: u16) -> Vec<u8> {
+    format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into_bytes()
+}
+
+/// The bytes to write for `reply`, given the request's range and authorization.
+fn respond(reply: &Reply, range: Option<(usize, Option<usize>)>, auth: Option<&str>) -> Vec<u8> {
+    let probe = range == Some((0, Some(0)));
+    match reply {
+        Reply::Status(code) => status_line(*code),
+        Reply::Json(body) => {
+            let mut head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            head.extend_from_slice(body.as_bytes());
+            head
+        }
+        Reply::Gated(token, inner) => {
+            if auth == Some(format!("Bearer {token}").as_str()) {
+                respond(inner, range, auth)
+            } else {
+                status_line(401)
+            }
+        }
+        Reply::File(body) => file_response(body, DEFAULT_COMMIT, range, None),
+        Reply::FileAt(body, commit) => file_response(body, commit, range, None),
+        Reply::Cut(inner, n) | Reply::Short(inner, n) => {
+            let (body, commit) = match inner.as_ref() {
+                Reply::File(b) => (b, DEFAULT_COMMIT),
+                Reply::FileAt(b, c) => (b, c.as_str()),
+                other => return respond(other, range, auth),
+            };
+            if probe {
+                return file_response(body, commit, range, None);
+            }
+            let fault = match reply {
+                Reply::Cut(..) => Fault::Close(*n),
+                _ => Fault::Short(*n),
+            };
+            file_response(body, commit, range, Some(fault))
+        }
+    }
+}
+
+enum Fault {
+    Close(usize),
+    Short(usize),
+}
+
+fn file_response(
+    body: &[u8],
+    commit: &str,
+    range: Option<(usize, Option<usize>)>,
+    fault: Option<Fault>,
+) -> Vec<u8> {
+    let last = body.len().saturating_sub(1);
+    let (start, end) = match range {
+        Some((a, Some(b))) => (a, b.min(last)),
+        Some((a, None)) => (a, last),
+        None => (0, last),
+    };
+    let slice = &body[start.min(body.len())..(end + 1).min(body.len())];
+    let (announced, sent) = match fault {
+        None => (slice.len(), slice),
+        // Promise the whole range, deliver up to byte `n` of the file.
+        Some(Fault::Close(n)) => (
+            slice.len(),
+            &slice[..n.saturating_sub(start).min(slice.len())],
+        ),
+        // Deliver up to byte `n`, and say so in Content-Length.
+        Some(Fault::Short(n)) => {
+            let s = &slice[..n.saturating_sub(start).min(slice.len())];
+            (s.len(), s)
+        }
+    };
+    let etag = format!("{:016x}", fxhash(body));
+    let mut head = format!(
+        "HTTP/1.1 206 Partial Content\r\nContent-Length: {announced}\r\nContent-Range: bytes {start}-{end}/{}\r\n\
+         ETag: \"{etag}\"\r\nX-Repo-Commit: {commit}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    head.extend_from_slice(sent);
+    head
+}
+
 impl FakeHub {
     /// Serve `routes` (URL path → reply) until dropped; anything else is a 404.
     pub fn start(routes: HashMap<String, Reply>) -> FakeHub {
@@ -81,10 +228,11 @@ impl FakeHub {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let stop = Arc::new(AtomicBool::new(false));
         let hits = Arc::new(std::sync::Mutex::new(vec![]));
-        let (stop2, hits2) = (stop.clone(), hits.clone());
+        let seen = Arc::new(std::sync::Mutex::new(vec![]));
+        let (stop2, hits2, seen2) = (stop.clone(), hits.clone(), seen.clone());
         std::thread::spawn(move || {
-            // Bounded: a test makes a handful of requests.
-            for stream in listener.incoming().take(64) {
+            // Bounded: a test makes a few dozen requests.
+            for stream in listener.incoming().take(512) {
                 if stop2.load(Ordering::SeqCst) {
                     break;
                 }
@@ -96,6 +244,7 @@ impl FakeHub {
                     continue;
                 }
                 let mut range: Option<(usize, Option<usize>)> = None;
+                let (mut range_text, mut auth) = (None, None);
                 loop {
                     let mut line = String::new();
                     if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
@@ -104,45 +253,42 @@ impl FakeHub {
                     let lower = line.to_ascii_lowercase();
                     if let Some(r) = lower.strip_prefix("range: bytes=") {
                         let r = r.trim();
+                        range_text = Some(r.to_string());
                         let (a, b) = r.split_once('-').unwrap_or((r, ""));
                         range = Some((a.parse().unwrap_or(0), b.parse().ok()));
                     }
+                    if lower.starts_with("authorization:") {
+                        auth = Some(line["authorization:".len()..].trim().to_string());
+                    }
                 }
-                let path = request_line
+                let full = request_line
                     .split_whitespace()
                     .nth(1)
                     .unwrap_or("/")
                     .to_string();
+                let path = full.split('?').next().unwrap_or("/").to_string();
                 hits2.lock().unwrap().push(path.clone());
+                seen2.lock().unwrap().push(Seen {
+                    path: path.clone(),
+                    range: range_text,
+                    authorization: auth.clone(),
+                });
                 let reply = routes.get(&path).cloned().unwrap_or(Reply::Status(404));
-                let response = match reply {
-                    Reply::Status(code) => format!(
-                        "HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    )
-                    .into_bytes(),
-                    Reply::File(body) => {
-                        let (start, end) = match range {
-                            Some((a, Some(b))) => (a, b.min(body.len().saturating_sub(1))),
-                            Some((a, None)) => (a, body.len().saturating_sub(1)),
-                            None => (0, body.len().saturating_sub(1)),
-                        };
-                        let slice = &body[start.min(body.len())..(end + 1).min(body.len())];
-                        let etag = format!("{:016x}", fxhash(&body));
-                        let mut head = format!(
-                            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{end}/{}\r\n\
-                             ETag: \"{etag}\"\r\nX-Repo-Commit: 0123456789abcdef0123456789abcdef01234567\r\nConnection: close\r\n\r\n",
-                            slice.len(),
-                            body.len()
-                        )
-                        .into_bytes();
-                        head.extend_from_slice(slice);
-                        head
-                    }
-                };
+                let response = respond(&reply, range, auth.as_deref());
                 let _ = stream.write_all(&response);
             }
         });
-        FakeHub { url, stop, hits }
+        FakeHub {
+            url,
+            stop,
+            hits,
+            seen,
+        }
+    }
+
+    /// How many requests the server has answered.
+    pub fn hit_count(&self) -> usize {
+        self.hits.lock().unwrap().len()
     }
 }
 

@@ -14,6 +14,11 @@
 //! - 26B-A4B: an MoE block (128 experts, top-8) beside the dense MLP in every layer;
 //! - transformers 5.23 folds `global_head_dim`/`num_global_key_value_heads` into a sparse
 //!   `per_layer_config` keyed by layer index; both forms are read.
+//!
+//! This file is the config half (config → [`ArchSpec`] and the few model-wide numbers the
+//! network needs, [`RuntimeConfig`]); [`model`] is the network built from them.
+
+pub mod model;
 
 use super::config::{check_heads, check_len, n, positive, rope_from_params, yes, TextConfig};
 use super::{ArchSpec, Attention, Family, Ffn, LayerSpec, ParamCounts, Retention};
@@ -27,6 +32,11 @@ pub const FAMILY: Family = Family {
     architectures: &["Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"],
     summary: "cross-layer KV sharing, per-layer embeddings, sliding + 512-d full layers, K=V, MoE beside a dense MLP",
     parse,
+    build: Some(|raw, opts, vb, lm_head| {
+        Ok(Box::new(model::Gemma4Model::from_config(
+            raw, opts, vb, lm_head,
+        )?))
+    }),
 };
 
 /// `Gemma4TextConfig` with the reference's defaults.
@@ -51,7 +61,6 @@ struct Gemma4TextConfig {
     #[serde(default = "n::<131_072>")]
     max_position_embeddings: usize,
     #[serde(default = "d_eps")]
-    #[allow(dead_code)]
     rms_norm_eps: f64,
     #[serde(default = "yes")]
     tie_word_embeddings: bool,
@@ -156,6 +165,42 @@ fn read_per_layer_config(v: &Value, layers: usize, prefix: &str) -> Result<Vec<L
         _ => bail!("key `{prefix}per_layer_config` is neither an object nor a list"),
     }
     Ok(out)
+}
+
+/// The model-wide numbers the network needs beyond the per-layer table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuntimeConfig {
+    pub rms_norm_eps: f64,
+    /// `tanh` cap on the final logits, if any.
+    pub final_logit_softcapping: Option<f64>,
+    /// Biases on the q/k/v/o projections.
+    pub attention_bias: bool,
+    /// Rows of the per-layer-embedding table (PLE models).
+    pub vocab_size_per_layer_input: usize,
+}
+
+/// Read the [`RuntimeConfig`] of a Gemma 4 text config (the spec comes from
+/// [`crate::arch::parse_config`]).
+pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
+    let c: Gemma4TextConfig = text.parse()?;
+    let p = text.key_prefix();
+    if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps >= 0.0) {
+        bail!(
+            "key `{p}rms_norm_eps` = {} must be a number ≥ 0",
+            c.rms_norm_eps
+        );
+    }
+    if let Some(cap) = c.final_logit_softcapping {
+        if !(cap.is_finite() && cap > 0.0) {
+            bail!("key `{p}final_logit_softcapping` = {cap} must be a positive number");
+        }
+    }
+    Ok(RuntimeConfig {
+        rms_norm_eps: c.rms_norm_eps,
+        final_logit_softcapping: c.final_logit_softcapping,
+        attention_bias: c.attention_bias,
+        vocab_size_per_layer_input: c.vocab_size_per_layer_input,
+    })
 }
 
 fn parse(text: &TextConfig) -> Result<ArchSpec> {

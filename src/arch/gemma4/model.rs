@@ -1,0 +1,390 @@
+//! The Gemma 4 text network (`Gemma4TextModel` + the causal-LM head of `Gemma4ForCausalLM`),
+//! every variant, built from the per-layer table. Reference: transformers 5.23.0
+//! `models/gemma4/modeling_gemma4.py`; weight names mirror it under the text-model root
+//! (`model.` or `model.language_model.`, applied by the loader).
+//!
+//! Per token: scaled embedding (`sqrt(hidden)` cast to the weight dtype) → per-layer embeddings
+//! (E2B/E4B) → decoder layers → RMS norm → output head (tied to the embedding unless the config
+//! unties it) → `tanh` soft-cap. A decoder layer:
+//!
+//! 1. `h += post_attn_norm(attn(input_norm(h)))`: q/k/v head norms, attention scale 1.0, RoPE per
+//!    layer type (sliding: default; full: proportional partial), a sliding window or full
+//!    causal mask; KV-shared layers attend their owner's K/V from this forward; K=V full layers
+//!    store one tensor (see [`crate::layers::attention`]);
+//! 2. `h += post_ffn_norm(mlp(pre_ffn_norm(h)))`; with the MoE block (26B-A4B) the MLP output is
+//!    `post_ffn_norm_1(mlp(..)) + post_ffn_norm_2(experts(pre_ffn_norm_2(h)))`, routed from `h`
+//!    before the MLP's norm; KV-shared layers may have a double-wide MLP;
+//! 3. with PLE: `h += norm(proj(gelu(gate h) · ple_i))`;
+//! 4. `h *= layer_scalar`.
+
+use super::{runtime_config, RuntimeConfig};
+use crate::arch::config::{ParseOptions, TextConfig};
+use crate::arch::{ArchSpec, Attention as AttnKind, Ffn, LayerSpec};
+use crate::generate::CausalLm;
+use crate::layers::attention::{Attention, AttentionOptions, ForwardCtx};
+use crate::layers::embedding::{softcap, ScaledEmbedding};
+use crate::layers::kv_store::KvStore;
+use crate::layers::linear::Linear;
+use crate::layers::mlp::{Activation, GatedMlp};
+use crate::layers::moe::{PackedExperts, SoftmaxTopKRouter};
+use crate::layers::norm::RmsNorm;
+use crate::layers::per_layer_embedding::{PerLayerEmbedding, PerLayerGate};
+use crate::layers::rope::Rotary;
+use crate::layers::weight;
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde_json::Value;
+use std::sync::Arc;
+
+/// The MoE branch beside the dense MLP (26B-A4B).
+#[derive(Debug)]
+struct MoeBranch {
+    router: SoftmaxTopKRouter,
+    experts: PackedExperts,
+    pre_norm: RmsNorm,
+    post_norm_mlp: RmsNorm,
+    post_norm_experts: RmsNorm,
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    attn: Attention,
+    input_norm: RmsNorm,
+    post_attn_norm: RmsNorm,
+    pre_ffn_norm: RmsNorm,
+    post_ffn_norm: RmsNorm,
+    mlp: GatedMlp,
+    moe: Option<MoeBranch>,
+    ple: Option<PerLayerGate>,
+    /// `[1]`, model dtype.
+    layer_scalar: Tensor,
+}
+
+impl DecoderLayer {
+    fn load(
+        vb: &VarBuilder,
+        spec: &LayerSpec,
+        hidden: usize,
+        rope: Arc<Rotary>,
+        cfg: &RuntimeConfig,
+    ) -> Result<Self> {
+        let eps = cfg.rms_norm_eps;
+        let act = Activation::GeluTanh;
+        let norm = |name: &str| RmsNorm::load(&vb.pp(name), hidden, eps);
+        let attn_opts = AttentionOptions {
+            bias: cfg.attention_bias,
+            qkv_norms: true,
+            eps,
+            scale: 1.0,
+        };
+        let (mlp_width, moe) = match &spec.ffn {
+            Ffn::Dense { width } => (*width, None),
+            Ffn::Moe {
+                experts,
+                top_k,
+                width,
+                dense_width: Some(dense),
+                ..
+            } => {
+                let branch = MoeBranch {
+                    router: SoftmaxTopKRouter::load(
+                        &vb.pp("router"),
+                        hidden,
+                        *experts,
+                        *top_k,
+                        eps,
+                    )?,
+                    experts: PackedExperts::load(&vb.pp("experts"), hidden, *experts, *width, act)?,
+                    pre_norm: norm("pre_feedforward_layernorm_2")?,
+                    post_norm_mlp: norm("post_feedforward_layernorm_1")?,
+                    post_norm_experts: norm("post_feedforward_layernorm_2")?,
+                };
+                (*dense, Some(branch))
+            }
+            Ffn::Moe {
+                dense_width: None, ..
+            } => bail!(
+                "layer {}: Gemma 4 runs its experts beside a dense MLP, but the table has none",
+                spec.index
+            ),
+        };
+        Ok(DecoderLayer {
+            attn: Attention::load(&vb.pp("self_attn"), spec, hidden, rope, &attn_opts)?,
+            input_norm: norm("input_layernorm")?,
+            post_attn_norm: norm("post_attention_layernorm")?,
+            pre_ffn_norm: norm("pre_feedforward_layernorm")?,
+            post_ffn_norm: norm("post_feedforward_layernorm")?,
+            mlp: GatedMlp::load(&vb.pp("mlp"), hidden, mlp_width, act)?,
+            moe,
+            ple: match spec.ple_width {
+                Some(w) => Some(PerLayerGate::load(vb, hidden, w, eps, act)?),
+                None => None,
+            },
+            layer_scalar: weight::get(vb, 1, "layer_scalar")?,
+        })
+    }
+
+    /// h `[b, n, hidden]`, this layer's per-layer embedding `[b, n, width]` → `[b, n, hidden]`.
+    fn forward(&self, h: &Tensor, ple: Option<&Tensor>, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        // 1. Attention, with its own pre- and post-norm.
+        let x = self.attn.forward(&self.input_norm.forward(h)?, ctx)?;
+        let h = (h + self.post_attn_norm.forward(&x)?)?;
+
+        // 2. Feed-forward: the dense MLP, and the experts beside it (routed from `h`).
+        let x = self.mlp.forward(&self.pre_ffn_norm.forward(&h)?)?;
+        let x = match &self.moe {
+            Some(m) => {
+                let (b, n, d) = h.dims3()?;
+                let flat = h.reshape((b * n, d))?; // [tokens, hidden]
+                let picks = m.router.route(&flat)?;
+                let y = m.experts.forward(&m.pre_norm.forward(&flat)?, &picks)?;
+                let y = m.post_norm_experts.forward(&y.reshape((b, n, d))?)?;
+                (m.post_norm_mlp.forward(&x)? + y)?
+            }
+            None => x,
+        };
+        let h = (&h + self.post_ffn_norm.forward(&x)?)?;
+
+        // 3. Per-layer embedding, through a gated residual.
+        let h = match (&self.ple, ple) {
+            (Some(gate), Some(e)) => gate.forward(&h, e)?,
+            (None, None) => h,
+            _ => bail!("internal: per-layer embedding given to a layer without its gate, or not"),
+        };
+
+        // 4. Layer scalar.
+        Ok(h.broadcast_mul(&self.layer_scalar)?)
+    }
+}
+
+/// The Gemma 4 text model with its output head.
+#[derive(Debug)]
+pub struct Gemma4Model {
+    spec: ArchSpec,
+    cfg: RuntimeConfig,
+    embed: ScaledEmbedding,
+    ple: Option<PerLayerEmbedding>,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    device: Device,
+}
+
+/// RoPE for one layer as `Gemma4TextRotaryEmbedding` builds it. Its `default` uses the whole
+/// head (it ignores `partial_rotary_factor`); `proportional` rotates `⌊partial·d/2⌋` pairs with
+/// frequencies over the whole head dim.
+fn rotary_for(spec: &LayerSpec, device: &Device) -> Result<Rotary> {
+    let rope = spec
+        .rope
+        .as_ref()
+        .ok_or_else(|| anyhow!("layer {}: no RoPE parameters", spec.index))?;
+    let d = spec.head_dim;
+    match rope.kind.as_str() {
+        "default" => Rotary::default_rope(rope.theta, d, device),
+        "proportional" => Rotary::proportional(
+            rope.theta,
+            d,
+            rope.rotary_dim / 2,
+            rope.factor.unwrap_or(1.0),
+            device,
+        ),
+        other => bail!(
+            "layer {}: rope_type `{other}` is not implemented for Gemma 4 (default and proportional are)",
+            spec.index
+        ),
+    }
+    .with_context(|| format!("layer {}", spec.index))
+}
+
+impl Gemma4Model {
+    /// Build the network for `spec` from `vb`, positioned at the text-model root (the one holding
+    /// `embed_tokens`, `layers`, `norm`), in `vb`'s dtype and device. `lm_head` is positioned at
+    /// the untied output head (it holds `weight`); it is read only when the config unties it.
+    /// k/v projections present on KV-shared layers are not read.
+    pub fn new(
+        spec: ArchSpec,
+        cfg: RuntimeConfig,
+        vb: VarBuilder,
+        lm_head: Option<VarBuilder>,
+    ) -> Result<Self> {
+        if spec.family != super::FAMILY.name {
+            bail!(
+                "internal: a `{}` spec given to the Gemma 4 model",
+                spec.family
+            );
+        }
+        let device = vb.device().clone();
+        let hidden = spec.hidden_size;
+        let n = spec.layers.len();
+        let eps = cfg.rms_norm_eps;
+        let embed = ScaledEmbedding::load(
+            &vb.pp("embed_tokens"),
+            spec.vocab_size,
+            hidden,
+            (hidden as f64).sqrt(),
+        )?;
+
+        let ple_width = spec.layers.first().and_then(|l| l.ple_width);
+        if spec.layers.iter().any(|l| l.ple_width != ple_width) {
+            bail!("internal: Gemma 4 layers disagree on the per-layer embedding width");
+        }
+        let ple = match ple_width {
+            Some(w) => Some(PerLayerEmbedding::load(
+                &vb,
+                cfg.vocab_size_per_layer_input,
+                hidden,
+                n,
+                w,
+                eps,
+            )?),
+            None => None,
+        };
+
+        // One RoPE table per distinct (parameters, head dim): in practice one per layer type.
+        let mut ropes: Vec<(LayerKey, Arc<Rotary>)> = vec![];
+        let vb_layers = vb.pp("layers");
+        let mut layers = Vec::with_capacity(n);
+        for l in &spec.layers {
+            let key = LayerKey::of(l);
+            let rope = match ropes.iter().find(|(k, _)| *k == key) {
+                Some((_, r)) => r.clone(),
+                None => {
+                    let r = Arc::new(rotary_for(l, &device)?);
+                    ropes.push((key, r.clone()));
+                    r
+                }
+            };
+            layers.push(DecoderLayer::load(
+                &vb_layers.pp(l.index),
+                l,
+                hidden,
+                rope,
+                &cfg,
+            )?);
+        }
+
+        let lm_head = if spec.tie_word_embeddings {
+            Linear::from_weight(embed.weight().clone(), None)
+        } else {
+            let vb = lm_head.ok_or_else(|| {
+                anyhow!("the config unties the output head (`tie_word_embeddings` is false) but the checkpoint has no `lm_head.weight`")
+            })?;
+            Linear::load(&vb, hidden, spec.vocab_size, false)?
+        };
+        Ok(Gemma4Model {
+            norm: RmsNorm::load(&vb.pp("norm"), hidden, eps)?,
+            spec,
+            cfg,
+            embed,
+            ple,
+            layers,
+            lm_head,
+            device,
+        })
+    }
+
+    /// Parse `config.json` (bare or wrapper) and build from `vb` as [`Gemma4Model::new`] does.
+    pub fn from_config(
+        raw: &Value,
+        opts: &ParseOptions,
+        vb: VarBuilder,
+        lm_head: Option<VarBuilder>,
+    ) -> Result<Self> {
+        let spec = crate::arch::parse_config(raw, opts)?;
+        if spec.family != super::FAMILY.name {
+            bail!("this is a `{}` config, not Gemma 4", spec.family);
+        }
+        let cfg = runtime_config(&TextConfig::from_raw(raw, opts)?)?;
+        Self::new(spec, cfg, vb, lm_head)
+    }
+
+    pub fn runtime_config(&self) -> &RuntimeConfig {
+        &self.cfg
+    }
+}
+
+/// What makes two layers' RoPE tables identical.
+#[derive(Debug, PartialEq)]
+struct LayerKey {
+    rope: Option<crate::arch::Rope>,
+    head_dim: usize,
+}
+
+impl LayerKey {
+    fn of(l: &LayerSpec) -> Self {
+        LayerKey {
+            rope: l.rope.clone(),
+            head_dim: l.head_dim,
+        }
+    }
+}
+
+impl CausalLm for Gemma4Model {
+    fn spec(&self) -> &ArchSpec {
+        &self.spec
+    }
+
+    fn new_cache(&self) -> KvStore {
+        let owns: Vec<bool> = self
+            .spec
+            .layers
+            .iter()
+            .map(|l| l.kv_source.is_none())
+            .collect();
+        let windows: Vec<Option<usize>> = self
+            .spec
+            .layers
+            .iter()
+            .map(|l| match l.attention {
+                AttnKind::Sliding { window } => Some(window),
+                _ => None,
+            })
+            .collect();
+        KvStore::new(&owns, &windows)
+    }
+
+    /// Feeds `tokens` at positions `cache.seen()..`. On error the cache may hold part of the
+    /// chunk: clear it before reusing it.
+    fn forward(&self, tokens: &[u32], cache: &mut KvStore) -> Result<Tensor> {
+        let n = tokens.len();
+        if n == 0 {
+            bail!("no tokens to feed the model");
+        }
+        let vocab = self.spec.vocab_size;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            bail!("token id {bad} is outside the vocabulary ({vocab} tokens)");
+        }
+        let ids = Tensor::from_slice(tokens, (1, n), &self.device)?; // [1, n]
+
+        // 1. Token embeddings [1, n, hidden] and per-layer embeddings [1, n, layers, width].
+        let mut h = self.embed.forward(&ids)?;
+        let ple = match &self.ple {
+            Some(p) => Some(p.forward(&ids, &h)?),
+            None => None,
+        };
+
+        // 2. Decoder layers, sharing one forward context (KV views for cross-layer sharing).
+        {
+            let mut ctx = ForwardCtx::new(cache, n, self.layers.len());
+            for (i, layer) in self.layers.iter().enumerate() {
+                let e = match &ple {
+                    Some(p) => Some(p.narrow(2, i, 1)?.squeeze(2)?), // [1, n, width]
+                    None => None,
+                };
+                h = layer
+                    .forward(&h, e.as_ref(), &mut ctx)
+                    .with_context(|| format!("layer {i}"))?;
+            }
+        }
+        cache.advance(n);
+
+        // 3. Final norm, output head, soft-cap. [n, vocab]
+        let h = self.norm.forward(&h)?;
+        let mut logits = self.lm_head.forward(&h)?;
+        if let Some(cap) = self.cfg.final_logit_softcapping {
+            logits = softcap(&logits, cap)?;
+        }
+        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+}

@@ -1,0 +1,410 @@
+//! `llmarch run <MODEL> --prompt TEXT`: load, prefill, decode; text streams to stdout while a
+//! live panel on stderr shows what each layer's cache holds against the budget.
+
+use super::Ctx;
+use crate::arch::budget::{self, KvDtype};
+use crate::arch;
+use crate::generate::sampler::{Sampler, Sampling};
+use crate::generate::{self, Event, Limits, Stats};
+use crate::loader::model_files::{self, ResolveOptions};
+use crate::loader::{tokenizer, weights};
+use crate::report::panel::{self, LivePanel, Snapshot};
+use crate::report::units;
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// An alias (`llmarch models`), a Hub repo id `org/name[@revision]`, or a local directory.
+    pub model: String,
+    /// The prompt text (BOS is added as the tokenizer config says).
+    #[arg(short, long, group = "input")]
+    pub prompt: Option<String>,
+    /// Read the prompt from a file (`-` for stdin).
+    #[arg(long, group = "input")]
+    pub prompt_file: Option<PathBuf>,
+    /// Raw token ids instead of text, e.g. `2,651,1144`.
+    #[arg(long, group = "input", value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<u32>>,
+    /// Tokens to generate at most (default: generation_config.json's, else 128).
+    #[arg(short = 'n', long)]
+    pub max_new_tokens: Option<usize>,
+    /// 0 = greedy. Default: generation_config.json's when it samples, else 0.
+    #[arg(long, allow_negative_numbers = true)]
+    pub temperature: Option<f32>,
+    /// Keep only the k most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of tokens whose probability reaches p.
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_p: Option<f32>,
+    /// Drop tokens less likely than min-p × the most likely one.
+    #[arg(long, allow_negative_numbers = true)]
+    pub min_p: Option<f32>,
+    /// > 1 makes tokens already in the sequence less likely.
+    #[arg(long, allow_negative_numbers = true)]
+    pub repeat_penalty: Option<f32>,
+    #[arg(long, default_value_t = 299_792_458)]
+    pub seed: u64,
+    /// Compute dtype (default: f32 on CPU, bf16 on a GPU).
+    #[arg(long, value_enum)]
+    pub dtype: Option<ComputeDtype>,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// Context limit for this run and the budget the panel compares against (default: the
+    /// model's own).
+    #[arg(long)]
+    pub max_context: Option<usize>,
+    /// Stats as one JSON object on the last stdout line.
+    #[arg(long)]
+    pub json: bool,
+    /// Write tensor `logits` [positions, vocab] f32: every prompt position, then each step.
+    #[arg(long)]
+    pub logits_out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ComputeDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+    Metal,
+    Auto,
+}
+
+/// The device, or an error saying how to get it.
+pub fn device(arg: DeviceArg) -> Result<Device> {
+    match arg {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        DeviceArg::Cuda => {
+            if cfg!(feature = "cuda") {
+                Device::new_cuda(0).context("cannot open CUDA device 0")
+            } else {
+                bail!("this llmarch was built without CUDA\nhint: rebuild with `cargo build --release --features cuda`")
+            }
+        }
+        DeviceArg::Metal => {
+            if cfg!(feature = "metal") {
+                Device::new_metal(0).context("cannot open the Metal device")
+            } else {
+                bail!("this llmarch was built without Metal\nhint: rebuild with `cargo build --release --features metal`")
+            }
+        }
+        DeviceArg::Auto => {
+            if cfg!(feature = "cuda") {
+                if let Ok(d) = Device::new_cuda(0) {
+                    return Ok(d);
+                }
+            }
+            if cfg!(feature = "metal") {
+                if let Ok(d) = Device::new_metal(0) {
+                    return Ok(d);
+                }
+            }
+            Ok(Device::Cpu)
+        }
+    }
+}
+
+fn kv_dtype_of(d: DType) -> KvDtype {
+    match d {
+        DType::BF16 => KvDtype::Bf16,
+        DType::F16 => KvDtype::F16,
+        _ => KvDtype::F32,
+    }
+}
+
+/// Sampling from the flags, filling what they leave open from generation_config.json.
+fn sampling(args: &Args, defaults: &crate::loader::generation_config::GenerationDefaults) -> Sampling {
+    let samples = defaults.do_sample.unwrap_or(false);
+    Sampling {
+        temperature: args
+            .temperature
+            .unwrap_or(if samples { defaults.temperature.unwrap_or(1.0) } else { 0.0 }),
+        top_k: args.top_k.or(if samples { defaults.top_k } else { None }),
+        top_p: args.top_p.or(if samples { defaults.top_p } else { None }),
+        min_p: args.min_p.or(if samples { defaults.min_p } else { None }),
+        repeat_penalty: args
+            .repeat_penalty
+            .or(defaults.repetition_penalty)
+            .unwrap_or(1.0),
+        seed: args.seed,
+    }
+}
+
+fn read_prompt(args: &Args) -> Result<Option<String>> {
+    if let Some(p) = &args.prompt {
+        return Ok(Some(p.clone()));
+    }
+    match &args.prompt_file {
+        Some(p) if p.as_os_str() == "-" => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading the prompt from stdin")?;
+            Ok(Some(s))
+        }
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("reading the prompt from {}", p.display()))
+            .map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Fail before any work if `--logits-out` cannot be written.
+fn check_output_path(path: &Path) -> Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        bail!(
+            "--logits-out {}: folder {} does not exist",
+            path.display(),
+            parent.display()
+        );
+    }
+    Ok(())
+}
+
+/// Write `rows` as tensor `logits` [positions, vocab] f32, through a temp file and a rename so
+/// nothing half-written is left behind.
+fn write_logits(path: &Path, rows: &[Tensor]) -> Result<()> {
+    let all = Tensor::cat(rows, 0)?.to_dtype(DType::F32)?;
+    let tmp = path.with_extension("safetensors.partial");
+    let result = all
+        .save_safetensors("logits", &tmp)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(Into::into));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("writing {}", path.display()))
+}
+
+pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
+    // 1. Everything that can be checked before loading anything.
+    let device = device(args.device)?;
+    let dtype = match args.dtype {
+        Some(ComputeDtype::F32) => DType::F32,
+        Some(ComputeDtype::Bf16) => DType::BF16,
+        Some(ComputeDtype::F16) => DType::F16,
+        None if device.is_cpu() => DType::F32,
+        None => DType::BF16,
+    };
+    if let Some(p) = &args.logits_out {
+        check_output_path(p)?;
+    }
+    if args.max_context == Some(0) {
+        bail!("--max-context must be at least 1");
+    }
+    let text = read_prompt(&args)?;
+    if text.is_none() && args.prompt_ids.is_none() {
+        bail!("no prompt\nhint: give --prompt TEXT, --prompt-file FILE (- for stdin) or --prompt-ids 1,2,3");
+    }
+
+    // 2. The spec first (only config.json), so a family that cannot run fails before any
+    //    download; then every file, and the tokenizer.
+    let (model_ref, spec) = crate::loader::load_spec(&args.model, &ctx.parse, ctx.progress())?;
+    for w in &spec.warnings {
+        ctx.warn(w);
+    }
+    let family = arch::family_of(&spec).ok_or_else(|| anyhow!("internal: no family `{}`", spec.family))?;
+    let build = family.build.ok_or_else(|| {
+        anyhow!(
+            "llmarch cannot run the `{}` family yet; `inspect` and `kv-budget` work for it",
+            spec.family
+        )
+    })?;
+    let files = model_files::resolve(
+        &model_ref,
+        &ResolveOptions {
+            progress: ctx.progress(),
+        },
+    )?;
+    for n in &files.notes {
+        ctx.warn(n);
+    }
+    let tok = tokenizer::load(&files)?;
+    let prompt: Vec<u32> = match (&args.prompt_ids, &text) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(t)) => {
+            if t.is_empty() {
+                bail!("the prompt is empty: nothing to continue");
+            }
+            tok.encode(t, true)?
+        }
+        (None, None) => unreachable!("checked above"),
+    };
+    if let Some(bad) = prompt.iter().find(|&&id| id as usize >= spec.vocab_size) {
+        bail!("--prompt-ids: token id {bad} is outside the vocabulary ({} tokens)", spec.vocab_size);
+    }
+    let max_context = args.max_context.unwrap_or(spec.max_context);
+    if prompt.len() > max_context {
+        bail!(
+            "the prompt has {} tokens but the context limit is {max_context}\nhint: shorten the prompt or raise --max-context (the model allows {})",
+            prompt.len(),
+            spec.max_context
+        );
+    }
+    let settings = sampling(&args, &tok.generation);
+    settings.validate()?;
+
+    // 3. Weights and the network.
+    let t_load = Instant::now();
+    let weights = weights::load(&files, dtype, &device)?;
+    let model = build(
+        &files.config_json()?,
+        &ctx.parse,
+        weights.text_vb(),
+        weights.lm_head_vb(),
+    )
+    .with_context(|| format!("building the model from {}", files.source))?;
+    let load_s = t_load.elapsed().as_secs_f64();
+
+    // 4. Generate, streaming text and the panel.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        // A second handler cannot be installed (e.g. in tests calling `run` twice); not fatal.
+        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    }
+    let mut cache = model.new_cache();
+    let mut sampler = Sampler::new(settings);
+    let limits = Limits {
+        max_new_tokens: args
+            .max_new_tokens
+            .or(tok.generation.max_new_tokens)
+            .unwrap_or(128),
+        max_context,
+        stop_ids: tok.eos_ids.clone(),
+    };
+    let kv = kv_dtype_of(dtype);
+    let at_max = budget::compute(&spec, max_context as u64, 1, kv);
+    let show_panel = !ctx.quiet && !args.json && std::io::stderr().is_terminal();
+    let mut live = LivePanel::new();
+    let mut stderr = std::io::stderr();
+    let mut decoder = tok.stream_decoder();
+    let mut logits_rows: Vec<Tensor> = vec![];
+    let mut tokens = prompt.len();
+    let t0 = Instant::now();
+    let keep_logits = args.logits_out.is_some();
+
+    let mut on_event = |ev: Event| -> Result<bool> {
+        let (piece, held) = match ev {
+            Event::Prefilled { logits, cache } => {
+                if keep_logits {
+                    logits_rows.push(logits.clone());
+                }
+                (None, cache.bytes())
+            }
+            Event::Token { id, logits, cache } => {
+                // One row per token fed: the first token was chosen from the prompt's last row,
+                // which is already there.
+                if keep_logits && tokens > prompt.len() {
+                    logits_rows.push(logits.unsqueeze(0)?);
+                }
+                tokens += 1;
+                let piece = if tok.eos_ids.contains(&id) {
+                    None
+                } else {
+                    decoder.push(id)?
+                };
+                (piece, cache.bytes())
+            }
+        };
+        if show_panel {
+            live.erase(&mut stderr)?;
+        }
+        if let Some(text) = piece {
+            out.write_all(text.as_bytes())?;
+            out.flush()?;
+        }
+        if show_panel {
+            let snap = Snapshot {
+                spec: &spec,
+                budget: &at_max,
+                held: &held,
+                tokens,
+                tok_s: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+            };
+            live.draw(&mut stderr, &panel::render(&snap))?;
+        }
+        Ok(!interrupted.load(Ordering::SeqCst))
+    };
+    let stats = generate::generate(
+        model.as_ref(),
+        &mut cache,
+        &prompt,
+        &mut sampler,
+        &limits,
+        &mut on_event,
+    )?;
+    if let Some(rest) = decoder.finish()? {
+        out.write_all(rest.as_bytes())?;
+    }
+    if show_panel {
+        live.erase(&mut stderr)?;
+        let held = cache.bytes();
+        let snap = Snapshot {
+            spec: &spec,
+            budget: &at_max,
+            held: &held,
+            tokens,
+            tok_s: stats.decode_tok_s,
+        };
+        writeln!(out)?;
+        out.flush()?;
+        for l in panel::render(&snap) {
+            eprintln!("{l}");
+        }
+    } else {
+        writeln!(out)?;
+    }
+    if let Some(p) = &args.logits_out {
+        write_logits(p, &logits_rows)?;
+    }
+    if !ctx.quiet {
+        eprintln!("{}", summary(&stats, &at_max, load_s));
+    }
+    if args.json {
+        let mut v = serde_json::to_value(&stats)?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("model".into(), model_ref.display_name().into());
+            o.insert("kv_bytes_per_layer".into(), serde_json::json!(cache.bytes()));
+            o.insert("load_s".into(), load_s.into());
+            o.insert("dtype".into(), format!("{dtype:?}").to_lowercase().into());
+        }
+        writeln!(out, "{}", serde_json::to_string(&v)?)?;
+    }
+    Ok(())
+}
+
+fn summary(s: &Stats, at_max: &budget::Budget, load_s: f64) -> String {
+    format!(
+        "{} prompt + {} generated tokens · TTFT {:.0} ms · prefill {:.1} tok/s · decode {:.1} tok/s · KV {} (budget {} at {}) · load {:.1} s{}",
+        s.prompt_tokens,
+        s.generated_tokens,
+        s.ttft_ms,
+        s.prefill_tok_s,
+        s.decode_tok_s,
+        units::bytes(s.kv_bytes),
+        units::bytes(at_max.total_bytes),
+        units::context(at_max.context),
+        load_s,
+        s.peak_rss_bytes
+            .map(|b| format!(" · peak RSS {}", units::bytes(b)))
+            .unwrap_or_default()
+    )
+}

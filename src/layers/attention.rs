@@ -1,0 +1,357 @@
+//! Causal self-attention with grouped KV heads, per-head RMS norms on q/k/v, K=V, sliding windows
+//! and cross-layer KV sharing; the cache lives in the [`KvStore`], outside the layer.
+//!
+//! One forward of the model runs every layer over the same chunk of tokens; the layers share a
+//! [`ForwardCtx`]: the KV store, the chunk's positions, the masks built so far, and what each
+//! owning layer attended ([`AttendedKv`]). A layer whose `kv_source` is `j` computes no K/V: it
+//! attends layer `j`'s keys and values from this same forward (the owner's view, cached tokens
+//! then the chunk's), as the reference's `shared_kv_states` does.
+//!
+//! K=V layers (Gemma 4's full layers with `attention_k_eq_v`) project once: values are the
+//! scale-less norm of `k_proj x`, keys are `rope(k_norm(k_proj x))`. Since `k_norm` is that same
+//! normalisation times a weight, the store holds only the normalised projection (one tensor, so
+//! its bytes equal `kv-budget`'s `K=V` part) and keys are derived from it on every read: scale by
+//! the `k_norm` weight, rotate at the cached positions.
+//!
+//! Attention itself ([`attend`]) groups query heads by KV head instead of copying K/V per query
+//! head, adds the mask and takes the softmax in f32.
+
+use super::kv_store::{causal_mask, KvStore};
+use super::linear::Linear;
+use super::norm::RmsNorm;
+use super::rope::Rotary;
+use crate::arch::{Attention as AttnKind, LayerSpec};
+use anyhow::{anyhow, bail, Result};
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+use std::sync::Arc;
+
+/// Keys and values one layer attended in this forward, ready for a layer that shares them.
+#[derive(Debug, Clone)]
+pub struct AttendedKv {
+    /// `[b, kv_heads, t, head_dim]`, rotated.
+    pub k: Tensor,
+    /// `[b, kv_heads, t, v_head_dim]`.
+    pub v: Tensor,
+    /// Position of the first of the `t` tokens.
+    pub start: usize,
+}
+
+/// A mask's identity within one forward: (first key position, keys, window).
+type MaskKey = (usize, usize, Option<usize>);
+
+/// State the layers of one forward share.
+pub struct ForwardCtx<'a> {
+    pub cache: &'a mut KvStore,
+    /// Position of the first token of the chunk.
+    pub pos: usize,
+    /// Tokens in the chunk.
+    pub len: usize,
+    /// What each layer attended in this forward, by layer index (owners only).
+    pub attended: Vec<Option<AttendedKv>>,
+    /// Masks built so far.
+    masks: Vec<(MaskKey, Tensor)>,
+}
+
+impl<'a> ForwardCtx<'a> {
+    /// A chunk of `len` tokens at positions `cache.seen()..` for a model of `layers` layers.
+    pub fn new(cache: &'a mut KvStore, len: usize, layers: usize) -> Self {
+        let pos = cache.seen();
+        ForwardCtx {
+            cache,
+            pos,
+            len,
+            attended: vec![None; layers],
+            masks: vec![],
+        }
+    }
+
+    /// The additive mask `[len, k_len]` (f32) of this chunk's queries over keys at
+    /// `k_start..k_start + k_len`.
+    pub fn mask(
+        &mut self,
+        k_start: usize,
+        k_len: usize,
+        window: Option<usize>,
+        device: &candle_core::Device,
+    ) -> Result<Tensor> {
+        let key = (k_start, k_len, window);
+        if let Some((_, m)) = self.masks.iter().find(|(k, _)| *k == key) {
+            return Ok(m.clone());
+        }
+        let m = causal_mask(self.len, self.pos, k_start, k_len, window, device)?;
+        self.masks.push((key, m.clone()));
+        Ok(m)
+    }
+}
+
+/// `softmax(q·kᵀ·scale + mask)·v` with `hq / hkv` query heads per KV head.
+/// q `[b, hq, n, d]`, k `[b, hkv, t, d]`, v `[b, hkv, t, dv]`, mask `[n, t]` (f32, additive);
+/// returns `[b, hq, n, dv]` in q's dtype.
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, hq, n, d) = q.dims4()?;
+    let (_, hkv, t, _) = k.dims4()?;
+    let dv = v.dim(3)?;
+    if hkv == 0 || hq % hkv != 0 {
+        bail!("internal: {hq} query heads over {hkv} KV heads");
+    }
+    let g = hq / hkv;
+    let dtype = q.dtype();
+    // Query heads h·g..(h+1)·g read KV head h: fold them into the row dimension.
+    let q = q.contiguous()?.reshape((b, hkv, g * n, d))?;
+    let mut scores = q.matmul(&k.t()?)?; // [b, hkv, g·n, t]
+    if scale != 1.0 {
+        scores = (scores * scale)?;
+    }
+    let mut scores = scores.to_dtype(DType::F32)?.reshape((b, hkv, g, n, t))?;
+    if let Some(m) = mask {
+        scores = scores.broadcast_add(m)?;
+    }
+    let p = candle_nn::ops::softmax_last_dim(&scores)?
+        .to_dtype(dtype)?
+        .reshape((b, hkv, g * n, t))?;
+    let y = p.matmul(&v.contiguous()?)?; // [b, hkv, g·n, dv]
+    Ok(y.reshape((b, hq, n, dv))?)
+}
+
+/// Options the family decides, beyond the per-layer table.
+#[derive(Debug, Clone)]
+pub struct AttentionOptions {
+    /// Biases on q/k/v/o.
+    pub bias: bool,
+    /// RMS norms on q and k heads (with a scale) and v heads (without).
+    pub qkv_norms: bool,
+    pub eps: f64,
+    /// Multiplies q·kᵀ (Gemma 4: 1.0, the q/k norms set the scale).
+    pub scale: f64,
+}
+
+/// One attention layer.
+#[derive(Debug)]
+pub struct Attention {
+    layer: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    window: Option<usize>,
+    kv_source: Option<usize>,
+    k_eq_v: bool,
+    scale: f64,
+    q_proj: Linear,
+    /// `None` on layers reading another layer's KV.
+    k_proj: Option<Linear>,
+    /// `None` on KV-sharing and K=V layers.
+    v_proj: Option<Linear>,
+    o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    v_norm: Option<RmsNorm>,
+    rope: Arc<Rotary>,
+}
+
+impl Attention {
+    /// Build layer `spec.index` from `vb` (positioned at its `self_attn`). A KV-sharing layer
+    /// reads no k/v projections or norms, even when the checkpoint carries them.
+    pub fn load(
+        vb: &VarBuilder,
+        spec: &LayerSpec,
+        hidden: usize,
+        rope: Arc<Rotary>,
+        opts: &AttentionOptions,
+    ) -> Result<Self> {
+        let (hq, hkv, d) = (spec.q_heads, spec.kv_heads, spec.head_dim);
+        let window = match spec.attention {
+            AttnKind::Full => None,
+            AttnKind::Sliding { window } => Some(window),
+            ref other => bail!(
+                "layer {}: attention `{}` is not plain softmax attention",
+                spec.index,
+                other.label()
+            ),
+        };
+        if spec.v_head_dim != d {
+            bail!(
+                "layer {}: value heads of {} differ from key heads of {d}; not supported here",
+                spec.index,
+                spec.v_head_dim
+            );
+        }
+        if rope.head_dim() != d {
+            bail!(
+                "internal: layer {}: RoPE for heads of {}",
+                spec.index,
+                rope.head_dim()
+            );
+        }
+        let owns = spec.kv_source.is_none();
+        let norm = |name: &str| -> Result<Option<RmsNorm>> {
+            Ok(if opts.qkv_norms {
+                Some(RmsNorm::load(&vb.pp(name), d, opts.eps)?)
+            } else {
+                None
+            })
+        };
+        Ok(Attention {
+            layer: spec.index,
+            q_heads: hq,
+            kv_heads: hkv,
+            head_dim: d,
+            window,
+            kv_source: spec.kv_source,
+            k_eq_v: spec.k_eq_v,
+            scale: opts.scale,
+            q_proj: Linear::load(&vb.pp("q_proj"), hidden, hq * d, opts.bias)?,
+            k_proj: if owns {
+                Some(Linear::load(&vb.pp("k_proj"), hidden, hkv * d, opts.bias)?)
+            } else {
+                None
+            },
+            v_proj: if owns && !spec.k_eq_v {
+                Some(Linear::load(&vb.pp("v_proj"), hidden, hkv * d, opts.bias)?)
+            } else {
+                None
+            },
+            o_proj: Linear::load(&vb.pp("o_proj"), hq * d, hidden, opts.bias)?,
+            q_norm: norm("q_norm")?,
+            k_norm: if owns { norm("k_norm")? } else { None },
+            v_norm: (owns && opts.qkv_norms).then(|| RmsNorm::plain(opts.eps)),
+            rope,
+        })
+    }
+
+    /// x `[b, n, hidden]` → `[b, n, hidden]`; appends this layer's K/V to the store (owners).
+    pub fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        let (hq, d) = (self.q_heads, self.head_dim);
+
+        // 1. Queries: project, norm per head, rotate. [b, hq, n, d]
+        let q = self.q_proj.forward(x)?.reshape((b, n, hq, d))?;
+        let q = norm_opt(&self.q_norm, &q)?.transpose(1, 2)?.contiguous()?;
+        let q = self.rope.apply(&q, ctx.pos)?;
+
+        // 2. Keys and values: own (appended to the store), or the owner's from this forward.
+        let kv = match self.kv_source {
+            Some(j) => ctx.attended.get(j).cloned().flatten().ok_or_else(|| {
+                anyhow!(
+                    "internal: layer {} reads layer {j}'s KV, which has not run in this forward",
+                    self.layer
+                )
+            })?,
+            None => {
+                let kv = self.own_kv(x, ctx)?;
+                if let Some(slot) = ctx.attended.get_mut(self.layer) {
+                    *slot = Some(kv.clone());
+                }
+                kv
+            }
+        };
+
+        // 3. Causal (windowed) mask over the attended keys. [n, t]
+        let t = kv.k.dim(2)?;
+        let mask = ctx.mask(kv.start, t, self.window, x.device())?;
+
+        // 4. Attend, merge heads, project out.
+        let y = attend(&q, &kv.k, &kv.v, Some(&mask), self.scale)?; // [b, hq, n, d]
+        let y = y.transpose(1, 2)?.reshape((b, n, hq * d))?;
+        self.o_proj.forward(&y)
+    }
+
+    /// Project this chunk's K/V, store it, and return everything the chunk attends.
+    fn own_kv(&self, x: &Tensor, ctx: &mut ForwardCtx) -> Result<AttendedKv> {
+        let (b, n, _) = x.dims3()?;
+        let (hkv, d) = (self.kv_heads, self.head_dim);
+        let k_proj = self
+            .k_proj
+            .as_ref()
+            .ok_or_else(|| anyhow!("internal: layer {} has no k_proj", self.layer))?;
+        let heads = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, n, hkv, d))?.transpose(1, 2)?.contiguous()?) // [b, hkv, n, d]
+        };
+        let k = heads(k_proj.forward(x)?)?;
+        if self.k_eq_v {
+            // Store the normalised projection once; values are it, keys derive from it.
+            let kv = norm_opt(&self.v_norm, &k)?;
+            let view = ctx.cache.append(self.layer, kv, None)?;
+            let v = view.k; // [b, hkv, t, d]
+            let k = match self.k_norm.as_ref().and_then(|n| n.weight()) {
+                Some(w) => v
+                    .to_dtype(DType::F32)?
+                    .broadcast_mul(w)?
+                    .to_dtype(v.dtype())?,
+                None => v.clone(),
+            };
+            let k = self.rope.apply(&k, view.start)?;
+            return Ok(AttendedKv {
+                k,
+                v,
+                start: view.start,
+            });
+        }
+        let v_proj = self
+            .v_proj
+            .as_ref()
+            .ok_or_else(|| anyhow!("internal: layer {} has no v_proj", self.layer))?;
+        let v = norm_opt(&self.v_norm, &heads(v_proj.forward(x)?)?)?;
+        let k = self.rope.apply(&norm_opt(&self.k_norm, &k)?, ctx.pos)?;
+        let view = ctx.cache.append(self.layer, k, Some(v))?;
+        let v = view
+            .v
+            .ok_or_else(|| anyhow!("internal: layer {} stored no values", self.layer))?;
+        Ok(AttendedKv {
+            k: view.k,
+            v,
+            start: view.start,
+        })
+    }
+}
+
+fn norm_opt(n: &Option<RmsNorm>, x: &Tensor) -> Result<Tensor> {
+    match n {
+        Some(n) => n.forward(x),
+        None => Ok(x.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Grouped attention equals plain attention with K/V repeated per query head.
+    #[test]
+    fn grouped_heads_match_repeated_kv() {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (1, 4, 3, 8), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev).unwrap();
+        let mask = causal_mask(3, 2, 0, 5, Some(3), &dev).unwrap();
+        let y = attend(&q, &k, &v, Some(&mask), 0.5).unwrap();
+        for h in 0..4 {
+            let qh = q.narrow(1, h, 1).unwrap();
+            let kh = k.narrow(1, h / 2, 1).unwrap();
+            let vh = v.narrow(1, h / 2, 1).unwrap();
+            let s = (qh.matmul(&kh.t().unwrap()).unwrap() * 0.5)
+                .unwrap()
+                .broadcast_add(&mask)
+                .unwrap();
+            let p = candle_nn::ops::softmax_last_dim(&s).unwrap();
+            let want = p.matmul(&vh).unwrap();
+            let got = y.narrow(1, h, 1).unwrap();
+            let diff: f32 = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(diff < 1e-5, "head {h}: {diff}");
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! Gated MLP (GeGLU / SwiGLU): `down(act(gate x) · up x)`.
+//!
+//! The activation is taken in f32 and cast back, as PyTorch computes it for 16-bit inputs.
+
+use super::linear::Linear;
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+
+/// The gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// GELU, tanh approximation (`gelu_pytorch_tanh`).
+    GeluTanh,
+    /// SiLU / swish.
+    Silu,
+}
+
+impl Activation {
+    /// The Hugging Face `hidden_act` / `hidden_activation` name.
+    pub fn from_hf(name: &str) -> Result<Self> {
+        Ok(match name {
+            "gelu_pytorch_tanh" | "gelu_new" => Activation::GeluTanh,
+            "silu" | "swish" => Activation::Silu,
+            other => bail!("activation `{other}` is not supported"),
+        })
+    }
+
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let y = match self {
+            Activation::GeluTanh => xf.gelu()?,
+            Activation::Silu => candle_nn::ops::silu(&xf)?,
+        };
+        Ok(y.to_dtype(dtype)?)
+    }
+}
+
+#[derive(Debug)]
+pub struct GatedMlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    act: Activation,
+}
+
+impl GatedMlp {
+    /// Reads `gate_proj`, `up_proj` `[width, hidden]` and `down_proj` `[hidden, width]`.
+    pub fn load(vb: &VarBuilder, hidden: usize, width: usize, act: Activation) -> Result<Self> {
+        Ok(GatedMlp {
+            gate_proj: Linear::load(&vb.pp("gate_proj"), hidden, width, false)?,
+            up_proj: Linear::load(&vb.pp("up_proj"), hidden, width, false)?,
+            down_proj: Linear::load(&vb.pp("down_proj"), width, hidden, false)?,
+            act,
+        })
+    }
+
+    /// `[.., hidden]` → `[.., hidden]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.act.apply(&self.gate_proj.forward(x)?)?; // [.., width]
+        let h = (gate * self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&h)
+    }
+}

@@ -1,0 +1,139 @@
+//! Mixture of experts: a softmax top-k router with per-expert scales, and experts stored packed as
+//! 3-D tensors (`gate_up_proj` `[experts, 2·width, hidden]`, `down_proj` `[experts, hidden, width]`).
+//!
+//! Routing (Gemma 4's `Gemma4TextRouter`): scale-less RMS norm of the input, times a learned
+//! `[hidden]` scale and `hidden^-½`, a linear map to expert scores, softmax in f32, the top k,
+//! renormalised to sum to 1, each times its expert's `per_expert_scale`. The experts run on the
+//! tokens routed to them, in expert order, and their outputs are added weighted.
+
+use super::linear::{matmul_t, Linear};
+use super::mlp::Activation;
+use super::norm::RmsNorm;
+use super::weight;
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+
+/// Which experts a token uses, with their weights.
+pub type Picks = Vec<(usize, f32)>;
+
+#[derive(Debug)]
+pub struct SoftmaxTopKRouter {
+    norm: RmsNorm,
+    /// `[hidden]`, model dtype.
+    scale: Tensor,
+    root: f64,
+    proj: Linear,
+    per_expert_scale: Vec<f32>,
+    top_k: usize,
+}
+
+impl SoftmaxTopKRouter {
+    /// Reads `proj` `[experts, hidden]`, `scale` `[hidden]`, `per_expert_scale` `[experts]`.
+    pub fn load(
+        vb: &VarBuilder,
+        hidden: usize,
+        experts: usize,
+        top_k: usize,
+        eps: f64,
+    ) -> Result<Self> {
+        if top_k == 0 || top_k > experts {
+            bail!("router: top-{top_k} of {experts} experts");
+        }
+        Ok(SoftmaxTopKRouter {
+            norm: RmsNorm::plain(eps),
+            scale: weight::get(vb, hidden, "scale")?,
+            root: (hidden as f64).powf(-0.5),
+            proj: Linear::load(&vb.pp("proj"), hidden, experts, false)?,
+            per_expert_scale: weight::get(vb, experts, "per_expert_scale")?
+                .to_dtype(DType::F32)?
+                .to_vec1()?,
+            top_k,
+        })
+    }
+
+    /// x `[tokens, hidden]` → each token's experts and weights.
+    pub fn route(&self, x: &Tensor) -> Result<Vec<Picks>> {
+        let h = self.norm.forward(x)?.broadcast_mul(&self.scale)?;
+        let h = (h * self.root)?;
+        let scores = self.proj.forward(&h)?.to_dtype(DType::F32)?; // [tokens, experts]
+        let probs: Vec<Vec<f32>> = candle_nn::ops::softmax_last_dim(&scores)?.to_vec2()?;
+        Ok(probs
+            .iter()
+            .map(|p| {
+                let mut idx: Vec<usize> = (0..p.len()).collect();
+                // Highest first; ties to the lower index.
+                idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+                idx.truncate(self.top_k);
+                let sum: f32 = idx.iter().map(|&e| p[e]).sum();
+                idx.iter()
+                    .map(|&e| (e, p[e] / sum * self.per_expert_scale[e]))
+                    .collect()
+            })
+            .collect())
+    }
+}
+
+#[derive(Debug)]
+pub struct PackedExperts {
+    /// `[experts, 2·width, hidden]`: gate rows then up rows.
+    gate_up: Tensor,
+    /// `[experts, hidden, width]`.
+    down: Tensor,
+    width: usize,
+    act: Activation,
+}
+
+impl PackedExperts {
+    /// Reads `gate_up_proj` and `down_proj` under `vb`.
+    pub fn load(
+        vb: &VarBuilder,
+        hidden: usize,
+        experts: usize,
+        width: usize,
+        act: Activation,
+    ) -> Result<Self> {
+        Ok(PackedExperts {
+            gate_up: weight::get(vb, (experts, 2 * width, hidden), "gate_up_proj")?,
+            down: weight::get(vb, (experts, hidden, width), "down_proj")?,
+            width,
+            act,
+        })
+    }
+
+    /// x `[tokens, hidden]` with each token's picks → `[tokens, hidden]`.
+    pub fn forward(&self, x: &Tensor, picks: &[Picks]) -> Result<Tensor> {
+        let experts = self.gate_up.dim(0)?;
+        let mut routed: Vec<(Vec<u32>, Vec<f32>)> = vec![(vec![], vec![]); experts];
+        for (t, p) in picks.iter().enumerate() {
+            for &(e, w) in p {
+                let slot = routed
+                    .get_mut(e)
+                    .ok_or_else(|| anyhow::anyhow!("internal: expert {e} of {experts}"))?;
+                slot.0.push(t as u32);
+                slot.1.push(w);
+            }
+        }
+        let dev = x.device();
+        let mut out = x.zeros_like()?;
+        for (e, (tokens, weights)) in routed.into_iter().enumerate() {
+            if tokens.is_empty() {
+                continue;
+            }
+            let n = tokens.len();
+            let idx = Tensor::from_vec(tokens, n, dev)?;
+            let w = Tensor::from_vec(weights, (n, 1), dev)?;
+            let xs = x.index_select(&idx, 0)?; // [n, hidden]
+            let gu = matmul_t(&xs, &self.gate_up.get(e)?)?; // [n, 2·width]
+            let gate = self.act.apply(&gu.narrow(1, 0, self.width)?)?;
+            let h = (gate * gu.narrow(1, self.width, self.width)?)?; // [n, width]
+            let y = matmul_t(&h, &self.down.get(e)?)?; // [n, hidden]
+            let y = y
+                .to_dtype(DType::F32)?
+                .broadcast_mul(&w)?
+                .to_dtype(x.dtype())?;
+            out = out.index_add(&idx, &y, 0)?;
+        }
+        Ok(out)
+    }
+}

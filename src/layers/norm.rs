@@ -1,0 +1,79 @@
+//! RMS normalisation, computed in f32 whatever the model dtype.
+//!
+//! `y = x · (mean(x²) + eps)^-½ · w`, with the weight used as stored (no `1 + w` offset: Gemma 4's
+//! `Gemma4RMSNorm` multiplies by the weight itself, unlike Gemma 1-3). Without a weight it is a
+//! plain normalisation (Gemma 4's `v_norm` and the MoE router's norm). The result is cast back to
+//! the input dtype, as the reference does.
+
+use super::weight;
+use anyhow::Result;
+use candle_core::{DType, Tensor, D};
+use candle_nn::VarBuilder;
+
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    /// `[dim]` in f32, or `None` for the scale-less variant.
+    weight: Option<Tensor>,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// With a learned scale: reads `weight` `[dim]` under `vb`.
+    pub fn load(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        // Read in the model dtype, then widen: the reference rounds the weight to the model
+        // dtype and computes with `weight.float()`.
+        let w = weight::get(vb, dim, "weight")?.to_dtype(DType::F32)?;
+        Ok(RmsNorm {
+            weight: Some(w),
+            eps,
+        })
+    }
+
+    /// Without a scale.
+    pub fn plain(eps: f64) -> Self {
+        RmsNorm { weight: None, eps }
+    }
+
+    /// The scale in f32, if any.
+    pub fn weight(&self) -> Option<&Tensor> {
+        self.weight.as_ref()
+    }
+
+    /// Normalise `x` over its last dimension, in f32, without casting back.
+    pub fn forward_f32(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?;
+        let ms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?; // [.., 1]
+        let y = x.broadcast_mul(&ms.powf(-0.5)?)?;
+        Ok(match &self.weight {
+            Some(w) => y.broadcast_mul(w)?,
+            None => y,
+        })
+    }
+
+    /// Normalise `x` over its last dimension; same dtype out as in.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_f32(x)?.to_dtype(x.dtype())?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn normalises_then_scales_without_offset() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[3f32, 4.0]], &dev).unwrap();
+        let n = RmsNorm {
+            weight: Some(Tensor::new(&[2f32, 0.5], &dev).unwrap()),
+            eps: 0.0,
+        };
+        let y: Vec<Vec<f32>> = n.forward(&x).unwrap().to_vec2().unwrap();
+        let r = (12.5f32).sqrt();
+        assert!((y[0][0] - 2.0 * 3.0 / r).abs() < 1e-6);
+        assert!((y[0][1] - 0.5 * 4.0 / r).abs() < 1e-6);
+        let y: Vec<Vec<f32>> = RmsNorm::plain(0.0).forward(&x).unwrap().to_vec2().unwrap();
+        assert!((y[0][1] - 4.0 / r).abs() < 1e-6);
+    }
+}

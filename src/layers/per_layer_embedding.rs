@@ -1,0 +1,109 @@
+//! Per-layer embeddings (PLE, Gemma 4 E2B/E4B): every decoder layer gets its own small embedding
+//! of the token, added through a gated residual after the MLP.
+//!
+//! Model side ([`PerLayerEmbedding`]): a packed table `[vocab, layers × width]` scaled by
+//! `sqrt(width)`, plus a projection of the (already scaled) token embedding
+//! `[hidden → layers × width]` times `hidden^-½`, split per layer and RMS-normed; the two are
+//! summed and scaled by `2^-½`. Layer side ([`PerLayerGate`]): `h + norm(proj(act(gate h) · e_i))`.
+
+use super::embedding::ScaledEmbedding;
+use super::linear::Linear;
+use super::mlp::Activation;
+use super::norm::RmsNorm;
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+#[derive(Debug)]
+pub struct PerLayerEmbedding {
+    table: ScaledEmbedding,
+    projection: Linear,
+    projection_scale: f64,
+    norm: RmsNorm,
+    layers: usize,
+    width: usize,
+}
+
+impl PerLayerEmbedding {
+    /// Reads `embed_tokens_per_layer`, `per_layer_model_projection` and
+    /// `per_layer_projection_norm` under `vb` (the text model root).
+    pub fn load(
+        vb: &VarBuilder,
+        vocab: usize,
+        hidden: usize,
+        layers: usize,
+        width: usize,
+        eps: f64,
+    ) -> Result<Self> {
+        Ok(PerLayerEmbedding {
+            table: ScaledEmbedding::load(
+                &vb.pp("embed_tokens_per_layer"),
+                vocab,
+                layers * width,
+                (width as f64).sqrt(),
+            )?,
+            projection: Linear::load(
+                &vb.pp("per_layer_model_projection"),
+                hidden,
+                layers * width,
+                false,
+            )?,
+            projection_scale: (hidden as f64).powf(-0.5),
+            norm: RmsNorm::load(&vb.pp("per_layer_projection_norm"), width, eps)?,
+            layers,
+            width,
+        })
+    }
+
+    /// ids `[b, n]` and their scaled embeddings `[b, n, hidden]` → `[b, n, layers, width]`.
+    pub fn forward(&self, ids: &Tensor, embeds: &Tensor) -> Result<Tensor> {
+        let (b, n) = ids.dims2()?;
+        let (l, w) = (self.layers, self.width);
+        let max = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+        if max as usize >= self.table.vocab() {
+            bail!(
+                "token id {max} is outside the per-layer embedding table ({} rows, key \
+                 `vocab_size_per_layer_input`)",
+                self.table.vocab()
+            );
+        }
+        let tok = self.table.forward(ids)?.reshape((b, n, l, w))?;
+        let proj = (self.projection.forward(embeds)? * self.projection_scale)?;
+        let proj = self.norm.forward(&proj.reshape((b, n, l, w))?)?;
+        Ok(((proj + tok)? * std::f64::consts::FRAC_1_SQRT_2)?)
+    }
+}
+
+#[derive(Debug)]
+pub struct PerLayerGate {
+    gate: Linear,
+    projection: Linear,
+    norm: RmsNorm,
+    act: Activation,
+}
+
+impl PerLayerGate {
+    /// Reads `per_layer_input_gate`, `per_layer_projection` and `post_per_layer_input_norm`
+    /// under `vb` (the decoder layer).
+    pub fn load(
+        vb: &VarBuilder,
+        hidden: usize,
+        width: usize,
+        eps: f64,
+        act: Activation,
+    ) -> Result<Self> {
+        Ok(PerLayerGate {
+            gate: Linear::load(&vb.pp("per_layer_input_gate"), hidden, width, false)?,
+            projection: Linear::load(&vb.pp("per_layer_projection"), width, hidden, false)?,
+            norm: RmsNorm::load(&vb.pp("post_per_layer_input_norm"), hidden, eps)?,
+            act,
+        })
+    }
+
+    /// h `[b, n, hidden]` plus this layer's embedding `[b, n, width]` → `[b, n, hidden]`.
+    pub fn forward(&self, h: &Tensor, e: &Tensor) -> Result<Tensor> {
+        let g = (self.act.apply(&self.gate.forward(h)?)? * e)?; // [b, n, width]
+        let y = self.norm.forward(&self.projection.forward(&g)?)?;
+        Ok((h + y)?)
+    }
+}

@@ -1,0 +1,358 @@
+//! The Gemma 4 network against the reference (transformers 5.23.0), on the tiny random
+//! checkpoints under `tests/fixtures/gemma4/<variant>/` made by `tests/oracle/`.
+//!
+//! Each fixture holds `config.json`, the weights (`*.safetensors`, maybe sharded, maybe bf16,
+//! maybe in the multimodal wrapper layout), `reference.json` (`prompt_ids`, `generated_ids`: the
+//! reference's greedy continuation) and `reference.safetensors` (`logits` `[positions, vocab]` of
+//! one full forward over prompt + continuation). For every variant:
+//!
+//! - (a) one forward over the whole sequence matches the reference logits at every position;
+//! - (b) prefill the prompt, then decode token by token through the cache: the greedy tokens are
+//!   the reference's and every step's logits match (prompt + continuation run past the sliding
+//!   window, so the window ring and cross-layer sharing are exercised);
+//! - (c) the bytes the cache holds then equal `kv-budget`'s figure for that context, per layer.
+//!
+//! Weights are loaded in f32 (the bf16 fixture too), tolerance 5e-3.
+//! `LLMARCH_GEMMA4_FIXTURES` points the tests at another fixture folder.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use llmarch::arch::budget::{self, KvDtype};
+use llmarch::arch::config::ParseOptions;
+use llmarch::arch::gemma4::model::Gemma4Model;
+use llmarch::arch::Attention;
+use llmarch::generate::CausalLm;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+const TOL: f32 = 5e-3;
+
+fn fixture_dir(variant: &str) -> PathBuf {
+    let root = std::env::var_os("LLMARCH_GEMMA4_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma4"));
+    root.join(variant)
+}
+
+struct Fixture {
+    dir: PathBuf,
+    config: serde_json::Value,
+    weights: Vec<PathBuf>,
+    prompt: Vec<u32>,
+    generated: Vec<u32>,
+    /// `[positions, vocab]`.
+    logits: Tensor,
+}
+
+fn load_fixture(variant: &str) -> Fixture {
+    let dir = fixture_dir(variant);
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name))
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.join(name).display()))
+    };
+    let config: serde_json::Value = serde_json::from_str(&read("config.json")).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(&read("reference.json")).unwrap();
+    let ids = |key: &str| -> Vec<u32> {
+        reference[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("reference.json: `{key}` is not a list"))
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let mut weights: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "safetensors")
+                && p.file_name().is_some_and(|n| n != "reference.safetensors")
+        })
+        .collect();
+    weights.sort();
+    assert!(!weights.is_empty(), "{}: no weights", dir.display());
+    let logits = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+        .unwrap()
+        .remove("logits")
+        .expect("reference.safetensors holds `logits`");
+    Fixture {
+        prompt: ids("prompt_ids"),
+        generated: ids("generated_ids"),
+        dir,
+        config,
+        weights,
+        logits,
+    }
+}
+
+/// The text-model root: `model.language_model` in the multimodal wrapper, else `model`.
+fn text_root(config: &serde_json::Value) -> &'static str {
+    if config.get("text_config").is_some_and(|t| t.is_object()) {
+        "model.language_model"
+    } else {
+        "model"
+    }
+}
+
+fn build_from(vb: VarBuilder, config: &serde_json::Value) -> anyhow::Result<Gemma4Model> {
+    let lm_head = vb
+        .contains_tensor("lm_head.weight")
+        .then(|| vb.pp("lm_head"));
+    let root = vb.pp(text_root(config));
+    Gemma4Model::from_config(config, &ParseOptions::default(), root, lm_head)
+}
+
+fn build(f: &Fixture, dtype: DType) -> Gemma4Model {
+    // SAFETY: the fixture files are not modified while mapped.
+    let vb =
+        unsafe { VarBuilder::from_mmaped_safetensors(&f.weights, dtype, &Device::Cpu) }.unwrap();
+    build_from(vb, &f.config).unwrap_or_else(|e| panic!("{}: {e:#}", f.dir.display()))
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+fn argmax(row: &Tensor) -> u32 {
+    row.argmax(0).unwrap().to_scalar::<u32>().unwrap()
+}
+
+/// Runs (a), (b), (c) for one variant; returns the largest logit error seen.
+fn check_variant(variant: &str) -> f32 {
+    let f = load_fixture(variant);
+    let model = build(&f, DType::F32);
+    let spec = model.spec().clone();
+    let seq: Vec<u32> = f.prompt.iter().chain(&f.generated).copied().collect();
+    let (p, total) = (f.prompt.len(), seq.len());
+    assert!(
+        p > 0 && !f.generated.is_empty(),
+        "{variant}: empty prompt or continuation"
+    );
+    assert_eq!(
+        f.logits.dims(),
+        &[total, spec.vocab_size],
+        "{variant}: reference logits"
+    );
+    let smallest_window = spec
+        .layers
+        .iter()
+        .filter_map(|l| match l.attention {
+            Attention::Sliding { window } => Some(window),
+            _ => None,
+        })
+        .min();
+    if let Some(w) = smallest_window {
+        assert!(
+            total > w,
+            "{variant}: {total} tokens do not run past the sliding window of {w}"
+        );
+    }
+
+    // (a) One forward over the whole sequence.
+    let mut cache = model.new_cache();
+    let full = model.forward(&seq, &mut cache).unwrap();
+    let err_full = max_abs_diff(&full, &f.logits);
+    assert!(
+        err_full < TOL,
+        "{variant}: full forward differs from the reference by {err_full}"
+    );
+
+    // (b) Prefill the prompt, then greedy decode through the cache.
+    let mut cache = model.new_cache();
+    let mut rows = vec![model.forward(&f.prompt, &mut cache).unwrap()]; // [p, vocab]
+    let mut next = argmax(&rows[0].get(p - 1).unwrap());
+    for (step, &want) in f.generated.iter().enumerate() {
+        assert_eq!(
+            next, want,
+            "{variant}: greedy token {step} differs from the reference"
+        );
+        let out = model.forward(&[next], &mut cache).unwrap(); // [1, vocab]
+        next = argmax(&out.get(0).unwrap());
+        rows.push(out);
+    }
+    let stepped = Tensor::cat(&rows, 0).unwrap();
+    let err_steps = max_abs_diff(&stepped, &f.logits);
+    assert!(
+        err_steps < TOL,
+        "{variant}: prefill + decode logits differ from the reference by {err_steps}"
+    );
+    for r in 0..total {
+        let e = max_abs_diff(&stepped.get(r).unwrap(), &f.logits.get(r).unwrap());
+        assert!(e < TOL, "{variant}: position {r} differs by {e}");
+    }
+
+    // (c) What the cache holds equals kv-budget at this context.
+    assert_eq!(cache.seen(), total);
+    let want = budget::compute(&spec, total as u64, 1, KvDtype::F32);
+    let got = cache.bytes();
+    assert_eq!(got.len(), spec.layers.len());
+    for (i, (g, w)) in got.iter().zip(&want.layers).enumerate() {
+        assert_eq!(
+            *g, w.bytes,
+            "{variant}: layer {i} holds {g} B, kv-budget says {}",
+            w.bytes
+        );
+    }
+    eprintln!("{variant}: max logit error full {err_full:.2e}, stepped {err_steps:.2e}");
+    err_full.max(err_steps)
+}
+
+#[test]
+fn e2b_like_matches_the_reference() {
+    check_variant("e2b-like");
+}
+
+#[test]
+fn e4b_like_matches_the_reference() {
+    check_variant("e4b-like");
+}
+
+#[test]
+fn moe_keqv_matches_the_reference() {
+    check_variant("moe-keqv");
+}
+
+#[test]
+fn dense_keqv_matches_the_reference() {
+    check_variant("dense-keqv");
+}
+
+#[test]
+fn wrapper_bf16_sharded_matches_the_reference() {
+    check_variant("wrapper-bf16-sharded");
+}
+
+/// All of a fixture's weight tensors, by name, in f32.
+fn tensors(f: &Fixture) -> HashMap<String, Tensor> {
+    let mut all = HashMap::new();
+    for p in &f.weights {
+        for (k, t) in candle_core::safetensors::load(p, &Device::Cpu).unwrap() {
+            all.insert(k, t.to_dtype(DType::F32).unwrap());
+        }
+    }
+    all
+}
+
+#[test]
+fn a_tensor_of_the_wrong_shape_is_named_with_both_shapes() {
+    let f = load_fixture("e2b-like");
+    let mut all = tensors(&f);
+    let root = text_root(&f.config);
+    let name = format!("{root}.layers.0.self_attn.q_proj.weight");
+    let dims = all[&name].dims().to_vec();
+    all.insert(
+        name.clone(),
+        Tensor::zeros((dims[0] + 1, dims[1]), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let vb = VarBuilder::from_tensors(all, DType::F32, &Device::Cpu);
+    let err = format!("{:#}", build_from(vb, &f.config).unwrap_err());
+    assert!(err.contains(&name), "{err}");
+    assert!(
+        err.contains(&format!("{:?}", [dims[0] + 1, dims[1]])),
+        "{err}"
+    );
+    assert!(err.contains(&format!("{dims:?}")), "{err}");
+}
+
+#[test]
+fn a_missing_tensor_is_named() {
+    let f = load_fixture("e2b-like");
+    let mut all = tensors(&f);
+    let name = format!("{}.layers.1.layer_scalar", text_root(&f.config));
+    assert!(all.remove(&name).is_some());
+    let vb = VarBuilder::from_tensors(all, DType::F32, &Device::Cpu);
+    let err = format!("{:#}", build_from(vb, &f.config).unwrap_err());
+    assert!(err.contains(&name) && err.contains("missing"), "{err}");
+}
+
+/// Some checkpoints carry k/v projections and norms on KV-shared layers: they are not read, so
+/// neither their presence nor their shape matters.
+#[test]
+fn kv_projections_on_shared_layers_are_ignored() {
+    let f = load_fixture("e2b-like");
+    let mut all = tensors(&f);
+    let root = text_root(&f.config);
+    let base = build_from(
+        VarBuilder::from_tensors(all.clone(), DType::F32, &Device::Cpu),
+        &f.config,
+    )
+    .unwrap();
+    let shared: Vec<usize> = base
+        .spec()
+        .layers
+        .iter()
+        .filter(|l| l.kv_source.is_some())
+        .map(|l| l.index)
+        .collect();
+    assert!(!shared.is_empty(), "the e2b-like fixture shares KV");
+    for i in &shared {
+        for name in ["k_proj.weight", "v_proj.weight", "k_norm.weight"] {
+            all.insert(
+                format!("{root}.layers.{i}.self_attn.{name}"),
+                Tensor::ones((3, 5), DType::F32, &Device::Cpu).unwrap(),
+            );
+        }
+    }
+    let extra = build_from(
+        VarBuilder::from_tensors(all, DType::F32, &Device::Cpu),
+        &f.config,
+    )
+    .unwrap();
+    let ids: Vec<u32> = f.prompt.clone();
+    let a = base.forward(&ids, &mut base.new_cache()).unwrap();
+    let b = extra.forward(&ids, &mut extra.new_cache()).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+}
+
+/// The bf16 path runs end to end. When the fixture also holds `logits_bf16` (the reference run
+/// in bf16), our bf16 logits must be about as close to the f32 reference as the reference's own
+/// bf16 run is (within 1.5×): both round at different points, so exact agreement is not expected.
+#[test]
+fn bf16_weights_run_in_bf16() {
+    let f = load_fixture("wrapper-bf16-sharded");
+    let model = build(&f, DType::BF16);
+    let seq: Vec<u32> = f.prompt.iter().chain(&f.generated).copied().collect();
+    let logits = model.forward(&seq, &mut model.new_cache()).unwrap();
+    assert_eq!(logits.dtype(), DType::F32);
+    assert_eq!(logits.dims(), f.logits.dims());
+    let err = max_abs_diff(&logits, &f.logits);
+    assert!(err.is_finite(), "bf16 logits are not finite");
+    let reference_bf16 =
+        candle_core::safetensors::load(f.dir.join("reference.safetensors"), &Device::Cpu)
+            .unwrap()
+            .remove("logits_bf16")
+            .map(|t| t.to_dtype(DType::F32).unwrap());
+    match reference_bf16 {
+        Some(r) => {
+            let ref_err = max_abs_diff(&r, &f.logits);
+            eprintln!("bf16: max logit error {err:.3e}; the reference's bf16 run: {ref_err:.3e}");
+            assert!(
+                err <= 1.5 * ref_err,
+                "bf16 logits differ from the f32 reference by {err}, the reference's bf16 run by {ref_err}"
+            );
+        }
+        None => eprintln!("bf16: max logit error {err:.3e} (no `logits_bf16` to compare with)"),
+    }
+}
+
+#[test]
+fn bad_token_ids_are_refused() {
+    let f = load_fixture("e2b-like");
+    let model = build(&f, DType::F32);
+    let vocab = model.spec().vocab_size as u32;
+    let err = model
+        .forward(&[1, vocab], &mut model.new_cache())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&vocab.to_string()), "{err}");
+    assert!(model.forward(&[], &mut model.new_cache()).is_err());
+}

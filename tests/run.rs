@@ -1,0 +1,122 @@
+//! `llmarch run` end to end on the tiny Gemma 4 reference checkpoints (tests/fixtures/gemma4,
+//! made by tests/oracle/gemma4_fixtures.py with transformers 5.23.0).
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma4").join(name)
+}
+
+fn reference(name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("reference.json")).unwrap()).unwrap()
+}
+
+fn ids_arg(v: &Value) -> String {
+    v.as_array().unwrap().iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// The last stdout line is the stats object.
+fn stats(o: &std::process::Output) -> Value {
+    let out = stdout(o);
+    serde_json::from_str(out.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[test]
+fn greedy_run_matches_the_reference_tokens_logits_and_kv_budget() {
+    for name in ["e2b-like", "e4b-like", "moe-keqv", "dense-keqv", "wrapper-bf16-sharded"] {
+        let r = reference(name);
+        let n = r["generated_ids"].as_array().unwrap().len();
+        let dir = tempfile::tempdir().unwrap();
+        let logits_path = dir.path().join("logits.safetensors");
+        let dir_s = fixture(name);
+        let o = run(&[
+            "run",
+            dir_s.to_str().unwrap(),
+            "--prompt-ids",
+            &ids_arg(&r["prompt_ids"]),
+            "-n",
+            &n.to_string(),
+            "--temperature",
+            "0",
+            "--dtype",
+            "f32",
+            "--json",
+            "--logits-out",
+            logits_path.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let s = stats(&o);
+        // Greedy tokens identical (up to the first stop token the reference also produced).
+        let ours: Vec<u64> = s["generated_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        let theirs: Vec<u64> = r["generated_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        assert_eq!(ours, theirs[..ours.len()], "{name}");
+        // Logits at every prompt and decode position within 5e-3 of the reference full forward.
+        let ours = candle_core::safetensors::load(&logits_path, &candle_core::Device::Cpu).unwrap();
+        let theirs =
+            candle_core::safetensors::load(fixture(name).join("reference.safetensors"), &candle_core::Device::Cpu).unwrap();
+        let a = &ours["logits"];
+        let rows = a.dim(0).unwrap();
+        let b = theirs["logits"].narrow(0, 0, rows).unwrap();
+        let diff: f32 = (a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(diff < 5e-3, "{name}: max |Δlogit| {diff}");
+        // What the cache really holds equals kv-budget at the same length, layer by layer.
+        let seen = r["prompt_ids"].as_array().unwrap().len() + s["generated_tokens"].as_u64().unwrap() as usize - 1;
+        let b = run_json(&[
+            "kv-budget",
+            dir_s.to_str().unwrap(),
+            "--context",
+            &seen.to_string(),
+            "--kv-dtype",
+            "f32",
+            "--json",
+        ]);
+        let predicted: Vec<u64> = b[0]["layers"].as_array().unwrap().iter().map(|l| l["bytes"].as_u64().unwrap()).collect();
+        let measured: Vec<u64> = s["kv_bytes_per_layer"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        assert_eq!(measured, predicted, "{name}");
+        assert_eq!(s["kv_bytes"], b[0]["total_bytes"], "{name}");
+    }
+}
+
+#[test]
+fn text_prompt_streams_text_and_summary() {
+    let dir = fixture("e2b-like");
+    let o = run(&["run", dir.to_str().unwrap(), "--prompt", "The robot and the boat", "-n", "5"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stdout(&o).is_empty());
+    let err = stderr(&o);
+    assert!(err.contains("prompt + 5 generated tokens"), "{err}");
+    assert!(err.contains("decode"), "{err}");
+}
+
+#[test]
+fn bad_run_input_is_one_clear_error() {
+    let dir = fixture("e2b-like");
+    let d = dir.to_str().unwrap();
+    let long = "word ".repeat(400);
+    for (args, needle, code) in [
+        (vec!["run", d, "--prompt", ""], "the prompt is empty", 1),
+        (vec!["run", d, "--prompt", &long, "--max-context", "16"], "context limit is 16", 1),
+        (vec!["run", d, "--prompt", "hi", "--temperature", "-1"], "--temperature must be 0 (greedy) or positive", 1),
+        (vec!["run", d, "--prompt", "hi", "--logits-out", "/no/such/folder/x.safetensors"], "folder /no/such/folder does not exist", 1),
+        (vec!["run", d, "--prompt-ids", "1,999999"], "outside the vocabulary", 1),
+        (vec!["run", d], "no prompt", 1),
+    ] {
+        let o = run(&args);
+        let err = expect_error(&o, code);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    let o = run(&["run", d, "--prompt", "hi", "--device", "tpu"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = run(&["run", d, "--prompt", "hi", "--device", "cuda"]);
+    if !cfg!(feature = "cuda") {
+        let err = expect_error(&o, 1);
+        assert!(err.contains("built without CUDA"), "{err}");
+    }
+    // A family that inspect knows but run does not yet.
+    let laguna = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/laguna");
+    let err = expect_error(&run(&["run", laguna.to_str().unwrap(), "--prompt-ids", "1,2"]), 1);
+    assert!(err.contains("cannot run the `laguna` family yet"), "{err}");
+}
