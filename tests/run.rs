@@ -7,15 +7,23 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma4").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/gemma4")
+        .join(name)
 }
 
 fn reference(name: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("reference.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("reference.json")).unwrap())
+        .unwrap()
 }
 
 fn ids_arg(v: &Value) -> String {
-    v.as_array().unwrap().iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The last stdout line is the stats object.
@@ -26,7 +34,13 @@ fn stats(o: &std::process::Output) -> Value {
 
 #[test]
 fn greedy_run_matches_the_reference_tokens_logits_and_kv_budget() {
-    for name in ["e2b-like", "e4b-like", "moe-keqv", "dense-keqv", "wrapper-bf16-sharded"] {
+    for name in [
+        "e2b-like",
+        "e4b-like",
+        "moe-keqv",
+        "dense-keqv",
+        "wrapper-bf16-sharded",
+    ] {
         let r = reference(name);
         let n = r["generated_ids"].as_array().unwrap().len();
         let dir = tempfile::tempdir().unwrap();
@@ -50,20 +64,42 @@ fn greedy_run_matches_the_reference_tokens_logits_and_kv_budget() {
         assert!(o.status.success(), "{name}: {}", stderr(&o));
         let s = stats(&o);
         // Greedy tokens identical (up to the first stop token the reference also produced).
-        let ours: Vec<u64> = s["generated_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
-        let theirs: Vec<u64> = r["generated_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        let ours: Vec<u64> = s["generated_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        let theirs: Vec<u64> = r["generated_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
         assert_eq!(ours, theirs[..ours.len()], "{name}");
         // Logits at every prompt and decode position within 5e-3 of the reference full forward.
         let ours = candle_core::safetensors::load(&logits_path, &candle_core::Device::Cpu).unwrap();
-        let theirs =
-            candle_core::safetensors::load(fixture(name).join("reference.safetensors"), &candle_core::Device::Cpu).unwrap();
+        let theirs = candle_core::safetensors::load(
+            fixture(name).join("reference.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
         let a = &ours["logits"];
         let rows = a.dim(0).unwrap();
         let b = theirs["logits"].narrow(0, 0, rows).unwrap();
-        let diff: f32 = (a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let diff: f32 = (a - &b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert!(diff < 5e-3, "{name}: max |Δlogit| {diff}");
         // What the cache really holds equals kv-budget at the same length, layer by layer.
-        let seen = r["prompt_ids"].as_array().unwrap().len() + s["generated_tokens"].as_u64().unwrap() as usize - 1;
+        let seen = r["prompt_ids"].as_array().unwrap().len()
+            + s["generated_tokens"].as_u64().unwrap() as usize
+            - 1;
         let b = run_json(&[
             "kv-budget",
             dir_s.to_str().unwrap(),
@@ -73,8 +109,18 @@ fn greedy_run_matches_the_reference_tokens_logits_and_kv_budget() {
             "f32",
             "--json",
         ]);
-        let predicted: Vec<u64> = b[0]["layers"].as_array().unwrap().iter().map(|l| l["bytes"].as_u64().unwrap()).collect();
-        let measured: Vec<u64> = s["kv_bytes_per_layer"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        let predicted: Vec<u64> = b[0]["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["bytes"].as_u64().unwrap())
+            .collect();
+        let measured: Vec<u64> = s["kv_bytes_per_layer"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
         assert_eq!(measured, predicted, "{name}");
         assert_eq!(s["kv_bytes"], b[0]["total_bytes"], "{name}");
     }
@@ -83,7 +129,14 @@ fn greedy_run_matches_the_reference_tokens_logits_and_kv_budget() {
 #[test]
 fn text_prompt_streams_text_and_summary() {
     let dir = fixture("e2b-like");
-    let o = run(&["run", dir.to_str().unwrap(), "--prompt", "The robot and the boat", "-n", "5"]);
+    let o = run(&[
+        "run",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "The robot and the boat",
+        "-n",
+        "5",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!stdout(&o).is_empty());
     let err = stderr(&o);
@@ -98,10 +151,33 @@ fn bad_run_input_is_one_clear_error() {
     let long = "word ".repeat(400);
     for (args, needle, code) in [
         (vec!["run", d, "--prompt", ""], "the prompt is empty", 1),
-        (vec!["run", d, "--prompt", &long, "--max-context", "16"], "context limit is 16", 1),
-        (vec!["run", d, "--prompt", "hi", "--temperature", "-1"], "--temperature must be 0 (greedy) or positive", 1),
-        (vec!["run", d, "--prompt", "hi", "--logits-out", "/no/such/folder/x.safetensors"], "folder /no/such/folder does not exist", 1),
-        (vec!["run", d, "--prompt-ids", "1,999999"], "outside the vocabulary", 1),
+        (
+            vec!["run", d, "--prompt", &long, "--max-context", "16"],
+            "context limit is 16",
+            1,
+        ),
+        (
+            vec!["run", d, "--prompt", "hi", "--temperature", "-1"],
+            "--temperature must be 0 (greedy) or positive",
+            1,
+        ),
+        (
+            vec![
+                "run",
+                d,
+                "--prompt",
+                "hi",
+                "--logits-out",
+                "/no/such/folder/x.safetensors",
+            ],
+            "folder /no/such/folder does not exist",
+            1,
+        ),
+        (
+            vec!["run", d, "--prompt-ids", "1,999999"],
+            "outside the vocabulary",
+            1,
+        ),
         (vec!["run", d], "no prompt", 1),
     ] {
         let o = run(&args);
@@ -117,6 +193,9 @@ fn bad_run_input_is_one_clear_error() {
     }
     // A family that inspect knows but run does not yet.
     let laguna = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/laguna");
-    let err = expect_error(&run(&["run", laguna.to_str().unwrap(), "--prompt-ids", "1,2"]), 1);
+    let err = expect_error(
+        &run(&["run", laguna.to_str().unwrap(), "--prompt-ids", "1,2"]),
+        1,
+    );
     assert!(err.contains("cannot run the `laguna` family yet"), "{err}");
 }

@@ -2,8 +2,8 @@
 //! live panel on stderr shows what each layer's cache holds against the budget.
 
 use super::Ctx;
-use crate::arch::budget::{self, KvDtype};
 use crate::arch;
+use crate::arch::budget::{self, KvDtype};
 use crate::generate::sampler::{Sampler, Sampling};
 use crate::generate::{self, Event, Limits, Stats};
 use crate::loader::model_files::{self, ResolveOptions};
@@ -126,12 +126,17 @@ fn kv_dtype_of(d: DType) -> KvDtype {
 }
 
 /// Sampling from the flags, filling what they leave open from generation_config.json.
-fn sampling(args: &Args, defaults: &crate::loader::generation_config::GenerationDefaults) -> Sampling {
+fn sampling(
+    args: &Args,
+    defaults: &crate::loader::generation_config::GenerationDefaults,
+) -> Sampling {
     let samples = defaults.do_sample.unwrap_or(false);
     Sampling {
-        temperature: args
-            .temperature
-            .unwrap_or(if samples { defaults.temperature.unwrap_or(1.0) } else { 0.0 }),
+        temperature: args.temperature.unwrap_or(if samples {
+            defaults.temperature.unwrap_or(1.0)
+        } else {
+            0.0
+        }),
         top_k: args.top_k.or(if samples { defaults.top_k } else { None }),
         top_p: args.top_p.or(if samples { defaults.top_p } else { None }),
         min_p: args.min_p.or(if samples { defaults.min_p } else { None }),
@@ -220,7 +225,8 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     for w in &spec.warnings {
         ctx.warn(w);
     }
-    let family = arch::family_of(&spec).ok_or_else(|| anyhow!("internal: no family `{}`", spec.family))?;
+    let family =
+        arch::family_of(&spec).ok_or_else(|| anyhow!("internal: no family `{}`", spec.family))?;
     let build = family.build.ok_or_else(|| {
         anyhow!(
             "llmarch cannot run the `{}` family yet; `inspect` and `kv-budget` work for it",
@@ -248,7 +254,10 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         (None, None) => unreachable!("checked above"),
     };
     if let Some(bad) = prompt.iter().find(|&&id| id as usize >= spec.vocab_size) {
-        bail!("--prompt-ids: token id {bad} is outside the vocabulary ({} tokens)", spec.vocab_size);
+        bail!(
+            "--prompt-ids: token id {bad} is outside the vocabulary ({} tokens)",
+            spec.vocab_size
+        );
     }
     let max_context = args.max_context.unwrap_or(spec.max_context);
     if prompt.len() > max_context {
@@ -382,7 +391,10 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         let mut v = serde_json::to_value(&stats)?;
         if let Some(o) = v.as_object_mut() {
             o.insert("model".into(), model_ref.display_name().into());
-            o.insert("kv_bytes_per_layer".into(), serde_json::json!(cache.bytes()));
+            o.insert(
+                "kv_bytes_per_layer".into(),
+                serde_json::json!(cache.bytes()),
+            );
             o.insert("load_s".into(), load_s.into());
             o.insert("dtype".into(), format!("{dtype:?}").to_lowercase().into());
         }

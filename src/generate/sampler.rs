@@ -33,7 +33,10 @@ impl Sampling {
     /// Refuse settings that mean nothing, naming the flag.
     pub fn validate(&self) -> anyhow::Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            anyhow::bail!("--temperature must be 0 (greedy) or positive, not {}", self.temperature);
+            anyhow::bail!(
+                "--temperature must be 0 (greedy) or positive, not {}",
+                self.temperature
+            );
         }
         if self.top_k == Some(0) {
             anyhow::bail!("--top-k must be at least 1");
@@ -46,7 +49,10 @@ impl Sampling {
             }
         }
         if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
-            anyhow::bail!("--repeat-penalty must be positive, not {}", self.repeat_penalty);
+            anyhow::bail!(
+                "--repeat-penalty must be positive, not {}",
+                self.repeat_penalty
+            );
         }
         Ok(())
     }
@@ -98,7 +104,10 @@ impl Sampler {
             idx.truncate(k.max(1));
         }
         let max = l[idx[0]] / s.temperature;
-        let mut p: Vec<f32> = idx.iter().map(|&i| (l[i] / s.temperature - max).exp()).collect();
+        let mut p: Vec<f32> = idx
+            .iter()
+            .map(|&i| (l[i] / s.temperature - max).exp())
+            .collect();
         let sum: f32 = p.iter().sum();
         p.iter_mut().for_each(|x| *x /= sum);
         if let Some(top_p) = s.top_p {
@@ -161,9 +170,21 @@ mod tests {
     fn truncations_restrict_the_draw() {
         let logits = [5.0, 4.9, 0.0, -1.0];
         for settings in [
-            Sampling { temperature: 1.0, top_k: Some(2), ..Default::default() },
-            Sampling { temperature: 1.0, top_p: Some(0.9), ..Default::default() },
-            Sampling { temperature: 1.0, min_p: Some(0.5), ..Default::default() },
+            Sampling {
+                temperature: 1.0,
+                top_k: Some(2),
+                ..Default::default()
+            },
+            Sampling {
+                temperature: 1.0,
+                top_p: Some(0.9),
+                ..Default::default()
+            },
+            Sampling {
+                temperature: 1.0,
+                min_p: Some(0.5),
+                ..Default::default()
+            },
         ] {
             let mut s = Sampler::new(settings.clone());
             let mut counts = [0; 4];
@@ -171,11 +192,18 @@ mod tests {
                 counts[s.next(&logits, &[]) as usize] += 1;
             }
             assert_eq!(counts[2] + counts[3], 0, "{settings:?}: {counts:?}");
-            assert!(counts[0] > 100 && counts[1] > 100, "{settings:?}: {counts:?}");
+            assert!(
+                counts[0] > 100 && counts[1] > 100,
+                "{settings:?}: {counts:?}"
+            );
         }
         // Same seed, same draws.
         let draw = |seed| {
-            let mut s = Sampler::new(Sampling { temperature: 1.0, seed, ..Default::default() });
+            let mut s = Sampler::new(Sampling {
+                temperature: 1.0,
+                seed,
+                ..Default::default()
+            });
             (0..20).map(|_| s.next(&logits, &[])).collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
@@ -183,9 +211,19 @@ mod tests {
 
     #[test]
     fn validation_names_the_flag() {
-        let bad = Sampling { temperature: -1.0, ..Default::default() };
-        assert!(bad.validate().unwrap_err().to_string().contains("--temperature"));
-        let bad = Sampling { top_p: Some(1.5), ..Default::default() };
+        let bad = Sampling {
+            temperature: -1.0,
+            ..Default::default()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--temperature"));
+        let bad = Sampling {
+            top_p: Some(1.5),
+            ..Default::default()
+        };
         assert!(bad.validate().unwrap_err().to_string().contains("--top-p"));
     }
 }

@@ -197,7 +197,16 @@ mod tests {
             assert_eq!(v0.start + v0.k.dim(2).unwrap(), s.seen() + n);
             s.advance(n);
         }
-        let k0: Vec<f32> = s.layer(0).unwrap().k.as_ref().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let k0: Vec<f32> = s
+            .layer(0)
+            .unwrap()
+            .k
+            .as_ref()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(k0, [4.0, 5.0, 6.0, 7.0]);
         let f32b = DType::F32.size_in_bytes() as u64;
         assert_eq!(s.bytes(), vec![2 * 4 * f32b, 8 * f32b, 0]);

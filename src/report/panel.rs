@@ -61,8 +61,15 @@ pub fn render(s: &Snapshot) -> Vec<String> {
             .split_once('-')
             .and_then(|(a, b)| Some(b.parse::<usize>().ok()? - a.parse::<usize>().ok()? + 1))
             .unwrap_or(1);
-        let times = if n > 1 { format!(" ×{n}") } else { String::new() };
-        lines.push(format!("  L{label:<7} {:<18} {}{times}", cells[0], cells[1]));
+        let times = if n > 1 {
+            format!(" ×{n}")
+        } else {
+            String::new()
+        };
+        lines.push(format!(
+            "  L{label:<7} {:<18} {}{times}",
+            cells[0], cells[1]
+        ));
     }
     lines
 }
@@ -121,10 +128,26 @@ mod tests {
         let budget = compute(&spec, 4096, 1, KvDtype::F32);
         let now = compute(&spec, 100, 1, KvDtype::F32);
         let held: Vec<u64> = now.layers.iter().map(|l| l.bytes).collect();
-        let lines = render(&Snapshot { spec: &spec, budget: &budget, held: &held, tokens: 100, tok_s: 3.0 });
+        let lines = render(&Snapshot {
+            spec: &spec,
+            budget: &budget,
+            held: &held,
+            tokens: 100,
+            tok_s: 3.0,
+        });
         assert!(lines[0].starts_with("KV "), "{lines:?}");
-        assert!(lines.iter().any(|l| l.contains("L15-18") && l.contains("→ L13") && l.contains("×4")), "{lines:?}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("L15-18") && l.contains("→ L13") && l.contains("×4")),
+            "{lines:?}"
+        );
         let window_bytes = units::bytes(budget.layers[0].bytes);
-        assert!(lines.iter().any(|l| l.contains("L0-3") && l.ends_with(&format!("/ {window_bytes} ×4"))), "{lines:?}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("L0-3") && l.ends_with(&format!("/ {window_bytes} ×4"))),
+            "{lines:?}"
+        );
     }
 }
