@@ -293,18 +293,17 @@ impl<'e> HubRepo<'e> {
         };
         bar.set_style(
             ProgressStyle::with_template(
-                "{prefix} {msg:30!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                "{prefix}{msg:24!} [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
             )
             .expect("valid template")
             .progress_chars("=> "),
         );
         if total > 1 {
-            bar.set_prefix(format!("[{n}/{total}]"));
+            bar.set_prefix(format!("[{n}/{total}] "));
         }
         let progress = Counted {
             bar: bar.clone(),
             announced: Arc::new(AtomicU64::new(0)),
-            received: Arc::new(AtomicU64::new(0)),
         };
         let announced = progress.announced.clone();
         let repo = self.repo();
@@ -319,6 +318,7 @@ impl<'e> HubRepo<'e> {
             Ok(p) => p,
             Err(e) => {
                 bar.abandon();
+                end_line(&bar);
                 let blobs = self.cache_path().join("blobs");
                 return Err(explain(
                     e,
@@ -331,6 +331,7 @@ impl<'e> HubRepo<'e> {
             }
         };
         bar.finish();
+        end_line(&bar);
         // Verify: the blob holds exactly what the Hub announced.
         let expected = announced.load(Ordering::SeqCst);
         let got = std::fs::metadata(&path)
@@ -358,26 +359,30 @@ pub fn fetch_file(id: &str, revision: Option<&str>, file: &str, progress: bool) 
     HubRepo::new(&env, id, revision, progress).get(file, None, (1, 1))
 }
 
-/// hf-hub's progress callbacks driving an indicatif bar, counting what the Hub announced and
-/// what arrived.
+/// A finished bar stays on screen; what comes next starts on a line of its own.
+fn end_line(bar: &ProgressBar) {
+    if !bar.is_hidden() {
+        eprintln!();
+    }
+}
+
+/// hf-hub's progress callbacks driving an indicatif bar and keeping the announced size.
 struct Counted {
     bar: ProgressBar,
+    /// The size the Hub announced (`Content-Range`), read back to verify the blob.
     announced: Arc<AtomicU64>,
-    received: Arc<AtomicU64>,
 }
 
 impl Progress for Counted {
     fn init(&mut self, size: usize, filename: &str) {
         // hf-hub calls this again (then `update(resume_offset)`) for every attempt.
         self.announced.store(size as u64, Ordering::SeqCst);
-        self.received.store(0, Ordering::SeqCst);
         self.bar.set_length(size as u64);
         self.bar.set_position(0);
         self.bar.set_message(filename.to_string());
     }
 
     fn update(&mut self, size: usize) {
-        self.received.fetch_add(size as u64, Ordering::SeqCst);
         self.bar.inc(size as u64);
     }
 

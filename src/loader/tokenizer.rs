@@ -12,6 +12,10 @@
 //!   only the difference, holding back while the text ends in U+FFFD — an incomplete UTF-8
 //!   sequence such as the byte-fallback tokens `<0xE2><0x82>` before their `<0xAC>`. So stdout
 //!   never receives a broken character, and decoders that strip a leading space stay right.
+//!   For ids that are not valid UTF-8 at all (a random model's output) the stream can differ
+//!   from a one-shot decode, and is the better of the two: the `ByteFallback` decoder turns a
+//!   whole run of byte tokens into U+FFFD when any byte of it is invalid, while the stream has
+//!   already emitted the run's complete characters (`,,,` before a stray `<0xEC>`).
 
 use super::generation_config::{GenerationDefaults, OneOrMany};
 use super::model_files::ModelFiles;
