@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 use candle_core::Tensor;
 
 /// What one owning layer holds.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct LayerKv {
     /// Keys `[batch, kv_heads, tokens, head_dim]` (for K=V layers, the one shared tensor).
     pub k: Option<Tensor>,
@@ -33,8 +33,10 @@ pub struct KvView {
     pub start: usize,
 }
 
-/// All layers' caches; `None` for layers that own none (KV-shared layers).
-#[derive(Debug, Default)]
+/// All layers' caches; `None` for layers that own none (KV-shared layers). Cloning is cheap
+/// (tensors are shared, and `append` makes new ones), so a snapshot at a turn boundary is a
+/// clone: that is how `chat` undoes a turn without prefilling the history again.
+#[derive(Debug, Default, Clone)]
 pub struct KvStore {
     layers: Vec<Option<LayerKv>>,
     /// Tokens fed so far (the position of the next token).
