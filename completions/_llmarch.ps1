@@ -29,6 +29,7 @@ Register-ArgumentCompleter -Native -CommandName 'llmarch' -ScriptBlock {
             [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
             [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
             [CompletionResult]::new('run', 'run', [CompletionResultType]::ParameterValue, 'Generate once, streaming tokens to stdout, with the live KV panel on stderr')
+            [CompletionResult]::new('chat', 'chat', [CompletionResultType]::ParameterValue, 'Interactive multi-turn chat with the model''s own template, the KV cache kept across turns, and a context meter after each reply')
             [CompletionResult]::new('inspect', 'inspect', [CompletionResultType]::ParameterValue, 'Architecture of a model: per-layer table and parameter counts')
             [CompletionResult]::new('kv-budget', 'kv-budget', [CompletionResultType]::ParameterValue, 'KV-cache memory and attention budget, per model, context and layer')
             [CompletionResult]::new('models', 'models', [CompletionResultType]::ParameterValue, 'The built-in model aliases and supported families')
@@ -54,6 +55,35 @@ Register-ArgumentCompleter -Native -CommandName 'llmarch' -ScriptBlock {
             [CompletionResult]::new('--max-context', '--max-context', [CompletionResultType]::ParameterName, 'Context limit for this run and the budget the panel compares against (default: the model''s own)')
             [CompletionResult]::new('--logits-out', '--logits-out', [CompletionResultType]::ParameterName, 'Write tensor `logits` [positions, vocab] f32: every prompt position, then each step')
             [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'Stats as one JSON object on the last stdout line')
+            [CompletionResult]::new('-q', '-q', [CompletionResultType]::ParameterName, 'No progress bars or notes on stderr (errors are still printed)')
+            [CompletionResult]::new('--quiet', '--quiet', [CompletionResultType]::ParameterName, 'No progress bars or notes on stderr (errors are still printed)')
+            [CompletionResult]::new('--allow-unknown-keys', '--allow-unknown-keys', [CompletionResultType]::ParameterName, 'Treat config keys llmarch does not know as warnings instead of errors')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            break
+        }
+        'llmarch;chat' {
+            [CompletionResult]::new('--system', '--system', [CompletionResultType]::ParameterName, 'The system prompt')
+            [CompletionResult]::new('--input', '--input', [CompletionResultType]::ParameterName, 'Read the user messages from a file, one per line, instead of the terminal')
+            [CompletionResult]::new('-n', '-n', [CompletionResultType]::ParameterName, 'Tokens to generate at most (default: generation_config.json''s, else 128)')
+            [CompletionResult]::new('--max-new-tokens', '--max-new-tokens', [CompletionResultType]::ParameterName, 'Tokens to generate at most (default: generation_config.json''s, else 128)')
+            [CompletionResult]::new('--temperature', '--temperature', [CompletionResultType]::ParameterName, '0 = greedy. Default: generation_config.json''s when it samples, else 0')
+            [CompletionResult]::new('--top-k', '--top-k', [CompletionResultType]::ParameterName, 'Keep only the k most likely tokens')
+            [CompletionResult]::new('--top-p', '--top-p', [CompletionResultType]::ParameterName, 'Keep the smallest set of tokens whose probability reaches p')
+            [CompletionResult]::new('--min-p', '--min-p', [CompletionResultType]::ParameterName, 'Drop tokens less likely than min-p × the most likely one')
+            [CompletionResult]::new('--repeat-penalty', '--repeat-penalty', [CompletionResultType]::ParameterName, '> 1 makes tokens already in the sequence less likely')
+            [CompletionResult]::new('--seed', '--seed', [CompletionResultType]::ParameterName, 'seed')
+            [CompletionResult]::new('--dtype', '--dtype', [CompletionResultType]::ParameterName, 'Compute dtype (default: f32 on CPU, bf16 on a GPU)')
+            [CompletionResult]::new('--device', '--device', [CompletionResultType]::ParameterName, 'device')
+            [CompletionResult]::new('--max-context', '--max-context', [CompletionResultType]::ParameterName, 'Context limit of the conversation (default: the model''s own)')
+            [CompletionResult]::new('--thinking', '--thinking', [CompletionResultType]::ParameterName, '`enable_thinking` for templates that take it (default: the template''s own)')
+            [CompletionResult]::new('--chat-template', '--chat-template', [CompletionResultType]::ParameterName, 'A chat template file, or a built-in one by name (`gemma-4-E2B-it`, `gemma-4-31B-it`, `Qwen3.6-27B`, `Laguna-XS.2`), instead of the model''s own')
+            [CompletionResult]::new('--snapshots', '--snapshots', [CompletionResultType]::ParameterName, 'KV-cache snapshots kept at turn boundaries for /undo, /regen and templates that rewrite earlier turns (each holds a copy of the cache as it was)')
+            [CompletionResult]::new('--context-shift', '--context-shift', [CompletionResultType]::ParameterName, 'When the context is full, drop the oldest turns instead of stopping')
+            [CompletionResult]::new('--hide-thinking', '--hide-thinking', [CompletionResultType]::ParameterName, 'Do not show the model''s thinking (it is still kept in the transcript)')
+            [CompletionResult]::new('--no-history', '--no-history', [CompletionResultType]::ParameterName, 'Do not read or write the input history file')
             [CompletionResult]::new('-q', '-q', [CompletionResultType]::ParameterName, 'No progress bars or notes on stderr (errors are still printed)')
             [CompletionResult]::new('--quiet', '--quiet', [CompletionResultType]::ParameterName, 'No progress bars or notes on stderr (errors are still printed)')
             [CompletionResult]::new('--allow-unknown-keys', '--allow-unknown-keys', [CompletionResultType]::ParameterName, 'Treat config keys llmarch does not know as warnings instead of errors')
@@ -114,6 +144,7 @@ Register-ArgumentCompleter -Native -CommandName 'llmarch' -ScriptBlock {
         }
         'llmarch;help' {
             [CompletionResult]::new('run', 'run', [CompletionResultType]::ParameterValue, 'Generate once, streaming tokens to stdout, with the live KV panel on stderr')
+            [CompletionResult]::new('chat', 'chat', [CompletionResultType]::ParameterValue, 'Interactive multi-turn chat with the model''s own template, the KV cache kept across turns, and a context meter after each reply')
             [CompletionResult]::new('inspect', 'inspect', [CompletionResultType]::ParameterValue, 'Architecture of a model: per-layer table and parameter counts')
             [CompletionResult]::new('kv-budget', 'kv-budget', [CompletionResultType]::ParameterValue, 'KV-cache memory and attention budget, per model, context and layer')
             [CompletionResult]::new('models', 'models', [CompletionResultType]::ParameterValue, 'The built-in model aliases and supported families')
@@ -122,6 +153,9 @@ Register-ArgumentCompleter -Native -CommandName 'llmarch' -ScriptBlock {
             break
         }
         'llmarch;help;run' {
+            break
+        }
+        'llmarch;help;chat' {
             break
         }
         'llmarch;help;inspect' {

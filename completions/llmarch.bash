@@ -16,6 +16,9 @@ _llmarch() {
             ",$1")
                 cmd="llmarch"
                 ;;
+            llmarch,chat)
+                cmd="llmarch__subcmd__chat"
+                ;;
             llmarch,completions)
                 cmd="llmarch__subcmd__completions"
                 ;;
@@ -33,6 +36,9 @@ _llmarch() {
                 ;;
             llmarch,run)
                 cmd="llmarch__subcmd__run"
+                ;;
+            llmarch__subcmd__help,chat)
+                cmd="llmarch__subcmd__help__subcmd__chat"
                 ;;
             llmarch__subcmd__help,completions)
                 cmd="llmarch__subcmd__help__subcmd__completions"
@@ -59,12 +65,90 @@ _llmarch() {
 
     case "${cmd}" in
         llmarch)
-            opts="-q -h -V --quiet --allow-unknown-keys --help --version run inspect kv-budget models completions help"
+            opts="-q -h -V --quiet --allow-unknown-keys --help --version run chat inspect kv-budget models completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        llmarch__subcmd__chat)
+            opts="-n -q -h -V --system --input --max-new-tokens --temperature --top-k --top-p --min-p --repeat-penalty --seed --dtype --device --max-context --context-shift --hide-thinking --thinking --chat-template --snapshots --no-history --quiet --allow-unknown-keys --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --system)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --input)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-new-tokens)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -n)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --temperature)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --top-k)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --top-p)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --min-p)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --repeat-penalty)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --seed)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --dtype)
+                    COMPREPLY=($(compgen -W "f32 bf16 f16" -- "${cur}"))
+                    return 0
+                    ;;
+                --device)
+                    COMPREPLY=($(compgen -W "cpu cuda metal auto" -- "${cur}"))
+                    return 0
+                    ;;
+                --max-context)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --thinking)
+                    COMPREPLY=($(compgen -W "on off" -- "${cur}"))
+                    return 0
+                    ;;
+                --chat-template)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --snapshots)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -87,8 +171,22 @@ _llmarch() {
             return 0
             ;;
         llmarch__subcmd__help)
-            opts="run inspect kv-budget models completions help"
+            opts="run chat inspect kv-budget models completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        llmarch__subcmd__help__subcmd__chat)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi

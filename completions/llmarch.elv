@@ -26,6 +26,7 @@ set edit:completion:arg-completer[llmarch] = {|@words|
             cand -V 'Print version'
             cand --version 'Print version'
             cand run 'Generate once, streaming tokens to stdout, with the live KV panel on stderr'
+            cand chat 'Interactive multi-turn chat with the model''s own template, the KV cache kept across turns, and a context meter after each reply'
             cand inspect 'Architecture of a model: per-layer table and parameter counts'
             cand kv-budget 'KV-cache memory and attention budget, per model, context and layer'
             cand models 'The built-in model aliases and supported families'
@@ -50,6 +51,34 @@ set edit:completion:arg-completer[llmarch] = {|@words|
             cand --max-context 'Context limit for this run and the budget the panel compares against (default: the model''s own)'
             cand --logits-out 'Write tensor `logits` [positions, vocab] f32: every prompt position, then each step'
             cand --json 'Stats as one JSON object on the last stdout line'
+            cand -q 'No progress bars or notes on stderr (errors are still printed)'
+            cand --quiet 'No progress bars or notes on stderr (errors are still printed)'
+            cand --allow-unknown-keys 'Treat config keys llmarch does not know as warnings instead of errors'
+            cand -h 'Print help'
+            cand --help 'Print help'
+            cand -V 'Print version'
+            cand --version 'Print version'
+        }
+        &'llmarch;chat'= {
+            cand --system 'The system prompt'
+            cand --input 'Read the user messages from a file, one per line, instead of the terminal'
+            cand -n 'Tokens to generate at most (default: generation_config.json''s, else 128)'
+            cand --max-new-tokens 'Tokens to generate at most (default: generation_config.json''s, else 128)'
+            cand --temperature '0 = greedy. Default: generation_config.json''s when it samples, else 0'
+            cand --top-k 'Keep only the k most likely tokens'
+            cand --top-p 'Keep the smallest set of tokens whose probability reaches p'
+            cand --min-p 'Drop tokens less likely than min-p × the most likely one'
+            cand --repeat-penalty '> 1 makes tokens already in the sequence less likely'
+            cand --seed 'seed'
+            cand --dtype 'Compute dtype (default: f32 on CPU, bf16 on a GPU)'
+            cand --device 'device'
+            cand --max-context 'Context limit of the conversation (default: the model''s own)'
+            cand --thinking '`enable_thinking` for templates that take it (default: the template''s own)'
+            cand --chat-template 'A chat template file, or a built-in one by name (`gemma-4-E2B-it`, `gemma-4-31B-it`, `Qwen3.6-27B`, `Laguna-XS.2`), instead of the model''s own'
+            cand --snapshots 'KV-cache snapshots kept at turn boundaries for /undo, /regen and templates that rewrite earlier turns (each holds a copy of the cache as it was)'
+            cand --context-shift 'When the context is full, drop the oldest turns instead of stopping'
+            cand --hide-thinking 'Do not show the model''s thinking (it is still kept in the transcript)'
+            cand --no-history 'Do not read or write the input history file'
             cand -q 'No progress bars or notes on stderr (errors are still printed)'
             cand --quiet 'No progress bars or notes on stderr (errors are still printed)'
             cand --allow-unknown-keys 'Treat config keys llmarch does not know as warnings instead of errors'
@@ -105,6 +134,7 @@ set edit:completion:arg-completer[llmarch] = {|@words|
         }
         &'llmarch;help'= {
             cand run 'Generate once, streaming tokens to stdout, with the live KV panel on stderr'
+            cand chat 'Interactive multi-turn chat with the model''s own template, the KV cache kept across turns, and a context meter after each reply'
             cand inspect 'Architecture of a model: per-layer table and parameter counts'
             cand kv-budget 'KV-cache memory and attention budget, per model, context and layer'
             cand models 'The built-in model aliases and supported families'
@@ -112,6 +142,8 @@ set edit:completion:arg-completer[llmarch] = {|@words|
             cand help 'Print this message or the help of the given subcommand(s)'
         }
         &'llmarch;help;run'= {
+        }
+        &'llmarch;help;chat'= {
         }
         &'llmarch;help;inspect'= {
         }

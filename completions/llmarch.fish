@@ -29,6 +29,7 @@ complete -c llmarch -n "__fish_llmarch_needs_command" -l allow-unknown-keys -d '
 complete -c llmarch -n "__fish_llmarch_needs_command" -s h -l help -d 'Print help'
 complete -c llmarch -n "__fish_llmarch_needs_command" -s V -l version -d 'Print version'
 complete -c llmarch -n "__fish_llmarch_needs_command" -f -a "run" -d 'Generate once, streaming tokens to stdout, with the live KV panel on stderr'
+complete -c llmarch -n "__fish_llmarch_needs_command" -f -a "chat" -d 'Interactive multi-turn chat with the model\'s own template, the KV cache kept across turns, and a context meter after each reply'
 complete -c llmarch -n "__fish_llmarch_needs_command" -f -a "inspect" -d 'Architecture of a model: per-layer table and parameter counts'
 complete -c llmarch -n "__fish_llmarch_needs_command" -f -a "kv-budget" -d 'KV-cache memory and attention budget, per model, context and layer'
 complete -c llmarch -n "__fish_llmarch_needs_command" -f -a "models" -d 'The built-in model aliases and supported families'
@@ -58,6 +59,34 @@ complete -c llmarch -n "__fish_llmarch_using_subcommand run" -s q -l quiet -d 'N
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l allow-unknown-keys -d 'Treat config keys llmarch does not know as warnings instead of errors'
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -s h -l help -d 'Print help'
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -s V -l version -d 'Print version'
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l system -d 'The system prompt' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l input -d 'Read the user messages from a file, one per line, instead of the terminal' -r -F
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -s n -l max-new-tokens -d 'Tokens to generate at most (default: generation_config.json\'s, else 128)' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l temperature -d '0 = greedy. Default: generation_config.json\'s when it samples, else 0' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l top-k -d 'Keep only the k most likely tokens' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l top-p -d 'Keep the smallest set of tokens whose probability reaches p' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l min-p -d 'Drop tokens less likely than min-p × the most likely one' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l repeat-penalty -d '> 1 makes tokens already in the sequence less likely' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l seed -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l dtype -d 'Compute dtype (default: f32 on CPU, bf16 on a GPU)' -r -f -a "f32\t''
+bf16\t''
+f16\t''"
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l device -r -f -a "cpu\t''
+cuda\t''
+metal\t''
+auto\t''"
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l max-context -d 'Context limit of the conversation (default: the model\'s own)' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l thinking -d '`enable_thinking` for templates that take it (default: the template\'s own)' -r -f -a "on\t''
+off\t''"
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l chat-template -d 'A chat template file, or a built-in one by name (`gemma-4-E2B-it`, `gemma-4-31B-it`, `Qwen3.6-27B`, `Laguna-XS.2`), instead of the model\'s own' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l snapshots -d 'KV-cache snapshots kept at turn boundaries for /undo, /regen and templates that rewrite earlier turns (each holds a copy of the cache as it was)' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l context-shift -d 'When the context is full, drop the oldest turns instead of stopping'
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l hide-thinking -d 'Do not show the model\'s thinking (it is still kept in the transcript)'
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l no-history -d 'Do not read or write the input history file'
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -s q -l quiet -d 'No progress bars or notes on stderr (errors are still printed)'
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l allow-unknown-keys -d 'Treat config keys llmarch does not know as warnings instead of errors'
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -s h -l help -d 'Print help'
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -s V -l version -d 'Print version'
 complete -c llmarch -n "__fish_llmarch_using_subcommand inspect" -l json -d 'Machine-readable output on stdout'
 complete -c llmarch -n "__fish_llmarch_using_subcommand inspect" -s q -l quiet -d 'No progress bars or notes on stderr (errors are still printed)'
 complete -c llmarch -n "__fish_llmarch_using_subcommand inspect" -l allow-unknown-keys -d 'Treat config keys llmarch does not know as warnings instead of errors'
@@ -86,9 +115,10 @@ complete -c llmarch -n "__fish_llmarch_using_subcommand completions" -s q -l qui
 complete -c llmarch -n "__fish_llmarch_using_subcommand completions" -l allow-unknown-keys -d 'Treat config keys llmarch does not know as warnings instead of errors'
 complete -c llmarch -n "__fish_llmarch_using_subcommand completions" -s h -l help -d 'Print help'
 complete -c llmarch -n "__fish_llmarch_using_subcommand completions" -s V -l version -d 'Print version'
-complete -c llmarch -n "__fish_llmarch_using_subcommand help; and not __fish_seen_subcommand_from run inspect kv-budget models completions help" -f -a "run" -d 'Generate once, streaming tokens to stdout, with the live KV panel on stderr'
-complete -c llmarch -n "__fish_llmarch_using_subcommand help; and not __fish_seen_subcommand_from run inspect kv-budget models completions help" -f -a "inspect" -d 'Architecture of a model: per-layer table and parameter counts'
-complete -c llmarch -n "__fish_llmarch_using_subcommand help; and not __fish_seen_subcommand_from run inspect kv-budget models completions help" -f -a "kv-budget" -d 'KV-cache memory and attention budget, per model, context and layer'
-complete -c llmarch -n "__fish_llmarch_using_subcommand help; and not __fish_seen_subcommand_from run inspect kv-budget models completions help" -f -a "models" -d 'The built-in model aliases and supported families'
-complete -c llmarch -n "__fish_llmarch_using_subcommand help; and not __fish_seen_subcommand_from run inspect kv-budget models completions help" -f -a "completions" -d 'Shell completions (also committed under completions/)'
-complete -c llmarch -n "__fish_llmarch_using_subcommand help; and not __fish_seen_subcommand_from run inspect kv-budget models completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c llmarch -n "__fish_llmarch_using_subcommand help; and not __fish_seen_subcommand_from run chat inspect kv-budget models completions help" -f -a "run" -d 'Generate once, streaming tokens to stdout, with the live KV panel on stderr'
+complete -c llmarch -n "__fish_llmarch_using_subcommand help; and not __fish_seen_subcommand_from run chat inspect kv-budget models completions help" -f -a "chat" -d 'Interactive multi-turn chat with the model\'s own template, the KV cache kept across turns, and a context meter after each reply'
+complete -c llmarch -n "__fish_llmarch_using_subcommand help; and not __fish_seen_subcommand_from run chat inspect kv-budget models completions help" -f -a "inspect" -d 'Architecture of a model: per-layer table and parameter counts'
+complete -c llmarch -n "__fish_llmarch_using_subcommand help; and not __fish_seen_subcommand_from run chat inspect kv-budget models completions help" -f -a "kv-budget" -d 'KV-cache memory and attention budget, per model, context and layer'
+complete -c llmarch -n "__fish_llmarch_using_subcommand help; and not __fish_seen_subcommand_from run chat inspect kv-budget models completions help" -f -a "models" -d 'The built-in model aliases and supported families'
+complete -c llmarch -n "__fish_llmarch_using_subcommand help; and not __fish_seen_subcommand_from run chat inspect kv-budget models completions help" -f -a "completions" -d 'Shell completions (also committed under completions/)'
+complete -c llmarch -n "__fish_llmarch_using_subcommand help; and not __fish_seen_subcommand_from run chat inspect kv-budget models completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

@@ -9,9 +9,11 @@
 //!   one file per family; [`arch::budget`] is the KV-cache arithmetic over that table.
 //! - [`layers`]: how models compute: blocks named for the technique, the KV store.
 //! - [`generate`]: the one prefill/decode loop every family shares.
+//! - [`chat`]: chat templates (minijinja), the conversation and the KV cache kept across turns.
 //! - [`report`]: tables, bars and unit formatting.
 
 pub mod arch;
+pub mod chat;
 pub mod cli;
 pub mod generate;
 pub mod layers;

@@ -1,15 +1,20 @@
-//! `llmarch run` end to end on the tiny Gemma 4 reference checkpoints (tests/fixtures/gemma4,
-//! made by tests/oracle/gemma4_fixtures.py with transformers 5.23.0).
+//! `llmarch run` end to end on the tiny reference checkpoints (tests/fixtures/gemma4 and
+//! tests/fixtures/laguna, made by tests/oracle/{gemma4,laguna}_fixtures.py with transformers
+//! 5.23.0).
 
 mod common;
 use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
+/// A Gemma 4 fixture by name, or any fixture by its path under tests/fixtures (`laguna/...`).
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/gemma4")
-        .join(name)
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    if name.contains('/') {
+        root.join(name)
+    } else {
+        root.join("gemma4").join(name)
+    }
 }
 
 fn reference(name: &str) -> Value {
@@ -40,6 +45,9 @@ fn greedy_run_matches_the_reference_tokens_logits_and_kv_budget() {
         "moe-keqv",
         "dense-keqv",
         "wrapper-bf16-sharded",
+        "laguna/xs2-like",
+        "laguna/default-rope",
+        "laguna/yarn-llama3",
     ] {
         let r = reference(name);
         let n = r["generated_ids"].as_array().unwrap().len();
@@ -192,10 +200,10 @@ fn bad_run_input_is_one_clear_error() {
         assert!(err.contains("built without CUDA"), "{err}");
     }
     // A family that inspect knows but run does not yet.
-    let laguna = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/laguna");
+    let zaya = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/zaya");
     let err = expect_error(
-        &run(&["run", laguna.to_str().unwrap(), "--prompt-ids", "1,2"]),
+        &run(&["run", zaya.to_str().unwrap(), "--prompt-ids", "1,2"]),
         1,
     );
-    assert!(err.contains("cannot run the `laguna` family yet"), "{err}");
+    assert!(err.contains("cannot run the `zaya` family yet"), "{err}");
 }

@@ -1,11 +1,13 @@
 //! The command line: clap types and one file per subcommand. No model math here: commands ask
 //! `loader` for a spec, `arch::budget` for numbers, and `report` for tables.
 
+pub mod chat;
 pub mod completions;
 pub mod inspect;
 pub mod kv_budget;
 pub mod models;
 pub mod run;
+pub mod shared;
 
 use crate::arch::config::ParseOptions;
 use clap::{Parser, Subcommand};
@@ -32,6 +34,9 @@ pub struct Cli {
 pub enum Command {
     /// Generate once, streaming tokens to stdout, with the live KV panel on stderr.
     Run(run::Args),
+    /// Interactive multi-turn chat with the model's own template, the KV cache kept across
+    /// turns, and a context meter after each reply.
+    Chat(chat::Args),
     /// Architecture of a model: per-layer table and parameter counts.
     Inspect(inspect::Args),
     /// KV-cache memory and attention budget, per model, context and layer.
@@ -73,6 +78,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Run(a) => run::run(&ctx, a, out),
+        Command::Chat(a) => chat::run(&ctx, a, out),
         Command::Inspect(a) => inspect::run(&ctx, a, out),
         Command::KvBudget(a) => kv_budget::run(&ctx, a, out),
         Command::Models(a) => models::run(a, out),

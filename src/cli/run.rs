@@ -1,17 +1,15 @@
 //! `llmarch run <MODEL> --prompt TEXT`: load, prefill, decode; text streams to stdout while a
 //! live panel on stderr shows what each layer's cache holds against the budget.
 
+use super::shared::{self, DeviceArgs, SamplingArgs};
 use super::Ctx;
-use crate::arch;
-use crate::arch::budget::{self, KvDtype};
-use crate::generate::sampler::{Sampler, Sampling};
+use crate::arch::budget;
+use crate::generate::sampler::Sampler;
 use crate::generate::{self, Event, Limits, Stats};
-use crate::loader::model_files::{self, ResolveOptions};
-use crate::loader::{tokenizer, weights};
 use crate::report::panel::{self, LivePanel, Snapshot};
 use crate::report::units;
-use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,31 +29,10 @@ pub struct Args {
     /// Raw token ids instead of text, e.g. `2,651,1144`.
     #[arg(long, group = "input", value_delimiter = ',')]
     pub prompt_ids: Option<Vec<u32>>,
-    /// Tokens to generate at most (default: generation_config.json's, else 128).
-    #[arg(short = 'n', long)]
-    pub max_new_tokens: Option<usize>,
-    /// 0 = greedy. Default: generation_config.json's when it samples, else 0.
-    #[arg(long, allow_negative_numbers = true)]
-    pub temperature: Option<f32>,
-    /// Keep only the k most likely tokens.
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    /// Keep the smallest set of tokens whose probability reaches p.
-    #[arg(long, allow_negative_numbers = true)]
-    pub top_p: Option<f32>,
-    /// Drop tokens less likely than min-p × the most likely one.
-    #[arg(long, allow_negative_numbers = true)]
-    pub min_p: Option<f32>,
-    /// > 1 makes tokens already in the sequence less likely.
-    #[arg(long, allow_negative_numbers = true)]
-    pub repeat_penalty: Option<f32>,
-    #[arg(long, default_value_t = 299_792_458)]
-    pub seed: u64,
-    /// Compute dtype (default: f32 on CPU, bf16 on a GPU).
-    #[arg(long, value_enum)]
-    pub dtype: Option<ComputeDtype>,
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub device: DeviceArg,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Context limit for this run and the budget the panel compares against (default: the
     /// model's own).
     #[arg(long)]
@@ -66,86 +43,6 @@ pub struct Args {
     /// Write tensor `logits` [positions, vocab] f32: every prompt position, then each step.
     #[arg(long)]
     pub logits_out: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ComputeDtype {
-    F32,
-    Bf16,
-    F16,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DeviceArg {
-    Cpu,
-    Cuda,
-    Metal,
-    Auto,
-}
-
-/// The device, or an error saying how to get it.
-pub fn device(arg: DeviceArg) -> Result<Device> {
-    match arg {
-        DeviceArg::Cpu => Ok(Device::Cpu),
-        DeviceArg::Cuda => {
-            if cfg!(feature = "cuda") {
-                Device::new_cuda(0).context("cannot open CUDA device 0")
-            } else {
-                bail!("this llmarch was built without CUDA\nhint: rebuild with `cargo build --release --features cuda`")
-            }
-        }
-        DeviceArg::Metal => {
-            if cfg!(feature = "metal") {
-                Device::new_metal(0).context("cannot open the Metal device")
-            } else {
-                bail!("this llmarch was built without Metal\nhint: rebuild with `cargo build --release --features metal`")
-            }
-        }
-        DeviceArg::Auto => {
-            if cfg!(feature = "cuda") {
-                if let Ok(d) = Device::new_cuda(0) {
-                    return Ok(d);
-                }
-            }
-            if cfg!(feature = "metal") {
-                if let Ok(d) = Device::new_metal(0) {
-                    return Ok(d);
-                }
-            }
-            Ok(Device::Cpu)
-        }
-    }
-}
-
-fn kv_dtype_of(d: DType) -> KvDtype {
-    match d {
-        DType::BF16 => KvDtype::Bf16,
-        DType::F16 => KvDtype::F16,
-        _ => KvDtype::F32,
-    }
-}
-
-/// Sampling from the flags, filling what they leave open from generation_config.json.
-fn sampling(
-    args: &Args,
-    defaults: &crate::loader::generation_config::GenerationDefaults,
-) -> Sampling {
-    let samples = defaults.do_sample.unwrap_or(false);
-    Sampling {
-        temperature: args.temperature.unwrap_or(if samples {
-            defaults.temperature.unwrap_or(1.0)
-        } else {
-            0.0
-        }),
-        top_k: args.top_k.or(if samples { defaults.top_k } else { None }),
-        top_p: args.top_p.or(if samples { defaults.top_p } else { None }),
-        min_p: args.min_p.or(if samples { defaults.min_p } else { None }),
-        repeat_penalty: args
-            .repeat_penalty
-            .or(defaults.repetition_penalty)
-            .unwrap_or(1.0),
-        seed: args.seed,
-    }
 }
 
 fn read_prompt(args: &Args) -> Result<Option<String>> {
@@ -200,14 +97,7 @@ fn write_logits(path: &Path, rows: &[Tensor]) -> Result<()> {
 
 pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     // 1. Everything that can be checked before loading anything.
-    let device = device(args.device)?;
-    let dtype = match args.dtype {
-        Some(ComputeDtype::F32) => DType::F32,
-        Some(ComputeDtype::Bf16) => DType::BF16,
-        Some(ComputeDtype::F16) => DType::F16,
-        None if device.is_cpu() => DType::F32,
-        None => DType::BF16,
-    };
+    let (device, dtype) = args.device.resolve()?;
     if let Some(p) = &args.logits_out {
         check_output_path(p)?;
     }
@@ -221,28 +111,8 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
 
     // 2. The spec first (only config.json), so a family that cannot run fails before any
     //    download; then every file, and the tokenizer.
-    let (model_ref, spec) = crate::loader::load_spec(&args.model, &ctx.parse, ctx.progress())?;
-    for w in &spec.warnings {
-        ctx.warn(w);
-    }
-    let family =
-        arch::family_of(&spec).ok_or_else(|| anyhow!("internal: no family `{}`", spec.family))?;
-    let build = family.build.ok_or_else(|| {
-        anyhow!(
-            "llmarch cannot run the `{}` family yet; `inspect` and `kv-budget` work for it",
-            spec.family
-        )
-    })?;
-    let files = model_files::resolve(
-        &model_ref,
-        &ResolveOptions {
-            progress: ctx.progress(),
-        },
-    )?;
-    for n in &files.notes {
-        ctx.warn(n);
-    }
-    let tok = tokenizer::load(&files)?;
+    let (model_ref, spec, build) = shared::runnable_spec(ctx, &args.model)?;
+    let (files, tok) = shared::files_and_tokenizer(ctx, &model_ref)?;
     let prompt: Vec<u32> = match (&args.prompt_ids, &text) {
         (Some(ids), _) => ids.clone(),
         (None, Some(t)) => {
@@ -267,20 +137,11 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
             spec.max_context
         );
     }
-    let settings = sampling(&args, &tok.generation);
+    let settings = args.sampling.sampling(&tok.generation);
     settings.validate()?;
 
     // 3. Weights and the network.
-    let t_load = Instant::now();
-    let weights = weights::load(&files, dtype, &device)?;
-    let model = build(
-        &files.config_json()?,
-        &ctx.parse,
-        weights.text_vb(),
-        weights.lm_head_vb(),
-    )
-    .with_context(|| format!("building the model from {}", files.source))?;
-    let load_s = t_load.elapsed().as_secs_f64();
+    let (model, load_s) = shared::build_model(&files, build, ctx, dtype, &device)?;
 
     // 4. Generate, streaming text and the panel.
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -292,14 +153,11 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     let mut cache = model.new_cache();
     let mut sampler = Sampler::new(settings);
     let limits = Limits {
-        max_new_tokens: args
-            .max_new_tokens
-            .or(tok.generation.max_new_tokens)
-            .unwrap_or(128),
+        max_new_tokens: args.sampling.max_new_tokens(&tok.generation),
         max_context,
         stop_ids: tok.eos_ids.clone(),
     };
-    let kv = kv_dtype_of(dtype);
+    let kv = shared::kv_dtype_of(dtype);
     let at_max = budget::compute(&spec, max_context as u64, 1, kv);
     let show_panel = !ctx.quiet && !args.json && std::io::stderr().is_terminal();
     let mut live = LivePanel::new();

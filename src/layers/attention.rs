@@ -15,10 +15,15 @@
 //!
 //! Attention itself ([`attend`]) groups query heads by KV head instead of copying K/V per query
 //! head, adds the mask and takes the softmax in f32.
+//!
+//! Family options beyond [`AttentionOptions`] are builder calls on a loaded layer: QK norm without
+//! the value norm ([`Attention::without_value_norm`]) and a gate on the merged heads before the
+//! output projection ([`Attention::with_output_gate`], Laguna's softplus `g_proj`).
 
 use super::kv_store::{causal_mask, KvStore};
 use super::linear::Linear;
 use super::norm::RmsNorm;
+use super::output_gate::SoftplusOutputGate;
 use super::rope::Rotary;
 use crate::arch::{Attention as AttnKind, LayerSpec};
 use anyhow::{anyhow, bail, Result};
@@ -153,6 +158,8 @@ pub struct Attention {
     k_norm: Option<RmsNorm>,
     v_norm: Option<RmsNorm>,
     rope: Arc<Rotary>,
+    /// Multiplies the merged heads before `o_proj`.
+    output_gate: Option<SoftplusOutputGate>,
 }
 
 impl Attention {
@@ -222,7 +229,20 @@ impl Attention {
             k_norm: if owns { norm("k_norm")? } else { None },
             v_norm: (owns && opts.qkv_norms).then(|| RmsNorm::plain(opts.eps)),
             rope,
+            output_gate: None,
         })
+    }
+
+    /// QK norm only: values are not normalised (Laguna, most QK-norm models).
+    pub fn without_value_norm(mut self) -> Self {
+        self.v_norm = None;
+        self
+    }
+
+    /// Gate the merged heads with `gate(x)` before the output projection.
+    pub fn with_output_gate(mut self, gate: SoftplusOutputGate) -> Self {
+        self.output_gate = Some(gate);
+        self
     }
 
     /// x `[b, n, hidden]` → `[b, n, hidden]`; appends this layer's K/V to the store (owners).
@@ -256,9 +276,13 @@ impl Attention {
         let t = kv.k.dim(2)?;
         let mask = ctx.mask(kv.start, t, self.window, x.device())?;
 
-        // 4. Attend, merge heads, project out.
+        // 4. Attend, merge heads, gate (if any), project out.
         let y = attend(&q, &kv.k, &kv.v, Some(&mask), self.scale)?; // [b, hq, n, d]
         let y = y.transpose(1, 2)?.reshape((b, n, hq * d))?;
+        let y = match &self.output_gate {
+            Some(g) => g.forward(x, &y)?,
+            None => y,
+        };
         self.o_proj.forward(&y)
     }
 

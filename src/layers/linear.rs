@@ -1,64 +1,286 @@
 //! Linear projections: the one door every weight matmul goes through.
 //!
-//! Weights are kept as Hugging Face stores them, `[out, in]`, and applied as `x · Wᵀ (+ b)`. The
-//! plain path is candle's matmul; a faster batch-1 kernel or a quantized weight can replace
-//! [`matmul_t`] / [`Linear`] without touching the blocks that use them.
+//! Weights are kept as Hugging Face stores them, `[out, in]`, and applied as `x · Wᵀ (+ b)`.
+//!
+//! Notable:
+//! - CPU kernels of our own: one activation row (the decode step) goes to the row-parallel
+//!   gemv of [`super::gemv`], which streams each weight byte once at close to memory bandwidth;
+//!   several rows (prefill) go to the packing-free tiled GEMM of [`super::gemm`]. candle's GEMM
+//!   reaches a fraction of the bandwidth at batch 1 and repacks the transposed weight on every
+//!   call. Other devices, non-contiguous weights and CPUs without AVX2 (for the GEMM) keep
+//!   candle's matmul. All paths accumulate in f32 and agree to f32 rounding.
+//!   `LLMARCH_KERNELS=candle` forces candle's matmul for dense weights (for benchmarks).
+//! - bf16/f16 weights are read as they are stored and widened in registers, so decode moves half
+//!   the bytes of f32; the output comes back in the activation's dtype.
+//! - Quantize at load (q8_0: GGML's blocks of 32 int8 + an f16 scale, 1.06 bytes per weight):
+//!   [`Linear::quantize_q8_0`], or every [`Linear`] built inside [`with_load_quantization`]. The
+//!   dense tensor is dropped, so only the q8_0 copy stays resident.
 
+use super::gemm;
+use super::gemv::{self, Q8_0Matrix, WeightRows};
 use super::weight;
-use anyhow::Result;
-use candle_core::Tensor;
+use anyhow::{bail, Context, Result};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use candle_nn::VarBuilder;
+use std::cell::Cell;
+use std::sync::{Arc, OnceLock};
+
+/// Quantization applied to weights as they are loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantization {
+    /// GGML q8_0: blocks of 32 int8 with one f16 scale.
+    Q8_0,
+}
+
+thread_local! {
+    static LOAD_QUANTIZATION: Cell<Option<Quantization>> = const { Cell::new(None) };
+}
+
+/// Runs `build` with every [`Linear`] it loads ([`Linear::load`],
+/// [`Linear::quantized_from_weight`]) quantized to `q`; the setting is per thread and restored
+/// afterwards, even on panic. Linears whose input width is not a multiple of 32 stay dense.
+pub fn with_load_quantization<R>(q: Option<Quantization>, build: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Quantization>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            LOAD_QUANTIZATION.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(LOAD_QUANTIZATION.with(|c| c.replace(q)));
+    build()
+}
+
+/// Whether our CPU kernels run for dense weights (`LLMARCH_KERNELS=candle` turns them off).
+fn kernels_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LLMARCH_KERNELS").map_or(true, |v| v != "candle"))
+}
 
 /// `x · wᵀ` for `x` `[.., in]` and `w` `[out, in]`: `[.., out]`.
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let dims = x.dims();
-    let in_dim = *dims.last().unwrap_or(&0);
-    let rows = x.elem_count() / in_dim.max(1);
+    let (rows, in_dim) = rows_of(x)?;
     let out_dim = w.dim(0)?;
-    let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?; // [rows, out]
-    let mut shape = dims.to_vec();
+    let x2 = x.reshape((rows, in_dim))?; // [rows, in]
+    let fast = if kernels_enabled() {
+        dense_kernel(&x2, w)?
+    } else {
+        None
+    };
+    let y = match fast {
+        Some(y) => y,
+        None => plain_matmul_t(&x2, w)?,
+    }; // [rows, out]
+    Ok(y.reshape(out_shape(x, out_dim))?)
+}
+
+/// `(rows, in)` of an activation `[.., in]`.
+fn rows_of(x: &Tensor) -> Result<(usize, usize)> {
+    let in_dim = match x.dims().last() {
+        Some(&d) if d > 0 => d,
+        _ => bail!(
+            "linear: activation of shape {:?} has no input width",
+            x.dims()
+        ),
+    };
+    Ok((x.elem_count() / in_dim, in_dim))
+}
+
+fn out_shape(x: &Tensor, out_dim: usize) -> Vec<usize> {
+    let mut shape = x.dims().to_vec();
     if let Some(last) = shape.last_mut() {
         *last = out_dim;
     }
-    Ok(y.reshape(shape)?)
+    shape
+}
+
+/// candle's GEMM: `x` `[rows, in]` · `wᵀ` → `[rows, out]`.
+fn plain_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(x.matmul(&w.t()?)?)
+}
+
+/// Our kernels over a dense CPU weight: `x` `[rows, in]` → `[rows, out]` in `x`'s dtype, or
+/// `None` when they do not apply (not a contiguous f32/bf16/f16 CPU matrix, or no GEMM kernel
+/// for this CPU); then candle's matmul runs.
+fn dense_kernel(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let Ok((out_dim, in_dim)) = w.dims2() else {
+        return Ok(None);
+    };
+    let (rows, x_in) = x.dims2()?;
+    if !w.device().is_cpu() || in_dim != x_in {
+        return Ok(None);
+    }
+    let (storage, layout) = w.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Ok(None);
+    };
+    let weights = match cpu {
+        CpuStorage::F32(v) => WeightRows::F32(&v[start..end]),
+        CpuStorage::BF16(v) => WeightRows::Bf16(&v[start..end]),
+        CpuStorage::F16(v) => WeightRows::F16(&v[start..end]),
+        _ => return Ok(None),
+    };
+    run_kernel(weights, x, rows, out_dim)
+}
+
+/// `x` `[rows, in]` through the gemv (one row) or the GEMM; `None` when the GEMM has no kernel
+/// for this CPU.
+fn run_kernel(
+    w: WeightRows<'_>,
+    x: &Tensor,
+    rows: usize,
+    out_dim: usize,
+) -> Result<Option<Tensor>> {
+    let xs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let mut y = vec![0f32; rows * out_dim];
+    if rows == 0 {
+        // nothing to compute: an empty [0, out]
+    } else if rows == 1 {
+        gemv::gemv(w, &xs, &mut y)?;
+    } else if !gemm::gemm(w, &xs, rows, &mut y)? {
+        return Ok(None);
+    }
+    let y = Tensor::from_vec(y, (rows, out_dim), x.device())?; // [rows, out]
+    Ok(Some(y.to_dtype(x.dtype())?))
+}
+
+/// The stored form of a weight.
+#[derive(Debug, Clone)]
+enum Weight {
+    /// `[out, in]` in the model dtype.
+    Dense(Tensor),
+    /// q8_0 rows, on the CPU.
+    Q8_0(Arc<Q8_0Matrix>),
 }
 
 /// A `[out, in]` weight and an optional `[out]` bias.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
 }
 
 impl Linear {
-    /// Read `weight` `[out, in]` (and `bias` `[out]` when `bias`) under `vb`.
+    /// Read `weight` `[out, in]` (and `bias` `[out]` when `bias`) under `vb`; quantized when
+    /// built inside [`with_load_quantization`].
     pub fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = weight::get(vb, (out_dim, in_dim), "weight")?;
+        let w = weight::get(vb, (out_dim, in_dim), "weight")?;
         let bias = if bias {
             Some(weight::get(vb, out_dim, "bias")?)
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Linear::from_weight(w, bias)
+            .at_load()
+            .with_context(|| format!("tensor `{}`", weight::full_name(vb, "weight")))
     }
 
-    /// A projection over an existing weight (a tied output head).
+    /// A projection over an existing weight (a tied output head). Inside
+    /// [`with_load_quantization`] use [`Linear::quantized_from_weight`] to quantize it too.
     pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { weight, bias }
+        Linear {
+            weight: Weight::Dense(weight),
+            bias,
+        }
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// [`Linear::from_weight`], quantized when built inside [`with_load_quantization`] (the
+    /// original tensor is left as it is, e.g. for the embedding lookup it is shared with).
+    pub fn quantized_from_weight(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Linear::from_weight(weight, bias).at_load()
+    }
+
+    fn at_load(self) -> Result<Self> {
+        match LOAD_QUANTIZATION.with(|c| c.get()) {
+            Some(Quantization::Q8_0) if self.in_dim()? % gemv::Q8_BLOCK == 0 => {
+                self.quantize_q8_0()
+            }
+            _ => Ok(self),
+        }
+    }
+
+    /// The dense `[out, in]` weight; `None` once quantized.
+    pub fn weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => Some(w),
+            Weight::Q8_0(_) => None,
+        }
+    }
+
+    fn in_dim(&self) -> Result<usize> {
+        Ok(match &self.weight {
+            Weight::Dense(w) => w.dim(1)?,
+            Weight::Q8_0(m) => m.in_dim(),
+        })
+    }
+
+    /// This projection with its weight quantized to q8_0 (see [`gemv::Q8_0Matrix`]). CPU only;
+    /// the input width must be a multiple of 32. Already quantized: unchanged.
+    pub fn quantize_q8_0(self) -> Result<Self> {
+        let w = match &self.weight {
+            Weight::Q8_0(_) => return Ok(self),
+            Weight::Dense(w) => w,
+        };
+        if !w.device().is_cpu() {
+            bail!("q8_0 weights run on the CPU only");
+        }
+        let (out_dim, in_dim) = w.dims2()?;
+        let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let m = Q8_0Matrix::quantize(&values, out_dim, in_dim)?;
+        Ok(Linear {
+            weight: Weight::Q8_0(Arc::new(m)),
+            bias: self.bias,
+        })
     }
 
     /// `[.., in]` → `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = matmul_t(x, &self.weight)?;
+        let y = match &self.weight {
+            Weight::Dense(w) => matmul_t(x, w)?,
+            Weight::Q8_0(m) => q8_0_matmul_t(x, m)?,
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
     }
+}
+
+/// `x · Wᵀ` for a q8_0 `W`, in `x`'s dtype: our kernels, or (a CPU without the GEMM kernel)
+/// tiles of dequantized rows through candle's matmul.
+fn q8_0_matmul_t(x: &Tensor, m: &Q8_0Matrix) -> Result<Tensor> {
+    let (rows, in_dim) = rows_of(x)?;
+    if in_dim != m.in_dim() || !x.device().is_cpu() {
+        bail!(
+            "q8_0 linear [{}, {}] applied to activations {:?} on {:?}",
+            m.out_dim(),
+            m.in_dim(),
+            x.dims(),
+            x.device().location()
+        );
+    }
+    let out_dim = m.out_dim();
+    let x2 = x.reshape((rows, in_dim))?; // [rows, in]
+    let y = match run_kernel(WeightRows::Q8_0(m), &x2, rows, out_dim)? {
+        Some(y) => y,
+        None => {
+            // ~2 MB of f32 weights per tile.
+            let tile = ((2 << 20) / (4 * in_dim)).clamp(1, out_dim);
+            let x2 = x2.to_dtype(DType::F32)?;
+            let mut parts = vec![];
+            for start in (0..out_dim).step_by(tile) {
+                let n = tile.min(out_dim - start);
+                let mut w = vec![0f32; n * in_dim];
+                WeightRows::Q8_0(m).widen_block(in_dim, (start, n), (0, in_dim), &mut w);
+                let w = Tensor::from_vec(w, (n, in_dim), &Device::Cpu)?; // [n, in]
+                parts.push(x2.matmul(&w.t()?)?); // [rows, n]
+            }
+            Tensor::cat(&parts, 1)?.to_dtype(x.dtype())? // [rows, out]
+        }
+    };
+    Ok(y.reshape(out_shape(x, out_dim))?)
 }
 
 #[cfg(test)]
@@ -72,8 +294,157 @@ mod tests {
         let w = Tensor::new(&[[1f32, 2.0], [3.0, 4.0], [5.0, 6.0]], &dev).unwrap(); // [3, 2]
         let b = Tensor::new(&[0.5f32, 0.0, -1.0], &dev).unwrap();
         let x = Tensor::new(&[[[1f32, 1.0], [0.0, 2.0]]], &dev).unwrap(); // [1, 2, 2]
-        let y = Linear::from_weight(w, Some(b)).forward(&x).unwrap();
-        let y: Vec<Vec<Vec<f32>>> = y.to_vec3().unwrap();
+        let lin = Linear::from_weight(w, Some(b));
+        let y: Vec<Vec<Vec<f32>>> = lin.forward(&x).unwrap().to_vec3().unwrap();
         assert_eq!(y, vec![vec![vec![3.5, 7.0, 10.0], vec![4.5, 8.0, 11.0]]]);
+        // One row: the gemv path, same numbers.
+        let x1 = x.narrow(1, 1, 1).unwrap(); // [1, 1, 2]
+        let y: Vec<Vec<Vec<f32>>> = lin.forward(&x1).unwrap().to_vec3().unwrap();
+        assert_eq!(y, vec![vec![vec![4.5, 8.0, 11.0]]]);
+        // No rows: an empty result, as candle's matmul gives.
+        let x0 = x.narrow(1, 0, 0).unwrap(); // [1, 0, 2]
+        assert_eq!(lin.forward(&x0).unwrap().dims(), &[1, 0, 3]);
+        let q = Linear::from_weight(Tensor::ones((3, 32), DType::F32, &dev).unwrap(), None);
+        let x0 = Tensor::zeros((1, 0, 32), DType::F32, &dev).unwrap();
+        let q = q.quantize_q8_0().unwrap();
+        assert_eq!(q.forward(&x0).unwrap().dims(), &[1, 0, 3]);
+    }
+
+    /// Largest `|a − b|` relative to the largest `|b|`.
+    fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        let d = (a - &b).unwrap().abs().unwrap().max(0).unwrap();
+        let m = b.abs().unwrap().max(0).unwrap();
+        d.to_scalar::<f32>().unwrap() / m.to_scalar::<f32>().unwrap().max(1e-30)
+    }
+
+    const SHAPES: &[(usize, usize)] = &[(1, 1), (3, 7), (5, 17), (33, 100), (130, 1023), (9, 2050)];
+
+    #[test]
+    fn the_kernels_match_candles_matmul_at_every_batch() {
+        let dev = Device::Cpu;
+        for &(out, n) in SHAPES {
+            let w = Tensor::randn(0f32, 1.0, (out, n), &dev).unwrap();
+            for rows in [1, 2, 5] {
+                // A non-contiguous [1, rows, n] activation: every other column of [.., 2n].
+                let wide = Tensor::randn(0f32, 1.0, (1, rows, n, 2), &dev).unwrap();
+                let x = wide.narrow(3, 0, 1).unwrap().squeeze(3).unwrap(); // [1, rows, n]
+                let x2 = x.reshape((rows, n)).unwrap();
+                let what = format!("[{rows}, {n}] · [{out}, {n}]ᵀ");
+                let fast = matmul_t(&x, &w).unwrap();
+                assert_eq!(fast.dims(), &[1, rows, out]);
+                let plain = plain_matmul_t(&x2, &w)
+                    .unwrap()
+                    .reshape((1, rows, out))
+                    .unwrap();
+                let d = rel_diff(&fast, &plain);
+                assert!(d < 1e-5, "f32 {what}: {d:e}");
+                if rows == 1 || gemv::Isa::get() != gemv::Isa::Portable {
+                    assert!(
+                        dense_kernel(&x2, &w).unwrap().is_some(),
+                        "{what}: no kernel ran"
+                    );
+                }
+
+                for dt in [DType::BF16, DType::F16] {
+                    let (wd, xd) = (w.to_dtype(dt).unwrap(), x.to_dtype(dt).unwrap());
+                    let fast = matmul_t(&xd, &wd).unwrap();
+                    assert_eq!(fast.dtype(), dt);
+                    // The same narrow values multiplied in f32, then rounded once.
+                    let want = plain_matmul_t(
+                        &xd.reshape((rows, n)).unwrap().to_dtype(DType::F32).unwrap(),
+                        &wd.to_dtype(DType::F32).unwrap(),
+                    )
+                    .unwrap()
+                    .reshape((1, rows, out))
+                    .unwrap();
+                    let d = rel_diff(&fast, &want);
+                    let tol = if dt == DType::BF16 {
+                        2f32.powi(-8)
+                    } else {
+                        2f32.powi(-11)
+                    };
+                    assert!(d <= tol, "{dt:?} {what}: {d:e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_weight_view_with_an_offset_takes_the_kernel_and_a_transposed_one_does_not() {
+        let dev = Device::Cpu;
+        let all = Tensor::randn(0f32, 1.0, (3, 40, 24), &dev).unwrap();
+        let w = all.get(1).unwrap(); // [40, 24], storage offset 960
+        let x = Tensor::randn(0f32, 1.0, (1, 24), &dev).unwrap();
+        let y = dense_kernel(&x, &w).unwrap().unwrap();
+        assert!(rel_diff(&y, &plain_matmul_t(&x, &w).unwrap()) < 1e-5);
+        let wt = all.get(1).unwrap().t().unwrap(); // [24, 40], strided
+        let x = Tensor::randn(0f32, 1.0, (1, 40), &dev).unwrap();
+        assert!(dense_kernel(&x, &wt).unwrap().is_none());
+        let y = matmul_t(&x, &wt).unwrap();
+        assert!(rel_diff(&y, &plain_matmul_t(&x, &wt).unwrap()) < 1e-6);
+    }
+
+    #[test]
+    fn q8_0_linear_matches_its_dequantized_weight_at_every_batch() {
+        let dev = Device::Cpu;
+        let (out, n) = (70, 96);
+        let w = Tensor::randn(0f32, 1.0, (out, n), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, out, &dev).unwrap();
+        let q = Linear::from_weight(w.clone(), Some(b.clone()))
+            .quantize_q8_0()
+            .unwrap();
+        assert!(q.weight().is_none());
+        let Weight::Q8_0(m) = &q.weight else {
+            panic!("not quantized")
+        };
+        let deq = m.dequantize();
+        let deq = Tensor::from_vec(deq, (out, n), &dev).unwrap();
+        // Quantization error stays within q8_0's step (~1% of each block's largest weight).
+        assert!(rel_diff(&deq, &w) < 0.01);
+        let dense = Linear::from_weight(deq, Some(b));
+        for rows in [1, 2, 5] {
+            let x = Tensor::randn(0f32, 1.0, (1, rows, n), &dev).unwrap();
+            let (yq, yd) = (q.forward(&x).unwrap(), dense.forward(&x).unwrap());
+            assert_eq!(yq.dims(), &[1, rows, out]);
+            assert!(rel_diff(&yq, &yd) < 1e-5, "{rows} rows");
+        }
+        // bf16 activations come back in bf16 (a bf16 model has no f32 bias).
+        let q = Linear::from_weight(w, None).quantize_q8_0().unwrap();
+        for rows in [1, 3] {
+            let x = Tensor::randn(0f32, 1.0, (1, rows, n), &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            assert_eq!(q.forward(&x).unwrap().dtype(), DType::BF16);
+        }
+    }
+
+    #[test]
+    fn load_quantization_applies_inside_the_scope_and_skips_odd_widths() {
+        let dev = Device::Cpu;
+        let mut ts = std::collections::HashMap::new();
+        ts.insert(
+            "a.weight".to_string(),
+            Tensor::randn(0f32, 1.0, (8, 64), &dev).unwrap(),
+        );
+        ts.insert(
+            "b.weight".to_string(),
+            Tensor::randn(0f32, 1.0, (8, 33), &dev).unwrap(),
+        );
+        let vb = VarBuilder::from_tensors(ts, DType::F32, &dev);
+        let (a, b) = with_load_quantization(Some(Quantization::Q8_0), || {
+            (
+                Linear::load(&vb.pp("a"), 64, 8, false).unwrap(),
+                Linear::load(&vb.pp("b"), 33, 8, false).unwrap(),
+            )
+        });
+        assert!(a.weight().is_none(), "64 wide: quantized");
+        assert!(b.weight().is_some(), "33 wide: kept dense");
+        assert!(Linear::load(&vb.pp("a"), 64, 8, false)
+            .unwrap()
+            .weight()
+            .is_some());
     }
 }

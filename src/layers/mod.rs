@@ -3,15 +3,21 @@
 //! per-layer table.
 //!
 //! Every weight matmul goes through [`linear`], so a faster kernel or quantized weights can be
-//! swapped in at one place; every tensor read goes through [`weight`], whose errors name it.
+//! swapped in at one place (its CPU kernels: [`gemv`] for one row, [`gemm`] for several); every
+//! tensor read goes through [`weight`], whose errors name it.
 
 pub mod attention;
 pub mod embedding;
+pub mod gelu;
+pub mod gemm;
+pub mod gemv;
 pub mod kv_store;
 pub mod linear;
 pub mod mlp;
 pub mod moe;
 pub mod norm;
+pub mod output_gate;
 pub mod per_layer_embedding;
 pub mod rope;
+pub mod sigmoid_moe;
 pub mod weight;

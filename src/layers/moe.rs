@@ -1,5 +1,6 @@
 //! Mixture of experts: a softmax top-k router with per-expert scales, and experts stored packed as
-//! 3-D tensors (`gate_up_proj` `[experts, 2·width, hidden]`, `down_proj` `[experts, hidden, width]`).
+//! 3-D tensors (`gate_up_proj` `[experts, 2·width, hidden]`, `down_proj` `[experts, hidden, width]`;
+//! a checkpoint with one `gate_proj`/`up_proj`/`down_proj` per expert is packed at load).
 //!
 //! Routing (Gemma 4's `Gemma4TextRouter`): scale-less RMS norm of the input, times a learned
 //! `[hidden]` scale and `hidden^-½`, a linear map to expert scores, softmax in f32, the top k,
@@ -96,6 +97,33 @@ impl PackedExperts {
         Ok(PackedExperts {
             gate_up: weight::get(vb, (experts, 2 * width, hidden), "gate_up_proj")?,
             down: weight::get(vb, (experts, hidden, width), "down_proj")?,
+            width,
+            act,
+        })
+    }
+
+    /// Reads the per-expert layout many checkpoints use (`{e}.gate_proj.weight`,
+    /// `{e}.up_proj.weight` `[width, hidden]`, `{e}.down_proj.weight` `[hidden, width]` for
+    /// `e < experts`) and packs it.
+    pub fn load_per_expert(
+        vb: &VarBuilder,
+        hidden: usize,
+        experts: usize,
+        width: usize,
+        act: Activation,
+    ) -> Result<Self> {
+        let mut gate_up = Vec::with_capacity(experts);
+        let mut down = Vec::with_capacity(experts);
+        for e in 0..experts {
+            let vb = vb.pp(e);
+            let gate = weight::get(&vb.pp("gate_proj"), (width, hidden), "weight")?;
+            let up = weight::get(&vb.pp("up_proj"), (width, hidden), "weight")?;
+            gate_up.push(Tensor::cat(&[gate, up], 0)?); // [2·width, hidden]
+            down.push(weight::get(&vb.pp("down_proj"), (hidden, width), "weight")?);
+        }
+        Ok(PackedExperts {
+            gate_up: Tensor::stack(&gate_up, 0)?,
+            down: Tensor::stack(&down, 0)?,
             width,
             act,
         })

@@ -1,17 +1,24 @@
-//! Rotary position embeddings (RoPE), rotate-half layout, over the whole head.
+//! Rotary position embeddings (RoPE), rotate-half layout.
 //!
-//! A head of `d` dims is rotated as `d/2` pairs `(i, i + d/2)`, pair `i` by angle
-//! `position · inv_freq[i]`, exactly as the reference's `rotate_half`. Two frequency layouts:
+//! A rotated span of `r` dims is turned as `r/2` pairs `(i, i + r/2)`, pair `i` by angle
+//! `position · inv_freq[i]`, exactly as the reference's `rotate_half`. Two layouts of the span:
 //!
-//! - **default**: `inv_freq[i] = θ^(-2i/d)` for every pair.
-//! - **proportional** (Gemma 4's full-attention layers, `modeling_rope_utils.py`
+//! - **whole head** (`r = d`): [`Rotary::default_rope`] (`inv_freq[i] = θ^(-2i/d)`) and
+//!   [`Rotary::proportional`] (Gemma 4's full-attention layers, `modeling_rope_utils.py`
 //!   `_compute_proportional_rope_parameters`): only the first `⌊partial·d/2⌋` pairs rotate, with
 //!   `inv_freq[i] = θ^(-2i/d) / factor` (the exponent's denominator is the *whole* head dim, not
 //!   the rotated part); the other pairs get frequency 0, i.e. they pass through unchanged. The
 //!   rotated dims are thus `0..k` and `d/2..d/2+k`, not the first `partial·d` dims.
+//! - **leading dims** ([`Rotary::leading`], Llama-style partial rotary as in Laguna's
+//!   `apply_rotary_pos_emb`): the first `r = 2·inv_freq.len()` dims rotate as pairs
+//!   `(i, i + r/2)`, the rest pass through. The frequencies come from the reference's
+//!   `ROPE_INIT_FUNCTIONS` over `dim = ⌊partial·d⌋`: [`default_inv_freq`], [`linear_inv_freq`],
+//!   [`Yarn`], [`Llama3`], [`longrope_inv_freq`].
 //!
-//! cos/sin are computed in f32 (`position as f32 · inv_freq`), kept in a table that grows with the
-//! positions asked for, and cast to the input dtype when applied.
+//! cos/sin are computed in f32 (`position as f32 · inv_freq`), times the variant's attention
+//! scaling (YaRN's `mscale`, LongRoPE's factor; 1 otherwise) as the reference multiplies them,
+//! kept in a table that grows with the positions asked for, and cast to the input dtype when
+//! applied.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -20,8 +27,12 @@ use std::sync::RwLock;
 #[derive(Debug)]
 pub struct Rotary {
     head_dim: usize,
-    /// `[head_dim / 2]` angular frequencies, 0 for pairs that do not rotate.
+    /// The leading dims that rotate (`head_dim` for the whole-head layouts).
+    rotary_dim: usize,
+    /// `[rotary_dim / 2]` angular frequencies, 0 for pairs that do not rotate.
     inv_freq: Vec<f32>,
+    /// Multiplies cos and sin (YaRN's attention factor); 1 for most variants.
+    scaling: f32,
     device: Device,
     /// cos and sin `[positions, head_dim / 2]` in f32 for positions `0..positions`.
     table: RwLock<Option<(Tensor, Tensor)>>,
@@ -62,7 +73,37 @@ impl Rotary {
             .collect();
         Ok(Rotary {
             head_dim,
+            rotary_dim: head_dim,
             inv_freq,
+            scaling: 1.0,
+            device: device.clone(),
+            table: RwLock::new(None),
+        })
+    }
+
+    /// The first `2·inv_freq.len()` dims of each head rotate with `inv_freq`; the rest pass
+    /// through. cos and sin are multiplied by `scaling` (the reference's `attention_scaling`).
+    pub fn leading(
+        inv_freq: Vec<f32>,
+        head_dim: usize,
+        scaling: f64,
+        device: &Device,
+    ) -> Result<Self> {
+        let rotary_dim = 2 * inv_freq.len();
+        if rotary_dim == 0 || rotary_dim > head_dim {
+            bail!("RoPE: {rotary_dim} rotated dims do not fit a head of {head_dim}");
+        }
+        if inv_freq.iter().any(|f| !f.is_finite()) {
+            bail!("RoPE: the frequencies are not finite numbers");
+        }
+        if !(scaling.is_finite() && scaling > 0.0) {
+            bail!("RoPE: attention scaling {scaling} must be a positive number");
+        }
+        Ok(Rotary {
+            head_dim,
+            rotary_dim,
+            inv_freq,
+            scaling: scaling as f32,
             device: device.clone(),
             table: RwLock::new(None),
         })
@@ -72,7 +113,17 @@ impl Rotary {
         self.head_dim
     }
 
-    /// cos and sin `[len, head_dim / 2]` for positions `start..start + len`, in `dtype`.
+    /// The angular frequency of each rotated pair.
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
+    /// What cos and sin are multiplied by.
+    pub fn attention_scaling(&self) -> f32 {
+        self.scaling
+    }
+
+    /// cos and sin `[len, rotary_dim / 2]` for positions `start..start + len`, in `dtype`.
     pub fn cos_sin(&self, start: usize, len: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
         let end = start + len;
         let have = |t: &Option<(Tensor, Tensor)>| t.as_ref().map_or(0, |(c, _)| c.dims()[0]);
@@ -107,14 +158,19 @@ impl Rotary {
     }
 
     fn build(&self, positions: usize) -> Result<(Tensor, Tensor)> {
-        let half = self.head_dim / 2;
+        let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions * half);
         let mut sin = Vec::with_capacity(positions * half);
         for p in 0..positions {
             for &f in &self.inv_freq {
                 let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
+                if self.scaling == 1.0 {
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                } else {
+                    cos.push(a.cos() * self.scaling);
+                    sin.push(a.sin() * self.scaling);
+                }
             }
         }
         Ok((
@@ -132,8 +188,198 @@ impl Rotary {
                 self.head_dim
             );
         }
-        let (cos, sin) = self.cos_sin(start, t, x.dtype())?; // [t, d/2]
-        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+        let (cos, sin) = self.cos_sin(start, t, x.dtype())?; // [t, r/2]
+        let r = self.rotary_dim;
+        if r == d {
+            return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?);
+        }
+        // Leading dims only: rotate x[.., :r], pass x[.., r:] through.
+        let rot = x.narrow(3, 0, r)?.contiguous()?; // [b, h, t, r]
+        let rot = candle_nn::rotary_emb::rope(&rot, &cos, &sin)?;
+        Ok(Tensor::cat(&[&rot, &x.narrow(3, r, d - r)?], 3)?)
+    }
+}
+
+/// `1 / θ^(2i/dim)` for `i < ⌈dim/2⌉`, in f32 as the reference computes it (`_compute_default_rope_parameters`).
+pub fn default_inv_freq(theta: f64, dim: usize) -> Vec<f32> {
+    pos_freqs(theta, dim).map(|p| 1.0 / p).collect()
+}
+
+/// `θ^(2i/dim)` for `i < ⌈dim/2⌉`, in f32.
+fn pos_freqs(theta: f64, dim: usize) -> impl Iterator<Item = f32> {
+    let (base, d) = (theta as f32, dim as f32);
+    (0..dim.div_ceil(2)).map(move |i| base.powf((2 * i) as f32 / d))
+}
+
+/// Linear scaling (position interpolation): the default frequencies divided by `factor`.
+pub fn linear_inv_freq(theta: f64, dim: usize, factor: f64) -> Vec<f32> {
+    let f = factor as f32;
+    default_inv_freq(theta, dim)
+        .into_iter()
+        .map(|x| x / f)
+        .collect()
+}
+
+/// LongRoPE's frequencies for one set of per-pair extension factors (`short_factor` or
+/// `long_factor`): `1 / (ext[i] · θ^(2i/dim))`.
+pub fn longrope_inv_freq(theta: f64, dim: usize, ext: &[f64]) -> Result<Vec<f32>> {
+    let pairs = dim.div_ceil(2);
+    if ext.len() != pairs {
+        bail!(
+            "LongRoPE: {} extension factors for {pairs} rotated pairs",
+            ext.len()
+        );
+    }
+    Ok(pos_freqs(theta, dim)
+        .zip(ext)
+        .map(|(p, &e)| 1.0 / (e as f32 * p))
+        .collect())
+}
+
+/// YaRN (`_compute_yarn_parameters`): frequencies blended between interpolation (÷ `factor`)
+/// for the slow pairs and extrapolation (unchanged) for the fast ones, with a linear ramp between
+/// the pairs that turn `beta_slow` and `beta_fast` times over `original_max_position_embeddings`;
+/// cos and sin are scaled by the attention factor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Yarn {
+    pub factor: f64,
+    pub original_max_position_embeddings: f64,
+    /// Default 32.
+    pub beta_fast: f64,
+    /// Default 1.
+    pub beta_slow: f64,
+    /// Round the ramp's ends outwards to whole pairs (default true).
+    pub truncate: bool,
+    /// Given outright; else derived from `mscale`/`mscale_all_dim` or `factor`.
+    pub attention_factor: Option<f64>,
+    pub mscale: Option<f64>,
+    pub mscale_all_dim: Option<f64>,
+}
+
+impl Yarn {
+    /// The reference's defaults for everything but `factor` and the original context.
+    pub fn new(factor: f64, original_max_position_embeddings: f64) -> Self {
+        Yarn {
+            factor,
+            original_max_position_embeddings,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            truncate: true,
+            attention_factor: None,
+            mscale: None,
+            mscale_all_dim: None,
+        }
+    }
+
+    /// What cos and sin are multiplied by: `attention_factor` if given, else
+    /// `mscale(factor, mscale) / mscale(factor, mscale_all_dim)` when both are set (non-zero),
+    /// else `0.1·ln(factor) + 1` (1 for `factor ≤ 1`).
+    pub fn attention_scaling(&self) -> f64 {
+        let get_mscale = |scale: f64, m: f64| {
+            if scale <= 1.0 {
+                1.0
+            } else {
+                0.1 * m * scale.ln() + 1.0
+            }
+        };
+        if let Some(a) = self.attention_factor {
+            return a;
+        }
+        match (self.mscale, self.mscale_all_dim) {
+            (Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                get_mscale(self.factor, m) / get_mscale(self.factor, all)
+            }
+            _ => get_mscale(self.factor, 1.0),
+        }
+    }
+
+    /// The `⌈dim/2⌉` frequencies for `dim = ⌊partial·head_dim⌋` rotated dims.
+    pub fn inv_freq(&self, theta: f64, dim: usize) -> Result<Vec<f32>> {
+        if dim < 2 || dim % 2 != 0 {
+            bail!("YaRN needs an even rotary dimension, got {dim}");
+        }
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if !(positive(self.factor)
+            && positive(self.original_max_position_embeddings)
+            && positive(theta)
+            && theta > 1.0)
+        {
+            bail!(
+                "YaRN: factor {}, original_max_position_embeddings {} and rope_theta {theta} must be positive (θ > 1)",
+                self.factor,
+                self.original_max_position_embeddings
+            );
+        }
+        // The pair index that turns `rotations` times over the original context, as a float.
+        let correction_dim = |rotations: f64| {
+            (dim as f64
+                * (self.original_max_position_embeddings
+                    / (rotations * 2.0 * std::f64::consts::PI))
+                    .ln())
+                / (2.0 * theta.ln())
+        };
+        let (mut low, mut high) = (
+            correction_dim(self.beta_fast),
+            correction_dim(self.beta_slow),
+        );
+        if self.truncate {
+            low = low.floor();
+            high = high.ceil();
+        }
+        let low = low.max(0.0);
+        let mut high = high.min((dim - 1) as f64);
+        if low == high {
+            high += 0.001; // as the reference: no division by zero
+        }
+        let span = (high - low) as f32;
+        let factor = self.factor as f32;
+        Ok(pos_freqs(theta, dim)
+            .enumerate()
+            .map(|(i, pos_freq)| {
+                let extrapolation = 1.0 / pos_freq;
+                let interpolation = 1.0 / (factor * pos_freq);
+                let ramp = ((i as f32 - low as f32) / span).clamp(0.0, 1.0);
+                let extrapolation_factor = 1.0 - ramp;
+                interpolation * (1.0 - extrapolation_factor) + extrapolation * extrapolation_factor
+            })
+            .collect())
+    }
+}
+
+/// Llama 3.1's frequency-dependent scaling (`_compute_llama3_parameters`): pairs whose
+/// wavelength exceeds `original / low_freq_factor` are divided by `factor`, those shorter than
+/// `original / high_freq_factor` are kept, and the band between is interpolated smoothly.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Llama3 {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: f64,
+}
+
+impl Llama3 {
+    pub fn inv_freq(&self, theta: f64, dim: usize) -> Result<Vec<f32>> {
+        if self.high_freq_factor == self.low_freq_factor {
+            bail!("llama3 RoPE: high_freq_factor equals low_freq_factor");
+        }
+        let old = self.original_max_position_embeddings;
+        let low_wavelen = (old / self.low_freq_factor) as f32;
+        let high_wavelen = (old / self.high_freq_factor) as f32;
+        let factor = self.factor as f32;
+        let (lf, hf) = (self.low_freq_factor as f32, self.high_freq_factor as f32);
+        Ok(default_inv_freq(theta, dim)
+            .into_iter()
+            .map(|f| {
+                let wavelen = 2.0 * std::f32::consts::PI / f;
+                let scaled = if wavelen > low_wavelen { f / factor } else { f };
+                if wavelen < high_wavelen || wavelen > low_wavelen {
+                    scaled
+                } else {
+                    let smooth = (old as f32 / wavelen - lf) / (hf - lf);
+                    (1.0 - smooth) * scaled / factor + smooth * scaled
+                }
+            })
+            .collect())
     }
 }
 
@@ -180,6 +426,49 @@ mod tests {
         // Dims 2..8 and 10..16 do not move.
         assert_eq!(&y[2..8], &x[2..8]);
         assert_eq!(&y[10..], &x[10..]);
+    }
+
+    #[test]
+    fn leading_rotates_the_first_dims_and_scales_cos_sin() {
+        let dev = Device::Cpu;
+        let inv = default_inv_freq(10_000.0, 4);
+        let r = Rotary::leading(inv.clone(), 8, 1.5, &dev).unwrap();
+        let x: Vec<f32> = (0..8).map(|i| (i as f32 * 0.61).cos()).collect();
+        let xt = Tensor::from_vec(x.clone(), (1, 1, 1, 8), &dev).unwrap();
+        let y: Vec<f32> = r
+            .apply(&xt, 3)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // The first 4 dims rotate as pairs (0, 2), (1, 3), cos/sin times 1.5; dims 4..8 pass.
+        let want: Vec<f32> = reference(&x[..4], 3.0, &inv)
+            .iter()
+            .map(|v| v * 1.5)
+            .collect();
+        for (a, b) in y[..4].iter().zip(&want) {
+            assert!((a - b).abs() < 1e-6, "{y:?} vs {want:?}");
+        }
+        assert_eq!(&y[4..], &x[4..]);
+        assert!(Rotary::leading(vec![1.0; 5], 8, 1.0, &dev).is_err());
+        assert!(Rotary::leading(vec![1.0; 2], 8, 0.0, &dev).is_err());
+    }
+
+    #[test]
+    fn yarn_blends_interpolation_and_extrapolation() {
+        // XS.2-like over 8 rotated dims: ramp from pair 0 (kept) to pair 2 (÷ factor).
+        let mut y = Yarn::new(32.0, 4096.0);
+        y.beta_fast = 64.0;
+        let f = y.inv_freq(500_000.0, 8).unwrap();
+        let d = default_inv_freq(500_000.0, 8);
+        assert_eq!(f[0], d[0]);
+        assert!((f[1] - (d[1] / 32.0 * 0.5 + d[1] * 0.5)).abs() < 1e-9);
+        assert!((f[3] - d[3] / 32.0).abs() < 1e-12);
+        assert!((y.attention_scaling() - (0.1 * 32f64.ln() + 1.0)).abs() < 1e-12);
+        y.attention_factor = Some(1.0);
+        assert_eq!(y.attention_scaling(), 1.0);
+        assert!(y.inv_freq(500_000.0, 7).is_err());
     }
 
     #[test]

@@ -24,11 +24,22 @@
 //! build the model from it, so llmarch warns), and rejects (c) a nested form whose YaRN block lacks
 //! `original_max_position_embeddings` (a copy beside the blocks is not read). A legacy
 //! `rope_scaling` replaces `rope_parameters` wholesale, as the reference's property setter does.
+//! YaRN's `truncate` is read from the top level of `rope_parameters` (`config.rope_parameters
+//! .get("truncate", True)`), so in the nested form a `truncate` inside the YaRN block is ignored
+//! by the reference, and one beside the blocks is what counts; llmarch does the same and warns.
+//!
+//! This file is the config half (config → [`ArchSpec`], and the few model-wide numbers the
+//! network needs, [`RuntimeConfig`], including each layer type's RoPE frequencies as the
+//! reference's `LagunaRotaryEmbedding` computes them); [`model`] is the network.
+
+pub mod model;
 
 use super::config::{
     check_heads, check_len, dim, layers_count, n, rope_from_params, to_u64, TextConfig, MAX_DIM,
 };
 use super::{ArchSpec, Attention, Family, Ffn, LayerSpec, ParamCounts, Retention};
+use crate::layers::output_gate::GateGranularity;
+use crate::layers::rope::{self, Llama3, Yarn};
 use anyhow::{anyhow, bail, Result};
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -39,7 +50,11 @@ pub const FAMILY: Family = Family {
     architectures: &["LagunaForCausalLM"],
     summary: "per-layer query-head counts, softplus output gate, QK norm, sliding + full RoPE, sigmoid MoE + shared expert",
     parse,
-    build: None,
+    build: Some(|raw, opts, vb, lm_head| {
+        Ok(Box::new(model::LagunaModel::from_config(
+            raw, opts, vb, lm_head,
+        )?))
+    }),
 };
 
 /// `LagunaConfig` with the reference's defaults.
@@ -62,7 +77,6 @@ struct LagunaConfig {
     #[serde(default = "n::<131_072>")]
     max_position_embeddings: usize,
     #[serde(default = "d_eps")]
-    #[allow(dead_code)]
     rms_norm_eps: f64,
     #[serde(default)]
     tie_word_embeddings: bool,
@@ -135,6 +149,10 @@ const SPARSE: &str = "sparse";
 struct RopeBlocks {
     full: Option<Value>,
     sliding: Option<Value>,
+    /// Nested by layer type: YaRN's `truncate` then comes from the top level (`top_truncate`),
+    /// not from the blocks.
+    nested: bool,
+    top_truncate: Option<Value>,
 }
 
 /// Resolve every form of `rope_parameters` the reference's config class accepts into one block
@@ -179,6 +197,8 @@ fn resolve_rope(
             sliding: Some(
                 serde_json::json!({"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 1.0}),
             ),
+            nested: true,
+            top_truncate: None,
         });
     };
     let obj = params
@@ -190,7 +210,26 @@ fn resolve_rope(
         if c.swa_rope_parameters.as_ref().is_some_and(|v| !v.is_null()) {
             warnings.push("key `swa_rope_parameters` is not read: `rope_parameters` is nested by layer type, so sliding layers use `rope_parameters.sliding_attention`".into());
         }
+        let is_yarn = |ty: &str| {
+            obj.get(ty)
+                .and_then(|b| b.get("rope_type").or_else(|| b.get("type")))
+                .and_then(|t| t.as_str())
+                == Some("yarn")
+        };
+        let yarn_used = (used_full && is_yarn(FULL)) || (used_sliding && is_yarn(SLIDING));
+        for ty in [FULL, SLIDING] {
+            let used = if ty == FULL { used_full } else { used_sliding };
+            if used && is_yarn(ty) && obj.get(ty).is_some_and(|b| b.get("truncate").is_some()) {
+                warnings.push(format!(
+                    "key `rope_parameters.{ty}.truncate` is not read: the reference's YaRN takes \
+                     `truncate` from the top level of `rope_parameters` (default true)"
+                ));
+            }
+        }
         for k in obj.keys() {
+            if k == "truncate" && yarn_used {
+                continue; // read by the YaRN blocks, see the module notes
+            }
             if k != FULL && k != SLIDING {
                 let hint = if k == "original_max_position_embeddings" {
                     " (a YaRN block needs its own `original_max_position_embeddings`)"
@@ -216,6 +255,8 @@ fn resolve_rope(
         return Ok(RopeBlocks {
             full: take(FULL, used_full)?,
             sliding: take(SLIDING, used_sliding)?,
+            nested: true,
+            top_truncate: obj.get("truncate").cloned(),
         });
     }
     // Flat form: the full layers' block, with the top-level keys as defaults; the sliding layers
@@ -251,6 +292,8 @@ fn resolve_rope(
     Ok(RopeBlocks {
         full: Some(Value::Object(full)),
         sliding,
+        nested: false,
+        top_truncate: None,
     })
 }
 
@@ -298,6 +341,253 @@ fn legacy_sparse_layers(c: &LagunaConfig, n: usize) -> Option<Vec<bool>> {
             .map(|i| c.num_experts > 0 && !only.contains(&(i as u64)) && (i as u64 + 1) % step == 0)
             .collect(),
     )
+}
+
+/// The model-wide numbers the network needs beyond the per-layer table.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub rms_norm_eps: f64,
+    /// Biases on the q/k/v/o projections.
+    pub attention_bias: bool,
+    /// The softplus output gate's granularity.
+    pub gate: GateGranularity,
+    /// Multiplies the routed experts' sum (not the shared expert).
+    pub moe_routed_scaling_factor: f64,
+    /// `tanh` cap on the router logits; `None` when the config's value is 0 (off).
+    pub moe_router_logit_softcapping: Option<f64>,
+    /// RoPE of the full layers, when there are any.
+    pub rope_full: Option<RopeFrequencies>,
+    /// RoPE of the sliding layers, when there are any.
+    pub rope_sliding: Option<RopeFrequencies>,
+}
+
+/// One layer type's RoPE as `LagunaRotaryEmbedding` computes it: the frequencies of the leading
+/// `2·inv_freq.len()` dims of each head (the rest pass through) and the factor cos/sin are
+/// multiplied by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeFrequencies {
+    /// `rope_type`.
+    pub kind: String,
+    pub inv_freq: Vec<f32>,
+    pub attention_scaling: f64,
+    /// Positions at or past this are not implemented for this variant: dynamic NTK recomputes
+    /// its frequencies past `max_position_embeddings`, LongRoPE switches to its long factors past
+    /// `original_max_position_embeddings` (both for the whole sequence at once, which a cache
+    /// cannot follow).
+    pub max_positions: Option<usize>,
+}
+
+impl RuntimeConfig {
+    /// The smallest position limit of any layer type's RoPE.
+    pub fn max_positions_limit(&self) -> Option<(usize, &str)> {
+        [&self.rope_full, &self.rope_sliding]
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.max_positions.map(|m| (m, r.kind.as_str())))
+            .min_by_key(|(m, _)| *m)
+    }
+}
+
+/// Read the [`RuntimeConfig`] of a Laguna config (the spec comes from
+/// [`crate::arch::parse_config`]).
+pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
+    let c: LagunaConfig = text.parse()?;
+    let n = c.num_hidden_layers;
+    if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps >= 0.0) {
+        bail!(
+            "key `rms_norm_eps` = {} must be a number ≥ 0",
+            c.rms_norm_eps
+        );
+    }
+    if !c.moe_routed_scaling_factor.is_finite() {
+        bail!(
+            "key `moe_routed_scaling_factor` = {} is not a number",
+            c.moe_routed_scaling_factor
+        );
+    }
+    let cap = c.moe_router_logit_softcapping;
+    if !cap.is_finite() || cap < 0.0 {
+        bail!("key `moe_router_logit_softcapping` = {cap} must be a number ≥ 0 (0: off)");
+    }
+    let mut ignored = vec![];
+    let gate = if read_gating(&c.gating, &mut ignored)? {
+        GateGranularity::PerHead
+    } else {
+        GateGranularity::PerElement
+    };
+    let types = c
+        .layer_types
+        .clone()
+        .unwrap_or_else(|| vec![FULL.to_string(); n]);
+    let used_full = types.iter().any(|t| t == FULL);
+    let used_sliding = types.iter().any(|t| t == SLIDING);
+    let blocks = resolve_rope(&c, used_full, used_sliding, &mut ignored)?;
+    let truncate = |block: &Value| -> Option<Value> {
+        if blocks.nested {
+            blocks.top_truncate.clone()
+        } else {
+            block.get("truncate").cloned()
+        }
+    };
+    let freqs = |block: &Option<Value>, ty: &str| -> Result<Option<RopeFrequencies>> {
+        block
+            .as_ref()
+            .map(|b| {
+                rope_frequencies(
+                    b,
+                    truncate(b),
+                    c.head_dim,
+                    c.max_position_embeddings,
+                    &format!("rope_parameters.{ty}"),
+                )
+            })
+            .transpose()
+    };
+    Ok(RuntimeConfig {
+        rms_norm_eps: c.rms_norm_eps,
+        attention_bias: c.attention_bias,
+        gate,
+        moe_routed_scaling_factor: c.moe_routed_scaling_factor,
+        moe_router_logit_softcapping: (cap > 0.0).then_some(cap),
+        rope_full: freqs(&blocks.full, FULL)?,
+        rope_sliding: freqs(&blocks.sliding, SLIDING)?,
+    })
+}
+
+/// A number field of a RoPE block: `None` when absent or null.
+fn rope_num(block: &Value, key: &str, what: &str) -> Result<Option<f64>> {
+    match block.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| anyhow!("key `{what}.{key}` is not a number")),
+    }
+}
+
+fn rope_num_req(block: &Value, key: &str, what: &str, kind: &str) -> Result<f64> {
+    rope_num(block, key, what)?
+        .ok_or_else(|| anyhow!("key `{what}.{key}` is required for rope_type `{kind}`"))
+}
+
+fn rope_list(block: &Value, key: &str, what: &str) -> Result<Vec<f64>> {
+    block
+        .get(key)
+        .and_then(|v| v.as_array())
+        .and_then(|a| a.iter().map(|x| x.as_f64()).collect::<Option<Vec<f64>>>())
+        .ok_or_else(|| anyhow!("key `{what}.{key}` must be a list of numbers"))
+}
+
+/// The frequencies one RoPE block gives, as the reference's `ROPE_INIT_FUNCTIONS` (and Laguna's
+/// own default, which honours `partial_rotary_factor`) compute them, over
+/// `dim = ⌊head_dim · partial_rotary_factor⌋` leading dims. `truncate` is the value YaRN reads
+/// (see the module notes). Every `rope_type` the config accepts is built; dynamic NTK and LongRoPE
+/// only up to the position where the reference would recompute its frequencies.
+pub fn rope_frequencies(
+    block: &Value,
+    truncate: Option<Value>,
+    head_dim: usize,
+    max_position_embeddings: usize,
+    what: &str,
+) -> Result<RopeFrequencies> {
+    let r = rope_from_params(block, head_dim, what)?;
+    let (kind, theta, dim) = (r.kind.clone(), r.theta, r.rotary_dim);
+    if dim == 0 {
+        bail!(
+            "key `{what}.partial_rotary_factor`: no dimension of the {head_dim}-wide heads rotates"
+        );
+    }
+    let num = |k: &str| rope_num(block, k, what);
+    let req = |k: &str| rope_num_req(block, k, what, &kind);
+    let mut max_positions = None;
+    let (inv_freq, attention_scaling) = match kind.as_str() {
+        "default" => (rope::default_inv_freq(theta, dim), 1.0),
+        "linear" => (rope::linear_inv_freq(theta, dim, req("factor")?), 1.0),
+        "dynamic" => {
+            // At or below `max_position_embeddings` dynamic NTK is the default RoPE.
+            req("factor")?;
+            max_positions = Some(max_position_embeddings);
+            (rope::default_inv_freq(theta, dim), 1.0)
+        }
+        "yarn" => {
+            let original = req("original_max_position_embeddings")?;
+            let factor = num("factor")?.unwrap_or(max_position_embeddings as f64 / original);
+            let nonzero = |k: &str| -> Result<Option<f64>> { Ok(num(k)?.filter(|&v| v != 0.0)) };
+            let truncate = match truncate {
+                None | Some(Value::Null) => true,
+                Some(Value::Bool(b)) => b,
+                Some(other) => bail!("key `rope_parameters.truncate` = {other} is not true/false"),
+            };
+            let yarn = Yarn {
+                beta_fast: nonzero("beta_fast")?.unwrap_or(32.0),
+                beta_slow: nonzero("beta_slow")?.unwrap_or(1.0),
+                truncate,
+                attention_factor: num("attention_factor")?,
+                mscale: num("mscale")?,
+                mscale_all_dim: num("mscale_all_dim")?,
+                ..Yarn::new(factor, original)
+            };
+            let inv = yarn
+                .inv_freq(theta, dim)
+                .map_err(|e| anyhow!("key `{what}`: {e}"))?;
+            (inv, yarn.attention_scaling())
+        }
+        "llama3" => {
+            let l = Llama3 {
+                factor: req("factor")?,
+                low_freq_factor: req("low_freq_factor")?,
+                high_freq_factor: req("high_freq_factor")?,
+                original_max_position_embeddings: req("original_max_position_embeddings")?,
+            };
+            let inv = l
+                .inv_freq(theta, dim)
+                .map_err(|e| anyhow!("key `{what}`: {e}"))?;
+            (inv, 1.0)
+        }
+        "longrope" => {
+            let original = req("original_max_position_embeddings")?;
+            let factor = num("factor")?.unwrap_or(max_position_embeddings as f64 / original);
+            let scaling = match num("attention_factor")? {
+                Some(a) => a,
+                None if factor <= 1.0 => 1.0,
+                None => (1.0 + factor.ln() / original.ln()).sqrt(),
+            };
+            let short = rope_list(block, "short_factor", what)?;
+            let inv = rope::longrope_inv_freq(theta, dim, &short)
+                .map_err(|e| anyhow!("key `{what}.short_factor`: {e}"))?;
+            max_positions = Some(original as usize);
+            (inv, scaling)
+        }
+        "proportional" => {
+            // Gemma-style: the first ⌊partial·d/2⌋ pairs of the whole head rotate with
+            // θ^(-2i/d) / factor, the others have frequency 0.
+            let factor = num("factor")?.unwrap_or(1.0) as f32;
+            let (base, d) = (theta as f32, head_dim as f32);
+            let inv = (0..head_dim / 2)
+                .map(|i| {
+                    if i < dim / 2 {
+                        1.0 / base.powf((2 * i) as f32 / d) / factor
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            (inv, 1.0)
+        }
+        other => bail!("key `{what}.rope_type`: `{other}` is not implemented for Laguna"),
+    };
+    if 2 * inv_freq.len() > head_dim {
+        bail!("key `{what}`: {dim} rotated dims do not fit heads of {head_dim}");
+    }
+    if !(attention_scaling.is_finite() && attention_scaling > 0.0) {
+        bail!("key `{what}`: the attention factor {attention_scaling} must be a positive number");
+    }
+    Ok(RopeFrequencies {
+        kind,
+        inv_freq,
+        attention_scaling,
+        max_positions,
+    })
 }
 
 fn parse(text: &TextConfig) -> Result<ArchSpec> {
@@ -577,10 +867,12 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
 #[cfg(test)]
 mod tests {
     use super::super::{parse_config, ArchSpec, Attention, Ffn};
-    use crate::arch::config::ParseOptions;
+    use super::runtime_config;
+    use crate::arch::config::{ParseOptions, TextConfig};
+    use crate::layers::output_gate::GateGranularity;
     use serde_json::{json, Value};
 
-    const XS2: &str = include_str!("../../configs/Laguna-XS.2/config.json");
+    const XS2: &str = include_str!("../../../configs/Laguna-XS.2/config.json");
 
     fn real() -> Value {
         serde_json::from_str(XS2).expect("config parses as JSON")
@@ -880,6 +1172,47 @@ mod tests {
             .unwrap()
             .remove("rope_type");
         assert!(spec(&v).is_ok());
+    }
+
+    #[test]
+    fn yarn_truncate_is_read_from_the_top_level() {
+        let mut v = real();
+        v["rope_parameters"]["truncate"] = json!(false);
+        let s = spec(&v).unwrap();
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+        let text = TextConfig::from_raw(&v, &ParseOptions::default()).unwrap();
+        let top = runtime_config(&text).unwrap();
+        let mut v = real();
+        v["rope_parameters"]["full_attention"]["truncate"] = json!(false);
+        let s = spec(&v).unwrap();
+        assert!(
+            s.warnings
+                .iter()
+                .any(|w| w.contains("rope_parameters.full_attention.truncate")),
+            "{:?}",
+            s.warnings
+        );
+        let text = TextConfig::from_raw(&v, &ParseOptions::default()).unwrap();
+        let block = runtime_config(&text).unwrap();
+        let text = TextConfig::from_raw(&real(), &ParseOptions::default()).unwrap();
+        let plain = runtime_config(&text).unwrap();
+        // The block's own `truncate` changes nothing; the top-level one does.
+        assert_eq!(block.rope_full, plain.rope_full);
+        assert_ne!(top.rope_full, plain.rope_full);
+    }
+
+    #[test]
+    fn runtime_config_of_the_real_model() {
+        let text = TextConfig::from_raw(&real(), &ParseOptions::default()).unwrap();
+        let c = runtime_config(&text).unwrap();
+        assert_eq!(c.gate, GateGranularity::PerHead);
+        assert_eq!(c.moe_routed_scaling_factor, 2.5);
+        assert_eq!(c.moe_router_logit_softcapping, None);
+        assert_eq!(c.max_positions_limit(), None);
+        let full = c.rope_full.unwrap();
+        assert_eq!((full.kind.as_str(), full.inv_freq.len()), ("yarn", 32));
+        assert_eq!(full.attention_scaling, 1.0);
+        assert_eq!(c.rope_sliding.unwrap().inv_freq.len(), 64);
     }
 
     #[test]

@@ -1,0 +1,789 @@
+//! `llmarch chat <MODEL>`: a multi-turn conversation in the terminal with the model's own chat
+//! template, the KV cache kept across turns, and a context meter after every reply.
+//!
+//! Two modes:
+//! - **Interactive** (stdin is a terminal): line editing and persistent history (rustyline;
+//!   the file is `llmarch/chat_history` in the user's data directory), multi-line input,
+//!   replies streamed with thinking dimmed, Ctrl-C stops a reply but not the session, Ctrl-D or
+//!   `/exit` ends it.
+//! - **Scripted** (stdin is not a terminal, or `--input FILE`): each line is one user message
+//!   (slash commands and multi-line input work the same), replies go to stdout one after the
+//!   other, everything else to stderr; exit 0 at the end of input.
+//!
+//! A bad command, a bad value, a missing file or a message that does not fit is one `error:`
+//! line on stderr, and the session goes on.
+
+use super::shared::{self, DeviceArgs, SamplingArgs};
+use super::Ctx;
+use crate::arch::budget;
+use crate::chat::commands::{self, Command, LineAssembler, Setting, HELP};
+use crate::chat::session::{ContextError, Resume, Session, Settings, TurnReport};
+use crate::chat::template::{self, ChatTemplate};
+use crate::chat::thinking::Part;
+use crate::chat::transcript::{self, Transcript};
+use crate::generate::StopReason;
+use crate::report::{self, panel, units};
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// An alias (`llmarch models`), a Hub repo id `org/name[@revision]`, or a local directory.
+    pub model: String,
+    /// The system prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Read the user messages from a file, one per line, instead of the terminal.
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Context limit of the conversation (default: the model's own).
+    #[arg(long)]
+    pub max_context: Option<usize>,
+    /// When the context is full, drop the oldest turns instead of stopping.
+    #[arg(long)]
+    pub context_shift: bool,
+    /// Do not show the model's thinking (it is still kept in the transcript).
+    #[arg(long)]
+    pub hide_thinking: bool,
+    /// `enable_thinking` for templates that take it (default: the template's own).
+    #[arg(long, value_enum)]
+    pub thinking: Option<OnOff>,
+    /// A chat template file, or a built-in one by name (`gemma-4-E2B-it`, `gemma-4-31B-it`,
+    /// `Qwen3.6-27B`, `Laguna-XS.2`), instead of the model's own.
+    #[arg(long)]
+    pub chat_template: Option<String>,
+    /// KV-cache snapshots kept at turn boundaries for /undo, /regen and templates that rewrite
+    /// earlier turns (each holds a copy of the cache as it was).
+    #[arg(long, default_value_t = 4)]
+    pub snapshots: usize,
+    /// Do not read or write the input history file.
+    #[arg(long)]
+    pub no_history: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+/// The template to use and where it came from.
+fn pick_template(
+    args: &Args,
+    tok: &crate::loader::tokenizer::TokenizerBundle,
+    files: &crate::loader::model_files::ModelFiles,
+    spec: &crate::arch::ArchSpec,
+    ctx: &Ctx,
+) -> Result<(String, String)> {
+    if let Some(t) = &args.chat_template {
+        if let Some(src) = template::builtin(t) {
+            return Ok((src.to_string(), format!("built-in {t}")));
+        }
+        let path = PathBuf::from(t);
+        if !path.exists() {
+            let names: Vec<&str> = template::BUILTIN.iter().map(|(n, _)| *n).collect();
+            bail!(
+                "--chat-template {t}: no such file and no built-in template of that name\nhint: built-in templates: {}",
+                names.join(", ")
+            );
+        }
+        let src = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the chat template {}", path.display()))?;
+        return Ok((src, path.display().to_string()));
+    }
+    if let Some(src) = &tok.chat_template {
+        let origin = files
+            .chat_template
+            .as_ref()
+            .or(files.tokenizer_config.as_ref())
+            .map_or_else(|| files.source.clone(), |p| p.display().to_string());
+        return Ok((src.clone(), origin));
+    }
+    match template::fallback_for(spec) {
+        Some(name) => {
+            ctx.warn(&format!(
+                "{} ships no chat template: using the built-in {name}",
+                files.source
+            ));
+            let src = template::builtin(name).unwrap_or_default();
+            Ok((src.to_string(), format!("built-in {name}")))
+        }
+        None => bail!(
+            "{} ships no chat template and llmarch has none built in for the `{}` family\nhint: give one with --chat-template FILE",
+            files.source,
+            spec.family
+        ),
+    }
+}
+
+/// Terminal styling of the non-reply lines.
+struct Style {
+    /// Colour stdout (replies, thinking).
+    out: bool,
+    /// Colour stderr (meter, notes).
+    err: bool,
+}
+
+impl Style {
+    fn dim(&self, on: bool, s: &str) -> String {
+        if on {
+            format!("\x1b[2m{s}\x1b[0m")
+        } else {
+            s.to_string()
+        }
+    }
+}
+
+/// Model text made safe for a terminal: control characters other than newline and tab (an
+/// escape sequence in a reply could move the cursor, retitle the window or worse) become `�`.
+fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| (c.is_control() && c != '\n' && c != '\t') || c == '\u{7f}';
+    if text.chars().any(bad) {
+        text.chars()
+            .map(|c| if bad(c) { '\u{FFFD}' } else { c })
+            .collect::<String>()
+            .into()
+    } else {
+        text.into()
+    }
+}
+
+/// The error chain on one line (hints folded in).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = vec![];
+    for cause in e.chain() {
+        for line in cause.to_string().lines() {
+            let line = line.trim();
+            if !line.is_empty() && !parts.iter().any(|p| p == line) {
+                parts.push(line.to_string());
+            }
+        }
+    }
+    parts.join(": ")
+}
+
+fn error_line(e: &str) {
+    eprintln!("{} {e}", report::prefix("error"));
+}
+
+fn note(style: &Style, quiet: bool, s: &str) {
+    if !quiet {
+        eprintln!("{}", style.dim(style.err, s));
+    }
+}
+
+pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
+    // 1. Everything that can be checked before loading anything.
+    let (device, dtype) = args.device.resolve()?;
+    if args.max_context == Some(0) {
+        bail!("--max-context must be at least 1");
+    }
+    let input_file = match &args.input {
+        Some(p) => Some(
+            std::fs::File::open(p)
+                .with_context(|| format!("cannot open --input {}", p.display()))?,
+        ),
+        None => None,
+    };
+
+    // 2. Spec, files, tokenizer, template; then the weights.
+    let (model_ref, spec, build) = shared::runnable_spec(ctx, &args.model)?;
+    let (files, tok) = shared::files_and_tokenizer(ctx, &model_ref)?;
+    let (source, origin) = pick_template(&args, &tok, &files, &spec, ctx)?;
+    let special = template::special_tokens(files.tokenizer_config.as_deref())?;
+    let template = ChatTemplate::new(&source, &origin, special)?;
+    if args.thinking.is_some() && !template.takes_thinking {
+        ctx.warn(&format!(
+            "the chat template ({origin}) has no enable_thinking switch: --thinking has no effect"
+        ));
+    }
+    let sampling = args.sampling.sampling(&tok.generation);
+    sampling.validate()?;
+    let settings = Settings {
+        sampling,
+        max_tokens: args.sampling.max_new_tokens(&tok.generation),
+        thinking: args.thinking.map(|t| t == OnOff::On),
+    };
+    let max_context = args.max_context.unwrap_or(spec.max_context);
+    let (model, load_s) = shared::build_model(&files, build, ctx, dtype, &device)?;
+    let mut session = Session::new(model, tok, template, settings, max_context);
+    session.context_shift = args.context_shift;
+    session.engine.max_snapshots = args.snapshots;
+    if let Some(s) = &args.system {
+        session.conv.set_system(Some(s.clone()));
+    }
+    if session.stop_ids.is_empty() {
+        ctx.warn(
+            "no end-of-sequence or end-of-turn token is known: replies end at --max-new-tokens",
+        );
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let flag = stop.clone();
+        // A second handler cannot be installed (tests calling `run` twice): not fatal.
+        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    }
+    let interactive = input_file.is_none() && std::io::stdin().is_terminal();
+    let style = Style {
+        out: report::colour(std::io::stdout().is_terminal()),
+        err: report::colour(report::stderr_is_terminal()),
+    };
+    let mut chat = Chat {
+        session,
+        style,
+        quiet: ctx.quiet,
+        interactive,
+        hide_thinking: args.hide_thinking,
+        model_name: model_ref.display_name(),
+        kv: shared::kv_dtype_of(dtype),
+        load_s,
+        stop,
+    };
+    if interactive {
+        chat.interactive(out, args.no_history)
+    } else {
+        let reader: Box<dyn BufRead> = match input_file {
+            Some(f) => Box::new(std::io::BufReader::new(f)),
+            None => Box::new(std::io::stdin().lock()),
+        };
+        chat.scripted(reader, out)
+    }
+}
+
+/// What to do after an input.
+enum Flow {
+    Go,
+    Exit,
+}
+
+struct Chat {
+    session: Session,
+    style: Style,
+    quiet: bool,
+    interactive: bool,
+    hide_thinking: bool,
+    model_name: String,
+    kv: budget::KvDtype,
+    load_s: f64,
+    stop: Arc<AtomicBool>,
+}
+
+/// The history file: `<data dir>/llmarch/chat_history`.
+fn history_path() -> Option<PathBuf> {
+    dirs::data_dir().map(|d| d.join("llmarch").join("chat_history"))
+}
+
+impl Chat {
+    fn interactive(&mut self, out: &mut dyn Write, no_history: bool) -> Result<()> {
+        use rustyline::error::ReadlineError;
+        let config = rustyline::Config::builder()
+            .auto_add_history(false)
+            .max_history_size(1000)
+            .map_err(|e| anyhow::anyhow!("line editor: {e}"))?
+            .build();
+        let mut rl = rustyline::DefaultEditor::with_config(config)
+            .map_err(|e| anyhow::anyhow!("cannot start the line editor: {e}"))?;
+        let history = if no_history { None } else { history_path() };
+        if let Some(h) = &history {
+            if h.exists() {
+                if let Err(e) = rl.load_history(h) {
+                    eprintln!(
+                        "{} cannot read the history {}: {e}",
+                        report::prefix("warning"),
+                        h.display()
+                    );
+                }
+            }
+        }
+        let spec = self.session.spec();
+        eprintln!(
+            "{}",
+            self.style.dim(
+                self.style.err,
+                &format!(
+                    "llmarch chat · {} ({}, {} layers) · template: {} · context {} · /help for commands, Ctrl-D to quit",
+                    self.model_name,
+                    spec.family,
+                    spec.layers.len(),
+                    self.session.template.origin,
+                    units::context(self.session.max_context as u64),
+                )
+            )
+        );
+        let mut lines = LineAssembler::default();
+        loop {
+            let prompt = if lines.pending() { "... " } else { ">>> " };
+            match rl.readline(prompt) {
+                Ok(line) => {
+                    let Some(text) = lines.feed(&line) else {
+                        continue;
+                    };
+                    if text.trim().is_empty() {
+                        continue;
+                    }
+                    if let Some(h) = &history {
+                        let _ = rl.add_history_entry(text.as_str());
+                        if let Some(dir) = h.parent() {
+                            let _ = std::fs::create_dir_all(dir);
+                        }
+                        if let Err(e) = rl.save_history(h) {
+                            eprintln!(
+                                "{} cannot write the history {}: {e}",
+                                report::prefix("warning"),
+                                h.display()
+                            );
+                        }
+                    }
+                    if let Flow::Exit = self.input(&text, out)? {
+                        break;
+                    }
+                }
+                Err(ReadlineError::Interrupted) => {
+                    lines.reset();
+                    eprintln!(
+                        "{}",
+                        self.style.dim(self.style.err, "(Ctrl-D or /exit to quit)")
+                    );
+                }
+                Err(ReadlineError::Eof) => break,
+                Err(e) => bail!("reading the terminal: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    fn scripted(&mut self, reader: Box<dyn BufRead>, out: &mut dyn Write) -> Result<()> {
+        let mut lines = LineAssembler::default();
+        for line in reader.lines() {
+            let line = line.context("reading the input")?;
+            let Some(text) = lines.feed(line.trim_end_matches('\r')) else {
+                continue;
+            };
+            if text.trim().is_empty() {
+                continue;
+            }
+            if let Flow::Exit = self.input(&text, out)? {
+                return Ok(());
+            }
+        }
+        if let Some(text) = lines.finish() {
+            self.input(&text, out)?;
+        }
+        Ok(())
+    }
+
+    /// One complete input: a command or a user message.
+    fn input(&mut self, text: &str, out: &mut dyn Write) -> Result<Flow> {
+        match commands::parse(text) {
+            Some(Ok(c)) => self.command(c, out),
+            Some(Err(e)) => {
+                error_line(&e);
+                Ok(Flow::Go)
+            }
+            None => {
+                self.session.conv.push_user(text);
+                self.turn(out, true)?;
+                Ok(Flow::Go)
+            }
+        }
+    }
+
+    /// Generate the reply to the last user message and print it with the meter. `fresh`: the
+    /// user message was just added (remove it again if the turn cannot start).
+    fn turn(&mut self, out: &mut dyn Write, fresh: bool) -> Result<()> {
+        self.stop.store(false, Ordering::SeqCst);
+        let show_thinking = !self.hide_thinking;
+        let stdout_tty = std::io::stdout().is_terminal();
+        let thinking_to_stdout = self.interactive || stdout_tty;
+        let colour = self.style.out;
+        let stderr_tty = report::stderr_is_terminal();
+        let clean = |text: &str, tty: bool| -> String {
+            if tty {
+                terminal_safe(text).into_owned()
+            } else {
+                text.to_string()
+            }
+        };
+        let mut in_thinking = false;
+        let mut wrote = false;
+        let mut on_text = |part: Part, text: &str| -> Result<()> {
+            match part {
+                Part::Thinking if !show_thinking => {}
+                Part::Thinking if thinking_to_stdout => {
+                    if !in_thinking && colour {
+                        out.write_all(b"\x1b[2m")?;
+                    }
+                    in_thinking = true;
+                    out.write_all(clean(text, stdout_tty).as_bytes())?;
+                    out.flush()?;
+                    wrote = true;
+                }
+                Part::Thinking => {
+                    eprint!("{}", clean(text, stderr_tty));
+                }
+                Part::Answer => {
+                    if in_thinking {
+                        if colour {
+                            out.write_all(b"\x1b[0m")?;
+                        }
+                        in_thinking = false;
+                        if wrote {
+                            out.write_all(b"\n")?;
+                        }
+                    }
+                    out.write_all(clean(text, stdout_tty).as_bytes())?;
+                    out.flush()?;
+                    wrote = true;
+                }
+            }
+            Ok(())
+        };
+        let result = self.session.reply(&mut on_text, &self.stop);
+        if in_thinking && colour {
+            out.write_all(b"\x1b[0m")?;
+        }
+        match result {
+            Ok(report) => {
+                writeln!(out)?;
+                out.flush()?;
+                self.after_turn(&report);
+                if report.stop == Some(StopReason::Interrupted) && report.generated == 0 {
+                    // Stopped during prefill: nothing was said, so drop the exchange.
+                    self.session.conv.undo();
+                    note(
+                        &self.style,
+                        false,
+                        "note: interrupted before the reply started: the message was dropped",
+                    );
+                }
+            }
+            Err(e) => {
+                if fresh && self.session.conv.awaits_reply() {
+                    self.session.conv.undo();
+                }
+                let msg = match e.downcast_ref::<ContextError>() {
+                    Some(c) => c.to_string(),
+                    None => one_line(&e),
+                };
+                error_line(&msg);
+            }
+        }
+        Ok(())
+    }
+
+    fn after_turn(&self, r: &TurnReport) {
+        let s = &self.session;
+        let held: u64 = s.engine.cache().bytes().iter().sum();
+        let at_max = budget::compute(s.spec(), s.max_context as u64, 1, self.kv);
+        let prefill_tok_s = if r.prefill_s > 0.0 {
+            r.prefilled as f64 / r.prefill_s
+        } else {
+            0.0
+        };
+        let mut meter = format!(
+            "[ctx {}/{} tokens · KV {} / {} · prefill {} new ({} cached) {:.1} tok/s · decode {} tok {:.1} tok/s",
+            r.context_used,
+            s.max_context,
+            units::bytes(held),
+            units::bytes(at_max.total_bytes),
+            r.prefilled,
+            r.reused,
+            prefill_tok_s,
+            r.generated,
+            r.decode_tok_s,
+        );
+        match r.stop {
+            Some(StopReason::Interrupted) => meter.push_str(" · interrupted"),
+            Some(StopReason::MaxTokens) => {
+                meter.push_str(" · cut at max_tokens (/set max_tokens N)")
+            }
+            Some(StopReason::ContextFull) => meter.push_str(" · context full"),
+            _ => {}
+        }
+        meter.push(']');
+        // The meter is always there on a terminal; scripts get it unless --quiet.
+        if self.interactive || !self.quiet {
+            eprintln!("{}", self.style.dim(self.style.err, &meter));
+        }
+        match r.resume {
+            Resume::Live => {}
+            Resume::Snapshot { from } => note(
+                &self.style,
+                self.quiet,
+                &format!(
+                    "note: the rendered conversation differs from the cache at token {from} (the template renders earlier turns differently from how they were generated, or the history changed): resumed from a snapshot of {} tokens",
+                    r.reused
+                ),
+            ),
+            Resume::Fresh { from } if from > 0 => note(
+                &self.style,
+                self.quiet,
+                &format!(
+                    "note: the rendered conversation differs from the cache at token {from} and no snapshot matches: prefilled it again"
+                ),
+            ),
+            Resume::Fresh { .. } => {}
+        }
+        if r.dropped_turns > 0 {
+            note(
+                &self.style,
+                self.quiet,
+                &format!(
+                    "note: dropped the {} oldest turn{} to fit the context (--context-shift)",
+                    r.dropped_turns,
+                    if r.dropped_turns == 1 { "" } else { "s" }
+                ),
+            );
+        }
+        if r.stop == Some(StopReason::ContextFull) {
+            let hint = if s.context_shift {
+                "the next turn drops the oldest turns (--context-shift)"
+            } else {
+                "/clear to start over, /undo to drop the last exchange, or restart with --context-shift"
+            };
+            eprintln!(
+                "{} the context is full ({}/{} tokens): {hint}",
+                report::prefix("warning"),
+                r.context_used,
+                s.max_context
+            );
+        }
+    }
+
+    fn info(&self, s: &str) {
+        eprintln!("{s}");
+    }
+
+    fn command(&mut self, c: Command, out: &mut dyn Write) -> Result<Flow> {
+        match c {
+            Command::Help => self.info(HELP),
+            Command::Exit => return Ok(Flow::Exit),
+            Command::Clear => {
+                self.session.conv.clear();
+                self.session.engine.clear();
+                self.info("cleared the conversation and the cache");
+            }
+            Command::System(None) => match self.session.conv.system() {
+                Some(s) => self.info(&format!("system prompt: {s}")),
+                None => self.info("no system prompt (/system TEXT sets one)"),
+            },
+            Command::System(Some(text)) => {
+                let set = text.is_some();
+                self.session.conv.set_system(text);
+                self.info(if set {
+                    "system prompt set (the next turn prefills the conversation again)"
+                } else {
+                    "system prompt removed"
+                });
+            }
+            Command::Regen => {
+                if self.session.conv.pop_reply() || self.session.conv.awaits_reply() {
+                    self.turn(out, false)?;
+                } else {
+                    error_line("/regen: there is no reply to generate again");
+                }
+            }
+            Command::Undo => {
+                if self.session.conv.undo() {
+                    self.info("removed the last exchange");
+                } else {
+                    error_line("/undo: there is nothing to undo");
+                }
+            }
+            Command::Save(path) => {
+                let t = self.transcript();
+                match transcript::save(&path, &t) {
+                    Ok(()) => self.info(&format!(
+                        "saved {} messages to {}",
+                        t.messages.len(),
+                        path.display()
+                    )),
+                    Err(e) => error_line(&one_line(&e)),
+                }
+            }
+            Command::Load(path) => match transcript::load(&path) {
+                Ok(t) => self.load(t, &path),
+                Err(e) => error_line(&one_line(&e)),
+            },
+            Command::Set(None) => self.info(&self.settings_text()),
+            Command::Set(Some(s)) => {
+                let mut new = self.session.settings.clone();
+                match s {
+                    Setting::Temperature(v) => new.sampling.temperature = v,
+                    Setting::TopK(v) => new.sampling.top_k = v,
+                    Setting::TopP(v) => new.sampling.top_p = v,
+                    Setting::MinP(v) => new.sampling.min_p = v,
+                    Setting::RepeatPenalty(v) => new.sampling.repeat_penalty = v,
+                    Setting::MaxTokens(v) => new.max_tokens = v,
+                    Setting::Seed(v) => new.sampling.seed = v,
+                    Setting::Thinking(v) => {
+                        if !self.session.template.takes_thinking {
+                            error_line("/set thinking: this model's chat template has no enable_thinking switch");
+                            return Ok(Flow::Go);
+                        }
+                        new.thinking = v;
+                    }
+                }
+                match new.sampling.validate() {
+                    Ok(()) => {
+                        self.session.set_settings(new);
+                        self.info(&self.settings_text());
+                    }
+                    Err(e) => error_line(&one_line(&e)),
+                }
+            }
+            Command::Kv => {
+                let s = &self.session;
+                let held = s.engine.cache().bytes();
+                let at_max = budget::compute(s.spec(), s.max_context as u64, 1, self.kv);
+                let tok_s = if s.totals.decode_s > 0.0 {
+                    s.totals.decoded as f64 / s.totals.decode_s
+                } else {
+                    0.0
+                };
+                let lines = panel::render(&panel::Snapshot {
+                    spec: s.spec(),
+                    budget: &at_max,
+                    held: &held,
+                    tokens: s.engine.ids().len(),
+                    tok_s,
+                });
+                self.info(&lines.join("\n"));
+            }
+            Command::Layers => {
+                self.info(&super::inspect::layer_table(self.session.spec()).to_string());
+            }
+            Command::Stats => self.info(&self.stats_text()),
+        }
+        Ok(Flow::Go)
+    }
+
+    fn settings_text(&self) -> String {
+        let s = &self.session.settings;
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "off".into());
+        format!(
+            "temperature {} · top_k {} · top_p {} · min_p {} · repeat_penalty {} · max_tokens {} · seed {} · thinking {}",
+            s.sampling.temperature,
+            opt(s.sampling.top_k.map(|v| v.to_string())),
+            opt(s.sampling.top_p.map(|v| v.to_string())),
+            opt(s.sampling.min_p.map(|v| v.to_string())),
+            s.sampling.repeat_penalty,
+            s.max_tokens,
+            s.sampling.seed,
+            match s.thinking {
+                Some(true) => "on",
+                Some(false) => "off",
+                None => "(template default)",
+            }
+        )
+    }
+
+    fn stats_text(&self) -> String {
+        let s = &self.session;
+        let t = &s.totals;
+        let rate = |n: usize, secs: f64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
+        let held: u64 = s.engine.cache().bytes().iter().sum();
+        format!(
+            "turns {} · context {}/{} tokens · prefilled {} tokens ({:.1} tok/s), reused {} from the cache · generated {} ({:.1} tok/s decode)\nresumed from a snapshot {}× · prefilled again from scratch {}× · snapshots held {} · KV {} · load {:.1} s{}",
+            t.turns,
+            s.engine.ids().len(),
+            s.max_context,
+            t.prefilled,
+            rate(t.prefilled, t.prefill_s),
+            t.reused,
+            t.generated,
+            rate(t.decoded, t.decode_s),
+            t.resumed_from_snapshot,
+            t.refilled_from_scratch,
+            s.engine.snapshot_count(),
+            units::bytes(held),
+            self.load_s,
+            crate::generate::peak_rss_bytes()
+                .map(|b| format!(" · peak RSS {}", units::bytes(b)))
+                .unwrap_or_default()
+        )
+    }
+
+    fn transcript(&self) -> Transcript {
+        let s = &self.session.settings;
+        Transcript {
+            format: transcript::FORMAT.into(),
+            model: self.model_name.clone(),
+            template: Some(self.session.template.origin.clone()),
+            settings: transcript::Settings {
+                temperature: s.sampling.temperature,
+                top_k: s.sampling.top_k,
+                top_p: s.sampling.top_p,
+                min_p: s.sampling.min_p,
+                repeat_penalty: s.sampling.repeat_penalty,
+                seed: s.sampling.seed,
+                max_tokens: s.max_tokens,
+                thinking: s.thinking,
+            },
+            messages: self.session.conv.messages.clone(),
+        }
+    }
+
+    fn load(&mut self, t: Transcript, path: &std::path::Path) {
+        let mut new = self.session.settings.clone();
+        new.sampling.temperature = t.settings.temperature;
+        new.sampling.top_k = t.settings.top_k;
+        new.sampling.top_p = t.settings.top_p;
+        new.sampling.min_p = t.settings.min_p;
+        new.sampling.repeat_penalty = t.settings.repeat_penalty;
+        new.sampling.seed = t.settings.seed;
+        new.max_tokens = t.settings.max_tokens.max(1);
+        new.thinking = t.settings.thinking;
+        if let Err(e) = new.sampling.validate() {
+            error_line(&format!(
+                "{} is not a chat transcript: {}",
+                path.display(),
+                one_line(&e)
+            ));
+            return;
+        }
+        self.session.set_settings(new);
+        self.session.conv.messages = t.messages;
+        if t.model != self.model_name {
+            eprintln!(
+                "{} {} was saved with {}; continuing with {}",
+                report::prefix("warning"),
+                path.display(),
+                t.model,
+                self.model_name
+            );
+        }
+        self.info(&format!(
+            "loaded {} messages from {}{}",
+            self.session.conv.messages.len(),
+            path.display(),
+            if self.session.conv.awaits_reply() {
+                " (the last message awaits a reply: /regen answers it)"
+            } else {
+                ""
+            }
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_cannot_drive_the_terminal() {
+        assert_eq!(terminal_safe("a\tb\nc"), "a\tb\nc");
+        assert_eq!(
+            terminal_safe("\x1b]0;pwned\x07x\r\u{9b}2J"),
+            "\u{FFFD}]0;pwned\u{FFFD}x\u{FFFD}\u{FFFD}2J"
+        );
+    }
+}

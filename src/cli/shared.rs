@@ -1,0 +1,207 @@
+//! What `run` and `chat` share: the sampling flags (defaults from `generation_config.json`), the
+//! device and dtype flags, and loading a model end to end (spec, files, tokenizer, weights).
+
+use super::Ctx;
+use crate::arch::{self, budget::KvDtype, ArchSpec};
+use crate::generate::sampler::Sampling;
+use crate::generate::CausalLm;
+use crate::loader::generation_config::GenerationDefaults;
+use crate::loader::model_files::{self, ModelFiles, ResolveOptions};
+use crate::loader::tokenizer::{self, TokenizerBundle};
+use crate::loader::{weights, ModelRef};
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device};
+use std::time::Instant;
+
+/// Sampling flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SamplingArgs {
+    /// Tokens to generate at most (default: generation_config.json's, else 128).
+    #[arg(short = 'n', long)]
+    pub max_new_tokens: Option<usize>,
+    /// 0 = greedy. Default: generation_config.json's when it samples, else 0.
+    #[arg(long, allow_negative_numbers = true)]
+    pub temperature: Option<f32>,
+    /// Keep only the k most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of tokens whose probability reaches p.
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_p: Option<f32>,
+    /// Drop tokens less likely than min-p × the most likely one.
+    #[arg(long, allow_negative_numbers = true)]
+    pub min_p: Option<f32>,
+    /// > 1 makes tokens already in the sequence less likely.
+    #[arg(long, allow_negative_numbers = true)]
+    pub repeat_penalty: Option<f32>,
+    #[arg(long, default_value_t = 299_792_458)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    /// Sampling from the flags, filling what they leave open from generation_config.json.
+    pub fn sampling(&self, defaults: &GenerationDefaults) -> Sampling {
+        let samples = defaults.do_sample.unwrap_or(false);
+        Sampling {
+            temperature: self.temperature.unwrap_or(if samples {
+                defaults.temperature.unwrap_or(1.0)
+            } else {
+                0.0
+            }),
+            top_k: self.top_k.or(if samples { defaults.top_k } else { None }),
+            top_p: self.top_p.or(if samples { defaults.top_p } else { None }),
+            min_p: self.min_p.or(if samples { defaults.min_p } else { None }),
+            repeat_penalty: self
+                .repeat_penalty
+                .or(defaults.repetition_penalty)
+                .unwrap_or(1.0),
+            seed: self.seed,
+        }
+    }
+
+    /// `-n`, else generation_config.json's, else 128.
+    pub fn max_new_tokens(&self, defaults: &GenerationDefaults) -> usize {
+        self.max_new_tokens
+            .or(defaults.max_new_tokens)
+            .unwrap_or(128)
+    }
+}
+
+/// Where and in which precision the model runs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DeviceArgs {
+    /// Compute dtype (default: f32 on CPU, bf16 on a GPU).
+    #[arg(long, value_enum)]
+    pub dtype: Option<ComputeDtype>,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+}
+
+impl DeviceArgs {
+    /// The device and the compute dtype.
+    pub fn resolve(&self) -> Result<(Device, DType)> {
+        let device = device(self.device)?;
+        let dtype = match self.dtype {
+            Some(ComputeDtype::F32) => DType::F32,
+            Some(ComputeDtype::Bf16) => DType::BF16,
+            Some(ComputeDtype::F16) => DType::F16,
+            None if device.is_cpu() => DType::F32,
+            None => DType::BF16,
+        };
+        Ok((device, dtype))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ComputeDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+    Metal,
+    Auto,
+}
+
+/// The device, or an error saying how to get it.
+pub fn device(arg: DeviceArg) -> Result<Device> {
+    match arg {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        DeviceArg::Cuda => {
+            if cfg!(feature = "cuda") {
+                Device::new_cuda(0).context("cannot open CUDA device 0")
+            } else {
+                bail!("this llmarch was built without CUDA\nhint: rebuild with `cargo build --release --features cuda`")
+            }
+        }
+        DeviceArg::Metal => {
+            if cfg!(feature = "metal") {
+                Device::new_metal(0).context("cannot open the Metal device")
+            } else {
+                bail!("this llmarch was built without Metal\nhint: rebuild with `cargo build --release --features metal`")
+            }
+        }
+        DeviceArg::Auto => {
+            if cfg!(feature = "cuda") {
+                if let Ok(d) = Device::new_cuda(0) {
+                    return Ok(d);
+                }
+            }
+            if cfg!(feature = "metal") {
+                if let Ok(d) = Device::new_metal(0) {
+                    return Ok(d);
+                }
+            }
+            Ok(Device::Cpu)
+        }
+    }
+}
+
+/// The KV-cache dtype the budget is computed in for a compute dtype.
+pub fn kv_dtype_of(d: DType) -> KvDtype {
+    match d {
+        DType::BF16 => KvDtype::Bf16,
+        DType::F16 => KvDtype::F16,
+        _ => KvDtype::F32,
+    }
+}
+
+/// The spec (from config.json only) and, when the family can run, the function that builds it:
+/// a family that cannot run fails here, before any download.
+pub fn runnable_spec(ctx: &Ctx, model: &str) -> Result<(ModelRef, ArchSpec, arch::BuildFn)> {
+    let (model_ref, spec) = crate::loader::load_spec(model, &ctx.parse, ctx.progress())?;
+    for w in &spec.warnings {
+        ctx.warn(w);
+    }
+    let family =
+        arch::family_of(&spec).ok_or_else(|| anyhow!("internal: no family `{}`", spec.family))?;
+    let build = family.build.ok_or_else(|| {
+        anyhow!(
+            "llmarch cannot run the `{}` family yet; `inspect` and `kv-budget` work for it",
+            spec.family
+        )
+    })?;
+    Ok((model_ref, spec, build))
+}
+
+/// Every file of the model (downloading what is missing) and its tokenizer.
+pub fn files_and_tokenizer(
+    ctx: &Ctx,
+    model_ref: &ModelRef,
+) -> Result<(ModelFiles, TokenizerBundle)> {
+    let files = model_files::resolve(
+        model_ref,
+        &ResolveOptions {
+            progress: ctx.progress(),
+        },
+    )?;
+    for n in &files.notes {
+        ctx.warn(n);
+    }
+    let tok = tokenizer::load(&files)?;
+    Ok((files, tok))
+}
+
+/// Load the weights and build the network; returns it with the seconds it took.
+pub fn build_model(
+    files: &ModelFiles,
+    build: arch::BuildFn,
+    ctx: &Ctx,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Box<dyn CausalLm>, f64)> {
+    let t_load = Instant::now();
+    let weights = weights::load(files, dtype, device)?;
+    let model = build(
+        &files.config_json()?,
+        &ctx.parse,
+        weights.text_vb(),
+        weights.lm_head_vb(),
+    )
+    .with_context(|| format!("building the model from {}", files.source))?;
+    Ok((model, t_load.elapsed().as_secs_f64()))
+}

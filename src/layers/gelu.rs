@@ -1,0 +1,152 @@
+//! GELU, tanh approximation (`gelu_pytorch_tanh`), as a vectorised CPU kernel.
+//!
+//! candle's `Tensor::gelu` calls libm's scalar `tanhf` once per element, about a tenth of a
+//! prefill on a small model. Here:
+//! - `0.5·x·(1 + tanh(u))` is rewritten as the equal `x · σ(2u) = x / (1 + e^(−2u))`, with
+//!   `u = √(2/π)·(x + 0.044715·x³)`: one exponential and one division, no cancellation near 0
+//!   and the right limits at both ends (the far negative tail is 0).
+//! - `e^t` by range reduction `t = n·ln 2 + r` (round-to-nearest with the 1.5·2²³ trick,
+//!   `ln 2` split in two parts) and a degree-6 Taylor polynomial for `e^r`, `|r| ≤ ln2/2`
+//!   (truncation < 2e-8 relative), scaled by `2ⁿ` built in the exponent bits. Branch-free, so
+//!   LLVM vectorises the loop; compiled for AVX2+FMA when the CPU has them.
+//! - Accuracy: within 2e-6 of the f64 formula over ±20 (tested on a dense grid), at least as
+//!   close as candle's f32 version, whose `1 + tanh` cancels in the negative tail.
+
+use super::gemv::{parallel_for, SyncPtr};
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+
+/// Elements per parallel task.
+const TASK: usize = 16 * 1024;
+
+/// GELU (tanh approximation) of `x`, any shape. f32 CPU tensors take the vectorised kernel;
+/// others fall back to candle's `gelu`.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return Ok(x.gelu()?);
+    }
+    let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+    gelu_tanh_in_place(&mut v);
+    Ok(Tensor::from_vec(v, x.shape(), x.device())?)
+}
+
+/// GELU (tanh approximation) of every element, in place, in parallel.
+pub fn gelu_tanh_in_place(v: &mut [f32]) {
+    let n = v.len();
+    let p = SyncPtr(v.as_mut_ptr());
+    parallel_for(n.div_ceil(TASK), |tasks| {
+        let (a, b) = (tasks.start * TASK, (tasks.end * TASK).min(n));
+        // SAFETY: tasks cover disjoint ranges of `v`, which outlives `parallel_for`.
+        let part = unsafe { std::slice::from_raw_parts_mut(p.get().add(a), b - a) };
+        run(part);
+    });
+}
+
+fn run(v: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::gemv::Isa::get() == super::gemv::Isa::Avx2 {
+        // SAFETY: AVX2 and FMA were detected.
+        unsafe { run_avx2(v) };
+        return;
+    }
+    gelu_slice(v);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_avx2(v: &mut [f32]) {
+    gelu_slice(v)
+}
+
+#[inline(always)]
+fn gelu_slice(v: &mut [f32]) {
+    for x in v.iter_mut() {
+        *x = gelu(*x);
+    }
+}
+
+/// `x · σ(2u)`, `u = √(2/π)·(x + 0.044715·x³)`; 0 once `σ(2u) < e⁻⁸⁶` (`x` below about −8.5,
+/// where the true value is under 1e-36 in size).
+#[inline(always)]
+fn gelu(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    let u = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
+    let g = x / (1.0 + exp(-2.0 * u));
+    if u < -43.0 {
+        0.0
+    } else {
+        g
+    }
+}
+
+/// `e^t`, branch-free; `t` clamped to `[−87, 88]` (no overflow, no subnormals).
+#[inline(always)]
+fn exp(t: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75; // ln 2 to 16 bits, so n·LN2_HI is exact
+    const LN2_LO: f32 = 1.428_606_8e-6; // ln 2 − LN2_HI
+    const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding and subtracting rounds to an integer
+    let t = t.clamp(-87.0, 88.0);
+    let n = (t * LOG2E + ROUND) - ROUND;
+    let r = (t - n * LN2_HI) - n * LN2_LO;
+    // e^r, Horner: 1 + r(1 + r/2(1 + r/3(1 + r/4(1 + r/5(1 + r/6)))))
+    let p = 1.0 / 720.0;
+    let p = p * r + 1.0 / 120.0;
+    let p = p * r + 1.0 / 24.0;
+    let p = p * r + 1.0 / 6.0;
+    let p = p * r + 0.5;
+    let p = p * r + 1.0;
+    let p = p * r + 1.0;
+    p * f32::from_bits((((n as i32) + 127) as u32) << 23)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// candle's (libm) formula in f64: the reference.
+    fn reference(x: f32) -> f64 {
+        let x = x as f64;
+        0.5 * x * (1.0 + (0.797_884_560_802_865_4 * (x + 0.044715 * x * x * x)).tanh())
+    }
+
+    /// Error against the f64 formula: relative, with an absolute floor of 1e-6·|x| where the
+    /// negative tail vanishes (f32 cannot place `u` closer than that).
+    fn error(x: f32, y: f32) -> f64 {
+        let want = reference(x);
+        (y as f64 - want).abs() / (want.abs() + 1e-6 * (x.abs() as f64).max(1.0))
+    }
+
+    #[test]
+    fn is_as_accurate_as_candles_scalar_gelu() {
+        let mut xs: Vec<f32> = (-200_000..=200_000).map(|i| i as f32 * 1e-4).collect(); // ±20
+        xs.extend([-1e4, -100.0, -30.0, 1e-30, -1e-30, 0.0, 30.0, 100.0, 1e4, 3e38, -3e38]);
+        let mut ys = xs.clone();
+        gelu_tanh_in_place(&mut ys);
+        let mut portable = xs.clone();
+        gelu_slice(&mut portable);
+        let candle: Vec<f32> = Tensor::new(xs.as_slice(), &Device::Cpu)
+            .unwrap()
+            .gelu()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let (mut ours, mut theirs) = (0f64, 0f64);
+        for (((&x, &y), &p), &c) in xs.iter().zip(&ys).zip(&portable).zip(&candle) {
+            let e = error(x, y);
+            assert!(e < 2e-6, "gelu({x}) = {y}, want {}", reference(x));
+            assert!(error(x, p) < 2e-6, "portable gelu({x}) = {p}");
+            ours = ours.max(e);
+            if c.is_finite() {
+                theirs = theirs.max(error(x, c));
+            }
+        }
+        assert!(ours > 0.0 && ours <= theirs, "worst error {ours:e}, candle's {theirs:e}");
+        let t = Tensor::new(&[[-1f32, 0.5], [2.0, -3.0]], &Device::Cpu).unwrap();
+        let (a, b) = (gelu_tanh(&t).unwrap(), t.gelu().unwrap());
+        assert_eq!(a.dims(), &[2, 2]);
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
+    }
+}

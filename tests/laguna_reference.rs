@@ -1,0 +1,481 @@
+//! The Laguna network against the reference (transformers 5.23.0), on the tiny random checkpoints
+//! under `tests/fixtures/laguna/<variant>/` made by `tests/oracle/laguna_fixtures.py`.
+//!
+//! Each fixture holds `config.json`, `model.safetensors` (the Hub layout `save_pretrained` writes:
+//! one MLP per expert, `shared_expert`, the bias under the experts), `reference.json`
+//! (`prompt_ids`, `generated_ids`: the reference's greedy continuation) and
+//! `reference.safetensors` (`logits` `[positions, vocab]` of one full forward over prompt +
+//! continuation). For every variant:
+//!
+//! - (a) one forward over the whole sequence matches the reference logits at every position;
+//! - (b) prefill the prompt, then decode token by token through the cache: the greedy tokens are
+//!   the reference's and every step's logits match (33 tokens run past the window of 8);
+//! - (c) the bytes the cache holds then equal `kv-budget`'s figure for that context, per layer.
+//!
+//! Also: the RoPE frequencies of every `rope_type` and form against the reference's
+//! `LagunaRotaryEmbedding` (`rope_reference.json`), the packed in-memory layout loading to the same
+//! network, errors naming bad tensors and configs. Weights are loaded in f32, tolerance 5e-3.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use llmarch::arch::budget::{self, KvDtype};
+use llmarch::arch::config::{ParseOptions, TextConfig};
+use llmarch::arch::laguna::model::LagunaModel;
+use llmarch::arch::laguna::runtime_config;
+use llmarch::arch::Attention;
+use llmarch::generate::CausalLm;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+const TOL: f32 = 5e-3;
+const VARIANTS: [&str; 3] = ["xs2-like", "default-rope", "yarn-llama3"];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/laguna")
+}
+
+struct Fixture {
+    dir: PathBuf,
+    config: Value,
+    weights: Vec<PathBuf>,
+    prompt: Vec<u32>,
+    generated: Vec<u32>,
+    /// `[positions, vocab]`.
+    logits: Tensor,
+}
+
+fn read_json(p: &Path) -> Value {
+    let s = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&s).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn load_fixture(variant: &str) -> Fixture {
+    let dir = root().join(variant);
+    let config = read_json(&dir.join("config.json"));
+    let reference = read_json(&dir.join("reference.json"));
+    let ids = |key: &str| -> Vec<u32> {
+        reference[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("reference.json: `{key}` is not a list"))
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let logits = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+        .unwrap()
+        .remove("logits")
+        .expect("reference.safetensors holds `logits`");
+    Fixture {
+        prompt: ids("prompt_ids"),
+        generated: ids("generated_ids"),
+        weights: vec![dir.join("model.safetensors")],
+        dir,
+        config,
+        logits,
+    }
+}
+
+fn build_from(vb: VarBuilder, config: &Value) -> anyhow::Result<LagunaModel> {
+    let lm_head = vb
+        .contains_tensor("lm_head.weight")
+        .then(|| vb.pp("lm_head"));
+    LagunaModel::from_config(config, &ParseOptions::default(), vb.pp("model"), lm_head)
+}
+
+fn build(f: &Fixture, dtype: DType) -> LagunaModel {
+    // SAFETY: the fixture files are not modified while mapped.
+    let vb =
+        unsafe { VarBuilder::from_mmaped_safetensors(&f.weights, dtype, &Device::Cpu) }.unwrap();
+    build_from(vb, &f.config).unwrap_or_else(|e| panic!("{}: {e:#}", f.dir.display()))
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+fn argmax(row: &Tensor) -> u32 {
+    row.argmax(0).unwrap().to_scalar::<u32>().unwrap()
+}
+
+/// Runs (a), (b), (c) for one variant; returns the largest logit error seen.
+fn check_variant(variant: &str) -> f32 {
+    let f = load_fixture(variant);
+    let model = build(&f, DType::F32);
+    let spec = model.spec().clone();
+    let seq: Vec<u32> = f.prompt.iter().chain(&f.generated).copied().collect();
+    let (p, total) = (f.prompt.len(), seq.len());
+    assert!(p > 0 && !f.generated.is_empty(), "{variant}: empty run");
+    assert_eq!(f.logits.dims(), &[total, spec.vocab_size], "{variant}");
+    let window = spec
+        .layers
+        .iter()
+        .filter_map(|l| match l.attention {
+            Attention::Sliding { window } => Some(window),
+            _ => None,
+        })
+        .min()
+        .expect("every Laguna fixture has sliding layers");
+    assert!(
+        total > 2 * window,
+        "{variant}: {total} tokens, window {window}"
+    );
+
+    // (a) One forward over the whole sequence.
+    let full = model.forward(&seq, &mut model.new_cache()).unwrap();
+    let err_full = max_abs_diff(&full, &f.logits);
+    assert!(
+        err_full < TOL,
+        "{variant}: full forward differs by {err_full}"
+    );
+
+    // (b) Prefill the prompt, then greedy decode through the cache.
+    let mut cache = model.new_cache();
+    let mut rows = vec![model.forward(&f.prompt, &mut cache).unwrap()]; // [p, vocab]
+    let mut next = argmax(&rows[0].get(p - 1).unwrap());
+    for (step, &want) in f.generated.iter().enumerate() {
+        assert_eq!(next, want, "{variant}: greedy token {step} differs");
+        let out = model.forward(&[next], &mut cache).unwrap(); // [1, vocab]
+        next = argmax(&out.get(0).unwrap());
+        rows.push(out);
+    }
+    let stepped = Tensor::cat(&rows, 0).unwrap();
+    let err_steps = max_abs_diff(&stepped, &f.logits);
+    for r in 0..total {
+        let e = max_abs_diff(&stepped.get(r).unwrap(), &f.logits.get(r).unwrap());
+        assert!(e < TOL, "{variant}: position {r} differs by {e}");
+    }
+
+    // (c) What the cache holds equals kv-budget at this context, layer by layer.
+    assert_eq!(cache.seen(), total);
+    let want = budget::compute(&spec, total as u64, 1, KvDtype::F32);
+    let got = cache.bytes();
+    assert_eq!(got.len(), spec.layers.len());
+    for (i, (g, w)) in got.iter().zip(&want.layers).enumerate() {
+        assert_eq!(
+            *g, w.bytes,
+            "{variant}: layer {i} holds {g} B, kv-budget says {}",
+            w.bytes
+        );
+    }
+    eprintln!("{variant}: max logit error full {err_full:.2e}, stepped {err_steps:.2e}");
+    err_full.max(err_steps)
+}
+
+#[test]
+fn xs2_like_matches_the_reference() {
+    check_variant("xs2-like");
+}
+
+#[test]
+fn default_rope_matches_the_reference() {
+    check_variant("default-rope");
+}
+
+#[test]
+fn yarn_llama3_matches_the_reference() {
+    check_variant("yarn-llama3");
+}
+
+/// The fixtures cover what they claim (so a regenerated fixture cannot silently drop a case).
+#[test]
+fn fixtures_cover_the_variants() {
+    let cfg = |v: &str| load_fixture(v).config;
+    let (a, b, c) = (cfg("xs2-like"), cfg("default-rope"), cfg("yarn-llama3"));
+    assert_eq!(a["rope_parameters"]["full_attention"]["rope_type"], "yarn");
+    assert_eq!(a["gating"], "per-head");
+    assert!(b.get("rope_parameters").is_none());
+    assert_eq!(b["gating"], "per-element");
+    assert!(b["moe_router_logit_softcapping"].as_f64().unwrap() > 0.0);
+    assert_eq!(c["gating"], true);
+    assert_eq!(c["rope_parameters"]["truncate"], false);
+    assert_eq!(
+        c["rope_parameters"]["sliding_attention"]["rope_type"],
+        "llama3"
+    );
+    for v in [&a, &c] {
+        assert_ne!(v["moe_routed_scaling_factor"].as_f64(), Some(1.0));
+    }
+    let names = |v: &str| -> Vec<String> {
+        let f = load_fixture(v);
+        candle_core::safetensors::load(&f.weights[0], &Device::Cpu)
+            .unwrap()
+            .into_keys()
+            .collect()
+    };
+    let has_bias = |v: &str| {
+        names(v)
+            .iter()
+            .any(|n| n.ends_with("e_score_correction_bias"))
+    };
+    assert!(has_bias("xs2-like") && has_bias("default-rope") && !has_bias("yarn-llama3"));
+    for v in VARIANTS {
+        let heads = load_fixture(v).config["num_attention_heads_per_layer"].clone();
+        let heads: Vec<u64> = heads
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h.as_u64().unwrap())
+            .collect();
+        assert!(heads.iter().any(|&h| h != heads[0]), "{v}: {heads:?}");
+    }
+}
+
+/// Each layer type's frequencies and attention scaling equal what `LagunaRotaryEmbedding`
+/// computes, for every `rope_type` and form the config accepts.
+#[test]
+fn rope_frequencies_match_the_reference() {
+    let doc = read_json(&root().join("rope_reference.json"));
+    let cases = doc["cases"].as_array().unwrap();
+    assert!(cases.len() >= 10);
+    let mut kinds = std::collections::BTreeSet::new();
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let text = TextConfig::from_raw(&case["config"], &ParseOptions::default()).unwrap();
+        let cfg = runtime_config(&text).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        for (ty, ours) in [
+            ("full_attention", &cfg.rope_full),
+            ("sliding_attention", &cfg.rope_sliding),
+        ] {
+            let Some(want) = case.get(ty) else {
+                assert!(
+                    ours.is_none(),
+                    "{name}: {ty} has RoPE but no layer of that type"
+                );
+                continue;
+            };
+            let ours = ours
+                .as_ref()
+                .unwrap_or_else(|| panic!("{name}: no {ty} RoPE"));
+            kinds.insert(ours.kind.clone());
+            let inv: Vec<f64> = want["inv_freq"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            assert_eq!(ours.inv_freq.len(), inv.len(), "{name} {ty}");
+            for (i, (a, b)) in ours.inv_freq.iter().zip(&inv).enumerate() {
+                let rel = (*a as f64 - b).abs() / b.abs().max(1e-30);
+                assert!(
+                    rel < 1e-6 || (*a as f64 - b).abs() < 1e-12,
+                    "{name} {ty}: inv_freq[{i}] {a} vs {b}"
+                );
+            }
+            let s = want["attention_scaling"].as_f64().unwrap();
+            assert!(
+                (ours.attention_scaling - s).abs() < 1e-12,
+                "{name} {ty}: attention scaling {} vs {s}",
+                ours.attention_scaling
+            );
+        }
+    }
+    for k in [
+        "default",
+        "yarn",
+        "linear",
+        "llama3",
+        "dynamic",
+        "longrope",
+        "proportional",
+    ] {
+        assert!(kinds.contains(k), "no case for rope_type `{k}`");
+    }
+}
+
+/// The reference's own module layout (packed experts, bias under the router, `shared_experts`)
+/// builds the same network as the Hub layout the fixtures use.
+#[test]
+fn packed_module_layout_loads_to_the_same_network() {
+    let f = load_fixture("xs2-like");
+    let spec = build(&f, DType::F32).spec().clone();
+    let mut all: HashMap<String, Tensor> =
+        candle_core::safetensors::load(&f.weights[0], &Device::Cpu).unwrap();
+    let mut packed = 0;
+    for l in &spec.layers {
+        let llmarch::arch::Ffn::Moe { experts, .. } = l.ffn else {
+            continue;
+        };
+        let pre = format!("model.layers.{}.mlp.", l.index);
+        let take = |all: &mut HashMap<String, Tensor>, k: String| {
+            all.remove(&k).unwrap_or_else(|| panic!("{k}"))
+        };
+        let (mut gu, mut down) = (vec![], vec![]);
+        for e in 0..experts {
+            let g = take(&mut all, format!("{pre}experts.{e}.gate_proj.weight"));
+            let u = take(&mut all, format!("{pre}experts.{e}.up_proj.weight"));
+            gu.push(Tensor::cat(&[g, u], 0).unwrap());
+            down.push(take(&mut all, format!("{pre}experts.{e}.down_proj.weight")));
+        }
+        all.insert(
+            format!("{pre}experts.gate_up_proj"),
+            Tensor::stack(&gu, 0).unwrap(),
+        );
+        all.insert(
+            format!("{pre}experts.down_proj"),
+            Tensor::stack(&down, 0).unwrap(),
+        );
+        let b = take(&mut all, format!("{pre}experts.e_score_correction_bias"));
+        all.insert(format!("{pre}gate.e_score_correction_bias"), b);
+        for p in ["gate_proj", "up_proj", "down_proj"] {
+            let t = take(&mut all, format!("{pre}shared_expert.{p}.weight"));
+            all.insert(format!("{pre}shared_experts.{p}.weight"), t);
+        }
+        packed += 1;
+    }
+    assert!(packed > 0);
+    let a = build(&f, DType::F32);
+    let b = build_from(
+        VarBuilder::from_tensors(all, DType::F32, &Device::Cpu),
+        &f.config,
+    )
+    .unwrap();
+    let x = a.forward(&f.prompt, &mut a.new_cache()).unwrap();
+    let y = b.forward(&f.prompt, &mut b.new_cache()).unwrap();
+    assert_eq!(max_abs_diff(&x, &y), 0.0);
+}
+
+fn tensors(f: &Fixture) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(&f.weights[0], &Device::Cpu).unwrap()
+}
+
+#[test]
+fn a_tensor_of_the_wrong_shape_is_named_with_both_shapes() {
+    let f = load_fixture("xs2-like");
+    for name in [
+        "model.layers.1.self_attn.g_proj.weight",
+        "model.layers.2.mlp.experts.3.up_proj.weight",
+    ] {
+        let mut all = tensors(&f);
+        let dims = all[name].dims().to_vec();
+        all.insert(
+            name.to_string(),
+            Tensor::zeros((dims[0] + 1, dims[1]), DType::F32, &Device::Cpu).unwrap(),
+        );
+        let vb = VarBuilder::from_tensors(all, DType::F32, &Device::Cpu);
+        let err = format!("{:#}", build_from(vb, &f.config).unwrap_err());
+        assert!(err.contains(name), "{err}");
+        assert!(
+            err.contains(&format!("{:?}", [dims[0] + 1, dims[1]])),
+            "{err}"
+        );
+        assert!(err.contains(&format!("{dims:?}")), "{err}");
+    }
+}
+
+#[test]
+fn a_missing_tensor_is_named() {
+    let f = load_fixture("xs2-like");
+    for name in [
+        "model.layers.3.self_attn.q_norm.weight",
+        "model.layers.1.mlp.experts.2.down_proj.weight",
+        "model.layers.1.mlp.gate.weight",
+        "lm_head.weight",
+    ] {
+        let mut all = tensors(&f);
+        assert!(all.remove(name).is_some(), "{name}");
+        let vb = VarBuilder::from_tensors(all, DType::F32, &Device::Cpu);
+        let err = format!("{:#}", build_from(vb, &f.config).unwrap_err());
+        assert!(
+            err.contains(name) || err.contains("lm_head.weight"),
+            "{name}: {err}"
+        );
+    }
+}
+
+/// The bf16 path runs end to end and stays near the f32 reference.
+#[test]
+fn bf16_weights_run_in_bf16() {
+    let f = load_fixture("default-rope");
+    let model = build(&f, DType::BF16);
+    let seq: Vec<u32> = f.prompt.iter().chain(&f.generated).copied().collect();
+    let logits = model.forward(&seq, &mut model.new_cache()).unwrap();
+    assert_eq!(logits.dtype(), DType::F32);
+    let err = max_abs_diff(&logits, &f.logits);
+    eprintln!("bf16: max logit error {err:.3e}");
+    assert!(
+        err.is_finite() && err < 0.5,
+        "bf16 logits differ from the f32 reference by {err}"
+    );
+}
+
+#[test]
+fn bad_token_ids_are_refused() {
+    let f = load_fixture("xs2-like");
+    let model = build(&f, DType::F32);
+    let vocab = model.spec().vocab_size as u32;
+    let err = model
+        .forward(&[1, vocab], &mut model.new_cache())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&vocab.to_string()), "{err}");
+    assert!(model.forward(&[], &mut model.new_cache()).is_err());
+}
+
+/// A per-layer head list of the wrong length is one clear error at build time and from `run`.
+#[test]
+fn head_list_of_the_wrong_length_is_a_clear_error() {
+    let f = load_fixture("xs2-like");
+    let mut config = f.config.clone();
+    config["num_attention_heads_per_layer"]
+        .as_array_mut()
+        .unwrap()
+        .pop();
+    let vb = VarBuilder::from_tensors(tensors(&f), DType::F32, &Device::Cpu);
+    let err = format!("{:#}", build_from(vb, &config).unwrap_err());
+    assert!(
+        err.contains("num_attention_heads_per_layer") && err.contains('3') && err.contains('4'),
+        "{err}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&f.dir).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("config.json"),
+        serde_json::to_string(&config).unwrap(),
+    )
+    .unwrap();
+    let o = common::run(&[
+        "run",
+        dir.path().to_str().unwrap(),
+        "--prompt-ids",
+        "2,5,6",
+        "-n",
+        "2",
+    ]);
+    let err = common::expect_error(&o, 1);
+    assert!(err.contains("num_attention_heads_per_layer"), "{err}");
+}
+
+/// Dynamic NTK and LongRoPE recompute their frequencies for the whole sequence past a position;
+/// the model refuses to go there instead of silently differing from the reference.
+#[test]
+fn position_limited_rope_is_refused_past_its_limit() {
+    let f = load_fixture("xs2-like");
+    let mut config = f.config.clone();
+    config["max_position_embeddings"] = serde_json::json!(16);
+    config["rope_parameters"]["sliding_attention"] =
+        serde_json::json!({"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0});
+    let vb = VarBuilder::from_tensors(tensors(&f), DType::F32, &Device::Cpu);
+    let model = build_from(vb, &config).unwrap();
+    let mut cache = model.new_cache();
+    model.forward(&f.prompt, &mut cache).unwrap();
+    model.forward(&[5, 6, 7], &mut cache).unwrap();
+    let err = model.forward(&[5], &mut cache).unwrap_err().to_string();
+    assert!(err.contains("dynamic") && err.contains("16"), "{err}");
+}
