@@ -8,7 +8,8 @@
 #   LLMARCH [target/release/llmarch]  PYTHON [/work/oracle-env/venv/bin/python]
 #   LLMARCH_DTYPE [DTYPE]  llmarch's --dtype for the main variant (e.g. q8_0)
 #   LLMARCH_ARGS   extra `llmarch run` flags for the main variant
-#   CANDLE=1       also time llmarch with candle's matmul (LLMARCH_KERNELS=candle): the "before"
+#   CANDLE=1       also time llmarch with candle's matmul (LLMARCH_KERNELS=candle)
+#   BASELINE=PATH  also time another llmarch binary (e.g. a build from before a change)
 #   NO_TRANSFORMERS=1  skip the transformers side
 # Builds nothing: run `cargo build --release` first.
 set -euo pipefail
@@ -27,6 +28,7 @@ LLMARCH_ARGS=${LLMARCH_ARGS:-}
 
 die() { echo "bench/run.sh: $*" >&2; exit 1; }
 [ -x "$LLMARCH" ] || die "no $LLMARCH: build it first (cargo build --release)"
+[ -z "${BASELINE:-}" ] || [ -x "$BASELINE" ] || die "BASELINE=$BASELINE is not an executable"
 [ -f "$MODEL/config.json" ] || die "$MODEL has no config.json"
 if [ -z "${NO_TRANSFORMERS:-}" ]; then
   [ -x "$PYTHON" ] || die "no python at $PYTHON (set PYTHON, or NO_TRANSFORMERS=1)"
@@ -46,9 +48,9 @@ OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 export RAYON_NUM_THREADS=$THREADS CANDLE_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS
 
-run_llmarch() { # FILE KERNELS DTYPE [extra flags]
-  local file=$1 kernels=$2 dtype=$3; shift 3
-  LLMARCH_KERNELS=$kernels "$LLMARCH" --quiet run "$MODEL" --prompt-ids "$IDS" -n "$NEW_TOKENS" \
+run_llmarch() { # FILE BINARY KERNELS DTYPE [extra flags]
+  local file=$1 bin=$2 kernels=$3 dtype=$4; shift 4
+  LLMARCH_KERNELS=$kernels "$bin" --quiet run "$MODEL" --prompt-ids "$IDS" -n "$NEW_TOKENS" \
     --temperature 0 --dtype "$dtype" --json "$@" | tail -n 1 >>"$OUT/$file"
 }
 
@@ -56,9 +58,12 @@ echo "model $MODEL · $THREADS threads · $PROMPT_TOKENS-token prompt · $NEW_TO
 for r in $(seq 1 "$ROUNDS"); do
   echo "round $r/$ROUNDS (load $(cut -d' ' -f1-3 /proc/loadavg))" >&2
   # shellcheck disable=SC2086
-  run_llmarch llmarch.jsonl auto "$LLMARCH_DTYPE" $LLMARCH_ARGS
+  run_llmarch llmarch.jsonl "$LLMARCH" auto "$LLMARCH_DTYPE" $LLMARCH_ARGS
   if [ -n "${CANDLE:-}" ]; then
-    run_llmarch candle.jsonl candle "$DTYPE"
+    run_llmarch candle.jsonl "$LLMARCH" candle "$DTYPE"
+  fi
+  if [ -n "${BASELINE:-}" ]; then
+    run_llmarch baseline.jsonl "$BASELINE" auto "$DTYPE"
   fi
   if [ -z "${NO_TRANSFORMERS:-}" ]; then
     "$PYTHON" bench/transformers_bench.py "$MODEL" --prompt-ids "$IDS" --new-tokens "$NEW_TOKENS" \
@@ -97,6 +102,7 @@ weight_bytes = numel * {"f32": 4, "bf16": 2}[dtype]
 
 variants = [("llmarch" + (f" {extra}" if extra else ""), load("llmarch.jsonl")),
             ("llmarch (candle matmul)", load("candle.jsonl")),
+            ("llmarch baseline", load("baseline.jsonl")),
             ("transformers", load("transformers.jsonl"))]
 variants = [(n, rows) for n, rows in variants if rows]
 tf = dict(variants).get("transformers")

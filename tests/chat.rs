@@ -532,8 +532,8 @@ mod pty {
     use rexpect::reader::ReadUntil;
     use rexpect::session::PtySession;
 
-    /// Wait for the `>>> ` prompt, answering the line editor's cursor-position query on the way
-    /// (a real terminal answers it; the pty does not).
+    /// Wait for the `>>> ` prompt, answering a cursor-position query should the line editor
+    /// send one (a real terminal answers it; the pty does not).
     fn prompt(p: &mut PtySession) -> String {
         let mut seen = String::new();
         loop {

@@ -286,6 +286,9 @@ impl Chat {
         use rustyline::error::ReadlineError;
         let config = rustyline::Config::builder()
             .auto_add_history(false)
+            // Every reply and message ends with a newline, so the prompt starts a line: no
+            // need to ask the terminal where the cursor is.
+            .check_cursor_position(false)
             .max_history_size(1000)
             .map_err(|e| anyhow::anyhow!("line editor: {e}"))?
             .build();
