@@ -200,10 +200,13 @@ fn bad_run_input_is_one_clear_error() {
         assert!(err.contains("built without CUDA"), "{err}");
     }
     // A family that inspect knows but run does not yet.
-    let zaya = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/zaya");
+    let dsv4 = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/deepseek-v4");
     let err = expect_error(
-        &run(&["run", zaya.to_str().unwrap(), "--prompt-ids", "1,2"]),
+        &run(&["run", dsv4.to_str().unwrap(), "--prompt-ids", "1,2"]),
         1,
     );
-    assert!(err.contains("cannot run the `zaya` family yet"), "{err}");
+    assert!(
+        err.contains("cannot run the `deepseek_v4` family yet"),
+        "{err}"
+    );
 }

@@ -12,7 +12,8 @@
 //! - Accuracy: within 2e-6 of the f64 formula over ±20 (tested on a dense grid), at least as
 //!   close as candle's f32 version, whose `1 + tanh` cancels in the negative tail.
 
-use super::gemv::{parallel_for, SyncPtr};
+use super::gemv::SyncPtr;
+use super::parallel::parallel_for;
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 
@@ -121,7 +122,9 @@ mod tests {
     #[test]
     fn is_as_accurate_as_candles_scalar_gelu() {
         let mut xs: Vec<f32> = (-200_000..=200_000).map(|i| i as f32 * 1e-4).collect(); // ±20
-        xs.extend([-1e4, -100.0, -30.0, 1e-30, -1e-30, 0.0, 30.0, 100.0, 1e4, 3e38, -3e38]);
+        xs.extend([
+            -1e4, -100.0, -30.0, 1e-30, -1e-30, 0.0, 30.0, 100.0, 1e4, 3e38, -3e38,
+        ]);
         let mut ys = xs.clone();
         gelu_tanh_in_place(&mut ys);
         let mut portable = xs.clone();
@@ -142,7 +145,10 @@ mod tests {
                 theirs = theirs.max(error(x, c));
             }
         }
-        assert!(ours > 0.0 && ours <= theirs, "worst error {ours:e}, candle's {theirs:e}");
+        assert!(
+            ours > 0.0 && ours <= theirs,
+            "worst error {ours:e}, candle's {theirs:e}"
+        );
         let t = Tensor::new(&[[-1f32, 0.5], [2.0, -3.0]], &Device::Cpu).unwrap();
         let (a, b) = (gelu_tanh(&t).unwrap(), t.gelu().unwrap());
         assert_eq!(a.dims(), &[2, 2]);

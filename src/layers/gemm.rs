@@ -10,15 +10,16 @@
 //!   arithmetic.
 //! - Cache blocking: a task owns 48 weight rows (an L2-sized panel of ≤ 1024 columns, ~192 KB
 //!   in f32) and walks every 4-row group of `X` (16 KB, stays in L1) across it, so each weight
-//!   byte comes from memory once per call and `X` from L2/L3. Tasks go to candle's CPU pool
-//!   ([`super::gemv::parallel_for`]); `k` above 1024 is split into equal panels.
+//!   byte comes from memory once per call and `X` from L2/L3. Tasks go to [`super::parallel`]; `k` above 1024 is split into equal panels.
 //! - bf16, f16 and q8_0 panels are widened to f32 into a per-thread buffer first, once per panel
 //!   and reused by all `m` rows, so one f32 micro-kernel serves every weight format.
 //! - AVX2+FMA only; elsewhere [`gemm`] returns `false` and the caller keeps candle's GEMM.
 
-#[cfg(target_arch = "x86_64")]
-use super::gemv::{parallel_for, SyncPtr, Q8_BLOCK};
 use super::gemv::{Isa, WeightRows};
+#[cfg(target_arch = "x86_64")]
+use super::gemv::{SyncPtr, Q8_BLOCK};
+#[cfg(target_arch = "x86_64")]
+use super::parallel::parallel_for;
 use anyhow::{ensure, Result};
 #[cfg(target_arch = "x86_64")]
 use std::cell::RefCell;

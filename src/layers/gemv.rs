@@ -4,10 +4,9 @@
 //!
 //! Notable:
 //! - Row-parallel, each weight byte read once: the `[out, in]` rows are cut into ~64 KB tasks
-//!   that the threads take from a shared cursor, each read front to back by one thread, so the
+//!   that the threads share out (work stealing), each read front to back by one thread, so the
 //!   prefetcher sees long sequential streams and a thread slowed by a neighbour hands its share
-//!   to the other. The threads are candle's own CPU pool ([`parallel_for`]), the one its
-//!   element-wise ops use, so no second pool spins against it on a small machine.
+//!   to the other ([`super::parallel`]).
 //! - One row at a time, so each thread's weights stream strictly sequentially: the prefetcher
 //!   handles one long stream far better than several short interleaved ones (measured 2.5× for
 //!   bf16 and q8_0 rows of 1-2 KB, 10 % for f32); several accumulators keep FMAs independent,
@@ -23,6 +22,7 @@
 //! - Results differ from candle's GEMM only by summation order: agreement is to f32 rounding
 //!   (~1e-6 of `Σ|w·x|`), not bit for bit.
 
+use super::parallel::parallel_for;
 use anyhow::{ensure, Result};
 use half::{bf16, f16};
 
@@ -33,16 +33,6 @@ const LANES: usize = 16;
 const TASK_BYTES: usize = 64 * 1024;
 /// Elements per q8_0 block (one scale each), as in GGML.
 pub const Q8_BLOCK: usize = 32;
-
-/// Runs `f` over `0..n` split into ranges, on candle's CPU thread pool (the calling thread takes
-/// part; `RAYON_NUM_THREADS` / `CANDLE_NUM_THREADS` threads in all).
-pub fn parallel_for(n: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
-    if n <= 1 {
-        f(0..n);
-        return;
-    }
-    candle_core::utils::barrier_pool().execute_chunked(n, f);
-}
 
 /// A row-major `[out, in]` weight matrix, borrowed.
 #[derive(Debug, Clone, Copy)]

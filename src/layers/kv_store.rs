@@ -23,6 +23,21 @@ pub struct LayerKv {
     pub states: Vec<(&'static str, Tensor)>,
 }
 
+impl LayerKv {
+    /// The fixed-size state called `name`, if one is held.
+    pub fn state(&self, name: &str) -> Option<&Tensor> {
+        self.states.iter().find(|(n, _)| *n == name).map(|(_, t)| t)
+    }
+
+    /// Hold `t` as the state called `name`, replacing any earlier one.
+    pub fn set_state(&mut self, name: &'static str, t: Tensor) {
+        match self.states.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = t,
+            None => self.states.push((name, t)),
+        }
+    }
+}
+
 /// The keys and values a chunk attends: cached tokens then new ones, and the absolute position
 /// of the first of them.
 #[derive(Debug, Clone)]

@@ -7,6 +7,8 @@
 //! tensor read goes through [`weight`], whose errors name it.
 
 pub mod attention;
+pub mod causal_conv;
+pub mod cca;
 pub mod embedding;
 pub mod gelu;
 pub mod gemm;
@@ -14,10 +16,13 @@ pub mod gemv;
 pub mod kv_store;
 pub mod linear;
 pub mod mlp;
+pub mod mlp_router;
 pub mod moe;
 pub mod norm;
 pub mod output_gate;
+pub mod parallel;
 pub mod per_layer_embedding;
+pub mod residual_scaling;
 pub mod rope;
 pub mod sigmoid_moe;
 pub mod weight;

@@ -9,10 +9,14 @@ For every variant in VARIANTS this script
   1. builds the variant's `ZayaConfig` and `ZayaForCausalLM`, randomises EVERY saved tensor
      (parameters and the router's persistent `balancing_biases` buffer): multiplicative ones
      (ZayaRMSNorm weights, the residual-scaling and input scales, the router's EDA
-     `router_states_scale`, the QK-norm key temperature `temp`) as 1 + N(0, 0.2), everything else
-     (biases, conv kernels, router biases, ...) as N(0, 0.2); writes a complete model folder with
+     `router_states_scale`) as 1 + N(0, 0.2), the QK-norm key temperature `temp` as
+     4·(1 + N(0, 0.2)), the residual-scaling and input biases as N(0, 0.02), the router's
+     balancing biases as N(0, 0.02) (the expert entries of layer 1 shifted by -1), everything else
+     (linear biases, conv kernels, router biases, ...) as N(0, 0.2); writes a complete model folder with
      `save_pretrained` (+ the tokenizer files of tests/fixtures/gemma4/e2b-like, vocab 512, and a
      generation_config.json),
+     the skip-class entry of each router's `balancing_biases` is random in the file but -1 in the
+     reference (see force_skip_bias below),
   2. reloads that folder with `from_pretrained` in float32 (so the reference is what the files say),
   3. runs greedy `generate(use_cache=True)` from the fixed prompt for 20 tokens (window 8), then ONE
      full forward without a cache over the final sequence, and records the logits, the generated
@@ -148,6 +152,22 @@ MULT_SUFFIXES = (
 )
 
 
+# The key temperature sharpens attention over L2-normalised q/k (scores are head_dim·cos·temp /
+# sqrt(head_dim)); around 1 the tiny models attend almost uniformly and repeat one token.
+TEMP_SUFFIX = "qk_norm.temp"
+TEMP_CENTRE = 4.0
+# The residual-scaling biases are added to the residual stream at every layer; at the full weight
+# scale they drown the token signal and the tiny models repeat one token.
+RESIDUAL_BIAS_SUFFIX = ("hidden_states_bias", "residual_bias")
+RESIDUAL_BIAS_STD = 0.02
+# The router's balancing biases are added to softmax probabilities; at the full weight scale they
+# alone decide the expert. And the reference always routes with a skip-class bias of -1 (see
+# force_skip_bias), so the skip class would never win: on layer SKIP_LAYER the expert biases are
+# shifted by -1 too, so there the skip class competes evenly with the experts.
+BALANCING_STD = 0.02
+SKIP_LAYER = 1
+
+
 def multiplicative_names(model):
     names = {f"{n}.weight" for n, m in model.named_modules() if type(m).__name__ == "ZayaRMSNorm"}
     names |= {n for n in model.state_dict() if n.endswith(MULT_SUFFIXES)}
@@ -168,9 +188,21 @@ def randomize(model, seed):
             continue
         seen.add(ptr)
         noise = torch.randn(t.shape, generator=g, dtype=torch.float32)
-        if name in mult:
+        if name.endswith(TEMP_SUFFIX):
+            t.copy_((TEMP_CENTRE * (1.0 + g4.SCALE_STD * noise)).to(t.dtype))
+            counts["scale"] += 1
+        elif name in mult:
             t.copy_((1.0 + g4.SCALE_STD * noise).to(t.dtype))
             counts["scale"] += 1
+        elif name.endswith("balancing_biases"):
+            val = BALANCING_STD * noise
+            if name.startswith(f"model.layers.{SKIP_LAYER}."):
+                val[:-1] -= 1.0
+            t.copy_(val.to(t.dtype))
+            counts["weight"] += 1
+        elif name.endswith(RESIDUAL_BIAS_SUFFIX):
+            t.copy_((RESIDUAL_BIAS_STD * noise).to(t.dtype))
+            counts["weight"] += 1
         else:
             t.copy_((g4.WEIGHT_STD * noise).to(t.dtype))
             counts["weight"] += 1
@@ -222,6 +254,38 @@ def acceptable(run, stats):
 
 
 # --------------------------------------------------------------------------------------
+# The skip-class balancing bias
+# --------------------------------------------------------------------------------------
+# `from_pretrained` loads `balancing_biases` from the file and then `ZayaPreTrainedModel._init_weights`
+# runs `module.balancing_biases[-1] = -1.0` unconditionally (the zeros_ before it is skipped for
+# loaded tensors, this plain write is not): whatever the checkpoint says, the reference routes with a
+# skip-class bias of -1. The files keep a random skip-class bias (so a reader that trusts the file
+# would differ from the reference); the probe model runs with -1, as the reloaded reference does.
+
+
+@torch.no_grad()
+def force_skip_bias(model):
+    """Set every router's skip-class bias to -1 (what the reloaded reference uses); return the random
+    values, by state-dict name, to write into the file."""
+    out = OrderedDict()
+    for n, m in model.named_modules():
+        if isinstance(m, ZayaRouter):
+            out[f"{n}.balancing_biases"] = float(m.balancing_biases[-1])
+            m.balancing_biases[-1] = -1.0
+    return out
+
+
+def write_skip_bias(d, values):
+    path = os.path.join(d, "model.safetensors")
+    tensors = safetensors.torch.load_file(path)
+    for k, v in values.items():
+        t = tensors[k].clone()
+        t[-1] = v
+        tensors[k] = t
+    safetensors.torch.save_file(dict(sorted(tensors.items())), path, metadata={"format": "pt"})
+
+
+# --------------------------------------------------------------------------------------
 # Variants
 # --------------------------------------------------------------------------------------
 
@@ -232,6 +296,7 @@ def make_variant(name, spec, prompt_ids, quiet=False):
         torch.manual_seed(seed)
         model = ZayaForCausalLM(spec["config"]()).eval()
         counts = randomize(model, seed)
+        file_skip_bias = force_skip_bias(model)
         probe = model.to(torch.bfloat16).float() if spec["dtype"] == "bfloat16" else model
         run = g4.reference_run(probe, prompt_ids, g4.MAX_NEW_TOKENS)
         if acceptable(run, router_stats(probe, run["sequence"])):
@@ -247,6 +312,7 @@ def make_variant(name, spec, prompt_ids, quiet=False):
         model = model.to(torch.bfloat16)
     in_memory = {k: v.clone() for k, v in model.state_dict().items()}
     model.save_pretrained(d)
+    write_skip_bias(d, file_skip_bias)
     if spec.get("strip_rope"):
         # save_pretrained writes the defaults out; remove them so the file tests the absent form.
         path = os.path.join(d, "config.json")
@@ -291,8 +357,10 @@ def make_variant(name, spec, prompt_ids, quiet=False):
     notes = [
         spec["covers"] + ".",
         f"Weights: seed {seed}; {counts['scale']} multiplicative tensors (ZayaRMSNorm weights, residual/input "
-        f"scales, router_states_scale, qk_norm.temp) = 1 + N(0, {g4.SCALE_STD}); {counts['weight']} others "
-        f"(router balancing_biases included) = N(0, {g4.WEIGHT_STD}).",
+        f"scales, router_states_scale) = 1 + N(0, {g4.SCALE_STD}), qk_norm.temp = {TEMP_CENTRE} * (1 + "
+        f"N(0, {g4.SCALE_STD})); {counts['weight']} others: residual/input biases = N(0, {RESIDUAL_BIAS_STD}), "
+        f"router balancing_biases = N(0, {BALANCING_STD}) (layer {SKIP_LAYER}: expert entries - 1), "
+        f"the rest = N(0, {g4.WEIGHT_STD}).",
         f"logits: ONE forward with use_cache=False over prompt + generated ({len(run['sequence'])} positions), "
         f"float32 (files are {spec['dtype']}, upcast on load); row i predicts token i + 1.",
         f"Greedy generate(use_cache=True) tokens equal the argmax of the full-forward logits at every position: "

@@ -28,9 +28,14 @@
 //! keeps `sliding_window − 1`. With `cca_time0 = cca_time1 = 1` there is no conv state (the
 //! reference's `qk_states[..., -0:]` would keep the whole sequence there; llmarch keeps none).
 //!
+//! This file is the config half (config → [`ArchSpec`], and the few model-wide numbers the
+//! network needs, [`RuntimeConfig`]); [`model`] is the network.
+//!
 //! The legacy hub schema (80 alternating attention / MoE layers, `ffn_hidden_size`,
 //! `zaya_mlp_expansion`, ...) is refused: transformers 5.23 would build a wrong 80-layer model
 //! from it.
+
+pub mod model;
 
 use super::config::{check_len, n, yes, TextConfig};
 use super::config::{dim, layers_count, rope_from_params, to_u64};
@@ -45,8 +50,40 @@ pub const FAMILY: Family = Family {
     architectures: &["ZayaForCausalLM"],
     summary: "Compressed Convolutional Attention (conv + delayed-value state), top-1 MoE with an MLP router, residual scaling",
     parse,
-    build: None,
+    build: Some(|raw, opts, vb, lm_head| {
+        Ok(Box::new(model::ZayaModel::from_config(
+            raw, opts, vb, lm_head,
+        )?))
+    }),
 };
+
+/// What the network needs beyond the per-layer table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuntimeConfig {
+    pub rms_norm_eps: f64,
+    /// Biases on q/k/v/o and the value halves.
+    pub attention_bias: bool,
+    /// A bias on the output head.
+    pub lm_head_bias: bool,
+    pub router_hidden_size: usize,
+    /// Depthwise conv kernel.
+    pub cca_time0: usize,
+    /// Grouped conv kernel.
+    pub cca_time1: usize,
+}
+
+/// The [`RuntimeConfig`] of a ZAYA config (parse it with [`FAMILY`] first for the checks).
+pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
+    let c: ZayaConfig = text.parse()?;
+    Ok(RuntimeConfig {
+        rms_norm_eps: c.rms_norm_eps,
+        attention_bias: c.attention_bias,
+        lm_head_bias: c.lm_head_bias,
+        router_hidden_size: dim("router_hidden_size", c.router_hidden_size)?,
+        cca_time0: dim("cca_time0", c.cca_time0)?,
+        cca_time1: dim("cca_time1", c.cca_time1)?,
+    })
+}
 
 /// `ZayaConfig` with the reference's defaults.
 #[derive(Debug, Deserialize)]
@@ -66,7 +103,6 @@ struct ZayaConfig {
     #[serde(default = "n::<131_072>")]
     max_position_embeddings: usize,
     #[serde(default = "d_eps")]
-    #[allow(dead_code)]
     rms_norm_eps: f64,
     #[serde(default = "yes")]
     tie_word_embeddings: bool,
@@ -461,7 +497,7 @@ mod tests {
     use crate::arch::config::ParseOptions;
     use serde_json::{json, Value};
 
-    const ZAYA1_8B: &str = include_str!("../../configs/ZAYA1-8B/config.json");
+    const ZAYA1_8B: &str = include_str!("../../../configs/ZAYA1-8B/config.json");
 
     fn real() -> Value {
         serde_json::from_str(ZAYA1_8B).expect("config parses as JSON")

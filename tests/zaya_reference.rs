@@ -1,0 +1,333 @@
+//! The ZAYA network against the reference (transformers 5.23.0), on the tiny random checkpoints
+//! under `tests/fixtures/zaya/<variant>/` made by `tests/oracle/zaya_fixtures.py`.
+//!
+//! Each fixture holds `config.json`, `model.safetensors`, `reference.json` (`prompt_ids`,
+//! `generated_ids`: the reference's greedy continuation) and `reference.safetensors` (`logits`
+//! `[positions, vocab]` of one full forward over prompt + continuation). For every variant:
+//!
+//! - (a) one forward over the whole sequence matches the reference logits at every position;
+//! - (b) prefill the prompt, then decode token by token through the cache (K/V, conv state,
+//!   delayed-V state): the greedy tokens are the reference's and every step's logits match
+//!   (33 tokens, past the window of 8 on the sliding variant);
+//! - (c) the bytes the cache holds then equal `kv-budget`'s figure for that context, per layer.
+//!
+//! Also: `num_experts_per_tok` ≠ 1 is a clear error (build and `run`), the skip-class bias of the
+//! file is overridden with −1 as the reference does, bf16 runs. Weights in f32, tolerance 5e-3.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use llmarch::arch::budget::{self, KvDtype};
+use llmarch::arch::config::ParseOptions;
+use llmarch::arch::zaya::model::ZayaModel;
+use llmarch::arch::Attention;
+use llmarch::generate::CausalLm;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+const TOL: f32 = 5e-3;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/zaya")
+}
+
+struct Fixture {
+    dir: PathBuf,
+    config: Value,
+    reference: Value,
+    weights: Vec<PathBuf>,
+    prompt: Vec<u32>,
+    generated: Vec<u32>,
+    /// `[positions, vocab]`.
+    logits: Tensor,
+}
+
+fn read_json(p: &Path) -> Value {
+    let s = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&s).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn load_fixture(variant: &str) -> Fixture {
+    let dir = root().join(variant);
+    let config = read_json(&dir.join("config.json"));
+    let reference = read_json(&dir.join("reference.json"));
+    let ids = |key: &str| -> Vec<u32> {
+        reference[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("reference.json: `{key}` is not a list"))
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let logits = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+        .unwrap()
+        .remove("logits")
+        .expect("reference.safetensors holds `logits`");
+    Fixture {
+        prompt: ids("prompt_ids"),
+        generated: ids("generated_ids"),
+        weights: vec![dir.join("model.safetensors")],
+        dir,
+        config,
+        reference,
+        logits,
+    }
+}
+
+fn build_from(vb: VarBuilder, config: &Value) -> anyhow::Result<ZayaModel> {
+    let lm_head = (vb.contains_tensor("lm_head.weight") || vb.contains_tensor("lm_head.bias"))
+        .then(|| vb.pp("lm_head"));
+    ZayaModel::from_config(config, &ParseOptions::default(), vb.pp("model"), lm_head)
+}
+
+fn build(f: &Fixture, dtype: DType) -> ZayaModel {
+    // SAFETY: the fixture files are not modified while mapped.
+    let vb =
+        unsafe { VarBuilder::from_mmaped_safetensors(&f.weights, dtype, &Device::Cpu) }.unwrap();
+    build_from(vb, &f.config).unwrap_or_else(|e| panic!("{}: {e:#}", f.dir.display()))
+}
+
+fn tensors(f: &Fixture) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(&f.weights[0], &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+fn argmax(row: &Tensor) -> u32 {
+    row.argmax(0).unwrap().to_scalar::<u32>().unwrap()
+}
+
+/// Runs (a), (b), (c) for one variant; returns the largest logit error seen.
+fn check_variant(variant: &str) -> f32 {
+    let f = load_fixture(variant);
+    let model = build(&f, DType::F32);
+    let spec = model.spec().clone();
+    let seq: Vec<u32> = f.prompt.iter().chain(&f.generated).copied().collect();
+    let (p, total) = (f.prompt.len(), seq.len());
+    assert!(p > 0 && f.generated.len() >= 20, "{variant}: short run");
+    assert_eq!(f.logits.dims(), &[total, spec.vocab_size], "{variant}");
+    for l in &spec.layers {
+        if let Attention::Cca { window: Some(w) } = l.attention {
+            assert!(total > 2 * w, "{variant}: {total} tokens, window {w}");
+        }
+    }
+
+    // (a) One forward over the whole sequence.
+    let full = model.forward(&seq, &mut model.new_cache()).unwrap();
+    let err_full = max_abs_diff(&full, &f.logits);
+    assert!(
+        err_full < TOL,
+        "{variant}: full forward differs by {err_full}"
+    );
+
+    // (b) Prefill the prompt, then greedy decode through the cache.
+    let mut cache = model.new_cache();
+    let mut rows = vec![model.forward(&f.prompt, &mut cache).unwrap()]; // [p, vocab]
+    let mut next = argmax(&rows[0].get(p - 1).unwrap());
+    for (step, &want) in f.generated.iter().enumerate() {
+        assert_eq!(next, want, "{variant}: greedy token {step} differs");
+        let out = model.forward(&[next], &mut cache).unwrap(); // [1, vocab]
+        next = argmax(&out.get(0).unwrap());
+        rows.push(out);
+    }
+    let stepped = Tensor::cat(&rows, 0).unwrap();
+    let err_steps = max_abs_diff(&stepped, &f.logits);
+    for r in 0..total {
+        let e = max_abs_diff(&stepped.get(r).unwrap(), &f.logits.get(r).unwrap());
+        assert!(e < TOL, "{variant}: position {r} differs by {e}");
+    }
+
+    // (c) What the cache holds (K, V, conv and delayed-V states) equals kv-budget, per layer.
+    assert_eq!(cache.seen(), total);
+    let want = budget::compute(&spec, total as u64, 1, KvDtype::F32);
+    let got = cache.bytes();
+    assert_eq!(got.len(), spec.layers.len());
+    for (i, (g, w)) in got.iter().zip(&want.layers).enumerate() {
+        assert_eq!(
+            *g, w.bytes,
+            "{variant}: layer {i} holds {g} B, kv-budget says {}",
+            w.bytes
+        );
+        let states: Vec<&str> = cache
+            .layer(i)
+            .unwrap()
+            .states
+            .iter()
+            .map(|(n, _)| *n)
+            .collect();
+        assert_eq!(
+            states,
+            ["conv state", "delayed V state"],
+            "{variant}: layer {i}"
+        );
+    }
+    eprintln!("{variant}: max logit error full {err_full:.2e}, stepped {err_steps:.2e}");
+    err_full.max(err_steps)
+}
+
+#[test]
+fn hybrid_matches_the_reference() {
+    check_variant("hybrid");
+}
+
+#[test]
+fn sliding_matches_the_reference() {
+    check_variant("sliding");
+}
+
+/// The fixtures cover what they claim (so a regenerated fixture cannot silently drop a case).
+#[test]
+fn fixtures_cover_the_variants() {
+    let (a, b) = (load_fixture("hybrid"), load_fixture("sliding"));
+    assert!(a.config.get("rope_parameters").is_none());
+    assert!(a.config["layer_types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t == "hybrid"));
+    assert_eq!(a.config["tie_word_embeddings"], true);
+    let types = b.config["layer_types"].as_array().unwrap();
+    assert!(types.iter().any(|t| t == "hybrid") && types.iter().any(|t| t == "hybrid_sliding"));
+    assert_eq!(b.config["sliding_window"], 8);
+    assert_eq!(b.config["cca_time0"], 3);
+    assert_eq!(b.config["attention_bias"], true);
+    assert_eq!(b.config["lm_head_bias"], true);
+    assert_eq!(b.config["tie_word_embeddings"], false);
+    for f in [&a, &b] {
+        assert!(f.reference["skip_class_picks"].as_u64().unwrap() > 0);
+        assert!(f.reference["expert_picks"].as_u64().unwrap() > 0);
+        assert_eq!(f.config["num_experts_per_tok"], 1);
+    }
+}
+
+/// The file's skip-class bias is not −1, yet the reference routes with −1 (its `_init_weights`
+/// overwrites it after loading); the logits above match only because the model does the same.
+/// Even a skip-class bias of +10 in the file (which, trusted, would skip every expert) changes
+/// nothing.
+#[test]
+fn skip_class_bias_is_overridden_as_in_the_reference() {
+    let f = load_fixture("hybrid");
+    let all = tensors(&f);
+    let name = "model.layers.0.mlp.gate.balancing_biases";
+    let mut b: Vec<f32> = all[name].to_vec1().unwrap();
+    assert!((b[4] + 1.0).abs() > 1e-3, "{b:?}");
+    b[4] = 10.0;
+    let mut changed = all.clone();
+    changed.insert(
+        name.into(),
+        Tensor::new(b.as_slice(), &Device::Cpu).unwrap(),
+    );
+    let vb = |t| VarBuilder::from_tensors(t, DType::F32, &Device::Cpu);
+    let m = build_from(vb(changed), &f.config).unwrap();
+    let x = m.forward(&f.prompt, &mut m.new_cache()).unwrap();
+    let m0 = build_from(vb(all), &f.config).unwrap();
+    let y = m0.forward(&f.prompt, &mut m0.new_cache()).unwrap();
+    assert_eq!(max_abs_diff(&x, &y), 0.0);
+}
+
+/// `num_experts_per_tok` ≠ 1 is one clear error at build time and from `run`.
+#[test]
+fn top_k_other_than_one_is_a_clear_error() {
+    let f = load_fixture("sliding");
+    let mut config = f.config.clone();
+    config["num_experts_per_tok"] = serde_json::json!(2);
+    let vb = VarBuilder::from_tensors(tensors(&f), DType::F32, &Device::Cpu);
+    let err = format!("{:#}", build_from(vb, &config).unwrap_err());
+    assert!(
+        err.contains("num_experts_per_tok") && err.contains('2'),
+        "{err}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&f.dir).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("config.json"),
+        serde_json::to_string(&config).unwrap(),
+    )
+    .unwrap();
+    let o = common::run(&[
+        "run",
+        dir.path().to_str().unwrap(),
+        "--prompt-ids",
+        "2,5,6",
+        "-n",
+        "2",
+    ]);
+    let err = common::expect_error(&o, 1);
+    assert!(err.contains("num_experts_per_tok"), "{err}");
+}
+
+#[test]
+fn a_missing_or_misshapen_tensor_is_named() {
+    let f = load_fixture("sliding");
+    for name in [
+        "model.layers.2.self_attn.qkv_proj.conv_qk_grouped.weight",
+        "model.layers.1.mlp.gate.router_states_scale",
+        "model.layers.0.post_mlp_residual_scale.residual_bias",
+        "lm_head.bias",
+    ] {
+        let mut all = tensors(&f);
+        assert!(all.remove(name).is_some(), "{name}");
+        let vb = VarBuilder::from_tensors(all, DType::F32, &Device::Cpu);
+        let err = format!("{:#}", build_from(vb, &f.config).unwrap_err());
+        assert!(err.contains(name), "{name}: {err}");
+    }
+    let name = "model.layers.3.self_attn.qk_norm.temp";
+    let mut all = tensors(&f);
+    all.insert(
+        name.into(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let vb = VarBuilder::from_tensors(all, DType::F32, &Device::Cpu);
+    let err = format!("{:#}", build_from(vb, &f.config).unwrap_err());
+    assert!(
+        err.contains(name) && err.contains("[3]") && err.contains("[2]"),
+        "{err}"
+    );
+}
+
+/// The bf16 path runs end to end and stays near the f32 reference.
+#[test]
+fn bf16_weights_run_in_bf16() {
+    let f = load_fixture("sliding");
+    let model = build(&f, DType::BF16);
+    let seq: Vec<u32> = f.prompt.iter().chain(&f.generated).copied().collect();
+    let logits = model.forward(&seq, &mut model.new_cache()).unwrap();
+    assert_eq!(logits.dtype(), DType::F32);
+    let err = max_abs_diff(&logits, &f.logits);
+    eprintln!("bf16: max logit error {err:.3e}");
+    assert!(
+        err.is_finite() && err < 0.5,
+        "bf16 logits differ from the f32 reference by {err}"
+    );
+}
+
+#[test]
+fn bad_token_ids_are_refused() {
+    let f = load_fixture("hybrid");
+    let model = build(&f, DType::F32);
+    let vocab = model.spec().vocab_size as u32;
+    let err = model
+        .forward(&[1, vocab], &mut model.new_cache())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&vocab.to_string()), "{err}");
+    assert!(model.forward(&[], &mut model.new_cache()).is_err());
+}
