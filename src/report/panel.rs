@@ -24,14 +24,21 @@ pub struct Snapshot<'a> {
 /// The panel as lines of text (no trailing newlines).
 pub fn render(s: &Snapshot) -> Vec<String> {
     let held_total: u64 = s.held.iter().sum();
+    let flops: u64 = s
+        .spec
+        .layers
+        .iter()
+        .map(|l| l.attention_flops(s.tokens as u64))
+        .sum();
     let mut lines = vec![format!(
-        "KV {} held · budget {} at {} · naive {} · {} tokens · {:.1} tok/s",
+        "KV {} held · budget {} at {} · naive {} · {} tokens · {:.1} tok/s · attention {}/token",
         units::bytes(held_total),
         units::bytes(s.budget.total_bytes),
         units::context(s.budget.context),
         units::bytes(s.budget.naive_bytes),
         s.tokens,
-        s.tok_s
+        s.tok_s,
+        units::flops(flops)
     )];
     let rows = s
         .spec
@@ -40,10 +47,12 @@ pub fn render(s: &Snapshot) -> Vec<String> {
         .zip(&s.budget.layers)
         .map(|(l, b)| {
             let held = s.held.get(l.index).copied().unwrap_or(0);
+            // The head budget: query heads over KV heads, e.g. `48q/8kv`.
+            let kind = format!("{} {}q/{}kv", l.attention.label(), l.q_heads, l.kv_heads);
             let cells = match l.kv_source {
-                Some(src) => vec![l.attention.label(), format!("→ L{src}"), String::new()],
+                Some(src) => vec![kind, format!("→ L{src}"), String::new()],
                 None => vec![
-                    l.attention.label(),
+                    kind,
                     format!(
                         "{} {:>9} / {}",
                         bar(held as f64, b.bytes as f64, 10),
