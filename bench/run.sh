@@ -120,7 +120,8 @@ if tf:
                   f"decode {med(rows, 'decode_tok_s') / med(tf, 'decode_tok_s'):.2f}×")
     a, b = variants[0][1][-1]["generated_ids"], tf[-1]["generated_ids"]
     same = sum(1 for x, y in zip(a, b) if x == y)
-    print(f"greedy tokens: llmarch and transformers agree on {same} of the first {min(len(a), len(b))}")
+    note = " (llmarch quantized its weights: a random model's near-ties can flip)" if extra else ""
+    print(f"greedy tokens: llmarch and transformers agree on {same} of the first {min(len(a), len(b))}{note}")
 print(f"weights: {numel / 1e9:.3f} B parameters = {weight_bytes / 2**20:.0f} MB in {dtype}; "
       f"target peak RSS ≤ 1.3× = {1.3 * weight_bytes / 2**20:.0f} MB")
 EOF

@@ -30,7 +30,7 @@ impl Activation {
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
         let y = match self {
-            Activation::GeluTanh => xf.gelu()?,
+            Activation::GeluTanh => super::gelu::gelu_tanh(&xf)?,
             Activation::Silu => candle_nn::ops::silu(&xf)?,
         };
         Ok(y.to_dtype(dtype)?)
