@@ -85,6 +85,21 @@ fn greedy_run_matches_the_reference_tokens_logits_and_kv_budget() {
             .map(|v| v.as_u64().unwrap())
             .collect();
         assert_eq!(ours, theirs[..ours.len()], "{name}");
+        // Without --logits-out the prompt's output head runs for its last position only: the
+        // same tokens must come out.
+        let o2 = run(&[
+            "run",
+            dir_s.to_str().unwrap(),
+            "--prompt-ids",
+            &ids_arg(&r["prompt_ids"]),
+            "-n",
+            &n.to_string(),
+            "--temperature",
+            "0",
+            "--json",
+        ]);
+        assert!(o2.status.success(), "{name}: {}", stderr(&o2));
+        assert_eq!(stats(&o2)["generated_ids"], s["generated_ids"], "{name}");
         // Logits at every prompt and decode position within 5e-3 of the reference full forward.
         let ours = candle_core::safetensors::load(&logits_path, &candle_core::Device::Cpu).unwrap();
         let theirs = candle_core::safetensors::load(

@@ -577,6 +577,7 @@ impl Session {
             max_new_tokens: self.settings.max_tokens,
             max_context: self.max_context,
             stop_ids: self.stop_ids.clone(),
+            all_prompt_logits: self.keep_logits,
         };
         let keep = self.keep_logits;
         let stop_ids = self.stop_ids.clone();

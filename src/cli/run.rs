@@ -156,6 +156,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         max_new_tokens: args.sampling.max_new_tokens(&tok.generation),
         max_context,
         stop_ids: tok.eos_ids.clone(),
+        all_prompt_logits: args.logits_out.is_some(),
     };
     let kv = shared::kv_dtype_of(dtype);
     let at_max = budget::compute(&spec, max_context as u64, 1, kv);

@@ -21,8 +21,39 @@ pub trait CausalLm {
     fn new_cache(&self) -> KvStore;
 
     /// Feed `tokens` (batch 1) at positions `cache.seen()..`, update `cache`, and return the
-    /// logits of every fed position, `[tokens.len(), vocab]` in f32.
-    fn forward(&self, tokens: &[u32], cache: &mut KvStore) -> Result<Tensor>;
+    /// logits of the fed positions `rows` asks for, `[rows, vocab]` in f32.
+    fn forward_logits(&self, tokens: &[u32], cache: &mut KvStore, rows: Rows) -> Result<Tensor>;
+
+    /// The logits of every fed position, `[tokens.len(), vocab]`.
+    fn forward(&self, tokens: &[u32], cache: &mut KvStore) -> Result<Tensor> {
+        self.forward_logits(tokens, cache, Rows::All)
+    }
+
+    /// Only the last position's logits, `[1, vocab]`: all generation needs, and it skips the
+    /// output head for the rest of a prompt.
+    fn forward_last(&self, tokens: &[u32], cache: &mut KvStore) -> Result<Tensor> {
+        self.forward_logits(tokens, cache, Rows::Last)
+    }
+}
+
+/// Which positions' logits a forward returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    All,
+    Last,
+}
+
+impl Rows {
+    /// Narrow hidden states `[b, n, hidden]` to the rows wanted.
+    pub fn select(self, h: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Rows::All => h.clone(),
+            Rows::Last => {
+                let n = h.dim(1)?;
+                h.narrow(1, n - 1, 1)?
+            }
+        })
+    }
 }
 
 /// What the loop does besides sampling.
@@ -33,6 +64,9 @@ pub struct Limits {
     pub max_context: usize,
     /// End-of-sequence ids: generation stops after producing one (it is reported, not fed).
     pub stop_ids: Vec<u32>,
+    /// Return the logits of every prompt position in [`Event::Prefilled`] (for `--logits-out`);
+    /// otherwise only the last one is computed.
+    pub all_prompt_logits: bool,
 }
 
 /// Why generation ended.
@@ -47,7 +81,8 @@ pub enum StopReason {
 
 /// What the caller hears about: a new token (with its logits row), and whether to go on.
 pub enum Event<'a> {
-    /// The prompt was prefilled; `logits` holds one row per prompt position.
+    /// The prompt was prefilled; `logits` holds one row per prompt position, or only the last
+    /// one unless [`Limits::all_prompt_logits`].
     Prefilled {
         logits: &'a Tensor,
         cache: &'a KvStore,
@@ -110,14 +145,19 @@ pub fn generate(
     };
 
     let t0 = Instant::now();
-    let logits = model.forward(prompt, cache)?; // [n, vocab]
+    let rows = if limits.all_prompt_logits {
+        Rows::All
+    } else {
+        Rows::Last
+    };
+    let logits = model.forward_logits(prompt, cache, rows)?; // [n or 1, vocab]
     let prefill = t0.elapsed().as_secs_f64();
     stats.prefill_tok_s = prompt.len() as f64 / prefill.max(1e-9);
     let mut go_on = on_event(Event::Prefilled {
         logits: &logits,
         cache,
     })?;
-    let mut last = logits.get(prompt.len() - 1)?; // [vocab]
+    let mut last = logits.get(logits.dim(0)? - 1)?; // [vocab]
 
     let t_decode = Instant::now();
     let mut fed_in_decode = 0usize;
@@ -154,7 +194,7 @@ pub fn generate(
             stats.stop = Some(StopReason::ContextFull);
             break;
         }
-        last = model.forward(&[id], cache)?.get(0)?;
+        last = model.forward_last(&[id], cache)?.get(0)?;
         fed_in_decode += 1;
     }
     if !go_on && stats.stop.is_none() {

@@ -20,7 +20,7 @@
 use super::{runtime_config, RuntimeConfig};
 use crate::arch::config::{ParseOptions, TextConfig};
 use crate::arch::{ArchSpec, Attention as AttnKind, Ffn, LayerSpec};
-use crate::generate::CausalLm;
+use crate::generate::{CausalLm, Rows};
 use crate::layers::attention::{Attention, AttentionOptions, ForwardCtx};
 use crate::layers::embedding::{softcap, ScaledEmbedding};
 use crate::layers::kv_store::KvStore;
@@ -346,7 +346,7 @@ impl CausalLm for Gemma4Model {
 
     /// Feeds `tokens` at positions `cache.seen()..`. On error the cache may hold part of the
     /// chunk: clear it before reusing it.
-    fn forward(&self, tokens: &[u32], cache: &mut KvStore) -> Result<Tensor> {
+    fn forward_logits(&self, tokens: &[u32], cache: &mut KvStore, rows: Rows) -> Result<Tensor> {
         let n = tokens.len();
         if n == 0 {
             bail!("no tokens to feed the model");
@@ -378,6 +378,7 @@ impl CausalLm for Gemma4Model {
             }
         }
         cache.advance(n);
+        let h = rows.select(&h)?; // [1, n or 1, hidden]
 
         // 3. Final norm, output head, soft-cap. [n, vocab]
         let h = self.norm.forward(&h)?;

@@ -24,7 +24,7 @@
 use super::{runtime_config, RuntimeConfig};
 use crate::arch::config::{ParseOptions, TextConfig};
 use crate::arch::{ArchSpec, Attention as AttnKind, Ffn, LayerSpec};
-use crate::generate::CausalLm;
+use crate::generate::{CausalLm, Rows};
 use crate::layers::attention::ForwardCtx;
 use crate::layers::cca::{CcaAttention, CcaShape};
 use crate::layers::embedding::ScaledEmbedding;
@@ -321,7 +321,7 @@ impl CausalLm for ZayaModel {
 
     /// Feeds `tokens` at positions `cache.seen()..`. On error the cache may hold part of the
     /// chunk: clear it before reusing it.
-    fn forward(&self, tokens: &[u32], cache: &mut KvStore) -> Result<Tensor> {
+    fn forward_logits(&self, tokens: &[u32], cache: &mut KvStore, rows: Rows) -> Result<Tensor> {
         let n = tokens.len();
         if n == 0 {
             bail!("no tokens to feed the model");
@@ -349,6 +349,7 @@ impl CausalLm for ZayaModel {
             }
         }
         cache.advance(n);
+        let h = rows.select(&h)?; // [1, n or 1, hidden]
 
         // 3. Final norm, output head. [n, vocab]
         let h = self.norm.forward(&h.to_dtype(self.dtype)?)?;
