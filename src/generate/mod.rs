@@ -17,8 +17,10 @@ pub trait CausalLm {
     /// The per-layer table the model was built from.
     fn spec(&self) -> &ArchSpec;
 
-    /// An empty cache shaped for this model.
-    fn new_cache(&self) -> KvStore;
+    /// An empty cache shaped for this model (as its per-layer table says).
+    fn new_cache(&self) -> KvStore {
+        KvStore::for_spec(self.spec())
+    }
 
     /// Feed `tokens` (batch 1) at positions `cache.seen()..`, update `cache`, and return the
     /// logits of the fed positions `rows` asks for, `[rows, vocab]` in f32.

@@ -19,7 +19,7 @@
 
 use super::{runtime_config, RuntimeConfig};
 use crate::arch::config::{ParseOptions, TextConfig};
-use crate::arch::{ArchSpec, Attention as AttnKind, Ffn, LayerSpec};
+use crate::arch::{ArchSpec, Ffn, LayerSpec};
 use crate::generate::{CausalLm, Rows};
 use crate::layers::attention::{Attention, AttentionOptions, ForwardCtx};
 use crate::layers::embedding::{softcap, ScaledEmbedding};
@@ -323,25 +323,6 @@ impl LayerKey {
 impl CausalLm for Gemma4Model {
     fn spec(&self) -> &ArchSpec {
         &self.spec
-    }
-
-    fn new_cache(&self) -> KvStore {
-        let owns: Vec<bool> = self
-            .spec
-            .layers
-            .iter()
-            .map(|l| l.kv_source.is_none())
-            .collect();
-        let windows: Vec<Option<usize>> = self
-            .spec
-            .layers
-            .iter()
-            .map(|l| match l.attention {
-                AttnKind::Sliding { window } => Some(window),
-                _ => None,
-            })
-            .collect();
-        KvStore::new(&owns, &windows)
     }
 
     /// Feeds `tokens` at positions `cache.seen()..`. On error the cache may hold part of the

@@ -260,20 +260,6 @@ impl CausalLm for LagunaModel {
         &self.spec
     }
 
-    fn new_cache(&self) -> KvStore {
-        let owns = vec![true; self.spec.layers.len()];
-        let windows: Vec<Option<usize>> = self
-            .spec
-            .layers
-            .iter()
-            .map(|l| match l.attention {
-                AttnKind::Sliding { window } => Some(window),
-                _ => None,
-            })
-            .collect();
-        KvStore::new(&owns, &windows)
-    }
-
     /// Feeds `tokens` at positions `cache.seen()..`. On error the cache may hold part of the
     /// chunk: clear it before reusing it.
     fn forward_logits(&self, tokens: &[u32], cache: &mut KvStore, rows: Rows) -> Result<Tensor> {
