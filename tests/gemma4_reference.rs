@@ -15,17 +15,17 @@
 //! Weights are loaded in f32 (the bf16 fixture too), tolerance 5e-3.
 //! `LLMARCH_GEMMA4_FIXTURES` points the tests at another fixture folder.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use llmarch::arch::budget::{self, KvDtype};
+use common::reference::{check_against_reference, max_abs_diff, Fixture};
 use llmarch::arch::config::ParseOptions;
 use llmarch::arch::gemma4::model::Gemma4Model;
 use llmarch::arch::Attention;
 use llmarch::generate::CausalLm;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-
-const TOL: f32 = 5e-3;
 
 fn fixture_dir(variant: &str) -> PathBuf {
     let root = std::env::var_os("LLMARCH_GEMMA4_FIXTURES")
@@ -34,54 +34,8 @@ fn fixture_dir(variant: &str) -> PathBuf {
     root.join(variant)
 }
 
-struct Fixture {
-    dir: PathBuf,
-    config: serde_json::Value,
-    weights: Vec<PathBuf>,
-    prompt: Vec<u32>,
-    generated: Vec<u32>,
-    /// `[positions, vocab]`.
-    logits: Tensor,
-}
-
 fn load_fixture(variant: &str) -> Fixture {
-    let dir = fixture_dir(variant);
-    let read = |name: &str| {
-        std::fs::read_to_string(dir.join(name))
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.join(name).display()))
-    };
-    let config: serde_json::Value = serde_json::from_str(&read("config.json")).unwrap();
-    let reference: serde_json::Value = serde_json::from_str(&read("reference.json")).unwrap();
-    let ids = |key: &str| -> Vec<u32> {
-        reference[key]
-            .as_array()
-            .unwrap_or_else(|| panic!("reference.json: `{key}` is not a list"))
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect()
-    };
-    let mut weights: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.extension().is_some_and(|e| e == "safetensors")
-                && p.file_name().is_some_and(|n| n != "reference.safetensors")
-        })
-        .collect();
-    weights.sort();
-    assert!(!weights.is_empty(), "{}: no weights", dir.display());
-    let logits = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
-        .unwrap()
-        .remove("logits")
-        .expect("reference.safetensors holds `logits`");
-    Fixture {
-        prompt: ids("prompt_ids"),
-        generated: ids("generated_ids"),
-        dir,
-        config,
-        weights,
-        logits,
-    }
+    Fixture::load(fixture_dir(variant))
 }
 
 /// The text-model root: `model.language_model` in the multimodal wrapper, else `model`.
@@ -108,41 +62,13 @@ fn build(f: &Fixture, dtype: DType) -> Gemma4Model {
     build_from(vb, &f.config).unwrap_or_else(|e| panic!("{}: {e:#}", f.dir.display()))
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-fn argmax(row: &Tensor) -> u32 {
-    row.argmax(0).unwrap().to_scalar::<u32>().unwrap()
-}
-
 /// Runs (a), (b), (c) for one variant; returns the largest logit error seen.
 fn check_variant(variant: &str) -> f32 {
     let f = load_fixture(variant);
     let model = build(&f, DType::F32);
-    let spec = model.spec().clone();
-    let seq: Vec<u32> = f.prompt.iter().chain(&f.generated).copied().collect();
-    let (p, total) = (f.prompt.len(), seq.len());
-    assert!(
-        p > 0 && !f.generated.is_empty(),
-        "{variant}: empty prompt or continuation"
-    );
-    assert_eq!(
-        f.logits.dims(),
-        &[total, spec.vocab_size],
-        "{variant}: reference logits"
-    );
-    let smallest_window = spec
+    let total = f.sequence().len();
+    let smallest_window = model
+        .spec()
         .layers
         .iter()
         .filter_map(|l| match l.attention {
@@ -156,54 +82,7 @@ fn check_variant(variant: &str) -> f32 {
             "{variant}: {total} tokens do not run past the sliding window of {w}"
         );
     }
-
-    // (a) One forward over the whole sequence.
-    let mut cache = model.new_cache();
-    let full = model.forward(&seq, &mut cache).unwrap();
-    let err_full = max_abs_diff(&full, &f.logits);
-    assert!(
-        err_full < TOL,
-        "{variant}: full forward differs from the reference by {err_full}"
-    );
-
-    // (b) Prefill the prompt, then greedy decode through the cache.
-    let mut cache = model.new_cache();
-    let mut rows = vec![model.forward(&f.prompt, &mut cache).unwrap()]; // [p, vocab]
-    let mut next = argmax(&rows[0].get(p - 1).unwrap());
-    for (step, &want) in f.generated.iter().enumerate() {
-        assert_eq!(
-            next, want,
-            "{variant}: greedy token {step} differs from the reference"
-        );
-        let out = model.forward(&[next], &mut cache).unwrap(); // [1, vocab]
-        next = argmax(&out.get(0).unwrap());
-        rows.push(out);
-    }
-    let stepped = Tensor::cat(&rows, 0).unwrap();
-    let err_steps = max_abs_diff(&stepped, &f.logits);
-    assert!(
-        err_steps < TOL,
-        "{variant}: prefill + decode logits differ from the reference by {err_steps}"
-    );
-    for r in 0..total {
-        let e = max_abs_diff(&stepped.get(r).unwrap(), &f.logits.get(r).unwrap());
-        assert!(e < TOL, "{variant}: position {r} differs by {e}");
-    }
-
-    // (c) What the cache holds equals kv-budget at this context.
-    assert_eq!(cache.seen(), total);
-    let want = budget::compute(&spec, total as u64, 1, KvDtype::F32);
-    let got = cache.bytes();
-    assert_eq!(got.len(), spec.layers.len());
-    for (i, (g, w)) in got.iter().zip(&want.layers).enumerate() {
-        assert_eq!(
-            *g, w.bytes,
-            "{variant}: layer {i} holds {g} B, kv-budget says {}",
-            w.bytes
-        );
-    }
-    eprintln!("{variant}: max logit error full {err_full:.2e}, stepped {err_steps:.2e}");
-    err_full.max(err_steps)
+    check_against_reference(variant, &model, &f).1
 }
 
 #[test]

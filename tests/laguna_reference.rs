@@ -20,7 +20,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use llmarch::arch::budget::{self, KvDtype};
+use common::reference::{check_against_reference, max_abs_diff, read_json, Fixture};
 use llmarch::arch::config::{ParseOptions, TextConfig};
 use llmarch::arch::laguna::model::LagunaModel;
 use llmarch::arch::laguna::runtime_config;
@@ -30,52 +30,14 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-const TOL: f32 = 5e-3;
 const VARIANTS: [&str; 3] = ["xs2-like", "default-rope", "yarn-llama3"];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/laguna")
 }
 
-struct Fixture {
-    dir: PathBuf,
-    config: Value,
-    weights: Vec<PathBuf>,
-    prompt: Vec<u32>,
-    generated: Vec<u32>,
-    /// `[positions, vocab]`.
-    logits: Tensor,
-}
-
-fn read_json(p: &Path) -> Value {
-    let s = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    serde_json::from_str(&s).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
 fn load_fixture(variant: &str) -> Fixture {
-    let dir = root().join(variant);
-    let config = read_json(&dir.join("config.json"));
-    let reference = read_json(&dir.join("reference.json"));
-    let ids = |key: &str| -> Vec<u32> {
-        reference[key]
-            .as_array()
-            .unwrap_or_else(|| panic!("reference.json: `{key}` is not a list"))
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect()
-    };
-    let logits = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
-        .unwrap()
-        .remove("logits")
-        .expect("reference.safetensors holds `logits`");
-    Fixture {
-        prompt: ids("prompt_ids"),
-        generated: ids("generated_ids"),
-        weights: vec![dir.join("model.safetensors")],
-        dir,
-        config,
-        logits,
-    }
+    Fixture::load(root().join(variant))
 }
 
 fn build_from(vb: VarBuilder, config: &Value) -> anyhow::Result<LagunaModel> {
@@ -92,34 +54,13 @@ fn build(f: &Fixture, dtype: DType) -> LagunaModel {
     build_from(vb, &f.config).unwrap_or_else(|e| panic!("{}: {e:#}", f.dir.display()))
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-fn argmax(row: &Tensor) -> u32 {
-    row.argmax(0).unwrap().to_scalar::<u32>().unwrap()
-}
-
 /// Runs (a), (b), (c) for one variant; returns the largest logit error seen.
 fn check_variant(variant: &str) -> f32 {
     let f = load_fixture(variant);
     let model = build(&f, DType::F32);
-    let spec = model.spec().clone();
-    let seq: Vec<u32> = f.prompt.iter().chain(&f.generated).copied().collect();
-    let (p, total) = (f.prompt.len(), seq.len());
-    assert!(p > 0 && !f.generated.is_empty(), "{variant}: empty run");
-    assert_eq!(f.logits.dims(), &[total, spec.vocab_size], "{variant}");
-    let window = spec
+    let total = f.sequence().len();
+    let window = model
+        .spec()
         .layers
         .iter()
         .filter_map(|l| match l.attention {
@@ -132,46 +73,7 @@ fn check_variant(variant: &str) -> f32 {
         total > 2 * window,
         "{variant}: {total} tokens, window {window}"
     );
-
-    // (a) One forward over the whole sequence.
-    let full = model.forward(&seq, &mut model.new_cache()).unwrap();
-    let err_full = max_abs_diff(&full, &f.logits);
-    assert!(
-        err_full < TOL,
-        "{variant}: full forward differs by {err_full}"
-    );
-
-    // (b) Prefill the prompt, then greedy decode through the cache.
-    let mut cache = model.new_cache();
-    let mut rows = vec![model.forward(&f.prompt, &mut cache).unwrap()]; // [p, vocab]
-    let mut next = argmax(&rows[0].get(p - 1).unwrap());
-    for (step, &want) in f.generated.iter().enumerate() {
-        assert_eq!(next, want, "{variant}: greedy token {step} differs");
-        let out = model.forward(&[next], &mut cache).unwrap(); // [1, vocab]
-        next = argmax(&out.get(0).unwrap());
-        rows.push(out);
-    }
-    let stepped = Tensor::cat(&rows, 0).unwrap();
-    let err_steps = max_abs_diff(&stepped, &f.logits);
-    for r in 0..total {
-        let e = max_abs_diff(&stepped.get(r).unwrap(), &f.logits.get(r).unwrap());
-        assert!(e < TOL, "{variant}: position {r} differs by {e}");
-    }
-
-    // (c) What the cache holds equals kv-budget at this context, layer by layer.
-    assert_eq!(cache.seen(), total);
-    let want = budget::compute(&spec, total as u64, 1, KvDtype::F32);
-    let got = cache.bytes();
-    assert_eq!(got.len(), spec.layers.len());
-    for (i, (g, w)) in got.iter().zip(&want.layers).enumerate() {
-        assert_eq!(
-            *g, w.bytes,
-            "{variant}: layer {i} holds {g} B, kv-budget says {}",
-            w.bytes
-        );
-    }
-    eprintln!("{variant}: max logit error full {err_full:.2e}, stepped {err_steps:.2e}");
-    err_full.max(err_steps)
+    check_against_reference(variant, &model, &f).1
 }
 
 #[test]

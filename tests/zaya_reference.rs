@@ -18,7 +18,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use llmarch::arch::budget::{self, KvDtype};
+use common::reference::{check_against_reference, max_abs_diff, Fixture};
 use llmarch::arch::config::ParseOptions;
 use llmarch::arch::zaya::model::ZayaModel;
 use llmarch::arch::Attention;
@@ -27,53 +27,12 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-const TOL: f32 = 5e-3;
-
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/zaya")
 }
 
-struct Fixture {
-    dir: PathBuf,
-    config: Value,
-    reference: Value,
-    weights: Vec<PathBuf>,
-    prompt: Vec<u32>,
-    generated: Vec<u32>,
-    /// `[positions, vocab]`.
-    logits: Tensor,
-}
-
-fn read_json(p: &Path) -> Value {
-    let s = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    serde_json::from_str(&s).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
 fn load_fixture(variant: &str) -> Fixture {
-    let dir = root().join(variant);
-    let config = read_json(&dir.join("config.json"));
-    let reference = read_json(&dir.join("reference.json"));
-    let ids = |key: &str| -> Vec<u32> {
-        reference[key]
-            .as_array()
-            .unwrap_or_else(|| panic!("reference.json: `{key}` is not a list"))
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect()
-    };
-    let logits = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
-        .unwrap()
-        .remove("logits")
-        .expect("reference.safetensors holds `logits`");
-    Fixture {
-        prompt: ids("prompt_ids"),
-        generated: ids("generated_ids"),
-        weights: vec![dir.join("model.safetensors")],
-        dir,
-        config,
-        reference,
-        logits,
-    }
+    Fixture::load(root().join(variant))
 }
 
 fn build_from(vb: VarBuilder, config: &Value) -> anyhow::Result<ZayaModel> {
@@ -93,75 +52,20 @@ fn tensors(f: &Fixture) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(&f.weights[0], &Device::Cpu).unwrap()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-fn argmax(row: &Tensor) -> u32 {
-    row.argmax(0).unwrap().to_scalar::<u32>().unwrap()
-}
-
 /// Runs (a), (b), (c) for one variant; returns the largest logit error seen.
 fn check_variant(variant: &str) -> f32 {
     let f = load_fixture(variant);
     let model = build(&f, DType::F32);
-    let spec = model.spec().clone();
-    let seq: Vec<u32> = f.prompt.iter().chain(&f.generated).copied().collect();
-    let (p, total) = (f.prompt.len(), seq.len());
-    assert!(p > 0 && f.generated.len() >= 20, "{variant}: short run");
-    assert_eq!(f.logits.dims(), &[total, spec.vocab_size], "{variant}");
-    for l in &spec.layers {
+    let total = f.sequence().len();
+    assert!(f.generated.len() >= 20, "{variant}: short run");
+    for l in &model.spec().layers {
         if let Attention::Cca { window: Some(w) } = l.attention {
             assert!(total > 2 * w, "{variant}: {total} tokens, window {w}");
         }
     }
-
-    // (a) One forward over the whole sequence.
-    let full = model.forward(&seq, &mut model.new_cache()).unwrap();
-    let err_full = max_abs_diff(&full, &f.logits);
-    assert!(
-        err_full < TOL,
-        "{variant}: full forward differs by {err_full}"
-    );
-
-    // (b) Prefill the prompt, then greedy decode through the cache.
-    let mut cache = model.new_cache();
-    let mut rows = vec![model.forward(&f.prompt, &mut cache).unwrap()]; // [p, vocab]
-    let mut next = argmax(&rows[0].get(p - 1).unwrap());
-    for (step, &want) in f.generated.iter().enumerate() {
-        assert_eq!(next, want, "{variant}: greedy token {step} differs");
-        let out = model.forward(&[next], &mut cache).unwrap(); // [1, vocab]
-        next = argmax(&out.get(0).unwrap());
-        rows.push(out);
-    }
-    let stepped = Tensor::cat(&rows, 0).unwrap();
-    let err_steps = max_abs_diff(&stepped, &f.logits);
-    for r in 0..total {
-        let e = max_abs_diff(&stepped.get(r).unwrap(), &f.logits.get(r).unwrap());
-        assert!(e < TOL, "{variant}: position {r} differs by {e}");
-    }
-
-    // (c) What the cache holds (K, V, conv and delayed-V states) equals kv-budget, per layer.
-    assert_eq!(cache.seen(), total);
-    let want = budget::compute(&spec, total as u64, 1, KvDtype::F32);
-    let got = cache.bytes();
-    assert_eq!(got.len(), spec.layers.len());
-    for (i, (g, w)) in got.iter().zip(&want.layers).enumerate() {
-        assert_eq!(
-            *g, w.bytes,
-            "{variant}: layer {i} holds {g} B, kv-budget says {}",
-            w.bytes
-        );
+    let (cache, err) = check_against_reference(variant, &model, &f);
+    // The cache holds K, V and exactly these fixed states on every layer.
+    for i in 0..model.spec().layers.len() {
         let states: Vec<&str> = cache
             .layer(i)
             .unwrap()
@@ -175,8 +79,7 @@ fn check_variant(variant: &str) -> f32 {
             "{variant}: layer {i}"
         );
     }
-    eprintln!("{variant}: max logit error full {err_full:.2e}, stepped {err_steps:.2e}");
-    err_full.max(err_steps)
+    err
 }
 
 #[test]

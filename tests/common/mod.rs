@@ -3,6 +3,8 @@
 //! range headers), so the real hf-hub code path is exercised without a network.
 #![allow(dead_code)]
 
+pub mod reference;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;

@@ -1,0 +1,152 @@
+//! What the reference-equality tests of every family share: a tiny checkpoint made by
+//! `tests/oracle/` (`config.json`, weights, `reference.json` with `prompt_ids`/`generated_ids`,
+//! `reference.safetensors` with the `logits` of one full forward over prompt + continuation), and
+//! the three checks each family runs on it.
+
+use candle_core::{Device, Tensor};
+use llmarch::arch::budget::{self, KvDtype};
+use llmarch::generate::CausalLm;
+use llmarch::layers::kv_store::KvStore;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// Logit tolerance against the reference (f32).
+pub const TOL: f32 = 5e-3;
+
+pub struct Fixture {
+    pub dir: PathBuf,
+    pub config: Value,
+    pub reference: Value,
+    /// Every `*.safetensors` of the folder but `reference.safetensors`, sorted.
+    pub weights: Vec<PathBuf>,
+    pub prompt: Vec<u32>,
+    pub generated: Vec<u32>,
+    /// `[positions, vocab]`.
+    pub logits: Tensor,
+}
+
+pub fn read_json(p: &Path) -> Value {
+    let s = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&s).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+impl Fixture {
+    pub fn load(dir: PathBuf) -> Fixture {
+        let config = read_json(&dir.join("config.json"));
+        let reference = read_json(&dir.join("reference.json"));
+        let ids = |key: &str| -> Vec<u32> {
+            reference[key]
+                .as_array()
+                .unwrap_or_else(|| panic!("reference.json: `{key}` is not a list"))
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect()
+        };
+        let mut weights: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.extension().is_some_and(|e| e == "safetensors")
+                    && p.file_name().is_some_and(|n| n != "reference.safetensors")
+            })
+            .collect();
+        weights.sort();
+        assert!(!weights.is_empty(), "{}: no weights", dir.display());
+        let logits =
+            candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+                .unwrap()
+                .remove("logits")
+                .expect("reference.safetensors holds `logits`");
+        Fixture {
+            prompt: ids("prompt_ids"),
+            generated: ids("generated_ids"),
+            dir,
+            config,
+            reference,
+            weights,
+            logits,
+        }
+    }
+
+    /// Prompt then continuation.
+    pub fn sequence(&self) -> Vec<u32> {
+        self.prompt.iter().chain(&self.generated).copied().collect()
+    }
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+pub fn argmax(row: &Tensor) -> u32 {
+    row.argmax(0).unwrap().to_scalar::<u32>().unwrap()
+}
+
+/// The checks every family runs on a fixture; returns the cache after decoding (for
+/// family-specific checks) and the largest logit error seen.
+///
+/// - (a) one forward over the whole sequence matches the reference logits at every position;
+/// - (b) prefill the prompt, then greedy decode through the cache: the tokens are the
+///   reference's and every position's logits match;
+/// - (c) the bytes the cache then holds equal `kv-budget`'s figure for that context, per layer.
+pub fn check_against_reference(variant: &str, model: &dyn CausalLm, f: &Fixture) -> (KvStore, f32) {
+    let spec = model.spec();
+    let seq = f.sequence();
+    let (p, total) = (f.prompt.len(), seq.len());
+    assert!(p > 0 && !f.generated.is_empty(), "{variant}: empty run");
+    assert_eq!(
+        f.logits.dims(),
+        &[total, spec.vocab_size],
+        "{variant}: reference logits"
+    );
+
+    // (a) One forward over the whole sequence.
+    let full = model.forward(&seq, &mut model.new_cache()).unwrap();
+    let err_full = max_abs_diff(&full, &f.logits);
+    assert!(
+        err_full < TOL,
+        "{variant}: full forward differs by {err_full}"
+    );
+
+    // (b) Prefill the prompt, then greedy decode through the cache.
+    let mut cache = model.new_cache();
+    let mut rows = vec![model.forward(&f.prompt, &mut cache).unwrap()]; // [p, vocab]
+    let mut next = argmax(&rows[0].get(p - 1).unwrap());
+    for (step, &want) in f.generated.iter().enumerate() {
+        assert_eq!(next, want, "{variant}: greedy token {step} differs");
+        let out = model.forward(&[next], &mut cache).unwrap(); // [1, vocab]
+        next = argmax(&out.get(0).unwrap());
+        rows.push(out);
+    }
+    let stepped = Tensor::cat(&rows, 0).unwrap();
+    let err_steps = max_abs_diff(&stepped, &f.logits);
+    for r in 0..total {
+        let e = max_abs_diff(&stepped.get(r).unwrap(), &f.logits.get(r).unwrap());
+        assert!(e < TOL, "{variant}: position {r} differs by {e}");
+    }
+
+    // (c) What the cache holds equals kv-budget at this context, layer by layer.
+    assert_eq!(cache.seen(), total);
+    let want = budget::compute(spec, total as u64, 1, KvDtype::F32);
+    let got = cache.bytes();
+    assert_eq!(got.len(), spec.layers.len());
+    for (i, (g, w)) in got.iter().zip(&want.layers).enumerate() {
+        assert_eq!(
+            *g, w.bytes,
+            "{variant}: layer {i} holds {g} B, kv-budget says {}",
+            w.bytes
+        );
+    }
+    eprintln!("{variant}: max logit error full {err_full:.2e}, stepped {err_steps:.2e}");
+    (cache, err_full.max(err_steps))
+}
