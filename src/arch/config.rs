@@ -3,6 +3,7 @@
 //! refuse keys nobody understands, and read RoPE parameter blocks.
 
 use super::Rope;
+use crate::layers::rope::{self, Llama3, Yarn};
 use anyhow::{anyhow, bail, Result};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -332,4 +333,156 @@ pub fn n<const N: usize>() -> usize {
 /// A serde default of `true`.
 pub fn yes() -> bool {
     true
+}
+
+/// One layer type's RoPE as `LagunaRotaryEmbedding` computes it: the frequencies of the leading
+/// `2·inv_freq.len()` dims of each head (the rest pass through) and the factor cos/sin are
+/// multiplied by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeFrequencies {
+    /// `rope_type`.
+    pub kind: String,
+    pub inv_freq: Vec<f32>,
+    pub attention_scaling: f64,
+    /// Positions at or past this are not implemented for this variant: dynamic NTK recomputes
+    /// its frequencies past `max_position_embeddings`, LongRoPE switches to its long factors past
+    /// `original_max_position_embeddings` (both for the whole sequence at once, which a cache
+    /// cannot follow).
+    pub max_positions: Option<usize>,
+}
+
+/// A number field of a RoPE block: `None` when absent or null.
+fn rope_num(block: &Value, key: &str, what: &str) -> Result<Option<f64>> {
+    match block.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| anyhow!("key `{what}.{key}` is not a number")),
+    }
+}
+
+fn rope_num_req(block: &Value, key: &str, what: &str, kind: &str) -> Result<f64> {
+    rope_num(block, key, what)?
+        .ok_or_else(|| anyhow!("key `{what}.{key}` is required for rope_type `{kind}`"))
+}
+
+fn rope_list(block: &Value, key: &str, what: &str) -> Result<Vec<f64>> {
+    block
+        .get(key)
+        .and_then(|v| v.as_array())
+        .and_then(|a| a.iter().map(|x| x.as_f64()).collect::<Option<Vec<f64>>>())
+        .ok_or_else(|| anyhow!("key `{what}.{key}` must be a list of numbers"))
+}
+
+/// The frequencies one RoPE block gives, as the reference's `ROPE_INIT_FUNCTIONS` (and Laguna's
+/// own default, which honours `partial_rotary_factor`) compute them, over
+/// `dim = ⌊head_dim · partial_rotary_factor⌋` leading dims. `truncate` is the value YaRN reads
+/// (see the module notes). Every `rope_type` the config accepts is built; dynamic NTK and LongRoPE
+/// only up to the position where the reference would recompute its frequencies.
+pub fn rope_frequencies(
+    block: &Value,
+    truncate: Option<Value>,
+    head_dim: usize,
+    max_position_embeddings: usize,
+    what: &str,
+) -> Result<RopeFrequencies> {
+    let r = rope_from_params(block, head_dim, what)?;
+    let (kind, theta, dim) = (r.kind.clone(), r.theta, r.rotary_dim);
+    if dim == 0 {
+        bail!(
+            "key `{what}.partial_rotary_factor`: no dimension of the {head_dim}-wide heads rotates"
+        );
+    }
+    let num = |k: &str| rope_num(block, k, what);
+    let req = |k: &str| rope_num_req(block, k, what, &kind);
+    let mut max_positions = None;
+    let (inv_freq, attention_scaling) = match kind.as_str() {
+        "default" => (rope::default_inv_freq(theta, dim), 1.0),
+        "linear" => (rope::linear_inv_freq(theta, dim, req("factor")?), 1.0),
+        "dynamic" => {
+            // At or below `max_position_embeddings` dynamic NTK is the default RoPE.
+            req("factor")?;
+            max_positions = Some(max_position_embeddings);
+            (rope::default_inv_freq(theta, dim), 1.0)
+        }
+        "yarn" => {
+            let original = req("original_max_position_embeddings")?;
+            let factor = num("factor")?.unwrap_or(max_position_embeddings as f64 / original);
+            let nonzero = |k: &str| -> Result<Option<f64>> { Ok(num(k)?.filter(|&v| v != 0.0)) };
+            let truncate = match truncate {
+                None | Some(Value::Null) => true,
+                Some(Value::Bool(b)) => b,
+                Some(other) => bail!("key `rope_parameters.truncate` = {other} is not true/false"),
+            };
+            let yarn = Yarn {
+                beta_fast: nonzero("beta_fast")?.unwrap_or(32.0),
+                beta_slow: nonzero("beta_slow")?.unwrap_or(1.0),
+                truncate,
+                attention_factor: num("attention_factor")?,
+                mscale: num("mscale")?,
+                mscale_all_dim: num("mscale_all_dim")?,
+                ..Yarn::new(factor, original)
+            };
+            let inv = yarn
+                .inv_freq(theta, dim)
+                .map_err(|e| anyhow!("key `{what}`: {e}"))?;
+            (inv, yarn.attention_scaling())
+        }
+        "llama3" => {
+            let l = Llama3 {
+                factor: req("factor")?,
+                low_freq_factor: req("low_freq_factor")?,
+                high_freq_factor: req("high_freq_factor")?,
+                original_max_position_embeddings: req("original_max_position_embeddings")?,
+            };
+            let inv = l
+                .inv_freq(theta, dim)
+                .map_err(|e| anyhow!("key `{what}`: {e}"))?;
+            (inv, 1.0)
+        }
+        "longrope" => {
+            let original = req("original_max_position_embeddings")?;
+            let factor = num("factor")?.unwrap_or(max_position_embeddings as f64 / original);
+            let scaling = match num("attention_factor")? {
+                Some(a) => a,
+                None if factor <= 1.0 => 1.0,
+                None => (1.0 + factor.ln() / original.ln()).sqrt(),
+            };
+            let short = rope_list(block, "short_factor", what)?;
+            let inv = rope::longrope_inv_freq(theta, dim, &short)
+                .map_err(|e| anyhow!("key `{what}.short_factor`: {e}"))?;
+            max_positions = Some(original as usize);
+            (inv, scaling)
+        }
+        "proportional" => {
+            // Gemma-style: the first ⌊partial·d/2⌋ pairs of the whole head rotate with
+            // θ^(-2i/d) / factor, the others have frequency 0.
+            let factor = num("factor")?.unwrap_or(1.0) as f32;
+            let (base, d) = (theta as f32, head_dim as f32);
+            let inv = (0..head_dim / 2)
+                .map(|i| {
+                    if i < dim / 2 {
+                        1.0 / base.powf((2 * i) as f32 / d) / factor
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            (inv, 1.0)
+        }
+        other => bail!("key `{what}.rope_type`: `{other}` is not implemented"),
+    };
+    if 2 * inv_freq.len() > head_dim {
+        bail!("key `{what}`: {dim} rotated dims do not fit heads of {head_dim}");
+    }
+    if !(attention_scaling.is_finite() && attention_scaling > 0.0) {
+        bail!("key `{what}`: the attention factor {attention_scaling} must be a positive number");
+    }
+    Ok(RopeFrequencies {
+        kind,
+        inv_freq,
+        attention_scaling,
+        max_positions,
+    })
 }

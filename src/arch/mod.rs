@@ -38,6 +38,9 @@ pub struct Family {
     /// Builds the runnable network from `config.json` and the weights (positioned at the text
     /// model root, plus the untied LM head if any); `None` while only `inspect`/`kv-budget` work.
     pub build: Option<BuildFn>,
+    /// Renames a checkpoint tensor to the reference's module name, for families whose Hub
+    /// checkpoints use their own names (applied by the loader to every name); `None`: as is.
+    pub rename: Option<fn(&str) -> String>,
 }
 
 /// See [`Family::build`].

@@ -65,6 +65,7 @@ pub const FAMILY: Family = Family {
     summary: "Gated DeltaNet linear attention (fixed-size state) in a 3:1 hybrid with gated full attention; dense or MoE + shared expert",
     parse,
     build: None,
+    rename: None,
 };
 
 /// `Qwen3_5TextConfig` / `Qwen3_5MoeTextConfig`. Fields whose default differs between the two

@@ -194,7 +194,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     };
 
     // 2. Spec, files, tokenizer, template; then the weights.
-    let (model_ref, spec, build) = shared::runnable_spec(ctx, &args.model)?;
+    let (model_ref, spec, family) = shared::runnable_spec(ctx, &args.model)?;
     let (files, tok) = shared::files_and_tokenizer(ctx, &model_ref)?;
     let (source, origin) = pick_template(&args, &tok, &files, &spec, ctx)?;
     let special = template::special_tokens(files.tokenizer_config.as_deref())?;
@@ -212,7 +212,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         thinking: args.thinking.map(|t| t == OnOff::On),
     };
     let max_context = args.max_context.unwrap_or(spec.max_context);
-    let (model, load_s) = shared::build_model(&files, build, ctx, dtype, &device)?;
+    let (model, load_s) = shared::build_model(&files, family, ctx, dtype, &device)?;
     let mut session = Session::new(model, tok, template, settings, max_context);
     session.context_shift = args.context_shift;
     session.engine.max_snapshots = args.snapshots;

@@ -111,7 +111,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
 
     // 2. The spec first (only config.json), so a family that cannot run fails before any
     //    download; then every file, and the tokenizer.
-    let (model_ref, spec, build) = shared::runnable_spec(ctx, &args.model)?;
+    let (model_ref, spec, family) = shared::runnable_spec(ctx, &args.model)?;
     let (files, tok) = shared::files_and_tokenizer(ctx, &model_ref)?;
     let prompt: Vec<u32> = match (&args.prompt_ids, &text) {
         (Some(ids), _) => ids.clone(),
@@ -141,7 +141,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     settings.validate()?;
 
     // 3. Weights and the network.
-    let (model, load_s) = shared::build_model(&files, build, ctx, dtype, &device)?;
+    let (model, load_s) = shared::build_model(&files, family, ctx, dtype, &device)?;
 
     // 4. Generate, streaming text and the panel.
     let interrupted = Arc::new(AtomicBool::new(false));

@@ -152,20 +152,23 @@ pub fn kv_dtype_of(d: DType) -> KvDtype {
 
 /// The spec (from config.json only) and, when the family can run, the function that builds it:
 /// a family that cannot run fails here, before any download.
-pub fn runnable_spec(ctx: &Ctx, model: &str) -> Result<(ModelRef, ArchSpec, arch::BuildFn)> {
+pub fn runnable_spec(
+    ctx: &Ctx,
+    model: &str,
+) -> Result<(ModelRef, ArchSpec, &'static arch::Family)> {
     let (model_ref, spec) = crate::loader::load_spec(model, &ctx.parse, ctx.progress())?;
     for w in &spec.warnings {
         ctx.warn(w);
     }
     let family =
         arch::family_of(&spec).ok_or_else(|| anyhow!("internal: no family `{}`", spec.family))?;
-    let build = family.build.ok_or_else(|| {
-        anyhow!(
+    if family.build.is_none() {
+        bail!(
             "llmarch cannot run the `{}` family yet; `inspect` and `kv-budget` work for it",
             spec.family
-        )
-    })?;
-    Ok((model_ref, spec, build))
+        );
+    }
+    Ok((model_ref, spec, family))
 }
 
 /// Every file of the model (downloading what is missing) and its tokenizer.
@@ -189,19 +192,22 @@ pub fn files_and_tokenizer(
 /// Load the weights and build the network; returns it with the seconds it took.
 pub fn build_model(
     files: &ModelFiles,
-    build: arch::BuildFn,
+    family: &arch::Family,
     ctx: &Ctx,
     dtype: DType,
     device: &Device,
 ) -> Result<(Box<dyn CausalLm>, f64)> {
     let t_load = Instant::now();
-    let weights = weights::load(files, dtype, device)?;
-    let model = build(
-        &files.config_json()?,
-        &ctx.parse,
-        weights.text_vb(),
-        weights.lm_head_vb(),
-    )
-    .with_context(|| format!("building the model from {}", files.source))?;
+    let build = family
+        .build
+        .ok_or_else(|| anyhow!("internal: the `{}` family cannot run", family.name))?;
+    let config = files.config_json()?;
+    let opts = weights::LoadOptions {
+        rename: family.rename,
+        fp8_block: crate::loader::quantized::fp8_block(&config)?,
+    };
+    let weights = weights::load_with(files, dtype, device, opts)?;
+    let model = build(&config, &ctx.parse, weights.text_vb(), weights.lm_head_vb())
+        .with_context(|| format!("building the model from {}", files.source))?;
     Ok((model, t_load.elapsed().as_secs_f64()))
 }

@@ -29,6 +29,11 @@ impl LayerKv {
         self.states.iter().find(|(n, _)| *n == name).map(|(_, t)| t)
     }
 
+    /// Drop the state called `name`, if held.
+    pub fn remove_state(&mut self, name: &str) {
+        self.states.retain(|(n, _)| *n != name);
+    }
+
     /// Hold `t` as the state called `name`, replacing any earlier one.
     pub fn set_state(&mut self, name: &'static str, t: Tensor) {
         match self.states.iter_mut().find(|(n, _)| *n == name) {

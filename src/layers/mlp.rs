@@ -1,6 +1,8 @@
 //! Gated MLP (GeGLU / SwiGLU): `down(act(gate x) · up x)`.
 //!
-//! The activation is taken in f32 and cast back, as PyTorch computes it for 16-bit inputs.
+//! The activation is taken in f32 and cast back, as PyTorch computes it for 16-bit inputs. With a
+//! SwiGLU limit (DeepSeek V4's `swiglu_limit`), the gate is clamped to at most `limit` and the up
+//! projection to `[-limit, limit]` first ([`swiglu_clamp`]).
 
 use super::linear::Linear;
 use anyhow::{bail, Result};
@@ -43,6 +45,16 @@ pub struct GatedMlp {
     up_proj: Linear,
     down_proj: Linear,
     act: Activation,
+    limit: Option<f64>,
+}
+
+/// Clamp a SwiGLU's gate `[.., width]` to at most `limit` and its up projection to
+/// `[-limit, limit]` (no-op without a limit).
+pub fn swiglu_clamp(gate: Tensor, up: Tensor, limit: Option<f64>) -> Result<(Tensor, Tensor)> {
+    Ok(match limit {
+        None => (gate, up),
+        Some(l) => (gate.minimum(l)?, up.clamp(-l, l)?),
+    })
 }
 
 impl GatedMlp {
@@ -53,13 +65,24 @@ impl GatedMlp {
             up_proj: Linear::load(&vb.pp("up_proj"), hidden, width, false)?,
             down_proj: Linear::load(&vb.pp("down_proj"), width, hidden, false)?,
             act,
+            limit: None,
         })
+    }
+
+    /// This MLP with its gate and up projections clamped by `limit` (see [`swiglu_clamp`]).
+    pub fn with_swiglu_limit(mut self, limit: f64) -> Self {
+        self.limit = Some(limit);
+        self
     }
 
     /// `[.., hidden]` → `[.., hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.act.apply(&self.gate_proj.forward(x)?)?; // [.., width]
-        let h = (gate * self.up_proj.forward(x)?)?;
+        let (gate, up) = swiglu_clamp(
+            self.gate_proj.forward(x)?,
+            self.up_proj.forward(x)?,
+            self.limit,
+        )?; // [.., width] each
+        let h = (self.act.apply(&gate)? * up)?;
         self.down_proj.forward(&h)
     }
 }

@@ -8,7 +8,7 @@
 //! tokens routed to them, in expert order, and their outputs are added weighted.
 
 use super::linear::{matmul_t, Linear};
-use super::mlp::Activation;
+use super::mlp::{swiglu_clamp, Activation};
 use super::norm::RmsNorm;
 use super::weight;
 use anyhow::{bail, Result};
@@ -83,9 +83,17 @@ pub struct PackedExperts {
     down: Tensor,
     width: usize,
     act: Activation,
+    limit: Option<f64>,
 }
 
 impl PackedExperts {
+    /// These experts with their gate and up projections clamped by `limit` (DeepSeek V4's
+    /// `swiglu_limit`; see [`swiglu_clamp`]).
+    pub fn with_swiglu_limit(mut self, limit: f64) -> Self {
+        self.limit = Some(limit);
+        self
+    }
+
     /// Reads `gate_up_proj` and `down_proj` under `vb`.
     pub fn load(
         vb: &VarBuilder,
@@ -99,6 +107,7 @@ impl PackedExperts {
             down: weight::get(vb, (experts, hidden, width), "down_proj")?,
             width,
             act,
+            limit: None,
         })
     }
 
@@ -126,6 +135,7 @@ impl PackedExperts {
             down: Tensor::stack(&down, 0)?,
             width,
             act,
+            limit: None,
         })
     }
 
@@ -153,8 +163,12 @@ impl PackedExperts {
             let w = Tensor::from_vec(weights, (n, 1), dev)?;
             let xs = x.index_select(&idx, 0)?; // [n, hidden]
             let gu = matmul_t(&xs, &self.gate_up.get(e)?)?; // [n, 2·width]
-            let gate = self.act.apply(&gu.narrow(1, 0, self.width)?)?;
-            let h = (gate * gu.narrow(1, self.width, self.width)?)?; // [n, width]
+            let (gate, up) = swiglu_clamp(
+                gu.narrow(1, 0, self.width)?,
+                gu.narrow(1, self.width, self.width)?,
+                self.limit,
+            )?;
+            let h = (self.act.apply(&gate)? * up)?; // [n, width]
             let y = matmul_t(&h, &self.down.get(e)?)?; // [n, hidden]
             let y = y
                 .to_dtype(DType::F32)?

@@ -200,6 +200,69 @@ impl Rotary {
     }
 }
 
+/// DeepSeek V4's RoPE: interleaved pairs `(2i, 2i + 1)` over the *trailing* `2·inv_freq.len()`
+/// dims of each head (the leading ones pass through), angles `position · inv_freq[i]` in f32,
+/// cos and sin times the attention scaling, as `DeepseekV4RotaryEmbedding` and its
+/// `apply_rotary_pos_emb` compute them. Positions are given one by one (compressed entries sit
+/// every `ratio` tokens), and [`InterleavedRope::apply`] can also rotate backwards (`-sin`), which
+/// V4 uses to undo the keys' rotation on the attention output.
+#[derive(Debug)]
+pub struct InterleavedRope {
+    inv_freq: Vec<f32>,
+    scaling: f32,
+}
+
+impl InterleavedRope {
+    pub fn new(inv_freq: Vec<f32>, scaling: f64) -> Result<Self> {
+        if inv_freq.is_empty() || inv_freq.iter().any(|f| !f.is_finite()) {
+            bail!("RoPE: no rotated dims, or frequencies that are not finite numbers");
+        }
+        if !(scaling.is_finite() && scaling > 0.0) {
+            bail!("RoPE: attention scaling {scaling} must be a positive number");
+        }
+        Ok(InterleavedRope {
+            inv_freq,
+            scaling: scaling as f32,
+        })
+    }
+
+    /// How many trailing dims rotate.
+    pub fn rotary_dim(&self) -> usize {
+        2 * self.inv_freq.len()
+    }
+
+    /// Rotate `x` `[b, h, t, d]` whose `t` tokens sit at `positions`; `inverse` turns by `-angle`.
+    pub fn apply(&self, x: &Tensor, positions: &[usize], inverse: bool) -> Result<Tensor> {
+        let (_b, _h, t, d) = x.dims4()?;
+        let r = self.rotary_dim();
+        if t != positions.len() || r > d {
+            bail!(
+                "internal: RoPE over {r} dims of {d}-wide heads for {t} tokens at {} positions",
+                positions.len()
+            );
+        }
+        let half = self.inv_freq.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(t * half), Vec::with_capacity(t * half));
+        let sign = if inverse { -1.0 } else { 1.0 };
+        for &p in positions {
+            for &f in &self.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos() * self.scaling);
+                sin.push(sign * (a.sin() * self.scaling));
+            }
+        }
+        let dev = x.device();
+        let cos = Tensor::from_vec(cos, (t, half), dev)?.to_dtype(x.dtype())?;
+        let sin = Tensor::from_vec(sin, (t, half), dev)?.to_dtype(x.dtype())?;
+        let rot = x.narrow(3, d - r, r)?.contiguous()?;
+        let rot = candle_nn::rotary_emb::rope_i(&rot, &cos, &sin)?;
+        if r == d {
+            return Ok(rot);
+        }
+        Ok(Tensor::cat(&[&x.narrow(3, 0, d - r)?, &rot], 3)?)
+    }
+}
+
 /// `1 / θ^(2i/dim)` for `i < ⌈dim/2⌉`, in f32 as the reference computes it (`_compute_default_rope_parameters`).
 pub fn default_inv_freq(theta: f64, dim: usize) -> Vec<f32> {
     pos_freqs(theta, dim).map(|p| 1.0 / p).collect()

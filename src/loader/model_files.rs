@@ -356,12 +356,26 @@ impl Layout {
         lm_head: "lm_head.",
     };
 
+    /// A bare decoder stack at the top level (`embed.weight`, `layers.N...`, `head.weight`:
+    /// DeepSeek's own naming, which the family renames at load): every tensor is text.
+    pub const BARE: Layout = Layout {
+        root: "",
+        lm_head: "",
+    };
+
     /// The layout of a checkpoint from its tensor names: the wrapper prefixes win, since a
-    /// wrapper's vision tower also sits under `model.`.
+    /// wrapper's vision tower also sits under `model.`; names with none of the prefixes but a
+    /// top-level `layers.` are [`Layout::BARE`].
     pub fn detect<'a>(names: impl IntoIterator<Item = &'a str> + Clone) -> Option<Layout> {
         [Self::WRAPPER, Self::WRAPPER_V4, Self::CAUSAL_LM]
             .into_iter()
             .find(|l| names.clone().into_iter().any(|n| n.starts_with(l.root)))
+            .or_else(|| {
+                let mut names = names.into_iter();
+                names
+                    .any(|n| n.starts_with("layers."))
+                    .then_some(Self::BARE)
+            })
     }
 
     /// A tensor the text model may read: under the root, or the LM head.

@@ -9,7 +9,14 @@
 //!   after ours as a second opinion.
 //! - Only the text model: the layout (`model.language_model.` wrapper, transformers-4
 //!   `language_model.model.`, or plain `model.`) is detected from the names; vision/audio
-//!   tensors are never indexed, and text tensors must be F32, BF16 or F16.
+//!   tensors are never indexed, and text tensors must be F32, BF16 or F16 (integer tables such
+//!   as DeepSeek's `tid2eid` stay integers).
+//! - A family whose Hub checkpoints name tensors their own way (DeepSeek V4) passes a renaming
+//!   ([`LoadOptions::rename`]) to the reference's module names; it is applied to every name
+//!   before anything else.
+//! - Block-scaled FP8 weights and packed FP4 experts (each `*.weight` with its
+//!   `*.weight_scale_inv`) are dequantized to the load dtype as they are read (see
+//!   [`super::quantized`]); a quantized weight without its scales is an error naming it.
 //! - Sharded checkpoints are cross-checked against `model.safetensors.index.json`: a tensor
 //!   the index puts in another shard, or in two shards, is an error.
 //! - Shape errors name the tensor and both shapes; loads convert to the chosen dtype on the
@@ -17,6 +24,7 @@
 //!   (`MADV_DONTNEED`) so resident memory holds one copy of the weights, not two.
 
 use super::model_files::{check_shard_name, Layout, ModelFiles, ShardIndex};
+use super::quantized::{self, Quantized, ScaleDtype};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -34,11 +42,39 @@ const MAX_HEADER: usize = 100 * 1024 * 1024;
 #[derive(Debug, Clone)]
 pub struct TensorEntry {
     pub shard: usize,
+    /// The dtype it loads from (F32 for quantized weights, which are dequantized to it).
     pub dtype: DType,
+    /// The logical shape (FP4-packed weights: twice the stored last dim).
     pub shape: Vec<usize>,
     /// Absolute byte range in the shard file.
     pub start: usize,
     pub end: usize,
+    /// Quantized storage and its scale grid.
+    pub quantized: Option<QuantizedEntry>,
+}
+
+/// How a quantized weight is stored, and where its scales are.
+#[derive(Debug, Clone)]
+pub struct QuantizedEntry {
+    pub kind: Quantized,
+    pub scale_dtype: ScaleDtype,
+    pub scale_shard: usize,
+    pub scale_start: usize,
+    pub scale_end: usize,
+    /// FP8 block `[rows, cols]`.
+    pub block: (usize, usize),
+}
+
+/// Renames a checkpoint tensor to the reference's module name.
+pub type Rename = fn(&str) -> String;
+
+/// What a family needs the loader to know about its checkpoints.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Applied to every tensor name first.
+    pub rename: Option<Rename>,
+    /// `quantization_config.weight_block_size` of an FP8 checkpoint; `None`: not quantized.
+    pub fp8_block: Option<(usize, usize)>,
 }
 
 struct Shard {
@@ -78,6 +114,16 @@ pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Weights
     Weights::open(&files.weights, files.index.as_deref(), dtype, device)
 }
 
+/// [`load`] with a family's renaming and the checkpoint's quantization (from its config).
+pub fn load_with(
+    files: &ModelFiles,
+    dtype: DType,
+    device: &Device,
+    opts: LoadOptions,
+) -> Result<Weights> {
+    Weights::open_with(&files.weights, files.index.as_deref(), dtype, device, opts)
+}
+
 impl Weights {
     /// Map and validate `shards` (cross-checked against `index` when given).
     pub fn open(
@@ -85,6 +131,17 @@ impl Weights {
         index: Option<&Path>,
         dtype: DType,
         device: &Device,
+    ) -> Result<Weights> {
+        Self::open_with(shards, index, dtype, device, LoadOptions::default())
+    }
+
+    /// [`Weights::open`] with [`LoadOptions`].
+    pub fn open_with(
+        shards: &[PathBuf],
+        index: Option<&Path>,
+        dtype: DType,
+        device: &Device,
+        opts: LoadOptions,
     ) -> Result<Weights> {
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
             bail!("cannot load weights as {dtype:?}: llmarch computes in f32, bf16 or f16");
@@ -106,7 +163,11 @@ impl Weights {
             // being truncated while we run (the HF cache never rewrites a blob in place).
             let mmap = unsafe { Mmap::map(&file) }
                 .with_context(|| format!("mapping {}", path.display()))?;
-            headers.push(parse_header(path, &mmap)?);
+            let mut header = parse_header(path, &mmap)?;
+            if let Some(rename) = opts.rename {
+                header.iter_mut().for_each(|t| t.name = rename(&t.name));
+            }
+            headers.push(header);
             mapped.push(Shard {
                 path: path.clone(),
                 mmap,
@@ -120,21 +181,34 @@ impl Weights {
                 shard_list(shards)
             )
         })?;
-        // 3. Index the text tensors; refuse a dtype we do not load, and duplicates.
+        // 3. Index the text tensors; refuse a dtype we do not load, and duplicates. Scales of
+        //    quantized weights are set aside, then paired with their weights.
         let mut tensors: HashMap<String, TensorEntry> = HashMap::new();
+        let mut scales: HashMap<String, (usize, HeaderTensor, ScaleDtype)> = HashMap::new();
+        let mut packed: Vec<(String, Quantized)> = vec![];
         for (shard, header) in headers.into_iter().enumerate() {
             for t in header {
                 if !layout.is_text(&t.name) {
                     continue;
                 }
-                let dtype = match t.dtype.as_str() {
-                    "F32" => DType::F32,
-                    "BF16" => DType::BF16,
-                    "F16" => DType::F16,
+                let file = shards[shard].display();
+                if t.name.ends_with("_scale_inv") {
+                    let sd = ScaleDtype::from_safetensors(&t.dtype).ok_or_else(|| {
+                        anyhow!("tensor {} in {file} has dtype {}; scales are F32, BF16, F16 or F8_E8M0", t.name, t.dtype)
+                    })?;
+                    scales.insert(t.name.clone(), (shard, t, sd));
+                    continue;
+                }
+                let (dtype, quant) = match t.dtype.as_str() {
+                    "F32" => (DType::F32, None),
+                    "BF16" => (DType::BF16, None),
+                    "F16" => (DType::F16, None),
+                    "I64" => (DType::I64, None),
+                    "F8_E4M3" => (DType::F32, Some(Quantized::Fp8E4m3)),
+                    "I8" | "U8" => (DType::F32, Some(Quantized::Fp4Packed)),
                     other => bail!(
-                        "tensor {} in {} has dtype {other}; llmarch loads F32, BF16 and F16 weights",
+                        "tensor {} in {file} has dtype {other}; llmarch loads F32, BF16 and F16 weights (and FP8/FP4 with scales)",
                         t.name,
-                        shards[shard].display()
                     ),
                 };
                 if let Some(prev) = tensors.get(&t.name) {
@@ -142,18 +216,66 @@ impl Weights {
                         "tensor {} is in both {} and {}",
                         t.name,
                         shards[prev.shard].display(),
-                        shards[shard].display()
+                        file
                     );
                 }
+                if let Some(kind) = quant {
+                    packed.push((t.name.clone(), kind));
+                }
+                let shape = match quant {
+                    Some(kind) => quantized::logical_shape(kind, &t.shape),
+                    None => t.shape,
+                };
                 let entry = TensorEntry {
                     shard,
                     dtype,
-                    shape: t.shape,
+                    shape,
                     start: t.start,
                     end: t.end,
+                    quantized: None,
                 };
                 tensors.insert(t.name, entry);
             }
+        }
+        for (name, kind) in packed {
+            let scale_name = match name.strip_suffix(".weight") {
+                Some(base) => format!("{base}.weight_scale_inv"),
+                None => format!("{name}_scale_inv"),
+            };
+            let e = tensors.get_mut(&name).expect("indexed above");
+            let file = shards[e.shard].display();
+            let Some((scale_shard, st, scale_dtype)) = scales.remove(&scale_name) else {
+                bail!(
+                    "tensor {name} in {file} is quantized ({kind:?}) but its scales `{scale_name}` are missing from the checkpoint"
+                );
+            };
+            let block = match (kind, opts.fp8_block) {
+                (Quantized::Fp8E4m3, None) => bail!(
+                    "tensor {name} in {file} is F8_E4M3, but config.json has no fp8 `quantization_config`"
+                ),
+                (Quantized::Fp8E4m3, Some(b)) => b,
+                (Quantized::Fp4Packed, _) => (1, quantized::FP4_GROUP),
+            };
+            let want = quantized::scale_shape(kind, &e.shape, block);
+            if st.shape != want {
+                bail!(
+                    "tensor {scale_name} in {} has shape {:?}, but the {kind:?} weight {name} {:?} needs {want:?} (blocks {block:?})",
+                    shards[scale_shard].display(),
+                    st.shape,
+                    e.shape
+                );
+            }
+            e.quantized = Some(QuantizedEntry {
+                kind,
+                scale_dtype,
+                scale_shard,
+                scale_start: st.start,
+                scale_end: st.end,
+                block,
+            });
+        }
+        if let Some(orphan) = scales.keys().min() {
+            bail!("tensor {orphan} holds scales, but there is no quantized weight it belongs to");
         }
         if tensors.is_empty() {
             bail!("{} hold no text-model tensor", shard_list(shards));
@@ -203,8 +325,10 @@ impl Weights {
 
     /// A `VarBuilder` positioned at the text model (`embed_tokens`, `layers.N...`, `norm`).
     pub fn text_vb(&self) -> VarBuilder<'static> {
-        self.root_vb()
-            .pp(self.store.layout.root.trim_end_matches('.'))
+        match self.store.layout.root.trim_end_matches('.') {
+            "" => self.root_vb(),
+            root => self.root_vb().pp(root),
+        }
     }
 
     /// A `VarBuilder` at the LM head (`.get(shape, "weight")`), or `None` when the checkpoint
@@ -481,7 +605,17 @@ impl Backend {
         let shard = &self.0.shards[e.shard];
         // In bounds: checked against the file length when the header was validated.
         let bytes = &shard.mmap[e.start..e.end];
-        let t = Tensor::from_raw_buffer(bytes, e.dtype, &e.shape, dev)?.to_dtype(dtype)?;
+        let t = match &e.quantized {
+            None => Tensor::from_raw_buffer(bytes, e.dtype, &e.shape, dev)?,
+            Some(q) => {
+                let scales = &self.0.shards[q.scale_shard].mmap[q.scale_start..q.scale_end];
+                let values =
+                    quantized::dequantize(q.kind, bytes, &e.shape, scales, q.scale_dtype, q.block)
+                        .map_err(|err| candle_core::Error::Msg(format!("tensor {name}: {err}")))?;
+                Tensor::from_vec(values, e.shape.as_slice(), dev)?
+            }
+        }
+        .to_dtype(dtype)?;
         // Page-cache pages of this range are no longer needed: drop them from our mapping so
         // the resident set holds only the loaded copy.
         #[cfg(unix)]

@@ -37,6 +37,7 @@ pub const FAMILY: Family = Family {
             raw, opts, vb, lm_head,
         )?))
     }),
+    rename: None,
 };
 
 /// `Gemma4TextConfig` with the reference's defaults.

@@ -22,7 +22,8 @@
 //! The cache holds K and V of every layer (`num_key_value_heads × head_dim` per token, whatever
 //! the query heads), the last `sliding_window` tokens on sliding layers.
 
-use super::{runtime_config, RopeFrequencies, RuntimeConfig};
+use super::{runtime_config, RuntimeConfig};
+use crate::arch::config::RopeFrequencies;
 use crate::arch::config::{ParseOptions, TextConfig};
 use crate::arch::{ArchSpec, Attention as AttnKind, Ffn, LayerSpec};
 use crate::generate::{CausalLm, Rows};

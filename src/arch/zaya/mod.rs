@@ -55,6 +55,7 @@ pub const FAMILY: Family = Family {
             raw, opts, vb, lm_head,
         )?))
     }),
+    rename: None,
 };
 
 /// What the network needs beyond the per-layer table.

@@ -44,8 +44,13 @@
 //! `tests/oracle/measure_cache.py` does, holds them in bf16. The carry buffers hold the raw
 //! projections (no bias yet) and are in the model dtype either way.
 
-use super::config::{check_len, n, positive, rope_from_params, yes, TextConfig};
+pub mod model;
+
+use super::config::{
+    check_len, n, positive, rope_frequencies, rope_from_params, yes, RopeFrequencies, TextConfig,
+};
 use super::{ArchSpec, Attention, CachePart, Family, Ffn, LayerSpec, ParamCounts, Retention, Rope};
+use crate::layers::score_routing::ScoreFn;
 use anyhow::{anyhow, bail, Result};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -56,8 +61,83 @@ pub const FAMILY: Family = Family {
     architectures: &["DeepseekV4ForCausalLM"],
     summary: "mHC hyper-connections, compressed sparse (CSA, lightning indexer) + heavily compressed (HCA) attention beside a sliding window, shared-KV MQA with K=V, grouped output projection, hash-routed MoE",
     parse,
-    build: None,
+    build: Some(|raw, opts, vb, lm_head| {
+        Ok(Box::new(model::DeepseekV4Model::from_config(
+            raw, opts, vb, lm_head,
+        )?))
+    }),
+    rename: Some(checkpoint_name),
 };
+
+/// The reference's module name of a checkpoint tensor. The Hub checkpoints use DeepSeek's own
+/// names without the `model.` prefix (`layers.0.attn.wq_a.weight`, `embed.weight`,
+/// `head.weight`, `hc_head_fn`, `layers.0.ffn.experts.3.w1.weight`, ...); transformers 5.23.0
+/// maps them with the renames of `conversion_mapping.py` (`"deepseek_v4"`), applied here in the
+/// same order, and its `save_pretrained` writes a mix (the `model.` prefix with DeepSeek's leaf
+/// names). Names already in the reference's form come out unchanged. Per-expert weights keep one
+/// tensor per expert (`mlp.experts.{e}.gate_proj.weight`: w1 → gate, w3 → up, w2 → down); FP8
+/// scales follow their weight (`*.weight_scale_inv`).
+pub fn checkpoint_name(name: &str) -> String {
+    const LEAF_TOP: [(&str, &str); 5] = [
+        ("embed.weight", "embed_tokens.weight"),
+        ("head.weight", "lm_head.weight"),
+        ("hc_head_fn", "hc_head.hc_fn"),
+        ("hc_head_base", "hc_head.hc_base"),
+        ("hc_head_scale", "hc_head.hc_scale"),
+    ];
+    const MIDDLE: [(&str, &str); 26] = [
+        (".attn.", ".self_attn."),
+        (".ffn.", ".mlp."),
+        (".indexer.compressor.", ".compressor.indexer."),
+        (".attn_norm.", ".input_layernorm."),
+        (".ffn_norm.", ".post_attention_layernorm."),
+        (".hc_attn_fn", ".attn_hc.fn"),
+        (".hc_attn_base", ".attn_hc.base"),
+        (".hc_attn_scale", ".attn_hc.scale"),
+        (".hc_ffn_fn", ".ffn_hc.fn"),
+        (".hc_ffn_base", ".ffn_hc.base"),
+        (".hc_ffn_scale", ".ffn_hc.scale"),
+        (".attn_sink", ".sinks"),
+        (
+            ".indexer.weights_proj.",
+            ".compressor.indexer.scorer.weights_proj.",
+        ),
+        (".indexer.wq_b.", ".compressor.indexer.q_b_proj."),
+        (".norm.", ".kv_norm."),
+        (".ape", ".position_bias"),
+        (".wq_a.", ".q_a_proj."),
+        (".self_attn.wq_b.", ".self_attn.q_b_proj."),
+        (".wkv.", ".kv_proj."),
+        (".wgate.", ".gate_proj."),
+        (".wo_a.", ".o_a_proj."),
+        (".wo_b.", ".o_b_proj."),
+        (".q_norm.", ".q_a_norm."),
+        (".gate.bias", ".gate.e_score_correction_bias"),
+        (".w1.", ".gate_proj."),
+        (".w3.", ".up_proj."),
+    ];
+    let bare = name.strip_prefix("model.").unwrap_or(name);
+    for (from, to) in LEAF_TOP {
+        if let Some(rest) = bare.strip_prefix(from) {
+            let renamed = format!("{to}{rest}");
+            return if to.starts_with("lm_head") {
+                renamed
+            } else {
+                format!("model.{renamed}")
+            };
+        }
+    }
+    if bare.starts_with("lm_head.") {
+        return bare.to_string();
+    }
+    let mut s = bare.to_string();
+    for (from, to) in MIDDLE {
+        s = s.replace(from, to);
+    }
+    // w2 is the down projection (of routed and shared experts alike).
+    s = s.replace(".w2.", ".down_proj.");
+    format!("model.{s}")
+}
 
 /// `DeepseekV4Config` with the reference's defaults, plus the legacy hub keys its `__post_init__`
 /// folds in.
@@ -127,7 +207,6 @@ struct DeepseekV4Config {
     #[serde(default = "d_act")]
     hidden_act: String,
     #[serde(default = "d_eps")]
-    #[allow(dead_code)]
     rms_norm_eps: f64,
     #[serde(default)]
     tie_word_embeddings: bool,
@@ -454,6 +533,101 @@ fn resolve_rope(
     Ok((main, Value::Object(compress)))
 }
 
+/// The rotated share of each head: `partial_rotary_factor`, else the legacy
+/// `qk_rope_head_dim / head_dim`, else the reference's default.
+fn partial_rotary(c: &DeepseekV4Config, p: &str, warnings: &mut Vec<String>) -> f64 {
+    let hd = c.head_dim;
+    match (c.partial_rotary_factor, c.qk_rope_head_dim) {
+        (Some(f), Some(q)) => {
+            if (hd as f64 * f) as usize != q {
+                warnings.push(format!(
+                    "key `{p}qk_rope_head_dim` = {q} is ignored: `{p}partial_rotary_factor` = {f} gives {} rotated dims",
+                    (hd as f64 * f) as usize
+                ));
+            }
+            f
+        }
+        (Some(f), None) => f,
+        (None, Some(q)) => q as f64 / hd as f64,
+        (None, None) => DEFAULT_PARTIAL_ROTARY,
+    }
+}
+
+/// What the network needs beyond the per-layer table.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub rms_norm_eps: f64,
+    pub q_lora_rank: usize,
+    pub o_groups: usize,
+    pub o_lora_rank: usize,
+    pub index_n_heads: usize,
+    pub index_head_dim: usize,
+    pub index_topk: usize,
+    pub hc_mult: usize,
+    pub hc_sinkhorn_iters: usize,
+    pub hc_eps: f64,
+    pub swiglu_limit: f64,
+    pub routed_scaling_factor: f64,
+    pub scoring: ScoreFn,
+    /// Per layer: routed by the `tid2eid` table.
+    pub hashed: Vec<bool>,
+    /// Sliding layers' RoPE.
+    pub rope_main: RopeFrequencies,
+    /// CSA/HCA layers', their compressors' and the indexer's RoPE.
+    pub rope_compress: RopeFrequencies,
+}
+
+/// Read the [`RuntimeConfig`] of a DeepSeek V4 config (the spec comes from
+/// [`crate::arch::parse_config`], which has validated it).
+pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
+    let c: DeepseekV4Config = text.parse()?;
+    let p = text.key_prefix();
+    let mut ignored = vec![];
+    let n = c.num_hidden_layers;
+    for (k, v) in [
+        ("rms_norm_eps", c.rms_norm_eps),
+        ("hc_eps", c.hc_eps),
+        ("swiglu_limit", c.swiglu_limit),
+        ("routed_scaling_factor", c.routed_scaling_factor),
+    ] {
+        if !(v.is_finite() && v >= 0.0) {
+            bail!("key `{p}{k}` = {v} must be a number ≥ 0");
+        }
+    }
+    if c.hc_sinkhorn_iters == 0 {
+        bail!("key `{p}hc_sinkhorn_iters` must be at least 1");
+    }
+    let partial = partial_rotary(&c, p, &mut ignored);
+    let (main, compress) = resolve_rope(&c, partial, p, &mut ignored)?;
+    let freqs = |block: &Value, label: &str| {
+        rope_frequencies(
+            block,
+            block.get("truncate").cloned(),
+            c.head_dim,
+            c.max_position_embeddings,
+            &format!("{p}rope_parameters.{label}"),
+        )
+    };
+    Ok(RuntimeConfig {
+        rms_norm_eps: c.rms_norm_eps,
+        q_lora_rank: c.q_lora_rank,
+        o_groups: c.o_groups,
+        o_lora_rank: c.o_lora_rank,
+        index_n_heads: c.index_n_heads,
+        index_head_dim: c.index_head_dim,
+        index_topk: c.index_topk,
+        hc_mult: c.hc_mult,
+        hc_sinkhorn_iters: c.hc_sinkhorn_iters,
+        hc_eps: c.hc_eps,
+        swiglu_limit: c.swiglu_limit,
+        routed_scaling_factor: c.routed_scaling_factor,
+        scoring: ScoreFn::from_name(&c.scoring_func)?,
+        hashed: resolve_mlp_types(&c, n, p, &mut ignored)?,
+        rope_main: freqs(&main, "main")?,
+        rope_compress: freqs(&compress, "compress")?,
+    })
+}
+
 fn parse(text: &TextConfig) -> Result<ArchSpec> {
     let c: DeepseekV4Config = text.parse()?;
     let p = text.key_prefix();
@@ -576,20 +750,7 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
     }
 
     // 4. RoPE: `partial_rotary_factor` wins over the legacy `qk_rope_head_dim`.
-    let partial = match (c.partial_rotary_factor, c.qk_rope_head_dim) {
-        (Some(f), Some(q)) => {
-            if (hd as f64 * f) as usize != q {
-                warnings.push(format!(
-                    "key `{p}qk_rope_head_dim` = {q} is ignored: `{p}partial_rotary_factor` = {f} gives {} rotated dims",
-                    (hd as f64 * f) as usize
-                ));
-            }
-            f
-        }
-        (Some(f), None) => f,
-        (None, Some(q)) => q as f64 / hd as f64,
-        (None, None) => DEFAULT_PARTIAL_ROTARY,
-    };
+    let partial = partial_rotary(&c, p, &mut warnings);
     let (main_block, compress_block) = resolve_rope(&c, partial, p, &mut warnings)?;
     let main_rope = rope_from_params(&main_block, hd, &key("rope_parameters.main"))?;
     let compress_rope = rope_from_params(&compress_block, hd, &key("rope_parameters.compress"))?;
@@ -858,8 +1019,8 @@ mod tests {
     use crate::arch::budget::{layer_bytes, KvDtype};
     use crate::arch::{config::ParseOptions, parse_config};
 
-    const FLASH: &str = include_str!("../../configs/DeepSeek-V4-Flash/config.json");
-    const PRO: &str = include_str!("../../configs/DeepSeek-V4-Pro/config.json");
+    const FLASH: &str = include_str!("../../../configs/DeepSeek-V4-Flash/config.json");
+    const PRO: &str = include_str!("../../../configs/DeepSeek-V4-Pro/config.json");
     /// The tiny config transformers 5.23 saves (copy of `tests/fixtures/tiny/deepseek-v4`): the
     /// transformers form, with `qk_rope_head_dim` written out beside `partial_rotary_factor`.
     const TINY: &str = r#"{
@@ -985,6 +1146,120 @@ mod tests {
 
     fn tiny() -> Value {
         raw(TINY)
+    }
+
+    #[test]
+    fn checkpoint_names_become_the_reference_modules() {
+        for (from, to) in [
+            // The Hub's own names.
+            ("embed.weight", "model.embed_tokens.weight"),
+            ("head.weight", "lm_head.weight"),
+            ("norm.weight", "model.norm.weight"),
+            ("hc_head_fn", "model.hc_head.hc_fn"),
+            (
+                "layers.3.attn.wq_a.weight",
+                "model.layers.3.self_attn.q_a_proj.weight",
+            ),
+            (
+                "layers.3.attn.wq_a.weight_scale_inv",
+                "model.layers.3.self_attn.q_a_proj.weight_scale_inv",
+            ),
+            (
+                "layers.3.attn.wq_b.weight",
+                "model.layers.3.self_attn.q_b_proj.weight",
+            ),
+            (
+                "layers.3.attn.q_norm.weight",
+                "model.layers.3.self_attn.q_a_norm.weight",
+            ),
+            (
+                "layers.3.attn.norm.weight",
+                "model.layers.3.self_attn.kv_norm.weight",
+            ),
+            (
+                "layers.3.attn.kv_norm.weight",
+                "model.layers.3.self_attn.kv_norm.weight",
+            ),
+            ("layers.3.attn.attn_sink", "model.layers.3.self_attn.sinks"),
+            (
+                "layers.3.attn.compressor.ape",
+                "model.layers.3.self_attn.compressor.position_bias",
+            ),
+            (
+                "layers.3.attn.compressor.wgate.weight",
+                "model.layers.3.self_attn.compressor.gate_proj.weight",
+            ),
+            (
+                "layers.3.attn.indexer.compressor.wkv.weight",
+                "model.layers.3.self_attn.compressor.indexer.kv_proj.weight",
+            ),
+            (
+                "layers.3.attn.indexer.compressor.norm.weight",
+                "model.layers.3.self_attn.compressor.indexer.kv_norm.weight",
+            ),
+            (
+                "layers.3.attn.indexer.wq_b.weight",
+                "model.layers.3.self_attn.compressor.indexer.q_b_proj.weight",
+            ),
+            (
+                "layers.3.attn.indexer.weights_proj.weight",
+                "model.layers.3.self_attn.compressor.indexer.scorer.weights_proj.weight",
+            ),
+            ("layers.3.hc_attn_fn", "model.layers.3.attn_hc.fn"),
+            ("layers.3.hc_ffn_scale", "model.layers.3.ffn_hc.scale"),
+            (
+                "layers.3.attn_norm.weight",
+                "model.layers.3.input_layernorm.weight",
+            ),
+            (
+                "layers.3.ffn_norm.weight",
+                "model.layers.3.post_attention_layernorm.weight",
+            ),
+            (
+                "layers.3.ffn.gate.bias",
+                "model.layers.3.mlp.gate.e_score_correction_bias",
+            ),
+            (
+                "layers.3.ffn.gate.tid2eid",
+                "model.layers.3.mlp.gate.tid2eid",
+            ),
+            (
+                "layers.3.ffn.experts.7.w1.weight",
+                "model.layers.3.mlp.experts.7.gate_proj.weight",
+            ),
+            (
+                "layers.3.ffn.experts.7.w2.weight_scale_inv",
+                "model.layers.3.mlp.experts.7.down_proj.weight_scale_inv",
+            ),
+            (
+                "layers.3.ffn.experts.7.w3.weight",
+                "model.layers.3.mlp.experts.7.up_proj.weight",
+            ),
+            (
+                "layers.3.ffn.shared_experts.w2.weight",
+                "model.layers.3.mlp.shared_experts.down_proj.weight",
+            ),
+            // What transformers' save_pretrained writes: the prefix with the Hub's leaves.
+            ("model.embed_tokens.weight", "model.embed_tokens.weight"),
+            ("model.hc_head.hc_base", "model.hc_head.hc_base"),
+            (
+                "model.layers.1.attn.wo_a.weight",
+                "model.layers.1.self_attn.o_a_proj.weight",
+            ),
+            // The reference's own names stay.
+            (
+                "model.layers.1.self_attn.compressor.indexer.scorer.weights_proj.weight",
+                "model.layers.1.self_attn.compressor.indexer.scorer.weights_proj.weight",
+            ),
+            (
+                "model.layers.1.mlp.experts.gate_up_proj",
+                "model.layers.1.mlp.experts.gate_up_proj",
+            ),
+            ("model.norm.weight", "model.norm.weight"),
+            ("lm_head.weight", "lm_head.weight"),
+        ] {
+            assert_eq!(checkpoint_name(from), to, "{from}");
+        }
     }
 
     #[test]

@@ -1,0 +1,156 @@
+//! The lightning indexer of DeepSeek V4's compressed sparse attention (CSA): it picks, for each
+//! query, the `top_k` compressed entries the query attends. Reference: transformers 5.23.0
+//! `DeepseekV4Indexer` and `DeepseekV4IndexerScorer`.
+//!
+//! The indexer keeps its own compressed keys (a [`TokenCompressor`] with overlapping series at
+//! `index_head_dim`), and scores entry `s` for the query at token `t` as
+//! `Σ_h w_{t,h} · ReLU(q_{t,h} · k_s) · index_head_dim^-½`, with `q_t` = `q_b_proj` of the
+//! attention's low-rank query (rotated by the compress RoPE at the token's position) and
+//! `w_t` = `weights_proj(x_t) · index_n_heads^-½`.
+//!
+//! **The selection, by definition**: a query at position `p` may see the entries whose window is
+//! complete by then (`s < (p + 1) / ratio`); it attends the `top_k` of those by score, ties to
+//! the lower index. Prefill and decode both select this way, so they agree.
+//!
+//! The reference does not quite: it takes `torch.topk` over *all* entries (those not yet visible
+//! masked to −∞). The ReLU makes every entry whose head scores are all negative score exactly 0,
+//! so once there are more visible entries than `top_k` the k-th place is often a tie among 0.0
+//! scores, and `torch.topk` breaks ties in an order that depends on the row length. A full
+//! forward, a forward over a prefix and cached decoding see rows of different lengths, so they
+//! can pick different entries for the same query and give different logits. With `top_k` ≥ the
+//! visible entries there is nothing to choose and the reference agrees with itself (and llmarch).
+
+use super::kv_store::LayerKv;
+use super::linear::Linear;
+use super::rope::InterleavedRope;
+use super::token_compressor::TokenCompressor;
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub struct LightningIndexer {
+    keys: TokenCompressor,
+    q_b_proj: Linear,
+    weights_proj: Linear,
+    heads: usize,
+    head_dim: usize,
+    top_k: usize,
+    rope: Arc<InterleavedRope>,
+}
+
+/// What the indexer chose for a chunk's queries, with the scores it chose by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Selection {
+    /// Per query, the entries it attends, ascending.
+    pub picks: Vec<Vec<usize>>,
+    /// Per query, the score of every entry made so far (visible or not).
+    pub scores: Vec<Vec<f32>>,
+}
+
+impl LightningIndexer {
+    /// Reads under `vb` (the reference's `compressor.indexer`): the key compressor (`kv_proj`,
+    /// `gate_proj`, `position_bias`, `kv_norm`), `q_b_proj` `[heads·head_dim, q_lora_rank]` and
+    /// `scorer.weights_proj` `[heads, hidden]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        vb: &VarBuilder,
+        keys: TokenCompressor,
+        hidden: usize,
+        q_lora_rank: usize,
+        heads: usize,
+        head_dim: usize,
+        top_k: usize,
+        rope: Arc<InterleavedRope>,
+    ) -> Result<Self> {
+        Ok(LightningIndexer {
+            keys,
+            q_b_proj: Linear::load(&vb.pp("q_b_proj"), q_lora_rank, heads * head_dim, false)?,
+            weights_proj: Linear::load(&vb.pp("scorer").pp("weights_proj"), hidden, heads, false)?,
+            heads,
+            head_dim,
+            top_k,
+            rope,
+        })
+    }
+
+    /// For the chunk `x` `[n, hidden]` (low-rank queries `q_residual` `[n, q_lora_rank]`) at
+    /// `positions`: update the indexer's keys in `cache` and choose each query's entries.
+    pub fn select(
+        &self,
+        x: &Tensor,
+        q_residual: &Tensor,
+        positions: &[usize],
+        cache: &mut LayerKv,
+    ) -> Result<Selection> {
+        let n = x.dim(0)?;
+        let keys = self.keys.forward(x, cache)?.to_dtype(DType::F32)?; // [T, hd]
+        let entries = keys.dim(0)?;
+        if entries == 0 {
+            return Ok(Selection {
+                picks: vec![vec![]; n],
+                scores: vec![vec![]; n],
+            });
+        }
+        // 1. Queries, rotated at the tokens' positions. [n·heads, hd]
+        let q = self
+            .q_b_proj
+            .forward(q_residual)?
+            .reshape((1, n, self.heads, self.head_dim))?
+            .transpose(1, 2)?;
+        let q = self.rope.apply(&q, positions, false)?; // [1, heads, n, hd]
+        let q = q
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((n * self.heads, self.head_dim))?
+            .to_dtype(DType::F32)?;
+
+        // 2. Scores: Σ_h w_h · ReLU(q_h·k) · hd^-½. [n, T]
+        let s = q.matmul(&keys.t()?)?.relu()?; // [n·heads, T]
+        let s = (s * (self.head_dim as f64).powf(-0.5))?.reshape((n, self.heads, entries))?;
+        let w =
+            (self.weights_proj.forward(x)?.to_dtype(DType::F32)? * (self.heads as f64).powf(-0.5))?; // [n, heads]
+        let scores: Vec<Vec<f32>> = s.broadcast_mul(&w.unsqueeze(2)?)?.sum(1)?.to_vec2()?;
+
+        // 3. The top-k of the entries complete by each query's position.
+        let ratio = self.keys.ratio();
+        let picks = scores
+            .iter()
+            .zip(positions)
+            .map(|(row, &p)| top_k_visible(row, (p + 1) / ratio, self.top_k))
+            .collect();
+        Ok(Selection { picks, scores })
+    }
+}
+
+/// The `k` highest of `scores[..visible]` (ties to the lower index; −0.0 ties with 0.0),
+/// ascending.
+pub fn top_k_visible(scores: &[f32], visible: usize, k: usize) -> Vec<usize> {
+    let visible = visible.min(scores.len());
+    let mut idx: Vec<usize> = (0..visible).collect();
+    if k < visible {
+        // `+ 0.0` turns −0.0 (a negative head weight times a zero ReLU) into 0.0.
+        let key = |i: usize| scores[i] + 0.0;
+        idx.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+        idx.truncate(k);
+        idx.sort_unstable();
+    }
+    idx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_among_visible_ties_to_lower_index() {
+        let s = [0.0, 2.0, -0.0, 0.0, 5.0, 9.0];
+        assert_eq!(top_k_visible(&s, 5, 2), vec![1, 4]);
+        assert_eq!(top_k_visible(&s, 5, 3), vec![0, 1, 4]);
+        assert_eq!(top_k_visible(&[-0.0, 0.0, 1.0], 3, 2), vec![0, 2]);
+        assert_eq!(top_k_visible(&s, 2, 3), vec![0, 1]);
+        assert_eq!(top_k_visible(&s, 0, 3), Vec::<usize>::new());
+        assert_eq!(top_k_visible(&s, 6, 1), vec![5]);
+    }
+}
