@@ -184,15 +184,33 @@ impl Weights {
         // 3. Index the text tensors; refuse a dtype we do not load, and duplicates. Scales of
         //    quantized weights are set aside, then paired with their weights.
         let mut tensors: HashMap<String, TensorEntry> = HashMap::new();
+        //    Scales are `*_scale_inv`, or `B.scale` beside a quantized `B.weight` (DeepSeek V4's
+        //    Hub files; transformers renames them as its FP8 quantizer loads).
+        let quantized_bases: BTreeSet<&str> = headers
+            .iter()
+            .flatten()
+            .filter(|t| matches!(t.dtype.as_str(), "F8_E4M3" | "I8" | "U8"))
+            .filter_map(|t| t.name.strip_suffix(".weight"))
+            .collect();
+        let is_scale = |name: &str| {
+            name.ends_with("_scale_inv")
+                || name
+                    .strip_suffix(".scale")
+                    .is_some_and(|b| quantized_bases.contains(b))
+        };
+        let is_scale: Vec<Vec<bool>> = headers
+            .iter()
+            .map(|h| h.iter().map(|t| is_scale(&t.name)).collect())
+            .collect();
         let mut scales: HashMap<String, (usize, HeaderTensor, ScaleDtype)> = HashMap::new();
         let mut packed: Vec<(String, Quantized)> = vec![];
         for (shard, header) in headers.into_iter().enumerate() {
-            for t in header {
+            for (t, scale) in header.into_iter().zip(&is_scale[shard]) {
                 if !layout.is_text(&t.name) {
                     continue;
                 }
                 let file = shards[shard].display();
-                if t.name.ends_with("_scale_inv") {
+                if *scale {
                     let sd = ScaleDtype::from_safetensors(&t.dtype).ok_or_else(|| {
                         anyhow!("tensor {} in {file} has dtype {}; scales are F32, BF16, F16 or F8_E8M0", t.name, t.dtype)
                     })?;
@@ -244,9 +262,13 @@ impl Weights {
             };
             let e = tensors.get_mut(&name).expect("indexed above");
             let file = shards[e.shard].display();
-            let Some((scale_shard, st, scale_dtype)) = scales.remove(&scale_name) else {
+            let found = scales.remove(&scale_name).or_else(|| {
+                let base = name.strip_suffix(".weight")?;
+                scales.remove(&format!("{base}.scale"))
+            });
+            let Some((scale_shard, st, scale_dtype)) = found else {
                 bail!(
-                    "tensor {name} in {file} is quantized ({kind:?}) but its scales `{scale_name}` are missing from the checkpoint"
+                    "tensor {name} in {file} is quantized ({kind:?}) but its scales (`{scale_name}`, or `.scale` beside the weight) are missing from the checkpoint"
                 );
             };
             let block = match (kind, opts.fp8_block) {
