@@ -7,7 +7,7 @@
 
 use super::{bar, fold_rows, units};
 use crate::arch::budget::Budget;
-use crate::arch::ArchSpec;
+use crate::arch::{ArchSpec, Attention};
 use std::io::Write;
 
 /// What the panel shows at one moment.
@@ -49,8 +49,9 @@ pub fn render(s: &Snapshot) -> Vec<String> {
             let held = s.held.get(l.index).copied().unwrap_or(0);
             // The head budget: query heads over KV heads, e.g. `48q/8kv`.
             let kind = format!("{} {}q/{}kv", l.attention.label(), l.q_heads, l.kv_heads);
+            let detail = compressed_detail(&l.attention, s.tokens as u64);
             let cells = match l.kv_source {
-                Some(src) => vec![kind, format!("→ L{src}"), String::new()],
+                Some(src) => vec![kind, format!("→ L{src}"), detail],
                 None => vec![
                     kind,
                     format!(
@@ -59,7 +60,7 @@ pub fn render(s: &Snapshot) -> Vec<String> {
                         units::bytes(held),
                         units::bytes(b.bytes)
                     ),
-                    String::new(),
+                    detail,
                 ],
             };
             (l.index, cells)
@@ -75,12 +76,40 @@ pub fn render(s: &Snapshot) -> Vec<String> {
         } else {
             String::new()
         };
+        let detail = if cells[2].is_empty() {
+            String::new()
+        } else {
+            format!("  {}", cells[2])
+        };
         lines.push(format!(
-            "  L{label:<7} {:<18} {}{times}",
+            "  L{label:<7} {:<18} {}{times}{detail}",
             cells[0], cells[1]
         ));
     }
     lines
+}
+
+/// What a compressed layer (DeepSeek V4 CSA/HCA) holds at `tokens`: window rows, compressed
+/// entries (and how many a query reads), tokens of the window still open; empty otherwise.
+fn compressed_detail(a: &Attention, tokens: u64) -> String {
+    let Attention::Compressed {
+        ratio,
+        window,
+        index_topk,
+    } = *a
+    else {
+        return String::new();
+    };
+    let entries = tokens / ratio as u64;
+    let read = match index_topk {
+        Some(k) if (k as u64) < entries => format!(" (reads top {k})"),
+        _ => String::new(),
+    };
+    format!(
+        "window {} + {entries} compressed{read} · {} open",
+        tokens.min(window as u64),
+        tokens % ratio as u64
+    )
 }
 
 /// Keeps the panel drawn under the text on a terminal.
