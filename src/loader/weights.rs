@@ -204,12 +204,15 @@ impl Weights {
             .collect();
         let mut scales: HashMap<String, (usize, HeaderTensor, ScaleDtype)> = HashMap::new();
         let mut packed: Vec<(String, Quantized)> = vec![];
+        // Every text tensor's shard, scales included, for the index check.
+        let mut holders: HashMap<String, usize> = HashMap::new();
         for (shard, header) in headers.into_iter().enumerate() {
             for (t, scale) in header.into_iter().zip(&is_scale[shard]) {
                 if !layout.is_text(&t.name) {
                     continue;
                 }
                 let file = shards[shard].display();
+                holders.insert(t.name.clone(), shard);
                 if *scale {
                     let sd = ScaleDtype::from_safetensors(&t.dtype).ok_or_else(|| {
                         anyhow!("tensor {} in {file} has dtype {}; scales are F32, BF16, F16 or F8_E8M0", t.name, t.dtype)
@@ -302,13 +305,21 @@ impl Weights {
         if tensors.is_empty() {
             bail!("{} hold no text-model tensor", shard_list(shards));
         }
-        // 4. The index must agree with the shards about the text tensors.
+        // 4. The index must agree with the shards about the text tensors (scales included; its
+        //    names renamed as the shards' were).
         if let Some(index_path) = index {
             let index = ShardIndex::read(index_path)?;
-            for (name, file) in index.weight_map.iter().filter(|(n, _)| layout.is_text(n)) {
-                let holder = tensors
-                    .get(name)
-                    .map(|e| shards[e.shard].file_name().and_then(|f| f.to_str()));
+            for (name, file) in &index.weight_map {
+                let name = match opts.rename {
+                    Some(rename) => rename(name),
+                    None => name.clone(),
+                };
+                if !layout.is_text(&name) {
+                    continue;
+                }
+                let holder = holders
+                    .get(&name)
+                    .map(|&shard| shards[shard].file_name().and_then(|f| f.to_str()));
                 match holder {
                     Some(Some(f)) if f == file => {}
                     Some(Some(f)) => bail!(
