@@ -1,6 +1,6 @@
-//! `llmarch run` end to end on the tiny reference checkpoints (tests/fixtures/gemma4 and
-//! tests/fixtures/laguna, made by tests/oracle/{gemma4,laguna}_fixtures.py with transformers
-//! 5.23.0).
+//! `llmarch run` end to end on the tiny reference checkpoints (tests/fixtures/gemma4,
+//! tests/fixtures/laguna and tests/fixtures/deepseek_v4, made by
+//! tests/oracle/{gemma4,laguna,deepseek_v4}_fixtures.py with transformers 5.23.0).
 
 mod common;
 use common::*;
@@ -48,6 +48,8 @@ fn greedy_run_matches_the_reference_tokens_logits_and_kv_budget() {
         "laguna/xs2-like",
         "laguna/default-rope",
         "laguna/yarn-llama3",
+        "deepseek_v4/flash-like",
+        "deepseek_v4/fp8-fp4",
     ] {
         let r = reference(name);
         let n = r["generated_ids"].as_array().unwrap().len();
@@ -215,13 +217,10 @@ fn bad_run_input_is_one_clear_error() {
         assert!(err.contains("built without CUDA"), "{err}");
     }
     // A family that inspect knows but run does not yet.
-    let dsv4 = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/deepseek-v4");
+    let qwen = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/qwen3_5");
     let err = expect_error(
-        &run(&["run", dsv4.to_str().unwrap(), "--prompt-ids", "1,2"]),
+        &run(&["run", qwen.to_str().unwrap(), "--prompt-ids", "1,2"]),
         1,
     );
-    assert!(
-        err.contains("cannot run the `deepseek_v4` family yet"),
-        "{err}"
-    );
+    assert!(err.contains("cannot run the `qwen3_5` family yet"), "{err}");
 }

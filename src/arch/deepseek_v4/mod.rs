@@ -682,10 +682,12 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
         );
     }
     if !c.norm_topk_prob {
-        bail!(
-            "key `{}` = false: the reference always renormalises the top-k routing weights (it ignores this key); llmarch does not run un-normalised routing",
+        // transformers' own configs may say false (its default elsewhere); the reference's routers
+        // renormalise anyway, so the model is the same: say so rather than refuse it.
+        warnings.push(format!(
+            "key `{}` = false is ignored, as the reference does: DeepSeek V4 routers always renormalise the top-k weights",
             key("norm_topk_prob")
-        );
+        ));
     }
     if let Some(m) = c.topk_method.as_deref() {
         if m != "noaux_tc" {
@@ -1571,12 +1573,26 @@ mod tests {
     }
 
     #[test]
+    fn norm_topk_prob_false_is_ignored_with_a_warning() {
+        let s = spec(&with(FLASH, |o| {
+            o.insert("norm_topk_prob".into(), json!(false));
+        }))
+        .unwrap();
+        assert!(
+            s.warnings
+                .iter()
+                .any(|w| w.contains("`norm_topk_prob` = false is ignored")),
+            "{:?}",
+            s.warnings
+        );
+    }
+
+    #[test]
     fn keys_the_reference_ignores_are_refused() {
         let cases: &[(&str, Value)] = &[
             ("num_key_value_heads", json!(2)),
             ("n_shared_experts", json!(2)),
             ("attention_bias", json!(true)),
-            ("norm_topk_prob", json!(false)),
             ("topk_method", json!("greedy")),
             ("hidden_act", json!("gelu")),
             ("scoring_func", json!("softmax")),
