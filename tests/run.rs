@@ -224,3 +224,47 @@ fn bad_run_input_is_one_clear_error() {
     );
     assert!(err.contains("cannot run the `qwen3_5` family yet"), "{err}");
 }
+
+/// DeepSeek V4 checkpoints with something wrong: one clear error naming the key or tensor.
+#[test]
+fn bad_deepseek_v4_input_is_one_clear_error() {
+    let src = fixture("deepseek_v4/fp8-fp4");
+    let copy = |edit: &dyn Fn(&mut serde_json::Map<String, Value>)| {
+        let d = tempfile::tempdir().unwrap();
+        for e in std::fs::read_dir(&src).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, d.path().join(p.file_name().unwrap())).unwrap();
+        }
+        let cfg = d.path().join("config.json");
+        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+        edit(v.as_object_mut().unwrap());
+        std::fs::write(&cfg, v.to_string()).unwrap();
+        d
+    };
+    let cases: [(&dyn Fn(&mut serde_json::Map<String, Value>), &str); 3] = [
+        (
+            &|o| {
+                o.insert("compress_ratios".into(), serde_json::json!([0, 4]));
+            },
+            "`compress_ratios` has 2 entries",
+        ),
+        (
+            &|o| {
+                o.insert("scoring_func".into(), "softmax".into());
+            },
+            "`scoring_func` = `softmax`",
+        ),
+        (
+            &|o| {
+                o.remove("quantization_config");
+            },
+            "is F8_E4M3, but config.json has no fp8 `quantization_config`",
+        ),
+    ];
+    for (edit, needle) in cases {
+        let d = copy(edit);
+        let o = run(&["run", d.path().to_str().unwrap(), "--prompt-ids", "2,5,7"]);
+        let err = expect_error(&o, 1);
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+}
