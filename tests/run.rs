@@ -241,7 +241,8 @@ fn bad_deepseek_v4_input_is_one_clear_error() {
         std::fs::write(&cfg, v.to_string()).unwrap();
         d
     };
-    let cases: [(&dyn Fn(&mut serde_json::Map<String, Value>), &str); 3] = [
+    type Edit<'a> = &'a dyn Fn(&mut serde_json::Map<String, Value>);
+    let cases: [(Edit, &str); 3] = [
         (
             &|o| {
                 o.insert("compress_ratios".into(), serde_json::json!([0, 4]));

@@ -104,6 +104,22 @@ pub fn parse_config(raw: &Value, opts: &config::ParseOptions) -> Result<ArchSpec
     Ok(spec)
 }
 
+/// The spec of a whole `config.json` and `family`'s runtime config (what its network needs
+/// beyond the per-layer table); a config of another family is refused.
+pub fn parse_for_family<C>(
+    raw: &Value,
+    opts: &config::ParseOptions,
+    family: &Family,
+    runtime: fn(&config::TextConfig) -> Result<C>,
+) -> Result<(ArchSpec, C)> {
+    let spec = parse_config(raw, opts)?;
+    if spec.family != family.name {
+        bail!("this is a `{}` config, not `{}`", spec.family, family.name);
+    }
+    let cfg = runtime(&config::TextConfig::from_raw(raw, opts)?)?;
+    Ok((spec, cfg))
+}
+
 /// What attention a layer runs, and so what its cache keeps.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

@@ -248,6 +248,24 @@ impl Linear {
     }
 }
 
+/// The output head `[vocab, hidden]`: the token embedding `embedding` when the config ties them,
+/// else `weight` under `lm_head` (the checkpoint's untied head).
+pub fn output_head(
+    tied: bool,
+    embedding: &Tensor,
+    lm_head: Option<VarBuilder>,
+    hidden: usize,
+    vocab: usize,
+) -> Result<Linear> {
+    if tied {
+        return Ok(Linear::from_weight(embedding.clone(), None));
+    }
+    let vb = lm_head.ok_or_else(|| {
+        anyhow::anyhow!("the config unties the output head (`tie_word_embeddings` is false) but the checkpoint has no `lm_head.weight`")
+    })?;
+    Linear::load(&vb, hidden, vocab, false)
+}
+
 /// `x · Wᵀ` for a q8_0 `W`, in `x`'s dtype: our kernels, or (a CPU without the GEMM kernel)
 /// tiles of dequantized rows through candle's matmul.
 fn q8_0_matmul_t(x: &Tensor, m: &Q8_0Matrix) -> Result<Tensor> {

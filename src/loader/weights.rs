@@ -635,6 +635,17 @@ impl Backend {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
+        if matches!(e.dtype, DType::I64) != matches!(dtype, DType::I64) {
+            return Err(candle_core::Error::Msg(format!(
+                "tensor {name} holds {} ({:?}) but is read as {dtype:?}",
+                if e.dtype == DType::I64 {
+                    "integers"
+                } else {
+                    "floats"
+                },
+                e.dtype
+            )));
+        }
         let shard = &self.0.shards[e.shard];
         // In bounds: checked against the file length when the header was validated.
         let bytes = &shard.mmap[e.start..e.end];

@@ -30,14 +30,14 @@
 //! `kv-budget`'s parts.
 
 use super::{runtime_config, RuntimeConfig};
-use crate::arch::config::{ParseOptions, RopeFrequencies, TextConfig};
+use crate::arch::config::{ParseOptions, RopeFrequencies};
 use crate::arch::{ArchSpec, Attention as AttnKind, LayerSpec};
 use crate::generate::{CausalLm, Rows};
 use crate::layers::embedding::ScaledEmbedding;
 use crate::layers::hyper_connections::{HyperConnection, HyperHead};
 use crate::layers::kv_store::{causal_mask, KvStore};
 use crate::layers::lightning_indexer::{LightningIndexer, Selection};
-use crate::layers::linear::Linear;
+use crate::layers::linear::{output_head, Linear};
 use crate::layers::mlp::{Activation, GatedMlp};
 use crate::layers::moe::PackedExperts;
 use crate::layers::norm::RmsNorm;
@@ -45,7 +45,7 @@ use crate::layers::rope::InterleavedRope;
 use crate::layers::score_routing::ScoreRouter;
 use crate::layers::token_compressor::{CompressorState, TokenCompressor};
 use crate::layers::weight;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::Value;
@@ -456,14 +456,13 @@ impl DeepseekV4Model {
                     .with_context(|| format!("layer {}", l.index))
             })
             .collect::<Result<Vec<_>>>()?;
-        let lm_head = if spec.tie_word_embeddings {
-            Linear::from_weight(embed.weight().clone(), None)
-        } else {
-            let vb = lm_head.ok_or_else(|| {
-                anyhow!("the config unties the output head (`tie_word_embeddings` is false) but the checkpoint has no `lm_head.weight` (Hub name `head.weight`)")
-            })?;
-            Linear::load(&vb, hidden, spec.vocab_size, false)?
-        };
+        let lm_head = output_head(
+            spec.tie_word_embeddings,
+            embed.weight(),
+            lm_head,
+            hidden,
+            spec.vocab_size,
+        )?;
         Ok(DeepseekV4Model {
             hc_head: HyperHead::load(
                 &vb.pp("hc_head"),
@@ -489,11 +488,7 @@ impl DeepseekV4Model {
         vb: VarBuilder,
         lm_head: Option<VarBuilder>,
     ) -> Result<Self> {
-        let spec = crate::arch::parse_config(raw, opts)?;
-        if spec.family != super::FAMILY.name {
-            bail!("this is a `{}` config, not DeepSeek V4", spec.family);
-        }
-        let cfg = runtime_config(&TextConfig::from_raw(raw, opts)?)?;
+        let (spec, cfg) = crate::arch::parse_for_family(raw, opts, &super::FAMILY, runtime_config)?;
         Self::new(spec, cfg, vb, lm_head)
     }
 

@@ -18,13 +18,13 @@
 //! 4. `h *= layer_scalar`.
 
 use super::{runtime_config, RuntimeConfig};
-use crate::arch::config::{ParseOptions, TextConfig};
+use crate::arch::config::ParseOptions;
 use crate::arch::{ArchSpec, Ffn, LayerSpec};
 use crate::generate::{CausalLm, Rows};
 use crate::layers::attention::{Attention, AttentionOptions, ForwardCtx};
 use crate::layers::embedding::{softcap, ScaledEmbedding};
 use crate::layers::kv_store::KvStore;
-use crate::layers::linear::Linear;
+use crate::layers::linear::{output_head, Linear};
 use crate::layers::mlp::{Activation, GatedMlp};
 use crate::layers::moe::{PackedExperts, SoftmaxTopKRouter};
 use crate::layers::norm::RmsNorm;
@@ -264,14 +264,13 @@ impl Gemma4Model {
             )?);
         }
 
-        let lm_head = if spec.tie_word_embeddings {
-            Linear::from_weight(embed.weight().clone(), None)
-        } else {
-            let vb = lm_head.ok_or_else(|| {
-                anyhow!("the config unties the output head (`tie_word_embeddings` is false) but the checkpoint has no `lm_head.weight`")
-            })?;
-            Linear::load(&vb, hidden, spec.vocab_size, false)?
-        };
+        let lm_head = output_head(
+            spec.tie_word_embeddings,
+            embed.weight(),
+            lm_head,
+            hidden,
+            spec.vocab_size,
+        )?;
         Ok(Gemma4Model {
             norm: RmsNorm::load(&vb.pp("norm"), hidden, eps)?,
             spec,
@@ -291,11 +290,7 @@ impl Gemma4Model {
         vb: VarBuilder,
         lm_head: Option<VarBuilder>,
     ) -> Result<Self> {
-        let spec = crate::arch::parse_config(raw, opts)?;
-        if spec.family != super::FAMILY.name {
-            bail!("this is a `{}` config, not Gemma 4", spec.family);
-        }
-        let cfg = runtime_config(&TextConfig::from_raw(raw, opts)?)?;
+        let (spec, cfg) = crate::arch::parse_for_family(raw, opts, &super::FAMILY, runtime_config)?;
         Self::new(spec, cfg, vb, lm_head)
     }
 

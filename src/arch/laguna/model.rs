@@ -23,14 +23,14 @@
 //! the query heads), the last `sliding_window` tokens on sliding layers.
 
 use super::{runtime_config, RuntimeConfig};
+use crate::arch::config::ParseOptions;
 use crate::arch::config::RopeFrequencies;
-use crate::arch::config::{ParseOptions, TextConfig};
 use crate::arch::{ArchSpec, Attention as AttnKind, Ffn, LayerSpec};
 use crate::generate::{CausalLm, Rows};
 use crate::layers::attention::{Attention, AttentionOptions, ForwardCtx};
 use crate::layers::embedding::ScaledEmbedding;
 use crate::layers::kv_store::KvStore;
-use crate::layers::linear::Linear;
+use crate::layers::linear::{output_head, Linear};
 use crate::layers::mlp::{Activation, GatedMlp};
 use crate::layers::norm::RmsNorm;
 use crate::layers::output_gate::SoftplusOutputGate;
@@ -217,14 +217,13 @@ impl LagunaModel {
             );
         }
 
-        let lm_head = if spec.tie_word_embeddings {
-            Linear::from_weight(embed.weight().clone(), None)
-        } else {
-            let vb = lm_head.ok_or_else(|| {
-                anyhow!("the config unties the output head (`tie_word_embeddings` is false) but the checkpoint has no `lm_head.weight`")
-            })?;
-            Linear::load(&vb, hidden, spec.vocab_size, false)?
-        };
+        let lm_head = output_head(
+            spec.tie_word_embeddings,
+            embed.weight(),
+            lm_head,
+            hidden,
+            spec.vocab_size,
+        )?;
         Ok(LagunaModel {
             norm: RmsNorm::load(&vb.pp("norm"), hidden, cfg.rms_norm_eps)?,
             spec,
@@ -243,11 +242,7 @@ impl LagunaModel {
         vb: VarBuilder,
         lm_head: Option<VarBuilder>,
     ) -> Result<Self> {
-        let spec = crate::arch::parse_config(raw, opts)?;
-        if spec.family != super::FAMILY.name {
-            bail!("this is a `{}` config, not Laguna", spec.family);
-        }
-        let cfg = runtime_config(&TextConfig::from_raw(raw, opts)?)?;
+        let (spec, cfg) = crate::arch::parse_for_family(raw, opts, &super::FAMILY, runtime_config)?;
         Self::new(spec, cfg, vb, lm_head)
     }
 

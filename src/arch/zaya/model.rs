@@ -22,7 +22,7 @@
 //! q/k projection rows) and the delayed-V state (the previous token's `v_proj_delayed`).
 
 use super::{runtime_config, RuntimeConfig};
-use crate::arch::config::{ParseOptions, TextConfig};
+use crate::arch::config::ParseOptions;
 use crate::arch::{ArchSpec, Attention as AttnKind, Ffn, LayerSpec};
 use crate::generate::{CausalLm, Rows};
 use crate::layers::attention::ForwardCtx;
@@ -287,11 +287,7 @@ impl ZayaModel {
         vb: VarBuilder,
         lm_head: Option<VarBuilder>,
     ) -> Result<Self> {
-        let spec = crate::arch::parse_config(raw, opts)?;
-        if spec.family != super::FAMILY.name {
-            bail!("this is a `{}` config, not ZAYA", spec.family);
-        }
-        let cfg = runtime_config(&TextConfig::from_raw(raw, opts)?)?;
+        let (spec, cfg) = crate::arch::parse_for_family(raw, opts, &super::FAMILY, runtime_config)?;
         Self::new(spec, cfg, vb, lm_head)
     }
 
