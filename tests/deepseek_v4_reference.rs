@@ -312,3 +312,27 @@ fn hub_layout_sharded_checkpoint_loads() {
     let d = max_abs_diff(&logits, &f.logits);
     assert!(d < TOL, "Hub layout vs reference: {d}");
 }
+
+/// Feeding the sequence in uneven chunks (as `chat` does turn by turn) gives the logits of one
+/// forward: the compressors' carried windows and overlap state pick up where they left off.
+#[test]
+fn chunked_prefill_equals_one_forward() {
+    for variant in ["flash-like", "indexer-ties", "transformers-form"] {
+        let f = Fixture::load(root().join(variant));
+        let model = build(&f);
+        let seq = f.sequence();
+        let full = model.forward(&seq, &mut model.new_cache()).unwrap();
+        let mut cache = model.new_cache();
+        let (mut at, mut rows) = (0, vec![]);
+        for n in [5, 3, 1, 9, 2, 7].iter().cycle() {
+            if at == seq.len() {
+                break;
+            }
+            let end = (at + n).min(seq.len());
+            rows.push(model.forward(&seq[at..end], &mut cache).unwrap());
+            at = end;
+        }
+        let d = max_abs_diff(&Tensor::cat(&rows, 0).unwrap(), &full);
+        assert!(d < 1e-4, "{variant}: chunked vs one forward: {d}");
+    }
+}
