@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # llmarch vs transformers on one checkpoint, same threads, interleaved rounds; see bench/README.md.
 #
-#   bench/run.sh [MODEL_DIR]            (default /work/bench-model)
+#   bench/run.sh [MODEL_DIR]            (default $MODEL, else /work/bench-model)
+#   MODEL=/work/bench-laguna bench/run.sh
 #
 # Environment (defaults in brackets):
 #   THREADS [2]  ROUNDS [3]  PROMPT_TOKENS [64]  NEW_TOKENS [32]  DTYPE [f32: f32|bf16]
@@ -15,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-MODEL=${1:-/work/bench-model}
+MODEL=${1:-${MODEL:-/work/bench-model}}
 THREADS=${THREADS:-2}
 ROUNDS=${ROUNDS:-3}
 PROMPT_TOKENS=${PROMPT_TOKENS:-64}

@@ -25,6 +25,12 @@ varied, has a top-1/top-2 logit margin >= MIN_MARGIN at every greedy decision, a
 picks are unambiguous: at every routed token of the full forward, the k-th and (k+1)-th selection
 scores (sigmoid + bias) differ by >= MIN_ROUTER_GAP (so f32 rounding cannot swap an expert).
 
+--bench DIR: writes a ~0.5 B-parameter random checkpoint in Laguna-XS.2's shape (f32, vocab
+32768: the fixtures' tokenizer padded with unused tokens, as gemma4_fixtures.py --bench does), then
+times transformers on it into DIR/bench_transformers.json (see bench/README.md):
+
+    /work/oracle-env/venv/bin/python tests/oracle/laguna_fixtures.py --bench /work/bench-laguna
+
 It also writes tests/fixtures/laguna/rope_reference.json: for a list of RoPE configurations (every
 `rope_type` and form the Laguna config accepts), the `inv_freq` and `attention_scaling` that the
 reference's `LagunaRotaryEmbedding` computes per layer type.
@@ -34,11 +40,15 @@ Deterministic: fixed seeds, CPU, torch.set_num_threads(1); two runs give identic
 
 import argparse
 import json
+import math
 import os
 import shutil
+import statistics
 import sys
+import time
 from collections import OrderedDict
 
+import safetensors
 import safetensors.torch
 import torch
 import transformers
@@ -222,7 +232,7 @@ def multiplicative_names(model):
 
 
 @torch.no_grad()
-def randomize(model, seed):
+def randomize(model, seed, weight_std=g4.WEIGHT_STD, scale_std=g4.SCALE_STD):
     g = torch.Generator().manual_seed(seed)
     mult = multiplicative_names(model)
     sd = model.state_dict()
@@ -236,10 +246,10 @@ def randomize(model, seed):
         seen.add(ptr)
         noise = torch.randn(t.shape, generator=g, dtype=torch.float32)
         if name in mult:
-            t.copy_((1.0 + g4.SCALE_STD * noise).to(t.dtype))
+            t.copy_((1.0 + scale_std * noise).to(t.dtype))
             counts["scale"] += 1
         else:
-            t.copy_((g4.WEIGHT_STD * noise).to(t.dtype))
+            t.copy_((weight_std * noise).to(t.dtype))
             counts["weight"] += 1
     for name, t in model.state_dict().items():
         assert t.float().flatten().std() > 0, f"{name} is constant"
@@ -515,12 +525,138 @@ def make_rope_reference():
     print(f"rope_reference.json: {len(out)} cases")
 
 
+# --------------------------------------------------------------------------------------
+# Bench checkpoint
+# --------------------------------------------------------------------------------------
+
+BENCH_SEED = 7
+BENCH_WEIGHT_STD = 0.02  # small weights keep the activations ordinary; norm scales 1 + N(0, 0.2)
+
+
+def cfg_bench():
+    # XS.2 (hidden 2048, 40 layers F S S S, 48 / 64 query heads x 128 over 8 KV heads, dense
+    # 8192-wide layer 0, then 256 experts x 512 top-8 + a 512-wide shared expert) scaled to ~0.5 B:
+    # hidden 1024; 8 layers F S S S F S S S; head_dim 128 with 24 / 32 query heads over 4 KV heads
+    # (the same 6:1 / 8:1 grouping and 3x / 4x hidden query widths); dense layer 0 4096 wide (4x
+    # hidden, as 8192 / 2048); 7 sparse layers of 64 experts x 256 (hidden / 4, as 512 / 2048),
+    # top-8, + a 256-wide shared expert. XS.2's RoPE blocks, per-head gate, routed x2.5, no
+    # soft-cap, untied head, window 512 verbatim; vocab 32768.
+    layer_types = [F if i % 4 == 0 else S for i in range(8)]
+    return laguna_config(
+        vocab_size=g4.BENCH_VOCAB_SIZE,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=8,
+        num_attention_heads=24,
+        num_key_value_heads=4,
+        head_dim=128,
+        layer_types=layer_types,
+        num_attention_heads_per_layer=[24 if t == F else 32 for t in layer_types],
+        mlp_layer_types=["dense"] + ["sparse"] * 7,
+        sliding_window=512,
+        num_experts=64,
+        num_experts_per_tok=8,
+        moe_intermediate_size=256,
+        shared_expert_intermediate_size=256,
+        rope_parameters=json.loads(json.dumps(XS2_ROPE)),
+        max_position_embeddings=131072,
+        gating="per-head",
+        moe_routed_scaling_factor=2.5,
+        moe_router_logit_softcapping=0.0,
+        tie_word_embeddings=False,
+    )
+
+
+def time_transformers(d, threads, runs=3):
+    """The transformers timing of bench/transformers_bench.py, on the corpus's first 64 ids."""
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(False)  # as bench/transformers_bench.py runs it
+    model = LagunaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
+    ids = tok.encode(g4.CORPUS, add_special_tokens=True).ids[: g4.BENCH_PROMPT_TOKENS]
+    assert len(ids) == g4.BENCH_PROMPT_TOKENS
+    prompt = torch.tensor([ids])
+    new = g4.BENCH_NEW_TOKENS
+    prefill, decode = [], []
+    with torch.no_grad():
+        for r in range(runs + 1):  # the first run is a warm-up
+            t0 = time.perf_counter()
+            out = model(input_ids=prompt, use_cache=True)
+            t1 = time.perf_counter()
+            cache = out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            generated = [int(nxt)]
+            t2 = time.perf_counter()
+            for _ in range(new):
+                out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                generated.append(int(nxt))
+            t3 = time.perf_counter()
+            if r:
+                prefill.append(len(ids) / (t1 - t0))
+                decode.append(new / (t3 - t2))
+    return OrderedDict(
+        threads=threads,
+        runs=runs,
+        prompt_tokens=len(ids),
+        new_tokens=new,
+        prefill_tok_s=round(statistics.median(prefill), 2),
+        decode_tok_s=round(statistics.median(decode), 2),
+        prefill_tok_s_all=[round(x, 2) for x in prefill],
+        decode_tok_s_all=[round(x, 2) for x in decode],
+        loadavg_after=[round(x, 2) for x in os.getloadavg()],
+        experts_implementation=model.config._experts_implementation,
+        prompt_ids=ids,
+        generated_ids=generated,
+        method=f"prefill = one forward over the {len(ids)} prompt ids with a DynamicCache; decode = {new} "
+        f"single-token forwards on that cache (greedy argmax), tok/s = {new} / their time; median of the runs "
+        "after one warm-up",
+    )
+
+
+def make_bench(d, threads, runs, skip_write=False):
+    if not skip_write:
+        if os.path.isdir(d):
+            shutil.rmtree(d)
+        os.makedirs(d)
+        torch.manual_seed(BENCH_SEED)
+        model = LagunaForCausalLM(cfg_bench()).eval()
+        counts = randomize(model, BENCH_SEED, weight_std=BENCH_WEIGHT_STD, scale_std=g4.SCALE_STD)
+        n = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(d)
+        tok = g4.build_tokenizer(g4.BENCH_VOCAB_SIZE)
+        g4.write_tokenizer_files(d, tok, model_max_length=4096)
+        print(f"wrote {d}: {n} parameters ({n * 4 / 1e9:.3f} GB f32), {counts['weight']} weight tensors")
+        del model
+    timing = time_transformers(d, threads, runs)
+    n = 0
+    for f in sorted(os.listdir(d)):
+        if f.endswith(".safetensors"):
+            with safetensors.safe_open(os.path.join(d, f), "pt") as fh:
+                n += sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())
+    timing["parameters"] = n
+    timing["transformers_version"] = transformers.__version__
+    timing["torch_version"] = torch.__version__.split("+")[0]
+    compact_json.dump(timing, os.path.join(d, "bench_transformers.json"))
+    print(json.dumps(timing, indent=1))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", help="subset of variant names")
+    ap.add_argument("--bench", metavar="DIR", help="write the ~0.5 B bench checkpoint to DIR and time transformers")
+    ap.add_argument("--bench-threads", type=int, default=2)
+    ap.add_argument("--bench-runs", type=int, default=3, help="timed runs (median reported), after one warm-up")
+    ap.add_argument("--bench-time-only", action="store_true", help="re-time an existing --bench DIR")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     g4.check_versions()
+    if args.bench:
+        make_bench(args.bench, args.bench_threads, args.bench_runs, skip_write=args.bench_time_only)
+        return 0
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(os.path.join(TOKENIZER_DIR, "tokenizer.json"))
