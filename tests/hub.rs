@@ -8,7 +8,7 @@
 mod common;
 
 use candle_core::{DType, Device};
-use common::{llmarch, repo_routes, stderr, stdout, FakeHub, Reply};
+use common::{expect_error, llmarch, repo_routes, stderr, stdout, FakeHub, Reply};
 use llmarch::loader::hub::HubEnv;
 use llmarch::loader::model_files::{resolve_with, ModelFiles, ResolveOptions};
 use llmarch::loader::{weights, ModelRef};
@@ -558,6 +558,43 @@ fn a_server_that_loses_bytes_is_caught_and_nothing_kept() {
         t.iter().filter(|f| f.contains("/blobs/")).count(),
         1,
         "{t:?}"
+    );
+}
+
+/// A redirect without `Location` makes hf-hub 0.4 unwrap `None`: one clear error, no panic.
+#[test]
+fn a_redirect_without_location_is_an_error_not_a_panic() {
+    let id = "acme/odd";
+    let files = vec![("config.json", b"{}".to_vec())];
+    let mut routes = repo_routes(id, "main", COMMIT_A, &files, None);
+    let raw = format!(
+        "HTTP/1.1 302 Found\r\nETag: \"abc\"\r\nX-Repo-Commit: {COMMIT_A}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    routes.insert(
+        format!("/{id}/resolve/main/config.json"),
+        Reply::Raw(raw.into_bytes()),
+    );
+    let hub = FakeHub::start(routes);
+    let home = tempfile::tempdir().unwrap();
+    let e = resolve_with(&repo(id, None), &env(&hub, home.path(), None), &quiet()).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("answered in a way the Hub never does"),
+        "{msg}"
+    );
+    // And through the binary: exit 1, no panic message.
+    let o = llmarch()
+        .args(["inspect", id])
+        .env("HF_ENDPOINT", &hub.url)
+        .env("HF_HOME", home.path())
+        .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .unwrap();
+    let err = expect_error(&o, 1);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("answered in a way the Hub never does"),
+        "{err}"
     );
 }
 

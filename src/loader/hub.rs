@@ -228,7 +228,8 @@ impl<'e> HubRepo<'e> {
         let (id, rev) = (self.id.clone(), self.rev.clone());
         let has_token = self.env.token.is_some();
         let endpoint = self.env.endpoint.clone();
-        let info = self.api()?.repo(repo).info();
+        let api = self.api()?;
+        let info = guard_panic(&endpoint, || api.repo(repo).info())?;
         match info {
             Ok(info) => Ok(Listing {
                 commit: info.sha,
@@ -310,24 +311,20 @@ impl<'e> HubRepo<'e> {
         let (id, rev) = (self.id.clone(), self.rev.clone());
         let has_token = self.env.token.is_some();
         let endpoint = self.env.endpoint.clone();
-        let result = self
-            .api()?
-            .repo(repo)
-            .download_with_progress(file, progress);
+        let blobs = self.cache_path().join("blobs");
+        let api = self.api()?;
+        let result = guard_panic(&endpoint, || {
+            api.repo(repo).download_with_progress(file, progress)
+        })
+        .and_then(|r| {
+            r.map_err(|e| explain(e, &endpoint, &id, &rev, Some((file, &blobs)), has_token))
+        });
         let path = match result {
             Ok(p) => p,
             Err(e) => {
                 bar.abandon();
                 end_line(&bar);
-                let blobs = self.cache_path().join("blobs");
-                return Err(explain(
-                    e,
-                    &endpoint,
-                    &id,
-                    &rev,
-                    Some((file, &blobs)),
-                    has_token,
-                ));
+                return Err(e);
             }
         };
         bar.finish();
@@ -391,6 +388,26 @@ impl Progress for Counted {
 
 /// Turn an hf-hub error into one that says what happened and what to do. `file` is `None` for
 /// the listing request; `blobs` is where partial downloads live.
+/// Run an hf-hub call, turning a panic inside it into an error: hf-hub 0.4 unwraps some things
+/// a malformed (or hostile) server can leave out, e.g. the `Location` of a redirect. The panic
+/// message is kept from stderr while it runs.
+fn guard_panic<T>(endpoint: &str, call: impl FnOnce() -> T) -> Result<T> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(call));
+    std::panic::set_hook(hook);
+    result.map_err(|payload| {
+        let why = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        anyhow!(
+            "{endpoint} answered in a way the Hub never does (the Hub client failed: {why})\nhint: check HF_ENDPOINT; a mirror or proxy may be rewriting the answers"
+        )
+    })
+}
+
 fn explain(
     e: ApiError,
     endpoint: &str,

@@ -67,6 +67,8 @@ pub enum Reply {
     FileAt(Vec<u8>, String),
     /// An empty answer with this status.
     Status(u16),
+    /// These bytes, as they are (a malformed or hostile server).
+    Raw(Vec<u8>),
     /// `200` with a JSON body (the `/api/models/...` endpoints).
     Json(String),
     /// `401` unless the request carries `Authorization: Bearer <token>`, else the inner reply.
@@ -145,6 +147,7 @@ fn respond(reply: &Reply, range: Option<(usize, Option<usize>)>, auth: Option<&s
     let probe = range == Some((0, Some(0)));
     match reply {
         Reply::Status(code) => status_line(*code),
+        Reply::Raw(bytes) => bytes.clone(),
         Reply::Json(body) => {
             let mut head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
