@@ -336,3 +336,26 @@ fn chunked_prefill_equals_one_forward() {
         assert!(d < 1e-4, "{variant}: chunked vs one forward: {d}");
     }
 }
+
+/// A prompt longer than the blocks attention and the indexer score queries in: one forward
+/// equals feeding the tokens one by one, selections included.
+#[test]
+fn long_prompt_in_query_blocks_equals_decode() {
+    let f = Fixture::load(root().join("indexer-ties"));
+    let model = build(&f);
+    let seq: Vec<u32> = (0..300u32).map(|i| (i * 7919 + 13) % 512).collect();
+    let (full, trace) = model
+        .forward_traced(&seq, &mut model.new_cache(), Rows::All)
+        .unwrap();
+    let mut cache = model.new_cache();
+    let mut rows = vec![];
+    for (t, &tok) in seq.iter().enumerate() {
+        let (row, steps) = model.forward_traced(&[tok], &mut cache, Rows::All).unwrap();
+        for ((layer, step), (_, whole)) in steps.iter().zip(&trace) {
+            assert_eq!(step.picks[0], whole.picks[t], "layer {layer}, position {t}");
+        }
+        rows.push(row);
+    }
+    let d = max_abs_diff(&Tensor::cat(&rows, 0).unwrap(), &full);
+    assert!(d < 1e-3, "one forward vs decode over 300 tokens: {d}");
+}

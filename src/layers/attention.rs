@@ -342,10 +342,86 @@ fn norm_opt(n: &Option<RmsNorm>, x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Queries per block in [`attend_shared_kv_with_sinks`]: bounds the scores of a long prompt.
+const QUERY_BLOCK: usize = 256;
+
+/// Attention over one shared KV head whose keys are also its values (K=V MQA), with one learned
+/// sink logit per head in each softmax (DeepSeek V4, gpt-oss): `softmax([q·kᵀ·scale + mask,
+/// sink_h])` without the sink's column, times the keys. q `[h, n, d]`, kv `[t, d]`, mask
+/// `[n, t]` (f32, additive), sinks `[h]` (f32) → `[h, n, d]` in q's dtype. The softmax runs in
+/// f32; queries go in blocks of [`QUERY_BLOCK`] so a long prompt's scores stay small.
+pub fn attend_shared_kv_with_sinks(
+    q: &Tensor,
+    kv: &Tensor,
+    mask: &Tensor,
+    sinks: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (h, n, d) = q.dims3()?;
+    let t = kv.dim(0)?;
+    let dtype = q.dtype();
+    let kv_t = kv.t()?; // [d, t]
+    let mut blocks = vec![];
+    for start in (0..n).step_by(QUERY_BLOCK) {
+        let m = QUERY_BLOCK.min(n - start);
+        let qb = q.narrow(1, start, m)?.contiguous()?.reshape((h * m, d))?;
+        let scores = (qb.matmul(&kv_t)?.to_dtype(DType::F32)? * scale)?
+            .reshape((h, m, t))?
+            .broadcast_add(&mask.narrow(0, start, m)?)?; // [h, m, t]
+        let sink = sinks.reshape((h, 1, 1))?.broadcast_as((h, m, 1))?;
+        let logits = Tensor::cat(&[&scores, &sink], 2)?.contiguous()?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?
+            .narrow(2, 0, t)? // the sink's share is dropped
+            .to_dtype(dtype)?;
+        blocks.push(probs.reshape((h * m, t))?.matmul(kv)?.reshape((h, m, d))?);
+    }
+    Ok(Tensor::cat(&blocks, 1)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// Sink attention, queries in blocks, equals the formula computed element by element.
+    #[test]
+    fn sink_attention_matches_the_formula() {
+        let dev = Device::Cpu;
+        let (h, n, t, d) = (2, QUERY_BLOCK + 44, QUERY_BLOCK + 50, 4);
+        let q = Tensor::randn(0f32, 1.0, (h, n, d), &dev).unwrap();
+        let kv = Tensor::randn(0f32, 1.0, (t, d), &dev).unwrap();
+        let sinks = Tensor::new(&[0.5f32, -1.0], &dev).unwrap();
+        let mask = causal_mask(n, t - n, 0, t, Some(7), &dev).unwrap();
+        let y: Vec<Vec<Vec<f32>>> = attend_shared_kv_with_sinks(&q, &kv, &mask, &sinks, 0.5)
+            .unwrap()
+            .to_vec3()
+            .unwrap();
+        let (qv, kvv): (Vec<Vec<Vec<f32>>>, Vec<Vec<f32>>) =
+            (q.to_vec3().unwrap(), kv.to_vec2().unwrap());
+        let (mv, sv): (Vec<Vec<f32>>, Vec<f32>) =
+            (mask.to_vec2().unwrap(), sinks.to_vec1().unwrap());
+        let mut worst = 0f32;
+        for a in 0..h {
+            for i in 0..n {
+                let logits: Vec<f32> = (0..t)
+                    .map(|j| {
+                        let dot: f32 = (0..d).map(|c| qv[a][i][c] * kvv[j][c]).sum();
+                        dot * 0.5 + mv[i][j]
+                    })
+                    .collect();
+                let max = logits.iter().copied().fold(sv[a], f32::max);
+                let den: f32 =
+                    logits.iter().map(|l| (l - max).exp()).sum::<f32>() + (sv[a] - max).exp();
+                for c in 0..d {
+                    let want: f32 = (0..t)
+                        .map(|j| (logits[j] - max).exp() / den * kvv[j][c])
+                        .sum();
+                    worst = worst.max((want - y[a][i][c]).abs());
+                }
+            }
+        }
+        assert!(worst < 1e-5, "{worst}");
+    }
 
     /// Grouped attention equals plain attention with K/V repeated per query head.
     #[test]

@@ -29,6 +29,9 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use std::sync::Arc;
 
+/// Queries scored at once.
+const QUERY_BLOCK: usize = 256;
+
 #[derive(Debug)]
 pub struct LightningIndexer {
     keys: TokenCompressor,
@@ -93,25 +96,32 @@ impl LightningIndexer {
                 scores: vec![vec![]; n],
             });
         }
-        // 1. Queries, rotated at the tokens' positions. [n·heads, hd]
+        // 1. Queries, rotated at the tokens' positions. [n, heads, hd]
         let q = self
             .q_b_proj
             .forward(q_residual)?
             .reshape((1, n, self.heads, self.head_dim))?
             .transpose(1, 2)?;
         let q = self.rope.apply(&q, positions, false)?; // [1, heads, n, hd]
-        let q = q
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((n * self.heads, self.head_dim))?
-            .to_dtype(DType::F32)?;
-
-        // 2. Scores: Σ_h w_h · ReLU(q_h·k) · hd^-½. [n, T]
-        let s = q.matmul(&keys.t()?)?.relu()?; // [n·heads, T]
-        let s = (s * (self.head_dim as f64).powf(-0.5))?.reshape((n, self.heads, entries))?;
+        let q = q.squeeze(0)?.transpose(0, 1)?.to_dtype(DType::F32)?;
         let w =
             (self.weights_proj.forward(x)?.to_dtype(DType::F32)? * (self.heads as f64).powf(-0.5))?; // [n, heads]
-        let scores: Vec<Vec<f32>> = s.broadcast_mul(&w.unsqueeze(2)?)?.sum(1)?.to_vec2()?;
+
+        // 2. Scores: Σ_h w_h · ReLU(q_h·k) · hd^-½, queries in blocks (the per-head scores of a
+        //    long prompt would be large). [n, T]
+        let keys_t = keys.t()?;
+        let mut scores: Vec<Vec<f32>> = Vec::with_capacity(n);
+        for start in (0..n).step_by(QUERY_BLOCK) {
+            let m = QUERY_BLOCK.min(n - start);
+            let qb = q
+                .narrow(0, start, m)?
+                .contiguous()?
+                .reshape((m * self.heads, self.head_dim))?;
+            let s = qb.matmul(&keys_t)?.relu()?; // [m·heads, T]
+            let s = (s * (self.head_dim as f64).powf(-0.5))?.reshape((m, self.heads, entries))?;
+            let wb = w.narrow(0, start, m)?.unsqueeze(2)?;
+            scores.extend(s.broadcast_mul(&wb)?.sum(1)?.to_vec2::<f32>()?);
+        }
 
         // 3. The top-k of the entries complete by each query's position.
         let ratio = self.keys.ratio();

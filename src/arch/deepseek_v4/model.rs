@@ -33,6 +33,7 @@ use super::{runtime_config, RuntimeConfig};
 use crate::arch::config::{ParseOptions, RopeFrequencies};
 use crate::arch::{ArchSpec, Attention as AttnKind, LayerSpec};
 use crate::generate::{CausalLm, Rows};
+use crate::layers::attention::attend_shared_kv_with_sinks;
 use crate::layers::embedding::ScaledEmbedding;
 use crate::layers::hyper_connections::{HyperConnection, HyperHead};
 use crate::layers::kv_store::{causal_mask, KvStore};
@@ -68,7 +69,7 @@ struct V4Attention {
     /// `[groups, o_lora_rank, heads·head_dim / groups]`.
     o_a: Tensor,
     o_b_proj: Linear,
-    /// `[1, heads, 1, 1]`, f32.
+    /// `[heads]`, f32.
     sinks: Tensor,
     rope: Arc<InterleavedRope>,
     compressor: Option<TokenCompressor>,
@@ -162,9 +163,7 @@ impl V4Attention {
             o_a: weight::get(&vb.pp("o_a_proj"), (groups * olr, per_group), "weight")?
                 .reshape((groups, olr, per_group))?,
             o_b_proj: Linear::load(&vb.pp("o_b_proj"), groups * olr, hidden, false)?,
-            sinks: weight::get(vb, heads, "sinks")?
-                .to_dtype(DType::F32)?
-                .reshape((1, heads, 1, 1))?,
+            sinks: weight::get(vb, heads, "sinks")?.to_dtype(DType::F32)?,
             rope,
             compressor,
             indexer,
@@ -181,7 +180,6 @@ impl V4Attention {
     ) -> Result<Tensor> {
         let n = x.dim(0)?;
         let (h, hd) = (self.heads, self.head_dim);
-        let dtype = x.dtype();
         let dev = x.device().clone();
 
         // 1. Low-rank queries, normed per head, rotated. [1, h, n, hd]
@@ -240,23 +238,14 @@ impl V4Attention {
             Some(m) => Tensor::cat(&[&window_mask, m], 1)?,
             None => window_mask,
         }; // [n, t + T]
-        let k_t = keys.squeeze(0)?.squeeze(0)?.t()?; // [hd, t + T]
-        let scores = q
-            .squeeze(0)?
-            .contiguous()?
-            .reshape((h * n, hd))?
-            .matmul(&k_t)?; // [h·n, t + T]
-        let scores = (scores.to_dtype(DType::F32)? * (hd as f64).powf(-0.5))?
-            .reshape((1, h, n, keys.dim(2)?))?
-            .broadcast_add(&mask)?;
-        let sinks = self.sinks.broadcast_as((1, h, n, 1))?;
-        let logits = Tensor::cat(&[&scores, &sinks], 3)?.contiguous()?;
-        let probs = candle_nn::ops::softmax_last_dim(&logits)?;
-        let probs = probs.narrow(3, 0, keys.dim(2)?)?.to_dtype(dtype)?; // sink dropped
-        let out = probs
-            .reshape((h * n, keys.dim(2)?))?
-            .matmul(&keys.squeeze(0)?.squeeze(0)?)?
-            .reshape((1, h, n, hd))?;
+        let out = attend_shared_kv_with_sinks(
+            &q.squeeze(0)?,
+            &keys.squeeze(0)?.squeeze(0)?,
+            &mask,
+            &self.sinks,
+            (hd as f64).powf(-0.5),
+        )?
+        .unsqueeze(0)?; // [1, h, n, hd]
 
         // 5. Undo the keys' rotation on the output's rope dims, at the query positions.
         let out = self.rope.apply(&out, positions, true)?;
