@@ -13,7 +13,8 @@
 //!
 //! The block's output then becomes `s'_k = post_k · out + Σ_j comb[j, k] · s_j` (comb is read
 //! transposed: the sum runs over its *first* index). All weights are computed in f32, cast to the
-//! model dtype for the mixing, as the reference does. The final [`HyperHead`] collapses the
+//! model dtype for the mixing, as the reference does; the parameters are read in f32 as stored
+//! (the reference keeps them in f32 in a 16-bit model). The final [`HyperHead`] collapses the
 //! streams once more (`pre` only) before the model's last norm.
 
 use super::norm::RmsNorm;
@@ -66,14 +67,14 @@ impl HyperConnection {
     ) -> Result<Self> {
         let m = streams;
         let width = (2 + m) * m;
-        let scale: Vec<f32> = f32_vec(weight::get(vb, 3, "scale")?)?;
+        let scale: Vec<f32> = f32_vec(weight::get_f32(vb, 3, "scale")?)?;
         Ok(HyperConnection {
             streams: m,
             sinkhorn_iters,
             eps: hc_eps as f32,
             norm: RmsNorm::plain(norm_eps),
-            proj: weight::get(vb, (width, m * hidden), "fn")?.to_dtype(DType::F32)?,
-            base: f32_vec(weight::get(vb, width, "base")?)?,
+            proj: weight::get_f32(vb, (width, m * hidden), "fn")?,
+            base: f32_vec(weight::get_f32(vb, width, "base")?)?,
             scale: [scale[0], scale[1], scale[2]],
         })
     }
@@ -155,9 +156,9 @@ impl HyperHead {
         Ok(HyperHead {
             eps: hc_eps as f32,
             norm: RmsNorm::plain(norm_eps),
-            proj: weight::get(vb, (streams, streams * hidden), "hc_fn")?.to_dtype(DType::F32)?,
-            base: weight::get(vb, streams, "hc_base")?.to_dtype(DType::F32)?,
-            scale: f32_vec(weight::get(vb, 1, "hc_scale")?)?[0],
+            proj: weight::get_f32(vb, (streams, streams * hidden), "hc_fn")?,
+            base: weight::get_f32(vb, streams, "hc_base")?,
+            scale: f32_vec(weight::get_f32(vb, 1, "hc_scale")?)?[0],
         })
     }
 

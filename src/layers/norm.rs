@@ -29,6 +29,15 @@ impl RmsNorm {
         })
     }
 
+    /// With a learned scale kept in f32 as stored, whatever the model dtype (DeepSeek V4 keeps
+    /// its norm weights in f32: `_keep_in_fp32_modules_strict`).
+    pub fn load_f32(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: Some(weight::get_f32(vb, dim, "weight")?),
+            eps,
+        })
+    }
+
     /// Without a scale.
     pub fn plain(eps: f64) -> Self {
         RmsNorm { weight: None, eps }

@@ -75,9 +75,10 @@ impl ScoreRouter {
         routed_scale: f64,
     ) -> Result<Self> {
         check(top_k, experts)?;
-        let correction_bias = match weight::get_opt(vb, experts, "e_score_correction_bias")? {
-            Some(b) => b.to_dtype(DType::F32)?.to_vec1()?,
-            None => vec![0.0; experts],
+        let correction_bias = if vb.contains_tensor("e_score_correction_bias") {
+            weight::get_f32(vb, experts, "e_score_correction_bias")?.to_vec1()?
+        } else {
+            vec![0.0; experts]
         };
         Ok(ScoreRouter {
             proj: Linear::load(vb, hidden, experts, false)?,

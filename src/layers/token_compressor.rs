@@ -106,11 +106,10 @@ impl TokenCompressor {
             overlap,
             kv_proj: Linear::load(&vb.pp("kv_proj"), hidden, width, false)?,
             gate_proj: Linear::load(&vb.pp("gate_proj"), hidden, width, false)?,
-            position_bias: weight::get(vb, (ratio, width), "position_bias")?
-                .to_dtype(DType::F32)?
+            position_bias: weight::get_f32(vb, (ratio, width), "position_bias")?
                 .flatten_all()?
                 .to_vec1()?,
-            norm: RmsNorm::load(&vb.pp("kv_norm"), dim, eps)?,
+            norm: RmsNorm::load_f32(&vb.pp("kv_norm"), dim, eps)?,
             rope,
             state,
         })

@@ -6,8 +6,8 @@
 //! line naming the full tensor path, and for a wrong shape both shapes.
 
 use anyhow::{anyhow, Result};
-use candle_core::{Shape, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{DType, Shape, Tensor};
+use candle_nn::{Init, VarBuilder};
 
 /// The full name of `name` under `vb`'s prefix.
 pub fn full_name(vb: &VarBuilder, name: &str) -> String {
@@ -27,6 +27,19 @@ pub fn get(vb: &VarBuilder, shape: impl Into<Shape>, name: &str) -> Result<Tenso
         return Err(anyhow!("tensor `{full}` is missing from the checkpoint"));
     }
     vb.get(shape.clone(), name)
+        .map_err(|e| describe(e, &full, &shape))
+}
+
+/// Tensor `name` under `vb` with `shape`, read straight into f32 whatever `vb`'s dtype: for
+/// parameters the reference keeps in f32 in a 16-bit model (`_keep_in_fp32_modules_strict`), so
+/// they are not rounded to the model dtype on the way.
+pub fn get_f32(vb: &VarBuilder, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
+    let shape: Shape = shape.into();
+    let full = full_name(vb, name);
+    if !vb.contains_tensor(name) {
+        return Err(anyhow!("tensor `{full}` is missing from the checkpoint"));
+    }
+    vb.get_with_hints_dtype(shape.clone(), name, Init::Const(0.0), DType::F32)
         .map_err(|e| describe(e, &full, &shape))
 }
 
@@ -57,7 +70,7 @@ fn describe(e: candle_core::Error, full: &str, expected: &Shape) -> anyhow::Erro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+    use candle_core::Device;
     use std::collections::HashMap;
 
     #[test]

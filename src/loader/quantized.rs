@@ -195,21 +195,30 @@ pub fn dequantize(
             scales.len()
         ));
     }
-    let mut out = Vec::with_capacity(mats * n * k);
-    for m in 0..mats {
-        for row in 0..n {
-            let srow = (m * sn + row / bn) * sk;
-            for col in 0..k {
-                let s = &scales[(srow + col / bk) * ss..][..ss];
-                let v = match kind {
-                    Quantized::Fp8E4m3 => e4m3(bytes[(m * n + row) * k + col]),
-                    Quantized::Fp4Packed => {
-                        let byte = bytes[((m * n + row) * k + col) / 2];
-                        let nib = if col % 2 == 0 { byte & 0x0f } else { byte >> 4 };
-                        FP4_E2M1[nib as usize]
+    let mut out = vec![0f32; mats * n * k];
+    let fp8: Vec<f32> = (0..=255u8).map(e4m3).collect();
+    for (r, row) in out.chunks_mut(k).enumerate() {
+        // Row `r` of matrix `r / n`: its scales, one per `bk` columns.
+        let (m, row_in) = (r / n, r % n);
+        let srow = &scales[(m * sn + row_in / bn) * sk * ss..][..sk * ss];
+        for (b, block) in row.chunks_mut(bk).enumerate() {
+            let scale = scale_dtype.decode(&srow[b * ss..][..ss]);
+            let c0 = b * bk;
+            match kind {
+                Quantized::Fp8E4m3 => {
+                    let src = &bytes[r * k + c0..][..block.len()];
+                    for (o, &q) in block.iter_mut().zip(src) {
+                        *o = fp8[q as usize] * scale;
                     }
-                };
-                out.push(v * scale_dtype.decode(s));
+                }
+                Quantized::Fp4Packed => {
+                    // `k` and `bk` are even: pairs of columns share a byte.
+                    let src = &bytes[(r * k + c0) / 2..][..block.len() / 2];
+                    for (o, &q) in block.chunks_mut(2).zip(src) {
+                        o[0] = FP4_E2M1[(q & 0x0f) as usize] * scale;
+                        o[1] = FP4_E2M1[(q >> 4) as usize] * scale;
+                    }
+                }
             }
         }
     }

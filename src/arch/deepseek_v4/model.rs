@@ -25,6 +25,10 @@
 //! router or by the token-id hash table ([`ScoreRouter`]), SwiGLU with the `swiglu_limit` clamp
 //! on routed and shared experts alike.
 //!
+//! As the reference (`_keep_in_fp32_modules_strict`), the hyper-connections, norms, sinks,
+//! compressor position biases and the router's correction bias are read in f32 whatever the model
+//! dtype.
+//!
 //! Cache per layer (in the [`KvStore`]): the window's K=V rows, and on compressed layers the
 //! compressor's entries and carry (and the indexer's) as named states; their bytes equal
 //! `kv-budget`'s parts.
@@ -155,15 +159,15 @@ impl V4Attention {
             head_dim: hd,
             window,
             q_a_proj: Linear::load(&vb.pp("q_a_proj"), hidden, ql, false)?,
-            q_a_norm: RmsNorm::load(&vb.pp("q_a_norm"), ql, eps)?,
+            q_a_norm: RmsNorm::load_f32(&vb.pp("q_a_norm"), ql, eps)?,
             q_b_proj: Linear::load(&vb.pp("q_b_proj"), ql, heads * hd, false)?,
             q_b_norm: RmsNorm::plain(eps),
             kv_proj: Linear::load(&vb.pp("kv_proj"), hidden, hd, false)?,
-            kv_norm: RmsNorm::load(&vb.pp("kv_norm"), hd, eps)?,
+            kv_norm: RmsNorm::load_f32(&vb.pp("kv_norm"), hd, eps)?,
             o_a: weight::get(&vb.pp("o_a_proj"), (groups * olr, per_group), "weight")?
                 .reshape((groups, olr, per_group))?,
             o_b_proj: Linear::load(&vb.pp("o_b_proj"), groups * olr, hidden, false)?,
-            sinks: weight::get(vb, heads, "sinks")?.to_dtype(DType::F32)?,
+            sinks: weight::get_f32(vb, heads, "sinks")?,
             rope,
             compressor,
             indexer,
@@ -370,10 +374,10 @@ impl DecoderLayer {
         };
         Ok(DecoderLayer {
             attn_hc: hc("attn_hc")?,
-            input_norm: RmsNorm::load(&vb.pp("input_layernorm"), hidden, eps)?,
+            input_norm: RmsNorm::load_f32(&vb.pp("input_layernorm"), hidden, eps)?,
             attn: V4Attention::load(&vb.pp("self_attn"), spec, hidden, cfg, ropes)?,
             ffn_hc: hc("ffn_hc")?,
-            post_attn_norm: RmsNorm::load(&vb.pp("post_attention_layernorm"), hidden, eps)?,
+            post_attn_norm: RmsNorm::load_f32(&vb.pp("post_attention_layernorm"), hidden, eps)?,
             moe: V4Moe::load(&vb.pp("mlp"), spec, hidden, arch.vocab_size, cfg)?,
         })
     }
@@ -460,7 +464,7 @@ impl DeepseekV4Model {
                 cfg.hc_eps,
                 cfg.rms_norm_eps,
             )?,
-            norm: RmsNorm::load(&vb.pp("norm"), hidden, cfg.rms_norm_eps)?,
+            norm: RmsNorm::load_f32(&vb.pp("norm"), hidden, cfg.rms_norm_eps)?,
             spec,
             cfg,
             embed,
