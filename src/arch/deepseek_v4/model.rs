@@ -198,7 +198,8 @@ impl V4Attention {
             .rope
             .apply(&kv.reshape((1, 1, n, hd))?, positions, false)?;
         let view = cache.append(self.index, kv, None)?;
-        let t = view.k.dim(2)?;
+        let window_kv = view.k.squeeze(0)?.squeeze(0)?; // [t, hd]
+        let t = window_kv.dim(0)?;
         let window_mask = causal_mask(n, positions[0], view.start, t, Some(self.window), &dev)?;
 
         // 3. Compressed entries and which of them each query sees. [T, hd], mask [n, T]
@@ -228,23 +229,22 @@ impl V4Attention {
                         m[qi * count + e] = 0.0;
                     }
                 }
-                let mask = Tensor::from_vec(m, (n, count), &dev)?;
-                (Some(entries.reshape((1, 1, count, hd))?), Some(mask))
+                (Some(entries), Some(Tensor::from_vec(m, (n, count), &dev)?))
             }
         };
 
         // 4. One softmax over window keys, compressed entries and the per-head sink.
         let keys = match &entries {
-            Some(e) => Tensor::cat(&[&view.k, e], 2)?,
-            None => view.k.clone(),
-        }; // [1, 1, t + T, hd]
+            Some(e) => Tensor::cat(&[&window_kv, e], 0)?,
+            None => window_kv,
+        }; // [t + T, hd]
         let mask = match &entry_mask {
             Some(m) => Tensor::cat(&[&window_mask, m], 1)?,
             None => window_mask,
         }; // [n, t + T]
         let out = attend_shared_kv_with_sinks(
             &q.squeeze(0)?,
-            &keys.squeeze(0)?.squeeze(0)?,
+            &keys,
             &mask,
             &self.sinks,
             (hd as f64).powf(-0.5),
