@@ -23,6 +23,12 @@
 //!   and the transformers form (`layer_types`, `compress_rates`, `mlp_layer_types`,
 //!   `partial_rotary_factor`, nested `rope_parameters` {main, compress}).
 //!
+//! Running it: the network is [`model`]; Hub checkpoints (DeepSeek's own tensor names, FP8
+//! block-scaled weights and FP4 experts with `.scale`) load through [`checkpoint_name`] and
+//! `loader::quantized`. Where the lightning indexer must choose, llmarch selects by the
+//! definition (ties to the lower index) in prefill and decode alike; the reference's `torch.topk`
+//! does not, see `layers::lightning_indexer`.
+//!
 //! Cache, what llmarch holds vs what the reference holds (per layer, batch 1):
 //! - window: llmarch keeps `sliding_window` K=V rows of `head_dim`. The reference keeps
 //!   `sliding_window − 1` rows after each step; on sliding layers (plain

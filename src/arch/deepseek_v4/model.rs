@@ -10,7 +10,7 @@
 //!    `input_layernorm` of that; its output is mixed back into the streams;
 //! 2. the same with `ffn_hc`, `post_attention_layernorm` and the MoE.
 //!
-//! Attention ([`V4Attention`]): low-rank queries (`q_a_proj` → `q_a_norm` → `q_b_proj`, then a
+//! Attention (`V4Attention`): low-rank queries (`q_a_proj` → `q_a_norm` → `q_b_proj`, then a
 //! scale-less RMS norm per head), one shared K=V head (`kv_proj` → `kv_norm`), both rotated on
 //! their trailing `qk_rope_head_dim` dims (interleaved pairs; sliding layers the "main" RoPE,
 //! compressed layers the "compress" one). Each query attends, in one softmax with a per-head
