@@ -10,6 +10,7 @@ pub mod attention;
 pub mod causal_conv;
 pub mod cca;
 pub mod embedding;
+pub mod gated_deltanet;
 pub mod gelu;
 pub mod gemm;
 pub mod gemv;

@@ -38,6 +38,16 @@ impl RmsNorm {
         })
     }
 
+    /// With a zero-centred learned scale: multiplies by `1 + weight` (Qwen3.5's
+    /// `Qwen3_5RMSNorm`, in f32 as the reference computes it).
+    pub fn load_zero_centred(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        let w = weight::get(vb, dim, "weight")?.to_dtype(DType::F32)?;
+        Ok(RmsNorm {
+            weight: Some((w + 1.0)?),
+            eps,
+        })
+    }
+
     /// Without a scale.
     pub fn plain(eps: f64) -> Self {
         RmsNorm { weight: None, eps }

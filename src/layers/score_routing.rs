@@ -1,9 +1,10 @@
 //! Expert routing by independent per-expert scores, learned top-k or hash-routed (DeepSeek V4's
 //! `DeepseekV4TopKRouter` and `DeepseekV4HashRouter`, transformers 5.23.0).
 //!
-//! Both score every expert as `score_fn(W x)` in f32 (`sqrtsoftplus` = `√softplus`, or
-//! `sigmoid`), and weight the chosen experts by their scores, renormalised to sum to 1 (plus
-//! 1e-20) and times `routed_scaling_factor`. They differ in which experts a token gets:
+//! Both score every expert from its logit `W x` in f32 (`sqrtsoftplus` = `√softplus`,
+//! `sigmoid`, or a softmax over the experts as Qwen3.5's `Qwen3_5MoeTopKRouter` does), and weight
+//! the chosen experts by their scores, renormalised to sum to 1 (plus 1e-20) and times
+//! `routed_scaling_factor`. They differ in which experts a token gets:
 //! - **top-k** (`noaux_tc`): the `k` highest `score + e_score_correction_bias` (ties to the lower
 //!   index); the bias only picks, it does not weight;
 //! - **hash**: a frozen token-id → experts table, `tid2eid[token]` (`[vocab, k]`): which experts a
@@ -22,6 +23,8 @@ pub enum ScoreFn {
     /// `√softplus(x)` (`sqrtsoftplus`).
     SqrtSoftplus,
     Sigmoid,
+    /// A softmax over the experts' logits.
+    Softmax,
 }
 
 impl ScoreFn {
@@ -30,16 +33,34 @@ impl ScoreFn {
         match name {
             "sqrtsoftplus" => Ok(ScoreFn::SqrtSoftplus),
             "sigmoid" => Ok(ScoreFn::Sigmoid),
-            other => bail!("scoring function `{other}` is not supported (sqrtsoftplus, sigmoid)"),
+            "softmax" => Ok(ScoreFn::Softmax),
+            other => bail!(
+                "scoring function `{other}` is not supported (sqrtsoftplus, sigmoid, softmax)"
+            ),
         }
     }
 
-    fn apply(self, x: f32) -> f32 {
+    /// The scores of one token's logits.
+    fn apply(self, logits: &[f32]) -> Vec<f32> {
         match self {
             // softplus as torch computes it: linear above 20.
-            ScoreFn::SqrtSoftplus if x > 20.0 => x.sqrt(),
-            ScoreFn::SqrtSoftplus => x.exp().ln_1p().sqrt(),
-            ScoreFn::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+            ScoreFn::SqrtSoftplus => logits
+                .iter()
+                .map(|&x| {
+                    if x > 20.0 {
+                        x.sqrt()
+                    } else {
+                        x.exp().ln_1p().sqrt()
+                    }
+                })
+                .collect(),
+            ScoreFn::Sigmoid => logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect(),
+            ScoreFn::Softmax => {
+                let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = logits.iter().map(|&x| (x - max).exp()).collect();
+                let sum: f32 = e.iter().sum();
+                e.into_iter().map(|x| x / sum).collect()
+            }
         }
     }
 }
@@ -138,7 +159,7 @@ impl ScoreRouter {
             .iter()
             .zip(ids)
             .map(|(l, &tok)| {
-                let s: Vec<f32> = l.iter().map(|&v| self.score.apply(v)).collect();
+                let s = self.score.apply(l);
                 let chosen: Vec<usize> = match &self.choice {
                     Choice::TopK { correction_bias } => {
                         let key: Vec<f32> =
@@ -184,9 +205,12 @@ mod tests {
             (2.0, 1.458_399_2),
             (25.0, 5.0),
         ] {
-            assert!((f.apply(x) - want).abs() < 1e-5, "{x}: {}", f.apply(x));
+            let got = f.apply(&[x])[0];
+            assert!((got - want).abs() < 1e-5, "{x}: {got}");
         }
-        assert!((ScoreFn::Sigmoid.apply(0.0) - 0.5).abs() < 1e-7);
-        assert!(ScoreFn::from_name("softmax").is_err());
+        assert!((ScoreFn::Sigmoid.apply(&[0.0])[0] - 0.5).abs() < 1e-7);
+        let p = ScoreFn::Softmax.apply(&[0.0, 2f32.ln()]);
+        assert!((p[0] - 1.0 / 3.0).abs() < 1e-6 && (p[1] - 2.0 / 3.0).abs() < 1e-6);
+        assert!(ScoreFn::from_name("relu").is_err());
     }
 }

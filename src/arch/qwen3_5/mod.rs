@@ -47,7 +47,12 @@
 //!
 //! Full layers keep K and V `[batch, kv_heads, tokens, head_dim]` each (`DynamicLayer`).
 
-use super::config::{check_heads, check_len, n, positive, rope_from_params, TextConfig};
+pub mod model;
+
+use super::config::{
+    check_heads, check_len, n, positive, rope_frequencies, rope_from_params, RopeFrequencies,
+    TextConfig,
+};
 use super::{ArchSpec, Attention, CachePart, Family, Ffn, LayerSpec, ParamCounts, Retention};
 use anyhow::{anyhow, bail, Result};
 use serde::Deserialize;
@@ -64,7 +69,11 @@ pub const FAMILY: Family = Family {
     ],
     summary: "Gated DeltaNet linear attention (fixed-size state) in a 3:1 hybrid with gated full attention; dense or MoE + shared expert",
     parse,
-    build: None,
+    build: Some(|raw, opts, vb, lm_head| {
+        Ok(Box::new(model::Qwen3_5Model::from_config(
+            raw, opts, vb, lm_head,
+        )?))
+    }),
     rename: None,
 };
 
@@ -341,6 +350,43 @@ fn mrope_sections(block: &Map<String, Value>, what: &str) -> Result<[usize; 3]> 
         Some(_) => bail!("key `{what}.mrope_interleaved` is not a boolean"),
     }
     Ok(sections)
+}
+
+/// What the network needs beyond the per-layer table.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub rms_norm_eps: f64,
+    pub attention_bias: bool,
+    pub conv_kernel: usize,
+    /// The full-attention layers' RoPE (text positions: plain 1-D RoPE over the leading dims).
+    pub rope: RopeFrequencies,
+}
+
+/// Read the [`RuntimeConfig`] of a Qwen3.5 config (the spec comes from
+/// [`crate::arch::parse_config`], which has validated it).
+pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
+    let c: Qwen3_5TextConfig = text.parse()?;
+    let p = text.key_prefix();
+    let (block, key) = rope_block(&c, p, &mut vec![])?;
+    let block = Value::Object(block);
+    if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps >= 0.0) {
+        bail!(
+            "key `{p}rms_norm_eps` = {} must be a number ≥ 0",
+            c.rms_norm_eps
+        );
+    }
+    Ok(RuntimeConfig {
+        rms_norm_eps: c.rms_norm_eps,
+        attention_bias: c.attention_bias,
+        conv_kernel: c.linear_conv_kernel_dim,
+        rope: rope_frequencies(
+            &block,
+            block.get("truncate").cloned(),
+            c.head_dim,
+            c.max_position_embeddings,
+            &format!("{p}{key}"),
+        )?,
+    })
 }
 
 fn parse(text: &TextConfig) -> Result<ArchSpec> {
@@ -773,22 +819,22 @@ mod tests {
     use crate::arch::config::ParseOptions;
     use crate::arch::{parse_config, PartDtype};
 
-    const DENSE_27B: &str = include_str!("../../configs/Qwen3.6-27B/config.json");
-    const MOE_35B: &str = include_str!("../../configs/Qwen3.6-35B-A3B/config.json");
-    const PARAMS: &str = include_str!("../../tests/fixtures/reference_params.json");
-    const CACHE: &str = include_str!("../../tests/fixtures/reference_cache.json");
+    const DENSE_27B: &str = include_str!("../../../configs/Qwen3.6-27B/config.json");
+    const MOE_35B: &str = include_str!("../../../configs/Qwen3.6-35B-A3B/config.json");
+    const PARAMS: &str = include_str!("../../../tests/fixtures/reference_params.json");
+    const CACHE: &str = include_str!("../../../tests/fixtures/reference_cache.json");
     const TINY: &[(&str, &str)] = &[
         (
             "qwen3_5",
-            include_str!("../../tests/fixtures/tiny/qwen3_5/config.json"),
+            include_str!("../../../tests/fixtures/tiny/qwen3_5/config.json"),
         ),
         (
             "qwen3_5-moe",
-            include_str!("../../tests/fixtures/tiny/qwen3_5-moe/config.json"),
+            include_str!("../../../tests/fixtures/tiny/qwen3_5-moe/config.json"),
         ),
         (
             "qwen3_5-wrapper",
-            include_str!("../../tests/fixtures/tiny/qwen3_5-wrapper/config.json"),
+            include_str!("../../../tests/fixtures/tiny/qwen3_5-wrapper/config.json"),
         ),
     ];
 

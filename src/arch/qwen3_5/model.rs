@@ -1,0 +1,388 @@
+//! The Qwen3.5 / Qwen3.6 text network (`Qwen3_5TextModel` + head, dense or MoE), built from the
+//! per-layer table. Reference: transformers 5.23.0 `models/qwen3_5/modeling_qwen3_5.py` and
+//! `models/qwen3_5_moe/modeling_qwen3_5_moe.py`; weight names mirror them under the text-model
+//! root (`model.` or the wrapper's `model.language_model.`, applied by the loader).
+//!
+//! Per token: embedding (unscaled) → decoder layers → RMS norm → output head. A decoder layer,
+//! pre-norm with plain residuals:
+//!
+//! 1. `h += mixer(input_layernorm(h))`, the mixer being the layer's kind:
+//!    - `linear_attention`: Gated DeltaNet ([`GatedDeltaNet`]), a fixed-size state;
+//!    - `full_attention`: gated attention (`GatedAttention`): `q_proj` gives each head its query
+//!      and a per-element gate side by side (`[.., heads, 2·head_dim]`), RMS norms on q and k
+//!      heads, RoPE over the leading `partial_rotary_factor` of each head (text positions: the
+//!      mRoPE sections all see the same position, so it is plain RoPE), causal attention over
+//!      the GQA heads, then `sigmoid(gate) ·` the merged heads before `o_proj`;
+//! 2. `h += mlp(post_attention_layernorm(h))`: a SwiGLU MLP, or (MoE) the softmax-routed top-k
+//!    experts (renormalised) plus the shared expert times `sigmoid(shared_expert_gate x)`.
+//!
+//! Every RMS norm here but the DeltaNet's gated one scales by `1 + weight` (zero-centred
+//! weights, `Qwen3_5RMSNorm`).
+
+use super::{runtime_config, RuntimeConfig};
+use crate::arch::config::ParseOptions;
+use crate::arch::{ArchSpec, Attention as AttnKind, Ffn, LayerSpec};
+use crate::generate::{CausalLm, Rows};
+use crate::layers::attention::attend;
+use crate::layers::embedding::ScaledEmbedding;
+use crate::layers::gated_deltanet::{DeltaNetShape, GatedDeltaNet};
+use crate::layers::kv_store::{causal_mask, KvStore};
+use crate::layers::linear::{output_head, Linear};
+use crate::layers::mlp::{Activation, GatedMlp};
+use crate::layers::moe::PackedExperts;
+use crate::layers::norm::RmsNorm;
+use crate::layers::rope::Rotary;
+use crate::layers::score_routing::{ScoreFn, ScoreRouter};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde_json::Value;
+use std::sync::Arc;
+
+/// The full-attention layers' attention with its sigmoid output gate.
+#[derive(Debug)]
+struct GatedAttention {
+    index: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    /// `[heads · 2 · head_dim, hidden]`: per head, the query then its gate.
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    rope: Arc<Rotary>,
+}
+
+impl GatedAttention {
+    fn load(
+        vb: &VarBuilder,
+        spec: &LayerSpec,
+        hidden: usize,
+        cfg: &RuntimeConfig,
+        rope: Arc<Rotary>,
+    ) -> Result<Self> {
+        let (h, kvh, hd, bias) = (
+            spec.q_heads,
+            spec.kv_heads,
+            spec.head_dim,
+            cfg.attention_bias,
+        );
+        let norm = |name: &str| RmsNorm::load_zero_centred(&vb.pp(name), hd, cfg.rms_norm_eps);
+        Ok(GatedAttention {
+            index: spec.index,
+            heads: h,
+            kv_heads: kvh,
+            head_dim: hd,
+            q_proj: Linear::load(&vb.pp("q_proj"), hidden, 2 * h * hd, bias)?,
+            k_proj: Linear::load(&vb.pp("k_proj"), hidden, kvh * hd, bias)?,
+            v_proj: Linear::load(&vb.pp("v_proj"), hidden, kvh * hd, bias)?,
+            o_proj: Linear::load(&vb.pp("o_proj"), h * hd, hidden, bias)?,
+            q_norm: norm("q_norm")?,
+            k_norm: norm("k_norm")?,
+            rope,
+        })
+    }
+
+    /// x `[n, hidden]` at positions `start..` → `[n, hidden]`.
+    fn forward(&self, x: &Tensor, start: usize, cache: &mut KvStore) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
+
+        // 1. Query and gate side by side per head; QK norms; RoPE. q [1, h, n, hd]
+        let qg = self.q_proj.forward(x)?.reshape((n, h, 2 * hd))?;
+        let q = self.q_norm.forward(&qg.narrow(2, 0, hd)?)?;
+        let gate = qg.narrow(2, hd, hd)?.contiguous()?.reshape((n, h * hd))?;
+        let q = self.rope.apply(&q.unsqueeze(0)?.transpose(1, 2)?, start)?;
+        let k = self
+            .k_norm
+            .forward(&self.k_proj.forward(x)?.reshape((n, kvh, hd))?)?;
+        let k = self.rope.apply(&k.unsqueeze(0)?.transpose(1, 2)?, start)?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((1, n, kvh, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+
+        // 2. Causal attention over everything cached. [1, h, n, hd]
+        let view = cache.append(self.index, k, Some(v))?;
+        let t = view.k.dim(2)?;
+        let mask = causal_mask(n, start, view.start, t, None, x.device())?;
+        let v = view
+            .v
+            .ok_or_else(|| anyhow::anyhow!("internal: no values cached"))?;
+        let out = attend(&q, &view.k, &v, Some(&mask), (hd as f64).powf(-0.5))?;
+
+        // 3. Merge the heads, gate, project.
+        let out = out.transpose(1, 2)?.contiguous()?.reshape((n, h * hd))?;
+        let out = (out * candle_nn::ops::sigmoid(&gate)?)?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// The token mixer of a layer.
+#[derive(Debug)]
+enum Mixer {
+    Linear(GatedDeltaNet),
+    Full(GatedAttention),
+}
+
+/// The feed-forward block of a layer.
+#[derive(Debug)]
+enum FeedForward {
+    Dense(GatedMlp),
+    Sparse {
+        router: ScoreRouter,
+        experts: PackedExperts,
+        shared: GatedMlp,
+        /// `[1, hidden]`: the shared expert's sigmoid gate.
+        shared_gate: Linear,
+    },
+}
+
+impl FeedForward {
+    fn load(vb: &VarBuilder, ffn: &Ffn, hidden: usize) -> Result<Self> {
+        let act = Activation::Silu;
+        Ok(match *ffn {
+            Ffn::Dense { width } => FeedForward::Dense(GatedMlp::load(vb, hidden, width, act)?),
+            Ffn::Moe {
+                experts,
+                top_k,
+                width,
+                shared_width: Some(shared_width),
+                dense_width: None,
+                ..
+            } => {
+                let vb_e = vb.pp("experts");
+                let packed = if vb_e.contains_tensor("gate_up_proj") {
+                    PackedExperts::load(&vb_e, hidden, experts, width, act)?
+                } else {
+                    PackedExperts::load_per_expert(&vb_e, hidden, experts, width, act)?
+                };
+                FeedForward::Sparse {
+                    router: ScoreRouter::top_k(
+                        &vb.pp("gate"),
+                        hidden,
+                        experts,
+                        top_k,
+                        ScoreFn::Softmax,
+                        1.0,
+                    )?,
+                    experts: packed,
+                    shared: GatedMlp::load(&vb.pp("shared_expert"), hidden, shared_width, act)?,
+                    shared_gate: Linear::load(&vb.pp("shared_expert_gate"), hidden, 1, false)?,
+                }
+            }
+            ref other => bail!("Qwen3.5 has no `{}` feed-forward", other.label()),
+        })
+    }
+
+    /// x `[n, hidden]` → `[n, hidden]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            FeedForward::Dense(mlp) => mlp.forward(x),
+            FeedForward::Sparse {
+                router,
+                experts,
+                shared,
+                shared_gate,
+            } => {
+                let picks = router.route(x, &vec![0; x.dim(0)?])?;
+                let routed = experts.forward(x, &picks)?;
+                let gate = candle_nn::ops::sigmoid(&shared_gate.forward(x)?)?; // [n, 1]
+                Ok((routed + shared.forward(x)?.broadcast_mul(&gate)?)?)
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    input_norm: RmsNorm,
+    mixer: Mixer,
+    post_attn_norm: RmsNorm,
+    ffn: FeedForward,
+}
+
+impl DecoderLayer {
+    fn load(
+        vb: &VarBuilder,
+        spec: &LayerSpec,
+        hidden: usize,
+        cfg: &RuntimeConfig,
+        rope: &Arc<Rotary>,
+    ) -> Result<Self> {
+        let eps = cfg.rms_norm_eps;
+        let mixer = match spec.attention {
+            AttnKind::Linear => Mixer::Linear(GatedDeltaNet::load(
+                &vb.pp("linear_attn"),
+                DeltaNetShape {
+                    hidden,
+                    key_heads: spec.kv_heads,
+                    value_heads: spec.q_heads,
+                    key_dim: spec.head_dim,
+                    value_dim: spec.v_head_dim,
+                    conv_kernel: cfg.conv_kernel,
+                    eps,
+                },
+            )?),
+            AttnKind::Full => Mixer::Full(GatedAttention::load(
+                &vb.pp("self_attn"),
+                spec,
+                hidden,
+                cfg,
+                rope.clone(),
+            )?),
+            ref other => bail!("Qwen3.5 has no `{}` layers", other.label()),
+        };
+        Ok(DecoderLayer {
+            input_norm: RmsNorm::load_zero_centred(&vb.pp("input_layernorm"), hidden, eps)?,
+            mixer,
+            post_attn_norm: RmsNorm::load_zero_centred(
+                &vb.pp("post_attention_layernorm"),
+                hidden,
+                eps,
+            )?,
+            ffn: FeedForward::load(&vb.pp("mlp"), &spec.ffn, hidden)?,
+        })
+    }
+
+    /// h `[n, hidden]` → `[n, hidden]`.
+    fn forward(
+        &self,
+        h: &Tensor,
+        index: usize,
+        start: usize,
+        cache: &mut KvStore,
+    ) -> Result<Tensor> {
+        let x = self.input_norm.forward(h)?;
+        let x = match &self.mixer {
+            Mixer::Linear(net) => net.forward(&x, cache.layer_mut(index)?)?,
+            Mixer::Full(attn) => attn.forward(&x, start, cache)?,
+        };
+        let h = (h + x)?;
+        let x = self.ffn.forward(&self.post_attn_norm.forward(&h)?)?;
+        Ok((h + x)?)
+    }
+}
+
+/// The Qwen3.5 text model with its output head.
+#[derive(Debug)]
+pub struct Qwen3_5Model {
+    spec: ArchSpec,
+    embed: ScaledEmbedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    device: Device,
+}
+
+impl Qwen3_5Model {
+    /// Build from `vb` at the text-model root (`embed_tokens`, `layers`, `norm`) and the untied
+    /// output head `lm_head`.
+    pub fn new(
+        spec: ArchSpec,
+        cfg: RuntimeConfig,
+        vb: VarBuilder,
+        lm_head: Option<VarBuilder>,
+    ) -> Result<Self> {
+        if spec.family != super::FAMILY.name {
+            bail!(
+                "internal: a `{}` spec given to the Qwen3.5 model",
+                spec.family
+            );
+        }
+        let device = vb.device().clone();
+        let hidden = spec.hidden_size;
+        let embed = ScaledEmbedding::load(&vb.pp("embed_tokens"), spec.vocab_size, hidden, 1.0)?;
+        let head_dim = spec
+            .layers
+            .iter()
+            .find(|l| l.attention == AttnKind::Full)
+            .map_or(2 * cfg.rope.inv_freq.len(), |l| l.head_dim);
+        let rope = Arc::new(
+            Rotary::leading(
+                cfg.rope.inv_freq.clone(),
+                head_dim,
+                cfg.rope.attention_scaling,
+                &device,
+            )
+            .context("`rope_parameters`")?,
+        );
+        let vb_layers = vb.pp("layers");
+        let layers = spec
+            .layers
+            .iter()
+            .map(|l| {
+                DecoderLayer::load(&vb_layers.pp(l.index), l, hidden, &cfg, &rope)
+                    .with_context(|| format!("layer {}", l.index))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = output_head(
+            spec.tie_word_embeddings,
+            embed.weight(),
+            lm_head,
+            hidden,
+            spec.vocab_size,
+        )?;
+        Ok(Qwen3_5Model {
+            norm: RmsNorm::load_zero_centred(&vb.pp("norm"), hidden, cfg.rms_norm_eps)?,
+            spec,
+            embed,
+            layers,
+            lm_head,
+            device,
+        })
+    }
+
+    /// Parse `config.json` and build from `vb` as [`Qwen3_5Model::new`] does.
+    pub fn from_config(
+        raw: &Value,
+        opts: &ParseOptions,
+        vb: VarBuilder,
+        lm_head: Option<VarBuilder>,
+    ) -> Result<Self> {
+        let (spec, cfg) = crate::arch::parse_for_family(raw, opts, &super::FAMILY, runtime_config)?;
+        Self::new(spec, cfg, vb, lm_head)
+    }
+}
+
+impl CausalLm for Qwen3_5Model {
+    fn spec(&self) -> &ArchSpec {
+        &self.spec
+    }
+
+    /// Feeds `tokens` at positions `cache.seen()..`. On error the cache may hold part of the
+    /// chunk: clear it before reusing it.
+    fn forward_logits(&self, tokens: &[u32], cache: &mut KvStore, rows: Rows) -> Result<Tensor> {
+        let n = tokens.len();
+        if n == 0 {
+            bail!("no tokens to feed the model");
+        }
+        let vocab = self.spec.vocab_size;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            bail!("token id {bad} is outside the vocabulary ({vocab} tokens)");
+        }
+        let start = cache.seen();
+        let ids = Tensor::from_slice(tokens, (1, n), &self.device)?;
+
+        // 1. Token embeddings. [n, hidden]
+        let mut h = self.embed.forward(&ids)?.squeeze(0)?;
+
+        // 2. Decoder layers.
+        for (i, layer) in self.layers.iter().enumerate() {
+            h = layer
+                .forward(&h, i, start, cache)
+                .with_context(|| format!("layer {i}"))?;
+        }
+        cache.advance(n);
+
+        // 3. Final norm, output head. [rows, vocab]
+        let h = self.norm.forward(&rows.select(&h.unsqueeze(0)?)?)?;
+        let logits = self.lm_head.forward(&h)?;
+        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+}
