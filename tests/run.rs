@@ -1,6 +1,6 @@
 //! `llmarch run` end to end on the tiny reference checkpoints (tests/fixtures/gemma4,
-//! tests/fixtures/laguna and tests/fixtures/deepseek_v4, made by
-//! tests/oracle/{gemma4,laguna,deepseek_v4}_fixtures.py with transformers 5.23.0).
+//! tests/fixtures/laguna, tests/fixtures/deepseek_v4 and tests/fixtures/qwen3_5, made by
+//! tests/oracle/{gemma4,laguna,deepseek_v4,qwen3_5}_fixtures.py with transformers 5.23.0).
 
 mod common;
 use common::*;
@@ -50,6 +50,8 @@ fn greedy_run_matches_the_reference_tokens_logits_and_kv_budget() {
         "laguna/yarn-llama3",
         "deepseek_v4/flash-like",
         "deepseek_v4/fp8-fp4",
+        "qwen3_5/dense",
+        "qwen3_5/wrapper",
     ] {
         let r = reference(name);
         let n = r["generated_ids"].as_array().unwrap().len();
