@@ -9,6 +9,7 @@
 #   LLMARCH [target/release/llmarch]  PYTHON [/work/oracle-env/venv/bin/python]
 #   LLMARCH_DTYPE [DTYPE]  llmarch's --dtype for the main variant (e.g. q8_0)
 #   LLMARCH_ARGS   extra `llmarch run` flags for the main variant
+#   ALSO_DTYPES    more llmarch variants in the same rounds, one per --dtype (e.g. "f32 bf16")
 #   CANDLE=1       also time llmarch with candle's matmul (LLMARCH_KERNELS=candle)
 #   BASELINE=PATH  also time another llmarch binary (e.g. a build from before a change)
 #   NO_TRANSFORMERS=1  skip the transformers side
@@ -26,6 +27,7 @@ LLMARCH=${LLMARCH:-target/release/llmarch}
 PYTHON=${PYTHON:-/work/oracle-env/venv/bin/python}
 LLMARCH_DTYPE=${LLMARCH_DTYPE:-$DTYPE}
 LLMARCH_ARGS=${LLMARCH_ARGS:-}
+ALSO_DTYPES=${ALSO_DTYPES:-}
 
 die() { echo "bench/run.sh: $*" >&2; exit 1; }
 [ -x "$LLMARCH" ] || die "no $LLMARCH: build it first (cargo build --release)"
@@ -60,6 +62,9 @@ for r in $(seq 1 "$ROUNDS"); do
   echo "round $r/$ROUNDS (load $(cut -d' ' -f1-3 /proc/loadavg))" >&2
   # shellcheck disable=SC2086
   run_llmarch llmarch.jsonl "$LLMARCH" auto "$LLMARCH_DTYPE" $LLMARCH_ARGS
+  for d in $ALSO_DTYPES; do
+    run_llmarch "also-$d.jsonl" "$LLMARCH" auto "$d"
+  done
   if [ -n "${CANDLE:-}" ]; then
     run_llmarch candle.jsonl "$LLMARCH" candle "$DTYPE"
   fi
@@ -72,10 +77,10 @@ for r in $(seq 1 "$ROUNDS"); do
   fi
 done
 
-python3 - "$OUT" "$MODEL" "$DTYPE" "$LLMARCH_DTYPE $LLMARCH_ARGS" <<'EOF'
+python3 - "$OUT" "$MODEL" "$DTYPE" "$LLMARCH_DTYPE $LLMARCH_ARGS" "$ALSO_DTYPES" <<'EOF'
 import json, os, statistics, struct, sys
 
-out, model, dtype, extra = sys.argv[1:5]
+out, model, dtype, extra, also = sys.argv[1:6]
 extra = extra.strip()
 extra = "" if extra == dtype else extra
 
@@ -101,8 +106,9 @@ for f in sorted(os.listdir(model)):
                 numel += c
 weight_bytes = numel * {"f32": 4, "bf16": 2}[dtype]
 
-variants = [("llmarch" + (f" {extra}" if extra else ""), load("llmarch.jsonl")),
-            ("llmarch (candle matmul)", load("candle.jsonl")),
+variants = [("llmarch" + (f" {extra}" if extra else ""), load("llmarch.jsonl"))]
+variants += [(f"llmarch {d}", load(f"also-{d}.jsonl")) for d in also.split()]
+variants += [("llmarch (candle matmul)", load("candle.jsonl")),
             ("llmarch baseline", load("baseline.jsonl")),
             ("transformers", load("transformers.jsonl"))]
 variants = [(n, rows) for n, rows in variants if rows]
@@ -119,10 +125,15 @@ if tf:
         if name != "transformers":
             print(f"{name} / transformers: prefill {med(rows, 'prefill_tok_s') / med(tf, 'prefill_tok_s'):.2f}×, "
                   f"decode {med(rows, 'decode_tok_s') / med(tf, 'decode_tok_s'):.2f}×")
-    a, b = variants[0][1][-1]["generated_ids"], tf[-1]["generated_ids"]
-    same = sum(1 for x, y in zip(a, b) if x == y)
-    note = " (llmarch quantized its weights: a random model's near-ties can flip)" if extra else ""
-    print(f"greedy tokens: llmarch and transformers agree on {same} of the first {min(len(a), len(b))}{note}")
+    b = tf[-1]["generated_ids"]
+    for name, rows in variants:
+        if name == "transformers":
+            continue
+        a = rows[-1]["generated_ids"]
+        same = sum(1 for x, y in zip(a, b) if x == y)
+        note = (" (its weights are rounded: on these random checkpoints any weight change grows layer "
+                "after layer, see bench/README.md)") if any(q in name for q in ("q8_0", "bf16", "f16")) and dtype == "f32" else ""
+        print(f"greedy tokens: {name} and transformers agree on {same} of the first {min(len(a), len(b))}{note}")
 print(f"weights: {numel / 1e9:.3f} B parameters = {weight_bytes / 2**20:.0f} MB in {dtype}; "
       f"target peak RSS ≤ 1.3× = {1.3 * weight_bytes / 2**20:.0f} MB")
 EOF

@@ -45,9 +45,10 @@ complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l top-p -d 'Keep t
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l min-p -d 'Drop tokens less likely than min-p × the most likely one' -r
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l repeat-penalty -d '> 1 makes tokens already in the sequence less likely' -r
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l seed -r
-complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l dtype -d 'Compute dtype (default: f32 on CPU, bf16 on a GPU)' -r -f -a "f32\t''
-bf16\t''
-f16\t''"
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l dtype -d 'Weight and compute dtype (default: f32 on CPU, bf16 on a GPU)' -r -f -a "f32\t'f32 weights and activations'
+bf16\t'bfloat16 weights, activations and KV cache'
+f16\t'float16 weights, activations and KV cache'
+q8_0\t'weight matrices quantized at load to GGML q8_0, f32 activations and KV cache; CPU only'"
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l device -r -f -a "cpu\t''
 cuda\t''
 metal\t''
@@ -57,7 +58,7 @@ complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l logits-out -d 'W
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l json -d 'Stats as one JSON object on the last stdout line'
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -s q -l quiet -d 'No progress bars or notes on stderr (errors are still printed)'
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l allow-unknown-keys -d 'Treat config keys llmarch does not know as warnings instead of errors'
-complete -c llmarch -n "__fish_llmarch_using_subcommand run" -s h -l help -d 'Print help'
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -s V -l version -d 'Print version'
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l system -d 'The system prompt' -r
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l input -d 'Read the user messages from a file, one per line, instead of the terminal' -r -F
@@ -68,9 +69,10 @@ complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l top-p -d 'Keep 
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l min-p -d 'Drop tokens less likely than min-p × the most likely one' -r
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l repeat-penalty -d '> 1 makes tokens already in the sequence less likely' -r
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l seed -r
-complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l dtype -d 'Compute dtype (default: f32 on CPU, bf16 on a GPU)' -r -f -a "f32\t''
-bf16\t''
-f16\t''"
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l dtype -d 'Weight and compute dtype (default: f32 on CPU, bf16 on a GPU)' -r -f -a "f32\t'f32 weights and activations'
+bf16\t'bfloat16 weights, activations and KV cache'
+f16\t'float16 weights, activations and KV cache'
+q8_0\t'weight matrices quantized at load to GGML q8_0, f32 activations and KV cache; CPU only'"
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l device -r -f -a "cpu\t''
 cuda\t''
 metal\t''
@@ -85,7 +87,7 @@ complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l hide-thinking -
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l no-history -d 'Do not read or write the input history file'
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -s q -l quiet -d 'No progress bars or notes on stderr (errors are still printed)'
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l allow-unknown-keys -d 'Treat config keys llmarch does not know as warnings instead of errors'
-complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -s h -l help -d 'Print help'
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -s V -l version -d 'Print version'
 complete -c llmarch -n "__fish_llmarch_using_subcommand inspect" -l json -d 'Machine-readable output on stdout'
 complete -c llmarch -n "__fish_llmarch_using_subcommand inspect" -s q -l quiet -d 'No progress bars or notes on stderr (errors are still printed)'

@@ -181,7 +181,7 @@ fn note(style: &Style, quiet: bool, s: &str) {
 
 pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     // 1. Everything that can be checked before loading anything.
-    let (device, dtype) = args.device.resolve()?;
+    let precision = args.device.resolve()?;
     if args.max_context == Some(0) {
         bail!("--max-context must be at least 1");
     }
@@ -212,7 +212,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         thinking: args.thinking.map(|t| t == OnOff::On),
     };
     let max_context = args.max_context.unwrap_or(spec.max_context);
-    let (model, load_s) = shared::build_model(&files, family, ctx, dtype, &device)?;
+    let (model, load_s) = shared::build_model_in(&files, family, ctx, &precision)?;
     let mut session = Session::new(model, tok, template, settings, max_context);
     session.context_shift = args.context_shift;
     session.engine.max_snapshots = args.snapshots;
@@ -243,7 +243,8 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         interactive,
         hide_thinking: args.hide_thinking,
         model_name: model_ref.display_name(),
-        kv: shared::kv_dtype_of(dtype),
+        weights: precision.name(),
+        kv: shared::kv_dtype_of(precision.dtype),
         load_s,
         stop,
     };
@@ -271,6 +272,8 @@ struct Chat {
     interactive: bool,
     hide_thinking: bool,
     model_name: String,
+    /// The weights' format (`--dtype`): f32, bf16, f16 or q8_0.
+    weights: String,
     kv: budget::KvDtype,
     load_s: f64,
     stop: Arc<AtomicBool>,
@@ -312,10 +315,11 @@ impl Chat {
             self.style.dim(
                 self.style.err,
                 &format!(
-                    "llmarch chat · {} ({}, {} layers) · template: {} · context {} · /help for commands, Ctrl-D to quit",
+                    "llmarch chat · {} ({}, {} layers, {} weights) · template: {} · context {} · /help for commands, Ctrl-D to quit",
                     self.model_name,
                     spec.family,
                     spec.layers.len(),
+                    self.weights,
                     self.session.template.origin,
                     units::context(self.session.max_context as u64),
                 )
@@ -695,7 +699,7 @@ impl Chat {
         let rate = |n: usize, secs: f64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
         let held: u64 = s.engine.cache().bytes().iter().sum();
         format!(
-            "turns {} · context {}/{} tokens · prefilled {} tokens ({:.1} tok/s), reused {} from the cache · generated {} ({:.1} tok/s decode)\nresumed from a snapshot {}× · prefilled again from scratch {}× · snapshots held {} · KV {} · load {:.1} s{}",
+            "turns {} · context {}/{} tokens · prefilled {} tokens ({:.1} tok/s), reused {} from the cache · generated {} ({:.1} tok/s decode)\nresumed from a snapshot {}× · prefilled again from scratch {}× · snapshots held {} · KV {} · {} weights · load {:.1} s{}",
             t.turns,
             s.engine.ids().len(),
             s.max_context,
@@ -708,6 +712,7 @@ impl Chat {
             t.refilled_from_scratch,
             s.engine.snapshot_count(),
             units::bytes(held),
+            self.weights,
             self.load_s,
             crate::generate::peak_rss_bytes()
                 .map(|b| format!(" · peak RSS {}", units::bytes(b)))

@@ -97,7 +97,7 @@ fn write_logits(path: &Path, rows: &[Tensor]) -> Result<()> {
 
 pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     // 1. Everything that can be checked before loading anything.
-    let (device, dtype) = args.device.resolve()?;
+    let precision = args.device.resolve()?;
     if let Some(p) = &args.logits_out {
         check_output_path(p)?;
     }
@@ -141,7 +141,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     settings.validate()?;
 
     // 3. Weights and the network.
-    let (model, load_s) = shared::build_model(&files, family, ctx, dtype, &device)?;
+    let (model, load_s) = shared::build_model_in(&files, family, ctx, &precision)?;
 
     // 4. Generate, streaming text and the panel.
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -158,7 +158,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         stop_ids: tok.eos_ids.clone(),
         all_prompt_logits: args.logits_out.is_some(),
     };
-    let kv = shared::kv_dtype_of(dtype);
+    let kv = shared::kv_dtype_of(precision.dtype);
     let at_max = budget::compute(&spec, max_context as u64, 1, kv);
     let show_panel = !ctx.quiet && !args.json && std::io::stderr().is_terminal();
     let mut live = LivePanel::new();
@@ -244,7 +244,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         write_logits(p, &logits_rows)?;
     }
     if !ctx.quiet {
-        eprintln!("{}", summary(&stats, &at_max, load_s));
+        eprintln!("{}", summary(&stats, &at_max, &precision.name(), load_s));
     }
     if args.json {
         let mut v = serde_json::to_value(&stats)?;
@@ -255,16 +255,16 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
                 serde_json::json!(cache.bytes()),
             );
             o.insert("load_s".into(), load_s.into());
-            o.insert("dtype".into(), format!("{dtype:?}").to_lowercase().into());
+            o.insert("dtype".into(), precision.name().into());
         }
         writeln!(out, "{}", serde_json::to_string(&v)?)?;
     }
     Ok(())
 }
 
-fn summary(s: &Stats, at_max: &budget::Budget, load_s: f64) -> String {
+fn summary(s: &Stats, at_max: &budget::Budget, weights: &str, load_s: f64) -> String {
     format!(
-        "{} prompt + {} generated tokens · TTFT {:.0} ms · prefill {:.1} tok/s · decode {:.1} tok/s · KV {} (budget {} at {}) · load {:.1} s{}",
+        "{} prompt + {} generated tokens · TTFT {:.0} ms · prefill {:.1} tok/s · decode {:.1} tok/s · KV {} (budget {} at {}) · {weights} weights · load {:.1} s{}",
         s.prompt_tokens,
         s.generated_tokens,
         s.ttft_ms,

@@ -5,6 +5,7 @@ use super::Ctx;
 use crate::arch::{self, budget::KvDtype, ArchSpec};
 use crate::generate::sampler::Sampling;
 use crate::generate::CausalLm;
+use crate::layers::linear::{with_load_quantization, Quantization};
 use crate::loader::generation_config::GenerationDefaults;
 use crate::loader::model_files::{self, ModelFiles, ResolveOptions};
 use crate::loader::tokenizer::{self, TokenizerBundle};
@@ -70,33 +71,76 @@ impl SamplingArgs {
 /// Where and in which precision the model runs.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DeviceArgs {
-    /// Compute dtype (default: f32 on CPU, bf16 on a GPU).
+    /// Weight and compute dtype (default: f32 on CPU, bf16 on a GPU).
+    ///
+    /// q8_0: the weight matrices are quantized as they load to GGML's q8_0 (blocks of 32 int8
+    /// with an f16 scale, 1.06 bytes per weight); activations, norms, embeddings, routers and the
+    /// KV cache stay f32. It runs on the CPU (`--device auto` picks it).
     #[arg(long, value_enum)]
     pub dtype: Option<ComputeDtype>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
 }
 
+/// The device, the activation dtype and the weight quantization a model runs with.
+#[derive(Debug, Clone)]
+pub struct Precision {
+    pub device: Device,
+    /// What the weights load in and the activations and KV cache are held in.
+    pub dtype: DType,
+    /// Applied to the weight matrices as they load ([`with_load_quantization`]).
+    pub quantization: Option<Quantization>,
+}
+
+impl Precision {
+    /// The name `--json` and the summary report: `f32`, `bf16`, `f16` or `q8_0`.
+    pub fn name(&self) -> String {
+        match self.quantization {
+            Some(Quantization::Q8_0) => "q8_0".into(),
+            None => format!("{:?}", self.dtype).to_lowercase(),
+        }
+    }
+}
+
 impl DeviceArgs {
-    /// The device and the compute dtype.
-    pub fn resolve(&self) -> Result<(Device, DType)> {
-        let device = device(self.device)?;
-        let dtype = match self.dtype {
-            Some(ComputeDtype::F32) => DType::F32,
-            Some(ComputeDtype::Bf16) => DType::BF16,
-            Some(ComputeDtype::F16) => DType::F16,
-            None if device.is_cpu() => DType::F32,
-            None => DType::BF16,
+    /// The device, the compute dtype and the weight quantization.
+    pub fn resolve(&self) -> Result<Precision> {
+        // q8_0 weights run on the CPU only: `auto` picks it, a GPU is refused before it opens.
+        let device = match (self.dtype, self.device) {
+            (Some(ComputeDtype::Q8_0), DeviceArg::Cuda | DeviceArg::Metal) => bail!(
+                "--dtype q8_0 runs on the CPU only, not on --device {}\nhint: use --device cpu, or --dtype bf16 on the GPU",
+                format!("{:?}", self.device).to_lowercase()
+            ),
+            (Some(ComputeDtype::Q8_0), _) => Device::Cpu,
+            (_, d) => device(d)?,
         };
-        Ok((device, dtype))
+        let (dtype, quantization) = match self.dtype {
+            Some(ComputeDtype::F32) => (DType::F32, None),
+            Some(ComputeDtype::Bf16) => (DType::BF16, None),
+            Some(ComputeDtype::F16) => (DType::F16, None),
+            Some(ComputeDtype::Q8_0) => (DType::F32, Some(Quantization::Q8_0)),
+            None if device.is_cpu() => (DType::F32, None),
+            None => (DType::BF16, None),
+        };
+        Ok(Precision {
+            device,
+            dtype,
+            quantization,
+        })
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ComputeDtype {
+    /// f32 weights and activations
     F32,
+    /// bfloat16 weights, activations and KV cache
     Bf16,
+    /// float16 weights, activations and KV cache
     F16,
+    /// weight matrices quantized at load to GGML q8_0, f32 activations and KV cache; CPU only
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -189,13 +233,29 @@ pub fn files_and_tokenizer(
     Ok((files, tok))
 }
 
-/// Load the weights and build the network; returns it with the seconds it took.
+/// Load the weights in `dtype` on `device` and build the network (no quantization); returns it
+/// with the seconds it took.
 pub fn build_model(
     files: &ModelFiles,
     family: &arch::Family,
     ctx: &Ctx,
     dtype: DType,
     device: &Device,
+) -> Result<(Box<dyn CausalLm>, f64)> {
+    let precision = Precision {
+        device: device.clone(),
+        dtype,
+        quantization: None,
+    };
+    build_model_in(files, family, ctx, &precision)
+}
+
+/// [`build_model`] with the weight matrices quantized at load as `precision` says.
+pub fn build_model_in(
+    files: &ModelFiles,
+    family: &arch::Family,
+    ctx: &Ctx,
+    precision: &Precision,
 ) -> Result<(Box<dyn CausalLm>, f64)> {
     let t_load = Instant::now();
     let build = family
@@ -206,8 +266,12 @@ pub fn build_model(
         rename: family.rename,
         fp8_block: crate::loader::quantized::fp8_block(&config)?,
     };
-    let weights = weights::load_with(files, dtype, device, opts)?;
-    let model = build(&config, &ctx.parse, weights.text_vb(), weights.lm_head_vb())
-        .with_context(|| format!("building the model from {}", files.source))?;
+    let weights = weights::load_with(files, precision.dtype, &precision.device, opts)?;
+    // Quantized weights are made one matrix at a time as the family reads them, so at most one
+    // f32 matrix beside its q8_0 copy is held on top of the mapped checkpoint.
+    let model = with_load_quantization(precision.quantization, || {
+        build(&config, &ctx.parse, weights.text_vb(), weights.lm_head_vb())
+    })
+    .with_context(|| format!("building the model from {}", files.source))?;
     Ok((model, t_load.elapsed().as_secs_f64()))
 }

@@ -58,6 +58,9 @@ pub struct GatedDeltaNet {
     out_proj: Linear,
 }
 
+/// One value head's outputs `[n·dv]` and final state `[dk·dv]`.
+type HeadRun = (Vec<f32>, Vec<f32>);
+
 const CONV_STATE: &str = "conv state";
 const RECURRENT_STATE: &str = "recurrent state";
 
@@ -123,7 +126,7 @@ impl GatedDeltaNet {
             .map(|t| t.flatten_all()?.to_vec1::<f32>())
             .transpose()?;
         let group = nv / nk;
-        let results: Mutex<Vec<Option<(Vec<f32>, Vec<f32>)>>> = Mutex::new(vec![None; nv]);
+        let results: Mutex<Vec<Option<HeadRun>>> = Mutex::new(vec![None; nv]);
         parallel_for(nv, |heads| {
             for h in heads {
                 let kh = h / group;

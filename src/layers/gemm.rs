@@ -208,6 +208,7 @@ mod tests {
             (3, 5, 2100),
             (64, 130, 256),
             (13, 49, 64),
+            (6, 50, 2080), // q8_0 over three panels of 704, 704 and 672 columns
         ];
         for (s, &(m, n, k)) in shapes.iter().enumerate() {
             let w = random(n * k, s as u64);

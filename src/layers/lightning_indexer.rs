@@ -70,7 +70,12 @@ impl LightningIndexer {
         Ok(LightningIndexer {
             keys,
             q_b_proj: Linear::load(&vb.pp("q_b_proj"), q_lora_rank, heads * head_dim, false)?,
-            weights_proj: Linear::load(&vb.pp("scorer").pp("weights_proj"), hidden, heads, false)?,
+            weights_proj: Linear::load_unquantized(
+                &vb.pp("scorer").pp("weights_proj"),
+                hidden,
+                heads,
+                false,
+            )?,
             heads,
             head_dim,
             top_k,

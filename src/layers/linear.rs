@@ -12,9 +12,14 @@
 //!   `LLMARCH_KERNELS=candle` forces candle's matmul for dense weights (for benchmarks).
 //! - bf16/f16 weights are read as they are stored and widened in registers, so decode moves half
 //!   the bytes of f32; the output comes back in the activation's dtype.
-//! - Quantize at load (q8_0: GGML's blocks of 32 int8 + an f16 scale, 1.06 bytes per weight):
-//!   [`Linear::quantize_q8_0`], or every [`Linear`] built inside [`with_load_quantization`]. The
-//!   dense tensor is dropped, so only the q8_0 copy stays resident.
+//! - Quantize at load (q8_0: GGML's blocks of 32 int8 + an f16 scale, 1.06 bytes per weight;
+//!   `--dtype q8_0`): [`Linear::quantize_q8_0`], or every [`Linear`] built inside
+//!   [`with_load_quantization`], the output head included (a tied head gets a q8_0 copy beside
+//!   the f32 embedding its lookup reads). Each matrix is quantized in place from its f32 load and
+//!   the dense tensor dropped, so only the q8_0 copy stays resident and the load never holds more
+//!   than one f32 matrix. Routers stay dense ([`Linear::load_unquantized`]): their output picks
+//!   experts. Accuracy: within q8_0's own rounding of the f32 product (~0.5 % relative RMS for
+//!   Gaussian weights), tested below.
 
 use super::gemm;
 use super::gemv::{self, Q8_0Matrix, WeightRows};
@@ -177,6 +182,18 @@ impl Linear {
             .with_context(|| format!("tensor `{}`", weight::full_name(vb, "weight")))
     }
 
+    /// [`Linear::load`], never quantized, even inside [`with_load_quantization`]: for routers,
+    /// whose output is a discrete choice (which experts run) that a rounding error would flip
+    /// (llama.cpp keeps them unquantized too), and which are small.
+    pub fn load_unquantized(
+        vb: &VarBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        with_load_quantization(None, || Linear::load(vb, in_dim, out_dim, bias))
+    }
+
     /// A projection over an existing weight (a tied output head). Inside
     /// [`with_load_quantization`] use [`Linear::quantized_from_weight`] to quantize it too.
     pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Self {
@@ -227,8 +244,21 @@ impl Linear {
             bail!("q8_0 weights run on the CPU only");
         }
         let (out_dim, in_dim) = w.dims2()?;
-        let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let m = Q8_0Matrix::quantize(&values, out_dim, in_dim)?;
+        let m = {
+            // A contiguous f32 weight (what `--dtype q8_0` loads) is read in place: no second
+            // f32 copy of the matrix, however large (a tied head is the whole embedding table).
+            let (storage, layout) = w.storage_and_layout();
+            match (&*storage, layout.contiguous_offsets()) {
+                (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) => {
+                    Q8_0Matrix::quantize(&v[start..end], out_dim, in_dim)?
+                }
+                _ => {
+                    drop(storage);
+                    let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    Q8_0Matrix::quantize(&values, out_dim, in_dim)?
+                }
+            }
+        };
         Ok(Linear {
             weight: Weight::Q8_0(Arc::new(m)),
             bias: self.bias,
@@ -249,7 +279,8 @@ impl Linear {
 }
 
 /// The output head `[vocab, hidden]`: the token embedding `embedding` when the config ties them,
-/// else `weight` under `lm_head` (the checkpoint's untied head).
+/// else `weight` under `lm_head` (the checkpoint's untied head). Quantized inside
+/// [`with_load_quantization`] either way.
 pub fn output_head(
     tied: bool,
     embedding: &Tensor,
@@ -258,7 +289,9 @@ pub fn output_head(
     vocab: usize,
 ) -> Result<Linear> {
     if tied {
-        return Ok(Linear::from_weight(embedding.clone(), None));
+        // Quantized at load like any projection: a q8_0 copy beside the f32 embedding table,
+        // which the token lookup keeps reading.
+        return Linear::quantized_from_weight(embedding.clone(), None);
     }
     let vb = lm_head.ok_or_else(|| {
         anyhow::anyhow!("the config unties the output head (`tie_word_embeddings` is false) but the checkpoint has no `lm_head.weight`")
@@ -461,6 +494,160 @@ mod tests {
         assert!(a.weight().is_none(), "64 wide: quantized");
         assert!(b.weight().is_some(), "33 wide: kept dense");
         assert!(Linear::load(&vb.pp("a"), 64, 8, false)
+            .unwrap()
+            .weight()
+            .is_some());
+    }
+}
+
+/// q8_0 projections against the f32 ones they were quantized from: the error must stay at
+/// q8_0's own (~0.5 % relative RMS for Gaussian weights), on both paths (one row: the gemv;
+/// several: the GEMM), at widths with one and several GEMM panels, odd output widths, and
+/// from several threads at once. A wrong scale, block or row (a misindexed `scales`, a panel
+/// offset dropped, a task boundary shifted) shows up as tens of percent.
+#[cfg(test)]
+mod q8_0_accuracy_tests {
+    use super::*;
+    use crate::layers::gemv::tests::normal;
+    use candle_core::Device;
+
+    /// `‖a − b‖ / ‖b‖` over every element.
+    fn rel_rms(a: &Tensor, b: &Tensor) -> f64 {
+        let v = |t: &Tensor| -> Vec<f32> {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        gemv::tests::rel_rms(&v(a), &v(b))
+    }
+
+    /// (out, in): odd outputs, one block, several blocks, an odd block count across three GEMM
+    /// panels (2080 = 65 blocks), two panels (1536), six panels (6144), many gemv tasks.
+    const SHAPES: &[(usize, usize)] = &[
+        (33, 32),
+        (7, 64),
+        (65, 96),
+        (257, 1536),
+        (31, 2080),
+        (19, 6144),
+        (1027, 256),
+    ];
+
+    /// The bound: q8_0's rounding gives 0.45-0.6 % here; any misplaced scale or block gives
+    /// far more.
+    const TOL: f64 = 0.01;
+
+    #[test]
+    fn q8_0_forward_stays_within_quantization_error_of_the_f32_forward() {
+        let dev = Device::Cpu;
+        for (s, &(out, n)) in SHAPES.iter().enumerate() {
+            let w = Tensor::from_vec(normal(out * n, 0.02, s as u64), (out, n), &dev).unwrap();
+            let b = Tensor::from_vec(normal(out, 0.02, 99), out, &dev).unwrap();
+            let dense = Linear::from_weight(w.clone(), Some(b.clone()));
+            let q = Linear::from_weight(w, Some(b)).quantize_q8_0().unwrap();
+            assert!(q.weight().is_none());
+            for rows in [1, 2, 5, 17, 64] {
+                // At least ~60 outputs per case so the ratio is not one noisy number.
+                if out * rows < 60 {
+                    continue;
+                }
+                let x = normal(rows * n, 1.0, 1000 + s as u64 * 7 + rows as u64);
+                let x = Tensor::from_vec(x, (1, rows, n), &dev).unwrap();
+                let (yq, yd) = (q.forward(&x).unwrap(), dense.forward(&x).unwrap());
+                assert_eq!(yq.dims(), &[1, rows, out]);
+                let e = rel_rms(&yq, &yd);
+                assert!(
+                    e < TOL,
+                    "[{rows}, {n}] · [{out}, {n}]ᵀ: q8_0 is {:.2} % off the f32 product",
+                    100.0 * e
+                );
+                // One row at a time (the gemv) gives the rows of the several-row GEMM.
+                if rows > 1 && rows <= 5 {
+                    for r in 0..rows {
+                        let one = q.forward(&x.narrow(1, r, 1).unwrap()).unwrap();
+                        let e = rel_rms(&one, &yq.narrow(1, r, 1).unwrap());
+                        assert!(e < 1e-5, "[{out}, {n}] row {r} of {rows}: {e:e}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q8_0_forward_from_several_threads_at_once_gives_the_same_numbers() {
+        let dev = Device::Cpu;
+        let (out, n) = (257, 1536);
+        let w = Tensor::from_vec(normal(out * n, 0.02, 5), (out, n), &dev).unwrap();
+        let q = Linear::from_weight(w, None).quantize_q8_0().unwrap();
+        let xs: Vec<Tensor> = [1, 3, 8]
+            .iter()
+            .map(|&rows| {
+                Tensor::from_vec(normal(rows * n, 1.0, rows as u64), (rows, n), &dev).unwrap()
+            })
+            .collect();
+        let want: Vec<Vec<f32>> = xs
+            .iter()
+            .map(|x| {
+                q.forward(x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
+            .collect();
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let (q, xs, want) = (&q, &xs, &want);
+                s.spawn(move || {
+                    for i in 0..30 {
+                        let k = (t + i) % xs.len();
+                        let y: Vec<f32> = q
+                            .forward(&xs[k])
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1()
+                            .unwrap();
+                        assert_eq!(y, want[k], "thread {t}, call {i}");
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn routers_stay_dense_inside_load_quantization() {
+        let dev = Device::Cpu;
+        let mut ts = std::collections::HashMap::new();
+        ts.insert(
+            "r.weight".to_string(),
+            Tensor::randn(0f32, 1.0, (8, 64), &dev).unwrap(),
+        );
+        let vb = VarBuilder::from_tensors(ts, DType::F32, &dev);
+        let (r, p) = with_load_quantization(Some(Quantization::Q8_0), || {
+            (
+                Linear::load_unquantized(&vb.pp("r"), 64, 8, false).unwrap(),
+                Linear::load(&vb.pp("r"), 64, 8, false).unwrap(),
+            )
+        });
+        assert!(r.weight().is_some() && p.weight().is_none());
+        // ... and the scope is back afterwards.
+        let p = with_load_quantization(Some(Quantization::Q8_0), || {
+            let _ = Linear::load_unquantized(&vb.pp("r"), 64, 8, false).unwrap();
+            Linear::load(&vb.pp("r"), 64, 8, false).unwrap()
+        });
+        assert!(p.weight().is_none());
+        // A tied head is quantized inside the scope, the embedding it reads is not touched.
+        let emb = Tensor::randn(0f32, 1.0, (16, 32), &dev).unwrap();
+        let head = with_load_quantization(Some(Quantization::Q8_0), || {
+            output_head(true, &emb, None, 32, 16).unwrap()
+        });
+        assert!(head.weight().is_none());
+        assert!(output_head(true, &emb, None, 32, 16)
             .unwrap()
             .weight()
             .is_some());

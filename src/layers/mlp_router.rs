@@ -1,5 +1,6 @@
 //! An MLP expert router with a skip class and a router state carried from layer to layer (ZAYA's
 //! `ZayaRouter`; reference: transformers 5.23.0 `models/zaya/modeling_zaya.py`).
+//! Its matrices are never quantized at load: they decide which experts run.
 //!
 //! Per token x `[hidden]`:
 //! 1. `r = down_proj x` (`router_hidden_size`, with bias); from the second layer on (EDA), plus
@@ -66,16 +67,16 @@ impl MlpRouter {
         };
         balancing[experts] = SKIP_CLASS_BIAS;
         Ok(MlpRouter {
-            down_proj: Linear::load(&vb.pp("down_proj"), hidden, router_hidden, true)?,
+            down_proj: Linear::load_unquantized(&vb.pp("down_proj"), hidden, router_hidden, true)?,
             state_scale: if eda {
                 Some(weight::get(vb, router_hidden, "router_states_scale")?)
             } else {
                 None
             },
             norm: RmsNorm::load(&m.pp("norm"), router_hidden, eps)?,
-            fc1: Linear::load(&m.pp("fc1"), router_hidden, router_hidden, true)?,
-            fc2: Linear::load(&m.pp("fc2"), router_hidden, router_hidden, true)?,
-            out_proj: Linear::load(&m.pp("out_proj"), router_hidden, classes, false)?,
+            fc1: Linear::load_unquantized(&m.pp("fc1"), router_hidden, router_hidden, true)?,
+            fc2: Linear::load_unquantized(&m.pp("fc2"), router_hidden, router_hidden, true)?,
+            out_proj: Linear::load_unquantized(&m.pp("out_proj"), router_hidden, classes, false)?,
             balancing,
             experts,
             top_k,

@@ -1,13 +1,16 @@
-//! Mixture of experts: a softmax top-k router with per-expert scales, and experts stored packed as
+//! Mixture of experts: a softmax top-k router with per-expert scales, and experts read packed as
 //! 3-D tensors (`gate_up_proj` `[experts, 2·width, hidden]`, `down_proj` `[experts, hidden, width]`;
-//! a checkpoint with one `gate_proj`/`up_proj`/`down_proj` per expert is packed at load).
+//! a checkpoint with one `gate_proj`/`up_proj`/`down_proj` per expert is packed at load). Each
+//! expert's two matrices are [`Linear`]s (views of the packed tensors), so they take the same
+//! kernels and quantize at load like every projection; routers never do (a rounding error would
+//! change which experts run).
 //!
 //! Routing (Gemma 4's `Gemma4TextRouter`): scale-less RMS norm of the input, times a learned
 //! `[hidden]` scale and `hidden^-½`, a linear map to expert scores, softmax in f32, the top k,
 //! renormalised to sum to 1, each times its expert's `per_expert_scale`. The experts run on the
 //! tokens routed to them, in expert order, and their outputs are added weighted.
 
-use super::linear::{matmul_t, Linear};
+use super::linear::Linear;
 use super::mlp::{swiglu_clamp, Activation};
 use super::norm::RmsNorm;
 use super::weight;
@@ -45,7 +48,7 @@ impl SoftmaxTopKRouter {
             norm: RmsNorm::plain(eps),
             scale: weight::get(vb, hidden, "scale")?,
             root: (hidden as f64).powf(-0.5),
-            proj: Linear::load(&vb.pp("proj"), hidden, experts, false)?,
+            proj: Linear::load_unquantized(&vb.pp("proj"), hidden, experts, false)?,
             per_expert_scale: weight::get(vb, experts, "per_expert_scale")?
                 .to_dtype(DType::F32)?
                 .to_vec1()?,
@@ -77,10 +80,10 @@ impl SoftmaxTopKRouter {
 
 #[derive(Debug)]
 pub struct PackedExperts {
-    /// `[experts, 2·width, hidden]`: gate rows then up rows.
-    gate_up: Tensor,
-    /// `[experts, hidden, width]`.
-    down: Tensor,
+    /// Per expert `[2·width, hidden]`: gate rows then up rows.
+    gate_up: Vec<Linear>,
+    /// Per expert `[hidden, width]`.
+    down: Vec<Linear>,
     width: usize,
     act: Activation,
     limit: Option<f64>,
@@ -102,9 +105,16 @@ impl PackedExperts {
         width: usize,
         act: Activation,
     ) -> Result<Self> {
+        let gate_up = weight::get(vb, (experts, 2 * width, hidden), "gate_up_proj")?;
+        let down = weight::get(vb, (experts, hidden, width), "down_proj")?;
+        let per_expert = |t: &Tensor| -> Result<Vec<Linear>> {
+            (0..experts)
+                .map(|e| Linear::quantized_from_weight(t.get(e)?, None))
+                .collect()
+        };
         Ok(PackedExperts {
-            gate_up: weight::get(vb, (experts, 2 * width, hidden), "gate_up_proj")?,
-            down: weight::get(vb, (experts, hidden, width), "down_proj")?,
+            gate_up: per_expert(&gate_up)?,
+            down: per_expert(&down)?,
             width,
             act,
             limit: None,
@@ -127,12 +137,14 @@ impl PackedExperts {
             let vb = vb.pp(e);
             let gate = weight::get(&vb.pp("gate_proj"), (width, hidden), "weight")?;
             let up = weight::get(&vb.pp("up_proj"), (width, hidden), "weight")?;
-            gate_up.push(Tensor::cat(&[gate, up], 0)?); // [2·width, hidden]
-            down.push(weight::get(&vb.pp("down_proj"), (hidden, width), "weight")?);
+            let gu = Tensor::cat(&[gate, up], 0)?; // [2·width, hidden]
+            gate_up.push(Linear::quantized_from_weight(gu, None)?);
+            let d = weight::get(&vb.pp("down_proj"), (hidden, width), "weight")?;
+            down.push(Linear::quantized_from_weight(d, None)?);
         }
         Ok(PackedExperts {
-            gate_up: Tensor::stack(&gate_up, 0)?,
-            down: Tensor::stack(&down, 0)?,
+            gate_up,
+            down,
             width,
             act,
             limit: None,
@@ -141,7 +153,7 @@ impl PackedExperts {
 
     /// x `[tokens, hidden]` with each token's picks → `[tokens, hidden]`.
     pub fn forward(&self, x: &Tensor, picks: &[Picks]) -> Result<Tensor> {
-        let experts = self.gate_up.dim(0)?;
+        let experts = self.gate_up.len();
         let mut routed: Vec<(Vec<u32>, Vec<f32>)> = vec![(vec![], vec![]); experts];
         for (t, p) in picks.iter().enumerate() {
             for &(e, w) in p {
@@ -162,14 +174,14 @@ impl PackedExperts {
             let idx = Tensor::from_vec(tokens, n, dev)?;
             let w = Tensor::from_vec(weights, (n, 1), dev)?;
             let xs = x.index_select(&idx, 0)?; // [n, hidden]
-            let gu = matmul_t(&xs, &self.gate_up.get(e)?)?; // [n, 2·width]
+            let gu = self.gate_up[e].forward(&xs)?; // [n, 2·width]
             let (gate, up) = swiglu_clamp(
                 gu.narrow(1, 0, self.width)?,
                 gu.narrow(1, self.width, self.width)?,
                 self.limit,
             )?;
             let h = (self.act.apply(&gate)? * up)?; // [n, width]
-            let y = matmul_t(&h, &self.down.get(e)?)?; // [n, hidden]
+            let y = self.down[e].forward(&h)?; // [n, hidden]
             let y = y
                 .to_dtype(DType::F32)?
                 .broadcast_mul(&w)?

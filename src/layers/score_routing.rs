@@ -102,7 +102,7 @@ impl ScoreRouter {
             vec![0.0; experts]
         };
         Ok(ScoreRouter {
-            proj: Linear::load(vb, hidden, experts, false)?,
+            proj: Linear::load_unquantized(vb, hidden, experts, false)?,
             score,
             choice: Choice::TopK { correction_bias },
             top_k,
@@ -144,7 +144,7 @@ impl ScoreRouter {
             })
             .collect::<Result<_>>()?;
         Ok(ScoreRouter {
-            proj: Linear::load(vb, hidden, experts, false)?,
+            proj: Linear::load_unquantized(vb, hidden, experts, false)?,
             score,
             choice: Choice::Hash { table },
             top_k,

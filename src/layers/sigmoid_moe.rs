@@ -66,7 +66,7 @@ impl SigmoidTopKRouter {
             None => vec![0.0; experts],
         };
         Ok(SigmoidTopKRouter {
-            proj: Linear::load(vb, hidden, experts, false)?,
+            proj: Linear::load_unquantized(vb, hidden, experts, false)?,
             correction_bias,
             logit_softcap,
             top_k,

@@ -173,7 +173,12 @@ impl FeedForward {
                     )?,
                     experts: packed,
                     shared: GatedMlp::load(&vb.pp("shared_expert"), hidden, shared_width, act)?,
-                    shared_gate: Linear::load(&vb.pp("shared_expert_gate"), hidden, 1, false)?,
+                    shared_gate: Linear::load_unquantized(
+                        &vb.pp("shared_expert_gate"),
+                        hidden,
+                        1,
+                        false,
+                    )?,
                 }
             }
             ref other => bail!("Qwen3.5 has no `{}` feed-forward", other.label()),

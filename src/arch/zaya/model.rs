@@ -260,12 +260,13 @@ impl ZayaModel {
         } else {
             None
         };
+        // Quantized inside `with_load_quantization`, like every projection.
         let lm_head = if spec.tie_word_embeddings {
-            Linear::from_weight(embed.weight().clone(), bias)
+            Linear::quantized_from_weight(embed.weight().clone(), bias)?
         } else {
             let vb = lm_head.ok_or_else(missing_head)?;
             let w = weight::get(&vb, (spec.vocab_size, hidden), "weight")?;
-            Linear::from_weight(w, bias)
+            Linear::quantized_from_weight(w, bias)?
         };
         Ok(ZayaModel {
             norm: RmsNorm::load(&vb.pp("norm"), hidden, cfg.rms_norm_eps)?,

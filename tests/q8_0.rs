@@ -1,0 +1,235 @@
+//! `--dtype q8_0` end to end: weight matrices quantized at load to GGML's q8_0, f32 activations.
+//!
+//! Two references, both made by transformers 5.23.0 (`tests/oracle/q8_0_fixtures.py`):
+//! - the same checkpoint with exactly the weights llmarch quantizes replaced by their q8_0 values
+//!   (`tests/fixtures/q8_0/<name>/`): llmarch must equal it as closely as it equals the f32
+//!   reference in f32 (greedy tokens, prefill and decode logits);
+//! - the fixture's f32 reference: llmarch's q8_0 logits may differ from it only by what q8_0
+//!   itself costs, which the oracle measured on the reference. These tiny checkpoints have random
+//!   weights that amplify any weight change layer after layer (bf16 weights move their logits by
+//!   7-29 % relative RMS), so that cost is 2-26 % here, not the ~0.5 % of one q8_0 product.
+
+mod common;
+use candle_core::{Device, Tensor};
+use common::reference::{argmax, max_abs_diff};
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// Logit tolerance against the reference given the same q8_0 weights. Measured: at most 4.3e-5
+/// (summation order only); a weight quantized on one side and not the other moves logits by
+/// ~1e-2 and more.
+const TOL: f32 = 1e-3;
+/// A greedy decision counts when the reference's top-2 margin is above this: twice the largest
+/// logit error measured against it (4.3e-5), with room to spare.
+const CLEAR_MARGIN: f64 = 2e-4;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// Every q8_0 reference: (name, its reference.json, the checkpoint folder).
+fn fixtures() -> Vec<(String, Value, PathBuf)> {
+    let mut v: Vec<_> = std::fs::read_dir(root().join("q8_0"))
+        .unwrap()
+        .map(|e| {
+            let dir = e.unwrap().path();
+            let r = reference::read_json(&dir.join("reference.json"));
+            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(r["fixture"].as_str().unwrap());
+            (
+                dir.file_name().unwrap().to_string_lossy().into_owned(),
+                r,
+                src,
+            )
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(v.len() >= 4, "q8_0 fixtures: {}", v.len());
+    v
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn csv(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn logits(path: &Path, key: &str) -> Tensor {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap()
+        .remove(key)
+        .unwrap_or_else(|| panic!("{}: no `{key}`", path.display()))
+}
+
+/// `llmarch run DIR --dtype q8_0 --prompt-ids IDS -n N` (greedy) with `--json` and
+/// `--logits-out`: the stats object, stderr, and the logits `[positions, vocab]`.
+fn run_q8_0(dir: &Path, prompt: &[u32], n: usize) -> (Value, String, Tensor) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("logits.safetensors");
+    let o = run(&[
+        "run",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        &csv(prompt),
+        "-n",
+        &n.to_string(),
+        "--temperature",
+        "0",
+        "--dtype",
+        "q8_0",
+        "--json",
+        "--logits-out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}: {}", dir.display(), stderr(&o));
+    let so = stdout(&o);
+    let stats: Value = serde_json::from_str(so.lines().last().unwrap()).unwrap();
+    (stats, stderr(&o), logits(&out, "logits"))
+}
+
+/// `‖a − b‖ / ‖b‖`.
+fn rel_rms(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap();
+    let n = b.sqr().unwrap().sum_all().unwrap();
+    (d.to_scalar::<f32>().unwrap() as f64 / n.to_scalar::<f32>().unwrap() as f64).sqrt()
+}
+
+#[test]
+fn q8_0_runs_equal_the_reference_given_the_same_q8_0_weights() {
+    for (name, r, src) in fixtures() {
+        let prompt = ids(&r["prompt_ids"]);
+        let want_ids = ids(&r["generated_ids"]);
+        let margins: Vec<f64> = r["top2_margins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_f64().unwrap())
+            .collect();
+        let want = logits(
+            &root()
+                .join("q8_0")
+                .join(&name)
+                .join("reference.safetensors"),
+            "logits",
+        );
+
+        // Prompt, then greedy decode one token at a time (the gemv path).
+        let (stats, err, got) = run_q8_0(&src, &prompt, want_ids.len());
+        assert_eq!(stats["dtype"], "q8_0", "{name}");
+        assert!(err.contains("q8_0 weights"), "{name}: {err}");
+        let got_ids = ids(&stats["generated_ids"]);
+        // Tokens must agree while the reference's top-2 margin is clear of llmarch's logit error
+        // (every step of these fixtures: their smallest margin is 6e-4).
+        let clear = margins
+            .iter()
+            .position(|&m| m < CLEAR_MARGIN)
+            .unwrap_or(margins.len());
+        assert_eq!(got_ids[..clear], want_ids[..clear], "{name}: greedy tokens");
+        // One row per token fed: the prompt, then each generated token but the last.
+        let rows = (prompt.len() + clear).min(got.dim(0).unwrap());
+        let d = max_abs_diff(
+            &got.narrow(0, 0, rows).unwrap(),
+            &want.narrow(0, 0, rows).unwrap(),
+        );
+        assert!(d < TOL, "{name}: decode logits differ by {d}");
+
+        // The whole sequence as one prompt (the several-row GEMM path).
+        let seq: Vec<u32> = prompt.iter().chain(&want_ids).copied().collect();
+        let (_, _, got) = run_q8_0(&src, &seq, 1);
+        let d = max_abs_diff(&got.narrow(0, 0, seq.len()).unwrap(), &want);
+        assert!(d < TOL, "{name}: prefill logits differ by {d}");
+        eprintln!("{name}: {clear} tokens equal, logits within {d:.1e}");
+    }
+}
+
+#[test]
+fn q8_0_differs_from_the_f32_reference_by_what_q8_0_costs_the_reference() {
+    for (name, r, src) in fixtures() {
+        let seq = ids(&r["f32_sequence"]);
+        let f32_ref = logits(&src.join("reference.safetensors"), "logits");
+        assert_eq!(f32_ref.dim(0).unwrap(), seq.len(), "{name}");
+        let (_, _, got) = run_q8_0(&src, &seq, 1);
+        let got = got.narrow(0, 0, seq.len()).unwrap();
+        let ours = rel_rms(&got, &f32_ref);
+        // What the reference itself moves by when given these q8_0 weights (measured per
+        // fixture by the oracle, 0.021-0.257): llmarch may add nothing visible to it.
+        let theirs = r["q8_0_vs_f32_rel_rms"].as_f64().unwrap();
+        assert!(
+            (ours - theirs).abs() < 1e-3 && ours < 0.3,
+            "{name}: q8_0 is {ours:.4} (relative RMS) off the f32 reference; q8_0 costs the reference {theirs:.4}"
+        );
+        // Greedy choices agree wherever the f32 reference's top-2 margin exceeds twice the
+        // largest logit change of that position.
+        let mut checked = 0;
+        for p in 0..seq.len() {
+            let (a, b) = (got.get(p).unwrap(), f32_ref.get(p).unwrap());
+            let mut top: Vec<f32> = b.to_vec1().unwrap();
+            top.sort_by(|x, y| y.total_cmp(x));
+            if top[0] - top[1] > 2.0 * max_abs_diff(&a, &b) {
+                assert_eq!(argmax(&a), argmax(&b), "{name}: position {p}");
+                checked += 1;
+            }
+        }
+        eprintln!("{name}: relative RMS {ours:.4} (reference: {theirs:.4}); argmax equal at the {checked} clear positions");
+    }
+}
+
+#[test]
+fn q8_0_is_in_the_help_and_a_gpu_device_is_a_clear_error() {
+    for cmd in ["run", "chat"] {
+        let o = run(&[cmd, "--help"]);
+        assert!(o.status.success());
+        let help = stdout(&o);
+        assert!(help.contains("q8_0"), "{cmd} --help: {help}");
+    }
+    let fixture = root().join("gemma4/e2b-like");
+    for device in ["cuda", "metal"] {
+        let o = run(&[
+            "run",
+            fixture.to_str().unwrap(),
+            "--prompt-ids",
+            "2,3",
+            "--dtype",
+            "q8_0",
+            "--device",
+            device,
+        ]);
+        let err = expect_error(&o, 1);
+        assert!(
+            err.contains("q8_0 runs on the CPU only") && err.contains("hint:"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn chat_takes_q8_0_and_says_so() {
+    use std::io::Write;
+    let home = tempfile::tempdir().unwrap();
+    let mut child = llmarch()
+        .args(["chat", root().join("gemma4/e2b-like").to_str().unwrap()])
+        .args(["--dtype", "q8_0", "-n", "4", "--temperature", "0"])
+        .env("HOME", home.path())
+        .env("XDG_DATA_HOME", home.path().join("data"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello there\n/stats\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let all = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(all.contains("q8_0 weights"), "{all}");
+}
