@@ -317,7 +317,8 @@ fn generation_stops_on_the_templates_end_of_turn_token() {
     let path = dir.path().join("tokenizer.json");
     std::fs::write(&path, tok_json.to_string()).unwrap();
     let bundle = llmarch::loader::tokenizer::TokenizerBundle {
-        tokenizer: llmarch::loader::tokenizer::load_tokenizer(&path).unwrap(),
+        tokenizer: Some(llmarch::loader::tokenizer::load_tokenizer(&path).unwrap()),
+        source: "a test".into(),
         bos_id: None,
         add_bos: false,
         eos_ids: vec![],

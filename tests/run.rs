@@ -271,3 +271,49 @@ fn bad_deepseek_v4_input_is_one_clear_error() {
         assert!(err.contains(needle), "{needle}: {err}");
     }
 }
+
+/// A model without tokenizer.json runs on raw ids and prints ids; text in needs a tokenizer.
+#[test]
+fn raw_ids_run_without_a_tokenizer() {
+    let src = fixture("laguna/xs2-like");
+    let r = reference("laguna/xs2-like");
+    let d = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_str().unwrap().to_string();
+        if !name.starts_with("tokenizer") {
+            std::fs::copy(&p, d.path().join(&name)).unwrap();
+        }
+    }
+    let dir = d.path().to_str().unwrap();
+    let n = r["generated_ids"].as_array().unwrap().len().to_string();
+    let ids = ids_arg(&r["prompt_ids"]);
+    let o = run(&[
+        "run",
+        dir,
+        "--prompt-ids",
+        &ids,
+        "-n",
+        &n,
+        "--temperature",
+        "0",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stats(&o);
+    assert_eq!(s["generated_ids"], r["generated_ids"]);
+    // The text stream is the ids themselves.
+    let first = r["generated_ids"][0].as_u64().unwrap();
+    assert!(
+        stdout(&o).starts_with(&format!(" {first}")),
+        "{}",
+        stdout(&o)
+    );
+    let err = expect_error(&run(&["run", dir, "--prompt", "hello"]), 1);
+    assert!(
+        err.contains("no tokenizer.json") && err.contains("--prompt-ids"),
+        "{err}"
+    );
+    let err = expect_error(&run(&["chat", dir]), 1);
+    assert!(err.contains("chat needs one"), "{err}");
+}

@@ -229,7 +229,10 @@ impl ChatTemplate {
         let Ok(ids) = tok.encode(tail, false) else {
             return vec![];
         };
-        let added = tok.tokenizer.get_added_tokens_decoder();
+        let Ok(tokenizer) = tok.tokenizer() else {
+            return vec![];
+        };
+        let added = tokenizer.get_added_tokens_decoder();
         ids.into_iter()
             .find(|id| added.get(id).is_some_and(|t| !t.content.trim().is_empty()))
             .into_iter()

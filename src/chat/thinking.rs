@@ -20,15 +20,13 @@ pub struct Markers {
 
 impl Markers {
     pub fn of(tok: &TokenizerBundle) -> Markers {
+        let Ok(tokenizer) = tok.tokenizer() else {
+            return Markers::default();
+        };
         let pairs = PAIRS
             .iter()
             .filter_map(|&(o, c)| {
-                Some((
-                    tok.tokenizer.token_to_id(o)?,
-                    tok.tokenizer.token_to_id(c)?,
-                    o,
-                    c,
-                ))
+                Some((tokenizer.token_to_id(o)?, tokenizer.token_to_id(c)?, o, c))
             })
             .collect();
         Markers { pairs }

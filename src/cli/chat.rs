@@ -196,6 +196,12 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     // 2. Spec, files, tokenizer, template; then the weights.
     let (model_ref, spec, family) = shared::runnable_spec(ctx, &args.model)?;
     let (files, tok) = shared::files_and_tokenizer(ctx, &model_ref)?;
+    if tok.tokenizer().is_err() {
+        bail!(
+            "{} has no tokenizer.json: chat needs one to turn messages into tokens\nhint: `llmarch run --prompt-ids` runs a model on raw token ids",
+            files.source
+        );
+    }
     let (source, origin) = pick_template(&args, &tok, &files, &spec, ctx)?;
     let special = template::special_tokens(files.tokenizer_config.as_deref())?;
     let template = ChatTemplate::new(&source, &origin, special)?;

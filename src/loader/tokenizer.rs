@@ -27,7 +27,11 @@ use tokenizers::Tokenizer;
 
 /// What turns text into ids and back, and when to stop.
 pub struct TokenizerBundle {
-    pub tokenizer: Tokenizer,
+    /// `None` when the model ships no `tokenizer.json`: then only raw ids go in and out
+    /// (`run --prompt-ids`), and whatever needs text fails with a hint ([`Self::tokenizer`]).
+    pub tokenizer: Option<Tokenizer>,
+    /// Where the model came from, for that error.
+    pub source: String,
     /// The beginning-of-sequence id, when the model has one.
     pub bos_id: Option<u32>,
     /// `tokenizer_config.json`'s `add_bos_token`: [`TokenizerBundle::encode`] with special
@@ -48,6 +52,7 @@ impl std::fmt::Debug for TokenizerBundle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenizerBundle")
             .field("vocab", &self.vocab_size())
+            .field("source", &self.source)
             .field("bos_id", &self.bos_id)
             .field("add_bos", &self.add_bos)
             .field("eos_ids", &self.eos_ids)
@@ -62,14 +67,14 @@ impl std::fmt::Debug for TokenizerBundle {
 }
 
 /// Load the tokenizer of a resolved model.
+/// Without `tokenizer.json` the bundle still has the stop ids, sampling defaults and chat
+/// template; only text in or out fails.
 pub fn load(files: &ModelFiles) -> Result<TokenizerBundle> {
-    let Some(tok_path) = &files.tokenizer else {
-        bail!(
-            "{} has no tokenizer.json\nhint: pass --prompt-ids to feed raw token ids",
-            files.source
-        );
-    };
-    let tokenizer = load_tokenizer(tok_path)?;
+    let tokenizer = files.tokenizer.as_deref().map(load_tokenizer).transpose()?;
+    let tok_path = files
+        .tokenizer
+        .as_deref()
+        .unwrap_or(Path::new("tokenizer.json"));
     let tok_config = match &files.tokenizer_config {
         Some(p) => read_json(p)?,
         None => Value::Null,
@@ -96,6 +101,9 @@ pub fn load(files: &ModelFiles) -> Result<TokenizerBundle> {
                     tc_path.display()
                 ),
             },
+        };
+        let Some(tokenizer) = &tokenizer else {
+            return Ok(None);
         };
         match tokenizer.token_to_id(&content) {
             Some(id) => Ok(Some(id)),
@@ -158,6 +166,7 @@ pub fn load(files: &ModelFiles) -> Result<TokenizerBundle> {
 
     Ok(TokenizerBundle {
         tokenizer,
+        source: files.source.to_string(),
         bos_id,
         add_bos,
         eos_ids,
@@ -201,12 +210,22 @@ fn template_from_config(tok_config: &Value, path: &Path) -> Result<Option<String
 }
 
 impl TokenizerBundle {
+    /// The tokenizer, or an error saying the model has none.
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            anyhow!(
+                "{} has no tokenizer.json, so text cannot be turned into token ids\nhint: pass --prompt-ids to feed raw token ids (the output is then ids too)",
+                self.source
+            )
+        })
+    }
+
     /// Text to ids. With `add_special_tokens`, the tokenizer's post-processor runs and, when
     /// `add_bos_token` is set, the ids are made to start with BOS. A chat-templated prompt
     /// already holds its special tokens as text: encode it with `false`.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         let enc = self
-            .tokenizer
+            .tokenizer()?
             .encode(text, add_special_tokens)
             .map_err(|e| anyhow!("cannot tokenize the prompt: {e}"))?;
         let mut ids = enc.get_ids().to_vec();
@@ -220,29 +239,31 @@ impl TokenizerBundle {
 
     /// Ids to text, all at once.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.tokenizer
+        self.tokenizer()?
             .decode(ids, skip_special_tokens)
             .map_err(|e| anyhow!("cannot decode token ids: {e}"))
     }
 
-    /// Vocabulary size including added tokens.
-    pub fn vocab_size(&self) -> usize {
-        self.tokenizer.get_vocab_size(true)
+    /// Vocabulary size including added tokens (`None` without a tokenizer).
+    pub fn vocab_size(&self) -> Option<usize> {
+        self.tokenizer.as_ref().map(|t| t.get_vocab_size(true))
     }
 
     pub fn is_eos(&self, id: u32) -> bool {
         self.eos_ids.contains(&id)
     }
 
-    /// A streaming detokenizer that skips special tokens.
+    /// A streaming detokenizer that skips special tokens; without a tokenizer it writes each
+    /// id as a number (` 17 4 230`).
     pub fn stream_decoder(&self) -> StreamDecoder<'_> {
-        StreamDecoder::new(&self.tokenizer, true)
+        StreamDecoder::new(self.tokenizer.as_ref(), true)
     }
 }
 
 /// Incremental detokenization: feed ids one at a time, get only complete new text.
 pub struct StreamDecoder<'t> {
-    tokenizer: &'t Tokenizer,
+    /// `None`: ids come out as numbers.
+    tokenizer: Option<&'t Tokenizer>,
     skip_special: bool,
     ids: Vec<u32>,
     /// Start of the window decoded for context (its text was emitted already).
@@ -252,7 +273,7 @@ pub struct StreamDecoder<'t> {
 }
 
 impl<'t> StreamDecoder<'t> {
-    pub fn new(tokenizer: &'t Tokenizer, skip_special: bool) -> StreamDecoder<'t> {
+    pub fn new(tokenizer: Option<&'t Tokenizer>, skip_special: bool) -> StreamDecoder<'t> {
         StreamDecoder {
             tokenizer,
             skip_special,
@@ -263,13 +284,19 @@ impl<'t> StreamDecoder<'t> {
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer
-            .decode(ids, self.skip_special)
-            .map_err(|e| anyhow!("cannot decode token ids: {e}"))
+        match self.tokenizer {
+            Some(t) => t
+                .decode(ids, self.skip_special)
+                .map_err(|e| anyhow!("cannot decode token ids: {e}")),
+            None => Ok(ids.iter().map(|id| format!(" {id}")).collect()),
+        }
     }
 
     /// Add one id; return the text it completes, if any.
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+        if self.tokenizer.is_none() {
+            return Ok(Some(format!(" {id}")));
+        }
         self.ids.push(id);
         self.emit(false)
     }
