@@ -38,6 +38,17 @@ pub trait CausalLm {
     }
 }
 
+/// Refuse a chunk no model can take: empty, or with an id outside the `vocab`-row embedding.
+pub fn check_tokens(tokens: &[u32], vocab: usize) -> Result<()> {
+    if tokens.is_empty() {
+        bail!("no tokens to feed the model");
+    }
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        bail!("token id {bad} is outside the vocabulary ({vocab} tokens)");
+    }
+    Ok(())
+}
+
 /// Which positions' logits a forward returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rows {

@@ -509,14 +509,8 @@ impl DeepseekV4Model {
         rows: Rows,
         mut trace: Option<&mut Vec<(usize, Selection)>>,
     ) -> Result<Tensor> {
+        crate::generate::check_tokens(tokens, self.spec.vocab_size)?;
         let n = tokens.len();
-        if n == 0 {
-            bail!("no tokens to feed the model");
-        }
-        let vocab = self.spec.vocab_size;
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            bail!("token id {bad} is outside the vocabulary ({vocab} tokens)");
-        }
         let start = cache.seen();
         let positions: Vec<usize> = (start..start + n).collect();
         let ids = Tensor::from_slice(tokens, (1, n), &self.device)?;

@@ -305,14 +305,8 @@ impl CausalLm for ZayaModel {
     /// Feeds `tokens` at positions `cache.seen()..`. On error the cache may hold part of the
     /// chunk: clear it before reusing it.
     fn forward_logits(&self, tokens: &[u32], cache: &mut KvStore, rows: Rows) -> Result<Tensor> {
+        crate::generate::check_tokens(tokens, self.spec.vocab_size)?;
         let n = tokens.len();
-        if n == 0 {
-            bail!("no tokens to feed the model");
-        }
-        let vocab = self.spec.vocab_size;
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            bail!("token id {bad} is outside the vocabulary ({vocab} tokens)");
-        }
         let ids = Tensor::from_slice(tokens, (1, n), &self.device)?; // [1, n]
 
         // 1. Token embeddings, shifted and scaled, as the f32 residual stream. [1, n, hidden]
