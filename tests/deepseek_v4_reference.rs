@@ -14,7 +14,9 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::reference::{check_against_reference, max_abs_diff, Fixture, TOL};
+use common::reference::{
+    check_against_reference, chunked_vs_one_forward, max_abs_diff, Fixture, TOL,
+};
 use llmarch::arch::budget::{self, KvDtype};
 use llmarch::arch::config::ParseOptions;
 use llmarch::arch::deepseek_v4::{checkpoint_name, model::DeepseekV4Model};
@@ -319,20 +321,7 @@ fn hub_layout_sharded_checkpoint_loads() {
 fn chunked_prefill_equals_one_forward() {
     for variant in ["flash-like", "indexer-ties", "transformers-form"] {
         let f = Fixture::load(root().join(variant));
-        let model = build(&f);
-        let seq = f.sequence();
-        let full = model.forward(&seq, &mut model.new_cache()).unwrap();
-        let mut cache = model.new_cache();
-        let (mut at, mut rows) = (0, vec![]);
-        for n in [5, 3, 1, 9, 2, 7].iter().cycle() {
-            if at == seq.len() {
-                break;
-            }
-            let end = (at + n).min(seq.len());
-            rows.push(model.forward(&seq[at..end], &mut cache).unwrap());
-            at = end;
-        }
-        let d = max_abs_diff(&Tensor::cat(&rows, 0).unwrap(), &full);
+        let d = chunked_vs_one_forward(&build(&f), &f.sequence());
         assert!(d < 1e-4, "{variant}: chunked vs one forward: {d}");
     }
 }

@@ -150,3 +150,21 @@ pub fn check_against_reference(variant: &str, model: &dyn CausalLm, f: &Fixture)
     eprintln!("{variant}: max logit error full {err_full:.2e}, stepped {err_steps:.2e}");
     (cache, err_full.max(err_steps))
 }
+
+/// Feed `seq` in uneven chunks (as `chat` does turn by turn) and compare with one forward over
+/// it; returns the largest logit difference.
+#[allow(dead_code)]
+pub fn chunked_vs_one_forward(model: &dyn CausalLm, seq: &[u32]) -> f32 {
+    let full = model.forward(seq, &mut model.new_cache()).unwrap();
+    let mut cache = model.new_cache();
+    let (mut at, mut rows) = (0, vec![]);
+    for n in [5, 3, 1, 9, 2, 7].iter().cycle() {
+        if at == seq.len() {
+            break;
+        }
+        let end = (at + n).min(seq.len());
+        rows.push(model.forward(&seq[at..end], &mut cache).unwrap());
+        at = end;
+    }
+    max_abs_diff(&Tensor::cat(&rows, 0).unwrap(), &full)
+}
