@@ -67,6 +67,13 @@ M-RoPE positions are the plain positions on all three axes). The text-only `Qwen
 from the same folder (`model.language_model.*` -> `model.*`, `model.visual.*` ignored) is checked to give
 the same logits.
 
+--bench DIR: writes a ~0.54 B-parameter random checkpoint in Qwen3.6-35B-A3B's text shape
+(`Qwen3_5MoeForCausalLM`, f32, vocab 32768: the fixtures' tokenizer padded with unused tokens, as
+gemma4_fixtures.py --bench does; see cfg_bench), then times transformers on it into
+DIR/bench_transformers.json (see bench/README.md); --bench-time-only re-times an existing DIR:
+
+    /work/oracle-env/venv/bin/python tests/oracle/qwen3_5_fixtures.py --bench /work/bench-qwen
+
 Deterministic: fixed seeds, CPU, torch.set_num_threads(1), torch.use_deterministic_algorithms(True); two
 runs give byte-identical files. See tests/oracle/README.md ("Qwen3.5 / Qwen3.6 model fixtures").
 """
@@ -74,11 +81,15 @@ runs give byte-identical files. See tests/oracle/README.md ("Qwen3.5 / Qwen3.6 m
 import argparse
 import copy
 import json
+import math
 import os
 import shutil
+import statistics
 import sys
+import time
 from collections import OrderedDict
 
+import safetensors
 import safetensors.torch
 import torch
 import transformers
@@ -398,7 +409,7 @@ def param_kinds(model):
 
 
 @torch.no_grad()
-def randomize(model, seed, bf16):
+def randomize(model, seed, bf16, weight_std=g4.WEIGHT_STD):
     g = torch.Generator().manual_seed(seed)
     kinds = param_kinds(model)
     sd = model.state_dict()
@@ -424,7 +435,7 @@ def randomize(model, seed, bf16):
             elif kind == "conv":
                 val = CONV_STD * noise
             else:
-                val = g4.WEIGHT_STD * noise
+                val = weight_std * noise
         if bf16:
             val = val.to(torch.bfloat16)
         t.copy_(val.to(t.dtype))
@@ -1004,12 +1015,153 @@ def make_variant(name, spec, prompt_ids, quiet=False):
     return doc
 
 
+# --------------------------------------------------------------------------------------
+# Bench checkpoint
+# --------------------------------------------------------------------------------------
+
+BENCH_SEED = 7
+BENCH_WEIGHT_STD = 0.02  # small weights keep the activations ordinary (as the Gemma / Laguna bench models)
+
+
+# The real text config's values the bench keeps verbatim (Qwen3.6-35B-A3B's config.json, text_config).
+REAL_TEXT = dict(
+    max_position_embeddings=262144,
+    rope_parameters=OrderedDict(
+        mrope_interleaved=True,
+        mrope_section=[11, 11, 10],
+        partial_rotary_factor=0.25,
+        rope_theta=10000000,
+        rope_type="default",
+    ),
+)
+
+
+def cfg_bench():
+    # Qwen3.6-35B-A3B's text model (hidden 2048, 40 layers [L L L F] x 10; attention 16 heads x 256 over 2 KV
+    # heads with the output gate, partial rotary 0.25; Gated DeltaNet 16 key heads x 128 and 32 value heads x 128,
+    # conv 4; every layer 256 experts x 512 top-8 + a 512-wide shared expert with its sigmoid gate; untied head)
+    # scaled to ~0.54 B: hidden 1024; 8 layers [L L L F] x 2; attention 8 heads x 256 over 1 KV head (the same
+    # 8:1 grouping, query width 2x hidden, head_dim and rotary dims 64 of 256 verbatim); DeltaNet 8 key heads x 128,
+    # 16 value heads x 128 (the same 2:1 heads, key width 1x and value width 2x hidden); 64 experts x 256 (hidden / 4,
+    # as 512 / 2048), top-8, + a 256-wide shared expert. rope_parameters (M-RoPE sections [11, 11, 10], theta 1e7),
+    # max positions and the extra keys verbatim; vocab 32768 (the Gemma bench's padded tokenizer).
+    rope = json.loads(json.dumps(REAL_TEXT["rope_parameters"]))
+    return Qwen3_5MoeTextConfig(
+        **text_kwargs(
+            vocab_size=g4.BENCH_VOCAB_SIZE,
+            hidden_size=1024,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=1,
+            head_dim=256,
+            linear_key_head_dim=128,
+            linear_value_head_dim=128,
+            linear_num_key_heads=8,
+            linear_num_value_heads=16,
+            max_position_embeddings=REAL_TEXT["max_position_embeddings"],
+            rope_parameters=rope,
+            moe_intermediate_size=256,
+            shared_expert_intermediate_size=256,
+            num_experts=64,
+            num_experts_per_tok=8,
+            router_aux_loss_coef=0.001,
+            output_router_logits=False,
+        )
+    )
+
+
+def time_transformers(d, threads, runs=3):
+    """The transformers timing of bench/transformers_bench.py, on the corpus's first 64 ids."""
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(False)  # as bench/transformers_bench.py runs it
+    model = Qwen3_5MoeForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
+    ids = tok.encode(g4.CORPUS, add_special_tokens=True).ids[: g4.BENCH_PROMPT_TOKENS]
+    assert len(ids) == g4.BENCH_PROMPT_TOKENS
+    prompt = torch.tensor([ids])
+    new = g4.BENCH_NEW_TOKENS
+    prefill, decode = [], []
+    with torch.no_grad():
+        for r in range(runs + 1):  # the first run is a warm-up
+            t0 = time.perf_counter()
+            out = model(input_ids=prompt, use_cache=True)
+            t1 = time.perf_counter()
+            cache = out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            generated = [int(nxt)]
+            t2 = time.perf_counter()
+            for _ in range(new):
+                out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                generated.append(int(nxt))
+            t3 = time.perf_counter()
+            if r:
+                prefill.append(len(ids) / (t1 - t0))
+                decode.append(new / (t3 - t2))
+    return OrderedDict(
+        threads=threads,
+        runs=runs,
+        prompt_tokens=len(ids),
+        new_tokens=new,
+        prefill_tok_s=round(statistics.median(prefill), 2),
+        decode_tok_s=round(statistics.median(decode), 2),
+        prefill_tok_s_all=[round(x, 2) for x in prefill],
+        decode_tok_s_all=[round(x, 2) for x in decode],
+        loadavg_after=[round(x, 2) for x in os.getloadavg()],
+        experts_implementation=model.config._experts_implementation,
+        gated_delta_rule="torch (no flash-linear-attention): chunked torch_chunk_gated_delta_rule for the prefill, "
+        "torch_recurrent_gated_delta_rule for decode",
+        prompt_ids=ids,
+        generated_ids=generated,
+        method=f"prefill = one forward over the {len(ids)} prompt ids with a DynamicCache; decode = {new} "
+        f"single-token forwards on that cache (greedy argmax), tok/s = {new} / their time; median of the runs "
+        "after one warm-up",
+    )
+
+
+def make_bench(d, threads, runs, skip_write=False):
+    if not skip_write:
+        if os.path.isdir(d):
+            shutil.rmtree(d)
+        os.makedirs(d)
+        torch.manual_seed(BENCH_SEED)
+        model = Qwen3_5MoeForCausalLM(cfg_bench()).float().eval()
+        counts = randomize(model, BENCH_SEED, False, weight_std=BENCH_WEIGHT_STD)
+        n = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(d)
+        tok = g4.build_tokenizer(g4.BENCH_VOCAB_SIZE)
+        g4.write_tokenizer_files(d, tok, model_max_length=4096)  # + generation_config.json
+        print(f"wrote {d}: {n} parameters ({n * 4 / 1e9:.3f} GB f32), {dict(counts)}")
+        del model
+    timing = time_transformers(d, threads, runs)
+    n = 0
+    for f in sorted(os.listdir(d)):
+        if f.endswith(".safetensors"):
+            with safetensors.safe_open(os.path.join(d, f), "pt") as fh:
+                n += sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())
+    timing["parameters"] = n
+    timing["transformers_version"] = transformers.__version__
+    timing["torch_version"] = torch.__version__.split("+")[0]
+    compact_json.dump(timing, os.path.join(d, "bench_transformers.json"))
+    print(json.dumps(timing, indent=1))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", help="subset of variant names")
+    ap.add_argument("--bench", metavar="DIR", help="write the ~0.54 B bench checkpoint to DIR and time transformers")
+    ap.add_argument("--bench-threads", type=int, default=2)
+    ap.add_argument("--bench-runs", type=int, default=3, help="timed runs (median reported), after one warm-up")
+    ap.add_argument("--bench-time-only", action="store_true", help="re-time an existing --bench DIR")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     g4.check_versions()
+    if args.bench:
+        make_bench(args.bench, args.bench_threads, args.bench_runs, skip_write=args.bench_time_only)
+        return 0
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(os.path.join(TOKENIZER_DIR, "tokenizer.json"))
