@@ -13,7 +13,8 @@ replaces exactly the weights llmarch quantizes by their q8_0 values, and records
 reference then computes:
 
 - quantized: every `nn.Linear` weight whose input width is a multiple of 32, except the
-  routers' (any module under a `router` or `gate` component: Gemma 4's `router.proj`, Laguna's
+  routers' and gates' (any module under a `router`, `gate`, `shared_expert_gate` or `weights_proj`
+  component: Gemma 4's `router.proj`, Laguna's
   `mlp.gate`, ZAYA's `mlp.gate.*`), which llmarch keeps f32 because they pick experts; packed
   expert tensors (`experts.gate_up_proj` `[E, out, in]`, `experts.down_proj`) per expert and row;
   and the output head, also when tied (the head gets a q8_0 copy; the token embedding it shares
@@ -77,7 +78,9 @@ def q8_0(w):
 
 
 def is_router(module_name):
-    return any(part in ("router", "gate") for part in module_name.split("."))
+    # Qwen3.5's `shared_expert_gate` (a sigmoid gate on the shared expert) stays f32 in llmarch
+    # too, like DeepSeek V4's indexer `weights_proj`.
+    return any(part in ("router", "gate", "shared_expert_gate", "weights_proj") for part in module_name.split("."))
 
 
 @torch.no_grad()
