@@ -1,5 +1,6 @@
-//! Expert routing by independent per-expert scores, learned top-k or hash-routed (DeepSeek V4's
-//! `DeepseekV4TopKRouter` and `DeepseekV4HashRouter`, transformers 5.23.0).
+//! Expert routing by per-expert scores, learned top-k or hash-routed: DeepSeek V4's
+//! `DeepseekV4TopKRouter` and `DeepseekV4HashRouter`, Laguna's sigmoid router (with its logit
+//! soft-cap) and Qwen3.5's softmax router (transformers 5.23.0).
 //!
 //! Both score every expert from its logit `W x` in f32 (`sqrtsoftplus` = `√softplus`,
 //! `sigmoid`, or a softmax over the experts as Qwen3.5's `Qwen3_5MoeTopKRouter` does), and weight
@@ -10,6 +11,7 @@
 //! - **hash**: a frozen token-id → experts table, `tid2eid[token]` (`[vocab, k]`): which experts a
 //!   token uses never depends on the context.
 
+use super::embedding::softcap;
 use super::linear::Linear;
 use super::moe::Picks;
 use super::weight;
@@ -82,6 +84,8 @@ pub struct ScoreRouter {
     choice: Choice,
     top_k: usize,
     routed_scale: f32,
+    /// `cap · tanh(logit / cap)` before scoring (Laguna's `moe_router_logit_softcapping`).
+    logit_softcap: Option<f64>,
 }
 
 impl ScoreRouter {
@@ -95,11 +99,33 @@ impl ScoreRouter {
         score: ScoreFn,
         routed_scale: f64,
     ) -> Result<Self> {
-        check(top_k, experts)?;
-        let correction_bias = if vb.contains_tensor("e_score_correction_bias") {
-            weight::get_f32(vb, experts, "e_score_correction_bias")?.to_vec1()?
+        let bias = if vb.contains_tensor("e_score_correction_bias") {
+            Some(weight::get_f32(vb, experts, "e_score_correction_bias")?)
         } else {
-            vec![0.0; experts]
+            None
+        };
+        Self::top_k_with_bias(vb, hidden, experts, top_k, score, routed_scale, bias)
+    }
+
+    /// Learned top-k with the correction bias `[experts]` given (any dtype; zeros when `None`),
+    /// for checkpoints that keep it elsewhere (Laguna's Hub layout: under the experts).
+    pub fn top_k_with_bias(
+        vb: &VarBuilder,
+        hidden: usize,
+        experts: usize,
+        top_k: usize,
+        score: ScoreFn,
+        routed_scale: f64,
+        bias: Option<Tensor>,
+    ) -> Result<Self> {
+        check(top_k, experts)?;
+        let correction_bias = match bias {
+            Some(b) if b.dims() == [experts] => b.to_dtype(DType::F32)?.to_vec1()?,
+            Some(b) => bail!(
+                "router: score-correction bias of shape {:?} for {experts} experts",
+                b.dims()
+            ),
+            None => vec![0.0; experts],
         };
         Ok(ScoreRouter {
             proj: Linear::load_unquantized(vb, hidden, experts, false)?,
@@ -107,7 +133,17 @@ impl ScoreRouter {
             choice: Choice::TopK { correction_bias },
             top_k,
             routed_scale: routed_scale as f32,
+            logit_softcap: None,
         })
+    }
+
+    /// This router with its logits soft-capped at `cap` before scoring.
+    pub fn with_logit_softcap(mut self, cap: f64) -> Result<Self> {
+        if !(cap.is_finite() && cap > 0.0) {
+            bail!("router: logit soft-cap {cap} must be a positive number");
+        }
+        self.logit_softcap = Some(cap);
+        Ok(self)
     }
 
     /// Hash routing: reads `weight` `[experts, hidden]` and the integer table `tid2eid`
@@ -149,16 +185,22 @@ impl ScoreRouter {
             choice: Choice::Hash { table },
             top_k,
             routed_scale: routed_scale as f32,
+            logit_softcap: None,
         })
     }
 
-    /// x `[tokens, hidden]` (of token ids `ids`) → each token's experts and weights.
+    /// x `[tokens, hidden]` → each token's experts and weights. `ids` (the tokens' ids) are
+    /// read by hash routing only; top-k routers take `&[]`.
     pub fn route(&self, x: &Tensor, ids: &[u32]) -> Result<Vec<Picks>> {
-        let logits: Vec<Vec<f32>> = self.proj.forward(x)?.to_dtype(DType::F32)?.to_vec2()?;
+        let mut logits = self.proj.forward(x)?.to_dtype(DType::F32)?;
+        if let Some(cap) = self.logit_softcap {
+            logits = softcap(&logits, cap)?;
+        }
+        let logits: Vec<Vec<f32>> = logits.to_vec2()?;
         logits
             .iter()
-            .zip(ids)
-            .map(|(l, &tok)| {
+            .enumerate()
+            .map(|(t, l)| {
                 let s = self.score.apply(l);
                 let chosen: Vec<usize> = match &self.choice {
                     Choice::TopK { correction_bias } => {
@@ -169,10 +211,17 @@ impl ScoreRouter {
                         idx.truncate(self.top_k);
                         idx
                     }
-                    Choice::Hash { table } => table
-                        .get(tok as usize)
-                        .ok_or_else(|| anyhow!("token {tok} is outside the hash-routing table"))?
-                        .clone(),
+                    Choice::Hash { table } => {
+                        let tok = *ids.get(t).ok_or_else(|| {
+                            anyhow!("internal: hash routing without the token ids")
+                        })?;
+                        table
+                            .get(tok as usize)
+                            .ok_or_else(|| {
+                                anyhow!("token {tok} is outside the hash-routing table")
+                            })?
+                            .clone()
+                    }
                 };
                 let sum: f32 = chosen.iter().map(|&e| s[e]).sum::<f32>() + 1e-20;
                 Ok(chosen
@@ -194,6 +243,45 @@ fn check(top_k: usize, experts: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sigmoid_router(w: &[[f32; 2]; 3], bias: Vec<f32>, cap: Option<f64>) -> ScoreRouter {
+        ScoreRouter {
+            proj: Linear::from_weight(Tensor::new(w, &candle_core::Device::Cpu).unwrap(), None),
+            score: ScoreFn::Sigmoid,
+            choice: Choice::TopK {
+                correction_bias: bias,
+            },
+            top_k: 2,
+            routed_scale: 1.0,
+            logit_softcap: cap,
+        }
+    }
+
+    #[test]
+    fn bias_picks_but_scores_weigh() {
+        // Logits for x = [1, 0]: [2, 1, 0]. Without the bias experts 0, 1 win; a bias of +1 on
+        // expert 2 picks it over expert 1, but its weight comes from its own plain score.
+        let w = [[2f32, 0.0], [1.0, 0.0], [0.0, 0.0]];
+        let x = Tensor::new(&[[1f32, 0.0]], &candle_core::Device::Cpu).unwrap();
+        let sig = |v: f32| 1.0 / (1.0 + (-v).exp());
+        let p = &sigmoid_router(&w, vec![0.0; 3], None)
+            .route(&x, &[])
+            .unwrap()[0];
+        assert_eq!((p[0].0, p[1].0), (0, 1));
+        assert!((p[0].1 - sig(2.0) / (sig(2.0) + sig(1.0))).abs() < 1e-6);
+        let p = &sigmoid_router(&w, vec![0.0, 0.0, 1.0], None)
+            .route(&x, &[])
+            .unwrap()[0];
+        assert_eq!((p[0].0, p[1].0), (2, 0));
+        assert!((p[0].1 - sig(0.0) / (sig(0.0) + sig(2.0))).abs() < 1e-6);
+        assert!((p[0].1 + p[1].1 - 1.0).abs() < 1e-6);
+        // A soft-cap of 1 squeezes the logits to tanh(2), tanh(1).
+        let p = &sigmoid_router(&w, vec![0.0; 3], Some(1.0))
+            .route(&x, &[])
+            .unwrap()[0];
+        let (a, b) = (sig(2f32.tanh()), sig(1f32.tanh()));
+        assert!((p[0].1 - a / (a + b)).abs() < 1e-6);
+    }
 
     #[test]
     fn scores_match_torch() {

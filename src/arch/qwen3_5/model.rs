@@ -195,7 +195,7 @@ impl FeedForward {
                 shared,
                 shared_gate,
             } => {
-                let picks = router.route(x, &vec![0; x.dim(0)?])?;
+                let picks = router.route(x, &[])?;
                 let routed = experts.forward(x, &picks)?;
                 let gate = candle_nn::ops::sigmoid(&shared_gate.forward(x)?)?; // [n, 1]
                 Ok((routed + shared.forward(x)?.broadcast_mul(&gate)?)?)
