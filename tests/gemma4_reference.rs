@@ -19,7 +19,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use common::reference::{check_against_reference, max_abs_diff, Fixture};
+use common::reference::{check_against_reference, check_bad_token_ids, max_abs_diff, Fixture};
 use llmarch::arch::config::ParseOptions;
 use llmarch::arch::gemma4::model::Gemma4Model;
 use llmarch::arch::Attention;
@@ -199,7 +199,7 @@ fn kv_projections_on_shared_layers_are_ignored() {
 fn bf16_weights_run_in_bf16() {
     let f = load_fixture("wrapper-bf16-sharded");
     let model = build(&f, DType::BF16);
-    let seq: Vec<u32> = f.prompt.iter().chain(&f.generated).copied().collect();
+    let seq = f.sequence();
     let logits = model.forward(&seq, &mut model.new_cache()).unwrap();
     assert_eq!(logits.dtype(), DType::F32);
     assert_eq!(logits.dims(), f.logits.dims());
@@ -227,11 +227,5 @@ fn bf16_weights_run_in_bf16() {
 fn bad_token_ids_are_refused() {
     let f = load_fixture("e2b-like");
     let model = build(&f, DType::F32);
-    let vocab = model.spec().vocab_size as u32;
-    let err = model
-        .forward(&[1, vocab], &mut model.new_cache())
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains(&vocab.to_string()), "{err}");
-    assert!(model.forward(&[], &mut model.new_cache()).is_err());
+    check_bad_token_ids(&model);
 }

@@ -168,3 +168,32 @@ pub fn chunked_vs_one_forward(model: &dyn CausalLm, seq: &[u32]) -> f32 {
     }
     max_abs_diff(&Tensor::cat(&rows, 0).unwrap(), &full)
 }
+
+/// The model refuses an id outside its vocabulary (naming the vocabulary size) and an empty chunk.
+#[allow(dead_code)]
+pub fn check_bad_token_ids(model: &dyn CausalLm) {
+    let vocab = model.spec().vocab_size as u32;
+    let err = model
+        .forward(&[1, vocab], &mut model.new_cache())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&vocab.to_string()), "{err}");
+    assert!(model.forward(&[], &mut model.new_cache()).is_err());
+}
+
+/// A bf16 model's logits over the fixture's sequence: f32, finite, within `bound` of the f32
+/// reference; returns the largest error.
+#[allow(dead_code)]
+pub fn check_bf16_near_reference(model: &dyn CausalLm, f: &Fixture, bound: f32) -> f32 {
+    let logits = model
+        .forward(&f.sequence(), &mut model.new_cache())
+        .unwrap();
+    assert_eq!(logits.dtype(), candle_core::DType::F32);
+    let err = max_abs_diff(&logits, &f.logits);
+    eprintln!("bf16: max logit error {err:.3e}");
+    assert!(
+        err.is_finite() && err < bound,
+        "bf16 logits differ from the f32 reference by {err}"
+    );
+    err
+}
