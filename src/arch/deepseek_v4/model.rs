@@ -212,11 +212,14 @@ impl V4Attention {
                 let visible: Vec<Vec<usize>> = match &self.indexer {
                     Some(ix) => {
                         let sel = ix.select(x, &q_residual, positions, layer)?;
-                        let picks = sel.picks.clone();
-                        if let Some(trace) = trace {
-                            trace.push((self.index, sel));
+                        match trace {
+                            Some(trace) => {
+                                let picks = sel.picks.clone();
+                                trace.push((self.index, sel));
+                                picks
+                            }
+                            None => sel.picks,
                         }
-                        picks
                     }
                     None => positions
                         .iter()
