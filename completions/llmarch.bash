@@ -126,7 +126,7 @@ _llmarch() {
                     return 0
                     ;;
                 --dtype)
-                    COMPREPLY=($(compgen -W "f32 bf16 f16 q8_0" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "f32 bf16 f16 q8_0 q4_0" -- "${cur}"))
                     return 0
                     ;;
                 --device)
@@ -396,7 +396,7 @@ _llmarch() {
                     return 0
                     ;;
                 --dtype)
-                    COMPREPLY=($(compgen -W "f32 bf16 f16 q8_0" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "f32 bf16 f16 q8_0 q4_0" -- "${cur}"))
                     return 0
                     ;;
                 --device)

@@ -45,10 +45,11 @@ complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l top-p -d 'Keep t
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l min-p -d 'Drop tokens less likely than min-p × the most likely one' -r
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l repeat-penalty -d '> 1 makes tokens already in the sequence less likely' -r
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l seed -r
-complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l dtype -d 'Weight and compute dtype (default: f32 on CPU, bf16 on a GPU)' -r -f -a "f32\t'f32 weights and activations'
-bf16\t'bfloat16 weights, activations and KV cache'
-f16\t'float16 weights, activations and KV cache'
-q8_0\t'weight matrices quantized at load to GGML q8_0, f32 activations and KV cache; CPU only'"
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l dtype -d 'Weight type (default on the CPU: the checkpoint\'s own, e.g. bf16, read from the file without a copy; on a GPU: bf16)' -r -f -a "f32\t'f32 weights (CPU: widened from the checkpoint at load)'
+bf16\t'bfloat16 weights (GPU: activations and KV cache too)'
+f16\t'float16 weights (GPU: activations and KV cache too)'
+q8_0\t'weight matrices quantized at load to GGML q8_0 (1.06 bytes per weight); CPU only'
+q4_0\t'weight matrices quantized at load to GGML q4_0 (0.56 bytes per weight); CPU only'"
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l device -r -f -a "cpu\t''
 cuda\t''
 metal\t''
@@ -69,10 +70,11 @@ complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l top-p -d 'Keep 
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l min-p -d 'Drop tokens less likely than min-p × the most likely one' -r
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l repeat-penalty -d '> 1 makes tokens already in the sequence less likely' -r
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l seed -r
-complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l dtype -d 'Weight and compute dtype (default: f32 on CPU, bf16 on a GPU)' -r -f -a "f32\t'f32 weights and activations'
-bf16\t'bfloat16 weights, activations and KV cache'
-f16\t'float16 weights, activations and KV cache'
-q8_0\t'weight matrices quantized at load to GGML q8_0, f32 activations and KV cache; CPU only'"
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l dtype -d 'Weight type (default on the CPU: the checkpoint\'s own, e.g. bf16, read from the file without a copy; on a GPU: bf16)' -r -f -a "f32\t'f32 weights (CPU: widened from the checkpoint at load)'
+bf16\t'bfloat16 weights (GPU: activations and KV cache too)'
+f16\t'float16 weights (GPU: activations and KV cache too)'
+q8_0\t'weight matrices quantized at load to GGML q8_0 (1.06 bytes per weight); CPU only'
+q4_0\t'weight matrices quantized at load to GGML q4_0 (0.56 bytes per weight); CPU only'"
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l device -r -f -a "cpu\t''
 cuda\t''
 metal\t''

@@ -15,7 +15,8 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::reference::{
-    check_against_reference, chunked_vs_one_forward, max_abs_diff, Fixture, TOL,
+    check_against_reference, chunked_vs_one_forward, long_prompt_chunked_vs_one_forward,
+    max_abs_diff, Fixture, TOL,
 };
 use llmarch::arch::budget::{self, KvDtype};
 use llmarch::arch::config::ParseOptions;
@@ -347,4 +348,16 @@ fn long_prompt_in_query_blocks_equals_decode() {
     }
     let d = max_abs_diff(&Tensor::cat(&rows, 0).unwrap(), &full);
     assert!(d < 1e-3, "one forward vs decode over 300 tokens: {d}");
+}
+
+/// A prompt past one prefill chunk, fed in chunks as `run` and `chat` feed it, equals one forward
+/// over it (compressor windows, indexer selections and the sliding window crossing the chunk
+/// boundary).
+#[test]
+fn long_prompt_prefill_in_chunks_equals_one_forward() {
+    for v in ["flash-like", "transformers-form"] {
+        let f = Fixture::load(root().join(v));
+        let d = long_prompt_chunked_vs_one_forward(&build(&f), 1100);
+        assert!(d < 1e-4, "{v}: chunked prefill vs one forward: {d}");
+    }
 }

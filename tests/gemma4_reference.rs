@@ -19,7 +19,10 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use common::reference::{check_against_reference, check_bad_token_ids, max_abs_diff, Fixture};
+use common::reference::{
+    check_against_reference, check_bad_token_ids, long_prompt_chunked_vs_one_forward, max_abs_diff,
+    Fixture,
+};
 use llmarch::arch::config::ParseOptions;
 use llmarch::arch::gemma4::model::Gemma4Model;
 use llmarch::arch::Attention;
@@ -228,4 +231,14 @@ fn bad_token_ids_are_refused() {
     let f = load_fixture("e2b-like");
     let model = build(&f, DType::F32);
     check_bad_token_ids(&model);
+}
+
+/// A prompt past one prefill chunk, fed in chunks as `run` and `chat` feed it, equals one forward
+/// over it (sliding windows, KV sharing and K=V crossing the chunk boundary).
+#[test]
+fn long_prompt_prefill_in_chunks_equals_one_forward() {
+    for v in ["e2b-like", "moe-keqv"] {
+        let d = long_prompt_chunked_vs_one_forward(&build(&load_fixture(v), DType::F32), 1100);
+        assert!(d < 1e-4, "{v}: chunked prefill vs one forward: {d}");
+    }
 }

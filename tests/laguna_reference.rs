@@ -21,8 +21,8 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use common::reference::{
-    check_against_reference, check_bad_token_ids, check_bf16_near_reference, max_abs_diff,
-    read_json, Fixture,
+    check_against_reference, check_bad_token_ids, check_bf16_near_reference,
+    long_prompt_chunked_vs_one_forward, max_abs_diff, read_json, Fixture,
 };
 use llmarch::arch::config::{ParseOptions, TextConfig};
 use llmarch::arch::laguna::model::LagunaModel;
@@ -369,4 +369,13 @@ fn position_limited_rope_is_refused_past_its_limit() {
     model.forward(&[5, 6, 7], &mut cache).unwrap();
     let err = model.forward(&[5], &mut cache).unwrap_err().to_string();
     assert!(err.contains("dynamic") && err.contains("16"), "{err}");
+}
+
+/// A prompt past one prefill chunk, fed in chunks as `run` and `chat` feed it, equals one forward
+/// over it (sliding and full layers crossing the chunk boundary).
+#[test]
+fn long_prompt_prefill_in_chunks_equals_one_forward() {
+    let f = Fixture::load(root().join("xs2-like"));
+    let d = long_prompt_chunked_vs_one_forward(&build(&f, DType::F32), 1100);
+    assert!(d < 1e-4, "chunked prefill vs one forward: {d}");
 }

@@ -12,7 +12,10 @@
 mod common;
 
 use candle_core::{DType, Device};
-use common::reference::{check_against_reference, chunked_vs_one_forward, max_abs_diff, Fixture};
+use common::reference::{
+    check_against_reference, chunked_vs_one_forward, long_prompt_chunked_vs_one_forward,
+    max_abs_diff, Fixture,
+};
 use llmarch::arch::config::ParseOptions;
 use llmarch::arch::qwen3_5::model::Qwen3_5Model;
 use llmarch::arch::Attention;
@@ -92,4 +95,15 @@ fn two_chunks_of_the_reference_prefill() {
         d < common::reference::TOL,
         "80-token forward vs reference: {d}"
     );
+}
+
+/// A prompt past one prefill chunk, fed in chunks as `run` and `chat` feed it, equals one forward
+/// over it (DeltaNet states and full attention crossing the chunk boundary).
+#[test]
+fn long_prompt_prefill_in_chunks_equals_one_forward() {
+    for v in ["dense", "moe"] {
+        let f = Fixture::load(root().join(v));
+        let d = long_prompt_chunked_vs_one_forward(&build(&f), 1100);
+        assert!(d < 1e-4, "{v}: chunked prefill vs one forward: {d}");
+    }
 }

@@ -19,7 +19,8 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use common::reference::{
-    check_against_reference, check_bad_token_ids, check_bf16_near_reference, max_abs_diff, Fixture,
+    check_against_reference, check_bad_token_ids, check_bf16_near_reference,
+    long_prompt_chunked_vs_one_forward, max_abs_diff, Fixture,
 };
 use llmarch::arch::config::ParseOptions;
 use llmarch::arch::zaya::model::ZayaModel;
@@ -221,4 +222,15 @@ fn bad_token_ids_are_refused() {
     let f = load_fixture("hybrid");
     let model = build(&f, DType::F32);
     check_bad_token_ids(&model);
+}
+
+/// A prompt past one prefill chunk, fed in chunks as `run` and `chat` feed it, equals one forward
+/// over it (CCA's conv and delayed-value states carried across the chunk boundary).
+#[test]
+fn long_prompt_prefill_in_chunks_equals_one_forward() {
+    for v in ["hybrid", "sliding"] {
+        let f = Fixture::load(root().join(v));
+        let d = long_prompt_chunked_vs_one_forward(&build(&f, DType::F32), 1100);
+        assert!(d < 1e-4, "{v}: chunked prefill vs one forward: {d}");
+    }
 }

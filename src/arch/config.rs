@@ -311,7 +311,7 @@ pub fn check_len<T>(key: &str, list: &[T], layers: usize) -> Result<()> {
 
 /// Heads must split evenly into KV groups.
 pub fn check_heads(layer: usize, q_heads: usize, kv_heads: usize) -> Result<()> {
-    if kv_heads == 0 || q_heads == 0 || q_heads % kv_heads != 0 {
+    if kv_heads == 0 || q_heads == 0 || !q_heads.is_multiple_of(kv_heads) {
         bail!("layer {layer}: {q_heads} query heads do not divide into {kv_heads} KV heads");
     }
     Ok(())

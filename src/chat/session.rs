@@ -254,9 +254,12 @@ impl Engine {
         }
     }
 
-    /// Feed `tokens` without generating; returns their logits `[n, vocab]`.
-    pub fn prefill(&mut self, model: &dyn CausalLm, tokens: &[u32]) -> Result<Tensor> {
-        match model.forward(tokens, &mut self.live.cache) {
+    /// Feed `tokens` without generating, in prefill chunks; returns the logits of every
+    /// position `[n, vocab]` when `all`, else of the last.
+    pub fn prefill(&mut self, model: &dyn CausalLm, tokens: &[u32], all: bool) -> Result<Tensor> {
+        let fed = generate::prefill(model, &mut self.live.cache, tokens, all, &mut |_| Ok(true))
+            .and_then(|l| l.ok_or_else(|| anyhow::anyhow!("internal: prefill stopped")));
+        match fed {
             Ok(logits) => {
                 self.live.ids.extend_from_slice(tokens);
                 Ok(logits)
@@ -287,6 +290,12 @@ impl Engine {
             limits,
             on_event,
         ) {
+            Ok(stats) if self.live.cache.seen() < before + prompt.len() => {
+                // Stopped during the prefill: the cache holds part of the prompt. Start again
+                // from nothing; the next turn prefills the history.
+                self.clear();
+                Ok(stats)
+            }
             Ok(stats) => {
                 self.live.ids.extend_from_slice(prompt);
                 // The last generated token (the stop token, or the one the budget ended on) is
@@ -561,7 +570,9 @@ impl Session {
         let t0 = Instant::now();
         let mut logit_rows: Vec<Tensor> = vec![];
         if let Some(s) = split.filter(|&s| s > reused) {
-            let logits = self.engine.prefill(self.model.as_ref(), &ids[reused..s])?;
+            let logits =
+                self.engine
+                    .prefill(self.model.as_ref(), &ids[reused..s], self.keep_logits)?;
             if self.keep_logits {
                 logit_rows.push(logits);
             }
@@ -598,6 +609,7 @@ impl Session {
                         }
                     }
                 }
+                Event::Prefilling { .. } => {}
             }
             Ok(!stop.load(Ordering::SeqCst))
         };

@@ -218,7 +218,11 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         thinking: args.thinking.map(|t| t == OnOff::On),
     };
     let max_context = args.max_context.unwrap_or(spec.max_context);
-    let (model, load_s) = shared::build_model_in(&files, family, ctx, &precision)?;
+    let shared::Built {
+        model,
+        load_s,
+        weights,
+    } = shared::build_model_in(&files, family, ctx, &precision)?;
     let mut session = Session::new(model, tok, template, settings, max_context);
     session.context_shift = args.context_shift;
     session.engine.max_snapshots = args.snapshots;
@@ -249,7 +253,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         interactive,
         hide_thinking: args.hide_thinking,
         model_name: model_ref.display_name(),
-        weights: precision.name(),
+        weights,
         kv: shared::kv_dtype_of(precision.dtype),
         load_s,
         stop,

@@ -10,6 +10,7 @@ use crate::report::panel::{self, LivePanel, Snapshot};
 use crate::report::units;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -141,7 +142,11 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     settings.validate()?;
 
     // 3. Weights and the network.
-    let (model, load_s) = shared::build_model_in(&files, family, ctx, &precision)?;
+    let shared::Built {
+        model,
+        load_s,
+        weights,
+    } = shared::build_model_in(&files, family, ctx, &precision)?;
 
     // 4. Generate, streaming text and the panel.
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -169,9 +174,29 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     let t0 = Instant::now();
     let keep_logits = args.logits_out.is_some();
 
+    // A long prompt's prefill shows its progress (chunk by chunk) where the panel would be.
+    let prefill_bar = (show_panel && prompt.len() > generate::PREFILL_CHUNK).then(|| {
+        let bar =
+            ProgressBar::with_draw_target(Some(prompt.len() as u64), ProgressDrawTarget::stderr());
+        if let Ok(style) =
+            ProgressStyle::with_template("prefill {bar:30} {pos}/{len} tokens · {per_sec} · {eta}")
+        {
+            bar.set_style(style);
+        }
+        bar
+    });
     let mut on_event = |ev: Event| -> Result<bool> {
         let (piece, held) = match ev {
+            Event::Prefilling { done, .. } => {
+                if let Some(bar) = &prefill_bar {
+                    bar.set_position(done as u64);
+                }
+                return Ok(!interrupted.load(Ordering::SeqCst));
+            }
             Event::Prefilled { logits, cache } => {
+                if let Some(bar) = &prefill_bar {
+                    bar.finish_and_clear();
+                }
                 if keep_logits {
                     logits_rows.push(logits.clone());
                 }
@@ -219,6 +244,9 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         &limits,
         &mut on_event,
     )?;
+    if let Some(bar) = &prefill_bar {
+        bar.finish_and_clear();
+    }
     if let Some(rest) = decoder.finish()? {
         out.write_all(rest.as_bytes())?;
     }
@@ -244,7 +272,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         write_logits(p, &logits_rows)?;
     }
     if !ctx.quiet {
-        eprintln!("{}", summary(&stats, &at_max, &precision.name(), load_s));
+        eprintln!("{}", summary(&stats, &at_max, &weights, load_s));
     }
     if args.json {
         let mut v = serde_json::to_value(&stats)?;
@@ -255,7 +283,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
                 serde_json::json!(cache.bytes()),
             );
             o.insert("load_s".into(), load_s.into());
-            o.insert("dtype".into(), precision.name().into());
+            o.insert("dtype".into(), weights.clone().into());
         }
         writeln!(out, "{}", serde_json::to_string(&v)?)?;
     }

@@ -5,7 +5,7 @@ use super::Ctx;
 use crate::arch::{self, budget::KvDtype, ArchSpec};
 use crate::generate::sampler::Sampling;
 use crate::generate::CausalLm;
-use crate::layers::linear::{with_load_quantization, Quantization};
+use crate::layers::linear::{with_weight_format, Quantization, WeightFormat};
 use crate::loader::generation_config::GenerationDefaults;
 use crate::loader::model_files::{self, ModelFiles, ResolveOptions};
 use crate::loader::tokenizer::{self, TokenizerBundle};
@@ -71,76 +71,109 @@ impl SamplingArgs {
 /// Where and in which precision the model runs.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DeviceArgs {
-    /// Weight and compute dtype (default: f32 on CPU, bf16 on a GPU).
+    /// Weight type (default on the CPU: the checkpoint's own, e.g. bf16, read from the file
+    /// without a copy; on a GPU: bf16).
     ///
-    /// q8_0: the weight matrices are quantized as they load to GGML's q8_0 (blocks of 32 int8
-    /// with an f16 scale, 1.06 bytes per weight); activations, norms, embeddings, routers and the
-    /// KV cache stay f32. It runs on the CPU (`--device auto` picks it).
+    /// On the CPU activations and the KV cache are f32 whatever the weights: f32/bf16/f16 weights
+    /// stored in that type are read from the checkpoint's memory map (others are converted once
+    /// at load); q8_0 (1.06 bytes per weight) and q4_0 (0.56) quantize the weight matrices at
+    /// load to GGML's blocks of 32 with an f16 scale, straight from the stored bytes (norms,
+    /// embeddings and routers keep their type). On a GPU, f32/bf16/f16 set weights and
+    /// activations alike; q8_0 and q4_0 run on the CPU only (`--device auto` picks it).
     #[arg(long, value_enum)]
     pub dtype: Option<ComputeDtype>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
 }
 
-/// The device, the activation dtype and the weight quantization a model runs with.
+/// The device, the activation dtype and how the weight matrices are held.
 #[derive(Debug, Clone)]
 pub struct Precision {
     pub device: Device,
-    /// What the weights load in and the activations and KV cache are held in.
+    /// What the activations and KV cache are held in (and non-matrix weights load in).
     pub dtype: DType,
-    /// Applied to the weight matrices as they load ([`with_load_quantization`]).
-    pub quantization: Option<Quantization>,
+    /// How the weight matrices are held ([`with_weight_format`]).
+    pub weights: WeightFormat,
 }
 
 impl Precision {
-    /// The name `--json` and the summary report: `f32`, `bf16`, `f16` or `q8_0`.
-    pub fn name(&self) -> String {
-        match self.quantization {
-            Some(Quantization::Q8_0) => "q8_0".into(),
-            None => format!("{:?}", self.dtype).to_lowercase(),
+    /// The weights' name for `--json` and the summary: `f32`, `bf16`, `f16`, `q8_0` or `q4_0`;
+    /// `stored` is the checkpoint's dtype (what the default format keeps).
+    pub fn name(&self, stored: DType) -> String {
+        let lower = |d: DType| format!("{d:?}").to_lowercase();
+        match self.weights {
+            WeightFormat::Quantized(Quantization::Q8_0) => "q8_0".into(),
+            WeightFormat::Quantized(Quantization::Q4_0) => "q4_0".into(),
+            WeightFormat::Mapped(Some(d)) => lower(d),
+            WeightFormat::Mapped(None) => lower(stored),
+            WeightFormat::Loaded => lower(self.dtype),
         }
     }
 }
 
 impl DeviceArgs {
-    /// The device, the compute dtype and the weight quantization.
+    /// The device, the activation dtype and the weight format.
     pub fn resolve(&self) -> Result<Precision> {
-        // q8_0 weights run on the CPU only: `auto` picks it, a GPU is refused before it opens.
-        let device = match (self.dtype, self.device) {
-            (Some(ComputeDtype::Q8_0), DeviceArg::Cuda | DeviceArg::Metal) => bail!(
-                "--dtype q8_0 runs on the CPU only, not on --device {}\nhint: use --device cpu, or --dtype bf16 on the GPU",
+        // Quantized weights run on the CPU only: `auto` picks it, a GPU is refused before it
+        // opens.
+        let quantized = match self.dtype {
+            Some(ComputeDtype::Q8_0) => Some(Quantization::Q8_0),
+            Some(ComputeDtype::Q4_0) => Some(Quantization::Q4_0),
+            _ => None,
+        };
+        let device = match (quantized, self.device) {
+            (Some(_), DeviceArg::Cuda | DeviceArg::Metal) => bail!(
+                "--dtype {} runs on the CPU only, not on --device {}\nhint: use --device cpu, or --dtype bf16 on the GPU",
+                if quantized == Some(Quantization::Q8_0) { "q8_0" } else { "q4_0" },
                 format!("{:?}", self.device).to_lowercase()
             ),
-            (Some(ComputeDtype::Q8_0), _) => Device::Cpu,
+            (Some(_), _) => Device::Cpu,
             (_, d) => device(d)?,
         };
-        let (dtype, quantization) = match self.dtype {
-            Some(ComputeDtype::F32) => (DType::F32, None),
-            Some(ComputeDtype::Bf16) => (DType::BF16, None),
-            Some(ComputeDtype::F16) => (DType::F16, None),
-            Some(ComputeDtype::Q8_0) => (DType::F32, Some(Quantization::Q8_0)),
-            None if device.is_cpu() => (DType::F32, None),
-            None => (DType::BF16, None),
+        if let Some(q) = quantized {
+            return Ok(Precision {
+                device,
+                dtype: DType::F32,
+                weights: WeightFormat::Quantized(q),
+            });
+        }
+        let dtype = match self.dtype {
+            Some(ComputeDtype::Bf16) => Some(DType::BF16),
+            Some(ComputeDtype::F16) => Some(DType::F16),
+            Some(_) => Some(DType::F32),
+            None => None,
         };
-        Ok(Precision {
-            device,
-            dtype,
-            quantization,
+        Ok(if device.is_cpu() {
+            // f32 activations; matrices from the mapping (`--dtype f32` widens them).
+            Precision {
+                device,
+                dtype: DType::F32,
+                weights: WeightFormat::Mapped(dtype),
+            }
+        } else {
+            Precision {
+                device,
+                dtype: dtype.unwrap_or(DType::BF16),
+                weights: WeightFormat::Loaded,
+            }
         })
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ComputeDtype {
-    /// f32 weights and activations
+    /// f32 weights (CPU: widened from the checkpoint at load)
     F32,
-    /// bfloat16 weights, activations and KV cache
+    /// bfloat16 weights (GPU: activations and KV cache too)
     Bf16,
-    /// float16 weights, activations and KV cache
+    /// float16 weights (GPU: activations and KV cache too)
     F16,
-    /// weight matrices quantized at load to GGML q8_0, f32 activations and KV cache; CPU only
+    /// weight matrices quantized at load to GGML q8_0 (1.06 bytes per weight); CPU only
     #[value(name = "q8_0")]
     Q8_0,
+    /// weight matrices quantized at load to GGML q4_0 (0.56 bytes per weight); CPU only
+    #[value(name = "q4_0")]
+    Q4_0,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -233,8 +266,8 @@ pub fn files_and_tokenizer(
     Ok((files, tok))
 }
 
-/// Load the weights in `dtype` on `device` and build the network (no quantization); returns it
-/// with the seconds it took.
+/// Load the weights in `dtype` on `device` and build the network (as loaded: copies in `dtype`,
+/// no quantization); returns it with the seconds it took.
 pub fn build_model(
     files: &ModelFiles,
     family: &arch::Family,
@@ -245,18 +278,26 @@ pub fn build_model(
     let precision = Precision {
         device: device.clone(),
         dtype,
-        quantization: None,
+        weights: WeightFormat::Loaded,
     };
-    build_model_in(files, family, ctx, &precision)
+    build_model_in(files, family, ctx, &precision).map(|b| (b.model, b.load_s))
 }
 
-/// [`build_model`] with the weight matrices quantized at load as `precision` says.
+/// A built network, with what loading it cost.
+pub struct Built {
+    pub model: Box<dyn CausalLm>,
+    pub load_s: f64,
+    /// The weights' format for reports: `bf16`, `q4_0`, ...
+    pub weights: String,
+}
+
+/// [`build_model`] with the weight matrices held as `precision` says.
 pub fn build_model_in(
     files: &ModelFiles,
     family: &arch::Family,
     ctx: &Ctx,
     precision: &Precision,
-) -> Result<(Box<dyn CausalLm>, f64)> {
+) -> Result<Built> {
     let t_load = Instant::now();
     let build = family
         .build
@@ -267,11 +308,16 @@ pub fn build_model_in(
         fp8_block: crate::loader::quantized::fp8_block(&config)?,
     };
     let weights = weights::load_with(files, precision.dtype, &precision.device, opts)?;
-    // Quantized weights are made one matrix at a time as the family reads them, so at most one
-    // f32 matrix beside its q8_0 copy is held on top of the mapped checkpoint.
-    let model = with_load_quantization(precision.quantization, || {
+    // Matrices are read from the mapping (CPU) or quantized from it one at a time as the
+    // family reads them: no f32 copy of the checkpoint is ever held.
+    let source = precision.device.is_cpu().then(|| weights.mapped_source());
+    let model = with_weight_format(precision.weights, source, || {
         build(&config, &ctx.parse, weights.text_vb(), weights.lm_head_vb())
     })
     .with_context(|| format!("building the model from {}", files.source))?;
-    Ok((model, t_load.elapsed().as_secs_f64()))
+    Ok(Built {
+        model,
+        load_s: t_load.elapsed().as_secs_f64(),
+        weights: precision.name(weights.stored_dtype()),
+    })
 }

@@ -1,6 +1,11 @@
-//! ONE prefill/decode loop and sampler for every family: prefill the prompt in one forward, then
-//! decode a token at a time, stopping on an end-of-sequence id, the token budget, the context
-//! limit, or the caller (Ctrl-C). Stats are measured here, the same way for every model.
+//! ONE prefill/decode loop and sampler for every family: prefill the prompt in chunks of
+//! [`PREFILL_CHUNK`] tokens, then decode a token at a time, stopping on an end-of-sequence id,
+//! the token budget, the context limit, or the caller (Ctrl-C, heard between chunks too). Stats
+//! are measured here, the same way for every model.
+//!
+//! Chunking bounds what a long prompt costs beside the weights and the cache: one chunk's
+//! activations (its MLP intermediate, its per-layer embeddings) and one block of attention
+//! scores, whatever the prompt length; only the last chunk runs the output head.
 
 pub mod sampler;
 
@@ -49,11 +54,17 @@ pub fn check_tokens(tokens: &[u32], vocab: usize) -> Result<()> {
     Ok(())
 }
 
+/// Tokens per prefill forward: large enough that the weight matmuls run as GEMMs at full speed,
+/// small enough that a chunk's activations stay a few tens of MB at the real models' widths.
+pub const PREFILL_CHUNK: usize = 512;
+
 /// Which positions' logits a forward returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rows {
     All,
     Last,
+    /// None: the forward only fills the cache (a prefill chunk before the last).
+    None,
 }
 
 impl Rows {
@@ -65,6 +76,7 @@ impl Rows {
                 let n = h.dim(1)?;
                 h.narrow(1, n - 1, 1)?
             }
+            Rows::None => h.narrow(1, 0, 0)?,
         })
     }
 }
@@ -92,8 +104,12 @@ pub enum StopReason {
     Interrupted,
 }
 
-/// What the caller hears about: a new token (with its logits row), and whether to go on.
+/// What the caller hears about: prefill progress, a new token (with its logits row), and
+/// whether to go on.
 pub enum Event<'a> {
+    /// `done` of the prompt's `total` tokens are in the cache (sent after each chunk but the
+    /// last); returning `false` stops before the next chunk.
+    Prefilling { done: usize, total: usize },
     /// The prompt was prefilled; `logits` holds one row per prompt position, or only the last
     /// one unless [`Limits::all_prompt_logits`].
     Prefilled {
@@ -158,12 +174,13 @@ pub fn generate(
     };
 
     let t0 = Instant::now();
-    let rows = if limits.all_prompt_logits {
-        Rows::All
-    } else {
-        Rows::Last
-    };
-    let logits = model.forward_logits(prompt, cache, rows)?; // [n or 1, vocab]
+    let Some(logits) = prefill(model, cache, prompt, limits.all_prompt_logits, on_event)? else {
+        stats.stop = Some(StopReason::Interrupted);
+        stats.prefill_tok_s = (cache.seen() - start_len) as f64 / t0.elapsed().as_secs_f64();
+        stats.kv_bytes = cache.bytes().iter().sum();
+        stats.peak_rss_bytes = peak_rss_bytes();
+        return Ok(stats);
+    }; // [n or 1, vocab]
     let prefill = t0.elapsed().as_secs_f64();
     stats.prefill_tok_s = prompt.len() as f64 / prefill.max(1e-9);
     let mut go_on = on_event(Event::Prefilled {
@@ -222,6 +239,40 @@ pub fn generate(
     stats.kv_bytes = cache.bytes().iter().sum();
     stats.peak_rss_bytes = peak_rss_bytes();
     Ok(stats)
+}
+
+/// Feed `prompt` in chunks of [`PREFILL_CHUNK`]; the logits of every position (`all`) or of the
+/// last, or `None` when `on_event` stopped it between chunks.
+pub fn prefill(
+    model: &dyn CausalLm,
+    cache: &mut KvStore,
+    prompt: &[u32],
+    all: bool,
+    on_event: &mut dyn FnMut(Event) -> Result<bool>,
+) -> Result<Option<Tensor>> {
+    let total = prompt.len();
+    let mut rows = vec![];
+    for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
+        let done = i * PREFILL_CHUNK;
+        if done > 0 && !on_event(Event::Prefilling { done, total })? {
+            return Ok(None);
+        }
+        let last = done + chunk.len() == total;
+        let want = match (all, last) {
+            (true, _) => Rows::All,
+            (false, true) => Rows::Last,
+            (false, false) => Rows::None,
+        };
+        let logits = model.forward_logits(chunk, cache, want)?; // [chunk, 1 or 0 rows, vocab]
+        if want != Rows::None {
+            rows.push(logits);
+        }
+    }
+    Ok(Some(if rows.len() == 1 {
+        rows.pop().expect("one chunk")
+    } else {
+        Tensor::cat(&rows, 0)?
+    }))
 }
 
 /// Peak resident set size of this process (`VmHWM` on Linux).

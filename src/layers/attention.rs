@@ -13,8 +13,12 @@
 //! its bytes equal `kv-budget`'s `K=V` part) and keys are derived from it on every read: scale by
 //! the `k_norm` weight, rotate at the cached positions.
 //!
-//! Attention itself ([`attend`]) groups query heads by KV head instead of copying K/V per query
-//! head, adds the mask and takes the softmax in f32.
+//! Attention itself ([`attend_causal`]) groups query heads by KV head instead of copying K/V per
+//! query head and takes the softmax in f32. It runs the queries in blocks sized so that one
+//! block's scores stay under [`SCORE_BLOCK_ELEMS`], and each block reads only the keys it can see
+//! (its causal end, its window's start) with a mask built for that block alone: a long prompt
+//! never materialises an `[n, t]` score or mask tensor, and a sliding layer never scores keys
+//! outside its window. [`attend`] is the plain one-shot formula it is tested against.
 //!
 //! Family options beyond [`AttentionOptions`] are builder calls on a loaded layer: QK norm without
 //! the value norm ([`Attention::without_value_norm`]) and a gate on the merged heads before the
@@ -42,9 +46,6 @@ pub struct AttendedKv {
     pub start: usize,
 }
 
-/// A mask's identity within one forward: (first key position, keys, window).
-type MaskKey = (usize, usize, Option<usize>);
-
 /// State the layers of one forward share.
 pub struct ForwardCtx<'a> {
     pub cache: &'a mut KvStore,
@@ -54,8 +55,6 @@ pub struct ForwardCtx<'a> {
     pub len: usize,
     /// What each layer attended in this forward, by layer index (owners only).
     pub attended: Vec<Option<AttendedKv>>,
-    /// Masks built so far.
-    masks: Vec<(MaskKey, Tensor)>,
 }
 
 impl<'a> ForwardCtx<'a> {
@@ -67,27 +66,102 @@ impl<'a> ForwardCtx<'a> {
             pos,
             len,
             attended: vec![None; layers],
-            masks: vec![],
         }
     }
+}
 
-    /// The additive mask `[len, k_len]` (f32) of this chunk's queries over keys at
-    /// `k_start..k_start + k_len`.
-    pub fn mask(
-        &mut self,
-        k_start: usize,
-        k_len: usize,
-        window: Option<usize>,
-        device: &candle_core::Device,
-    ) -> Result<Tensor> {
-        let key = (k_start, k_len, window);
-        if let Some((_, m)) = self.masks.iter().find(|(k, _)| *k == key) {
-            return Ok(m.clone());
-        }
-        let m = causal_mask(self.len, self.pos, k_start, k_len, window, device)?;
-        self.masks.push((key, m.clone()));
-        Ok(m)
+/// Where a chunk's queries and its attended keys sit in the sequence, and the window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CausalSpan {
+    /// Position of the first query.
+    pub q_start: usize,
+    /// Position of the first key.
+    pub k_start: usize,
+    /// Sliding window: a query at `p` sees keys at `p - window + 1 ..= p`.
+    pub window: Option<usize>,
+}
+
+/// Score elements (f32) one query block may hold: 4 Mi (16 MB), so a block's scores, mask and
+/// probabilities stay within a few tens of MB whatever the context.
+pub const SCORE_BLOCK_ELEMS: usize = 4 << 20;
+
+/// Causal (windowed) attention of queries `q` `[b, hq, n, d]` over keys `k` `[b, hkv, t, d]` and
+/// values `v` `[b, hkv, t, dv]` placed by `span`: `[b, hq, n, dv]` in q's dtype. Equal to
+/// [`attend`] with the full [`causal_mask`], computed in query blocks that each read only the
+/// keys they can see.
+pub fn attend_causal(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    span: CausalSpan,
+    scale: f64,
+) -> Result<Tensor> {
+    attend_in_blocks(q, k, v, span, scale, SCORE_BLOCK_ELEMS)
+}
+
+/// [`attend_causal`] with blocks of at most `budget` score elements (at least one query row).
+fn attend_in_blocks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    span: CausalSpan,
+    scale: f64,
+    budget: usize,
+) -> Result<Tensor> {
+    let (b, hq, n, _) = q.dims4()?;
+    let t = k.dim(2)?;
+    let CausalSpan {
+        q_start,
+        k_start,
+        window,
+    } = span;
+    if n == 0 {
+        return attend(q, k, v, None, scale);
     }
+    // Rows per block: the scores of a block over every key fit the budget.
+    let rows = (budget / (b * hq * t.max(1))).clamp(1, n);
+    let mut blocks = Vec::with_capacity(n.div_ceil(rows));
+    for i0 in (0..n).step_by(rows) {
+        let m = rows.min(n - i0);
+        // Positions of the block's first and last query, and the keys either can see.
+        let (p0, p1) = (q_start + i0, q_start + i0 + m - 1);
+        let first = window.map_or(0, |w| (p0 + 1).saturating_sub(w));
+        let lo = first.saturating_sub(k_start).min(t);
+        let hi = (p1 + 1).saturating_sub(k_start).min(t);
+        if hi <= lo {
+            bail!(
+                "internal: queries at {p0}..={p1} see none of the keys at {k_start}..{}",
+                k_start + t
+            );
+        }
+        let (kb, vb) = (k.narrow(2, lo, hi - lo)?, v.narrow(2, lo, hi - lo)?);
+        // No mask when every query sees every key of the block.
+        let all_visible = k_start + hi - 1 <= p0 && window.is_none_or(|w| p1 - (k_start + lo) < w);
+        let mask = if all_visible {
+            None
+        } else {
+            Some(causal_mask(
+                m,
+                p0,
+                k_start + lo,
+                hi - lo,
+                window,
+                q.device(),
+            )?)
+        };
+        blocks.push(attend(
+            &q.narrow(2, i0, m)?,
+            &kb,
+            &vb,
+            mask.as_ref(),
+            scale,
+        )?);
+    }
+    Ok(if blocks.len() == 1 {
+        blocks.pop().expect("one block")
+    } else {
+        Tensor::cat(&blocks, 2)?
+    })
 }
 
 /// `softmax(q·kᵀ·scale + mask)·v` with `hq / hkv` query heads per KV head.
@@ -272,12 +346,13 @@ impl Attention {
             }
         };
 
-        // 3. Causal (windowed) mask over the attended keys. [n, t]
-        let t = kv.k.dim(2)?;
-        let mask = ctx.mask(kv.start, t, self.window, x.device())?;
-
-        // 4. Attend, merge heads, gate (if any), project out.
-        let y = attend(&q, &kv.k, &kv.v, Some(&mask), self.scale)?; // [b, hq, n, d]
+        // 3. Attend causally (in query blocks), merge heads, gate (if any), project out.
+        let span = CausalSpan {
+            q_start: ctx.pos,
+            k_start: kv.start,
+            window: self.window,
+        };
+        let y = attend_causal(&q, &kv.k, &kv.v, span, self.scale)?; // [b, hq, n, d]
         let y = y.transpose(1, 2)?.reshape((b, n, hq * d))?;
         let y = match &self.output_gate {
             Some(g) => g.forward(x, &y)?,
@@ -421,6 +496,56 @@ mod tests {
             }
         }
         assert!(worst < 1e-5, "{worst}");
+    }
+
+    /// Blocked causal attention equals the one-shot formula with the full mask: queries in one
+    /// block or many, windows narrower and wider than a block, keys starting before the queries
+    /// (a cache) and a window that has already dropped old keys.
+    #[test]
+    fn blocked_causal_attention_equals_the_full_mask() {
+        let dev = Device::Cpu;
+        // (n queries, cached keys before them, window)
+        for &(n, cached, window) in &[
+            (1, 0, None),
+            (1, 9, None),
+            (1, 9, Some(4)),
+            (7, 0, None),
+            (13, 5, None),
+            (13, 5, Some(3)),
+            (13, 5, Some(6)),
+            (40, 3, Some(9)),
+            (40, 0, Some(64)),
+        ] {
+            let t = n + cached;
+            let q = Tensor::randn(0f32, 1.0, (1, 4, n, 8), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (1, 2, t, 8), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (1, 2, t, 6), &dev).unwrap();
+            // Keys from position 100 on, queries after the cached ones.
+            let k_start = 100;
+            let span = CausalSpan {
+                q_start: k_start + cached,
+                k_start,
+                window,
+            };
+            let mask = causal_mask(n, span.q_start, k_start, t, window, &dev).unwrap();
+            let want = attend(&q, &k, &v, Some(&mask), 0.3).unwrap();
+            for budget in [1, 4 * 2 * t, 4 * 5 * t, usize::MAX / 2] {
+                let got = attend_in_blocks(&q, &k, &v, span, 0.3, budget).unwrap();
+                assert_eq!(got.dims(), &[1, 4, n, 6]);
+                let diff: f32 = (got - &want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
+                assert!(
+                    diff < 1e-5,
+                    "n {n}, cached {cached}, window {window:?}, budget {budget}: {diff}"
+                );
+            }
+        }
     }
 
     /// Grouped attention equals plain attention with K/V repeated per query head.

@@ -34,7 +34,7 @@ pub struct ValidConv1d {
 impl ValidConv1d {
     /// Reads `weight` `[C, C/groups, kernel]` and `bias` `[C]` (if present) under `vb`.
     pub fn load(vb: &VarBuilder, channels: usize, groups: usize, kernel: usize) -> Result<Self> {
-        if kernel == 0 || groups == 0 || channels % groups != 0 {
+        if kernel == 0 || groups == 0 || !channels.is_multiple_of(groups) {
             bail!(
                 "conv `{}`: {channels} channels in {groups} groups, kernel {kernel}",
                 vb.prefix()

@@ -22,7 +22,7 @@
 //! The store holds exactly K, V (`kv_heads × d` each per token) and the two fixed states, so its
 //! measured bytes equal `kv-budget`'s.
 
-use super::attention::{attend, ForwardCtx};
+use super::attention::{attend_causal, CausalSpan, ForwardCtx};
 use super::causal_conv::{CausalConvStack, ValidConv1d};
 use super::kv_store::KvStore;
 use super::linear::Linear;
@@ -154,10 +154,13 @@ impl CcaAttention {
         let vv = view
             .v
             .ok_or_else(|| anyhow::anyhow!("internal: layer {} stored no values", self.layer))?;
-        let t = view.k.dim(2)?;
-        let mask = ctx.mask(view.start, t, self.shape.window, x.device())?;
+        let span = CausalSpan {
+            q_start: ctx.pos,
+            k_start: view.start,
+            window: self.shape.window,
+        };
         let scale = (d as f64).powf(-0.5);
-        let y = attend(&q, &view.k, &vv, Some(&mask), scale)?; // [b, hq, n, d]
+        let y = attend_causal(&q, &view.k, &vv, span, scale)?; // [b, hq, n, d]
         let y = y.transpose(1, 2)?.reshape((b, n, hq * d))?;
         self.o_proj.forward(&y)
     }

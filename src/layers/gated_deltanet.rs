@@ -66,7 +66,7 @@ impl GatedDeltaNet {
     /// Reads `in_proj_qkv`, `in_proj_z`, `in_proj_b`, `in_proj_a`, `conv1d` `[conv_dim, 1, K]`,
     /// `A_log`, `dt_bias` `[value_heads]`, `norm` `[dv]` and `out_proj` under `vb`.
     pub fn load(vb: &VarBuilder, s: DeltaNetShape) -> Result<Self> {
-        if s.key_heads == 0 || s.value_heads % s.key_heads != 0 {
+        if s.key_heads == 0 || !s.value_heads.is_multiple_of(s.key_heads) {
             bail!(
                 "Gated DeltaNet: {} value heads over {} key heads",
                 s.value_heads,
@@ -193,7 +193,7 @@ impl HeadInputs<'_> {
     /// `[n·dv]` gets the head's gated, normalised output (step 3 before `out_proj`).
     fn run(&self, h: usize, state: &mut [f32], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if super::gemv::Isa::get() == super::gemv::Isa::Avx2 {
+        if super::gemv::Isa::get().has_avx2() {
             // SAFETY: AVX2 and FMA were detected.
             unsafe { self.run_avx2(h, state, out) };
             return;

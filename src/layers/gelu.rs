@@ -45,7 +45,7 @@ pub fn gelu_tanh_in_place(v: &mut [f32]) {
 
 fn run(v: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::gemv::Isa::get() == super::gemv::Isa::Avx2 {
+    if super::gemv::Isa::get().has_avx2() {
         // SAFETY: AVX2 and FMA were detected.
         unsafe { run_avx2(v) };
         return;

@@ -47,7 +47,7 @@ thread_local! {
 /// `Ok(false)` (and `y` untouched) when this CPU has no fast kernel.
 pub fn gemm(w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32]) -> Result<bool> {
     ensure!(
-        m > 0 && x.len() % m == 0 && y.len() % m == 0,
+        m > 0 && x.len().is_multiple_of(m) && y.len().is_multiple_of(m),
         "gemm: {m} rows do not divide x ({}) and y ({})",
         x.len(),
         y.len()
@@ -55,7 +55,7 @@ pub fn gemm(w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32]) -> Result<boo
     let (k, n) = (x.len() / m, y.len() / m);
     w.check(n, k, "gemm")?;
     #[cfg(target_arch = "x86_64")]
-    if Isa::get() == Isa::Avx2 {
+    if Isa::get().has_avx2() {
         // Equal panels of at most KC columns, multiples of 32 except the last.
         let panels = k.div_ceil(KC);
         let kc = (k.div_ceil(panels).div_ceil(Q8_BLOCK) * Q8_BLOCK).min(k);

@@ -12,22 +12,25 @@
 //!   `LLMARCH_KERNELS=candle` forces candle's matmul for dense weights (for benchmarks).
 //! - bf16/f16 weights are read as they are stored and widened in registers, so decode moves half
 //!   the bytes of f32; the output comes back in the activation's dtype.
-//! - Quantize at load (q8_0: GGML's blocks of 32 int8 + an f16 scale, 1.06 bytes per weight;
-//!   `--dtype q8_0`): [`Linear::quantize_q8_0`], or every [`Linear`] built inside
-//!   [`with_load_quantization`], the output head included (a tied head gets a q8_0 copy beside
-//!   the f32 embedding its lookup reads). Each matrix is quantized in place from its f32 load and
-//!   the dense tensor dropped, so only the q8_0 copy stays resident and the load never holds more
-//!   than one f32 matrix. Routers stay dense ([`Linear::load_unquantized`]): their output picks
-//!   experts. Accuracy: within q8_0's own rounding of the f32 product (~0.5 % relative RMS for
-//!   Gaussian weights), tested below.
+//! - How a matrix is held is chosen once for a whole model build ([`with_weight_format`]):
+//!   as the `VarBuilder` loads it (a copy in the load dtype; the GPU path), straight from the
+//!   checkpoint's memory map in the dtype it is stored in ([`WeightFormat::Mapped`]: no copy,
+//!   the CPU default), or quantized at load ([`Quantization`]: GGML's q8_0, 1.06 bytes per
+//!   weight, or q4_0, 0.56). Quantized matrices are made from the mapped bytes a block at a
+//!   time, in parallel: no f32 copy of a matrix is ever held. A tied output head reads (or
+//!   quantizes) the embedding table itself. Routers stay unquantized
+//!   ([`Linear::load_unquantized`]): their output picks experts. Accuracy: within the format's
+//!   own rounding of the f32 product (q8_0 ~0.5 %, q4_0 ~8 % relative RMS for Gaussian
+//!   weights), tested below.
 
 use super::gemm;
-use super::gemv::{self, Q8_0Matrix, WeightRows};
+use super::gemv::{self, Q4_0Matrix, Q8_0Matrix, WeightRows};
+use super::mapped::MappedTensor;
 use super::weight;
 use anyhow::{bail, Context, Result};
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use candle_nn::VarBuilder;
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::sync::{Arc, OnceLock};
 
 /// Quantization applied to weights as they are loaded.
@@ -35,24 +38,84 @@ use std::sync::{Arc, OnceLock};
 pub enum Quantization {
     /// GGML q8_0: blocks of 32 int8 with one f16 scale.
     Q8_0,
+    /// GGML q4_0: blocks of 32 4-bit codes with one f16 scale.
+    Q4_0,
+}
+
+/// How the weight matrices of a model are held once loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// As the `VarBuilder` loads them: a copy in its dtype (GPUs, `--dtype f32`).
+    Loaded,
+    /// Read from the checkpoint's mapping. `None`: in the dtype they are stored in; `Some(d)`:
+    /// in `d`, converted once at load where they are stored otherwise.
+    Mapped(Option<DType>),
+    /// Quantized at load (matrices whose input width is not a multiple of 32 stay mapped).
+    Quantized(Quantization),
+}
+
+/// Where mapped weights come from: the loader's validated safetensors mappings.
+pub trait MappedSource {
+    /// Tensor `name` (full name) as stored, if it can be served from the mapping (dense F32,
+    /// BF16 or F16, aligned); an error when it exists with another shape than `shape`.
+    fn mapped(&self, name: &str, shape: &[usize]) -> Result<Option<MappedTensor>>;
+}
+
+/// What [`with_weight_format`] sets for the builds on this thread.
+#[derive(Clone)]
+struct LoadScope {
+    format: WeightFormat,
+    source: Option<Arc<dyn MappedSource>>,
 }
 
 thread_local! {
-    static LOAD_QUANTIZATION: Cell<Option<Quantization>> = const { Cell::new(None) };
+    static LOAD_SCOPE: RefCell<LoadScope> = const {
+        RefCell::new(LoadScope { format: WeightFormat::Loaded, source: None })
+    };
 }
 
-/// Runs `build` with every [`Linear`] it loads ([`Linear::load`],
-/// [`Linear::quantized_from_weight`]) quantized to `q`; the setting is per thread and restored
-/// afterwards, even on panic. Linears whose input width is not a multiple of 32 stay dense.
-pub fn with_load_quantization<R>(q: Option<Quantization>, build: impl FnOnce() -> R) -> R {
-    struct Restore(Option<Quantization>);
+/// Runs `build` with every [`Linear`] it loads held as `format` says, mapped weights coming from
+/// `source` (without one, [`WeightFormat::Mapped`] loads copies and quantization quantizes
+/// them). The setting is per thread and restored afterwards, even on panic.
+pub fn with_weight_format<R>(
+    format: WeightFormat,
+    source: Option<Arc<dyn MappedSource>>,
+    build: impl FnOnce() -> R,
+) -> R {
+    struct Restore(Option<LoadScope>);
     impl Drop for Restore {
         fn drop(&mut self) {
-            LOAD_QUANTIZATION.with(|c| c.set(self.0));
+            if let Some(s) = self.0.take() {
+                LOAD_SCOPE.with(|c| *c.borrow_mut() = s);
+            }
         }
     }
-    let _restore = Restore(LOAD_QUANTIZATION.with(|c| c.replace(q)));
+    let scope = LoadScope { format, source };
+    let _restore = Restore(Some(LOAD_SCOPE.with(|c| c.replace(scope))));
     build()
+}
+
+/// [`with_weight_format`] quantizing to `q` (or as loaded, `None`), with no mapping: every
+/// matrix is quantized from its loaded copy.
+pub fn with_load_quantization<R>(q: Option<Quantization>, build: impl FnOnce() -> R) -> R {
+    let format = q.map_or(WeightFormat::Loaded, WeightFormat::Quantized);
+    with_weight_format(format, None, build)
+}
+
+fn load_scope() -> LoadScope {
+    LOAD_SCOPE.with(|c| c.borrow().clone())
+}
+
+/// Tensor `name` from the enclosing [`with_weight_format`]'s mapping, when it serves weights
+/// from one (mapped or quantized formats) and can serve this tensor; e.g. a lookup table.
+pub fn mapped_in_scope(name: &str, shape: &[usize]) -> Result<Option<MappedTensor>> {
+    let scope = load_scope();
+    match (&scope.source, scope.format) {
+        (Some(src), WeightFormat::Mapped(_) | WeightFormat::Quantized(_)) => {
+            src.mapped(name, shape)
+        }
+        _ => Ok(None),
+    }
 }
 
 /// Whether our CPU kernels run for dense weights (`LLMARCH_KERNELS=candle` turns them off).
@@ -98,9 +161,10 @@ fn out_shape(x: &Tensor, out_dim: usize) -> Vec<usize> {
     shape
 }
 
-/// candle's GEMM: `x` `[rows, in]` · `wᵀ` → `[rows, out]`.
+/// candle's GEMM: `x` `[rows, in]` · `wᵀ` → `[rows, out]` (a weight held in another dtype
+/// than the activations is converted first).
 fn plain_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    Ok(x.matmul(&w.t()?)?)
+    Ok(x.matmul(&w.to_dtype(x.dtype())?.t()?)?)
 }
 
 /// Our kernels over a dense CPU weight: `x` `[rows, in]` → `[rows, out]` in `x`'s dtype, or
@@ -154,10 +218,14 @@ fn run_kernel(
 /// The stored form of a weight.
 #[derive(Debug, Clone)]
 enum Weight {
-    /// `[out, in]` in the model dtype.
+    /// `[out, in]` as a candle tensor.
     Dense(Tensor),
+    /// `[out, in]` in the checkpoint's memory map, on the CPU.
+    Mapped(Arc<MappedTensor>),
     /// q8_0 rows, on the CPU.
     Q8_0(Arc<Q8_0Matrix>),
+    /// q4_0 rows, on the CPU.
+    Q4_0(Arc<Q4_0Matrix>),
 }
 
 /// A `[out, in]` weight and an optional `[out]` bias.
@@ -168,34 +236,47 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Read `weight` `[out, in]` (and `bias` `[out]` when `bias`) under `vb`; quantized when
-    /// built inside [`with_load_quantization`].
+    /// Read `weight` `[out, in]` (and `bias` `[out]` when `bias`) under `vb`, held as the
+    /// enclosing [`with_weight_format`] says.
     pub fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let w = weight::get(vb, (out_dim, in_dim), "weight")?;
+        let name = weight::full_name(vb, "weight");
         let bias = if bias {
             Some(weight::get(vb, out_dim, "bias")?)
         } else {
             None
         };
-        Linear::from_weight(w, bias)
-            .at_load()
-            .with_context(|| format!("tensor `{}`", weight::full_name(vb, "weight")))
+        let linear = match mapped_in_scope(&name, &[out_dim, in_dim])? {
+            Some(m) => Linear {
+                weight: Weight::Mapped(Arc::new(m)),
+                bias,
+            },
+            None => Linear::from_weight(weight::get(vb, (out_dim, in_dim), "weight")?, bias),
+        };
+        linear
+            .held_as(load_scope().format)
+            .with_context(|| format!("tensor `{name}`"))
     }
 
-    /// [`Linear::load`], never quantized, even inside [`with_load_quantization`]: for routers,
-    /// whose output is a discrete choice (which experts run) that a rounding error would flip
-    /// (llama.cpp keeps them unquantized too), and which are small.
+    /// [`Linear::load`], never quantized, even inside a quantizing [`with_weight_format`]: for
+    /// routers, whose output is a discrete choice (which experts run) that a rounding error
+    /// would flip (llama.cpp keeps them unquantized too), and which are small.
     pub fn load_unquantized(
         vb: &VarBuilder,
         in_dim: usize,
         out_dim: usize,
         bias: bool,
     ) -> Result<Self> {
-        with_load_quantization(None, || Linear::load(vb, in_dim, out_dim, bias))
+        let scope = load_scope();
+        let format = match scope.format {
+            WeightFormat::Quantized(_) => WeightFormat::Mapped(None),
+            f => f,
+        };
+        with_weight_format(format, scope.source, || {
+            Linear::load(vb, in_dim, out_dim, bias)
+        })
     }
 
-    /// A projection over an existing weight (a tied output head). Inside
-    /// [`with_load_quantization`] use [`Linear::quantized_from_weight`] to quantize it too.
+    /// A projection over an existing weight.
     pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Self {
         Linear {
             weight: Weight::Dense(weight),
@@ -203,64 +284,142 @@ impl Linear {
         }
     }
 
-    /// [`Linear::from_weight`], quantized when built inside [`with_load_quantization`] (the
-    /// original tensor is left as it is, e.g. for the embedding lookup it is shared with).
-    pub fn quantized_from_weight(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        Linear::from_weight(weight, bias).at_load()
+    /// A projection over a mapped table (a tied output head), held as the enclosing
+    /// [`with_weight_format`] says (a quantized copy, or the mapping itself).
+    pub fn from_mapped(weight: MappedTensor, bias: Option<Tensor>) -> Result<Self> {
+        Linear {
+            weight: Weight::Mapped(Arc::new(weight)),
+            bias,
+        }
+        .held_as(load_scope().format)
     }
 
-    fn at_load(self) -> Result<Self> {
-        match LOAD_QUANTIZATION.with(|c| c.get()) {
-            Some(Quantization::Q8_0) if self.in_dim()? % gemv::Q8_BLOCK == 0 => {
-                self.quantize_q8_0()
-            }
+    /// [`Linear::from_weight`], quantized or converted as the enclosing [`with_weight_format`]
+    /// says (the original tensor is left as it is, e.g. for the embedding lookup it is shared
+    /// with).
+    pub fn quantized_from_weight(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Linear::from_weight(weight, bias).held_as(load_scope().format)
+    }
+
+    /// This projection held as `format`: quantized (input widths that are a multiple of 32),
+    /// converted to a mapped format's dtype, or as it is.
+    fn held_as(self, format: WeightFormat) -> Result<Self> {
+        match format {
+            WeightFormat::Quantized(q) if self.in_dim()? % gemv::Q8_BLOCK == 0 => self.quantize(q),
+            WeightFormat::Mapped(Some(dtype)) => match &self.weight {
+                Weight::Mapped(m) if m.dtype() != dtype => Ok(Linear {
+                    weight: Weight::Dense(m.to_tensor(dtype, &Device::Cpu)?),
+                    bias: self.bias,
+                }),
+                Weight::Dense(w) if w.dtype() != dtype => Ok(Linear {
+                    weight: Weight::Dense(w.to_dtype(dtype)?),
+                    bias: self.bias,
+                }),
+                _ => Ok(self),
+            },
             _ => Ok(self),
         }
     }
 
-    /// The dense `[out, in]` weight; `None` once quantized.
+    /// This projection with `bias` `[out]` added (replacing any).
+    pub fn with_bias(self, bias: Option<Tensor>) -> Self {
+        Linear { bias, ..self }
+    }
+
+    /// The dense `[out, in]` weight as a candle tensor; `None` when mapped or quantized.
     pub fn weight(&self) -> Option<&Tensor> {
         match &self.weight {
             Weight::Dense(w) => Some(w),
-            Weight::Q8_0(_) => None,
+            _ => None,
+        }
+    }
+
+    /// How the weight is held: `f32`, `bf16`, `f16`, `q8_0` or `q4_0`.
+    pub fn format_name(&self) -> String {
+        match &self.weight {
+            Weight::Dense(w) => format!("{:?}", w.dtype()).to_lowercase(),
+            Weight::Mapped(m) => format!("{:?}", m.dtype()).to_lowercase(),
+            Weight::Q8_0(_) => "q8_0".into(),
+            Weight::Q4_0(_) => "q4_0".into(),
         }
     }
 
     fn in_dim(&self) -> Result<usize> {
         Ok(match &self.weight {
             Weight::Dense(w) => w.dim(1)?,
+            Weight::Mapped(m) => m.dims2().1,
             Weight::Q8_0(m) => m.in_dim(),
+            Weight::Q4_0(m) => m.in_dim(),
         })
     }
 
     /// This projection with its weight quantized to q8_0 (see [`gemv::Q8_0Matrix`]). CPU only;
     /// the input width must be a multiple of 32. Already quantized: unchanged.
     pub fn quantize_q8_0(self) -> Result<Self> {
-        let w = match &self.weight {
-            Weight::Q8_0(_) => return Ok(self),
-            Weight::Dense(w) => w,
-        };
-        if !w.device().is_cpu() {
-            bail!("q8_0 weights run on the CPU only");
-        }
-        let (out_dim, in_dim) = w.dims2()?;
-        let m = {
-            // A contiguous f32 weight (what `--dtype q8_0` loads) is read in place: no second
-            // f32 copy of the matrix, however large (a tied head is the whole embedding table).
-            let (storage, layout) = w.storage_and_layout();
-            match (&*storage, layout.contiguous_offsets()) {
-                (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) => {
-                    Q8_0Matrix::quantize(&v[start..end], out_dim, in_dim)?
+        self.quantize(Quantization::Q8_0)
+    }
+
+    /// This projection with its weight quantized to `q`, straight from the weight's own dtype
+    /// (no f32 copy of a mapped or 16-bit matrix is made). CPU only; the input width must be a
+    /// multiple of 32. Already quantized: unchanged.
+    pub fn quantize(self, q: Quantization) -> Result<Self> {
+        fn make(q: Quantization, w: WeightRows<'_>, out: usize, n: usize) -> Result<Weight> {
+            Ok(match (q, w) {
+                (Quantization::Q8_0, WeightRows::F32(w)) => {
+                    Weight::Q8_0(Arc::new(Q8_0Matrix::quantize(w, out, n)?))
                 }
-                _ => {
-                    drop(storage);
-                    let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                    Q8_0Matrix::quantize(&values, out_dim, in_dim)?
+                (Quantization::Q8_0, WeightRows::Bf16(w)) => {
+                    Weight::Q8_0(Arc::new(Q8_0Matrix::quantize(w, out, n)?))
+                }
+                (Quantization::Q8_0, WeightRows::F16(w)) => {
+                    Weight::Q8_0(Arc::new(Q8_0Matrix::quantize(w, out, n)?))
+                }
+                (Quantization::Q4_0, WeightRows::F32(w)) => {
+                    Weight::Q4_0(Arc::new(Q4_0Matrix::quantize(w, out, n)?))
+                }
+                (Quantization::Q4_0, WeightRows::Bf16(w)) => {
+                    Weight::Q4_0(Arc::new(Q4_0Matrix::quantize(w, out, n)?))
+                }
+                (Quantization::Q4_0, WeightRows::F16(w)) => {
+                    Weight::Q4_0(Arc::new(Q4_0Matrix::quantize(w, out, n)?))
+                }
+                _ => bail!("internal: quantizing an already quantized matrix"),
+            })
+        }
+        let weight = match &self.weight {
+            Weight::Q8_0(_) | Weight::Q4_0(_) => return Ok(self),
+            Weight::Mapped(m) => {
+                let (out, n) = m.dims2();
+                make(q, m.rows(), out, n)?
+            }
+            Weight::Dense(w) => {
+                if !w.device().is_cpu() {
+                    bail!("quantized weights run on the CPU only");
+                }
+                let (out, n) = w.dims2()?;
+                // A contiguous weight is read in place: no second copy of the matrix, however
+                // large (a tied head is the whole embedding table).
+                let (storage, layout) = w.storage_and_layout();
+                match (&*storage, layout.contiguous_offsets()) {
+                    (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => {
+                        make(q, WeightRows::F32(&v[a..b]), out, n)?
+                    }
+                    (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => {
+                        make(q, WeightRows::Bf16(&v[a..b]), out, n)?
+                    }
+                    (Storage::Cpu(CpuStorage::F16(v)), Some((a, b))) => {
+                        make(q, WeightRows::F16(&v[a..b]), out, n)?
+                    }
+                    _ => {
+                        drop(storage);
+                        let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                        make(q, WeightRows::F32(&values), out, n)?
+                    }
                 }
             }
         };
         Ok(Linear {
-            weight: Weight::Q8_0(Arc::new(m)),
+            weight,
             bias: self.bias,
         })
     }
@@ -269,29 +428,30 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             Weight::Dense(w) => matmul_t(x, w)?,
-            Weight::Q8_0(m) => q8_0_matmul_t(x, m)?,
+            Weight::Mapped(m) => rows_matmul_t(x, m.rows(), m.dims2())?,
+            Weight::Q8_0(m) => rows_matmul_t(x, WeightRows::Q8_0(m), (m.out_dim(), m.in_dim()))?,
+            Weight::Q4_0(m) => rows_matmul_t(x, WeightRows::Q4_0(m), (m.out_dim(), m.in_dim()))?,
         };
         Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
             None => y,
         })
     }
 }
 
 /// The output head `[vocab, hidden]`: the token embedding `embedding` when the config ties them,
-/// else `weight` under `lm_head` (the checkpoint's untied head). Quantized inside
-/// [`with_load_quantization`] either way.
+/// else `weight` under `lm_head` (the checkpoint's untied head). Held as the enclosing
+/// [`with_weight_format`] says either way.
 pub fn output_head(
     tied: bool,
-    embedding: &Tensor,
+    embedding: &super::embedding::ScaledEmbedding,
     lm_head: Option<VarBuilder>,
     hidden: usize,
     vocab: usize,
 ) -> Result<Linear> {
     if tied {
-        // Quantized at load like any projection: a q8_0 copy beside the f32 embedding table,
-        // which the token lookup keeps reading.
-        return Linear::quantized_from_weight(embedding.clone(), None);
+        // The lookup keeps reading the table; the head reads it too (or a quantized copy).
+        return embedding.as_linear(None);
     }
     let vb = lm_head.ok_or_else(|| {
         anyhow::anyhow!("the config unties the output head (`tie_word_embeddings` is false) but the checkpoint has no `lm_head.weight`")
@@ -299,22 +459,23 @@ pub fn output_head(
     Linear::load(&vb, hidden, vocab, false)
 }
 
-/// `x · Wᵀ` for a q8_0 `W`, in `x`'s dtype: our kernels, or (a CPU without the GEMM kernel)
-/// tiles of dequantized rows through candle's matmul.
-fn q8_0_matmul_t(x: &Tensor, m: &Q8_0Matrix) -> Result<Tensor> {
-    let (rows, in_dim) = rows_of(x)?;
-    if in_dim != m.in_dim() || !x.device().is_cpu() {
+/// `x · Wᵀ` for a CPU weight the kernels read directly (mapped or quantized), in `x`'s dtype:
+/// our kernels, or (a CPU without the GEMM kernel) tiles of widened rows through candle's matmul.
+fn rows_matmul_t(
+    x: &Tensor,
+    w: WeightRows<'_>,
+    (out_dim, in_dim): (usize, usize),
+) -> Result<Tensor> {
+    let (rows, x_in) = rows_of(x)?;
+    if in_dim != x_in || !x.device().is_cpu() {
         bail!(
-            "q8_0 linear [{}, {}] applied to activations {:?} on {:?}",
-            m.out_dim(),
-            m.in_dim(),
+            "CPU linear [{out_dim}, {in_dim}] applied to activations {:?} on {:?}",
             x.dims(),
             x.device().location()
         );
     }
-    let out_dim = m.out_dim();
     let x2 = x.reshape((rows, in_dim))?; // [rows, in]
-    let y = match run_kernel(WeightRows::Q8_0(m), &x2, rows, out_dim)? {
+    let y = match run_kernel(w, &x2, rows, out_dim)? {
         Some(y) => y,
         None => {
             // ~2 MB of f32 weights per tile.
@@ -323,10 +484,10 @@ fn q8_0_matmul_t(x: &Tensor, m: &Q8_0Matrix) -> Result<Tensor> {
             let mut parts = vec![];
             for start in (0..out_dim).step_by(tile) {
                 let n = tile.min(out_dim - start);
-                let mut w = vec![0f32; n * in_dim];
-                WeightRows::Q8_0(m).widen_block(in_dim, (start, n), (0, in_dim), &mut w);
-                let w = Tensor::from_vec(w, (n, in_dim), &Device::Cpu)?; // [n, in]
-                parts.push(x2.matmul(&w.t()?)?); // [rows, n]
+                let mut wt = vec![0f32; n * in_dim];
+                w.widen_block(in_dim, (start, n), (0, in_dim), &mut wt);
+                let wt = Tensor::from_vec(wt, (n, in_dim), &Device::Cpu)?; // [n, in]
+                parts.push(x2.matmul(&wt.t()?)?); // [rows, n]
             }
             Tensor::cat(&parts, 1)?.to_dtype(x.dtype())? // [rows, out]
         }
@@ -642,7 +803,11 @@ mod q8_0_accuracy_tests {
         });
         assert!(p.weight().is_none());
         // A tied head is quantized inside the scope, the embedding it reads is not touched.
-        let emb = Tensor::randn(0f32, 1.0, (16, 32), &dev).unwrap();
+        let emb = super::super::embedding::ScaledEmbedding::from_tensor(
+            Tensor::randn(0f32, 1.0, (16, 32), &dev).unwrap(),
+            1.0,
+        )
+        .unwrap();
         let head = with_load_quantization(Some(Quantization::Q8_0), || {
             output_head(true, &emb, None, 32, 16).unwrap()
         });

@@ -18,6 +18,7 @@ pub mod hyper_connections;
 pub mod kv_store;
 pub mod lightning_indexer;
 pub mod linear;
+pub mod mapped;
 pub mod mlp;
 pub mod mlp_router;
 pub mod moe;

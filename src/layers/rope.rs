@@ -52,7 +52,7 @@ impl Rotary {
         factor: f64,
         device: &Device,
     ) -> Result<Self> {
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             bail!("RoPE needs an even head dimension, got {head_dim}");
         }
         if rotated_pairs > head_dim / 2 {
@@ -358,7 +358,7 @@ impl Yarn {
 
     /// The `⌈dim/2⌉` frequencies for `dim = ⌊partial·head_dim⌋` rotated dims.
     pub fn inv_freq(&self, theta: f64, dim: usize) -> Result<Vec<f32>> {
-        if dim < 2 || dim % 2 != 0 {
+        if dim < 2 || !dim.is_multiple_of(2) {
             bail!("YaRN needs an even rotary dimension, got {dim}");
         }
         let positive = |v: f64| v.is_finite() && v > 0.0;

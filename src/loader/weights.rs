@@ -25,6 +25,8 @@
 
 use super::model_files::{check_shard_name, Layout, ModelFiles, ShardIndex};
 use super::quantized::{self, Quantized, ScaleDtype};
+use crate::layers::linear::MappedSource;
+use crate::layers::mapped::{MappedTensor, SharedBytes};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -79,7 +81,7 @@ pub struct LoadOptions {
 
 struct Shard {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Arc<Mmap>,
 }
 
 struct Store {
@@ -170,7 +172,7 @@ impl Weights {
             headers.push(header);
             mapped.push(Shard {
                 path: path.clone(),
-                mmap,
+                mmap: Arc::new(mmap),
             });
         }
         // 2. The layout, from every name in every shard.
@@ -380,6 +382,30 @@ impl Weights {
             Some(vb) => Ok(Some(vb.get((vocab, hidden), "weight")?)),
             None => Ok(None),
         }
+    }
+
+    /// Serves the dense F32/BF16/F16 tensors straight from the mappings (for
+    /// [`with_weight_format`](crate::layers::linear::with_weight_format)); a tensor it serves is
+    /// counted as loaded and used.
+    pub fn mapped_source(&self) -> Arc<dyn MappedSource> {
+        Arc::new(Backend(self.store.clone()))
+    }
+
+    /// The dtype most of the text tensors' bytes are stored in (FP8/FP4 count as F32, the dtype
+    /// they are dequantized to).
+    pub fn stored_dtype(&self) -> DType {
+        let mut bytes: Vec<(DType, u64)> = vec![];
+        for e in self.store.tensors.values() {
+            let n = (e.end - e.start) as u64;
+            match bytes.iter_mut().find(|(d, _)| *d == e.dtype) {
+                Some(slot) => slot.1 += n,
+                None => bytes.push((e.dtype, n)),
+            }
+        }
+        bytes
+            .into_iter()
+            .max_by_key(|&(_, n)| n)
+            .map_or(DType::F32, |(d, _)| d)
     }
 
     /// The detected layout (text root and LM head prefixes).
@@ -679,6 +705,36 @@ impl Backend {
             used.insert(name.to_string());
         }
         Ok(t)
+    }
+}
+
+impl MappedSource for Backend {
+    fn mapped(&self, name: &str, shape: &[usize]) -> Result<Option<MappedTensor>> {
+        // A missing tensor is left to the `VarBuilder`, whose error names it.
+        let Some(e) = self.0.tensors.get(name) else {
+            return Ok(None);
+        };
+        let shard = &self.0.shards[e.shard];
+        if e.shape.as_slice() != shape {
+            bail!(
+                "tensor `{name}` has shape {:?}, but this model needs {shape:?} ({})",
+                e.shape,
+                shard.path.display()
+            );
+        }
+        if e.quantized.is_some() {
+            return Ok(None);
+        }
+        let bytes: SharedBytes = shard.mmap.clone();
+        let m = MappedTensor::new(bytes, e.start, e.end, e.dtype, e.shape.clone())?;
+        if m.is_some() {
+            let n = (e.end - e.start) as u64;
+            self.0.loaded_bytes.fetch_add(n, Ordering::Relaxed);
+            if let Ok(mut used) = self.0.used.lock() {
+                used.insert(name.to_string());
+            }
+        }
+        Ok(m)
     }
 }
 

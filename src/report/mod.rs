@@ -34,7 +34,7 @@ pub fn bar(value: f64, max: f64, width: usize) -> String {
     };
     let eighths = (frac * (width * 8) as f64).round() as usize;
     let mut s = "█".repeat(eighths / 8);
-    if eighths % 8 != 0 {
+    if !eighths.is_multiple_of(8) {
         s.push(EIGHTHS[eighths % 8]);
     }
     let used = s.chars().count();

@@ -39,9 +39,9 @@ pub fn flops(n: u64) -> String {
 
 /// Context lengths the way people say them: `4K`, `128K`, `1M`, `40`.
 pub fn context(n: u64) -> String {
-    if n >= 1 << 20 && n % (1 << 20) == 0 {
+    if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
         format!("{}M", n >> 20)
-    } else if n >= 1024 && n % 1024 == 0 {
+    } else if n >= 1024 && n.is_multiple_of(1024) {
         format!("{}K", n >> 10)
     } else {
         n.to_string()

@@ -169,6 +169,44 @@ pub fn chunked_vs_one_forward(model: &dyn CausalLm, seq: &[u32]) -> f32 {
     max_abs_diff(&Tensor::cat(&rows, 0).unwrap(), &full)
 }
 
+/// A prompt of `n` pseudo-random tokens fed as the generation loop feeds it (chunks of
+/// `PREFILL_CHUNK`, attention in query blocks) against one forward over all of it; returns the
+/// largest logit difference. With `n` past a chunk, windows, compression and the chunk boundary
+/// are all crossed.
+#[allow(dead_code)]
+pub fn long_prompt_chunked_vs_one_forward(model: &dyn CausalLm, n: usize) -> f32 {
+    use llmarch::generate::{prefill, PREFILL_CHUNK};
+    assert!(n > PREFILL_CHUNK);
+    let vocab = model.spec().vocab_size as u64;
+    let seq: Vec<u32> = (0..n as u64)
+        .map(|i| ((i * 7919 + 13) % vocab) as u32)
+        .collect();
+    let full = model.forward(&seq, &mut model.new_cache()).unwrap();
+    let mut cache = model.new_cache();
+    let mut chunks = 0;
+    let chunked = prefill(model, &mut cache, &seq, true, &mut |_| {
+        chunks += 1;
+        Ok(true)
+    })
+    .unwrap()
+    .expect("not stopped");
+    assert_eq!(
+        chunks,
+        n.div_ceil(PREFILL_CHUNK) - 1,
+        "progress between chunks"
+    );
+    assert_eq!(cache.seen(), n);
+    // Only the last row when the caller wants the last: the same numbers.
+    let last = prefill(model, &mut model.new_cache(), &seq, false, &mut |_| {
+        Ok(true)
+    })
+    .unwrap()
+    .expect("not stopped");
+    assert_eq!(last.dims(), &[1, model.spec().vocab_size]);
+    let d_last = max_abs_diff(&last, &full.narrow(0, n - 1, 1).unwrap());
+    max_abs_diff(&chunked, &full).max(d_last)
+}
+
 /// The model refuses an id outside its vocabulary (naming the vocabulary size) and an empty chunk.
 #[allow(dead_code)]
 pub fn check_bad_token_ids(model: &dyn CausalLm) {

@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
-"""The reference's outputs with GGML q8_0 weights, for `llmarch run --dtype q8_0`.
+"""The reference's outputs with GGML q8_0 (or q4_0) weights, for `llmarch run --dtype q8_0|q4_0`.
 
 Run from the repository root:
 
-    /work/oracle-env/venv/bin/python tests/oracle/q8_0_fixtures.py        # -> tests/fixtures/q8_0/
+    /work/oracle-env/venv/bin/python tests/oracle/q8_0_fixtures.py                  # -> tests/fixtures/q8_0/
+    /work/oracle-env/venv/bin/python tests/oracle/q8_0_fixtures.py --format q4_0    # -> tests/fixtures/q4_0/
+
+`--format q4_0` does the same with GGML's `quantize_row_q4_0_ref` (blocks of 32, `d = m / -8` where
+`m` is the block's value of largest magnitude with its sign, `q = min(15, trunc(w / d + 8.5))`, `d`
+stored as f16, so each weight becomes `f16(d) * (q - 8)`); everything else below holds for it too.
 
 `--dtype q8_0` quantizes the weight matrices at load (GGML's `quantize_row_q8_0_ref`: blocks of
 32 weights along each row, `d = max|w| / 127` in f32, `q = roundf(w / d)` half away from zero,
@@ -53,7 +58,6 @@ torch.use_deterministic_algorithms(True)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURES_ROOT = os.path.join(REPO_ROOT, "tests", "fixtures")
-OUT_ROOT = os.path.join(FIXTURES_ROOT, "q8_0")
 BLOCK = 32
 
 # (output folder, fixture folder under tests/fixtures)
@@ -77,6 +81,23 @@ def q8_0(w):
     return (q * d.half().float()).reshape(shape)
 
 
+def q4_0(w):
+    """GGML q4_0 round trip of `w` [..., in] (in a multiple of 32), in float32."""
+    shape = w.shape
+    b = w.detach().float().reshape(-1, shape[-1] // BLOCK, BLOCK)
+    # The first value of largest magnitude, sign kept (GGML's strict `amax < |v|` scan).
+    idx = b.abs().argmax(-1, keepdim=True)
+    m = torch.gather(b, -1, idx)
+    d = m / -8.0
+    inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+    q = torch.clamp(torch.trunc(b * inv + 8.5), max=15.0)
+    return ((q - 8.0) * d.half().float()).reshape(shape)
+
+
+ROUND = {"q8_0": q8_0, "q4_0": q4_0}
+FORMAT = "q8_0"  # set by --format
+
+
 def is_router(module_name):
     # Qwen3.5's `shared_expert_gate` (a sigmoid gate on the shared expert) stays f32 in llmarch
     # too, like DeepSeek V4's indexer `weights_proj`.
@@ -85,7 +106,8 @@ def is_router(module_name):
 
 @torch.no_grad()
 def quantize_like_llmarch(model):
-    """Replaces, in place, the weights llmarch quantizes by their q8_0 values; returns their names."""
+    """Replaces, in place, the weights llmarch quantizes by their FORMAT values; returns their names."""
+    rnd = ROUND[FORMAT]
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
     if head is not None and head.weight is emb.weight:
@@ -93,12 +115,12 @@ def quantize_like_llmarch(model):
     done = []
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and mod.in_features % BLOCK == 0 and not is_router(name):
-            mod.weight.copy_(q8_0(mod.weight))
+            mod.weight.copy_(rnd(mod.weight))
             done.append(f"{name}.weight")
     for name, p in model.named_parameters():
         packed = name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj")
         if packed and p.dim() == 3 and p.shape[-1] % BLOCK == 0:
-            p.copy_(q8_0(p))
+            p.copy_(rnd(p))
             done.append(name)
     return done
 
@@ -153,7 +175,7 @@ def make(name, fixture):
     dist = rel_rms(on_f32_seq, f32_logits[:n])
     agree = float((on_f32_seq.argmax(-1) == f32_logits[:n].argmax(-1)).float().mean())
 
-    out = os.path.join(OUT_ROOT, name)
+    out = os.path.join(FIXTURES_ROOT, FORMAT, name)
     os.makedirs(out, exist_ok=True)
     safetensors.torch.save_file(
         {"logits": logits.contiguous(), "logits_on_f32_sequence": on_f32_seq.contiguous()},
@@ -171,22 +193,26 @@ def make(name, fixture):
         eos_ids=ref["eos_ids"],
         top2_margins=[round(m, 6) for m in margins],
         f32_sequence=f32_seq,
-        q8_0_vs_f32_rel_rms=round(dist, 6),
-        q8_0_vs_f32_argmax_agreement=round(agree, 4),
+        format=FORMAT,
+        quantized_vs_f32_rel_rms=round(dist, 6),
+        quantized_vs_f32_argmax_agreement=round(agree, 4),
         quantized=quantized,
         notes=[
-            "Weights: the fixture's, with the tensors in `quantized` replaced by their GGML q8_0 values "
-            "(blocks of 32 along each row, d = max|w|/127, q = roundf(w/d), f16 d); the rest f32.",
+            f"Weights: the fixture's, with the tensors in `quantized` replaced by their GGML {FORMAT} values "
+            + ("(blocks of 32 along each row, d = max|w|/127, q = roundf(w/d), f16 d); the rest f32."
+               if FORMAT == "q8_0" else
+               "(blocks of 32 along each row, d = m/-8 for the largest-magnitude m, q = min(15, trunc(w/d + 8.5)), "
+               "w = f16 d * (q - 8)); the rest f32."),
             f"logits: ONE forward with use_cache=False over prompt + generated ({len(seq)} positions); "
             "logits_on_f32_sequence: the same model over the f32 fixture's prompt + generated.",
-            f"q8_0_vs_f32_rel_rms: ||logits_on_f32_sequence - f32 logits|| / ||f32 logits|| = {dist:.4f} "
+            f"quantized_vs_f32_rel_rms: ||logits_on_f32_sequence - f32 logits|| / ||f32 logits|| = {dist:.4f} "
             f"(argmax agrees at {agree:.0%} of positions): the fixture's random weights amplify any small "
-            "weight change layer after layer, so this is what q8_0 itself costs here, not an error of llmarch.",
+            f"weight change layer after layer, so this is what {FORMAT} itself costs here, not an error of llmarch.",
         ],
     )
     compact_json.dump(doc, os.path.join(out, "reference.json"))
-    print(f"{name}: {len(quantized)} tensors quantized, {len(generated)} generated, min margin "
-          f"{min(margins):.4f}, q8_0 vs f32 rel RMS {dist:.4f}, argmax agreement {agree:.0%}")
+    print(f"{name}: {len(quantized)} tensors quantized to {FORMAT}, {len(generated)} generated, min margin "
+          f"{min(margins):.4f}, {FORMAT} vs f32 rel RMS {dist:.4f}, argmax agreement {agree:.0%}")
 
 
 def bench(model_dir, prompt_ids, logits_path):
@@ -210,10 +236,13 @@ def bench(model_dir, prompt_ids, logits_path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", help="subset of output names")
+    ap.add_argument("--format", choices=sorted(ROUND), default="q8_0", help="GGML block format (default q8_0)")
     ap.add_argument("--bench", metavar="MODEL_DIR", help="compare llmarch's q8_0 logits (--logits) on MODEL_DIR")
     ap.add_argument("--prompt-ids", help="with --bench: the comma-separated ids llmarch was run on")
     ap.add_argument("--logits", help="with --bench: llmarch's --logits-out file")
     args = ap.parse_args()
+    global FORMAT
+    FORMAT = args.format
     if transformers.__version__ != "5.23.0":
         raise SystemExit(f"transformers {transformers.__version__}: the reference is 5.23.0")
     if args.bench:

@@ -454,7 +454,7 @@ impl DeepseekV4Model {
             .collect::<Result<Vec<_>>>()?;
         let lm_head = output_head(
             spec.tie_word_embeddings,
-            embed.weight(),
+            &embed,
             lm_head,
             hidden,
             spec.vocab_size,

@@ -266,7 +266,7 @@ impl Gemma4Model {
 
         let lm_head = output_head(
             spec.tie_word_embeddings,
-            embed.weight(),
+            &embed,
             lm_head,
             hidden,
             spec.vocab_size,

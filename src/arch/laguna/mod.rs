@@ -339,7 +339,11 @@ fn legacy_sparse_layers(c: &LagunaConfig, n: usize) -> Option<Vec<bool>> {
     };
     Some(
         (0..n)
-            .map(|i| c.num_experts > 0 && !only.contains(&(i as u64)) && (i as u64 + 1) % step == 0)
+            .map(|i| {
+                c.num_experts > 0
+                    && !only.contains(&(i as u64))
+                    && (i as u64 + 1).is_multiple_of(step)
+            })
             .collect(),
     )
 }

@@ -219,7 +219,7 @@ impl LagunaModel {
 
         let lm_head = output_head(
             spec.tie_word_embeddings,
-            embed.weight(),
+            &embed,
             lm_head,
             hidden,
             spec.vocab_size,

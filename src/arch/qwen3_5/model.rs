@@ -23,10 +23,10 @@ use super::{runtime_config, RuntimeConfig};
 use crate::arch::config::ParseOptions;
 use crate::arch::{ArchSpec, Attention as AttnKind, Ffn, LayerSpec};
 use crate::generate::{CausalLm, Rows};
-use crate::layers::attention::attend;
+use crate::layers::attention::{attend_causal, CausalSpan};
 use crate::layers::embedding::ScaledEmbedding;
 use crate::layers::gated_deltanet::{DeltaNetShape, GatedDeltaNet};
-use crate::layers::kv_store::{causal_mask, KvStore};
+use crate::layers::kv_store::KvStore;
 use crate::layers::linear::{output_head, Linear};
 use crate::layers::mlp::{Activation, GatedMlp};
 use crate::layers::moe::PackedExperts;
@@ -109,12 +109,15 @@ impl GatedAttention {
 
         // 2. Causal attention over everything cached. [1, h, n, hd]
         let view = cache.append(self.index, k, Some(v))?;
-        let t = view.k.dim(2)?;
-        let mask = causal_mask(n, start, view.start, t, None, x.device())?;
+        let span = CausalSpan {
+            q_start: start,
+            k_start: view.start,
+            window: None,
+        };
         let v = view
             .v
             .ok_or_else(|| anyhow::anyhow!("internal: no values cached"))?;
-        let out = attend(&q, &view.k, &v, Some(&mask), (hd as f64).powf(-0.5))?;
+        let out = attend_causal(&q, &view.k, &v, span, (hd as f64).powf(-0.5))?;
 
         // 3. Merge the heads, gate, project.
         let out = out.transpose(1, 2)?.contiguous()?.reshape((n, h * hd))?;
@@ -328,7 +331,7 @@ impl Qwen3_5Model {
             .collect::<Result<Vec<_>>>()?;
         let lm_head = output_head(
             spec.tie_word_embeddings,
-            embed.weight(),
+            &embed,
             lm_head,
             hidden,
             spec.vocab_size,

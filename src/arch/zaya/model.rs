@@ -260,13 +260,13 @@ impl ZayaModel {
         } else {
             None
         };
-        // Quantized inside `with_load_quantization`, like every projection.
+        // Held like every projection (mapped or quantized as the load says).
         let lm_head = if spec.tie_word_embeddings {
-            Linear::quantized_from_weight(embed.weight().clone(), bias)?
+            embed.as_linear(bias)?
         } else {
             let vb = lm_head.ok_or_else(missing_head)?;
-            let w = weight::get(&vb, (spec.vocab_size, hidden), "weight")?;
-            Linear::quantized_from_weight(w, bias)?
+            let w = Linear::load(&vb, hidden, spec.vocab_size, false)?;
+            w.with_bias(bias)
         };
         Ok(ZayaModel {
             norm: RmsNorm::load(&vb.pp("norm"), hidden, cfg.rms_norm_eps)?,

@@ -1,0 +1,203 @@
+//! Weights served straight from the memory-mapped checkpoint, in the dtype they are stored in.
+//!
+//! A bf16 checkpoint run with f32 activations needs no copy of its matrices: the CPU kernels
+//! ([`super::gemv`], [`super::gemm`]) widen bf16/f16 in registers, so they can read the mapped
+//! file bytes directly. Resident memory then holds only the pages the forward pass touches, and
+//! lookup tables (token embeddings, Gemma 4's per-layer embedding table) are read one row per
+//! token ([`MappedTensor::gather_rows`]): a 2.35 B-entry PLE table costs the rows a prompt uses,
+//! not 4.7 GB.
+//!
+//! A [`MappedTensor`] keeps its mapping alive (an `Arc`), checks that its bytes are aligned for
+//! its dtype (safetensors does not promise it; an unaligned tensor is simply not served from the
+//! mapping and is loaded as a copy instead), and hands out typed slices.
+
+use super::gemv::{WeightRows, Widen};
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use half::{bf16, f16};
+use std::sync::Arc;
+
+/// Bytes that stay in place for the life of the model (a read-only file mapping).
+pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// A dense F32, BF16 or F16 tensor inside a mapping.
+#[derive(Clone)]
+pub struct MappedTensor {
+    bytes: SharedBytes,
+    start: usize,
+    end: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+}
+
+impl std::fmt::Debug for MappedTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappedTensor")
+            .field("dtype", &self.dtype)
+            .field("shape", &self.shape)
+            .finish()
+    }
+}
+
+impl MappedTensor {
+    /// `bytes[start..end]` as a `dtype` tensor of `shape`; `None` when the dtype is not F32, BF16
+    /// or F16, or the bytes are not aligned for it (then the caller loads a copy).
+    pub fn new(
+        bytes: SharedBytes,
+        start: usize,
+        end: usize,
+        dtype: DType,
+        shape: Vec<usize>,
+    ) -> Result<Option<Self>> {
+        let size = match dtype {
+            DType::F32 => 4,
+            DType::BF16 | DType::F16 => 2,
+            _ => return Ok(None),
+        };
+        let all = (*bytes).as_ref();
+        let elems: usize = shape.iter().product();
+        if end > all.len() || end < start || end - start != elems * size {
+            bail!(
+                "internal: mapped range {start}..{end} of {} bytes does not hold {dtype:?} {shape:?}",
+                all.len()
+            );
+        }
+        if !(all.as_ptr() as usize + start).is_multiple_of(size) {
+            return Ok(None);
+        }
+        Ok(Some(MappedTensor {
+            bytes,
+            start,
+            end,
+            dtype,
+            shape,
+        }))
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// `(rows, row length)` of a matrix, or of the tensor flattened to rows of its last dim.
+    pub fn dims2(&self) -> (usize, usize) {
+        let cols = self.shape.last().copied().unwrap_or(1);
+        (self.shape.iter().product::<usize>() / cols.max(1), cols)
+    }
+
+    /// The elements as the kernels read them.
+    pub fn rows(&self) -> WeightRows<'_> {
+        let b = &(*self.bytes).as_ref()[self.start..self.end];
+        let n = b.len() / self.dtype.size_in_bytes();
+        // SAFETY: `new` checked that the range lies in the mapping, holds exactly `n` elements
+        // of the dtype, and starts aligned for it; every bit pattern is a valid f32/bf16/f16;
+        // the mapping is read-only and lives as long as `self.bytes`.
+        unsafe {
+            match self.dtype {
+                DType::F32 => WeightRows::F32(std::slice::from_raw_parts(b.as_ptr().cast(), n)),
+                DType::BF16 => WeightRows::Bf16(std::slice::from_raw_parts(b.as_ptr().cast(), n)),
+                _ => WeightRows::F16(std::slice::from_raw_parts(b.as_ptr().cast(), n)),
+            }
+        }
+    }
+
+    /// Rows `ids` of the `[rows, cols]` table widened to f32 and multiplied by `scale`:
+    /// `[ids.len(), cols]` row-major. Only those rows' pages are read.
+    pub fn gather_rows(&self, ids: &[u32], scale: f32) -> Result<Vec<f32>> {
+        let (rows, cols) = self.dims2();
+        let mut out = vec![0f32; ids.len() * cols];
+        fn copy<E: Widen>(w: &[E], cols: usize, ids: &[u32], scale: f32, out: &mut [f32]) {
+            for (dst, &id) in out.chunks_exact_mut(cols).zip(ids) {
+                let src = &w[id as usize * cols..(id as usize + 1) * cols];
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d = s.widen() * scale;
+                }
+            }
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= rows) {
+            bail!("token id {bad} is outside the embedding table ({rows} rows)");
+        }
+        match self.rows() {
+            WeightRows::F32(w) => copy(w, cols, ids, scale, &mut out),
+            WeightRows::Bf16(w) => copy::<bf16>(w, cols, ids, scale, &mut out),
+            WeightRows::F16(w) => copy::<f16>(w, cols, ids, scale, &mut out),
+            WeightRows::Q8_0(_) | WeightRows::Q4_0(_) => unreachable!("mapped tensors are dense"),
+        }
+        Ok(out)
+    }
+
+    /// A dense copy in `dtype` on `device` (for paths that need a candle tensor).
+    pub fn to_tensor(&self, dtype: DType, device: &Device) -> Result<Tensor> {
+        let b = &(*self.bytes).as_ref()[self.start..self.end];
+        Ok(Tensor::from_raw_buffer(b, self.dtype, &self.shape, device)?.to_dtype(dtype)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Owned bytes in an 8-aligned buffer, so the offset alone decides the alignment.
+    struct Aligned(Vec<u64>, usize);
+    impl AsRef<[u8]> for Aligned {
+        fn as_ref(&self) -> &[u8] {
+            // SAFETY: the first `self.1` bytes of the u64 buffer.
+            unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), self.1) }
+        }
+    }
+
+    /// `values` stored as `dtype`, `offset` bytes into a mapping-like buffer.
+    fn mapped(values: &[f32], dtype: DType, offset: usize, shape: Vec<usize>) -> MappedTensor {
+        let raw: Vec<u8> = values
+            .iter()
+            .flat_map(|&v| match dtype {
+                DType::F32 => v.to_le_bytes().to_vec(),
+                DType::BF16 => bf16::from_f32(v).to_le_bytes().to_vec(),
+                _ => f16::from_f32(v).to_le_bytes().to_vec(),
+            })
+            .collect();
+        let len = offset + raw.len();
+        let mut words = vec![0u64; len.div_ceil(8)];
+        // SAFETY: the first `len` bytes of the u64 buffer.
+        let buf = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), len) };
+        buf[offset..].copy_from_slice(&raw);
+        let bytes: SharedBytes = Arc::new(Aligned(words, len));
+        MappedTensor::new(bytes, offset, len, dtype, shape)
+            .unwrap()
+            .expect("aligned")
+    }
+
+    /// Rows read from the mapping equal the materialised table, whatever the stored dtype.
+    #[test]
+    fn gathered_rows_equal_the_materialised_table_in_every_dtype() {
+        let values: Vec<f32> = (0..24).map(|i| (i as f32 - 7.5) * 0.25).collect();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let m = mapped(&values, dtype, 8, vec![6, 4]);
+            let table = m.to_tensor(DType::F32, &Device::Cpu).unwrap();
+            let ids = [5u32, 0, 3, 3];
+            let got = m.gather_rows(&ids, 2.0).unwrap();
+            let idx = Tensor::new(&ids, &Device::Cpu).unwrap();
+            let want: Vec<f32> = (table.embedding(&idx).unwrap() * 2.0)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(got, want, "{dtype:?}");
+            assert!(m.gather_rows(&[6], 1.0).is_err(), "row 6 of 6");
+        }
+    }
+
+    #[test]
+    fn unaligned_bytes_are_not_served() {
+        let bytes: SharedBytes = Arc::new(vec![0u8; 64]);
+        let base = (*bytes).as_ref().as_ptr() as usize;
+        let odd = if base.is_multiple_of(2) { 1 } else { 0 };
+        let m = MappedTensor::new(bytes.clone(), odd, odd + 8, DType::BF16, vec![4]).unwrap();
+        assert!(m.is_none());
+        assert!(MappedTensor::new(bytes, 0, 10, DType::BF16, vec![4]).is_err());
+    }
+}
