@@ -164,50 +164,27 @@ impl Q8_0Matrix {
     /// `q = round(w / d)` (half away from zero), `d` stored as f16. `in` must be a multiple of 32.
     /// The weights may be f32, bf16 or f16 (widened a block at a time: no f32 copy is made).
     pub fn quantize<E: Widen>(w: &[E], out: usize, in_dim: usize) -> Result<Self> {
-        ensure!(
-            in_dim > 0 && in_dim.is_multiple_of(Q8_BLOCK),
-            "q8_0 needs rows whose length is a multiple of {Q8_BLOCK}, got {in_dim}"
-        );
-        ensure!(
-            w.len() == out * in_dim,
-            "q8_0: {} weights for a [{out}, {in_dim}] matrix",
-            w.len()
-        );
-        let blocks = w.len() / Q8_BLOCK;
-        let mut qs = vec![0i8; w.len()];
-        let mut scales = vec![f16::ZERO; blocks];
-        const PER_TASK: usize = 2048; // blocks
-        let (qp, sp) = (SyncPtr(qs.as_mut_ptr()), SyncPtr(scales.as_mut_ptr()));
-        parallel_for(blocks.div_ceil(PER_TASK), |tasks| {
-            let b0 = tasks.start * PER_TASK;
-            let b1 = (tasks.end * PER_TASK).min(blocks);
-            // SAFETY: tasks cover disjoint block ranges of `qs` and `scales`, which outlive
-            // `parallel_for`.
-            let (q, s) = unsafe {
-                (
-                    std::slice::from_raw_parts_mut(
-                        qp.get().add(b0 * Q8_BLOCK),
-                        (b1 - b0) * Q8_BLOCK,
-                    ),
-                    std::slice::from_raw_parts_mut(sp.get().add(b0), b1 - b0),
-                )
-            };
-            let w = &w[b0 * Q8_BLOCK..b1 * Q8_BLOCK];
-            for ((q, s), w) in q
-                .chunks_exact_mut(Q8_BLOCK)
-                .zip(s.iter_mut())
-                .zip(w.chunks_exact(Q8_BLOCK))
-            {
-                let w: [f32; Q8_BLOCK] = std::array::from_fn(|j| w[j].widen());
+        Self::quantize_with(w, out, in_dim, &mut |_| {})
+    }
+
+    /// [`Q8_0Matrix::quantize`], telling `done` of each slab of rows finished (see
+    /// [`quantize_blocks`]).
+    pub fn quantize_with<E: Widen>(
+        w: &[E],
+        out: usize,
+        in_dim: usize,
+        done: &mut dyn FnMut(std::ops::Range<usize>),
+    ) -> Result<Self> {
+        let (qs, scales) =
+            quantize_blocks::<E, i8, Q8_BLOCK>(w, out, in_dim, "q8_0", done, |w, q| {
                 let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let d = amax / 127.0;
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                for (q, &v) in q.iter_mut().zip(&w) {
+                for (q, &v) in q.iter_mut().zip(w) {
                     *q = (v * id).round() as i8; // |v · id| ≤ 127
                 }
-                *s = f16::from_f32(d);
-            }
-        });
+                d
+            })?;
         Ok(Q8_0Matrix {
             out,
             in_dim,
@@ -263,53 +240,30 @@ impl Q4_0Matrix {
     /// Quantizes `[out, in]` rows of f32, bf16 or f16 (widened a block at a time); `in` must be
     /// a multiple of 32.
     pub fn quantize<E: Widen>(w: &[E], out: usize, in_dim: usize) -> Result<Self> {
-        ensure!(
-            in_dim > 0 && in_dim.is_multiple_of(Q8_BLOCK),
-            "q4_0 needs rows whose length is a multiple of {Q8_BLOCK}, got {in_dim}"
-        );
-        ensure!(
-            w.len() == out * in_dim,
-            "q4_0: {} weights for a [{out}, {in_dim}] matrix",
-            w.len()
-        );
-        let blocks = w.len() / Q8_BLOCK;
-        let mut qs = vec![0u8; w.len() / 2];
-        let mut scales = vec![f16::ZERO; blocks];
-        const PER_TASK: usize = 2048; // blocks
-        let (qp, sp) = (SyncPtr(qs.as_mut_ptr()), SyncPtr(scales.as_mut_ptr()));
-        parallel_for(blocks.div_ceil(PER_TASK), |tasks| {
-            let b0 = tasks.start * PER_TASK;
-            let b1 = (tasks.end * PER_TASK).min(blocks);
-            // SAFETY: tasks cover disjoint block ranges of `qs` and `scales`, which outlive
-            // `parallel_for`.
-            let (q, s) = unsafe {
-                (
-                    std::slice::from_raw_parts_mut(
-                        qp.get().add(b0 * Q8_BLOCK / 2),
-                        (b1 - b0) * Q8_BLOCK / 2,
-                    ),
-                    std::slice::from_raw_parts_mut(sp.get().add(b0), b1 - b0),
-                )
-            };
-            let w = &w[b0 * Q8_BLOCK..b1 * Q8_BLOCK];
-            for ((q, s), w) in q
-                .chunks_exact_mut(Q8_BLOCK / 2)
-                .zip(s.iter_mut())
-                .zip(w.chunks_exact(Q8_BLOCK))
-            {
-                let w: [f32; Q8_BLOCK] = std::array::from_fn(|j| w[j].widen());
-                let m = w
-                    .iter()
-                    .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-                let d = m / -8.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                let code = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
-                for (j, q) in q.iter_mut().enumerate() {
-                    *q = code(w[j]) | (code(w[j + Q8_BLOCK / 2]) << 4);
-                }
-                *s = f16::from_f32(d);
+        Self::quantize_with(w, out, in_dim, &mut |_| {})
+    }
+
+    /// [`Q4_0Matrix::quantize`], telling `done` of each slab of rows finished (see
+    /// [`quantize_blocks`]).
+    pub fn quantize_with<E: Widen>(
+        w: &[E],
+        out: usize,
+        in_dim: usize,
+        done: &mut dyn FnMut(std::ops::Range<usize>),
+    ) -> Result<Self> {
+        const H: usize = Q8_BLOCK / 2;
+        let (qs, scales) = quantize_blocks::<E, u8, H>(w, out, in_dim, "q4_0", done, |w, q| {
+            let m = w
+                .iter()
+                .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+            let d = m / -8.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let code = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
+            for (j, q) in q.iter_mut().enumerate() {
+                *q = code(w[j]) | (code(w[j + H]) << 4);
             }
-        });
+            d
+        })?;
         Ok(Q4_0Matrix {
             out,
             in_dim,
@@ -345,6 +299,66 @@ impl Q4_0Matrix {
             &self.scales[rows.start * n / Q8_BLOCK..rows.end * n / Q8_BLOCK],
         )
     }
+}
+
+/// Source bytes per slab of rows in [`quantize_blocks`]: what a caller may release at a time.
+const QUANTIZE_SLAB_BYTES: usize = 16 << 20;
+
+/// Quantizes `[out, in]` rows of `w` (f32, bf16 or f16, widened a block at a time) into `QB`
+/// codes and one f16 scale per block of 32: `block(weights, codes)` fills the codes and returns
+/// the scale. Blocks go in parallel, rows in slabs of about [`QUANTIZE_SLAB_BYTES`] of `w`, and
+/// `done(rows)` hears of each finished slab, so a caller reading `w` from a mapping can give
+/// those pages back as it goes (peak memory: one slab, not the matrix).
+fn quantize_blocks<E: Widen, T: Copy + Default + Send, const QB: usize>(
+    w: &[E],
+    out: usize,
+    in_dim: usize,
+    what: &str,
+    done: &mut dyn FnMut(std::ops::Range<usize>),
+    block: impl Fn(&[f32; Q8_BLOCK], &mut [T]) -> f32 + Sync,
+) -> Result<(Vec<T>, Vec<f16>)> {
+    ensure!(
+        in_dim > 0 && in_dim.is_multiple_of(Q8_BLOCK),
+        "{what} needs rows whose length is a multiple of {Q8_BLOCK}, got {in_dim}"
+    );
+    ensure!(
+        w.len() == out * in_dim,
+        "{what}: {} weights for a [{out}, {in_dim}] matrix",
+        w.len()
+    );
+    let nb = in_dim / Q8_BLOCK; // blocks per row
+    let mut qs = vec![T::default(); out * nb * QB];
+    let mut scales = vec![f16::ZERO; out * nb];
+    let slab = (QUANTIZE_SLAB_BYTES / (in_dim * std::mem::size_of::<E>())).max(1);
+    const PER_TASK: usize = 2048; // blocks
+    let (qp, sp) = (SyncPtr(qs.as_mut_ptr()), SyncPtr(scales.as_mut_ptr()));
+    for r0 in (0..out).step_by(slab) {
+        let r1 = (r0 + slab).min(out);
+        let (first, blocks) = (r0 * nb, (r1 - r0) * nb);
+        parallel_for(blocks.div_ceil(PER_TASK), |tasks| {
+            let b0 = first + tasks.start * PER_TASK;
+            let b1 = first + (tasks.end * PER_TASK).min(blocks);
+            // SAFETY: tasks cover disjoint block ranges of `qs` and `scales`, which outlive
+            // `parallel_for`.
+            let (q, s) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(qp.get().add(b0 * QB), (b1 - b0) * QB),
+                    std::slice::from_raw_parts_mut(sp.get().add(b0), b1 - b0),
+                )
+            };
+            let w = &w[b0 * Q8_BLOCK..b1 * Q8_BLOCK];
+            for ((q, s), w) in q
+                .chunks_exact_mut(QB)
+                .zip(s.iter_mut())
+                .zip(w.chunks_exact(Q8_BLOCK))
+            {
+                let w: [f32; Q8_BLOCK] = std::array::from_fn(|j| w[j].widen());
+                *s = f16::from_f32(block(&w, q));
+            }
+        });
+        done(r0..r1);
+    }
+    Ok((qs, scales))
 }
 
 /// A raw pointer handed to the pool's threads, each of which writes a disjoint part.
@@ -1198,6 +1212,27 @@ pub(crate) mod tests {
             );
             assert_eq!((a.qs, a.scales), (b.qs, b.scales));
         }
+    }
+
+    /// A matrix larger than one slab is quantized slab by slab: `done` hears of every row once,
+    /// in order, and each slab's blocks are those of the same rows quantized on their own.
+    #[test]
+    fn quantization_in_slabs_reports_every_row_and_matches_per_slab() {
+        let (out, n) = (4200, 1024); // 16.4 MB of f32: two slabs
+        let w = normal(out * n, 0.02, 3);
+        let mut seen = vec![];
+        let m = Q4_0Matrix::quantize_with(&w, out, n, &mut |r| seen.push(r)).unwrap();
+        assert!(seen.len() >= 2, "{seen:?}");
+        assert_eq!(seen.first().unwrap().start, 0);
+        assert_eq!(seen.last().unwrap().end, out);
+        assert!(seen.windows(2).all(|p| p[0].end == p[1].start), "{seen:?}");
+        let r = seen[1].clone();
+        let part = Q4_0Matrix::quantize(&w[r.start * n..r.end * n], r.len(), n).unwrap();
+        assert_eq!(part.qs, m.qs[r.start * n / 2..r.end * n / 2]);
+        assert_eq!(part.scales, m.scales[r.start * n / 32..r.end * n / 32]);
+        let mut rows = 0;
+        let q8 = Q8_0Matrix::quantize_with(&w, out, n, &mut |r| rows += r.len()).unwrap();
+        assert_eq!((rows, q8.dequantize().len()), (out, out * n));
     }
 
     #[test]

@@ -302,23 +302,35 @@ impl Linear {
     }
 
     /// This projection held as `format`: quantized (input widths that are a multiple of 32),
-    /// converted to a mapped format's dtype, or as it is.
+    /// converted to a mapped format's dtype, or as it is. A matrix that stays in the mapping has
+    /// its pages mapped now; one quantized from the mapping gives its pages back.
     fn held_as(self, format: WeightFormat) -> Result<Self> {
-        match format {
-            WeightFormat::Quantized(q) if self.in_dim()? % gemv::Q8_BLOCK == 0 => self.quantize(q),
+        let held = match format {
+            // (From the mapping, `quantize` gives each slab's pages back as it goes.)
+            WeightFormat::Quantized(q) if self.in_dim()?.is_multiple_of(gemv::Q8_BLOCK) => {
+                return self.quantize(q);
+            }
             WeightFormat::Mapped(Some(dtype)) => match &self.weight {
-                Weight::Mapped(m) if m.dtype() != dtype => Ok(Linear {
-                    weight: Weight::Dense(m.to_tensor(dtype, &Device::Cpu)?),
-                    bias: self.bias,
-                }),
-                Weight::Dense(w) if w.dtype() != dtype => Ok(Linear {
+                Weight::Mapped(m) if m.dtype() != dtype => {
+                    let w = m.to_tensor(dtype, &Device::Cpu)?;
+                    m.release();
+                    Linear {
+                        weight: Weight::Dense(w),
+                        bias: self.bias,
+                    }
+                }
+                Weight::Dense(w) if w.dtype() != dtype => Linear {
                     weight: Weight::Dense(w.to_dtype(dtype)?),
                     bias: self.bias,
-                }),
-                _ => Ok(self),
+                },
+                _ => self,
             },
-            _ => Ok(self),
+            _ => self,
+        };
+        if let Weight::Mapped(m) = &held.weight {
+            m.populate();
         }
+        Ok(held)
     }
 
     /// This projection with `bias` `[out]` added (replacing any).
@@ -363,57 +375,60 @@ impl Linear {
     /// (no f32 copy of a mapped or 16-bit matrix is made). CPU only; the input width must be a
     /// multiple of 32. Already quantized: unchanged.
     pub fn quantize(self, q: Quantization) -> Result<Self> {
-        fn make(q: Quantization, w: WeightRows<'_>, out: usize, n: usize) -> Result<Weight> {
-            Ok(match (q, w) {
-                (Quantization::Q8_0, WeightRows::F32(w)) => {
-                    Weight::Q8_0(Arc::new(Q8_0Matrix::quantize(w, out, n)?))
-                }
-                (Quantization::Q8_0, WeightRows::Bf16(w)) => {
-                    Weight::Q8_0(Arc::new(Q8_0Matrix::quantize(w, out, n)?))
-                }
-                (Quantization::Q8_0, WeightRows::F16(w)) => {
-                    Weight::Q8_0(Arc::new(Q8_0Matrix::quantize(w, out, n)?))
-                }
-                (Quantization::Q4_0, WeightRows::F32(w)) => {
-                    Weight::Q4_0(Arc::new(Q4_0Matrix::quantize(w, out, n)?))
-                }
-                (Quantization::Q4_0, WeightRows::Bf16(w)) => {
-                    Weight::Q4_0(Arc::new(Q4_0Matrix::quantize(w, out, n)?))
-                }
-                (Quantization::Q4_0, WeightRows::F16(w)) => {
-                    Weight::Q4_0(Arc::new(Q4_0Matrix::quantize(w, out, n)?))
-                }
+        /// The matrix `w` quantized to `q`; `done` hears of each finished slab of rows.
+        fn make(
+            q: Quantization,
+            w: WeightRows<'_>,
+            (out, n): (usize, usize),
+            done: &mut dyn FnMut(std::ops::Range<usize>),
+        ) -> Result<Weight> {
+            macro_rules! by_dtype {
+                ($w:expr) => {
+                    match q {
+                        Quantization::Q8_0 => {
+                            Weight::Q8_0(Arc::new(Q8_0Matrix::quantize_with($w, out, n, done)?))
+                        }
+                        Quantization::Q4_0 => {
+                            Weight::Q4_0(Arc::new(Q4_0Matrix::quantize_with($w, out, n, done)?))
+                        }
+                    }
+                };
+            }
+            Ok(match w {
+                WeightRows::F32(w) => by_dtype!(w),
+                WeightRows::Bf16(w) => by_dtype!(w),
+                WeightRows::F16(w) => by_dtype!(w),
                 _ => bail!("internal: quantizing an already quantized matrix"),
             })
         }
         let weight = match &self.weight {
             Weight::Q8_0(_) | Weight::Q4_0(_) => return Ok(self),
-            Weight::Mapped(m) => {
-                let (out, n) = m.dims2();
-                make(q, m.rows(), out, n)?
-            }
+            // From the mapping, slab by slab, each slab's pages given back once quantized: a
+            // 262,144-row tied head never sits in memory whole.
+            Weight::Mapped(m) => make(q, m.rows(), m.dims2(), &mut |rows| m.release_rows(rows))?,
             Weight::Dense(w) => {
                 if !w.device().is_cpu() {
                     bail!("quantized weights run on the CPU only");
                 }
-                let (out, n) = w.dims2()?;
+                let shape = w.dims2()?;
                 // A contiguous weight is read in place: no second copy of the matrix, however
                 // large (a tied head is the whole embedding table).
                 let (storage, layout) = w.storage_and_layout();
+                let none = &mut |_| {};
                 match (&*storage, layout.contiguous_offsets()) {
                     (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => {
-                        make(q, WeightRows::F32(&v[a..b]), out, n)?
+                        make(q, WeightRows::F32(&v[a..b]), shape, none)?
                     }
                     (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => {
-                        make(q, WeightRows::Bf16(&v[a..b]), out, n)?
+                        make(q, WeightRows::Bf16(&v[a..b]), shape, none)?
                     }
                     (Storage::Cpu(CpuStorage::F16(v)), Some((a, b))) => {
-                        make(q, WeightRows::F16(&v[a..b]), out, n)?
+                        make(q, WeightRows::F16(&v[a..b]), shape, none)?
                     }
                     _ => {
                         drop(storage);
                         let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                        make(q, WeightRows::F32(&values), out, n)?
+                        make(q, WeightRows::F32(&values), shape, none)?
                     }
                 }
             }

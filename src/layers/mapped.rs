@@ -17,8 +17,44 @@ use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 use std::sync::Arc;
 
-/// Bytes that stay in place for the life of the model (a read-only file mapping).
-pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+/// Bytes that stay in place for the life of the model: a read-only file mapping.
+pub trait Mapping: Send + Sync {
+    fn bytes(&self) -> &[u8];
+    /// Best effort: map the pages of `range` into this process now (`populate`), so the first
+    /// forward pass does not fault them in one by one, or drop them from it (a matrix read once
+    /// to be quantized; they read back from the file if touched again).
+    fn advise(&self, range: std::ops::Range<usize>, populate: bool);
+}
+
+impl Mapping for memmap2::Mmap {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+
+    fn advise(&self, range: std::ops::Range<usize>, populate: bool) {
+        #[cfg(target_os = "linux")]
+        {
+            let len = range.end.saturating_sub(range.start);
+            let _ = if populate {
+                self.advise_range(memmap2::Advice::PopulateRead, range.start, len)
+            } else {
+                // SAFETY: a read-only file mapping: dropped pages read back from the file.
+                unsafe {
+                    self.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        range.start,
+                        len,
+                    )
+                }
+            };
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (range, populate);
+    }
+}
+
+/// A shared [`Mapping`].
+pub type SharedBytes = Arc<dyn Mapping>;
 
 /// A dense F32, BF16 or F16 tensor inside a mapping.
 #[derive(Clone)]
@@ -54,7 +90,7 @@ impl MappedTensor {
             DType::BF16 | DType::F16 => 2,
             _ => return Ok(None),
         };
-        let all = (*bytes).as_ref();
+        let all = bytes.bytes();
         let elems: usize = shape.iter().product();
         if end > all.len() || end < start || end - start != elems * size {
             bail!(
@@ -82,6 +118,23 @@ impl MappedTensor {
         &self.shape
     }
 
+    /// Map the tensor's pages now (a matrix every forward reads whole).
+    pub fn populate(&self) {
+        self.bytes.advise(self.start..self.end, true);
+    }
+
+    /// Drop the tensor's pages from this process (read once, e.g. to quantize it).
+    pub fn release(&self) {
+        self.bytes.advise(self.start..self.end, false);
+    }
+
+    /// Drop the pages of rows `rows` of the `[rows, cols]` matrix from this process.
+    pub fn release_rows(&self, rows: std::ops::Range<usize>) {
+        let row = self.dims2().1 * self.dtype.size_in_bytes();
+        let (a, b) = (self.start + rows.start * row, self.start + rows.end * row);
+        self.bytes.advise(a..b.min(self.end), false);
+    }
+
     /// `(rows, row length)` of a matrix, or of the tensor flattened to rows of its last dim.
     pub fn dims2(&self) -> (usize, usize) {
         let cols = self.shape.last().copied().unwrap_or(1);
@@ -90,7 +143,7 @@ impl MappedTensor {
 
     /// The elements as the kernels read them.
     pub fn rows(&self) -> WeightRows<'_> {
-        let b = &(*self.bytes).as_ref()[self.start..self.end];
+        let b = &self.bytes.bytes()[self.start..self.end];
         let n = b.len() / self.dtype.size_in_bytes();
         // SAFETY: `new` checked that the range lies in the mapping, holds exactly `n` elements
         // of the dtype, and starts aligned for it; every bit pattern is a valid f32/bf16/f16;
@@ -131,7 +184,7 @@ impl MappedTensor {
 
     /// A dense copy in `dtype` on `device` (for paths that need a candle tensor).
     pub fn to_tensor(&self, dtype: DType, device: &Device) -> Result<Tensor> {
-        let b = &(*self.bytes).as_ref()[self.start..self.end];
+        let b = &self.bytes.bytes()[self.start..self.end];
         Ok(Tensor::from_raw_buffer(b, self.dtype, &self.shape, device)?.to_dtype(dtype)?)
     }
 }
@@ -142,11 +195,12 @@ mod tests {
 
     /// Owned bytes in an 8-aligned buffer, so the offset alone decides the alignment.
     struct Aligned(Vec<u64>, usize);
-    impl AsRef<[u8]> for Aligned {
-        fn as_ref(&self) -> &[u8] {
+    impl Mapping for Aligned {
+        fn bytes(&self) -> &[u8] {
             // SAFETY: the first `self.1` bytes of the u64 buffer.
             unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), self.1) }
         }
+        fn advise(&self, _: std::ops::Range<usize>, _: bool) {}
     }
 
     /// `values` stored as `dtype`, `offset` bytes into a mapping-like buffer.
@@ -193,8 +247,8 @@ mod tests {
 
     #[test]
     fn unaligned_bytes_are_not_served() {
-        let bytes: SharedBytes = Arc::new(vec![0u8; 64]);
-        let base = (*bytes).as_ref().as_ptr() as usize;
+        let bytes: SharedBytes = Arc::new(Aligned(vec![0u64; 8], 64));
+        let base = bytes.bytes().as_ptr() as usize;
         let odd = if base.is_multiple_of(2) { 1 } else { 0 };
         let m = MappedTensor::new(bytes.clone(), odd, odd + 8, DType::BF16, vec![4]).unwrap();
         assert!(m.is_none());
