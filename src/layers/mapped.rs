@@ -24,11 +24,44 @@ pub trait Mapping: Send + Sync {
     /// forward pass does not fault them in one by one, or drop them from it (a matrix read once
     /// to be quantized; they read back from the file if touched again).
     fn advise(&self, range: std::ops::Range<usize>, populate: bool);
+    /// Copy `buf.len()` bytes at `offset` into `buf` without mapping them (a row of a lookup
+    /// table: touching the mapping would map whole page-cache folios, up to megabytes per row).
+    fn read_at(&self, offset: usize, buf: &mut [u8]) -> std::io::Result<()> {
+        buf.copy_from_slice(&self.bytes()[offset..offset + buf.len()]);
+        Ok(())
+    }
 }
 
-impl Mapping for memmap2::Mmap {
+/// A file mapped read-only, with the file kept open to read rows from it directly.
+pub struct MappedFile {
+    map: memmap2::Mmap,
+    file: std::fs::File,
+}
+
+impl MappedFile {
+    /// Map `file` read-only.
+    ///
+    /// # Safety
+    /// The file must not be truncated or written while mapped (the HF cache never rewrites a
+    /// blob in place).
+    pub unsafe fn map(file: std::fs::File) -> std::io::Result<Self> {
+        Ok(MappedFile {
+            map: memmap2::Mmap::map(&file)?,
+            file,
+        })
+    }
+}
+
+impl std::ops::Deref for MappedFile {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl Mapping for MappedFile {
     fn bytes(&self) -> &[u8] {
-        self
+        &self.map
     }
 
     fn advise(&self, range: std::ops::Range<usize>, populate: bool) {
@@ -36,11 +69,12 @@ impl Mapping for memmap2::Mmap {
         {
             let len = range.end.saturating_sub(range.start);
             let _ = if populate {
-                self.advise_range(memmap2::Advice::PopulateRead, range.start, len)
+                self.map
+                    .advise_range(memmap2::Advice::PopulateRead, range.start, len)
             } else {
                 // SAFETY: a read-only file mapping: dropped pages read back from the file.
                 unsafe {
-                    self.unchecked_advise_range(
+                    self.map.unchecked_advise_range(
                         memmap2::UncheckedAdvice::DontNeed,
                         range.start,
                         len,
@@ -50,6 +84,11 @@ impl Mapping for memmap2::Mmap {
         }
         #[cfg(not(target_os = "linux"))]
         let _ = (range, populate);
+    }
+
+    #[cfg(unix)]
+    fn read_at(&self, offset: usize, buf: &mut [u8]) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset as u64)
     }
 }
 
@@ -158,26 +197,32 @@ impl MappedTensor {
     }
 
     /// Rows `ids` of the `[rows, cols]` table widened to f32 and multiplied by `scale`:
-    /// `[ids.len(), cols]` row-major. Only those rows' pages are read.
+    /// `[ids.len(), cols]` row-major. Each row is read from the file on its own
+    /// ([`Mapping::read_at`]): the table's pages are never mapped into this process.
     pub fn gather_rows(&self, ids: &[u32], scale: f32) -> Result<Vec<f32>> {
         let (rows, cols) = self.dims2();
-        let mut out = vec![0f32; ids.len() * cols];
-        fn copy<E: Widen>(w: &[E], cols: usize, ids: &[u32], scale: f32, out: &mut [f32]) {
-            for (dst, &id) in out.chunks_exact_mut(cols).zip(ids) {
-                let src = &w[id as usize * cols..(id as usize + 1) * cols];
-                for (d, s) in dst.iter_mut().zip(src) {
-                    *d = s.widen() * scale;
-                }
-            }
-        }
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= rows) {
             bail!("token id {bad} is outside the embedding table ({rows} rows)");
         }
-        match self.rows() {
-            WeightRows::F32(w) => copy(w, cols, ids, scale, &mut out),
-            WeightRows::Bf16(w) => copy::<bf16>(w, cols, ids, scale, &mut out),
-            WeightRows::F16(w) => copy::<f16>(w, cols, ids, scale, &mut out),
-            WeightRows::Q8_0(_) | WeightRows::Q4_0(_) => unreachable!("mapped tensors are dense"),
+        let size = self.dtype.size_in_bytes();
+        let mut raw = vec![0u8; cols * size];
+        let mut out = vec![0f32; ids.len() * cols];
+        for (dst, &id) in out.chunks_exact_mut(cols).zip(ids) {
+            self.bytes
+                .read_at(self.start + id as usize * cols * size, &mut raw)
+                .map_err(|e| anyhow::anyhow!("reading row {id} of the embedding table: {e}"))?;
+            let src = raw.chunks_exact(size);
+            match self.dtype {
+                DType::F32 => dst.iter_mut().zip(src).for_each(|(d, b)| {
+                    *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * scale;
+                }),
+                DType::BF16 => dst.iter_mut().zip(src).for_each(|(d, b)| {
+                    *d = bf16::from_le_bytes([b[0], b[1]]).widen() * scale;
+                }),
+                _ => dst.iter_mut().zip(src).for_each(|(d, b)| {
+                    *d = f16::from_le_bytes([b[0], b[1]]).widen() * scale;
+                }),
+            }
         }
         Ok(out)
     }

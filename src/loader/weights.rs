@@ -26,12 +26,11 @@
 use super::model_files::{check_shard_name, Layout, ModelFiles, ShardIndex};
 use super::quantized::{self, Quantized, ScaleDtype};
 use crate::layers::linear::MappedSource;
-use crate::layers::mapped::{MappedTensor, SharedBytes};
+use crate::layers::mapped::{MappedFile, MappedTensor, Mapping, SharedBytes};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
-use memmap2::Mmap;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -81,7 +80,7 @@ pub struct LoadOptions {
 
 struct Shard {
     path: PathBuf,
-    mmap: Arc<Mmap>,
+    mmap: Arc<MappedFile>,
 }
 
 struct Store {
@@ -163,7 +162,7 @@ impl Weights {
                 std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
             // SAFETY: the mapping is read-only; like every mmap loader we rely on the file not
             // being truncated while we run (the HF cache never rewrites a blob in place).
-            let mmap = unsafe { Mmap::map(&file) }
+            let mmap = unsafe { MappedFile::map(file) }
                 .with_context(|| format!("mapping {}", path.display()))?;
             let mut header = parse_header(path, &mmap)?;
             if let Some(rename) = opts.rename {
@@ -688,17 +687,7 @@ impl Backend {
         .to_dtype(dtype)?;
         // Page-cache pages of this range are no longer needed: drop them from our mapping so
         // the resident set holds only the loaded copy.
-        #[cfg(unix)]
-        {
-            // SAFETY: a read-only file mapping: dropped pages read back from the file if used.
-            let _ = unsafe {
-                shard.mmap.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    e.start,
-                    e.end - e.start,
-                )
-            };
-        }
+        shard.mmap.advise(e.start..e.end, false);
         let bytes = (t.elem_count() * dtype.size_in_bytes()) as u64;
         self.0.loaded_bytes.fetch_add(bytes, Ordering::Relaxed);
         if let Ok(mut used) = self.0.used.lock() {
