@@ -359,6 +359,6 @@ fn long_prompt_prefill_in_chunks_equals_one_forward() {
     for v in ["flash-like", "indexer-drops"] {
         let f = Fixture::load(root().join(v));
         let d = long_prompt_chunked_vs_one_forward(&build(&f), 1100);
-        assert!(d < 1e-4, "{v}: chunked prefill vs one forward: {d}");
+        assert!(d < 1e-3, "{v}: chunked prefill vs one forward: {d}");
     }
 }

@@ -239,6 +239,6 @@ fn bad_token_ids_are_refused() {
 fn long_prompt_prefill_in_chunks_equals_one_forward() {
     for v in ["e2b-like", "moe-keqv"] {
         let d = long_prompt_chunked_vs_one_forward(&build(&load_fixture(v), DType::F32), 1100);
-        assert!(d < 1e-4, "{v}: chunked prefill vs one forward: {d}");
+        assert!(d < 1e-3, "{v}: chunked prefill vs one forward: {d}");
     }
 }

@@ -377,5 +377,5 @@ fn position_limited_rope_is_refused_past_its_limit() {
 fn long_prompt_prefill_in_chunks_equals_one_forward() {
     let f = Fixture::load(root().join("xs2-like"));
     let d = long_prompt_chunked_vs_one_forward(&build(&f, DType::F32), 1100);
-    assert!(d < 1e-4, "chunked prefill vs one forward: {d}");
+    assert!(d < 1e-3, "chunked prefill vs one forward: {d}");
 }
