@@ -3,7 +3,7 @@
 //! matrix, so decode is bound by how fast the weights stream from memory, not by arithmetic.
 //!
 //! Notable:
-//! - Row-parallel, each weight byte read once: the `[out, in]` rows are cut into ~64 KB tasks
+//! - Row-parallel, each weight byte read once: the `[out, in]` rows are cut into ~1 MB tasks
 //!   that the threads share out (work stealing), each read front to back by one thread, so the
 //!   prefetcher sees long sequential streams and a thread slowed by a neighbour hands its share
 //!   to the other ([`super::parallel`]).
@@ -24,15 +24,16 @@
 //! - Results differ from candle's GEMM only by summation order: agreement is to f32 rounding
 //!   (~1e-6 of `Σ|w·x|`), not bit for bit.
 
-use super::parallel::parallel_for;
+use super::parallel::{parallel_for, threads};
 use anyhow::{ensure, Result};
 use half::{bf16, f16};
 
 /// Lanes per portable accumulator.
 const LANES: usize = 16;
-/// Weight bytes per parallel task: small enough that two threads balance when one is slowed by
-/// a neighbour, large enough that taking a task (an atomic add) costs nothing.
-const TASK_BYTES: usize = 64 * 1024;
+/// Weight bytes per parallel task: long sequential streams for the prefetcher (1 MB tasks decode
+/// the real-size E2B ~10 % faster than 64 KB ones), while [`gemv`] keeps at least two tasks per
+/// thread so threads still balance.
+const TASK_BYTES: usize = 1 << 20;
 /// Elements per q8_0 block (one scale each), as in GGML.
 pub const Q8_BLOCK: usize = 32;
 
@@ -378,8 +379,11 @@ pub fn gemv(w: WeightRows<'_>, x: &[f32], y: &mut [f32]) -> Result<()> {
     let (n, out) = (x.len(), y.len());
     w.check(out, n, "gemv")?;
     let isa = Isa::get();
-    // Whole rows per task, about TASK_BYTES of weights each.
-    let per_task = (TASK_BYTES / (n * w.bytes_per_weight())).max(1);
+    // Whole rows per task: about TASK_BYTES of weights, but at least two tasks per thread so a
+    // thread slowed by a neighbour hands work over.
+    let per_task = (TASK_BYTES / (n * w.bytes_per_weight()))
+        .min(out.div_ceil(2 * threads()))
+        .max(1);
     let yp = SyncPtr(y.as_mut_ptr());
     parallel_for(out.div_ceil(per_task), |tasks| {
         let rows = tasks.start * per_task..(tasks.end * per_task).min(out);
@@ -798,6 +802,10 @@ pub(crate) mod x86 {
         use half::f16;
         use std::arch::x86_64::*;
 
+        /// How far ahead of the loads the weight stream is prefetched (measured: +5 % decode on
+        /// the real-size E2B in bf16).
+        const PREFETCH_BYTES: usize = 2048;
+
         /// `y[r] = w[r] · x`, one row at a time; four accumulators over 64 columns per step.
         #[target_feature(enable = "avx512f,avx2,fma,f16c")]
         pub(in super::super) unsafe fn gemv_dense<E: Widen>(w: &[E], x: &[f32], y: &mut [f32]) {
@@ -808,7 +816,14 @@ pub(crate) mod x86 {
                 let p = wp.add(r * n);
                 let mut acc = [_mm512_setzero_ps(); 4];
                 let mut c = 0;
+                let size = std::mem::size_of::<E>();
                 while c < n64 {
+                    // Prefetch PREFETCH_BYTES ahead in the weight stream, which runs across 4 KB
+                    // pages that the hardware prefetcher does not cross.
+                    let ahead = (p.add(c) as *const i8).add(PREFETCH_BYTES);
+                    for line in (0..64 * size).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.add(line));
+                    }
                     for (i, acc) in acc.iter_mut().enumerate() {
                         let o = c + 16 * i;
                         *acc =

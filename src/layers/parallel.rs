@@ -90,7 +90,8 @@ thread_local! {
     static INSIDE: Cell<bool> = const { Cell::new(false) };
 }
 
-fn threads() -> usize {
+/// Threads the pool runs with (the caller included).
+pub(crate) fn threads() -> usize {
     ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"]
         .iter()
         .find_map(|v| {
