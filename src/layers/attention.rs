@@ -25,7 +25,7 @@
 //! output projection ([`Attention::with_output_gate`], Laguna's softplus `g_proj`).
 
 use super::kv_store::{causal_mask, KvStore};
-use super::linear::Linear;
+use super::linear::{matmul_t, Linear};
 use super::norm::RmsNorm;
 use super::output_gate::SoftplusOutputGate;
 use super::rope::Rotary;
@@ -184,7 +184,7 @@ pub fn attend(
     let dtype = q.dtype();
     // Query heads h·g..(h+1)·g read KV head h: fold them into the row dimension.
     let q = q.contiguous()?.reshape((b, hkv, g * n, d))?;
-    let mut scores = q.matmul(&k.t()?)?; // [b, hkv, g·n, t]
+    let mut scores = scores_qkt(&q, k)?; // [b, hkv, g·n, t]
     if scale != 1.0 {
         scores = (scores * scale)?;
     }
@@ -197,6 +197,25 @@ pub fn attend(
         .reshape((b, hkv, g * n, t))?;
     let y = p.matmul(&v.contiguous()?)?; // [b, hkv, g·n, dv]
     Ok(y.reshape((b, hq, n, dv))?)
+}
+
+/// `q · kᵀ` per batch and KV head: q `[b, hkv, m, d]`, k `[b, hkv, t, d]` → `[b, hkv, m, t]`. On the
+/// CPU in f32 each head's product goes through the weight kernels ([`matmul_t`]: the keys are the
+/// "weight" rows, read once by a parallel gemv or GEMM), which at long contexts is several times
+/// candle's batched matmul for these shapes (a few query rows against thousands of keys).
+fn scores_qkt(q: &Tensor, k: &Tensor) -> Result<Tensor> {
+    let (b, hkv, m, _) = q.dims4()?;
+    let t = k.dim(2)?;
+    if !(q.device().is_cpu() && q.dtype() == DType::F32 && k.dtype() == DType::F32) {
+        return Ok(q.matmul(&k.t()?)?);
+    }
+    let mut heads = Vec::with_capacity(b * hkv);
+    for bi in 0..b {
+        for h in 0..hkv {
+            heads.push(matmul_t(&q.get(bi)?.get(h)?, &k.get(bi)?.get(h)?)?); // [m, t]
+        }
+    }
+    Ok(Tensor::stack(&heads, 0)?.reshape((b, hkv, m, t))?)
 }
 
 /// Options the family decides, beyond the per-layer table.
