@@ -397,3 +397,55 @@ fn a_long_prompt_prefills_in_bounded_memory() {
         "4096-token prompt peaked at {long} B, a 64-token one at {short} B"
     );
 }
+
+/// On the CPU `--dtype bf16|f16` set the weights' type and keep f32 activations: an f32
+/// checkpoint's matrices are converted once at load, and a bf16 checkpoint run with `--dtype
+/// bf16` is the default run itself (its matrices read from the mapping as stored).
+#[test]
+fn cpu_weight_types_convert_or_map() {
+    let logits = |name: &str, dtype: Option<&str>| -> (Value, candle_core::Tensor) {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("l.safetensors");
+        let model = fixture(name);
+        let mut args = vec![
+            "run",
+            model.to_str().unwrap(),
+            "--prompt-ids",
+            "2,300,301,302,303",
+            "-n",
+            "3",
+            "--temperature",
+            "0",
+            "--json",
+            "--logits-out",
+            out.to_str().unwrap(),
+        ];
+        if let Some(d) = dtype {
+            args.extend(["--dtype", d]);
+        }
+        let o = run(&args);
+        assert!(o.status.success(), "{name} {dtype:?}: {}", stderr(&o));
+        let t = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
+        (stats(&o), t["logits"].clone())
+    };
+    for d in ["bf16", "f16"] {
+        let (s, l) = logits("e2b-like", Some(d));
+        assert_eq!(s["dtype"], d);
+        assert_eq!(l.dim(0).unwrap(), 7, "{d}: a row per token fed");
+    }
+    let (s, mapped) = logits("wrapper-bf16-sharded", None);
+    assert_eq!(s["dtype"], "bf16");
+    let (_, asked) = logits("wrapper-bf16-sharded", Some("bf16"));
+    let same: Vec<f32> = (mapped - asked)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(
+        same.iter().all(|&d| d == 0.0),
+        "--dtype bf16 on a bf16 checkpoint is the default run"
+    );
+}
