@@ -449,3 +449,203 @@ fn cpu_weight_types_convert_or_map() {
         "--dtype bf16 on a bf16 checkpoint is the default run"
     );
 }
+
+/// A screen of `rows` × `cols` that understands what `run` sends a terminal: text (wrapping at the
+/// last column), CR, LF (scrolling into a scrollback), cursor up/down/forward, save/restore, erase
+/// to the end of the screen and the whole line; other escape sequences are skipped.
+struct Screen {
+    lines: Vec<Vec<char>>,
+    top: usize,
+    row: usize,
+    col: usize,
+    pending_wrap: bool,
+    saved: (usize, usize),
+    rows: usize,
+    cols: usize,
+}
+
+impl Screen {
+    fn new(rows: usize, cols: usize) -> Self {
+        Screen {
+            lines: vec![vec![]],
+            top: 0,
+            row: 0,
+            col: 0,
+            pending_wrap: false,
+            saved: (0, 0),
+            rows,
+            cols,
+        }
+    }
+
+    fn down(&mut self) {
+        self.row += 1;
+        if self.row == self.lines.len() {
+            self.lines.push(vec![]);
+        }
+        if self.row >= self.top + self.rows {
+            self.top += 1;
+        }
+    }
+
+    fn put(&mut self, c: char) {
+        if self.pending_wrap {
+            self.down();
+            self.col = 0;
+            self.pending_wrap = false;
+        }
+        let line = &mut self.lines[self.row];
+        if line.len() <= self.col {
+            line.resize(self.col + 1, ' ');
+        }
+        line[self.col] = c;
+        if self.col + 1 == self.cols {
+            self.pending_wrap = true;
+        } else {
+            self.col += 1;
+        }
+    }
+
+    fn feed(&mut self, text: &str) {
+        let mut it = text.chars().peekable();
+        while let Some(c) = it.next() {
+            match c {
+                '\r' => (self.col, self.pending_wrap) = (0, false),
+                '\n' => {
+                    self.down();
+                    self.pending_wrap = false;
+                }
+                '\x1b' => match it.next() {
+                    Some('7') => self.saved = (self.row - self.top, self.col),
+                    Some('8') => {
+                        self.row = self.top + self.saved.0;
+                        self.col = self.saved.1;
+                        self.pending_wrap = false;
+                    }
+                    Some('[') => {
+                        let mut arg = String::new();
+                        let mut fin = ' ';
+                        for d in it.by_ref() {
+                            if ('\x40'..='\x7e').contains(&d) {
+                                fin = d;
+                                break;
+                            }
+                            arg.push(d);
+                        }
+                        let n: usize = arg.parse().unwrap_or(1);
+                        self.pending_wrap = false;
+                        match (fin, arg.as_str()) {
+                            ('A', _) => self.row = self.row.saturating_sub(n).max(self.top),
+                            ('B', _) => {
+                                self.row = (self.row + n).min(self.top + self.rows - 1);
+                                while self.lines.len() <= self.row {
+                                    self.lines.push(vec![]);
+                                }
+                            }
+                            ('C', _) => self.col = (self.col + n).min(self.cols - 1),
+                            ('J', "") => {
+                                self.lines[self.row].truncate(self.col);
+                                self.lines.truncate(self.row + 1);
+                            }
+                            ('K', "2") => self.lines[self.row].clear(),
+                            _ => {}
+                        }
+                    }
+                    _ => {}
+                },
+                c if c.is_control() => {}
+                c => self.put(c),
+            }
+        }
+    }
+
+    /// Every line, scrollback included, without trailing blanks.
+    fn text(&self) -> Vec<String> {
+        self.lines
+            .iter()
+            .map(|l| l.iter().collect::<String>().trim_end().to_string())
+            .collect()
+    }
+}
+
+/// `run` on a real terminal (a pseudo-terminal of 40 × 12, so the text wraps and scrolls under
+/// the live panel): the screen afterwards holds the text a piped run prints, intact and wrapped
+/// at the terminal's width (control characters in caret notation), then the final panel.
+#[test]
+fn the_live_panel_leaves_the_streamed_text_intact_on_a_terminal() {
+    let fixture = fixture("e2b-like");
+    let args = [
+        "run",
+        fixture.to_str().unwrap(),
+        "--prompt",
+        "The robot and the boat",
+        "-n",
+        "400",
+        "--temperature",
+        "1",
+        "--seed",
+        "4",
+    ];
+    let piped = run(&args);
+    assert!(piped.status.success(), "{}", stderr(&piped));
+    let text = stdout(&piped);
+    assert!(
+        text.len() > 300,
+        "a long enough text to wrap and scroll: {text:?}"
+    );
+    let shown: String = text
+        .chars()
+        .flat_map(|c| match c {
+            '\n' | '\t' => vec![c],
+            c if (c as u32) < 0x20 => vec!['^', (b'@' + c as u8) as char],
+            c if c.is_control() => vec!['\u{fffd}'],
+            c => vec![c],
+        })
+        .collect();
+    let (rows, cols) = (12, 40);
+    // The rows the text fills on a 40-column screen.
+    let mut want = vec![];
+    for line in shown.trim_end_matches('\n').split('\n') {
+        let chars: Vec<char> = line.chars().collect();
+        if chars.is_empty() {
+            want.push(String::new());
+        }
+        for row in chars.chunks(cols) {
+            want.push(row.iter().collect::<String>().trim_end().to_string());
+        }
+    }
+
+    let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "stty rows {rows} cols {cols} && exec '{}' {}",
+            env!("CARGO_BIN_EXE_llmarch"),
+            quoted.join(" ")
+        ))
+        .env("TERM", "xterm")
+        .env("NO_COLOR", "1");
+    let mut p = rexpect::session::spawn_command(cmd, Some(60_000)).unwrap();
+    // rexpect hands the pty's bytes over one char per byte: put the UTF-8 back together.
+    let raw: Vec<u8> = p
+        .exp_eof()
+        .unwrap()
+        .chars()
+        .map(|c| c as u32 as u8)
+        .collect();
+    let mut screen = Screen::new(rows, cols);
+    screen.feed(&String::from_utf8_lossy(&raw));
+    let got = screen.text();
+    assert!(got.len() >= want.len(), "{got:#?}");
+    assert_eq!(got[..want.len()], want[..], "the text on the screen");
+    let after: Vec<&String> = got[want.len()..].iter().filter(|l| !l.is_empty()).collect();
+    assert!(
+        after.first().is_some_and(|l| l.starts_with("KV ")),
+        "one final panel right after the text: {after:#?}"
+    );
+    assert_eq!(
+        got.iter().filter(|l| l.starts_with("KV ")).count(),
+        1,
+        "no stale panel left in the scrollback: {got:#?}"
+    );
+}

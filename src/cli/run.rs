@@ -167,6 +167,8 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     let at_max = budget::compute(&spec, max_context as u64, 1, kv);
     let show_panel = !ctx.quiet && !args.json && std::io::stderr().is_terminal();
     let mut live = LivePanel::new();
+    // The text shares the panel's terminal: the panel follows where it ends.
+    let text_on_terminal = std::io::stdout().is_terminal();
     let mut stderr = std::io::stderr();
     let mut decoder = tok.stream_decoder();
     let mut logits_rows: Vec<Tensor> = vec![];
@@ -221,7 +223,14 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
             live.erase(&mut stderr)?;
         }
         if let Some(text) = piece {
-            out.write_all(text.as_bytes())?;
+            if text_on_terminal {
+                // No control bytes from the model reach the terminal.
+                let text = panel::terminal_safe(&text);
+                out.write_all(text.as_bytes())?;
+                live.wrote(&text);
+            } else {
+                out.write_all(text.as_bytes())?;
+            }
             out.flush()?;
         }
         if show_panel {
@@ -263,7 +272,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         writeln!(out)?;
         out.flush()?;
         for l in panel::render(&snap) {
-            eprintln!("{l}");
+            eprintln!("{}", live.fit(&l));
         }
     } else {
         writeln!(out)?;

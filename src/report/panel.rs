@@ -4,6 +4,12 @@
 //! [`render`] is pure (lines of text, tested); [`LivePanel`] keeps those lines drawn below the
 //! streaming text on a terminal: before each piece of text it erases the panel, writes the text,
 //! then draws the panel again under it with the cursor put back where the text ends.
+//!
+//! Putting the cursor back needs the column the text ends at: a newline sent to a terminal
+//! (which turns `\n` into `\r\n`) leaves it in column 0, so [`LivePanel`] follows the text the
+//! caller writes ([`LivePanel::wrote`]) in display columns, wrapping at the terminal's width.
+//! Panel lines are cut to the width (a wrapped line would scroll the screen under a saved cursor)
+//! and the panel to the height.
 
 use super::{bar, fold_rows, units};
 use crate::arch::budget::Budget;
@@ -112,9 +118,39 @@ fn compressed_detail(a: &Attention, tokens: u64) -> String {
     )
 }
 
+/// `text` as it may go to a terminal: control characters but newline and tab shown in caret
+/// notation (`^X`, `^[` for escape; `\u{fffd}` for C1 and DEL), so a model's output can neither
+/// move the cursor nor send escape sequences, and every character advances the cursor as far as
+/// [`LivePanel::wrote`] counts.
+pub fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' | '\t' => out.push(c),
+            '\0'..='\x1f' => {
+                out.push('^');
+                out.push((b'@' + c as u8) as char);
+            }
+            c if c.is_control() => out.push('\u{fffd}'),
+            c => out.push(c),
+        }
+    }
+    out.into()
+}
+
 /// Keeps the panel drawn under the text on a terminal.
 pub struct LivePanel {
     drawn: usize,
+    /// Display columns of the text since its last line break.
+    col: usize,
+    /// The terminal's `(rows, columns)`.
+    size: (usize, usize),
 }
 
 impl Default for LivePanel {
@@ -124,14 +160,51 @@ impl Default for LivePanel {
 }
 
 impl LivePanel {
+    /// A panel for the terminal on stderr (80 × 24 when its size cannot be read).
     pub fn new() -> Self {
-        LivePanel { drawn: 0 }
+        let size = console::Term::stderr()
+            .size_checked()
+            .map_or((24, 80), |(r, c)| (r as usize, c as usize));
+        LivePanel::with_size(size)
     }
 
-    /// Erase the panel (the cursor is where the text ends).
+    /// A panel for a terminal of `(rows, columns)`.
+    pub fn with_size((rows, cols): (usize, usize)) -> Self {
+        LivePanel {
+            drawn: 0,
+            col: 0,
+            size: (rows.max(3), cols.max(10)),
+        }
+    }
+
+    /// The caller wrote `text` (made [`terminal_safe`]) to the same terminal: where the panel's
+    /// cursor must come back.
+    pub fn wrote(&mut self, text: &str) {
+        let line = match text.rfind(['\n', '\r']) {
+            Some(i) => {
+                self.col = 0;
+                &text[i + 1..]
+            }
+            None => text,
+        };
+        for (i, part) in line.split('\t').enumerate() {
+            if i > 0 {
+                self.col = (self.col / 8 + 1) * 8; // the next tab stop
+            }
+            self.col += console::measure_text_width(part);
+        }
+    }
+
+    /// `line` cut to the terminal's width.
+    pub fn fit<'a>(&self, line: &'a str) -> std::borrow::Cow<'a, str> {
+        console::truncate_str(line, self.size.1 - 1, "…")
+    }
+
+    /// Erase the panel (the cursor is where the text ends): its lines one by one, so that no
+    /// terminal takes it for a clear screen (tmux pushes a cleared screen into the scrollback).
     pub fn erase(&mut self, term: &mut dyn Write) -> std::io::Result<()> {
         if self.drawn > 0 {
-            write!(term, "\x1b[J")?;
+            write!(term, "\x1b7{}\x1b8", "\x1b[B\x1b[2K".repeat(self.drawn))?;
             self.drawn = 0;
         }
         term.flush()
@@ -139,12 +212,26 @@ impl LivePanel {
 
     /// Draw `lines` below the text and put the cursor back where the text ends.
     pub fn draw(&mut self, term: &mut dyn Write, lines: &[String]) -> std::io::Result<()> {
+        let (rows, cols) = self.size;
+        let lines = &lines[..lines.len().min(rows - 2)];
         let n = lines.len();
-        // Make room first (scrolling now, so the saved position stays valid), then save, draw,
-        // restore.
-        write!(term, "{}\x1b[{}A\x1b7", "\n".repeat(n), n)?;
+        // Where the next character of text goes: this row at `col % cols`, or, when the text
+        // fills its last row exactly (the terminal waits to wrap), column 0 of the next row.
+        let full_row = self.col > 0 && self.col.is_multiple_of(cols);
+        let (down, col) = (usize::from(full_row), self.col % cols);
+        // Make room first (scrolling now, so the saved position stays valid), come back up to
+        // the text's row and column, then save, draw, restore.
+        write!(term, "{}\x1b[{}A\r", "\n".repeat(n + down), n)?;
+        if col > 0 {
+            write!(term, "\x1b[{col}C")?;
+        }
+        write!(term, "\x1b7")?;
+        if full_row {
+            // The cursor now sits where the wrap would have put it: the text goes on from there.
+            self.col = 0;
+        }
         for l in lines {
-            write!(term, "\n\r\x1b[2K{l}")?;
+            write!(term, "\n\r\x1b[2K{}", self.fit(l))?;
         }
         write!(term, "\x1b8")?;
         self.drawn = n;
@@ -157,6 +244,21 @@ mod tests {
     use super::*;
     use crate::arch::budget::{compute, KvDtype};
     use crate::arch::{config::ParseOptions, parse_config};
+
+    #[test]
+    fn terminal_text_has_no_control_characters_and_columns_are_counted() {
+        assert_eq!(terminal_safe("a\x18b\x1b[2Jc\td\n"), "a^Xb^[[2Jc\td\n");
+        assert_eq!(terminal_safe("\u{9b}x\x7f"), "\u{fffd}x\u{fffd}");
+        let mut p = LivePanel::with_size((24, 80));
+        p.wrote("héllo");
+        assert_eq!(p.col, 5);
+        p.wrote(" 世界");
+        assert_eq!(p.col, 10, "wide characters take two columns");
+        p.wrote("\tx");
+        assert_eq!(p.col, 17, "a tab goes to the next multiple of 8");
+        p.wrote("line\nab");
+        assert_eq!(p.col, 2);
+    }
 
     #[test]
     fn folds_and_shows_sharing() {
