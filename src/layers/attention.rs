@@ -195,7 +195,7 @@ pub fn attend(
     let p = candle_nn::ops::softmax_last_dim(&scores)?
         .to_dtype(dtype)?
         .reshape((b, hkv, g * n, t))?;
-    let y = p.matmul(&v.contiguous()?)?; // [b, hkv, g·n, dv]
+    let y = probs_times_values(&p, v)?; // [b, hkv, g·n, dv]
     Ok(y.reshape((b, hq, n, dv))?)
 }
 
@@ -216,6 +216,24 @@ fn scores_qkt(q: &Tensor, k: &Tensor) -> Result<Tensor> {
         }
     }
     Ok(Tensor::stack(&heads, 0)?.reshape((b, hkv, m, t))?)
+}
+
+/// `p · v` per batch and KV head: p `[b, hkv, m, t]`, v `[b, hkv, t, dv]` → `[b, hkv, m, dv]`.
+/// Values that are the first rows of the KV store's growing buffer are not contiguous across
+/// heads; each head's rows are, so they are multiplied where they lie instead of copied.
+fn probs_times_values(p: &Tensor, v: &Tensor) -> Result<Tensor> {
+    if v.is_contiguous() {
+        return Ok(p.matmul(v)?);
+    }
+    let (b, hkv, m, _) = p.dims4()?;
+    let dv = v.dim(3)?;
+    let mut heads = Vec::with_capacity(b * hkv);
+    for bi in 0..b {
+        for h in 0..hkv {
+            heads.push(p.get(bi)?.get(h)?.matmul(&v.get(bi)?.get(h)?)?); // [m, dv]
+        }
+    }
+    Ok(Tensor::stack(&heads, 0)?.reshape((b, hkv, m, dv))?)
 }
 
 /// Options the family decides, beyond the per-layer table.

@@ -6,6 +6,12 @@
 //! then keeps what the next step needs: every token for full attention, the last `window`
 //! tokens for sliding layers, so memory stays flat past the window. [`KvStore::bytes`] measures
 //! the tensors really held; it equals `kv-budget` for the same config and context.
+//!
+//! Full-attention layers write into a buffer with room to grow (its capacity at least doubles
+//! when it fills, and the untouched part is never paged in), so appending a token copies that
+//! token, not the whole cache; the cache they hold is the buffer's first `tokens` rows. A buffer
+//! shared with a snapshot (a clone of the store) is copied before it is written: snapshots never
+//! change.
 
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -21,6 +27,45 @@ pub struct LayerKv {
     pub window: Option<usize>,
     /// Fixed-size states (convolution, recurrent, compressor carry), by name.
     pub states: Vec<(&'static str, Tensor)>,
+    /// Full-attention layers: the buffers `k` and `v` are the first rows of.
+    room: Option<Room>,
+}
+
+/// Growable K/V buffers `[batch, heads, capacity, dim]`, and a token telling whether a clone of
+/// the store shares them.
+#[derive(Debug, Clone)]
+struct Room {
+    k: Tensor,
+    v: Option<Tensor>,
+    owner: std::sync::Arc<()>,
+}
+
+/// `new` `[b, h, n, d]` written at row `at` of `buf` (grown, or copied away from a snapshot, as
+/// needed, keeping its first `at` rows from `old`); returns the buffer.
+fn write_rows(
+    buf: Option<&Tensor>,
+    old: Option<&Tensor>,
+    new: &Tensor,
+    at: usize,
+    fresh: bool,
+) -> Result<Tensor> {
+    let (b, h, n, d) = new.dims4()?;
+    let need = at + n;
+    let buf = match buf {
+        Some(buf) if !fresh && buf.dim(2)? >= need => buf.clone(),
+        _ => {
+            let cap = need
+                .max(buf.map_or(0, |t| t.dim(2).unwrap_or(0)) * 2)
+                .max(256);
+            let grown = Tensor::zeros((b, h, cap, d), new.dtype(), new.device())?;
+            if let Some(old) = old.filter(|_| at > 0) {
+                grown.slice_set(&old.contiguous()?, 2, 0)?;
+            }
+            grown
+        }
+    };
+    buf.slice_set(&new.contiguous()?, 2, at)?;
+    Ok(buf)
 }
 
 impl LayerKv {
@@ -116,6 +161,7 @@ impl KvStore {
         for l in self.layers.iter_mut().flatten() {
             l.k = None;
             l.v = None;
+            l.room = None;
             l.states.clear();
         }
         self.seen = 0;
@@ -140,6 +186,42 @@ impl KvStore {
         let seen = self.seen;
         let l = self.layer_mut(i)?;
         let cached = l.k.as_ref().map_or(0, |k| k.dim(2).unwrap_or(0));
+        if l.window.is_none() {
+            // Full attention: write the new rows into the room, view its first rows.
+            let room = l.room.take();
+            // Shared with a snapshot (or none yet): a buffer of our own first.
+            let fresh = room
+                .as_ref()
+                .is_none_or(|r| std::sync::Arc::strong_count(&r.owner) > 1);
+            let kb = write_rows(room.as_ref().map(|r| &r.k), l.k.as_ref(), &k, cached, fresh)?;
+            let vb = match &v {
+                Some(v) => Some(write_rows(
+                    room.as_ref().and_then(|r| r.v.as_ref()),
+                    l.v.as_ref(),
+                    v,
+                    cached,
+                    fresh,
+                )?),
+                None => None,
+            };
+            let total = cached + k.dim(2)?;
+            l.k = Some(kb.narrow(2, 0, total)?);
+            l.v = vb.as_ref().map(|b| b.narrow(2, 0, total)).transpose()?;
+            let owner = match room {
+                Some(r) if !fresh => r.owner,
+                _ => std::sync::Arc::new(()),
+            };
+            l.room = Some(Room {
+                k: kb,
+                v: vb,
+                owner,
+            });
+            return Ok(KvView {
+                k: l.k.clone().expect("just set"),
+                v: l.v.clone(),
+                start: seen - cached,
+            });
+        }
         let cat = |old: &Option<Tensor>, new: Tensor| -> Result<Tensor> {
             Ok(match old {
                 Some(o) => Tensor::cat(&[o, &new], 2)?,
@@ -255,6 +337,51 @@ mod tests {
         assert!(s.layer_mut(2).is_err());
         s.clear();
         assert_eq!(s.bytes(), vec![0, 0, 0]);
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// Full layers write into a growing buffer: past its capacity the cache still holds every
+    /// token in order, and a snapshot (a clone) keeps what it held while the store goes on, and
+    /// can go on itself on a different branch.
+    #[test]
+    fn full_layers_grow_in_place_and_snapshots_never_change() {
+        let mut s = KvStore::new(&[true], &[None]);
+        let mut at = 0f32;
+        for n in [300usize, 1, 1, 200, 1] {
+            let v = s
+                .append(0, chunk(n, at), Some(chunk(n, at + 1000.0)))
+                .unwrap();
+            at += n as f32;
+            s.advance(n);
+            let want: Vec<f32> = (0..at as usize).map(|i| i as f32).collect();
+            assert_eq!(values(&v.k), want, "after {at} tokens");
+            assert_eq!(values(s.layer(0).unwrap().k.as_ref().unwrap()), want);
+        }
+        assert_eq!(
+            s.bytes(),
+            vec![2 * 503 * 4],
+            "bytes count the tokens held, not the room"
+        );
+        let snapshot = s.clone();
+        // The live store goes on with 7, 8, ...
+        s.append(0, chunk(2, 7.0), Some(chunk(2, 8.0))).unwrap();
+        s.advance(2);
+        // ... the snapshot, on its own branch, with 50, 51.
+        let mut other = snapshot.clone();
+        other
+            .append(0, chunk(2, 50.0), Some(chunk(2, 60.0)))
+            .unwrap();
+        other.advance(2);
+        let k = |st: &KvStore| values(st.layer(0).unwrap().k.as_ref().unwrap());
+        assert_eq!(k(&snapshot).len(), 503);
+        assert_eq!(k(&snapshot)[502], 502.0);
+        assert_eq!(k(&s)[503..], [7.0, 8.0]);
+        assert_eq!(k(&other)[503..], [50.0, 51.0]);
+        let v = values(other.layer(0).unwrap().v.as_ref().unwrap());
+        assert_eq!((v[0], v[503], v.len()), (1000.0, 60.0, 505));
     }
 
     #[test]
