@@ -65,7 +65,7 @@ _llmarch() {
 
     case "${cmd}" in
         llmarch)
-            opts="-q -h -V --quiet --allow-unknown-keys --help --version run chat inspect kv-budget models completions help"
+            opts="-q -v -h -V --quiet --verbose --allow-unknown-keys --help --version run chat inspect kv-budget models completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -79,7 +79,7 @@ _llmarch() {
             return 0
             ;;
         llmarch__subcmd__chat)
-            opts="-n -q -h -V --system --input --max-new-tokens --temperature --top-k --top-p --min-p --repeat-penalty --seed --dtype --device --max-context --context-shift --hide-thinking --thinking --chat-template --snapshots --no-history --quiet --allow-unknown-keys --help --version"
+            opts="-n -q -v -h -V --system --input --max-new-tokens --temperature --top-k --top-p --min-p --repeat-penalty --seed --dtype --device --max-context --context-shift --hide-thinking --thinking --chat-template --snapshots --no-history --quiet --verbose --allow-unknown-keys --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -157,7 +157,7 @@ _llmarch() {
             return 0
             ;;
         llmarch__subcmd__completions)
-            opts="-q -h -V --quiet --allow-unknown-keys --help --version bash elvish fish powershell zsh"
+            opts="-q -v -h -V --quiet --verbose --allow-unknown-keys --help --version bash elvish fish powershell zsh"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -283,7 +283,7 @@ _llmarch() {
             return 0
             ;;
         llmarch__subcmd__inspect)
-            opts="-q -h -V --json --quiet --allow-unknown-keys --help --version"
+            opts="-q -v -h -V --json --quiet --verbose --allow-unknown-keys --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -297,7 +297,7 @@ _llmarch() {
             return 0
             ;;
         llmarch__subcmd__kv__subcmd__budget)
-            opts="-c -q -h -V --context --kv-dtype --batch --per-layer --explain --json --quiet --allow-unknown-keys --help --version"
+            opts="-c -q -v -h -V --context --kv-dtype --batch --per-layer --explain --json --quiet --verbose --allow-unknown-keys --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -327,7 +327,7 @@ _llmarch() {
             return 0
             ;;
         llmarch__subcmd__models)
-            opts="-q -h -V --json --quiet --allow-unknown-keys --help --version"
+            opts="-q -v -h -V --json --quiet --verbose --allow-unknown-keys --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -341,7 +341,7 @@ _llmarch() {
             return 0
             ;;
         llmarch__subcmd__run)
-            opts="-p -n -q -h -V --prompt --prompt-file --prompt-ids --max-new-tokens --temperature --top-k --top-p --min-p --repeat-penalty --seed --dtype --device --max-context --json --logits-out --quiet --allow-unknown-keys --help --version"
+            opts="-p -n -q -v -h -V --prompt --prompt-file --prompt-ids --max-new-tokens --temperature --top-k --top-p --min-p --repeat-penalty --seed --dtype --device --max-context --json --logits-out --quiet --verbose --allow-unknown-keys --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

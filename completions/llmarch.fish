@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_llmarch_global_optspecs
-    string join \n q/quiet allow-unknown-keys h/help V/version
+    string join \n q/quiet v/verbose allow-unknown-keys h/help V/version
 end
 
 function __fish_llmarch_needs_command
@@ -25,6 +25,7 @@ function __fish_llmarch_using_subcommand
 end
 
 complete -c llmarch -n "__fish_llmarch_needs_command" -s q -l quiet -d 'No progress bars or notes on stderr (errors are still printed)'
+complete -c llmarch -n "__fish_llmarch_needs_command" -s v -l verbose -d 'More detail on stderr: e.g. every checkpoint tensor the model never reads'
 complete -c llmarch -n "__fish_llmarch_needs_command" -l allow-unknown-keys -d 'Treat config keys llmarch does not know as warnings instead of errors'
 complete -c llmarch -n "__fish_llmarch_needs_command" -s h -l help -d 'Print help'
 complete -c llmarch -n "__fish_llmarch_needs_command" -s V -l version -d 'Print version'
@@ -58,6 +59,7 @@ complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l max-context -d '
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l logits-out -d 'Write tensor `logits` [positions, vocab] f32: every prompt position, then each step' -r -F
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l json -d 'Stats as one JSON object on the last stdout line'
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -s q -l quiet -d 'No progress bars or notes on stderr (errors are still printed)'
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -s v -l verbose -d 'More detail on stderr: e.g. every checkpoint tensor the model never reads'
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l allow-unknown-keys -d 'Treat config keys llmarch does not know as warnings instead of errors'
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -s V -l version -d 'Print version'
@@ -88,11 +90,13 @@ complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l context-shift -
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l hide-thinking -d 'Do not show the model\'s thinking (it is still kept in the transcript)'
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l no-history -d 'Do not read or write the input history file'
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -s q -l quiet -d 'No progress bars or notes on stderr (errors are still printed)'
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -s v -l verbose -d 'More detail on stderr: e.g. every checkpoint tensor the model never reads'
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l allow-unknown-keys -d 'Treat config keys llmarch does not know as warnings instead of errors'
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -s V -l version -d 'Print version'
 complete -c llmarch -n "__fish_llmarch_using_subcommand inspect" -l json -d 'Machine-readable output on stdout'
 complete -c llmarch -n "__fish_llmarch_using_subcommand inspect" -s q -l quiet -d 'No progress bars or notes on stderr (errors are still printed)'
+complete -c llmarch -n "__fish_llmarch_using_subcommand inspect" -s v -l verbose -d 'More detail on stderr: e.g. every checkpoint tensor the model never reads'
 complete -c llmarch -n "__fish_llmarch_using_subcommand inspect" -l allow-unknown-keys -d 'Treat config keys llmarch does not know as warnings instead of errors'
 complete -c llmarch -n "__fish_llmarch_using_subcommand inspect" -s h -l help -d 'Print help'
 complete -c llmarch -n "__fish_llmarch_using_subcommand inspect" -s V -l version -d 'Print version'
@@ -107,15 +111,18 @@ complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l per-layer 
 complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l explain -d 'Show the formula with the numbers filled in, for one layer of each kind'
 complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l json -d 'Machine-readable output on stdout: an array, one object per model and context'
 complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -s q -l quiet -d 'No progress bars or notes on stderr (errors are still printed)'
+complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -s v -l verbose -d 'More detail on stderr: e.g. every checkpoint tensor the model never reads'
 complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l allow-unknown-keys -d 'Treat config keys llmarch does not know as warnings instead of errors'
 complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -s h -l help -d 'Print help'
 complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -s V -l version -d 'Print version'
 complete -c llmarch -n "__fish_llmarch_using_subcommand models" -l json -d 'Machine-readable output on stdout'
 complete -c llmarch -n "__fish_llmarch_using_subcommand models" -s q -l quiet -d 'No progress bars or notes on stderr (errors are still printed)'
+complete -c llmarch -n "__fish_llmarch_using_subcommand models" -s v -l verbose -d 'More detail on stderr: e.g. every checkpoint tensor the model never reads'
 complete -c llmarch -n "__fish_llmarch_using_subcommand models" -l allow-unknown-keys -d 'Treat config keys llmarch does not know as warnings instead of errors'
 complete -c llmarch -n "__fish_llmarch_using_subcommand models" -s h -l help -d 'Print help'
 complete -c llmarch -n "__fish_llmarch_using_subcommand models" -s V -l version -d 'Print version'
 complete -c llmarch -n "__fish_llmarch_using_subcommand completions" -s q -l quiet -d 'No progress bars or notes on stderr (errors are still printed)'
+complete -c llmarch -n "__fish_llmarch_using_subcommand completions" -s v -l verbose -d 'More detail on stderr: e.g. every checkpoint tensor the model never reads'
 complete -c llmarch -n "__fish_llmarch_using_subcommand completions" -l allow-unknown-keys -d 'Treat config keys llmarch does not know as warnings instead of errors'
 complete -c llmarch -n "__fish_llmarch_using_subcommand completions" -s h -l help -d 'Print help'
 complete -c llmarch -n "__fish_llmarch_using_subcommand completions" -s V -l version -d 'Print version'

@@ -4,7 +4,7 @@
 //! Map of the crate:
 //! - [`cli`]: clap types, one file per subcommand; no model math.
 //! - [`loader`]: where the bytes come from: model references (alias, `org/name[@rev]`, local
-//!   directory), the embedded configs of the aliases, the Hub through hf-hub.
+//!   directory), the embedded configs of the aliases, the Hub (its cache layout, our own checked requests).
 //! - [`arch`]: what a model is: the family registry and the per-layer [`arch::ArchSpec`] table,
 //!   one file per family; [`arch::budget`] is the KV-cache arithmetic over that table.
 //! - [`layers`]: how models compute: blocks named for the technique, the KV store.

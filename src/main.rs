@@ -1,7 +1,9 @@
 //! The `llmarch` binary: parse, dispatch, print the error chain, exit code.
-//! Exit codes: 0 success (and a closed stdout pipe), 1 runtime error, 2 usage error.
+//! Exit codes: 0 success (and a closed stdout pipe), 1 runtime error, 2 usage error, 130 after
+//! Ctrl-C.
 
 use clap::Parser;
+use llmarch::cli::interrupt::{self, Interrupted};
 use llmarch::cli::{self, Cli};
 use std::io::Write;
 use std::process::ExitCode;
@@ -23,6 +25,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if e.is::<Interrupted>() => ExitCode::from(interrupt::EXIT_CODE),
         Err(e) => {
             report(&e);
             ExitCode::from(1)

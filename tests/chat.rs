@@ -143,6 +143,7 @@ fn session(name: &str, max_tokens: usize) -> Session {
     use llmarch::cli::{shared, Ctx};
     let ctx = Ctx {
         quiet: true,
+        verbose: false,
         parse: Default::default(),
     };
     let dir = gemma(name);

@@ -1,7 +1,7 @@
 //! Hub downloads against a local server that answers the way the Hugging Face Hub does
 //! (`tests/common`: resolve URLs with ETag, X-Repo-Commit, Content-Range and range requests,
 //! the `/api/models/{id}/revision/{rev}` file list, 401 without the right token), through the
-//! real hf-hub code: gated repos, tokens, revisions, the offline cache, missing files,
+//! real Hub client: gated repos, tokens, revisions, the offline cache, missing files,
 //! interrupted and lossy downloads, and repos whose index points outside the snapshot.
 //! `HF_TOKEN` must never appear in any output.
 
@@ -89,12 +89,9 @@ fn wrapper_repo() -> Vec<(&'static str, Vec<u8>)> {
 }
 
 fn env(hub: &FakeHub, home: &Path, token: Option<&str>) -> HubEnv {
-    HubEnv {
-        endpoint: hub.url.clone(),
-        cache_dir: home.join("hub"),
-        token: token.map(str::to_string),
-        offline: false,
-    }
+    let mut env = HubEnv::new(&hub.url, home.join("hub"));
+    env.token = token.map(str::to_string);
+    env
 }
 
 fn repo(id: &str, rev: Option<&str>) -> ModelRef {
@@ -466,7 +463,7 @@ fn an_interrupted_download_leaves_nothing_trusted_and_resumes() {
             "{msg}"
         );
         assert!(msg.contains("hint: run again to resume"), "{msg}");
-        // hf-hub retried from where the body stopped (range requests), and gave up.
+        // The client retried from where the body stopped (range requests), and gave up.
         let ranges: Vec<_> = hub
             .seen
             .lock()
@@ -496,12 +493,8 @@ fn an_interrupted_download_leaves_nothing_trusted_and_resumes() {
     );
     assert!(tree(&cache).iter().any(|f| f.ends_with(".part")));
     // Offline, the half file is not offered.
-    let mut off = HubEnv {
-        endpoint: "http://127.0.0.1:9".into(),
-        cache_dir: cache.clone(),
-        token: None,
-        offline: true,
-    };
+    let mut off = HubEnv::new("http://127.0.0.1:9", cache.clone());
+    off.offline = true;
     let e = resolve_with(&repo(id, None), &off, &quiet()).unwrap_err();
     let msg = format!("{e:#}");
     assert!(
@@ -561,7 +554,7 @@ fn a_server_that_loses_bytes_is_caught_and_nothing_kept() {
     );
 }
 
-/// A redirect without `Location` makes hf-hub 0.4 unwrap `None`: one clear error, no panic.
+/// A redirect without `Location` (hf-hub 0.4 unwrapped `None` here): one clear error, no panic.
 #[test]
 fn a_redirect_without_location_is_an_error_not_a_panic() {
     let id = "acme/odd";
@@ -761,4 +754,311 @@ fn resolved_paths_live_in_the_snapshot() {
             blob.display()
         );
     }
+}
+
+/// Run the binary with a deadline: a hang is a failure, not a stuck test run.
+fn output_within(cmd: &mut std::process::Command, secs: u64) -> std::process::Output {
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+        Ok(o) => o.unwrap(),
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+            panic!("still running after {secs} s");
+        }
+    }
+}
+
+/// A server that accepts connections and never answers.
+fn silent_server() -> (String, std::thread::JoinHandle<()>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let handle = std::thread::spawn(move || {
+        let mut held = vec![];
+        for s in listener.incoming().take(4) {
+            held.push(s);
+            if held.len() == 1 {
+                std::thread::sleep(std::time::Duration::from_secs(8));
+            }
+        }
+    });
+    (url, handle)
+}
+
+#[test]
+fn a_silent_server_ends_in_an_error_naming_the_host() {
+    let (url, _h) = silent_server();
+    let home = tempfile::tempdir().unwrap();
+    let mut e = HubEnv::new(&url, home.path().join("hub"));
+    e.timeout = std::time::Duration::from_secs(1);
+    let err = resolve_with(&repo("acme/silent", None), &e, &quiet()).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains(&format!("cannot reach {url}")), "{msg}");
+    assert!(msg.contains("no answer within 1 s"), "{msg}");
+    // Through the binary, with the variable that sets the timeout.
+    let (url, _h) = silent_server();
+    let o = output_within(
+        llmarch()
+            .args(["inspect", "acme/silent"])
+            .env("HF_ENDPOINT", &url)
+            .env("HF_HOME", home.path())
+            .env("LLMARCH_HUB_TIMEOUT", "1"),
+        30,
+    );
+    let err = expect_error(&o, 1);
+    assert!(err.contains(&format!("cannot reach {url}")), "{err}");
+}
+
+/// A slow download that keeps moving is not cut by the read timeout.
+#[test]
+fn a_slow_but_moving_download_completes() {
+    let id = "acme/slow";
+    let body: Vec<u8> = (0..4000u32).map(|i| (i * 7) as u8).collect();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let info = json!({"sha": COMMIT_A, "siblings": [{"rfilename": "config.json"}]}).to_string();
+    let served = body.clone();
+    std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        for stream in listener.incoming().take(8) {
+            let mut stream = stream.unwrap();
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let (mut first, mut range) = (String::new(), String::new());
+            reader.read_line(&mut first).unwrap();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if line.to_ascii_lowercase().starts_with("range:") {
+                    range = line.clone();
+                }
+            }
+            if first.contains("/api/models/") {
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    info.len()
+                );
+                let _ = stream.write_all((head + &info).as_bytes());
+                continue;
+            }
+            let n = served.len();
+            let probe = range.contains("0-0");
+            let len = if probe { 1 } else { n };
+            let head = format!(
+                "HTTP/1.1 206 Partial Content\r\nContent-Length: {len}\r\nContent-Range: bytes 0-{}/{n}\r\nETag: \"slowetag\"\r\nX-Repo-Commit: {COMMIT_A}\r\nConnection: close\r\n\r\n",
+                len - 1
+            );
+            let _ = stream.write_all(head.as_bytes());
+            // Six pieces, 400 ms apart: 2.4 s in all, never 1 s without a byte.
+            for chunk in served[..len].chunks(len.div_ceil(6)) {
+                let _ = stream.write_all(chunk);
+                let _ = stream.flush();
+                if !probe {
+                    std::thread::sleep(std::time::Duration::from_millis(400));
+                }
+            }
+        }
+    });
+    let home = tempfile::tempdir().unwrap();
+    let mut e = HubEnv::new(&url, home.path().join("hub"));
+    e.timeout = std::time::Duration::from_secs(1);
+    let mut r = llmarch::loader::hub::HubRepo::new(&e, id, None, false).unwrap();
+    let p = r.get("config.json", Some(COMMIT_A), (1, 1)).unwrap();
+    assert_eq!(std::fs::read(p).unwrap(), body);
+}
+
+#[test]
+fn a_malformed_token_is_named_and_never_sent() {
+    let files = vec![("config.json", b"{}".to_vec())];
+    let hub = FakeHub::start(repo_routes("acme/t", "main", COMMIT_A, &files, None));
+    let home = tempfile::tempdir().unwrap();
+    for (token, why) in [
+        (format!("\u{feff}{TOKEN}"), "byte-order mark"),
+        (format!("{TOKEN}\u{200b}"), "zero-width space"),
+        ("hf_llmarch\r\nTestSecret".to_string(), "line break"),
+    ] {
+        let o = llmarch()
+            .args(["inspect", "acme/t"])
+            .env("HF_ENDPOINT", &hub.url)
+            .env("HF_HOME", home.path())
+            .env("HF_TOKEN", &token)
+            .output()
+            .unwrap();
+        let err = expect_error(&o, 1);
+        assert!(err.contains("the Hub token from HF_TOKEN"), "{err}");
+        assert!(err.contains(why), "{err}");
+        assert!(
+            !err.contains("TestSecret") && !err.contains("Bearer"),
+            "{err}"
+        );
+        assert!(!err.contains("check the network"), "{err}");
+    }
+    assert_eq!(hub.hit_count(), 0, "a request went out");
+    // From the token file: the file is named.
+    std::fs::write(home.path().join("token"), format!("\u{feff}{TOKEN}\n")).unwrap();
+    let o = llmarch()
+        .args(["inspect", "acme/t"])
+        .env("HF_ENDPOINT", &hub.url)
+        .env("HF_HOME", home.path())
+        .output()
+        .unwrap();
+    let err = expect_error(&o, 1);
+    assert!(
+        err.contains(&home.path().join("token").display().to_string()),
+        "{err}"
+    );
+    assert!(!err.contains("TestSecret"), "{err}");
+}
+
+#[test]
+fn a_password_in_hf_endpoint_is_never_printed() {
+    let files = vec![("config.json", b"{}".to_vec())];
+    let hub = FakeHub::start(repo_routes("acme/p", "main", COMMIT_A, &files, None));
+    let home = tempfile::tempdir().unwrap();
+    let host = hub.url.trim_start_matches("http://").to_string();
+    for endpoint in [
+        format!("http://user:hunter2pw@{host}"),
+        "http://user:hunter2pw@127.0.0.1:9".to_string(),
+    ] {
+        for model in ["acme/missing", "acme/p@nobranch"] {
+            let o = llmarch()
+                .args(["inspect", model])
+                .env("HF_ENDPOINT", &endpoint)
+                .env("HF_HOME", home.path())
+                .env("RUST_BACKTRACE", "1")
+                .output()
+                .unwrap();
+            let err = expect_error(&o, 1);
+            assert!(!err.contains("hunter2pw"), "{err}");
+            assert!(err.contains("http://***@"), "{err}");
+        }
+    }
+}
+
+/// Every file under `home` lies in the cache's own repo folder.
+fn only_in_repo_folder(home: &Path, folder: &str) {
+    for f in tree(home) {
+        assert!(f.starts_with(&format!("hub/{folder}/")), "{f} written");
+    }
+}
+
+#[test]
+fn revisions_that_are_paths_are_refused_before_anything_is_written() {
+    let files = vec![("config.json", b"{}".to_vec())];
+    let hub = FakeHub::start(repo_routes("acme/r", "main", COMMIT_A, &files, None));
+    let home = tempfile::tempdir().unwrap();
+    for rev in [
+        "../../x",
+        "..",
+        "a/../../b",
+        "/etc",
+        "main\n",
+        ".hidden",
+        "x.lock",
+    ] {
+        let e = resolve_with(
+            &repo("acme/r", Some(rev)),
+            &env(&hub, home.path(), None),
+            &quiet(),
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("is not a revision"),
+            "{rev}: {e:#}"
+        );
+        let o = llmarch()
+            .args(["inspect", &format!("acme/r@{rev}")])
+            .env("HF_ENDPOINT", &hub.url)
+            .env("HF_HOME", home.path())
+            .output()
+            .unwrap();
+        assert!(stderr(&o).contains("is not a revision"), "{}", stderr(&o));
+        assert!(!o.status.success());
+    }
+    assert_eq!(hub.hit_count(), 0);
+    assert!(tree(home.path()).is_empty(), "{:?}", tree(home.path()));
+    // Branch, tag, PR ref and commit names are revisions.
+    for ok in ["main", "v1.0", "refs/pr/3", COMMIT_A, "release_2-b"] {
+        llmarch::loader::hub::check_revision(ok).unwrap();
+    }
+}
+
+#[test]
+fn a_server_reporting_a_path_as_commit_or_etag_writes_nothing() {
+    let home = tempfile::tempdir().unwrap();
+    let body = b"{}".to_vec();
+    // The file list's commit.
+    let id = "acme/evilsha";
+    let mut routes = repo_routes(id, "main", COMMIT_A, &[("config.json", body.clone())], None);
+    let listed = json!({"sha": "../../../../x", "siblings": [{"rfilename": "config.json"}]});
+    routes.insert(
+        format!("/api/models/{id}/revision/main"),
+        Reply::Json(listed.to_string()),
+    );
+    let hub = FakeHub::start(routes);
+    let e = resolve_with(&repo(id, None), &env(&hub, home.path(), None), &quiet()).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("answered in a way the Hub never does"),
+        "{msg}"
+    );
+    assert!(msg.contains("is not 40 hex digits"), "{msg}");
+    assert!(tree(home.path()).is_empty(), "{:?}", tree(home.path()));
+    // X-Repo-Commit on a file (with `inspect`, which asks for no listing).
+    let id = "acme/evilcommit";
+    let routes = repo_routes(
+        id,
+        "main",
+        "../../../../x",
+        &[("config.json", body.clone())],
+        None,
+    );
+    let hub = FakeHub::start(routes);
+    let o = llmarch()
+        .args(["inspect", id])
+        .env("HF_ENDPOINT", &hub.url)
+        .env("HF_HOME", home.path())
+        .output()
+        .unwrap();
+    let err = expect_error(&o, 1);
+    assert!(err.contains("is not 40 hex digits"), "{err}");
+    assert!(tree(home.path()).is_empty(), "{:?}", tree(home.path()));
+    // The ETag names the blob file.
+    let id = "acme/eviletag";
+    let mut routes = repo_routes(id, "main", COMMIT_A, &[("config.json", body.clone())], None);
+    let raw = format!(
+        "HTTP/1.1 206 Partial Content\r\nContent-Length: 1\r\nContent-Range: bytes 0-0/2\r\nETag: \"../../../x\"\r\nX-Repo-Commit: {COMMIT_A}\r\nConnection: close\r\n\r\n{{"
+    );
+    routes.insert(
+        format!("/{id}/resolve/main/config.json"),
+        Reply::Raw(raw.into_bytes()),
+    );
+    let hub = FakeHub::start(routes);
+    let e = resolve_with(&repo(id, None), &env(&hub, home.path(), None), &quiet()).unwrap_err();
+    assert!(format!("{e:#}").contains("is not a content hash"), "{e:#}");
+    assert!(tree(home.path()).is_empty(), "{:?}", tree(home.path()));
+    // A file of another commit than the listing's: refused, not mixed into the snapshot.
+    let id = "acme/moved";
+    let mut routes = repo_routes(id, "main", COMMIT_A, &[("config.json", body.clone())], None);
+    routes.insert(
+        format!("/{id}/resolve/main/config.json"),
+        Reply::FileAt(body, COMMIT_B.to_string()),
+    );
+    let hub = FakeHub::start(routes);
+    let e = resolve_with(&repo(id, None), &env(&hub, home.path(), None), &quiet()).unwrap_err();
+    assert!(
+        format!("{e:#}").contains("moved while downloading"),
+        "{e:#}"
+    );
+    only_in_repo_folder(home.path(), "models--acme--moved");
+    assert!(!tree(home.path()).iter().any(|f| f.contains("snapshots")));
 }

@@ -649,3 +649,49 @@ fn the_live_panel_leaves_the_streamed_text_intact_on_a_terminal() {
         "no stale panel left in the scrollback: {got:#?}"
     );
 }
+
+/// Ctrl-C stops a run at its next step, in prefill too: what was done and the summary stay,
+/// the JSON says why it stopped, and the exit code is 130 (a shell's code for SIGINT).
+#[test]
+fn ctrl_c_stops_the_run_with_exit_code_130() {
+    let dir = fixture("e2b-like");
+    // A prompt long enough to prefill for many seconds in the test build.
+    let ids: Vec<String> = (0..16000u32)
+        .map(|i| ((i * 7919 + 13) % 500 + 2).to_string())
+        .collect();
+    let child = llmarch()
+        .args([
+            "run",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            &ids.join(","),
+            "--max-context",
+            "20000",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(
+        rx.try_recv().is_err(),
+        "the run ended before Ctrl-C: the test needs a longer one"
+    );
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let o = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("still running 20 s after Ctrl-C");
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    let s = stats(&o);
+    assert_eq!(s["stop"], "interrupted");
+    assert_eq!(s["generated_tokens"], 0);
+    assert!(!stderr(&o).contains("error:"), "{}", stderr(&o));
+}

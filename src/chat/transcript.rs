@@ -3,6 +3,7 @@
 //! input elsewhere). Written through a temp file and a rename, so a failed save leaves nothing
 //! half-written; a file that is missing or not a transcript gives one clear line.
 
+use crate::report::output_file::write_whole;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -40,17 +41,10 @@ pub struct Transcript {
     pub messages: Vec<Value>,
 }
 
-/// Write `t` to `path` (through `path.partial` and a rename).
+/// Write `t` to `path` whole (see [`write_whole`]).
 pub fn save(path: &Path, t: &Transcript) -> Result<()> {
     let text = serde_json::to_string_pretty(t)? + "\n";
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".partial");
-    let tmp = std::path::PathBuf::from(tmp);
-    let result = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.with_context(|| format!("cannot write {}", path.display()))
+    write_whole(path, |p| std::fs::write(p, &text).map_err(Into::into))
 }
 
 /// Read and check a transcript.

@@ -4,6 +4,7 @@
 pub mod chat;
 pub mod completions;
 pub mod inspect;
+pub mod interrupt;
 pub mod kv_budget;
 pub mod models;
 pub mod run;
@@ -24,6 +25,10 @@ pub struct Cli {
     /// No progress bars or notes on stderr (errors are still printed).
     #[arg(short, long, global = true)]
     pub quiet: bool,
+
+    /// More detail on stderr: e.g. every checkpoint tensor the model never reads.
+    #[arg(short, long, global = true, conflicts_with = "quiet")]
+    pub verbose: bool,
 
     /// Treat config keys llmarch does not know as warnings instead of errors.
     #[arg(long, global = true)]
@@ -51,6 +56,7 @@ pub enum Command {
 /// What every command gets besides its own arguments.
 pub struct Ctx {
     pub quiet: bool,
+    pub verbose: bool,
     pub parse: ParseOptions,
 }
 
@@ -72,6 +78,7 @@ impl Ctx {
 pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     let ctx = Ctx {
         quiet: cli.quiet,
+        verbose: cli.verbose,
         parse: ParseOptions {
             allow_unknown_keys: cli.allow_unknown_keys,
         },

@@ -1,11 +1,13 @@
 //! `llmarch run <MODEL> --prompt TEXT`: load, prefill, decode; text streams to stdout while a
 //! live panel on stderr shows what each layer's cache holds against the budget.
 
+use super::interrupt::{self, Interrupted};
 use super::shared::{self, DeviceArgs, SamplingArgs};
 use super::Ctx;
 use crate::arch::budget;
 use crate::generate::sampler::Sampler;
 use crate::generate::{self, Event, Limits, Stats};
+use crate::report::output_file::write_whole;
 use crate::report::panel::{self, LivePanel, Snapshot};
 use crate::report::units;
 use anyhow::{bail, Context, Result};
@@ -13,8 +15,6 @@ use candle_core::{DType, Tensor};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Debug, clap::Args)]
@@ -81,19 +81,12 @@ fn check_output_path(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Write `rows` as tensor `logits` [positions, vocab] f32, through a temp file and a rename so
-/// nothing half-written is left behind.
+/// Write `rows` as tensor `logits` [positions, vocab] f32, whole (see [`write_whole`]).
 fn write_logits(path: &Path, rows: &[Tensor]) -> Result<()> {
     let all = Tensor::cat(rows, 0)?.to_dtype(DType::F32)?;
-    let tmp = path.with_extension("safetensors.partial");
-    let result = all
-        .save_safetensors("logits", &tmp)
-        .map_err(anyhow::Error::from)
-        .and_then(|()| std::fs::rename(&tmp, path).map_err(Into::into));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.with_context(|| format!("writing {}", path.display()))
+    write_whole(path, |p| {
+        all.save_safetensors("logits", p).map_err(Into::into)
+    })
 }
 
 pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
@@ -125,10 +118,16 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         (None, None) => unreachable!("checked above"),
     };
     if let Some(bad) = prompt.iter().find(|&&id| id as usize >= spec.vocab_size) {
-        bail!(
-            "--prompt-ids: token id {bad} is outside the vocabulary ({} tokens)",
-            spec.vocab_size
-        );
+        match args.prompt_ids {
+            Some(_) => bail!(
+                "--prompt-ids: token id {bad} is outside the vocabulary ({} tokens)",
+                spec.vocab_size
+            ),
+            None => bail!(
+                "the tokenizer turned the prompt into token id {bad}, outside the model's vocabulary ({} tokens in config.json)\nhint: tokenizer.json does not belong to this model",
+                spec.vocab_size
+            ),
+        }
     }
     let max_context = args.max_context.unwrap_or(spec.max_context);
     if prompt.len() > max_context {
@@ -149,12 +148,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     } = shared::build_model_in(&files, family, ctx, &precision)?;
 
     // 4. Generate, streaming text and the panel.
-    let interrupted = Arc::new(AtomicBool::new(false));
-    {
-        let flag = interrupted.clone();
-        // A second handler cannot be installed (e.g. in tests calling `run` twice); not fatal.
-        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
-    }
+    interrupt::install();
     let mut cache = model.new_cache();
     let mut sampler = Sampler::new(settings);
     let limits = Limits {
@@ -193,7 +187,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
                 if let Some(bar) = &prefill_bar {
                     bar.set_position(done as u64);
                 }
-                return Ok(!interrupted.load(Ordering::SeqCst));
+                return Ok(!interrupt::requested());
             }
             Event::Prefilled { logits, cache } => {
                 if let Some(bar) = &prefill_bar {
@@ -243,7 +237,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
             };
             live.draw(&mut stderr, &panel::render(&snap))?;
         }
-        Ok(!interrupted.load(Ordering::SeqCst))
+        Ok(!interrupt::requested())
     };
     let stats = generate::generate(
         model.as_ref(),
@@ -296,14 +290,24 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         }
         writeln!(out, "{}", serde_json::to_string(&v)?)?;
     }
+    if stats.stop == Some(generate::StopReason::Interrupted) {
+        return Err(Interrupted.into());
+    }
     Ok(())
 }
 
 fn summary(s: &Stats, at_max: &budget::Budget, weights: &str, load_s: f64) -> String {
     format!(
-        "{} prompt + {} generated tokens · TTFT {:.0} ms · prefill {:.1} tok/s · decode {:.1} tok/s · KV {} (budget {} at {}) · {weights} weights · load {:.1} s{}",
+        "{} prompt + {} generated tokens{} · TTFT {:.0} ms · prefill {:.1} tok/s · decode {:.1} tok/s · KV {} (budget {} at {}) · {weights} weights · load {:.1} s{}",
         s.prompt_tokens,
         s.generated_tokens,
+        match s.stop {
+            Some(generate::StopReason::EndOfSequence) => " (end of sequence)",
+            Some(generate::StopReason::MaxTokens) => " (the -n limit)",
+            Some(generate::StopReason::ContextFull) => " (the context is full)",
+            Some(generate::StopReason::Interrupted) => " (interrupted)",
+            None => "",
+        },
         s.ttft_ms,
         s.prefill_tok_s,
         s.decode_tok_s,

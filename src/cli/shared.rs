@@ -292,6 +292,25 @@ pub struct Built {
 }
 
 /// [`build_model`] with the weight matrices held as `precision` says.
+/// Checkpoint tensors the model never read: said in one line, listed with `-v`.
+fn warn_unused(ctx: &Ctx, unused: &[String]) {
+    const SHOWN: usize = 3;
+    if unused.is_empty() {
+        return;
+    }
+    let list = if ctx.verbose || unused.len() <= SHOWN {
+        unused.join(", ")
+    } else {
+        format!("{}, … (-v lists all)", unused[..SHOWN].join(", "))
+    };
+    ctx.warn(&format!(
+        "{} tensor{} of the checkpoint {} never read by the model: {list}",
+        unused.len(),
+        if unused.len() == 1 { "" } else { "s" },
+        if unused.len() == 1 { "is" } else { "are" },
+    ));
+}
+
 pub fn build_model_in(
     files: &ModelFiles,
     family: &arch::Family,
@@ -315,6 +334,7 @@ pub fn build_model_in(
         build(&config, &ctx.parse, weights.text_vb(), weights.lm_head_vb())
     })
     .with_context(|| format!("building the model from {}", files.source))?;
+    warn_unused(ctx, &weights.unused());
     Ok(Built {
         model,
         load_s: t_load.elapsed().as_secs_f64(),

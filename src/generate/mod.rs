@@ -197,6 +197,13 @@ pub fn generate(
             break;
         }
         let row: Vec<f32> = last.to_dtype(DType::F32)?.to_vec1()?;
+        if row.iter().any(|x| x.is_nan() || *x == f32::INFINITY) {
+            bail!(
+                "the model's scores for token {} hold NaN or infinity: its output would be meaningless\n\
+                 hint: the checkpoint may hold NaN/Inf weights, or a half-precision type overflowed (try --dtype f32)",
+                cache.seen() + 1
+            );
+        }
         let id = sampler.next(&row, &history);
         if stats.generated_tokens == 0 {
             stats.ttft_ms = t0.elapsed().as_secs_f64() * 1e3;

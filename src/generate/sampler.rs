@@ -103,10 +103,12 @@ impl Sampler {
         if let Some(k) = s.top_k {
             idx.truncate(k.max(1));
         }
-        let max = l[idx[0]] / s.temperature;
+        // Scaled after subtracting the best logit: a tiny temperature gives 0 or -inf, never
+        // inf - inf (NaN), so it tends to greedy as it should.
+        let best = l[idx[0]];
         let mut p: Vec<f32> = idx
             .iter()
-            .map(|&i| (l[i] / s.temperature - max).exp())
+            .map(|&i| ((l[i] - best) / s.temperature).exp())
             .collect();
         let sum: f32 = p.iter().sum();
         p.iter_mut().for_each(|x| *x /= sum);
@@ -207,6 +209,20 @@ mod tests {
             (0..20).map(|_| s.next(&logits, &[])).collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
+    }
+
+    /// Dividing by a tiny temperature first overflowed to inf - inf = NaN and drew garbage.
+    #[test]
+    fn a_tiny_temperature_tends_to_greedy() {
+        for t in [1e-38, 1e-20, 1e-6] {
+            let mut s = Sampler::new(Sampling {
+                temperature: t,
+                ..Sampling::default()
+            });
+            for _ in 0..50 {
+                assert_eq!(s.next(&[30.0, 31.0, -5.0, 30.9], &[]), 1, "T = {t}");
+            }
+        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Where the bytes come from: model references (alias, `org/name[@revision]`, local directory),
-//! the embedded configs of the aliases, and the Hugging Face Hub through hf-hub.
+//! the embedded configs of the aliases, and the Hugging Face Hub (hf-hub's cache layout; requests in `hub.rs`).
 //!
 //! For `run`: [`model_files::resolve`] gathers a complete model folder (downloading what is
 //! missing), [`weights::load`] maps and validates its safetensors into a `VarBuilder`, and
@@ -53,6 +53,10 @@ impl ModelRef {
             None => (arg, None),
         };
         if is_repo_id(id) {
+            if let Some(rev) = &revision {
+                hub::check_revision(rev)
+                    .with_context(|| format!("model `{id}@{}`", rev.escape_debug()))?;
+            }
             return Ok(ModelRef::Repo {
                 id: id.to_string(),
                 revision,

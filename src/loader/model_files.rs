@@ -72,7 +72,11 @@ impl ModelFiles {
 
 /// Resolve a model reference with the standard Hugging Face environment (see [`HubEnv`]).
 pub fn resolve(model: &ModelRef, opts: &ResolveOptions) -> Result<ModelFiles> {
-    resolve_with(model, &HubEnv::from_env(), opts)
+    match model {
+        // A local folder needs no Hub settings (and is not stopped by malformed ones).
+        ModelRef::Local(dir) => select(&mut LocalDir::new(dir)?),
+        _ => resolve_with(model, &HubEnv::from_env()?, opts),
+    }
 }
 
 /// Resolve a model reference against an explicit Hub environment.
@@ -90,13 +94,13 @@ fn resolve_hub(
     revision: Option<&str>,
     opts: &ResolveOptions,
 ) -> Result<ModelFiles> {
-    let mut repo = HubRepo::new(env, id, revision, opts.progress);
+    let mut repo = HubRepo::new(env, id, revision, opts.progress)?;
     let listing = repo.listing()?;
     let mut notes = vec![];
     if listing.from_cache && !env.offline {
         notes.push(format!(
             "{} could not be reached; using the cached snapshot {} of {id}@{}",
-            env.endpoint,
+            env.shown_endpoint(),
             short(&listing.commit),
             repo.revision()
         ));

@@ -1,17 +1,24 @@
 //! What the user sees: tables (comfy-table), bars, unit formatting, colour and terminal checks.
 
+pub mod output_file;
 pub mod panel;
 pub mod units;
 
 use comfy_table::{presets, CellAlignment, ContentArrangement, Table};
 use std::io::IsTerminal;
 
-/// A plain table in the house style: light box characters, header row, no wrapping.
+/// A plain table in the house style: light box characters, header row. On a terminal, cells
+/// wrap so the table fits its width (80 columns too); piped, rows never wrap (for scripts).
 pub fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(presets::UTF8_FULL_CONDENSED)
         .set_content_arrangement(ContentArrangement::Disabled)
         .set_header(header.to_vec());
+    if std::io::stdout().is_terminal() {
+        let (_, cols) = console::Term::stdout().size();
+        t.set_content_arrangement(ContentArrangement::Dynamic)
+            .set_width(cols.max(40));
+    }
     t
 }
 

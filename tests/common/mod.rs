@@ -1,6 +1,6 @@
 //! Helpers for the binary tests: run `llmarch`, and a local HTTP server that serves files the
 //! way the Hugging Face Hub does (`/{repo}/resolve/{revision}/{file}` with etag, commit and
-//! range headers), so the real hf-hub code path is exercised without a network.
+//! range headers), so the real Hub client is exercised without a network.
 #![allow(dead_code)]
 
 pub mod reference;
