@@ -28,7 +28,8 @@ fn main() -> ExitCode {
         Err(e) if e.is::<Interrupted>() => ExitCode::from(interrupt::EXIT_CODE),
         Err(e) => {
             report(&e);
-            ExitCode::from(1)
+            let usage = e.chain().any(|c| c.is::<cli::UsageError>());
+            ExitCode::from(if usage { 2 } else { 1 })
         }
     }
 }

@@ -220,6 +220,7 @@ fn bad_run_input_is_one_clear_error() {
     let dir = fixture("e2b-like");
     let d = dir.to_str().unwrap();
     let long = "word ".repeat(400);
+    // Usage errors (flags, a missing input) exit 2 as clap's own do; bad input exits 1.
     for (args, needle, code) in [
         (vec!["run", d, "--prompt", ""], "the prompt is empty", 1),
         (
@@ -230,7 +231,7 @@ fn bad_run_input_is_one_clear_error() {
         (
             vec!["run", d, "--prompt", "hi", "--temperature", "-1"],
             "--temperature must be 0 (greedy) or positive",
-            1,
+            2,
         ),
         (
             vec![
@@ -242,14 +243,14 @@ fn bad_run_input_is_one_clear_error() {
                 "/no/such/folder/x.safetensors",
             ],
             "folder /no/such/folder does not exist",
-            1,
+            2,
         ),
         (
             vec!["run", d, "--prompt-ids", "1,999999"],
             "outside the vocabulary",
             1,
         ),
-        (vec!["run", d], "no prompt", 1),
+        (vec!["run", d], "no prompt", 2),
     ] {
         let o = run(&args);
         let err = expect_error(&o, code);
@@ -690,8 +691,14 @@ fn ctrl_c_stops_the_run_with_exit_code_130() {
         .recv_timeout(std::time::Duration::from_secs(20))
         .expect("still running 20 s after Ctrl-C");
     assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
-    let s = stats(&o);
-    assert_eq!(s["stop"], "interrupted");
-    assert_eq!(s["generated_tokens"], 0);
     assert!(!stderr(&o).contains("error:"), "{}", stderr(&o));
+    // Between two prefill chunks the loop takes Ctrl-C up and reports; on a machine so busy
+    // that a chunk outlasts the grace period, the process leaves at once instead.
+    if o.stdout.is_empty() {
+        assert!(stderr(&o).ends_with("interrupted\n"), "{}", stderr(&o));
+    } else {
+        let s = stats(&o);
+        assert_eq!(s["stop"], "interrupted");
+        assert_eq!(s["generated_tokens"], 0);
+    }
 }

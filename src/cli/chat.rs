@@ -211,7 +211,9 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         ));
     }
     let sampling = args.sampling.sampling(&tok.generation);
-    sampling.validate()?;
+    sampling
+        .validate()
+        .map_err(|e| super::UsageError(e.to_string()))?;
     let settings = Settings {
         sampling,
         max_tokens: args.sampling.max_new_tokens(&tok.generation),

@@ -53,6 +53,27 @@ pub enum Command {
     Completions(completions::Args),
 }
 
+/// An error in how the command was called (flags that cannot go together, a missing input):
+/// exit code 2, like clap's own usage errors.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// `bail!` for usage errors (exit code 2).
+#[macro_export]
+macro_rules! usage {
+    ($($arg:tt)*) => {
+        return Err(anyhow::Error::new($crate::cli::UsageError(format!($($arg)*))))
+    };
+}
+
 /// What every command gets besides its own arguments.
 pub struct Ctx {
     pub quiet: bool,

@@ -3,7 +3,7 @@
 
 use super::interrupt::{self, Interrupted};
 use super::shared::{self, DeviceArgs, SamplingArgs};
-use super::Ctx;
+use super::{Ctx, UsageError};
 use crate::arch::budget;
 use crate::generate::sampler::Sampler;
 use crate::generate::{self, Event, Limits, Stats};
@@ -72,7 +72,7 @@ fn check_output_path(path: &Path) -> Result<()> {
         _ => Path::new("."),
     };
     if !parent.is_dir() {
-        bail!(
+        crate::usage!(
             "--logits-out {}: folder {} does not exist",
             path.display(),
             parent.display()
@@ -96,11 +96,11 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         check_output_path(p)?;
     }
     if args.max_context == Some(0) {
-        bail!("--max-context must be at least 1");
+        crate::usage!("--max-context must be at least 1");
     }
     let text = read_prompt(&args)?;
     if text.is_none() && args.prompt_ids.is_none() {
-        bail!("no prompt\nhint: give --prompt TEXT, --prompt-file FILE (- for stdin) or --prompt-ids 1,2,3");
+        crate::usage!("no prompt\nhint: give --prompt TEXT, --prompt-file FILE (- for stdin) or --prompt-ids 1,2,3");
     }
 
     // 2. The spec first (only config.json), so a family that cannot run fails before any
@@ -138,7 +138,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         );
     }
     let settings = args.sampling.sampling(&tok.generation);
-    settings.validate()?;
+    settings.validate().map_err(|e| UsageError(e.to_string()))?;
 
     // 3. Weights and the network.
     let shared::Built {

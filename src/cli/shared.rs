@@ -122,7 +122,7 @@ impl DeviceArgs {
             _ => None,
         };
         let device = match (quantized, self.device) {
-            (Some(_), DeviceArg::Cuda | DeviceArg::Metal) => bail!(
+            (Some(_), DeviceArg::Cuda | DeviceArg::Metal) => crate::usage!(
                 "--dtype {} runs on the CPU only, not on --device {}\nhint: use --device cpu, or --dtype bf16 on the GPU",
                 if quantized == Some(Quantization::Q8_0) { "q8_0" } else { "q4_0" },
                 format!("{:?}", self.device).to_lowercase()
