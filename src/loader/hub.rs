@@ -257,6 +257,31 @@ fn quoted(s: &str) -> String {
     )
 }
 
+/// The Hub's file list (`GET /api/models/{id}/revision/{rev}`): the commit (40 hex digits,
+/// lower-cased) and the file names, or what is wrong with it (untrusted bytes).
+pub fn parse_listing(body: &[u8]) -> std::result::Result<(String, Vec<String>), String> {
+    #[derive(serde::Deserialize)]
+    struct Info {
+        sha: String,
+        #[serde(default)]
+        siblings: Vec<Sibling>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Sibling {
+        rfilename: String,
+    }
+    if body.len() as u64 > LISTING_LIMIT {
+        return Err("a file list over 64 MiB".into());
+    }
+    let info: Info = serde_json::from_slice(body)
+        .map_err(|e| format!("the file list is not the Hub's JSON ({e})"))?;
+    if !is_commit(&info.sha) {
+        return Err(format!("commit {} is not 40 hex digits", quoted(&info.sha)));
+    }
+    let files = info.siblings.into_iter().map(|s| s.rfilename).collect();
+    Ok((info.sha.to_ascii_lowercase(), files))
+}
+
 /// The files of one repo at one revision, as the Hub (or the cache) lists them.
 #[derive(Debug, Clone)]
 pub struct Listing {
@@ -490,16 +515,6 @@ impl<'e> HubRepo<'e> {
     }
 
     fn fetch_listing(&self) -> std::result::Result<Listing, Failure> {
-        #[derive(serde::Deserialize)]
-        struct Info {
-            sha: String,
-            #[serde(default)]
-            siblings: Vec<Sibling>,
-        }
-        #[derive(serde::Deserialize)]
-        struct Sibling {
-            rfilename: String,
-        }
         let client = self.env.client()?;
         let what = format!("the file list of {}@{}", self.id, self.rev);
         let url = self.url(&format!(
@@ -516,19 +531,11 @@ impl<'e> HubRepo<'e> {
             .take(LISTING_LIMIT + 1)
             .read_to_end(&mut body)
             .map_err(|e| anyhow!("reading the Hub's answer for {what}: {e}"))?;
-        if body.len() as u64 > LISTING_LIMIT {
-            return Err(client.hostile(&what, "a file list over 64 MiB").into());
-        }
-        let info: Info = serde_json::from_slice(&body).map_err(|e| {
-            client.hostile(&what, &format!("the file list is not the Hub's JSON ({e})"))
-        })?;
-        if !is_commit(&info.sha) {
-            let detail = format!("commit {} is not 40 hex digits", quoted(&info.sha));
-            return Err(client.hostile(&what, &detail).into());
-        }
+        let (commit, files) =
+            parse_listing(&body).map_err(|detail| client.hostile(&what, &detail))?;
         Ok(Listing {
-            commit: info.sha.to_ascii_lowercase(),
-            files: info.siblings.into_iter().map(|s| s.rfilename).collect(),
+            commit,
+            files,
             from_cache: false,
         })
     }
