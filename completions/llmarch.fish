@@ -55,7 +55,7 @@ complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l device -r -f -a 
 cuda\t''
 metal\t''
 auto\t''"
-complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l max-context -d 'Context limit for this run and the budget the panel compares against (default: the model\'s own)' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l max-context -d 'Context limit for this run and the budget the panel compares against (default: the model\'s own). A number of tokens, `k`/`m` binary suffixes allowed (128k = 131072)' -r
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l logits-out -d 'Write tensor `logits` [positions, vocab] f32: every prompt position, then each step' -r -F
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l json -d 'Stats as one JSON object on the last stdout line'
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -s q -l quiet -d 'No progress bars or notes on stderr (errors are still printed)'
@@ -81,7 +81,7 @@ complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l device -r -f -a
 cuda\t''
 metal\t''
 auto\t''"
-complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l max-context -d 'Context limit of the conversation (default: the model\'s own)' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l max-context -d 'Context limit of the conversation (default: the model\'s own). A number of tokens, `k`/`m` binary suffixes allowed (128k = 131072)' -r
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l thinking -d '`enable_thinking` for templates that take it (default: the template\'s own)' -r -f -a "on\t''
 off\t''"
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l chat-template -d 'A chat template file, or a built-in one by name (`gemma-4-E2B-it`, `gemma-4-31B-it`, `Qwen3.6-27B`, `Laguna-XS.2`), instead of the model\'s own' -r
@@ -106,7 +106,7 @@ bf16\t''
 f16\t''
 q8_0\t''
 q4_0\t''"
-complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l batch -d 'Sequences cached at once' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l batch -d 'Sequences cached at once (1 to 1048576)' -r
 complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l per-layer -d 'One row per layer (identical neighbours folded) with bytes and attention FLOPs'
 complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l explain -d 'Show the formula with the numbers filled in, for one layer of each kind'
 complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l json -d 'Machine-readable output on stdout: an array, one object per model and context'

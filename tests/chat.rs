@@ -440,8 +440,27 @@ fn piped_session_replies_on_stdout_and_saves_and_loads_a_transcript() {
     assert_eq!(cached_of(m[0]), 0);
 }
 
+/// A scripted session that hit an error: exit 1, the one `error:` line (naming the input line
+/// and containing `want`) is the last thing on stderr, and nothing after it was answered.
+fn stopped_at(o: &std::process::Output, want: &str) -> String {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error: ")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(errors[0].contains(want), "`{}` lacks `{want}`", errors[0]);
+    let after = err.split_once(errors[0]).unwrap().1;
+    assert!(
+        after
+            .lines()
+            .all(|l| l.is_empty() || l.starts_with("hint: ")),
+        "the session went on after the error: {err}"
+    );
+    errors[0].to_string()
+}
+
 #[test]
-fn bad_input_gives_one_line_errors_and_the_session_goes_on() {
+fn scripted_errors_are_one_line_and_stop_the_session_with_exit_1() {
     let home = tempfile::tempdir().unwrap();
     let malformed = home.path().join("malformed.json");
     std::fs::write(
@@ -457,55 +476,176 @@ fn bad_input_gives_one_line_errors_and_the_session_goes_on() {
     .unwrap();
     let missing = home.path().join("missing.json");
     let long = "the robot and the boat ".repeat(80);
-    let input = format!(
-        "/load {}\n/load {}\n/load {}\n/set temperature banana\n/frobnicate\n{long}\n/regen\nHello\n",
-        missing.display(),
-        malformed.display(),
-        wrong.display()
-    );
-    let o = chat_piped("e2b-like", &["-n", "2"], &input, home.path());
-    let err = stderr(&o);
-    assert!(o.status.success(), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error: ")).collect();
-    let expect = [
-        format!("cannot read {}", missing.display()),
-        format!("{} is not a chat transcript", malformed.display()),
-        format!(
-            "{} is not a chat transcript: message 0 has no `role` string",
-            wrong.display()
+    let cases = [
+        (
+            format!("/load {}", missing.display()),
+            format!("cannot read {}", missing.display()),
         ),
-        "/set temperature: `banana` is not a number".to_string(),
-        "unknown command /frobnicate".to_string(),
-        "the message is too long".to_string(),
-        "/regen: there is no reply to generate again".to_string(),
+        (
+            format!("/load {}", malformed.display()),
+            format!("{} is not a chat transcript", malformed.display()),
+        ),
+        (
+            format!("/load {}", wrong.display()),
+            format!(
+                "{} is not a chat transcript: message 0 has no `role` string",
+                wrong.display()
+            ),
+        ),
+        (
+            "/load /dev/zero".to_string(),
+            "/dev/zero is larger than 16 MiB".to_string(),
+        ),
+        (
+            "/set temperature banana".into(),
+            "/set temperature: `banana` is not a number".into(),
+        ),
+        ("/frobnicate".into(), "unknown command /frobnicate".into()),
+        (long, "the message is too long".into()),
     ];
-    assert_eq!(errors.len(), expect.len(), "{err}");
-    for (line, want) in errors.iter().zip(&expect) {
-        assert!(
-            line.contains(want.as_str()),
-            "`{line}` lacks `{want}`\n{err}"
-        );
+    for (bad, want) in &cases {
+        // One good turn first, then the bad line (line 2), then one that must not be answered.
+        let input = format!("Hello\n{bad}\nAgain\n");
+        let o = chat_piped("e2b-like", &["-n", "2"], &input, home.path());
+        let line = stopped_at(&o, want);
+        assert!(line.starts_with("error: stdin line 2: "), "{line}");
+        assert_eq!(meters(&stderr(&o)).len(), 1, "{}", stderr(&o));
     }
-    // And the session went on: the last message got its reply.
-    assert_eq!(meters(&err).len(), 1, "{err}");
+    // Commands with nothing to act on, as the first line.
+    for (bad, want) in [
+        ("/regen", "/regen: there is no reply to generate again"),
+        ("/undo", "/undo: there is nothing to undo"),
+    ] {
+        let o = chat_piped(
+            "e2b-like",
+            &["-n", "2"],
+            &format!("{bad}\nHello\n"),
+            home.path(),
+        );
+        let line = stopped_at(&o, want);
+        assert!(line.starts_with("error: stdin line 1: "), "{line}");
+        assert!(meters(&stderr(&o)).is_empty(), "{}", stderr(&o));
+    }
+    // Without errors: exit 0 and every line answered.
+    let o = chat_piped(
+        "e2b-like",
+        &["-n", "2"],
+        "Hello\n/undo\nAgain\n",
+        home.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(meters(&stderr(&o)).len(), 2, "{}", stderr(&o));
+}
+
+#[test]
+fn scripted_input_is_bounded_and_a_closed_stdout_stops_quietly() {
+    let home = tempfile::tempdir().unwrap();
+    // --input /dev/zero: refused at startup, before loading anything.
+    let o = llmarch()
+        .args([
+            "chat",
+            gemma("e2b-like").to_str().unwrap(),
+            "--input",
+            "/dev/zero",
+        ])
+        .output()
+        .unwrap();
+    let err = expect_error(&o, 1);
+    assert!(
+        err.contains("--input /dev/zero is larger than 16 MiB"),
+        "{err}"
+    );
+    // A line of 17 MiB on stdin (no newline): refused, naming the line.
+    let mut big = "Hello\n".to_string();
+    big.push_str(&"a".repeat(17 << 20));
+    let o = chat_piped_bytes("e2b-like", &["-n", "2"], big.as_bytes(), home.path());
+    let line = stopped_at(&o, "the line is longer than 16 MiB");
+    assert!(line.starts_with("error: stdin line 2: "), "{line}");
+    // So is a multi-line message that grows past it.
+    let mut block = "\"\"\"\n".to_string();
+    for _ in 0..20 {
+        block.push_str(&"b".repeat(1 << 20));
+        block.push('\n');
+    }
+    let o = chat_piped_bytes("e2b-like", &["-n", "2"], block.as_bytes(), home.path());
+    stopped_at(&o, "stdin lines 1-17: the message is longer than 16 MiB");
+    // Not UTF-8.
+    let o = chat_piped_bytes("e2b-like", &["-n", "2"], b"caf\xe9\n", home.path());
+    stopped_at(&o, "stdin line 1: the line is not UTF-8 text");
+
+    // stdout closed at once: no `error: Broken pipe` per line, exit 0.
+    use std::io::Write;
+    let mut child = llmarch()
+        .arg("chat")
+        .arg(gemma("e2b-like"))
+        .args(["-n", "4"])
+        .env("HOME", home.path())
+        .env("XDG_DATA_HOME", home.path().join("data"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let _ = child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all("Hello\n".repeat(5).as_bytes());
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(!err.contains("error"), "{err}");
+    assert!(
+        meters(&err).len() <= 1,
+        "it went on after the pipe closed: {err}"
+    );
+}
+
+/// [`chat_piped`] with raw bytes on stdin, which the session may stop reading early.
+fn chat_piped_bytes(
+    fixture: &str,
+    args: &[&str],
+    input: &[u8],
+    home: &Path,
+) -> std::process::Output {
+    use std::io::Write;
+    let mut child = llmarch()
+        .arg("chat")
+        .arg(gemma(fixture))
+        .args(args)
+        .env("HOME", home)
+        .env("XDG_DATA_HOME", home.join("data"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _ = child.stdin.take().unwrap().write_all(input);
+    child.wait_with_output().unwrap()
 }
 
 #[test]
 fn a_full_context_says_so_or_shifts_with_context_shift() {
     let home = tempfile::tempdir().unwrap();
     let input = "Hello there\nTell me a story about the river\nAnd the boat?\nWhy?\nAnd then?\n";
+    // The suffix form is accepted as the README promises (1k = 1024 is not full here).
+    let o = chat_piped(
+        "e2b-like",
+        &["-n", "2", "--max-context", "1k"],
+        "Hello\n",
+        home.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
     let o = chat_piped(
         "e2b-like",
         &["-n", "12", "--max-context", "80"],
         input,
         home.path(),
     );
-    let err = stderr(&o);
-    assert!(o.status.success(), "{err}");
-    assert!(err.contains("the context is full"), "{err}");
-    assert!(err.contains("/clear"), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
+    let line = stopped_at(&o, "the context is full");
+    assert!(line.contains("/clear"), "{line}");
+    assert!(line.starts_with("error: stdin line "), "{line}");
 
     let o = chat_piped(
         "e2b-like",
@@ -704,12 +844,9 @@ fn templates_from_a_file_a_name_or_the_built_in_fallback() {
         "Hello\nAgain\n",
         home.path(),
     );
-    let err = stderr(&o);
-    assert!(o.status.success(), "{err}");
     assert!(t0.elapsed().as_secs() < 20, "{:?}", t0.elapsed());
-    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error: ")).collect();
-    assert_eq!(errors.len(), 2, "{err}");
-    assert!(errors[0].contains("execution budget"), "{err}");
+    let line = stopped_at(&o, "execution budget");
+    assert!(line.starts_with("error: stdin line 1: "), "{line}");
 
     // A model folder without a chat template gets the built-in one for its family.
     let bare = home.path().join("bare");
@@ -753,7 +890,7 @@ fn templates_from_a_file_a_name_or_the_built_in_fallback() {
         .unwrap();
     let err = expect_error(&o, 1);
     assert!(
-        err.contains("cannot open --input /nonexistent/in.txt"),
+        err.contains("cannot read --input /nonexistent/in.txt"),
         "{err}"
     );
 }

@@ -386,3 +386,187 @@ fn completions_are_committed_and_fresh() {
         );
     }
 }
+
+/// A copy of the real `configs/NAME/config.json` with `edit` applied, in its own folder.
+fn edited_config(dir: &std::path::Path, name: &str, edit: impl FnOnce(&mut Value)) -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("configs").join(name).join("config.json"))
+        .expect("the real config");
+    let mut v: Value = serde_json::from_str(&text).unwrap();
+    edit(&mut v);
+    let out = dir.join(format!("{name}-{}", std::process::id()));
+    let out = (0..)
+        .map(|i| out.with_extension(i.to_string()))
+        .find(|p| !p.exists())
+        .unwrap();
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("config.json"), v.to_string()).unwrap();
+    out.to_str().unwrap().to_string()
+}
+
+#[test]
+fn hostile_sizes_are_refused_by_key_before_anything_is_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let huge = Value::from(1u64 << 40);
+    let cases = [
+        ("gemma-4-E2B-it", "text_config", "head_dim"),
+        ("gemma-4-E2B-it", "text_config", "num_hidden_layers"),
+        ("gemma-4-31B-it", "text_config", "hidden_size"),
+        ("DeepSeek-V4-Pro", "", "num_hidden_layers"),
+        ("DeepSeek-V4-Pro", "", "hc_sinkhorn_iters"),
+        ("Laguna-XS.2", "", "head_dim"),
+        ("ZAYA1-8B", "", "hidden_size"),
+        ("Qwen3.6-27B", "text_config", "linear_conv_kernel_dim"),
+    ];
+    for (name, wrapper, key) in cases {
+        let d = edited_config(dir.path(), name, |v| {
+            let at = if wrapper.is_empty() {
+                v
+            } else {
+                &mut v[wrapper]
+            };
+            at[key] = huge.clone();
+        });
+        let prefix = if wrapper.is_empty() {
+            String::new()
+        } else {
+            format!("{wrapper}.")
+        };
+        for cmd in ["inspect", "kv-budget"] {
+            let o = run(&[cmd, &d]);
+            let err = expect_error(&o, 1);
+            assert!(
+                err.contains(&format!(
+                    "key `{prefix}{key}` = 1099511627776 is larger than any real model's: llmarch accepts at most "
+                )),
+                "{name} {key} {cmd}: {err}"
+            );
+        }
+    }
+    // An iteration count that would run without end: refused at a bound 50× the real one.
+    let d = edited_config(dir.path(), "DeepSeek-V4-Flash", |v| {
+        v["hc_sinkhorn_iters"] = 1_000_000_000u64.into();
+    });
+    let err = expect_error(&run(&["inspect", &d]), 1);
+    assert!(err.contains("`hc_sinkhorn_iters` = 1000000000"), "{err}");
+    assert!(err.contains("at most 1000"), "{err}");
+
+    // `run` on a tiny checkpoint whose config claims 2^40-wide heads: the error, not an abort on
+    // a 2 TB RoPE table.
+    let tiny = dir.path().join("tiny");
+    std::fs::create_dir(&tiny).unwrap();
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma4/e2b-like");
+    for entry in std::fs::read_dir(&fixture).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, tiny.join(p.file_name().unwrap())).unwrap();
+    }
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny.join("config.json")).unwrap()).unwrap();
+    cfg["head_dim"] = huge.clone();
+    std::fs::write(tiny.join("config.json"), cfg.to_string()).unwrap();
+    let o = run(&[
+        "run",
+        tiny.to_str().unwrap(),
+        "--prompt-ids",
+        "2,3",
+        "-n",
+        "1",
+    ]);
+    let err = expect_error(&o, 1);
+    assert!(err.contains("key `head_dim` = 1099511627776"), "{err}");
+}
+
+#[test]
+fn huge_numbers_are_errors_not_wrapped_figures() {
+    // 1M tokens × batch 600000 at f32 used to print 1674 PB with negative savings.
+    let o = run(&[
+        "kv-budget",
+        "deepseek-v4-pro",
+        "--context",
+        "1m",
+        "--batch",
+        "600000",
+        "--kv-dtype",
+        "f32",
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("error: deepseek-v4-pro at 1M: the KV cache at 1048576 tokens × batch 600000 is beyond what llmarch counts"),
+        "{err}"
+    );
+    assert!(
+        err.contains("\nhint: give a smaller --context or --batch"),
+        "{err}"
+    );
+    assert!(
+        !stdout(&o).contains("PB"),
+        "nothing half-written: {}",
+        stdout(&o)
+    );
+    // Just below: every figure is positive and the waterfall adds up.
+    let v = run_json(&[
+        "kv-budget",
+        "deepseek-v4-pro",
+        "--context",
+        "1m",
+        "--batch",
+        "6000",
+        "--kv-dtype",
+        "f32",
+        "--json",
+    ]);
+    let row = &v[0];
+    let saved: i64 = row["savings"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|s| s.as_i64().unwrap())
+        .sum();
+    for s in row["savings"].as_object().unwrap().values() {
+        assert!(s.as_i64().unwrap() > 0, "{s}");
+    }
+    assert_eq!(
+        row["naive_bytes"].as_i64().unwrap() - saved,
+        row["total_bytes"].as_i64().unwrap()
+    );
+
+    // Flags: out-of-range numbers are usage errors (exit 2) naming the value.
+    for (args, needle) in [
+        (
+            vec!["kv-budget", "--batch", "2000000"],
+            "2000000 is not in 1..=1048576",
+        ),
+        (
+            vec!["kv-budget", "--context", "18446744073709551615"],
+            "is out of range",
+        ),
+        (
+            vec![
+                "run",
+                "x",
+                "--prompt",
+                "a",
+                "--max-context",
+                "18446744073709551615",
+            ],
+            "is out of range",
+        ),
+        (
+            vec!["chat", "x", "--max-context", "2000000m"],
+            "is out of range",
+        ),
+        (
+            vec!["run", "x", "--prompt", "a", "--max-context", "12q"],
+            "`12q` is not a context length",
+        ),
+    ] {
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
+    }
+    // Suffixes as the README promises (`--max-context 1k` runs in tests/chat.rs).
+    let v = run_json(&["kv-budget", "gemma4-e2b", "--context", "1k", "--json"]);
+    assert_eq!(v[0]["context"], 1024);
+}

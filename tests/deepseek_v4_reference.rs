@@ -108,7 +108,7 @@ fn bf16_cache_bytes_equal_kv_budget() {
     for &t in &seq[f.prompt.len()..] {
         model.forward(&[t], &mut cache).unwrap();
     }
-    let want = budget::compute(model.spec(), seq.len() as u64, 1, KvDtype::Bf16);
+    let want = budget::compute(model.spec(), seq.len() as u64, 1, KvDtype::Bf16).unwrap();
     for (i, (got, w)) in cache.bytes().iter().zip(&want.layers).enumerate() {
         assert_eq!(*got, w.bytes, "layer {i}");
     }

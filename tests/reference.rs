@@ -96,7 +96,7 @@ fn kv_budget_equals_the_reference_cache() {
             "bfloat16" => KvDtype::Bf16,
             other => panic!("{other}"),
         };
-        let ours = budget::compute(&spec, tokens, entry["batch"].as_u64().unwrap(), kv);
+        let ours = budget::compute(&spec, tokens, entry["batch"].as_u64().unwrap(), kv).unwrap();
         for layer in entry["layers"].as_array().unwrap() {
             let i = layer["decoder_layer"].as_u64().unwrap() as usize;
             let l = &spec.layers[i];

@@ -16,8 +16,13 @@
 //!
 //! With this order, Gemma 4 E2B's sharing is credited with full-length caches of its 20 shared
 //! layers (24,576 B/token at bf16), the figure published for it.
+//!
+//! The arithmetic runs in u128 and every figure is then checked into u64 (bytes, FLOPs) or i64
+//! (savings): a context, batch or config whose cache would not fit is an error, never a wrapped
+//! number.
 
 use super::{ArchSpec, Attention, LayerSpec, PartDtype, Trick};
+use anyhow::{bail, Result};
 use serde::Serialize;
 
 /// Element types the KV cache can be stored in.
@@ -36,7 +41,7 @@ pub enum KvDtype {
 impl KvDtype {
     /// Bytes for `elems` elements. The block formats store 32 values per block with one f16
     /// scale (q8_0: 34 bytes, q4_0: 18 bytes), as llama.cpp does; a partial block counts whole.
-    pub fn bytes(self, elems: u64) -> u64 {
+    pub fn bytes(self, elems: u128) -> u128 {
         match self {
             KvDtype::F32 => elems * 4,
             KvDtype::Bf16 | KvDtype::F16 => elems * 2,
@@ -94,13 +99,25 @@ pub struct Saving {
     pub bytes: i64,
 }
 
-/// Bytes of `layer`'s own cache at `context` tokens.
-pub fn layer_bytes(layer: &LayerSpec, context: u64, batch: u64, kv: KvDtype) -> Vec<(String, u64)> {
+/// A figure computed in u128, as u64; too large is an error naming the context and batch.
+fn fits(v: u128, context: u64, batch: u64) -> Result<u64> {
+    match u64::try_from(v) {
+        Ok(v) if v <= i64::MAX as u64 => Ok(v),
+        _ => bail!(
+            "the KV cache at {context} tokens × batch {batch} is beyond what llmarch counts \
+             (more than 8 EiB or 2^63 FLOPs)\nhint: give a smaller --context or --batch"
+        ),
+    }
+}
+
+/// Bytes of `layer`'s own cache at `context` tokens, per part, in u128.
+fn part_bytes(layer: &LayerSpec, context: u64, batch: u64, kv: KvDtype) -> Vec<(String, u128)> {
     layer
         .cache
         .iter()
         .map(|p| {
-            let elems = p.retention.entries(context) * p.elems_per_entry * batch;
+            let elems =
+                p.retention.entries(context) as u128 * p.elems_per_entry as u128 * batch as u128;
             let bytes = match p.dtype {
                 PartDtype::Kv => kv.bytes(elems),
                 PartDtype::F32 => elems * 4,
@@ -110,70 +127,102 @@ pub fn layer_bytes(layer: &LayerSpec, context: u64, batch: u64, kv: KvDtype) -> 
         .collect()
 }
 
+/// Bytes of `layer`'s own cache at `context` tokens, per part.
+pub fn layer_bytes(
+    layer: &LayerSpec,
+    context: u64,
+    batch: u64,
+    kv: KvDtype,
+) -> Result<Vec<(String, u64)>> {
+    part_bytes(layer, context, batch, kv)
+        .into_iter()
+        .map(|(name, b)| Ok((name, fits(b, context, batch)?)))
+        .collect()
+}
+
 /// The naive per-layer figure and the waterfall stages; returns (naive, after GQA, after
 /// sharing, after K=V), all in elements per token.
-fn waterfall_elems(l: &LayerSpec) -> [u64; 4] {
-    let naive = (l.q_heads * (l.head_dim + l.v_head_dim)) as u64;
+fn waterfall_elems(l: &LayerSpec) -> [u128; 4] {
+    let (q, kv, hd, vd) = (
+        l.q_heads as u128,
+        l.kv_heads as u128,
+        l.head_dim as u128,
+        l.v_head_dim as u128,
+    );
+    let naive = q * (hd + vd);
     if l.attention == Attention::Linear {
         // Linear attention replaces the whole cache; no GQA, sharing or K=V step applies.
         return [naive; 4];
     }
-    let gqa = (l.kv_heads * (l.head_dim + l.v_head_dim)) as u64;
+    let gqa = kv * (hd + vd);
     let shared = if l.kv_source.is_some() { 0 } else { gqa };
     let keqv = if l.k_eq_v && l.kv_source.is_none() {
-        (l.kv_heads * l.head_dim) as u64
+        kv * hd
     } else {
         shared
     };
     [naive, gqa, shared, keqv]
 }
 
-pub fn compute(spec: &ArchSpec, context: u64, batch: u64, kv: KvDtype) -> Budget {
-    let mut savings = std::collections::BTreeMap::<Trick, i64>::new();
+/// The budget of `spec` at `context` tokens; an error when a figure does not fit 63 bits.
+pub fn compute(spec: &ArchSpec, context: u64, batch: u64, kv: KvDtype) -> Result<Budget> {
+    let fits = |v: u128| fits(v, context, batch);
+    let mut savings = std::collections::BTreeMap::<Trick, i128>::new();
     let mut layers = Vec::with_capacity(spec.layers.len());
+    let (mut total, mut naive, mut flops) = (0u128, 0u128, 0u128);
     for l in &spec.layers {
-        let parts = layer_bytes(l, context, batch, kv);
-        let bytes: u64 = parts.iter().map(|(_, b)| b).sum();
-        let stage = waterfall_elems(l).map(|e| kv.bytes(e * context * batch) as i64);
-        let mut credit = |t: Trick, v: i64| {
+        let parts = part_bytes(l, context, batch, kv);
+        let bytes: u128 = parts.iter().map(|(_, b)| b).sum();
+        let stage = waterfall_elems(l).map(|e| kv.bytes(e * context as u128 * batch as u128));
+        let mut credit = |t: Trick, v: i128| {
             if v != 0 {
                 *savings.entry(t).or_default() += v;
             }
         };
-        credit(Trick::GroupedKv, stage[0] - stage[1]);
-        credit(Trick::KvSharing, stage[1] - stage[2]);
-        credit(Trick::KEqV, stage[2] - stage[3]);
+        let signed = |v: u128| v as i128; // < 2^100: products of u64s and small factors
+        credit(Trick::GroupedKv, signed(stage[0]) - signed(stage[1]));
+        credit(Trick::KvSharing, signed(stage[1]) - signed(stage[2]));
+        credit(Trick::KEqV, signed(stage[2]) - signed(stage[3]));
         if let Some(t) = l.attention.trick() {
             if l.kv_source.is_none() {
-                credit(t, stage[3] - bytes as i64);
+                credit(t, signed(stage[3]) - signed(bytes));
             }
         }
+        let layer_flops = l.attention_flops(context) * batch as u128;
+        total += bytes;
+        naive += stage[0];
+        flops += layer_flops;
         layers.push(LayerBudget {
             index: l.index,
             attention: l.attention.label(),
-            bytes,
-            parts,
-            naive_bytes: stage[0] as u64,
+            bytes: fits(bytes)?,
+            parts: parts
+                .into_iter()
+                .map(|(n, b)| Ok((n, fits(b)?)))
+                .collect::<Result<_>>()?,
+            naive_bytes: fits(stage[0])?,
             kv_source: l.kv_source,
             q_per_kv: l.group_size(),
-            attention_flops: l.attention_flops(context) * batch,
+            attention_flops: fits(layer_flops)?,
         });
     }
-    Budget {
+    Ok(Budget {
         context,
         batch,
         kv_dtype: kv,
-        total_bytes: layers.iter().map(|l| l.bytes).sum(),
-        naive_bytes: layers.iter().map(|l| l.naive_bytes).sum(),
+        total_bytes: fits(total)?,
+        naive_bytes: fits(naive)?,
         savings: savings
             .into_iter()
-            .map(|(trick, bytes)| Saving {
-                trick,
-                label: trick.label(),
-                bytes,
+            .map(|(trick, bytes)| {
+                Ok(Saving {
+                    trick,
+                    label: trick.label(),
+                    bytes: fits(bytes.unsigned_abs())? as i64 * bytes.signum() as i64,
+                })
             })
-            .collect(),
-        attention_flops: layers.iter().map(|l| l.attention_flops).sum(),
+            .collect::<Result<_>>()?,
+        attention_flops: fits(flops)?,
         layers,
-    }
+    })
 }

@@ -46,7 +46,7 @@ impl TextConfig {
                 .and_then(|v| v.as_str())
                 .map(String::from)
         };
-        match obj.get("text_config") {
+        let text = match obj.get("text_config") {
             Some(Value::Object(text)) => {
                 let mut wrapper = obj.clone();
                 wrapper.remove("text_config");
@@ -54,14 +54,14 @@ impl TextConfig {
                 let text_type = model_type(text)
                     .or_else(|| wrapper_type.as_ref().map(|w| format!("{w}_text")))
                     .unwrap_or_default();
-                Ok(TextConfig {
+                TextConfig {
                     model_type: text_type,
                     wrapper_model_type: wrapper_type,
                     architecture,
                     value: text.clone(),
                     wrapper: Some(wrapper),
                     opts: opts.clone(),
-                })
+                }
             }
             Some(other) if !other.is_null() => {
                 bail!("key `text_config` is not an object")
@@ -73,16 +73,18 @@ impl TextConfig {
                         "neither `model_type` nor `architectures` is set, so the family is unknown"
                     )
                 }
-                Ok(TextConfig {
+                TextConfig {
                     model_type: mt.unwrap_or_default(),
                     wrapper_model_type: None,
                     architecture,
                     value: obj.clone(),
                     wrapper: None,
                     opts: opts.clone(),
-                })
+                }
             }
-        }
+        };
+        check_bounds(&text.value, text.key_prefix())?;
+        Ok(text)
     }
 
     /// Where keys live, for error messages: `text_config.` for wrappers.
@@ -188,6 +190,136 @@ pub const COMMON_HARMLESS_KEYS: &[&str] = &[
     "quantization_config",
     "keys_to_ignore_at_inference",
 ];
+
+/// Bounds on every size and count a config gives, about 10-100× the largest real model's (in
+/// brackets: the largest among the configs under `configs/`). They are checked on the raw JSON
+/// before any family reads it, so a hostile or mistyped value cannot make a per-layer table, a
+/// RoPE table or an iteration run away; the sizes a family derives from them then fit `usize`
+/// products, and parameter and cache totals are computed with checked or 128-bit arithmetic.
+/// A bound on a key whose value is a list or an object applies to every number inside it.
+pub const BOUNDS: &[(&str, u64)] = &[
+    // Layers, and layer counts or indices (64).
+    ("num_hidden_layers", LAYERS),
+    ("num_kv_shared_layers", LAYERS),
+    ("mtp_num_hidden_layers", LAYERS),
+    ("num_nextn_predict_layers", LAYERS),
+    ("num_hash_layers", LAYERS),
+    ("full_attention_interval", LAYERS),
+    ("decoder_sparse_step", LAYERS),
+    ("mlp_only_layers", LAYERS),
+    // Heads and head groups (128).
+    ("num_attention_heads", HEADS),
+    ("num_attention_heads_per_layer", HEADS),
+    ("num_key_value_heads", HEADS),
+    ("num_global_key_value_heads", HEADS),
+    ("linear_num_key_heads", HEADS),
+    ("linear_num_value_heads", HEADS),
+    ("index_n_heads", HEADS),
+    ("o_groups", HEADS),
+    // Head dimensions (512).
+    ("head_dim", HEAD_DIM),
+    ("global_head_dim", HEAD_DIM),
+    ("index_head_dim", HEAD_DIM),
+    ("linear_key_head_dim", HEAD_DIM),
+    ("linear_value_head_dim", HEAD_DIM),
+    ("qk_rope_head_dim", HEAD_DIM),
+    ("mrope_section", HEAD_DIM),
+    // Model widths (7168).
+    ("hidden_size", HIDDEN),
+    ("hidden_size_per_layer_input", HIDDEN),
+    ("router_hidden_size", HIDDEN),
+    // Feed-forward widths and low ranks (21504).
+    ("intermediate_size", WIDTH),
+    ("moe_intermediate_size", WIDTH),
+    ("shared_expert_intermediate_size", WIDTH),
+    ("expert_intermediate_size", WIDTH),
+    ("q_lora_rank", WIDTH),
+    ("o_lora_rank", WIDTH),
+    // Vocabularies (262272).
+    ("vocab_size", VOCAB),
+    ("vocab_size_per_layer_input", VOCAB),
+    // Experts and experts per token (384).
+    ("num_experts", EXPERTS),
+    ("n_routed_experts", EXPERTS),
+    ("num_local_experts", EXPERTS),
+    ("n_shared_experts", EXPERTS),
+    ("num_experts_per_tok", EXPERTS),
+    ("top_k_experts", EXPERTS),
+    // Positions, windows and top-k over the context (1048576).
+    ("max_position_embeddings", POSITIONS),
+    ("original_max_position_embeddings", POSITIONS),
+    ("sliding_window", POSITIONS),
+    ("index_topk", POSITIONS),
+    // Convolution kernels (5).
+    ("linear_conv_kernel_dim", KERNEL),
+    ("cca_time0", KERNEL),
+    ("cca_time1", KERNEL),
+    // Compression ratios and quantization blocks (128).
+    ("compress_ratios", RATIO),
+    ("compress_rates", RATIO),
+    ("compress_rate_csa", RATIO),
+    ("compress_rate_hca", RATIO),
+    ("weight_block_size", RATIO),
+    // mHC residual streams (4) and Sinkhorn iterations per step (20).
+    ("hc_mult", 64),
+    ("hc_sinkhorn_iters", 1000),
+];
+const LAYERS: u64 = 4096;
+const HEADS: u64 = 8192;
+const HEAD_DIM: u64 = 16_384;
+const HIDDEN: u64 = 1 << 18;
+const WIDTH: u64 = 1 << 21;
+const VOCAB: u64 = 1 << 24;
+const EXPERTS: u64 = 1 << 16;
+const POSITIONS: u64 = 1 << 27;
+const KERNEL: u64 = 1024;
+const RATIO: u64 = 1 << 16;
+
+/// The bound [`BOUNDS`] sets for `key`, if any.
+pub fn bound_of(key: &str) -> Option<u64> {
+    BOUNDS.iter().find(|(k, _)| *k == key).map(|&(_, b)| b)
+}
+
+/// Refuse any number in `config` (nested objects and lists included) above the bound
+/// [`BOUNDS`] sets for its key; the error names the key as the config spells it.
+pub fn check_bounds(config: &Map<String, Value>, prefix: &str) -> Result<()> {
+    fn walk(v: &Value, path: &str, bound: Option<u64>) -> Result<()> {
+        match v {
+            Value::Number(n) => {
+                if let Some(b) = bound {
+                    // Integers compare exactly; floats (1e30) by value.
+                    let over = match n.as_u64() {
+                        Some(u) => u > b,
+                        None => n.as_f64().is_some_and(|f| f > b as f64),
+                    };
+                    if over {
+                        bail!(
+                            "key `{path}` = {n} is larger than any real model's: llmarch accepts at most {b}"
+                        );
+                    }
+                }
+                Ok(())
+            }
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    walk(item, &format!("{path}[{i}]"), bound)?;
+                }
+                Ok(())
+            }
+            Value::Object(map) => {
+                for (k, item) in map {
+                    walk(item, &format!("{path}.{k}"), bound_of(k).or(bound))?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+    for (k, v) in config {
+        walk(v, &format!("{prefix}{k}"), bound_of(k))?;
+    }
+    Ok(())
+}
 
 /// Upper bound for any single dimension, so that parameter and cache arithmetic cannot overflow.
 pub const MAX_DIM: usize = 1 << 24;
@@ -485,4 +617,198 @@ pub fn rope_frequencies(
         attention_scaling,
         max_positions,
     })
+}
+
+/// Test helpers for the bounds, shared by the families' tests.
+#[cfg(test)]
+pub mod bounds_test {
+    use super::*;
+
+    /// Every `configs/*/config.json`, by folder name.
+    pub const REAL: &[(&str, &str)] = &[
+        (
+            "DeepSeek-V4-Flash",
+            include_str!("../../configs/DeepSeek-V4-Flash/config.json"),
+        ),
+        (
+            "DeepSeek-V4-Pro",
+            include_str!("../../configs/DeepSeek-V4-Pro/config.json"),
+        ),
+        (
+            "Laguna-XS.2",
+            include_str!("../../configs/Laguna-XS.2/config.json"),
+        ),
+        (
+            "Qwen3.6-27B",
+            include_str!("../../configs/Qwen3.6-27B/config.json"),
+        ),
+        (
+            "Qwen3.6-35B-A3B",
+            include_str!("../../configs/Qwen3.6-35B-A3B/config.json"),
+        ),
+        (
+            "ZAYA1-8B",
+            include_str!("../../configs/ZAYA1-8B/config.json"),
+        ),
+        (
+            "gemma-4-26B-A4B-it",
+            include_str!("../../configs/gemma-4-26B-A4B-it/config.json"),
+        ),
+        (
+            "gemma-4-31B-it",
+            include_str!("../../configs/gemma-4-31B-it/config.json"),
+        ),
+        (
+            "gemma-4-E2B-it",
+            include_str!("../../configs/gemma-4-E2B-it/config.json"),
+        ),
+        (
+            "gemma-4-E4B-it",
+            include_str!("../../configs/gemma-4-E4B-it/config.json"),
+        ),
+    ];
+
+    /// The real config of `name`.
+    pub fn real(name: &str) -> Value {
+        let (_, text) = REAL
+            .iter()
+            .find(|(n, _)| *n == name)
+            .expect("a known config");
+        serde_json::from_str(text).expect("config parses as JSON")
+    }
+
+    /// Set the number at `path` (object keys; a list index as a number) in `raw`.
+    pub fn set(raw: &mut Value, path: &[&str], v: Value) {
+        let mut at = raw;
+        for (i, k) in path.iter().enumerate() {
+            let next = match k.parse::<usize>() {
+                Ok(idx) => at.get_mut(idx),
+                Err(_) if i + 1 == path.len() => {
+                    at.as_object_mut()
+                        .expect("an object")
+                        .insert(k.to_string(), Value::Null);
+                    at.get_mut(*k)
+                }
+                Err(_) => at.get_mut(*k),
+            };
+            at = next.unwrap_or_else(|| panic!("no `{k}` in the config"));
+        }
+        *at = v;
+    }
+
+    /// `raw` with the number at `path` set one past its bound (and to 2^40) is refused, and
+    /// the error names the key and the bound.
+    pub fn refuses_past_bound(raw: &Value, path: &[&str]) {
+        let key = path
+            .iter()
+            .rev()
+            .find(|k| k.parse::<usize>().is_err())
+            .unwrap();
+        let b = path
+            .iter()
+            .rev()
+            .find_map(|k| bound_of(k))
+            .unwrap_or_else(|| panic!("`{key}` has no bound"));
+        for v in [b + 1, 1 << 40] {
+            let mut cfg = raw.clone();
+            set(&mut cfg, path, Value::from(v));
+            let e = match crate::arch::parse_config(&cfg, &ParseOptions::default()) {
+                Ok(_) => panic!("{path:?} = {v} was accepted"),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(
+                e.contains(key) && e.contains(&format!("= {v} ")),
+                "{path:?} = {v}: {e}"
+            );
+            assert!(e.contains(&format!("at most {b}")), "{path:?} = {v}: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bounds_test::REAL;
+    use super::*;
+
+    /// Integer keys of the real configs that are no size or count: token ids, labels, RoPE
+    /// bases and scaling numbers (read as floats and checked by the RoPE code).
+    const NOT_SIZES: &[&str] = &[
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "image_token_id",
+        "video_token_id",
+        "audio_token_id",
+        "boi_token_id",
+        "eoi_token_id",
+        "boa_token_id",
+        "eoa_token_id",
+        "eoa_token_index",
+        "vision_start_token_id",
+        "vision_end_token_id",
+        "chunk_size_feed_forward",
+        "rope_theta",
+        "compress_rope_theta",
+        "factor",
+        "beta_fast",
+        "beta_slow",
+        "LABEL_0",
+        "LABEL_1",
+    ];
+
+    /// Every integer of every real text config is either bounded, with at least a 10× margin,
+    /// or known not to be a size: a new config with a new count fails here until it is bounded.
+    #[test]
+    fn real_configs_are_far_inside_the_bounds() {
+        fn walk(v: &Value, key: &str, bound: Option<u64>, at: &str, bad: &mut Vec<String>) {
+            match v {
+                Value::Number(n) => match (n.as_u64(), bound) {
+                    (Some(u), Some(b)) if u.saturating_mul(10) > b => {
+                        bad.push(format!("{at}: {key} = {u} is within 10× of the bound {b}"))
+                    }
+                    (Some(_), Some(_)) => {}
+                    (Some(_), None) if NOT_SIZES.contains(&key) => {}
+                    (Some(u), None) => bad.push(format!("{at}: {key} = {u} has no bound")),
+                    (None, _) => {}
+                },
+                Value::Array(a) => a.iter().for_each(|x| walk(x, key, bound, at, bad)),
+                Value::Object(m) => {
+                    for (k, x) in m {
+                        walk(x, k, bound_of(k).or(bound), at, bad);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut bad = vec![];
+        for (name, text) in REAL {
+            let raw: Value = serde_json::from_str(text).unwrap();
+            let t = TextConfig::from_raw(&raw, &ParseOptions::default())
+                .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            walk(&Value::Object(t.value), "", None, name, &mut bad);
+            crate::arch::parse_config(&raw, &ParseOptions::default())
+                .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        }
+        assert!(bad.is_empty(), "{}", bad.join("\n"));
+        assert_eq!(REAL.len(), 10);
+    }
+
+    #[test]
+    fn bounds_name_the_nested_key_and_apply_inside_lists_and_objects() {
+        let cfg = |v: Value| v.as_object().unwrap().clone();
+        let ok = cfg(serde_json::json!({"head_dim": 512, "rope_theta": 1e30,
+            "compress_rates": {"csa": 4}, "mlp_only_layers": [0, 3]}));
+        check_bounds(&ok, "").unwrap();
+        for (v, want) in [
+            (serde_json::json!({"head_dim": 1u64 << 40}), "key `text_config.head_dim` = 1099511627776 is larger than any real model's: llmarch accepts at most 16384"),
+            (serde_json::json!({"head_dim": 1e300}), "key `text_config.head_dim` = 1e+300 is larger"),
+            (serde_json::json!({"compress_rates": {"csa": 100000}}), "key `text_config.compress_rates.csa` = 100000"),
+            (serde_json::json!({"rope_parameters": {"full": {"original_max_position_embeddings": 1u64 << 30}}}),
+             "key `text_config.rope_parameters.full.original_max_position_embeddings`"),
+            (serde_json::json!({"num_attention_heads_per_layer": [8, 9000]}), "key `text_config.num_attention_heads_per_layer[1]` = 9000"),
+        ] {
+            let e = check_bounds(&cfg(v.clone()), "text_config.").unwrap_err().to_string();
+            assert!(e.starts_with(want), "{v}: {e}");
+        }
+    }
 }

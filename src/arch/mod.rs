@@ -448,14 +448,13 @@ impl LayerSpec {
     /// Attention FLOPs per generated token at `context` tokens: scores (q·k) and the weighted sum
     /// of values, 2 FLOPs per multiply-add, over the tokens this layer attends. Linear attention
     /// counts its state update and read-out instead.
-    pub fn attention_flops(&self, context: u64) -> u64 {
-        let heads = self.q_heads as u64;
+    /// In u128: [`budget::compute`] checks the totals into u64.
+    pub fn attention_flops(&self, context: u64) -> u128 {
+        let heads = self.q_heads as u128;
+        let (hd, vd) = (self.head_dim as u128, self.v_head_dim as u128);
         match self.attention {
-            Attention::Linear => 4 * heads * self.head_dim as u64 * self.v_head_dim as u64,
-            _ => {
-                let t = self.attention.attended_tokens(context);
-                2 * heads * (self.head_dim + self.v_head_dim) as u64 * t
-            }
+            Attention::Linear => 4 * heads * hd * vd,
+            _ => 2 * heads * (hd + vd) * self.attention.attended_tokens(context) as u128,
         }
     }
 }

@@ -359,17 +359,21 @@ pub fn rewrite_generation_blocks(src: &str) -> String {
     while let Some(at) = rest.find("{%") {
         out.push_str(&rest[..at]);
         let tag = &rest[at..];
-        let Some(end) = tag.find("%}") else {
+        // The closing `%}` comes after the opening `{%` (in `{%}` they overlap: no tag); a
+        // malformed tag is copied as it is and minijinja reports it.
+        let Some((inner, after)) = tag
+            .get(2..)
+            .and_then(|t| t.find("%}").map(|e| (&t[..e], &t[e + 2..])))
+        else {
             out.push_str(tag);
             return out;
         };
-        let inner = &tag[2..end];
         let (lead, body) = match inner.strip_prefix(['-', '+']) {
-            Some(b) => (&inner[..1], b),
+            Some(b) => (inner.get(..1).unwrap_or(""), b),
             None => ("", inner),
         };
         let (body, trail) = match body.strip_suffix(['-', '+']) {
-            Some(b) => (b, &body[b.len()..]),
+            Some(b) => (b, body.get(b.len()..).unwrap_or("")),
             None => (body, ""),
         };
         let replacement = match body.trim() {
@@ -379,9 +383,9 @@ pub fn rewrite_generation_blocks(src: &str) -> String {
         };
         match replacement {
             Some(r) => out.push_str(&format!("{{%{lead} {r} {trail}%}}")),
-            None => out.push_str(&tag[..end + 2]),
+            None => out.push_str(&tag[..tag.len() - after.len()]),
         }
-        rest = &tag[end + 2..];
+        rest = after;
     }
     out.push_str(rest);
     out
@@ -480,6 +484,59 @@ mod tests {
             rewrite_generation_blocks("a{%- generation -%}b{% endgeneration +%}c{% if x %}"),
             "a{%- if true -%}b{% endif +%}c{% if x %}"
         );
+    }
+
+    /// Malformed tags from untrusted templates: never a panic (`{%}` used to slice `tag[2..1]`),
+    /// a one-line syntax error naming the template instead. Then every string of up to five
+    /// characters from the tag alphabet (with a multi-byte letter) through the rewrite.
+    #[test]
+    fn malformed_tags_are_syntax_errors_not_panics() {
+        for src in [
+            "{%}",
+            "{%",
+            "{{",
+            "{#",
+            "{%-}",
+            "{%+",
+            "{%é%}",
+            "{%é",
+            "é{%}é",
+            "{%%}",
+            "{%-%}",
+            "{% generation",
+            "{% generation %}",
+            "{%}{% endgeneration %}",
+            "{%- endgeneration",
+            "{{}}",
+            "{#}",
+            "{{ x }",
+            "%}{%",
+        ] {
+            if let Err(e) = ChatTemplate::new(src, "bad.jinja", Map::new()) {
+                let e = format!("{e:#}");
+                assert!(e.contains("bad.jinja"), "{src}: {e}");
+                assert!(!e.contains('\n'), "{src}: one line: {e}");
+            }
+        }
+        assert_eq!(rewrite_generation_blocks("{%}"), "{%}");
+        assert_eq!(rewrite_generation_blocks("é{%-%}é"), "é{%-%}é");
+        assert_eq!(
+            rewrite_generation_blocks("{%é generation %}{%+generation-%}"),
+            "{%é generation %}{%+ if true -%}"
+        );
+
+        let alphabet = ['{', '%', '}', '-', '+', '#', ' ', 'é'];
+        let mut strings = vec![String::new()];
+        for _ in 0..5 {
+            strings = strings
+                .iter()
+                .flat_map(|s| alphabet.iter().map(move |c| format!("{s}{c}")))
+                .collect();
+            for s in &strings {
+                let out = rewrite_generation_blocks(s);
+                assert_eq!(out, *s, "only generation tags are rewritten");
+            }
+        }
     }
 
     fn t(src: &str) -> ChatTemplate {

@@ -47,11 +47,9 @@ pub fn save(path: &Path, t: &Transcript) -> Result<()> {
     write_whole(path, |p| std::fs::write(p, &text).map_err(Into::into))
 }
 
-/// Read and check a transcript.
-pub fn load(path: &Path) -> Result<Transcript> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
-    let de = &mut serde_json::Deserializer::from_str(&text);
+/// Check a transcript read from `path` (the caller reads it, with a size limit).
+pub fn parse(text: &str, path: &Path) -> Result<Transcript> {
+    let de = &mut serde_json::Deserializer::from_str(text);
     let t: Transcript = serde_path_to_error::deserialize(de).map_err(|e| {
         let at = e.path().to_string();
         let inner = e.into_inner();

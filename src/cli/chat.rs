@@ -10,8 +10,13 @@
 //!   (slash commands and multi-line input work the same), replies go to stdout one after the
 //!   other, everything else to stderr; exit 0 at the end of input.
 //!
-//! A bad command, a bad value, a missing file or a message that does not fit is one `error:`
-//! line on stderr, and the session goes on.
+//! A bad command, a bad value, a missing file, a template error or a message that does not fit
+//! is one `error:` line on stderr. Interactively the session goes on. Scripted, it stops there
+//! and exits 1, the error naming the input line: the replies on stdout are then those of the
+//! lines before it, in order, and a script can trust that exit 0 means every line was
+//! answered. A closed stdout (`llmarch chat ... | head -1`) stops a scripted session quietly.
+//! Input is bounded: `--input` and `/load` read at most [`shared::INPUT_LIMIT`] bytes, and a
+//! line (or a multi-line message) from stdin may be no longer than that.
 
 use super::shared::{self, DeviceArgs, SamplingArgs};
 use super::Ctx;
@@ -24,7 +29,7 @@ use crate::chat::transcript::{self, Transcript};
 use crate::generate::StopReason;
 use crate::report::{self, panel, units};
 use anyhow::{bail, Context, Result};
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -44,7 +49,8 @@ pub struct Args {
     #[command(flatten)]
     pub device: DeviceArgs,
     /// Context limit of the conversation (default: the model's own).
-    #[arg(long)]
+    /// A number of tokens, `k`/`m` binary suffixes allowed (128k = 131072).
+    #[arg(long, value_parser = shared::parse_tokens_usize)]
     pub max_context: Option<usize>,
     /// When the context is full, drop the oldest turns instead of stopping.
     #[arg(long)]
@@ -185,11 +191,13 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     if args.max_context == Some(0) {
         bail!("--max-context must be at least 1");
     }
+    // The whole --input file now, so that a file too large or not text fails before loading.
     let input_file = match &args.input {
-        Some(p) => Some(
-            std::fs::File::open(p)
-                .with_context(|| format!("cannot open --input {}", p.display()))?,
-        ),
+        Some(p) => Some(shared::read_text_limited(
+            p,
+            shared::INPUT_LIMIT,
+            &format!("--input {}", p.display()),
+        )?),
         None => None,
     };
 
@@ -220,6 +228,9 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         thinking: args.thinking.map(|t| t == OnOff::On),
     };
     let max_context = args.max_context.unwrap_or(spec.max_context);
+    let kv = shared::kv_dtype_of(precision.dtype);
+    let at_max = budget::compute(&spec, max_context as u64, 1, kv)
+        .context("the KV budget at --max-context")?;
     let shared::Built {
         model,
         load_s,
@@ -256,19 +267,48 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         hide_thinking: args.hide_thinking,
         model_name: model_ref.display_name(),
         weights,
-        kv: shared::kv_dtype_of(precision.dtype),
+        at_max,
         load_s,
         stop,
     };
     if interactive {
         chat.interactive(out, args.no_history)
     } else {
-        let reader: Box<dyn BufRead> = match input_file {
-            Some(f) => Box::new(std::io::BufReader::new(f)),
-            None => Box::new(std::io::stdin().lock()),
+        let (reader, source): (Box<dyn BufRead>, String) = match (input_file, &args.input) {
+            (Some(text), Some(p)) => (
+                Box::new(std::io::Cursor::new(text.into_bytes())),
+                format!("--input {}", p.display()),
+            ),
+            _ => (Box::new(std::io::stdin().lock()), "stdin".into()),
         };
-        chat.scripted(reader, out)
+        chat.scripted(reader, &source, out)
     }
+}
+
+/// The next line of `reader` without its line ending, at most `limit` bytes; `None` at the end.
+fn read_line_limited(reader: &mut dyn BufRead, limit: u64) -> Result<Option<String>> {
+    let mut buf = vec![];
+    reader
+        .take(limit.saturating_add(2))
+        .read_until(b'\n', &mut buf)?;
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
+        }
+    }
+    if buf.len() as u64 > limit {
+        bail!(
+            "the line is longer than {} MiB, the most llmarch takes in one message",
+            limit >> 20
+        );
+    }
+    String::from_utf8(buf)
+        .map(Some)
+        .map_err(|_| anyhow::anyhow!("the line is not UTF-8 text"))
 }
 
 /// What to do after an input.
@@ -286,7 +326,8 @@ struct Chat {
     model_name: String,
     /// The weights' format (`--dtype`): f32, bf16, f16 or q8_0.
     weights: String,
-    kv: budget::KvDtype,
+    /// The budget at `max_context`, for the meter and `/kv`.
+    at_max: budget::Budget,
     load_s: f64,
     stop: Arc<AtomicBool>,
 }
@@ -379,23 +420,65 @@ impl Chat {
         Ok(())
     }
 
-    fn scripted(&mut self, reader: Box<dyn BufRead>, out: &mut dyn Write) -> Result<()> {
+    /// Answer the lines of `reader` (`source` names it in errors); the first error ends it.
+    fn scripted(
+        &mut self,
+        mut reader: Box<dyn BufRead>,
+        source: &str,
+        out: &mut dyn Write,
+    ) -> Result<()> {
+        let limit = shared::INPUT_LIMIT;
         let mut lines = LineAssembler::default();
-        for line in reader.lines() {
-            let line = line.context("reading the input")?;
-            let Some(text) = lines.feed(line.trim_end_matches('\r')) else {
+        let (mut number, mut first, mut pending) = (0usize, 1usize, 0u64);
+        loop {
+            number += 1;
+            let at = || format!("{source} line {number}");
+            let Some(line) = read_line_limited(reader.as_mut(), limit).with_context(at)? else {
+                break;
+            };
+            // A message continued over lines is bounded as a whole.
+            pending += line.len() as u64 + 1;
+            if pending > limit {
+                bail!(
+                    "{source} lines {first}-{number}: the message is longer than {} MiB, the most llmarch takes in one message",
+                    limit >> 20
+                );
+            }
+            let Some(text) = lines.feed(&line) else {
                 continue;
             };
+            let at = if first == number {
+                at()
+            } else {
+                format!("{source} lines {first}-{number}")
+            };
+            (first, pending) = (number + 1, 0);
             if text.trim().is_empty() {
                 continue;
             }
-            if let Flow::Exit = self.input(&text, out)? {
+            if let Flow::Exit = self.input(&text, out).with_context(|| at)? {
                 return Ok(());
             }
         }
         if let Some(text) = lines.finish() {
-            self.input(&text, out)?;
+            let at = format!("{source} lines {first}-{}", number - 1);
+            self.input(&text, out).with_context(|| at)?;
         }
+        Ok(())
+    }
+
+    /// An error in a turn or a command: one line, and the session goes on when interactive;
+    /// scripted, the error ends the session (`main` prints it and exits 1). A closed stdout
+    /// ends any session, quietly.
+    fn fail(&self, e: anyhow::Error) -> Result<()> {
+        if !self.interactive || shared::is_broken_pipe(&e) {
+            return Err(e);
+        }
+        let msg = match e.downcast_ref::<ContextError>() {
+            Some(c) => c.to_string(),
+            None => one_line(&e),
+        };
+        error_line(&msg);
         Ok(())
     }
 
@@ -404,7 +487,7 @@ impl Chat {
         match commands::parse(text) {
             Some(Ok(c)) => self.command(c, out),
             Some(Err(e)) => {
-                error_line(&e);
+                self.fail(anyhow::anyhow!(e))?;
                 Ok(Flow::Go)
             }
             None => {
@@ -488,11 +571,7 @@ impl Chat {
                 if fresh && self.session.conv.awaits_reply() {
                     self.session.conv.undo();
                 }
-                let msg = match e.downcast_ref::<ContextError>() {
-                    Some(c) => c.to_string(),
-                    None => one_line(&e),
-                };
-                error_line(&msg);
+                self.fail(e)?;
             }
         }
         Ok(())
@@ -501,7 +580,7 @@ impl Chat {
     fn after_turn(&self, r: &TurnReport) {
         let s = &self.session;
         let held: u64 = s.engine.cache().bytes().iter().sum();
-        let at_max = budget::compute(s.spec(), s.max_context as u64, 1, self.kv);
+        let at_max = &self.at_max;
         let prefill_tok_s = if r.prefill_s > 0.0 {
             r.prefilled as f64 / r.prefill_s
         } else {
@@ -607,14 +686,16 @@ impl Chat {
                 if self.session.conv.pop_reply() || self.session.conv.awaits_reply() {
                     self.turn(out, false)?;
                 } else {
-                    error_line("/regen: there is no reply to generate again");
+                    self.fail(anyhow::anyhow!(
+                        "/regen: there is no reply to generate again"
+                    ))?;
                 }
             }
             Command::Undo => {
                 if self.session.conv.undo() {
                     self.info("removed the last exchange");
                 } else {
-                    error_line("/undo: there is nothing to undo");
+                    self.fail(anyhow::anyhow!("/undo: there is nothing to undo"))?;
                 }
             }
             Command::Save(path) => {
@@ -625,13 +706,20 @@ impl Chat {
                         t.messages.len(),
                         path.display()
                     )),
-                    Err(e) => error_line(&one_line(&e)),
+                    Err(e) => self.fail(e)?,
                 }
             }
-            Command::Load(path) => match transcript::load(&path) {
-                Ok(t) => self.load(t, &path),
-                Err(e) => error_line(&one_line(&e)),
-            },
+            Command::Load(path) => {
+                let read = shared::read_text_limited(
+                    &path,
+                    shared::INPUT_LIMIT,
+                    &path.display().to_string(),
+                );
+                match read.and_then(|text| transcript::parse(&text, &path)) {
+                    Ok(t) => self.load(t, &path)?,
+                    Err(e) => self.fail(e)?,
+                }
+            }
             Command::Set(None) => self.info(&self.settings_text()),
             Command::Set(Some(s)) => {
                 let mut new = self.session.settings.clone();
@@ -645,7 +733,7 @@ impl Chat {
                     Setting::Seed(v) => new.sampling.seed = v,
                     Setting::Thinking(v) => {
                         if !self.session.template.takes_thinking {
-                            error_line("/set thinking: this model's chat template has no enable_thinking switch");
+                            self.fail(anyhow::anyhow!("/set thinking: this model's chat template has no enable_thinking switch"))?;
                             return Ok(Flow::Go);
                         }
                         new.thinking = v;
@@ -656,13 +744,13 @@ impl Chat {
                         self.session.set_settings(new);
                         self.info(&self.settings_text());
                     }
-                    Err(e) => error_line(&one_line(&e)),
+                    Err(e) => self.fail(e)?,
                 }
             }
             Command::Kv => {
                 let s = &self.session;
                 let held = s.engine.cache().bytes();
-                let at_max = budget::compute(s.spec(), s.max_context as u64, 1, self.kv);
+                let at_max = &self.at_max;
                 let tok_s = if s.totals.decode_s > 0.0 {
                     s.totals.decoded as f64 / s.totals.decode_s
                 } else {
@@ -670,7 +758,7 @@ impl Chat {
                 };
                 let lines = panel::render(&panel::Snapshot {
                     spec: s.spec(),
-                    budget: &at_max,
+                    budget: at_max,
                     held: &held,
                     tokens: s.engine.ids().len(),
                     tok_s,
@@ -752,7 +840,7 @@ impl Chat {
         }
     }
 
-    fn load(&mut self, t: Transcript, path: &std::path::Path) {
+    fn load(&mut self, t: Transcript, path: &std::path::Path) -> Result<()> {
         let mut new = self.session.settings.clone();
         new.sampling.temperature = t.settings.temperature;
         new.sampling.top_k = t.settings.top_k;
@@ -763,12 +851,7 @@ impl Chat {
         new.max_tokens = t.settings.max_tokens.max(1);
         new.thinking = t.settings.thinking;
         if let Err(e) = new.sampling.validate() {
-            error_line(&format!(
-                "{} is not a chat transcript: {}",
-                path.display(),
-                one_line(&e)
-            ));
-            return;
+            return self.fail(e.context(format!("{} is not a chat transcript", path.display())));
         }
         self.session.set_settings(new);
         self.session.conv.messages = t.messages;
@@ -791,6 +874,7 @@ impl Chat {
                 ""
             }
         ));
+        Ok(())
     }
 }
 

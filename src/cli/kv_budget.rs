@@ -7,7 +7,7 @@ use crate::arch::budget::{self, Budget, KvDtype};
 use crate::arch::{ArchSpec, PartDtype, Retention};
 use crate::loader::{self, aliases::ALIASES, ModelRef};
 use crate::report::{self, units};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::json;
 use std::io::Write;
 
@@ -22,8 +22,8 @@ pub struct Args {
     /// Element type of the cached keys and values. States that the config keeps in f32 stay f32.
     #[arg(long, value_enum, default_value = "bf16")]
     pub kv_dtype: KvDtype,
-    /// Sequences cached at once.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Sequences cached at once (1 to 1048576).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=MAX_BATCH))]
     pub batch: u64,
     /// One row per layer (identical neighbours folded) with bytes and attention FLOPs.
     #[arg(long)]
@@ -36,32 +36,20 @@ pub struct Args {
     pub json: bool,
 }
 
+/// The most sequences `--batch` takes: far beyond any real batch, and small enough that cache
+/// figures stay well inside the 128-bit arithmetic of [`budget::compute`].
+pub const MAX_BATCH: u64 = 1 << 20;
+
 /// Parsed `--context` list.
 #[derive(Debug, Clone)]
 pub struct Contexts(pub Vec<u64>);
 
-/// `4k,32k,128k,1m` or plain numbers → token counts.
+/// `4k,32k,128k,1m` or plain numbers → token counts (see [`super::shared::parse_tokens`]).
 pub fn parse_contexts(s: &str) -> std::result::Result<Contexts, String> {
-    let mut out = vec![];
-    for item in s.split(',').map(str::trim) {
-        let lower = item.to_ascii_lowercase();
-        let (num, mult) = if let Some(n) = lower.strip_suffix('k') {
-            (n, 1u64 << 10)
-        } else if let Some(n) = lower.strip_suffix('m') {
-            (n, 1 << 20)
-        } else {
-            (lower.as_str(), 1)
-        };
-        let n: u64 = num.parse().map_err(|_| {
-            format!("`{item}` is not a context length (use e.g. 4096, 32k, 128k or 1m)")
-        })?;
-        let tokens = n
-            .checked_mul(mult)
-            .filter(|&t| t > 0 && t <= 1 << 40)
-            .ok_or_else(|| format!("`{item}` is out of range (1 to 1T tokens)"))?;
-        out.push(tokens);
-    }
-    Ok(Contexts(out))
+    s.split(',')
+        .map(super::shared::parse_tokens)
+        .collect::<std::result::Result<_, _>>()
+        .map(Contexts)
 }
 
 struct Entry {
@@ -93,16 +81,14 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
             spec,
         });
     }
-    let budgets: Vec<(usize, Budget)> = entries
-        .iter()
-        .enumerate()
-        .flat_map(|(i, e)| {
-            args.context
-                .0
-                .iter()
-                .map(move |&c| (i, budget::compute(&e.spec, c, args.batch, args.kv_dtype)))
-        })
-        .collect();
+    let mut budgets: Vec<(usize, Budget)> = vec![];
+    for (i, e) in entries.iter().enumerate() {
+        for &c in &args.context.0 {
+            let b = budget::compute(&e.spec, c, args.batch, args.kv_dtype)
+                .with_context(|| format!("{} at {}", e.name, units::context(c)))?;
+            budgets.push((i, b));
+        }
+    }
     if args.json {
         let v: Vec<_> = budgets
             .iter()
@@ -118,9 +104,11 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         }
     }
     if args.explain {
-        for e in &entries {
-            let ctx_len = *args.context.0.last().unwrap_or(&1);
-            write_explain(e, ctx_len, args.batch, args.kv_dtype, out)?;
+        // At the last context given: its budget is the last one of each model.
+        for (i, e) in entries.iter().enumerate() {
+            if let Some((_, b)) = budgets.iter().rev().find(|(j, _)| *j == i) {
+                write_explain(e, b, out)?;
+            }
         }
     }
     Ok(())
@@ -316,13 +304,8 @@ fn write_per_layer(e: &Entry, b: &Budget, out: &mut dyn Write) -> Result<()> {
     Ok(())
 }
 
-fn write_explain(
-    e: &Entry,
-    context: u64,
-    batch: u64,
-    kv: KvDtype,
-    out: &mut dyn Write,
-) -> Result<()> {
+fn write_explain(e: &Entry, b: &Budget, out: &mut dyn Write) -> Result<()> {
+    let (context, batch, kv) = (b.context, b.batch, b.kv_dtype);
     writeln!(
         out,
         "\n{}: how the bytes are computed at {} tokens, batch {batch}, {} ({} B/element{})",
@@ -356,8 +339,8 @@ fn write_explain(
         if let Some(src) = l.kv_source {
             writeln!(out, "    reads layer {src}'s cache = 0 B of its own")?;
         }
-        let parts = budget::layer_bytes(l, context, batch, kv);
-        for (p, (_, bytes)) in l.cache.iter().zip(&parts) {
+        let lb = &b.layers[l.index];
+        for (p, (_, bytes)) in l.cache.iter().zip(&lb.parts) {
             let entries = match p.retention {
                 Retention::AllTokens => format!("{context} tokens"),
                 Retention::Window { window } => format!("min({context}, {window}) tokens"),
@@ -385,7 +368,7 @@ fn write_explain(
             l.head_dim,
             l.v_head_dim,
             kv.name(),
-            group_digits(kv.bytes(context * batch * (l.q_heads * (l.head_dim + l.v_head_dim)) as u64))
+            group_digits(lb.naive_bytes)
         )?;
         writeln!(
             out,
@@ -393,7 +376,7 @@ fn write_explain(
             l.q_heads,
             l.kv_heads,
             l.group_size(),
-            group_digits(l.attention_flops(context) * batch)
+            group_digits(lb.attention_flops)
         )?;
     }
     Ok(())

@@ -36,7 +36,8 @@ pub struct Args {
     pub device: DeviceArgs,
     /// Context limit for this run and the budget the panel compares against (default: the
     /// model's own).
-    #[arg(long)]
+    /// A number of tokens, `k`/`m` binary suffixes allowed (128k = 131072).
+    #[arg(long, value_parser = shared::parse_tokens_usize)]
     pub max_context: Option<usize>,
     /// Stats as one JSON object on the last stdout line.
     #[arg(long)]
@@ -158,7 +159,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         all_prompt_logits: args.logits_out.is_some(),
     };
     let kv = shared::kv_dtype_of(precision.dtype);
-    let at_max = budget::compute(&spec, max_context as u64, 1, kv);
+    let at_max = budget::compute(&spec, max_context as u64, 1, kv)?;
     let show_panel = !ctx.quiet && !args.json && std::io::stderr().is_terminal();
     let mut live = LivePanel::new();
     // The text shares the panel's terminal: the panel follows where it ends.

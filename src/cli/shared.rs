@@ -1,5 +1,8 @@
 //! What `run` and `chat` share: the sampling flags (defaults from `generation_config.json`), the
 //! device and dtype flags, and loading a model end to end (spec, files, tokenizer, weights).
+//! Also what every command that reads user input shares: token counts with `k`/`m` suffixes
+//! ([`parse_tokens`]), reading a file or stream with a size limit ([`read_limited`],
+//! [`INPUT_LIMIT`]), and telling a closed stdout pipe from a real error ([`is_broken_pipe`]).
 
 use super::Ctx;
 use crate::arch::{self, budget::KvDtype, ArchSpec};
@@ -340,4 +343,130 @@ pub fn build_model_in(
         load_s: t_load.elapsed().as_secs_f64(),
         weights: precision.name(weights.stored_dtype()),
     })
+}
+
+/// The most a token count on the command line may be (`--context`, `--max-context`): 2^40, a
+/// million times the longest context of a real model, and small enough that no cache figure
+/// computed from it overflows before [`crate::arch::budget`] checks it.
+pub const MAX_TOKENS: u64 = 1 << 40;
+
+/// A token count: a number with an optional binary `k`/`m` suffix (`128k` = 131072, `1m` =
+/// 1048576), from 1 to [`MAX_TOKENS`]. A clap value parser, so the error names the flag.
+pub fn parse_tokens(s: &str) -> std::result::Result<u64, String> {
+    let item = s.trim();
+    let lower = item.to_ascii_lowercase();
+    let (num, mult) = if let Some(n) = lower.strip_suffix('k') {
+        (n, 1u64 << 10)
+    } else if let Some(n) = lower.strip_suffix('m') {
+        (n, 1 << 20)
+    } else {
+        (lower.as_str(), 1)
+    };
+    let n: u64 = num.parse().map_err(|_| {
+        format!("`{item}` is not a context length (use e.g. 4096, 32k, 128k or 1m)")
+    })?;
+    n.checked_mul(mult)
+        .filter(|&t| t > 0 && t <= MAX_TOKENS)
+        .ok_or_else(|| format!("`{item}` is out of range (1 to 1T tokens)"))
+}
+
+/// [`parse_tokens`] as a `usize`, for flags that size a context.
+pub fn parse_tokens_usize(s: &str) -> std::result::Result<usize, String> {
+    parse_tokens(s).map(|t| t as usize)
+}
+
+/// How much llmarch reads from one input file or stream (`chat --input`, chat's `/load`, a
+/// prompt file), and the longest line it takes from a stream: 16 MiB, far more than any context
+/// holds as text, far less than memory.
+pub const INPUT_LIMIT: u64 = 16 << 20;
+
+/// Everything `reader` gives, at most `limit` bytes; more is an error naming `what` (e.g.
+/// `--input /dev/zero`) and the limit, and nothing read is returned.
+pub fn read_limited(reader: impl std::io::Read, limit: u64, what: &str) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = vec![];
+    reader
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut buf)
+        .with_context(|| format!("cannot read {what}"))?;
+    if buf.len() as u64 > limit {
+        let shown = if limit >= 1 << 20 && limit.is_multiple_of(1 << 20) {
+            format!("{} MiB", limit >> 20)
+        } else {
+            format!("{limit} bytes")
+        };
+        bail!("{what} is larger than {shown}: llmarch reads at most that much from one input");
+    }
+    Ok(buf)
+}
+
+/// The file at `path` as UTF-8 text, at most `limit` bytes (see [`read_limited`]); errors name
+/// `what`.
+pub fn read_text_limited(path: &std::path::Path, limit: u64, what: &str) -> Result<String> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot read {what}"))?;
+    let bytes = read_limited(file, limit, what)?;
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow!(
+            "{what} is not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+/// The error comes from writing to a closed pipe (`llmarch ... | head`): the reader has gone,
+/// so the command stops quietly.
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+#[cfg(test)]
+mod input_tests {
+    use super::*;
+
+    #[test]
+    fn token_counts_take_binary_suffixes_and_a_bound() {
+        assert_eq!(parse_tokens("1k"), Ok(1024));
+        assert_eq!(parse_tokens("128K"), Ok(131_072));
+        assert_eq!(parse_tokens("1m"), Ok(1 << 20));
+        assert_eq!(parse_tokens("1000"), Ok(1000));
+        assert_eq!(parse_tokens("1048576m"), Ok(1 << 40));
+        for bad in [
+            "0",
+            "",
+            "k",
+            "1g",
+            "-5",
+            "1048577m",
+            "18446744073709551615",
+            "99999999999999999999m",
+        ] {
+            assert!(parse_tokens(bad).is_err(), "{bad}");
+        }
+        assert!(parse_tokens("18446744073709551615")
+            .unwrap_err()
+            .contains("out of range"));
+    }
+
+    #[test]
+    fn reads_stop_at_the_limit_with_an_error_naming_the_input() {
+        assert_eq!(read_limited(&b"abcd"[..], 4, "x").unwrap(), b"abcd");
+        let e = read_limited(std::io::repeat(0), 1 << 20, "--input /dev/zero").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--input /dev/zero is larger than 1 MiB: llmarch reads at most that much from one input"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("latin1.txt");
+        std::fs::write(&p, b"caf\xe9").unwrap();
+        let e = read_text_limited(&p, 100, "--input latin1.txt").unwrap_err();
+        assert!(e.to_string().contains("not UTF-8"), "{e}");
+        let e = read_text_limited(&dir.path().join("none"), 100, "--input none").unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with("cannot read --input none: "),
+            "{e:#}"
+        );
+    }
 }

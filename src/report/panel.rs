@@ -30,12 +30,13 @@ pub struct Snapshot<'a> {
 /// The panel as lines of text (no trailing newlines).
 pub fn render(s: &Snapshot) -> Vec<String> {
     let held_total: u64 = s.held.iter().sum();
-    let flops: u64 = s
+    let flops: u128 = s
         .spec
         .layers
         .iter()
         .map(|l| l.attention_flops(s.tokens as u64))
         .sum();
+    let flops = u64::try_from(flops).unwrap_or(u64::MAX);
     let mut lines = vec![format!(
         "KV {} held · budget {} at {} · naive {} · {} tokens · {:.1} tok/s · attention {}/token",
         units::bytes(held_total),
@@ -265,8 +266,8 @@ mod tests {
         let raw: serde_json::Value =
             serde_json::from_str(include_str!("../../configs/gemma-4-E2B-it/config.json")).unwrap();
         let spec = parse_config(&raw, &ParseOptions::default()).unwrap();
-        let budget = compute(&spec, 4096, 1, KvDtype::F32);
-        let now = compute(&spec, 100, 1, KvDtype::F32);
+        let budget = compute(&spec, 4096, 1, KvDtype::F32).unwrap();
+        let now = compute(&spec, 100, 1, KvDtype::F32).unwrap();
         let held: Vec<u64> = now.layers.iter().map(|l| l.bytes).collect();
         let lines = render(&Snapshot {
             spec: &spec,

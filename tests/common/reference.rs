@@ -137,7 +137,7 @@ pub fn check_against_reference(variant: &str, model: &dyn CausalLm, f: &Fixture)
 
     // (c) What the cache holds equals kv-budget at this context, layer by layer.
     assert_eq!(cache.seen(), total);
-    let want = budget::compute(spec, total as u64, 1, KvDtype::F32);
+    let want = budget::compute(spec, total as u64, 1, KvDtype::F32).unwrap();
     let got = cache.bytes();
     assert_eq!(got.len(), spec.layers.len());
     for (i, (g, w)) in got.iter().zip(&want.layers).enumerate() {

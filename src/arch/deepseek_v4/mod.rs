@@ -1413,7 +1413,7 @@ mod tests {
         // Cache at 43 tokens, f32 (tests/fixtures/reference_cache.json): compressed entries, indexer
         // keys, overlap state and the 3 open tokens (43 mod 4) of CSA layers match the reference
         // element for element; the window is 8 here (the reference keeps 7).
-        let csa: Vec<(String, u64)> = layer_bytes(&s.layers[1], 43, 1, KvDtype::F32);
+        let csa: Vec<(String, u64)> = layer_bytes(&s.layers[1], 43, 1, KvDtype::F32).unwrap();
         let want = [
             ("K=V", 8 * 32 * 4),
             ("compressed KV", 1280),
@@ -1430,7 +1430,7 @@ mod tests {
             assert_eq!((name.as_str(), *bytes), (wn, wb as u64));
         }
         // HCA (ratio 8): compressed entries (5 × 32) and the 43 mod 8 = 3 open tokens.
-        let hca = layer_bytes(&s.layers[2], 43, 1, KvDtype::F32);
+        let hca = layer_bytes(&s.layers[2], 43, 1, KvDtype::F32).unwrap();
         assert_eq!(hca[1], ("compressed KV".to_string(), 640));
         assert_eq!(hca[2], ("compressor carry".to_string(), 3 * 2 * 32 * 4));
     }
@@ -1441,6 +1441,7 @@ mod tests {
         let ctx = 1_048_576u64;
         let bytes = |i: usize| -> u64 {
             layer_bytes(&s.layers[i], ctx, 1, KvDtype::Bf16)
+                .unwrap()
                 .iter()
                 .map(|(_, b)| b)
                 .sum()
@@ -1689,5 +1690,35 @@ mod tests {
             o.insert("vocab_size".into(), json!(u64::MAX));
         }));
         assert!(e.contains("vocab_size"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod bounds_tests {
+    use crate::arch::config::bounds_test::{real, refuses_past_bound};
+
+    /// Iteration counts and ratios too: `hc_sinkhorn_iters: 1e9` would run without end.
+    #[test]
+    fn sizes_counts_and_iterations_past_the_bounds_are_refused_by_key() {
+        let raw = real("DeepSeek-V4-Pro");
+        for path in [
+            &["num_hidden_layers"][..],
+            &["hc_sinkhorn_iters"],
+            &["hc_mult"],
+            &["head_dim"],
+            &["q_lora_rank"],
+            &["o_lora_rank"],
+            &["o_groups"],
+            &["index_topk"],
+            &["index_n_heads"],
+            &["n_routed_experts"],
+            &["num_hash_layers"],
+            &["compress_ratios", "2"],
+            &["sliding_window"],
+            &["rope_scaling", "original_max_position_embeddings"],
+            &["quantization_config", "weight_block_size", "0"],
+        ] {
+            refuses_past_bound(&raw, path);
+        }
     }
 }

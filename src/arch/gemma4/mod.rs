@@ -20,7 +20,9 @@
 
 pub mod model;
 
-use super::config::{check_heads, check_len, n, positive, rope_from_params, yes, TextConfig};
+use super::config::{
+    check_heads, check_len, n, positive, rope_from_params, to_u64, yes, TextConfig,
+};
 use super::{ArchSpec, Attention, Family, Ffn, LayerSpec, ParamCounts, Retention};
 use anyhow::{bail, Result};
 use serde::Deserialize;
@@ -335,23 +337,18 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
         None
     };
 
+    // Parameters in u128: the bounds on each key do not keep their products inside u64.
     let ple = c.hidden_size_per_layer_input;
-    let bias = |n: usize| if c.attention_bias { n as u64 } else { 0 };
-    let (h, v) = (hidden as u64, c.vocab_size as u64);
-    let mut params = ParamCounts {
-        embedding: v * h,
-        ple: if ple > 0 {
-            c.vocab_size_per_layer_input as u64 * (n * ple) as u64
-        } else {
-            0
-        },
-        lm_head: if c.tie_word_embeddings { 0 } else { v * h },
-        ..Default::default()
-    };
+    let bias = |n: u128| if c.attention_bias { n } else { 0 };
+    let (h, v) = (hidden as u128, c.vocab_size as u128);
+    let embedding = v * h;
+    let ple_table = c.vocab_size_per_layer_input as u128 * (n * ple) as u128;
+    let lm_head = if c.tie_word_embeddings { 0 } else { v * h };
+    let mut routed: u128 = 0;
     // Final norm, and the PLE projection + its norm.
     let mut other = h;
     if ple > 0 {
-        other += h * (n * ple) as u64 + ple as u64;
+        other += h * (n * ple) as u128 + ple as u128;
     }
 
     let mut layers = Vec::with_capacity(n);
@@ -397,27 +394,27 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
 
         // Parameters, as `Gemma4TextDecoderLayer` builds them.
         let (q, kvh, hd) = (
-            c.num_attention_heads as u64,
-            kv_heads as u64,
-            head_dim as u64,
+            c.num_attention_heads as u128,
+            kv_heads as u128,
+            head_dim as u128,
         );
-        let mut lp = h * q * hd + bias((q * hd) as usize) + hd; // q_proj (+bias), q_norm
-        lp += q * hd * h + bias(hidden); // o_proj
+        let mut lp = h * q * hd + bias(q * hd) + hd; // q_proj (+bias), q_norm
+        lp += q * hd * h + bias(h); // o_proj
         if kv_source.is_none() {
-            lp += h * kvh * hd + bias((kvh * hd) as usize) + hd; // k_proj, k_norm (v_norm has no scale)
+            lp += h * kvh * hd + bias(kvh * hd) + hd; // k_proj, k_norm (v_norm has no scale)
             if !k_eq_v {
-                lp += h * kvh * hd + bias((kvh * hd) as usize); // v_proj
+                lp += h * kvh * hd + bias(kvh * hd); // v_proj
             }
         }
-        lp += 3 * h * width as u64 + 4 * h; // gate/up/down, four norms
+        lp += 3 * h * width as u128 + 4 * h; // gate/up/down, four norms
         if ple > 0 {
-            lp += 2 * h * ple as u64 + h; // gate, projection, norm
+            lp += 2 * h * ple as u128 + h; // gate, projection, norm
         }
         if let Some((experts, _, w)) = moe {
-            let (e, w) = (experts as u64, w as u64);
+            let (e, w) = (experts as u128, w as u128);
             lp += h * e + h + e; // router proj, scale, per-expert scale
             lp += 3 * h; // the MoE block's three extra norms
-            params.routed_experts += e * 3 * w * h;
+            routed += e * 3 * w * h;
         }
         other += lp;
 
@@ -441,7 +438,14 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
             notes: vec![],
         });
     }
-    params.total = params.embedding + params.ple + params.lm_head + params.routed_experts + other;
+    let params = ParamCounts {
+        total: to_u64(embedding + ple_table + lm_head + routed + other)?,
+        embedding: to_u64(embedding)?,
+        ple: to_u64(ple_table)?,
+        lm_head: to_u64(lm_head)?,
+        routed_experts: to_u64(routed)?,
+        ..Default::default()
+    };
     let (top_k, experts) = moe.map_or((0, 0), |(e, k, _)| (k, e));
 
     let mut notes = vec![];
@@ -473,4 +477,35 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
         notes,
         warnings,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::arch::config::bounds_test::{real, refuses_past_bound};
+
+    /// Sizes past the bounds are refused with the key named, before any per-layer table or
+    /// RoPE table is built (2^40 layers or a 2^40-wide head would abort on the allocation).
+    #[test]
+    fn sizes_past_the_bounds_are_refused_by_key() {
+        for name in ["gemma-4-E2B-it", "gemma-4-26B-A4B-it"] {
+            let raw = real(name);
+            for key in [
+                "num_hidden_layers",
+                "head_dim",
+                "global_head_dim",
+                "hidden_size",
+                "vocab_size",
+                "sliding_window",
+                "max_position_embeddings",
+                "num_key_value_heads",
+                "hidden_size_per_layer_input",
+            ] {
+                refuses_past_bound(&raw, &["text_config", key]);
+            }
+        }
+        let moe = real("gemma-4-26B-A4B-it");
+        for key in ["num_experts", "top_k_experts", "moe_intermediate_size"] {
+            refuses_past_bound(&moe, &["text_config", key]);
+        }
+    }
 }

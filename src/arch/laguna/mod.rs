@@ -1090,3 +1090,27 @@ mod tests {
         assert!(s.layers.iter().all(|l| l.attention == Attention::Full));
     }
 }
+
+#[cfg(test)]
+mod bounds_tests {
+    use crate::arch::config::bounds_test::{real, refuses_past_bound};
+
+    #[test]
+    fn sizes_past_the_bounds_are_refused_by_key() {
+        let raw = real("Laguna-XS.2");
+        for path in [
+            &["num_hidden_layers"][..],
+            &["head_dim"],
+            &["hidden_size"],
+            &["num_attention_heads_per_layer", "3"],
+            &["num_experts"],
+            &["num_experts_per_tok"],
+            &["moe_intermediate_size"],
+            &["shared_expert_intermediate_size"],
+            &["sliding_window"],
+            &["max_position_embeddings"],
+        ] {
+            refuses_past_bound(&raw, path);
+        }
+    }
+}

@@ -1099,7 +1099,10 @@ mod tests {
         let e = err(&edit(DENSE_27B, |t| {
             t.insert("hidden_size".into(), (u64::MAX / 2).into());
         }));
-        assert!(e.contains("overflow"), "{e}");
+        assert!(
+            e.contains("text_config.hidden_size") && e.contains("at most 262144"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1210,7 +1213,7 @@ mod tests {
                 };
                 for rl in e["layers"].as_array().unwrap() {
                     let i = rl["decoder_layer"].as_u64().unwrap() as usize;
-                    let ours = layer_bytes(&s.layers[i], tokens, 1, kv);
+                    let ours = layer_bytes(&s.layers[i], tokens, 1, kv).unwrap();
                     let theirs: u64 = rl["bytes"].as_u64().unwrap();
                     let ours_total: u64 = ours.iter().map(|(_, b)| b).sum();
                     if s.layers[i].attention == Attention::Linear {
@@ -1232,6 +1235,38 @@ mod tests {
                 }
             }
             assert!(checked > 0, "{name}: no reference entries");
+        }
+    }
+}
+
+#[cfg(test)]
+mod bounds_tests {
+    use crate::arch::config::bounds_test::{real, refuses_past_bound};
+
+    #[test]
+    fn sizes_past_the_bounds_are_refused_by_key() {
+        for name in ["Qwen3.6-27B", "Qwen3.6-35B-A3B"] {
+            let raw = real(name);
+            for key in [
+                "num_hidden_layers",
+                "head_dim",
+                "hidden_size",
+                "linear_conv_kernel_dim",
+                "linear_key_head_dim",
+                "linear_num_value_heads",
+                "full_attention_interval",
+                "vocab_size",
+            ] {
+                refuses_past_bound(&raw, &["text_config", key]);
+            }
+        }
+        let moe = real("Qwen3.6-35B-A3B");
+        for key in [
+            "num_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+        ] {
+            refuses_past_bound(&moe, &["text_config", key]);
         }
     }
 }

@@ -591,10 +591,10 @@ mod tests {
         assert_eq!(s.layers[1].attention, Attention::Cca { window: None });
         // reference_cache.json, zaya-sliding, 43 tokens, f32: conv [1, 96, 2], recurrent [1, 16],
         // K/V [1, 2, T, 16] with T = 43 (hybrid) or window − 1 = 7 there, window = 8 here.
-        let parts = layer_bytes(&s.layers[1], 43, 1, KvDtype::F32);
+        let parts = layer_bytes(&s.layers[1], 43, 1, KvDtype::F32).unwrap();
         let bytes: Vec<u64> = parts.iter().map(|(_, b)| *b).collect();
         assert_eq!(bytes, vec![5504, 5504, 768, 64]);
-        let parts = layer_bytes(&s.layers[0], 43, 1, KvDtype::F32);
+        let parts = layer_bytes(&s.layers[0], 43, 1, KvDtype::F32).unwrap();
         let bytes: Vec<u64> = parts.iter().map(|(_, b)| *b).collect();
         assert_eq!(bytes, vec![8 * 128, 8 * 128, 768, 64]);
 
@@ -742,5 +742,30 @@ mod tests {
         v["rope_parameters"]["hybrid"] =
             json!({"rope_type": "yarn", "factor": 4.0, "rope_theta": 5e6});
         assert!(err(&v).contains("rope_parameters.hybrid.original_max_position_embeddings"));
+    }
+}
+
+#[cfg(test)]
+mod bounds_tests {
+    use crate::arch::config::bounds_test::{real, refuses_past_bound};
+
+    #[test]
+    fn sizes_past_the_bounds_are_refused_by_key() {
+        let raw = real("ZAYA1-8B");
+        for key in [
+            "num_hidden_layers",
+            "head_dim",
+            "hidden_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "cca_time0",
+            "cca_time1",
+            "router_hidden_size",
+            "num_experts",
+            "moe_intermediate_size",
+            "vocab_size",
+        ] {
+            refuses_past_bound(&raw, &[key]);
+        }
     }
 }
