@@ -24,7 +24,7 @@ fn main() -> ExitCode {
     let result = cli::run(cli, &mut out).and_then(|()| out.flush().map_err(Into::into));
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if cli::shared::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) if e.is::<Interrupted>() => ExitCode::from(interrupt::EXIT_CODE),
         Err(e) => {
             report(&e);
@@ -32,13 +32,6 @@ fn main() -> ExitCode {
             ExitCode::from(if usage { 2 } else { 1 })
         }
     }
-}
-
-fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-    })
 }
 
 /// `error: outer: inner: root` on one line, then each `hint:` found anywhere in the chain.

@@ -251,6 +251,11 @@ fn bad_run_input_is_one_clear_error() {
             1,
         ),
         (vec!["run", d], "no prompt", 2),
+        (
+            vec!["run", d, "--prompt-file", "/dev/zero"],
+            "--prompt-file /dev/zero is larger than 16 MiB",
+            1,
+        ),
     ] {
         let o = run(&args);
         let err = expect_error(&o, code);

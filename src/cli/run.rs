@@ -10,10 +10,10 @@ use crate::generate::{self, Event, Limits, Stats};
 use crate::report::output_file::write_whole;
 use crate::report::panel::{self, LivePanel, Snapshot};
 use crate::report::units;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -53,15 +53,18 @@ fn read_prompt(args: &Args) -> Result<Option<String>> {
     }
     match &args.prompt_file {
         Some(p) if p.as_os_str() == "-" => {
-            let mut s = String::new();
-            std::io::stdin()
-                .read_to_string(&mut s)
-                .context("reading the prompt from stdin")?;
-            Ok(Some(s))
+            let bytes =
+                shared::read_limited(std::io::stdin(), shared::INPUT_LIMIT, "--prompt-file -")?;
+            String::from_utf8(bytes)
+                .map(Some)
+                .map_err(|_| anyhow::anyhow!("--prompt-file -: the prompt on stdin is not UTF-8"))
         }
-        Some(p) => std::fs::read_to_string(p)
-            .with_context(|| format!("reading the prompt from {}", p.display()))
-            .map(Some),
+        Some(p) => shared::read_text_limited(
+            p,
+            shared::INPUT_LIMIT,
+            &format!("--prompt-file {}", p.display()),
+        )
+        .map(Some),
         None => Ok(None),
     }
 }
