@@ -253,12 +253,24 @@ fn second_turn_prefills_only_its_new_tokens_and_matches_a_fresh_run() {
     assert_eq!(regen.prefilled, ids_len - split.unwrap());
     assert!(regen.prefilled <= 8, "only `<|turn>model\\n`: {regen:?}");
 
-    // /undo, then a new message: resumes from a snapshot of the second turn (the one before
-    // its generation prompt, or the one after its reply when that reply survives rendering).
-    assert!(s.conv.undo());
+    // /undo takes the cache back at once (so /stats and /kv count what is left) to a snapshot
+    // of the second turn (the one before its generation prompt, or the one after its reply
+    // when that reply survives rendering); a new message then goes on from there.
+    let (before, held_before) = (s.engine.ids().len(), s.engine.cache().bytes());
+    assert!(s.undo());
+    let (_, left, _) = s.prompt_ids().unwrap();
+    let now = s.engine.ids().to_vec();
+    assert!(
+        now.len() < before && left.starts_with(&now),
+        "{} of {before}",
+        now.len()
+    );
+    assert!(now.len() >= split2.unwrap());
+    let held: u64 = s.engine.cache().bytes().iter().sum();
+    assert!(held < held_before.iter().sum::<u64>());
     let (r4, _) = turn_checked(&mut s, Some("Something else"));
-    assert!(matches!(r4.resume, Resume::Snapshot { .. }), "{r4:?}");
-    assert!(r4.reused >= split2.unwrap(), "{r4:?}");
+    assert_eq!(r4.resume, Resume::Live, "{r4:?}");
+    assert_eq!(r4.reused, now.len(), "{r4:?}");
     assert!(s.engine.snapshot_count() <= s.engine.max_snapshots);
 }
 
@@ -657,6 +669,16 @@ fn a_full_context_says_so_or_shifts_with_context_shift() {
     assert!(o.status.success(), "{err}");
     assert!(err.contains("oldest turn"), "{err}");
     assert_eq!(meters(&err).len(), 5, "every message got a reply: {err}");
+    // A note about how a turn was prefilled comes before its reply and meter, never after.
+    let lines: Vec<&str> = err.lines().collect();
+    for (i, l) in lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with("note:"))
+    {
+        let next = lines[i + 1..].iter().find(|l| !l.starts_with("note:"));
+        assert!(next.is_some_and(|n| n.starts_with("[ctx ")), "{l}: {err}");
+    }
     for m in meters(&err) {
         let used: usize = m["[ctx ".len()..]
             .split('/')
@@ -794,6 +816,7 @@ fn thinking_is_split_from_the_answer_as_it_streams() {
             match part {
                 Part::Thinking => thinking.push_str(&text),
                 Part::Answer => answer.push_str(&text),
+                Part::Notice => panic!("the splitter gives no notices: {text}"),
             }
         }
     }

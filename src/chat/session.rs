@@ -511,6 +511,23 @@ impl Session {
         Ok(self.tok.encode(&text, false)?.len() < self.max_context)
     }
 
+    /// Remove the last exchange and take the cache back to what the conversation now holds
+    /// (a snapshot, as the next turn would), so `/stats`, `/kv` and the meter count only what
+    /// is left. False if there was nothing to undo.
+    pub fn undo(&mut self) -> bool {
+        if !self.conv.undo() {
+            return false;
+        }
+        match self.prompt_ids() {
+            Ok((_, ids, _)) if !self.conv.messages.is_empty() => {
+                self.engine.resume_for(&ids);
+            }
+            // Nothing left, or a template that cannot render the rest: start clean.
+            _ => self.engine.clear(),
+        }
+        true
+    }
+
     /// Generate the reply to the last user message. `on_text` gets the reply as it streams;
     /// `stop` set (Ctrl-C) ends it early, keeping what was said. On an error before
     /// generation the conversation is left as it was.
@@ -567,6 +584,9 @@ impl Session {
             Resume::Fresh { .. } => {}
         }
         let reused = self.engine.ids().len();
+        for notice in notices(resume, reused, dropped_turns) {
+            on_text(Part::Notice, &notice)?;
+        }
         let t0 = Instant::now();
         let mut logit_rows: Vec<Tensor> = vec![];
         if let Some(s) = split.filter(|&s| s > reused) {
@@ -662,4 +682,26 @@ impl Session {
             prefill_logits,
         })
     }
+}
+
+/// What a turn says before its reply about how it was prefilled.
+fn notices(resume: Resume, reused: usize, dropped_turns: usize) -> Vec<String> {
+    let mut out = vec![];
+    if dropped_turns > 0 {
+        out.push(format!(
+            "note: dropped the {dropped_turns} oldest turn{} to fit the context (--context-shift)",
+            if dropped_turns == 1 { "" } else { "s" }
+        ));
+    }
+    match resume {
+        Resume::Live => {}
+        Resume::Snapshot { from } => out.push(format!(
+            "note: the rendered conversation differs from the cache at token {from} (the template renders earlier turns differently from how they were generated, or the history changed): resumed from a snapshot of {reused} tokens"
+        )),
+        Resume::Fresh { from } if from > 0 => out.push(format!(
+            "note: the rendered conversation differs from the cache at token {from} and no snapshot matches: prefilled it again"
+        )),
+        Resume::Fresh { .. } => {}
+    }
+    out
 }

@@ -22,7 +22,7 @@ use super::shared::{self, DeviceArgs, SamplingArgs};
 use super::Ctx;
 use crate::arch::budget;
 use crate::chat::commands::{self, Command, LineAssembler, Setting, HELP};
-use crate::chat::session::{ContextError, Resume, Session, Settings, TurnReport};
+use crate::chat::session::{ContextError, Session, Settings, TurnReport};
 use crate::chat::template::{self, ChatTemplate};
 use crate::chat::thinking::Part;
 use crate::chat::transcript::{self, Transcript};
@@ -130,6 +130,7 @@ fn pick_template(
 }
 
 /// Terminal styling of the non-reply lines.
+#[derive(Clone, Copy)]
 struct Style {
     /// Colour stdout (replies, thinking).
     out: bool,
@@ -516,8 +517,10 @@ impl Chat {
         };
         let mut in_thinking = false;
         let mut wrote = false;
+        let (style, quiet) = (self.style, self.quiet);
         let mut on_text = |part: Part, text: &str| -> Result<()> {
             match part {
+                Part::Notice => note(&style, quiet, text),
                 Part::Thinking if !show_thinking => {}
                 Part::Thinking if thinking_to_stdout => {
                     if !in_thinking && colour {
@@ -611,36 +614,6 @@ impl Chat {
         if self.interactive || !self.quiet {
             eprintln!("{}", self.style.dim(self.style.err, &meter));
         }
-        match r.resume {
-            Resume::Live => {}
-            Resume::Snapshot { from } => note(
-                &self.style,
-                self.quiet,
-                &format!(
-                    "note: the rendered conversation differs from the cache at token {from} (the template renders earlier turns differently from how they were generated, or the history changed): resumed from a snapshot of {} tokens",
-                    r.reused
-                ),
-            ),
-            Resume::Fresh { from } if from > 0 => note(
-                &self.style,
-                self.quiet,
-                &format!(
-                    "note: the rendered conversation differs from the cache at token {from} and no snapshot matches: prefilled it again"
-                ),
-            ),
-            Resume::Fresh { .. } => {}
-        }
-        if r.dropped_turns > 0 {
-            note(
-                &self.style,
-                self.quiet,
-                &format!(
-                    "note: dropped the {} oldest turn{} to fit the context (--context-shift)",
-                    r.dropped_turns,
-                    if r.dropped_turns == 1 { "" } else { "s" }
-                ),
-            );
-        }
         if r.stop == Some(StopReason::ContextFull) {
             let hint = if s.context_shift {
                 "the next turn drops the oldest turns (--context-shift)"
@@ -692,7 +665,7 @@ impl Chat {
                 }
             }
             Command::Undo => {
-                if self.session.conv.undo() {
+                if self.session.undo() {
                     self.info("removed the last exchange");
                 } else {
                     self.fail(anyhow::anyhow!("/undo: there is nothing to undo"))?;
