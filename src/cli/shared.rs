@@ -295,6 +295,16 @@ pub struct Built {
 }
 
 /// [`build_model`] with the weight matrices held as `precision` says.
+/// The weights as the summary names them: `bf16`, `q8_0`, or `fp8+fp4 as f32` for a
+/// block-quantized checkpoint (dequantized as it loads).
+fn weights_label(runs_as: &str, stored_quantized: &[&str]) -> String {
+    if stored_quantized.is_empty() {
+        runs_as.to_string()
+    } else {
+        format!("{} as {runs_as}", stored_quantized.join("+"))
+    }
+}
+
 /// Checkpoint tensors the model never read: said in one line, listed with `-v`.
 fn warn_unused(ctx: &Ctx, unused: &[String]) {
     const SHOWN: usize = 3;
@@ -341,7 +351,10 @@ pub fn build_model_in(
     Ok(Built {
         model,
         load_s: t_load.elapsed().as_secs_f64(),
-        weights: precision.name(weights.stored_dtype()),
+        weights: weights_label(
+            &precision.name(weights.stored_dtype()),
+            &weights.quantized_formats(),
+        ),
     })
 }
 

@@ -407,6 +407,24 @@ impl Weights {
             .map_or(DType::F32, |(d, _)| d)
     }
 
+    /// The block-quantized formats the checkpoint stores (`fp8`, `fp4`), dequantized as read.
+    pub fn quantized_formats(&self) -> Vec<&'static str> {
+        let mut out = vec![];
+        for e in self.store.tensors.values() {
+            let name = match e.quantized.as_ref().map(|q| q.kind) {
+                Some(quantized::Quantized::Fp8E4m3) => "fp8",
+                Some(quantized::Quantized::Fp4Packed) => "fp4",
+                None => continue,
+            };
+            if !out.contains(&name) {
+                out.push(name);
+            }
+        }
+        out.sort();
+        out.reverse(); // fp8 first
+        out
+    }
+
     /// The detected layout (text root and LM head prefixes).
     pub fn layout(&self) -> Layout {
         self.store.layout
