@@ -9,6 +9,7 @@ use common::*;
 use llmarch::chat::session::{Resume, Session, Settings};
 use llmarch::chat::template::{self, ChatTemplate, RenderRequest, TemplateFailure};
 use llmarch::generate::sampler::Sampling;
+use llmarch::generate::StopReason;
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -123,16 +124,21 @@ fn every_template_renders_like_transformers() {
 
 #[test]
 fn shipped_templates_are_the_shared_ones() {
-    // CI has ../shared beside the repository; elsewhere there is nothing to compare.
+    // ../shared sits beside the repository (CI and every checkout here): without it the check
+    // cannot run, which is a failure, not a pass.
     let shared = root().join("../shared/templates");
-    if !shared.is_dir() {
-        eprintln!("skipped: {} not present", shared.display());
-        return;
-    }
+    assert!(
+        shared.is_dir(),
+        "{} is missing: the shipped templates cannot be compared",
+        shared.display()
+    );
+    let mut compared = 0;
     for (name, source) in template::BUILTIN {
         let theirs = std::fs::read_to_string(shared.join(format!("{name}.jinja"))).unwrap();
         assert_eq!(*source, theirs, "{name}");
+        compared += 1;
     }
+    assert!(compared > 0, "no built-in templates");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -916,4 +922,29 @@ fn templates_from_a_file_a_name_or_the_built_in_fallback() {
         err.contains("cannot read --input /nonexistent/in.txt"),
         "{err}"
     );
+}
+
+/// Ctrl-C during a long history's prefill stops between two chunks: no reply, what was fed
+/// stays cached, and the next try goes on from there.
+#[test]
+fn ctrl_c_stops_a_long_prefill_between_chunks() {
+    let mut s = session("e2b-like", 2);
+    s.max_context = 4096;
+    s.conv.push_user(&"word ".repeat(900));
+    let (_, ids, split) = s.prompt_ids().unwrap();
+    assert!(
+        split.unwrap() > llmarch::generate::PREFILL_CHUNK,
+        "{}",
+        ids.len()
+    );
+    let r = s.reply(&mut |_, _| Ok(()), &AtomicBool::new(true)).unwrap();
+    assert_eq!(r.stop, Some(StopReason::Interrupted));
+    assert_eq!(r.generated, 0);
+    assert_eq!(r.prefilled, llmarch::generate::PREFILL_CHUNK);
+    assert!(s.conv.awaits_reply(), "the message waits for its reply");
+    let r = s
+        .reply(&mut |_, _| Ok(()), &AtomicBool::new(false))
+        .unwrap();
+    assert_eq!(r.reused, llmarch::generate::PREFILL_CHUNK);
+    assert_eq!(r.generated, 2);
 }

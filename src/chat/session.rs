@@ -255,13 +255,23 @@ impl Engine {
     }
 
     /// Feed `tokens` without generating, in prefill chunks; returns the logits of every
-    /// position `[n, vocab]` when `all`, else of the last.
-    pub fn prefill(&mut self, model: &dyn CausalLm, tokens: &[u32], all: bool) -> Result<Tensor> {
-        let fed = generate::prefill(model, &mut self.live.cache, tokens, all, &mut |_| Ok(true))
-            .and_then(|l| l.ok_or_else(|| anyhow::anyhow!("internal: prefill stopped")));
+    /// position `[n, vocab]` when `all`, else of the last; `None` when `stop` was set (Ctrl-C)
+    /// between two chunks, the chunks fed so far kept.
+    pub fn prefill(
+        &mut self,
+        model: &dyn CausalLm,
+        tokens: &[u32],
+        all: bool,
+        stop: &AtomicBool,
+    ) -> Result<Option<Tensor>> {
+        let start = self.live.cache.seen();
+        let fed = generate::prefill(model, &mut self.live.cache, tokens, all, &mut |_| {
+            Ok(!stop.load(Ordering::SeqCst))
+        });
         match fed {
             Ok(logits) => {
-                self.live.ids.extend_from_slice(tokens);
+                let done = self.live.cache.seen() - start;
+                self.live.ids.extend_from_slice(&tokens[..done]);
                 Ok(logits)
             }
             Err(e) => {
@@ -590,9 +600,28 @@ impl Session {
         let t0 = Instant::now();
         let mut logit_rows: Vec<Tensor> = vec![];
         if let Some(s) = split.filter(|&s| s > reused) {
-            let logits =
-                self.engine
-                    .prefill(self.model.as_ref(), &ids[reused..s], self.keep_logits)?;
+            let logits = self.engine.prefill(
+                self.model.as_ref(),
+                &ids[reused..s],
+                self.keep_logits,
+                stop,
+            )?;
+            let Some(logits) = logits else {
+                // Ctrl-C during a long history: no reply; what was fed stays cached.
+                return Ok(TurnReport {
+                    prompt_tokens: ids.len(),
+                    reused,
+                    prefilled: self.engine.ids().len() - reused,
+                    resume,
+                    dropped_turns,
+                    prefill_s: t0.elapsed().as_secs_f64(),
+                    generated: 0,
+                    decode_tok_s: 0.0,
+                    stop: Some(StopReason::Interrupted),
+                    context_used: self.engine.ids().len(),
+                    prefill_logits: None,
+                });
+            };
             if self.keep_logits {
                 logit_rows.push(logits);
             }
