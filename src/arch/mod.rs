@@ -12,12 +12,15 @@
 //! nothing itself.
 
 pub mod budget;
+mod causal_lm;
 pub mod config;
 pub mod deepseek_v4;
 pub mod gemma4;
 pub mod laguna;
 pub mod qwen3_5;
 pub mod zaya;
+
+pub use causal_lm::{check_tokens, CausalLm, Rows};
 
 use anyhow::{bail, Result};
 use serde::Serialize;
@@ -49,7 +52,7 @@ pub type BuildFn = fn(
     &config::ParseOptions,
     candle_nn::VarBuilder<'static>,
     Option<candle_nn::VarBuilder<'static>>,
-) -> Result<Box<dyn crate::generate::CausalLm>>;
+) -> Result<Box<dyn CausalLm>>;
 
 /// The family a spec belongs to.
 pub fn family_of(spec: &ArchSpec) -> Option<&'static Family> {

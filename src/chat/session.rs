@@ -20,8 +20,9 @@
 use super::template::{ChatTemplate, RenderRequest};
 use super::thinking::{Markers, Part, Splitter};
 use crate::arch::ArchSpec;
+use crate::arch::CausalLm;
 use crate::generate::sampler::{Sampler, Sampling};
-use crate::generate::{self, CausalLm, Event, Limits, StopReason};
+use crate::generate::{self, Event, Limits, StopReason};
 use crate::layers::kv_store::KvStore;
 use crate::loader::tokenizer::TokenizerBundle;
 use anyhow::{bail, Result};

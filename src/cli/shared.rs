@@ -5,9 +5,9 @@
 //! [`INPUT_LIMIT`]), and telling a closed stdout pipe from a real error ([`is_broken_pipe`]).
 
 use super::Ctx;
+use crate::arch::CausalLm;
 use crate::arch::{self, budget::KvDtype, ArchSpec};
 use crate::generate::sampler::Sampling;
-use crate::generate::CausalLm;
 use crate::layers::linear::{with_weight_format, Quantization, WeightFormat};
 use crate::loader::generation_config::GenerationDefaults;
 use crate::loader::model_files::{self, ModelFiles, ResolveOptions};

@@ -36,7 +36,7 @@
 use super::{runtime_config, RuntimeConfig};
 use crate::arch::config::{ParseOptions, RopeFrequencies};
 use crate::arch::{ArchSpec, Attention as AttnKind, LayerSpec};
-use crate::generate::{CausalLm, Rows};
+use crate::arch::{CausalLm, Rows};
 use crate::layers::attention::attend_shared_kv_with_sinks;
 use crate::layers::embedding::ScaledEmbedding;
 use crate::layers::hyper_connections::{HyperConnection, HyperHead};
@@ -512,7 +512,7 @@ impl DeepseekV4Model {
         rows: Rows,
         mut trace: Option<&mut Vec<(usize, Selection)>>,
     ) -> Result<Tensor> {
-        crate::generate::check_tokens(tokens, self.spec.vocab_size)?;
+        crate::arch::check_tokens(tokens, self.spec.vocab_size)?;
         let n = tokens.len();
         let start = cache.seen();
         let positions: Vec<usize> = (start..start + n).collect();

@@ -20,7 +20,7 @@
 use super::{runtime_config, RuntimeConfig};
 use crate::arch::config::ParseOptions;
 use crate::arch::{ArchSpec, Ffn, LayerSpec};
-use crate::generate::{CausalLm, Rows};
+use crate::arch::{CausalLm, Rows};
 use crate::layers::attention::{Attention, AttentionOptions, ForwardCtx};
 use crate::layers::embedding::{softcap, ScaledEmbedding};
 use crate::layers::kv_store::KvStore;
@@ -323,7 +323,7 @@ impl CausalLm for Gemma4Model {
     /// Feeds `tokens` at positions `cache.seen()..`. On error the cache may hold part of the
     /// chunk: clear it before reusing it.
     fn forward_logits(&self, tokens: &[u32], cache: &mut KvStore, rows: Rows) -> Result<Tensor> {
-        crate::generate::check_tokens(tokens, self.spec.vocab_size)?;
+        crate::arch::check_tokens(tokens, self.spec.vocab_size)?;
         let n = tokens.len();
         let ids = Tensor::from_slice(tokens, (1, n), &self.device)?; // [1, n]
 

@@ -26,7 +26,7 @@ use super::{runtime_config, RuntimeConfig};
 use crate::arch::config::ParseOptions;
 use crate::arch::config::RopeFrequencies;
 use crate::arch::{ArchSpec, Attention as AttnKind, Ffn, LayerSpec};
-use crate::generate::{CausalLm, Rows};
+use crate::arch::{CausalLm, Rows};
 use crate::layers::attention::{Attention, AttentionOptions, ForwardCtx};
 use crate::layers::embedding::ScaledEmbedding;
 use crate::layers::kv_store::KvStore;
@@ -259,7 +259,7 @@ impl CausalLm for LagunaModel {
     /// Feeds `tokens` at positions `cache.seen()..`. On error the cache may hold part of the
     /// chunk: clear it before reusing it.
     fn forward_logits(&self, tokens: &[u32], cache: &mut KvStore, rows: Rows) -> Result<Tensor> {
-        crate::generate::check_tokens(tokens, self.spec.vocab_size)?;
+        crate::arch::check_tokens(tokens, self.spec.vocab_size)?;
         let n = tokens.len();
         if let Some((limit, kind)) = self.cfg.max_positions_limit() {
             if cache.seen() + n > limit {

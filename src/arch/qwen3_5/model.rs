@@ -22,7 +22,7 @@
 use super::{runtime_config, RuntimeConfig};
 use crate::arch::config::ParseOptions;
 use crate::arch::{ArchSpec, Attention as AttnKind, Ffn, LayerSpec};
-use crate::generate::{CausalLm, Rows};
+use crate::arch::{CausalLm, Rows};
 use crate::layers::attention::{attend_causal, CausalSpan};
 use crate::layers::embedding::ScaledEmbedding;
 use crate::layers::gated_deltanet::{DeltaNetShape, GatedDeltaNet};
@@ -366,7 +366,7 @@ impl CausalLm for Qwen3_5Model {
     /// Feeds `tokens` at positions `cache.seen()..`. On error the cache may hold part of the
     /// chunk: clear it before reusing it.
     fn forward_logits(&self, tokens: &[u32], cache: &mut KvStore, rows: Rows) -> Result<Tensor> {
-        crate::generate::check_tokens(tokens, self.spec.vocab_size)?;
+        crate::arch::check_tokens(tokens, self.spec.vocab_size)?;
         let n = tokens.len();
         let start = cache.seen();
         let ids = Tensor::from_slice(tokens, (1, n), &self.device)?;
