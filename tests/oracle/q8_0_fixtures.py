@@ -66,6 +66,8 @@ FIXTURES = [
     ("gemma4-moe-keqv", "gemma4/moe-keqv"),  # packed experts beside the MLP, softmax router, K=V
     ("laguna-xs2-like", "laguna/xs2-like"),  # per-expert Hub layout, sigmoid router, output gate, untied head
     ("zaya-hybrid", "zaya/hybrid"),  # CCA, MLP router with a carried state, tied head
+    ("deepseek_v4-flash-like", "deepseek_v4/flash-like"),  # CSA/HCA compressors, indexer, hash routing, mHC
+    ("qwen3_5-dense", "qwen3_5/dense"),  # Gated DeltaNet, gated full attention, untied head
 ]
 
 
@@ -104,6 +106,16 @@ def is_router(module_name):
     return any(part in ("router", "gate", "shared_expert_gate", "weights_proj") for part in module_name.split("."))
 
 
+# Linear modules of the reference that llmarch does not hold as a projection, so never quantizes:
+# DeepSeek V4's grouped `o_a_proj` [groups * o_lora_rank, heads * head_dim / groups] is applied
+# per group as a batched product of the plain tensor (src/arch/deepseek_v4/model.rs), in f32.
+NOT_A_PROJECTION_IN_LLMARCH = ("o_a_proj",)
+
+
+def kept_f32(module_name):
+    return is_router(module_name) or module_name.split(".")[-1] in NOT_A_PROJECTION_IN_LLMARCH
+
+
 @torch.no_grad()
 def quantize_like_llmarch(model):
     """Replaces, in place, the weights llmarch quantizes by their FORMAT values; returns their names."""
@@ -114,7 +126,7 @@ def quantize_like_llmarch(model):
         head.weight = torch.nn.Parameter(emb.weight.detach().clone())  # untie: the lookup stays f32
     done = []
     for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and mod.in_features % BLOCK == 0 and not is_router(name):
+        if isinstance(mod, torch.nn.Linear) and mod.in_features % BLOCK == 0 and not kept_f32(name):
             mod.weight.copy_(rnd(mod.weight))
             done.append(f"{name}.weight")
     for name, p in model.named_parameters():
