@@ -12,6 +12,12 @@ instantiated on the `meta` device, and its parameters are counted the way
 `model.parameters()` yields them (deduplicated, so a tied lm_head counts once).
 
 Writes tests/fixtures/reference_params.json and prints a summary.
+
+    /work/oracle-env/venv/bin/python tests/oracle/measure_params.py --tiny
+
+does the same for every tiny config the tests run or parse: `tests/fixtures/tiny/<name>/` and
+the model fixtures `tests/fixtures/<family>/<variant>/`, keyed by that path under
+tests/fixtures, into tests/fixtures/reference_params_tiny.json (no README figures to compare).
 """
 
 import argparse
@@ -32,6 +38,10 @@ torch.set_num_threads(1)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIGS = os.environ.get("LLMARCH_CONFIGS", "/work/shared/configs")
 OUT_PATH = os.path.join(REPO_ROOT, "tests", "fixtures", "reference_params.json")
+FIXTURES_ROOT = os.path.join(REPO_ROOT, "tests", "fixtures")
+TINY_OUT_PATH = os.path.join(FIXTURES_ROOT, "reference_params_tiny.json")
+# Folders under tests/fixtures holding tiny configs (each `<folder>/<name>/config.json`).
+TINY_FOLDERS = ["tiny", "gemma4", "laguna", "zaya", "deepseek_v4", "qwen3_5"]
 
 # text model_type -> causal LM class name
 CAUSAL_LM = {
@@ -113,6 +123,8 @@ def measure(folder, path):
     lm_w = model.lm_head.weight
     tied = lm_w is embed_w
     lm_head = 0 if tied else lm_w.numel()
+    lm_b = getattr(model.lm_head, "bias", None)
+    lm_head_bias = lm_b.numel() if lm_b is not None else 0
 
     routed = sum(p.numel() for n, p in named if is_routed_expert_param(n))
     num_experts, top_k = expert_counts(text_cfg)
@@ -143,6 +155,7 @@ def measure(folder, path):
         "ple": ple,
         "lm_head": lm_head,
         "tied_lm_head": tied,
+        "lm_head_bias": lm_head_bias,
         "routed_experts": routed,
         "num_experts": num_experts,
         "top_k": top_k,
@@ -158,7 +171,23 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default=DEFAULT_CONFIGS)
     ap.add_argument("--out", default=OUT_PATH)
+    ap.add_argument("--tiny", action="store_true", help="the tiny test configs -> " + TINY_OUT_PATH)
     args = ap.parse_args()
+
+    if args.tiny:
+        result = OrderedDict()
+        for top in TINY_FOLDERS:
+            for name in sorted(os.listdir(os.path.join(FIXTURES_ROOT, top))):
+                d = os.path.join(FIXTURES_ROOT, top, name)
+                if os.path.isfile(os.path.join(d, "config.json")):
+                    r = measure(name, d)
+                    del r["breakdown"]  # kept small; the preset file has the breakdowns
+                    result[f"{top}/{name}"] = r
+        compact_json.dump(result, TINY_OUT_PATH)
+        for k, r in result.items():
+            print(f"{k:<36} {r['repo_class']:<24} total {r['total']:>9} routed {r['routed_experts']:>8}")
+        print(f"{len(result)} tiny configs -> {TINY_OUT_PATH}")
+        return
 
     folders = sorted(
         d for d in os.listdir(args.configs) if os.path.isfile(os.path.join(args.configs, d, "config.json"))
@@ -166,6 +195,7 @@ def main():
     result = OrderedDict()
     for folder in folders:
         result[folder] = measure(folder, os.path.join(args.configs, folder))
+        del result[folder]["lm_head_bias"]  # none of the presets has one
 
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     compact_json.dump(result, args.out)
