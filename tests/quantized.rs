@@ -19,13 +19,27 @@ use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-/// Logit tolerance against the reference given the same q8_0 weights. Measured: at most 4.3e-5
-/// (summation order only); a weight quantized on one side and not the other moves logits by
-/// ~1e-2 and more.
-const TOL: f32 = 1e-3;
-/// A greedy decision counts when the reference's top-2 margin is above this: twice the largest
-/// logit error measured against it (4.3e-5), with room to spare.
-const CLEAR_MARGIN: f64 = 2e-4;
+/// Logit tolerance against the reference given the same quantized weights (summation order
+/// only; a weight quantized on one side and not the other moves logits by ~1e-2 and more).
+/// Measured: Qwen3.6 3.7e-4 (q4_0/qwen3_5-dense; its per-head gated norms amplify f32 rounding,
+/// see tests/oracle/README.md) and 7.9e-5 (q8_0); every other family at most 3.6e-5
+/// (q8_0/gemma4-e2b-like).
+fn tol(family: &str) -> f32 {
+    match family {
+        "qwen3_5" => 2e-3,
+        _ => 2e-4,
+    }
+}
+
+/// The family of a quantized reference: the fixture folder it was made from.
+fn family_of(r: &Value) -> String {
+    let src = r["fixture"].as_str().unwrap();
+    src.trim_start_matches("tests/fixtures/")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string()
+}
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -50,7 +64,7 @@ fn fixtures(format: &str) -> Vec<(String, Value, PathBuf)> {
         })
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
-    assert!(v.len() >= 4, "{format} fixtures: {}", v.len());
+    assert!(v.len() >= 6, "{format} fixtures: {}", v.len());
     v
 }
 
@@ -122,18 +136,21 @@ fn quantized_runs_equal_the_reference_given_the_same_quantized_weights() {
             .map(|m| m.as_f64().unwrap())
             .collect();
         let want = logits(&root().join(&name).join("reference.safetensors"), "logits");
+        let tol = tol(&family_of(&r));
+        // A greedy decision counts when the reference's top-2 margin is above twice the bound.
+        let clear_margin = 2.0 * tol as f64;
 
         // Prompt, then greedy decode one token at a time (the gemv path).
         let (stats, err, got) = run_quantized(format, &src, &prompt, want_ids.len());
         assert_eq!(stats["dtype"], format, "{name}");
         assert!(err.contains(&format!("{format} weights")), "{name}: {err}");
         let got_ids = ids(&stats["generated_ids"]);
-        // Tokens must agree while the reference's top-2 margin is clear of llmarch's logit error
-        // (every step of these fixtures: their smallest margin is 6e-4).
+        // Tokens must agree while the reference's top-2 margin is clear of llmarch's logit error.
         let clear = margins
             .iter()
-            .position(|&m| m < CLEAR_MARGIN)
+            .position(|&m| m < clear_margin)
             .unwrap_or(margins.len());
+        assert!(clear > 0, "{name}: no clear greedy decision to compare");
         assert_eq!(got_ids[..clear], want_ids[..clear], "{name}: greedy tokens");
         // One row per token fed: the prompt, then each generated token but the last.
         let rows = (prompt.len() + clear).min(got.dim(0).unwrap());
@@ -141,13 +158,16 @@ fn quantized_runs_equal_the_reference_given_the_same_quantized_weights() {
             &got.narrow(0, 0, rows).unwrap(),
             &want.narrow(0, 0, rows).unwrap(),
         );
-        assert!(d < TOL, "{name}: decode logits differ by {d}");
+        assert!(d < tol, "{name}: decode logits differ by {d} (bound {tol})");
 
         // The whole sequence as one prompt (the several-row GEMM path).
         let seq: Vec<u32> = prompt.iter().chain(&want_ids).copied().collect();
         let (_, _, got) = run_quantized(format, &src, &seq, 1);
         let d = max_abs_diff(&got.narrow(0, 0, seq.len()).unwrap(), &want);
-        assert!(d < TOL, "{name}: prefill logits differ by {d}");
+        assert!(
+            d < tol,
+            "{name}: prefill logits differ by {d} (bound {tol})"
+        );
         eprintln!("{name}: {clear} tokens equal, logits within {d:.1e}");
     }
 }

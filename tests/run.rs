@@ -460,14 +460,20 @@ fn cpu_weight_types_convert_or_map() {
 
 /// `run --dtype bf16` through the CLI for every family: over the reference's whole sequence the
 /// logits stay within `BF16_FACTOR` × the reference's own bf16 error (`logits_bf16`) of its f32
-/// logits, on the first fixture of the family that has `logits_bf16`.
+/// logits, on the first f32 fixture of the family that has `logits_bf16`. Measured 0.11-0.43× (the
+/// CLI keeps f32 activations); DeepSeek V4's `fp8-fp4-dequantized` only 8.8e-6 absolute, as if
+/// its weights stayed f32 (reported, not yet explained).
 #[test]
 fn bf16_runs_through_the_cli_for_every_family() {
     for family in reference::runnable_families() {
+        // An f32 checkpoint, so that the CLI rounds the weights itself.
         let dir = reference::family_fixtures(family.name)
             .into_iter()
-            .find(|d| reference::Fixture::load(d.clone()).logits_bf16.is_some())
-            .unwrap_or_else(|| panic!("{}: no fixture with logits_bf16", family.name));
+            .find(|d| {
+                stored_dtype(d) == "f32"
+                    && reference::Fixture::load(d.clone()).logits_bf16.is_some()
+            })
+            .unwrap_or_else(|| panic!("{}: no f32 fixture with logits_bf16", family.name));
         let f = reference::Fixture::load(dir.clone());
         let name = reference::fixture_name(&dir);
         let seq: Vec<String> = f.sequence().iter().map(u32::to_string).collect();

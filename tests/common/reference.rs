@@ -3,15 +3,109 @@
 //! `reference.safetensors` with the `logits` of one full forward over prompt + continuation), and
 //! the three checks each family runs on it.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use llmarch::arch::budget::{self, KvDtype};
+use llmarch::arch::{self, config::ParseOptions};
 use llmarch::generate::CausalLm;
 use llmarch::layers::kv_store::KvStore;
+use llmarch::loader::model_files::{resolve, ResolveOptions};
+use llmarch::loader::ModelRef;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-/// Logit tolerance against the reference (f32).
-pub const TOL: f32 = 5e-3;
+/// The f32 logit tolerance against the reference for a family's fixtures: a small multiple
+/// (5-7×) of the largest error measured over all its fixtures (full forward and cached decode,
+/// `check_against_reference` prints both), so a real change in the numbers cannot hide in it.
+/// A family without a measured bound fails here: measure it and add a line.
+pub fn logit_tol(family: &str) -> f32 {
+    match family {
+        // Measured 1.83e-4 (e4b-like, cached decode); the other variants 2e-5 to 7e-5.
+        "gemma4" => 1e-3,
+        // Measured 9.5e-6 (yarn-llama3).
+        "laguna" => 5e-5,
+        // Measured 9.1e-6 (hybrid, cached decode).
+        "zaya" => 5e-5,
+        // Measured 1.43e-5 (transformers-form); the 80-token Hub-layout forward 8.8e-6.
+        "deepseek_v4" => 1e-4,
+        // Measured 9.5e-5 (dense, cached decode). The reference agrees with itself only to
+        // ~1e-4 here (chunked vs recurrent rule, prefix lengths: tests/oracle/README.md).
+        "qwen3_5" => 5e-4,
+        other => panic!("no measured logit bound for the `{other}` family: measure it and add one"),
+    }
+}
+
+/// llmarch's bf16 logits may differ from the f32 reference by at most this multiple of what the
+/// reference's own bf16 run (`logits_bf16`) differs by. Both round weights to bf16; the
+/// reference also runs its activations in bf16, llmarch keeps them f32 on the CPU, so its error
+/// is comparable: measured 0.72-1.47× over every fixture but one (`BF16_EXCEPTIONS`) with
+/// `tests/oracle/bf16_logits.py`'s `logits_bf16` (`tests/families.rs` prints each).
+pub const BF16_FACTOR: f32 = 1.5;
+
+/// Fixtures measured above [`BF16_FACTOR`], each with its own bound and the measurement.
+const BF16_EXCEPTIONS: &[(&str, f32)] = &[
+    // Measured 2.66× (max error 4.37 vs the reference's 1.65; relative RMS 1.95×) where every
+    // other fixture is at most 1.47× (max) and 1.29× (RMS), its bf16-stored MoE twin
+    // `qwen3_5/moe` 1.02×. Not explained yet; bounded so that it cannot grow unnoticed.
+    ("qwen3_5/wrapper", 3.0),
+];
+
+/// Every family that can run (the registry in `src/arch/mod.rs`).
+pub fn runnable_families() -> Vec<&'static arch::Family> {
+    let v: Vec<_> = arch::FAMILIES
+        .iter()
+        .filter(|f| f.build.is_some())
+        .collect();
+    assert!(v.len() >= 5, "{} runnable families", v.len());
+    v
+}
+
+/// `tests/fixtures`.
+pub fn fixtures_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// A family's model fixtures, `tests/fixtures/<family>/<variant>/` (those with a
+/// `reference.json`), sorted. Fails when there are none: every family must have one.
+pub fn family_fixtures(family: &str) -> Vec<PathBuf> {
+    let root = fixtures_root().join(family);
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| panic!("{}: {e} (every family needs fixtures)", root.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("reference.json").is_file())
+        .collect();
+    v.sort();
+    assert!(!v.is_empty(), "{}: no fixtures", root.display());
+    v
+}
+
+/// `family/variant` of a fixture folder.
+pub fn fixture_name(dir: &Path) -> String {
+    dir.strip_prefix(fixtures_root())
+        .unwrap_or(dir)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Builds any fixture as `llmarch run` does (the registry picks the family), weights in `dtype`.
+pub fn build_any(dir: &Path, dtype: DType) -> Box<dyn CausalLm> {
+    let config = read_json(&dir.join("config.json"));
+    let spec = arch::parse_config(&config, &ParseOptions::default())
+        .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()));
+    let family = arch::family_of(&spec).expect("a registered family");
+    let files = resolve(
+        &ModelRef::Local(dir.to_path_buf()),
+        &ResolveOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()));
+    let ctx = llmarch::cli::Ctx {
+        quiet: true,
+        verbose: false,
+        parse: ParseOptions::default(),
+    };
+    llmarch::cli::shared::build_model(&files, family, &ctx, dtype, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()))
+        .0
+}
 
 pub struct Fixture {
     pub dir: PathBuf,
@@ -23,6 +117,9 @@ pub struct Fixture {
     pub generated: Vec<u32>,
     /// `[positions, vocab]`.
     pub logits: Tensor,
+    /// The reference's own bf16 run over the same sequence (`tests/oracle/bf16_logits.py`), in
+    /// f32, when the fixture has it.
+    pub logits_bf16: Option<Tensor>,
 }
 
 pub fn read_json(p: &Path) -> Value {
@@ -52,11 +149,15 @@ impl Fixture {
             .collect();
         weights.sort();
         assert!(!weights.is_empty(), "{}: no weights", dir.display());
-        let logits =
+        let mut tensors =
             candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
-                .unwrap()
-                .remove("logits")
-                .expect("reference.safetensors holds `logits`");
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let logits = tensors
+            .remove("logits")
+            .expect("reference.safetensors holds `logits`");
+        let logits_bf16 = tensors
+            .remove("logits_bf16")
+            .map(|t| t.to_dtype(DType::F32).unwrap());
         Fixture {
             prompt: ids("prompt_ids"),
             generated: ids("generated_ids"),
@@ -65,6 +166,7 @@ impl Fixture {
             reference,
             weights,
             logits,
+            logits_bf16,
         }
     }
 
@@ -101,6 +203,7 @@ pub fn argmax(row: &Tensor) -> u32 {
 /// - (c) the bytes the cache then holds equal `kv-budget`'s figure for that context, per layer.
 pub fn check_against_reference(variant: &str, model: &dyn CausalLm, f: &Fixture) -> (KvStore, f32) {
     let spec = model.spec();
+    let tol = logit_tol(spec.family);
     let seq = f.sequence();
     let (p, total) = (f.prompt.len(), seq.len());
     assert!(p > 0 && !f.generated.is_empty(), "{variant}: empty run");
@@ -114,7 +217,7 @@ pub fn check_against_reference(variant: &str, model: &dyn CausalLm, f: &Fixture)
     let full = model.forward(&seq, &mut model.new_cache()).unwrap();
     let err_full = max_abs_diff(&full, &f.logits);
     assert!(
-        err_full < TOL,
+        err_full < tol,
         "{variant}: full forward differs by {err_full}"
     );
 
@@ -132,7 +235,10 @@ pub fn check_against_reference(variant: &str, model: &dyn CausalLm, f: &Fixture)
     let err_steps = max_abs_diff(&stepped, &f.logits);
     for r in 0..total {
         let e = max_abs_diff(&stepped.get(r).unwrap(), &f.logits.get(r).unwrap());
-        assert!(e < TOL, "{variant}: position {r} differs by {e}");
+        assert!(
+            e < tol,
+            "{variant}: position {r} differs by {e} (bound {tol})"
+        );
     }
 
     // (c) What the cache holds equals kv-budget at this context, layer by layer.
@@ -221,19 +327,40 @@ pub fn check_bad_token_ids(model: &dyn CausalLm) {
     assert!(model.forward(&[], &mut model.new_cache()).is_err());
 }
 
-/// A bf16 model's logits over the fixture's sequence: f32, finite, within `bound` of the f32
-/// reference; returns the largest error.
-#[allow(dead_code)]
-pub fn check_bf16_near_reference(model: &dyn CausalLm, f: &Fixture, bound: f32) -> f32 {
+/// A bf16 model's logits over the fixture's sequence: f32, finite, and no further from the f32
+/// reference than [`BF16_FACTOR`] × the reference's own bf16 run (`logits_bf16`, required);
+/// returns (llmarch's error, the reference's).
+pub fn check_bf16_near_reference(what: &str, model: &dyn CausalLm, f: &Fixture) -> (f32, f32) {
+    let theirs = f
+        .logits_bf16
+        .as_ref()
+        .unwrap_or_else(|| panic!("{what}: no `logits_bf16` (tests/oracle/bf16_logits.py)"));
     let logits = model
         .forward(&f.sequence(), &mut model.new_cache())
         .unwrap();
-    assert_eq!(logits.dtype(), candle_core::DType::F32);
+    assert_eq!(logits.dtype(), DType::F32);
     let err = max_abs_diff(&logits, &f.logits);
-    eprintln!("bf16: max logit error {err:.3e}");
-    assert!(
-        err.is_finite() && err < bound,
-        "bf16 logits differ from the f32 reference by {err}"
+    let ref_err = max_abs_diff(theirs, &f.logits);
+    let rms = |a: &Tensor| -> f32 {
+        let d = (a - &f.logits).unwrap().sqr().unwrap().sum_all().unwrap();
+        let n = f.logits.sqr().unwrap().sum_all().unwrap();
+        (d.to_scalar::<f32>().unwrap() / n.to_scalar::<f32>().unwrap()).sqrt()
+    };
+    eprintln!(
+        "{what}: bf16 max logit error {err:.3e}, the reference's bf16 run {ref_err:.3e} ({:.2}×); rel RMS {:.3e} vs {:.3e} ({:.2}×)",
+        err / ref_err, rms(&logits), rms(theirs), rms(&logits)/rms(theirs)
     );
-    err
+    assert!(
+        ref_err > 0.0,
+        "{what}: the reference's bf16 run equals its f32 run"
+    );
+    let factor = BF16_EXCEPTIONS
+        .iter()
+        .find(|(name, _)| *name == what)
+        .map_or(BF16_FACTOR, |&(_, k)| k);
+    assert!(
+        err.is_finite() && err <= factor * ref_err,
+        "{what}: bf16 logits differ from the f32 reference by {err}, the reference's bf16 run by {ref_err}"
+    );
+    (err, ref_err)
 }
