@@ -9,7 +9,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    llmarch::layers::parallel::init();
+    llmarch::kernels::parallel::init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

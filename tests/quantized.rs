@@ -233,7 +233,8 @@ fn quantized_formats_are_in_the_help_and_a_gpu_device_is_a_clear_error() {
             "--device",
             device,
         ]);
-        let err = expect_error(&o, 1);
+        // A usage error: flags that cannot go together.
+        let err = expect_error(&o, 2);
         assert!(
             err.contains(&format!("{format} runs on the CPU only")) && err.contains("hint:"),
             "{err}"

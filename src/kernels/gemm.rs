@@ -114,7 +114,7 @@ fn gemm_on(isa: Isa, w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32]) -> R
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{MR, NR};
-    use crate::layers::gemv::x86::hsum8;
+    use crate::kernels::gemv::x86::hsum8;
     use std::arch::x86_64::*;
 
     /// What a panel call gets: `x` and its row stride, `m` rows; the panel `w`, its row stride
@@ -272,9 +272,9 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::gemv::tests::isas;
-    use crate::layers::gemv::tests::{check, random, reference};
-    use crate::layers::gemv::{Q4_0Matrix, Q8_0Matrix};
+    use crate::kernels::gemv::tests::isas;
+    use crate::kernels::gemv::tests::{check, random, reference};
+    use crate::kernels::gemv::{Q4_0Matrix, Q8_0Matrix};
     use half::{bf16, f16};
 
     /// Per output `(i, j)`: the f64 reference of row `i` of `x` against row `j` of `w`.

@@ -24,7 +24,7 @@
 use super::causal_conv::{CausalConvStack, ValidConv1d};
 use super::kv_store::LayerKv;
 use super::linear::Linear;
-use super::parallel::parallel_for;
+use crate::kernels::parallel::parallel_for;
 use super::weight;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
@@ -193,7 +193,7 @@ impl HeadInputs<'_> {
     /// `[n·dv]` gets the head's gated, normalised output (step 3 before `out_proj`).
     fn run(&self, h: usize, state: &mut [f32], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if super::gemv::Isa::get().has_avx2() {
+        if crate::kernels::gemv::Isa::get().has_avx2() {
             // SAFETY: AVX2 and FMA were detected.
             unsafe { self.run_avx2(h, state, out) };
             return;

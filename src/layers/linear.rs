@@ -4,8 +4,8 @@
 //!
 //! Notable:
 //! - CPU kernels of our own: one activation row (the decode step) goes to the row-parallel
-//!   gemv of [`super::gemv`], which streams each weight byte once at close to memory bandwidth;
-//!   several rows (prefill) go to the packing-free tiled GEMM of [`super::gemm`]. candle's GEMM
+//!   gemv of [`crate::kernels::gemv`], which streams each weight byte once at close to memory bandwidth;
+//!   several rows (prefill) go to the packing-free tiled GEMM of [`crate::kernels::gemm`]. candle's GEMM
 //!   reaches a fraction of the bandwidth at batch 1 and repacks the transposed weight on every
 //!   call. Other devices, non-contiguous weights and CPUs without AVX2 (for the GEMM) keep
 //!   candle's matmul. All paths accumulate in f32 and agree to f32 rounding.
@@ -23,8 +23,8 @@
 //!   own rounding of the f32 product (q8_0 ~0.5 %, q4_0 ~8 % relative RMS for Gaussian
 //!   weights), tested below.
 
-use super::gemm;
-use super::gemv::{self, Q4_0Matrix, Q8_0Matrix, WeightRows};
+use crate::kernels::gemm;
+use crate::kernels::gemv::{self, Q4_0Matrix, Q8_0Matrix, WeightRows};
 use super::mapped::MappedTensor;
 use super::weight;
 use anyhow::{bail, Context, Result};
@@ -684,7 +684,7 @@ mod tests {
 #[cfg(test)]
 mod q8_0_accuracy_tests {
     use super::*;
-    use crate::layers::gemv::tests::normal;
+    use crate::kernels::gemv::tests::normal;
     use candle_core::Device;
 
     /// `‖a − b‖ / ‖b‖` over every element.

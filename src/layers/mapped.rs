@@ -1,7 +1,7 @@
 //! Weights served straight from the memory-mapped checkpoint, in the dtype they are stored in.
 //!
 //! A bf16 checkpoint run with f32 activations needs no copy of its matrices: the CPU kernels
-//! ([`super::gemv`], [`super::gemm`]) widen bf16/f16 in registers, so they can read the mapped
+//! ([`crate::kernels::gemv`], [`crate::kernels::gemm`]) widen bf16/f16 in registers, so they can read the mapped
 //! file bytes directly. Resident memory then holds only the pages the forward pass touches, and
 //! lookup tables (token embeddings, Gemma 4's per-layer embedding table) are read one row per
 //! token ([`MappedTensor::gather_rows`]): a 2.35 B-entry PLE table costs the rows a prompt uses,
@@ -11,7 +11,7 @@
 //! its dtype (safetensors does not promise it; an unaligned tensor is simply not served from the
 //! mapping and is loaded as a copy instead), and hands out typed slices.
 
-use super::gemv::{WeightRows, Widen};
+use crate::kernels::gemv::{WeightRows, Widen};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};

@@ -32,7 +32,7 @@ impl Activation {
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
         let y = match self {
-            Activation::GeluTanh => super::gelu::gelu_tanh(&xf)?,
+            Activation::GeluTanh => crate::kernels::gelu::gelu_tanh(&xf)?,
             Activation::Silu => candle_nn::ops::silu(&xf)?,
         };
         Ok(y.to_dtype(dtype)?)

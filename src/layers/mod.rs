@@ -3,17 +3,14 @@
 //! per-layer table.
 //!
 //! Every weight matmul goes through [`linear`], so a faster kernel or quantized weights can be
-//! swapped in at one place (its CPU kernels: [`gemv`] for one row, [`gemm`] for several); every
-//! tensor read goes through [`weight`], whose errors name it.
+//! swapped in at one place (its CPU kernels, in [`crate::kernels`]: `gemv` for one row, `gemm`
+//! for several); every tensor read goes through [`weight`], whose errors name it.
 
 pub mod attention;
 pub mod causal_conv;
 pub mod cca;
 pub mod embedding;
 pub mod gated_deltanet;
-pub mod gelu;
-pub mod gemm;
-pub mod gemv;
 pub mod hyper_connections;
 pub mod kv_store;
 pub mod lightning_indexer;
@@ -24,7 +21,6 @@ pub mod mlp_router;
 pub mod moe;
 pub mod norm;
 pub mod output_gate;
-pub mod parallel;
 pub mod per_layer_embedding;
 pub mod residual_scaling;
 pub mod rope;
