@@ -14,7 +14,7 @@ pub trait CausalLm {
 
     /// An empty cache shaped for this model (as its per-layer table says).
     fn new_cache(&self) -> KvStore {
-        KvStore::for_spec(self.spec())
+        super::blocks::kv_store_for(self.spec())
     }
 
     /// Feed `tokens` (batch 1) at positions `cache.seen()..`, update `cache`, and return the

@@ -11,6 +11,7 @@
 //! length. KV sharing is a [`LayerSpec::kv_source`] pointing at the owning layer, which then holds
 //! nothing itself.
 
+mod blocks;
 pub mod budget;
 mod causal_lm;
 pub mod config;

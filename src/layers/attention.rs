@@ -29,7 +29,6 @@ use super::linear::{matmul_t, Linear};
 use super::norm::RmsNorm;
 use super::output_gate::SoftplusOutputGate;
 use super::rope::Rotary;
-use crate::arch::{Attention as AttnKind, LayerSpec};
 use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
@@ -236,6 +235,23 @@ fn probs_times_values(p: &Tensor, v: &Tensor) -> Result<Tensor> {
     Ok(Tensor::stack(&heads, 0)?.reshape((b, hkv, m, dv))?)
 }
 
+/// The shape of one softmax attention layer as this block needs it; families make it from their
+/// per-layer table (`arch::blocks`), so this file knows no model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionGeometry {
+    pub layer: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    /// Of keys and values alike.
+    pub head_dim: usize,
+    /// Sliding window (the current token included); `None`: full causal attention.
+    pub window: Option<usize>,
+    /// KV sharing: the earlier layer whose cache this one reads (it computes no k/v).
+    pub kv_source: Option<usize>,
+    /// The values are the keys (no `v_proj`).
+    pub k_eq_v: bool,
+}
+
 /// Options the family decides, beyond the per-layer table.
 #[derive(Debug, Clone)]
 pub struct AttentionOptions {
@@ -274,40 +290,24 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// Build layer `spec.index` from `vb` (positioned at its `self_attn`). A KV-sharing layer
+    /// Build layer `g.layer` from `vb` (positioned at its `self_attn`). A KV-sharing layer
     /// reads no k/v projections or norms, even when the checkpoint carries them.
     pub fn load(
         vb: &VarBuilder,
-        spec: &LayerSpec,
+        g: &AttentionGeometry,
         hidden: usize,
         rope: Arc<Rotary>,
         opts: &AttentionOptions,
     ) -> Result<Self> {
-        let (hq, hkv, d) = (spec.q_heads, spec.kv_heads, spec.head_dim);
-        let window = match spec.attention {
-            AttnKind::Full => None,
-            AttnKind::Sliding { window } => Some(window),
-            ref other => bail!(
-                "layer {}: attention `{}` is not plain softmax attention",
-                spec.index,
-                other.label()
-            ),
-        };
-        if spec.v_head_dim != d {
-            bail!(
-                "layer {}: value heads of {} differ from key heads of {d}; not supported here",
-                spec.index,
-                spec.v_head_dim
-            );
-        }
+        let (hq, hkv, d) = (g.q_heads, g.kv_heads, g.head_dim);
         if rope.head_dim() != d {
             bail!(
                 "internal: layer {}: RoPE for heads of {}",
-                spec.index,
+                g.layer,
                 rope.head_dim()
             );
         }
-        let owns = spec.kv_source.is_none();
+        let owns = g.kv_source.is_none();
         let norm = |name: &str| -> Result<Option<RmsNorm>> {
             Ok(if opts.qkv_norms {
                 Some(RmsNorm::load(&vb.pp(name), d, opts.eps)?)
@@ -316,13 +316,13 @@ impl Attention {
             })
         };
         Ok(Attention {
-            layer: spec.index,
+            layer: g.layer,
             q_heads: hq,
             kv_heads: hkv,
             head_dim: d,
-            window,
-            kv_source: spec.kv_source,
-            k_eq_v: spec.k_eq_v,
+            window: g.window,
+            kv_source: g.kv_source,
+            k_eq_v: g.k_eq_v,
             scale: opts.scale,
             q_proj: Linear::load(&vb.pp("q_proj"), hidden, hq * d, opts.bias)?,
             k_proj: if owns {
@@ -330,7 +330,7 @@ impl Attention {
             } else {
                 None
             },
-            v_proj: if owns && !spec.k_eq_v {
+            v_proj: if owns && !g.k_eq_v {
                 Some(Linear::load(&vb.pp("v_proj"), hidden, hkv * d, opts.bias)?)
             } else {
                 None

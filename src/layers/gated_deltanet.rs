@@ -24,8 +24,8 @@
 use super::causal_conv::{CausalConvStack, ValidConv1d};
 use super::kv_store::LayerKv;
 use super::linear::Linear;
-use crate::kernels::parallel::parallel_for;
 use super::weight;
+use crate::kernels::parallel::parallel_for;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;

@@ -126,26 +126,6 @@ impl KvStore {
         }
     }
 
-    /// The store the per-layer table describes: a slot for every layer that owns a cache (not
-    /// KV-shared), keeping the window of sliding layers.
-    pub fn for_spec(spec: &crate::arch::ArchSpec) -> Self {
-        use crate::arch::Attention;
-        let owns: Vec<bool> = spec.layers.iter().map(|l| l.kv_source.is_none()).collect();
-        let windows: Vec<Option<usize>> = spec
-            .layers
-            .iter()
-            .map(|l| match l.attention {
-                Attention::Sliding { window }
-                | Attention::Cca {
-                    window: Some(window),
-                }
-                | Attention::Compressed { window, .. } => Some(window),
-                _ => None,
-            })
-            .collect();
-        KvStore::new(&owns, &windows)
-    }
-
     /// Tokens fed so far: the position the next token gets.
     pub fn seen(&self) -> usize {
         self.seen

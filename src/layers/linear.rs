@@ -23,10 +23,10 @@
 //!   own rounding of the f32 product (q8_0 ~0.5 %, q4_0 ~8 % relative RMS for Gaussian
 //!   weights), tested below.
 
-use crate::kernels::gemm;
-use crate::kernels::gemv::{self, Q4_0Matrix, Q8_0Matrix, WeightRows};
 use super::mapped::MappedTensor;
 use super::weight;
+use crate::kernels::gemm;
+use crate::kernels::gemv::{self, Q4_0Matrix, Q8_0Matrix, WeightRows};
 use anyhow::{bail, Context, Result};
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use candle_nn::VarBuilder;

@@ -110,7 +110,13 @@ impl DecoderLayer {
             ),
         };
         Ok(DecoderLayer {
-            attn: Attention::load(&vb.pp("self_attn"), spec, hidden, rope, &attn_opts)?,
+            attn: Attention::load(
+                &vb.pp("self_attn"),
+                &spec.softmax_geometry()?,
+                hidden,
+                rope,
+                &attn_opts,
+            )?,
             input_norm: norm("input_layernorm")?,
             post_attn_norm: norm("post_attention_layernorm")?,
             pre_ffn_norm: norm("pre_feedforward_layernorm")?,

@@ -82,9 +82,15 @@ impl DecoderLayer {
             spec.head_dim,
             cfg.gate,
         )?;
-        let attn = Attention::load(&vb_attn, spec, hidden, rope, &attn_opts)?
-            .without_value_norm()
-            .with_output_gate(gate);
+        let attn = Attention::load(
+            &vb_attn,
+            &spec.softmax_geometry()?,
+            hidden,
+            rope,
+            &attn_opts,
+        )?
+        .without_value_norm()
+        .with_output_gate(gate);
         let ffn = match &spec.ffn {
             Ffn::Dense { width } => {
                 FeedForward::Dense(GatedMlp::load(&vb.pp("mlp"), hidden, *width, act)?)
