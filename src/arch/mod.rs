@@ -341,17 +341,6 @@ pub struct Rope {
     pub factor: Option<f64>,
 }
 
-impl Rope {
-    pub fn label(&self) -> String {
-        let theta = crate::report::units::compact_number(self.theta);
-        let mut s = format!("{} θ{theta} rot {}", self.kind, self.rotary_dim);
-        if let Some(f) = self.factor {
-            s.push_str(&format!(" ×{f}"));
-        }
-        s
-    }
-}
-
 /// The feed-forward block of a layer.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

@@ -52,6 +52,20 @@ pub fn to_json(model: &ModelRef, spec: &ArchSpec) -> serde_json::Value {
     v
 }
 
+/// `proportional θ1M rot 128 ×8`: kind, base, rotated dimensions, scaling factor.
+fn rope_label(r: &crate::arch::Rope) -> String {
+    let mut s = format!(
+        "{} θ{} rot {}",
+        r.kind,
+        units::compact_number(r.theta),
+        r.rotary_dim
+    );
+    if let Some(f) = r.factor {
+        s.push_str(&format!(" ×{f}"));
+    }
+    s
+}
+
 /// The per-layer cells, everything but the index (used for folding and for `chat /layers`).
 pub fn layer_cells(l: &LayerSpec) -> Vec<String> {
     let heads = format!("{}q/{}kv", l.q_heads, l.kv_heads);
@@ -103,7 +117,7 @@ pub fn layer_cells(l: &LayerSpec) -> Vec<String> {
         } else {
             holds.join(" + ")
         },
-        l.rope.as_ref().map_or("-".into(), |r| r.label()),
+        l.rope.as_ref().map_or("-".into(), rope_label),
         l.ffn.label(),
         l.ple_width.map_or("-".into(), |w| w.to_string()),
         l.notes.join(", "),
