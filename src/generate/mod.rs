@@ -9,8 +9,7 @@
 
 pub mod sampler;
 
-/// Until the tests import them from `arch`: the names the tests use.
-pub use crate::arch::{CausalLm, Rows};
+use crate::arch::{CausalLm, Rows};
 
 use crate::layers::kv_store::KvStore;
 use anyhow::{bail, Result};

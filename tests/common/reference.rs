@@ -5,8 +5,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use llmarch::arch::budget::{self, KvDtype};
+use llmarch::arch::CausalLm;
 use llmarch::arch::{self, config::ParseOptions};
-use llmarch::generate::CausalLm;
 use llmarch::layers::kv_store::KvStore;
 use llmarch::loader::model_files::{resolve, ResolveOptions};
 use llmarch::loader::ModelRef;
