@@ -10,7 +10,6 @@
 pub mod sampler;
 
 use crate::arch::{CausalLm, Rows};
-
 use crate::layers::kv_store::KvStore;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
