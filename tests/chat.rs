@@ -191,7 +191,7 @@ fn turn_checked(
     }
     let (_, ids, split) = s.prompt_ids().unwrap();
     let r = s
-        .reply(&mut |_, _| Ok(()), &AtomicBool::new(false))
+        .reply(&mut |_| {}, &mut |_, _| Ok(()), &AtomicBool::new(false))
         .unwrap();
     assert_eq!(r.prompt_tokens, ids.len());
     assert_eq!(r.reused + r.prefilled, ids.len());
@@ -822,7 +822,6 @@ fn thinking_is_split_from_the_answer_as_it_streams() {
             match part {
                 Part::Thinking => thinking.push_str(&text),
                 Part::Answer => answer.push_str(&text),
-                Part::Notice => panic!("the splitter gives no notices: {text}"),
             }
         }
     }
@@ -937,13 +936,15 @@ fn ctrl_c_stops_a_long_prefill_between_chunks() {
         "{}",
         ids.len()
     );
-    let r = s.reply(&mut |_, _| Ok(()), &AtomicBool::new(true)).unwrap();
+    let r = s
+        .reply(&mut |_| {}, &mut |_, _| Ok(()), &AtomicBool::new(true))
+        .unwrap();
     assert_eq!(r.stop, Some(StopReason::Interrupted));
     assert_eq!(r.generated, 0);
     assert_eq!(r.prefilled, llmarch::generate::PREFILL_CHUNK);
     assert!(s.conv.awaits_reply(), "the message waits for its reply");
     let r = s
-        .reply(&mut |_, _| Ok(()), &AtomicBool::new(false))
+        .reply(&mut |_| {}, &mut |_, _| Ok(()), &AtomicBool::new(false))
         .unwrap();
     assert_eq!(r.reused, llmarch::generate::PREFILL_CHUNK);
     assert_eq!(r.generated, 2);

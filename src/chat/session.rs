@@ -352,6 +352,16 @@ pub struct Totals {
     pub refilled_from_scratch: usize,
 }
 
+/// What a turn tells before its reply about how it is prefilled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    /// The oldest turns were dropped to fit the context (`--context-shift`).
+    DroppedTurns(usize),
+    /// The rendered conversation differs from the cache (not at its start): `reused` tokens
+    /// are kept.
+    Resumed { resume: Resume, reused: usize },
+}
+
 /// What one turn did.
 #[derive(Debug, Clone)]
 pub struct TurnReport {
@@ -539,11 +549,13 @@ impl Session {
         true
     }
 
-    /// Generate the reply to the last user message. `on_text` gets the reply as it streams;
-    /// `stop` set (Ctrl-C) ends it early, keeping what was said. On an error before
-    /// generation the conversation is left as it was.
+    /// Generate the reply to the last user message. `on_notice` hears how the turn is
+    /// prefilled before it starts, `on_text` gets the reply as it streams; `stop` set (Ctrl-C)
+    /// ends it early, keeping what was said. On an error before generation the conversation is
+    /// left as it was.
     pub fn reply(
         &mut self,
+        on_notice: &mut dyn FnMut(Notice),
         on_text: &mut dyn FnMut(Part, &str) -> Result<()>,
         stop: &AtomicBool,
     ) -> Result<TurnReport> {
@@ -595,8 +607,11 @@ impl Session {
             Resume::Fresh { .. } => {}
         }
         let reused = self.engine.ids().len();
-        for notice in notices(resume, reused, dropped_turns) {
-            on_text(Part::Notice, &notice)?;
+        if dropped_turns > 0 {
+            on_notice(Notice::DroppedTurns(dropped_turns));
+        }
+        if !matches!(resume, Resume::Live | Resume::Fresh { from: 0 }) {
+            on_notice(Notice::Resumed { resume, reused });
         }
         let t0 = Instant::now();
         let mut logit_rows: Vec<Tensor> = vec![];
@@ -712,26 +727,4 @@ impl Session {
             prefill_logits,
         })
     }
-}
-
-/// What a turn says before its reply about how it was prefilled.
-fn notices(resume: Resume, reused: usize, dropped_turns: usize) -> Vec<String> {
-    let mut out = vec![];
-    if dropped_turns > 0 {
-        out.push(format!(
-            "note: dropped the {dropped_turns} oldest turn{} to fit the context (--context-shift)",
-            if dropped_turns == 1 { "" } else { "s" }
-        ));
-    }
-    match resume {
-        Resume::Live => {}
-        Resume::Snapshot { from } => out.push(format!(
-            "note: the rendered conversation differs from the cache at token {from} (the template renders earlier turns differently from how they were generated, or the history changed): resumed from a snapshot of {reused} tokens"
-        )),
-        Resume::Fresh { from } if from > 0 => out.push(format!(
-            "note: the rendered conversation differs from the cache at token {from} and no snapshot matches: prefilled it again"
-        )),
-        Resume::Fresh { .. } => {}
-    }
-    out
 }

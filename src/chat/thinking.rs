@@ -52,12 +52,9 @@ impl Markers {
     }
 }
 
-/// Which part of a turn a piece of text belongs to.
+/// Which part of the reply a piece of text belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Part {
-    /// Said before the reply starts, about how the turn is prefilled (turns dropped to fit,
-    /// the cache resumed from a snapshot): one whole line, not model text.
-    Notice,
     Thinking,
     Answer,
 }

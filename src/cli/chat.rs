@@ -22,7 +22,7 @@ use super::shared::{self, DeviceArgs, SamplingArgs};
 use super::Ctx;
 use crate::arch::budget;
 use crate::chat::commands::{self, Command, LineAssembler, Setting, HELP};
-use crate::chat::session::{ContextError, Session, Settings, TurnReport};
+use crate::chat::session::{ContextError, Notice, Resume, Session, Settings, TurnReport};
 use crate::chat::template::{self, ChatTemplate};
 use crate::chat::thinking::Part;
 use crate::chat::transcript::{self, Transcript};
@@ -178,6 +178,31 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn error_line(e: &str) {
     eprintln!("{} {e}", report::prefix("error"));
+}
+
+/// The note line for how a turn is prefilled.
+fn notice_text(n: Notice) -> String {
+    match n {
+        Notice::DroppedTurns(k) => format!(
+            "note: dropped the {k} oldest turn{} to fit the context (--context-shift)",
+            if k == 1 { "" } else { "s" }
+        ),
+        Notice::Resumed {
+            resume: Resume::Snapshot { from },
+            reused,
+        } => format!(
+            "note: the rendered conversation differs from the cache at token {from} (the template renders earlier turns differently from how they were generated, or the history changed): resumed from a snapshot of {reused} tokens"
+        ),
+        Notice::Resumed { resume, .. } => {
+            let from = match resume {
+                Resume::Fresh { from } | Resume::Snapshot { from } => from,
+                Resume::Live => 0,
+            };
+            format!(
+                "note: the rendered conversation differs from the cache at token {from} and no snapshot matches: prefilled it again"
+            )
+        }
+    }
 }
 
 fn note(style: &Style, quiet: bool, s: &str) {
@@ -520,7 +545,6 @@ impl Chat {
         let (style, quiet) = (self.style, self.quiet);
         let mut on_text = |part: Part, text: &str| -> Result<()> {
             match part {
-                Part::Notice => note(&style, quiet, text),
                 Part::Thinking if !show_thinking => {}
                 Part::Thinking if thinking_to_stdout => {
                     if !in_thinking && colour {
@@ -551,7 +575,8 @@ impl Chat {
             }
             Ok(())
         };
-        let result = self.session.reply(&mut on_text, &self.stop);
+        let mut on_notice = |n: Notice| note(&style, quiet, &notice_text(n));
+        let result = self.session.reply(&mut on_notice, &mut on_text, &self.stop);
         if in_thinking && colour {
             out.write_all(b"\x1b[0m")?;
         }
