@@ -17,14 +17,14 @@ pub mod lightning_indexer;
 pub mod linear;
 pub mod mapped;
 pub mod mlp;
-pub mod mlp_router;
 pub mod moe;
 pub mod norm;
 pub mod output_gate;
 pub mod per_layer_embedding;
 pub mod residual_scaling;
 pub mod rope;
-pub mod score_routing;
-pub mod sigmoid_moe;
 pub mod token_compressor;
 pub mod weight;
+
+// The old paths, until every family imports from `moe`.
+pub use moe::score_routing;

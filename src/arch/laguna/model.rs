@@ -12,12 +12,12 @@
 //!    `softplus(g_proj x)` (per head or per channel) before `o_proj`;
 //! 2. `h += mlp(post_attn_norm(h))`: a dense SwiGLU MLP, or (`mlp_layer_types` = `sparse`) the
 //!    sigmoid-routed experts, scaled by `moe_routed_scaling_factor`, plus the shared expert
-//!    (see [`crate::layers::sigmoid_moe`]).
+//!    (see [`crate::layers::moe::sigmoid`]).
 //!
 //! Weights may come in the Hub layout (one MLP per expert, `shared_expert`, the router's
 //! score-correction bias under the experts: what transformers' `save_pretrained` writes) or in the
 //! reference's module layout (packed experts, `shared_experts`, the bias under `gate`); see
-//! [`crate::layers::sigmoid_moe`].
+//! [`crate::layers::moe::sigmoid`].
 //!
 //! The cache holds K and V of every layer (`num_key_value_heads × head_dim` per token, whatever
 //! the query heads), the last `sliding_window` tokens on sliding layers.
@@ -32,10 +32,10 @@ use crate::layers::embedding::ScaledEmbedding;
 use crate::layers::kv_store::KvStore;
 use crate::layers::linear::{output_head, Linear};
 use crate::layers::mlp::{Activation, GatedMlp};
+use crate::layers::moe::sigmoid::{SharedExpertMoe, SharedExpertMoeShape};
 use crate::layers::norm::RmsNorm;
 use crate::layers::output_gate::SoftplusOutputGate;
 use crate::layers::rope::Rotary;
-use crate::layers::sigmoid_moe::{SharedExpertMoe, SharedExpertMoeShape};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;

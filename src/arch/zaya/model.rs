@@ -10,7 +10,7 @@
 //!    Attention ([`crate::layers::cca`]) with the layer type's RoPE (`hybrid`: all tokens,
 //!    `hybrid_sliding`: the last `sliding_window`);
 //! 2. `h = post_mlp_residual_scale(experts(x), h)` with `x = post_attention_norm(h)`: the MLP
-//!    router ([`crate::layers::mlp_router`]) picks one expert (or the skip class, no expert) per
+//!    router ([`crate::layers::moe::mlp_router`]) picks one expert (or the skip class, no expert) per
 //!    token, weighted by its softmax probability; the router's hidden state is handed on to the
 //!    next layer's router (EDA) within the forward.
 //!
@@ -31,7 +31,7 @@ use crate::layers::embedding::ScaledEmbedding;
 use crate::layers::kv_store::KvStore;
 use crate::layers::linear::Linear;
 use crate::layers::mlp::Activation;
-use crate::layers::mlp_router::MlpRouter;
+use crate::layers::moe::mlp_router::MlpRouter;
 use crate::layers::moe::PackedExperts;
 use crate::layers::norm::RmsNorm;
 use crate::layers::residual_scaling::{ResidualScaling, ShiftScale};

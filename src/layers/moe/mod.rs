@@ -1,3 +1,9 @@
+//! Mixture of experts, every kind in one place: the experts ([`PackedExperts`], shared by all)
+//! and the routers that pick them: this file's softmax top-k router (Gemma 4), the score
+//! routers ([`score_routing`]: sigmoid / √softplus / softmax scores, learned top-k or a token
+//! hash; DeepSeek V4, Laguna, Qwen3.6), the MLP router with a skip class ([`mlp_router`]:
+//! ZAYA), and the sigmoid-routed block with an always-on shared expert ([`sigmoid`]: Laguna).
+//!
 //! Mixture of experts: a softmax top-k router with per-expert scales, and experts read packed as
 //! 3-D tensors (`gate_up_proj` `[experts, 2·width, hidden]`, `down_proj` `[experts, hidden, width]`;
 //! a checkpoint with one `gate_proj`/`up_proj`/`down_proj` per expert is packed at load). Each
@@ -9,6 +15,10 @@
 //! `[hidden]` scale and `hidden^-½`, a linear map to expert scores, softmax in f32, the top k,
 //! renormalised to sum to 1, each times its expert's `per_expert_scale`. The experts run on the
 //! tokens routed to them, in expert order, and their outputs are added weighted.
+
+pub mod mlp_router;
+pub mod score_routing;
+pub mod sigmoid;
 
 use super::linear::Linear;
 use super::mlp::{swiglu_clamp, Activation};

@@ -11,10 +11,10 @@
 //! - **hash**: a frozen token-id → experts table, `tid2eid[token]` (`[vocab, k]`): which experts a
 //!   token uses never depends on the context.
 
-use super::embedding::softcap;
-use super::linear::Linear;
-use super::moe::Picks;
-use super::weight;
+use super::Picks;
+use crate::layers::embedding::softcap;
+use crate::layers::linear::Linear;
+use crate::layers::weight;
 use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Tensor};
 use candle_nn::{Init, VarBuilder};

@@ -18,10 +18,10 @@
 //! the file holds there, transformers routes with −1. This router does the same (and uses the
 //! reference's init, zeros and −1, when the checkpoint has no `balancing_biases`).
 
-use super::linear::Linear;
-use super::moe::Picks;
-use super::norm::RmsNorm;
-use super::weight;
+use super::Picks;
+use crate::layers::linear::Linear;
+use crate::layers::norm::RmsNorm;
+use crate::layers::weight;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;

@@ -9,7 +9,7 @@
 //! the reference initialises a missing one.
 //!
 //! The block ([`SharedExpertMoe`]): `routed_scale · Σ_picked w_e · expert_e(x) + shared(x)`, the
-//! experts packed as in [`super::moe::PackedExperts`], the shared expert a plain gated MLP (no
+//! experts packed as in [`super::PackedExperts`], the shared expert a plain gated MLP (no
 //! gate of its own on its output).
 //!
 //! Two weight layouts are read. Checkpoints on the Hub (and what transformers' `save_pretrained`
@@ -18,10 +18,10 @@
 //! `shared_expert`; the reference's modules hold them packed (`experts.gate_up_proj`), the bias
 //! under the router (`gate.e_score_correction_bias`) and `shared_experts`. Either is accepted.
 
-use super::mlp::{Activation, GatedMlp};
-use super::moe::PackedExperts;
 use super::score_routing::{ScoreFn, ScoreRouter};
-use super::weight;
+use super::PackedExperts;
+use crate::layers::mlp::{Activation, GatedMlp};
+use crate::layers::weight;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
