@@ -339,8 +339,9 @@ impl Client<'_> {
         }
     }
 
-    /// Turn a ureq error for `what` into one that says what happened and what to do.
-    fn failure(&self, e: ureq::Error, id: &str, what: &str) -> Failure {
+    /// Turn a ureq error for `what` (`file` of repo `id`, or its file list when `None`) into
+    /// one that says what happened and what to do.
+    fn failure(&self, e: ureq::Error, id: &str, file: Option<&str>, what: &str) -> Failure {
         let endpoint = self.env.shown_endpoint();
         let has_token = self.env.token.is_some();
         match e {
@@ -350,20 +351,20 @@ impl Client<'_> {
                 } else {
                     "hint: accept the licence on the model page and set HF_TOKEN"
                 };
-                let refused = if what.starts_with("the file list") {
-                    "the Hub refused to list its files (a private repo or a wrong id also answer this way)".to_string()
-                } else {
-                    format!(
-                        "the Hub refused {} without access",
-                        what.split(" of ").next().unwrap_or(what)
-                    )
+                let refused = match file {
+                    None => "the Hub refused to list its files (a private repo or a wrong id also answer this way)".to_string(),
+                    Some(f) => format!("the Hub refused {f} without access"),
                 };
                 Failure::Other(anyhow!("{id} is gated: {refused}\n{hint}"))
             }
             ureq::Error::Status(404, _) => Failure::Other(anyhow!(
                 "{} not found on {endpoint}\n\
                  hint: check the repo id and revision (`llmarch models` lists the aliases)",
-                what.strip_prefix("the file list of ").unwrap_or(what)
+                if file.is_some() {
+                    what
+                } else {
+                    what.trim_start_matches("the file list of ")
+                }
             )),
             ureq::Error::Status(code, _) => Failure::Other(anyhow!(
                 "the Hub ({endpoint}) answered HTTP {code} for {what}"
@@ -525,7 +526,7 @@ impl<'e> HubRepo<'e> {
         let resp = client
             .get(&client.follow, &url, None)
             .call()
-            .map_err(|e| client.failure(e, &self.id, &what))?;
+            .map_err(|e| client.failure(e, &self.id, None, &what))?;
         let mut body = vec![];
         resp.into_reader()
             .take(LISTING_LIMIT + 1)
@@ -590,7 +591,7 @@ impl<'e> HubRepo<'e> {
         file: &str,
         what: &str,
     ) -> std::result::Result<Probe, Failure> {
-        let fail = |e| client.failure(e, &self.id, what);
+        let fail = |e| client.failure(e, &self.id, Some(file), what);
         let mut url = self.url(&format!("{}/resolve/{}/{file}", self.id, self.url_rev()));
         let mut hops = 0;
         let resp = loop {
@@ -682,7 +683,7 @@ impl<'e> HubRepo<'e> {
                 .with_context(|| format!("creating {}", blobs.display()))?;
             let lock = lock(&blob.with_extension("lock"), &what)?;
             let part = blob.with_extension("part");
-            self.fetch_body(&client, &probe, &part, &what, (n, total))?;
+            self.fetch_body(&client, &probe, &part, (file, &what), (n, total))?;
             std::fs::rename(&part, &blob)
                 .with_context(|| format!("moving {} into place", part.display()))?;
             drop(lock);
@@ -714,10 +715,10 @@ impl<'e> HubRepo<'e> {
         client: &Client,
         probe: &Probe,
         part: &Path,
-        what: &str,
+        (file, what): (&str, &str),
         (n, total): (usize, usize),
     ) -> Result<()> {
-        let bar = self.bar(file_name(what), probe.size, (n, total));
+        let bar = self.bar(file, probe.size, (n, total));
         let mut attempt = 0;
         loop {
             match self.fetch_from(client, probe, part, &bar) {
@@ -827,11 +828,6 @@ impl<'e> HubRepo<'e> {
         bar.set_message(name.to_string());
         bar
     }
-}
-
-/// `file` out of `"<file> of <id>@<rev>"`.
-fn file_name(what: &str) -> &str {
-    what.split(" of ").next().unwrap_or(what)
 }
 
 /// How a body request went wrong.
