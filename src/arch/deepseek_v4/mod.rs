@@ -53,7 +53,8 @@
 pub mod model;
 
 use super::config::{
-    check_len, n, positive, rope_frequencies, rope_from_params, yes, RopeFrequencies, TextConfig,
+    check_len, default_count, default_true, positive, rope_frequencies, rope_from_params,
+    RopeFrequencies, TextConfig,
 };
 use super::{ArchSpec, Attention, CachePart, Family, Ffn, LayerSpec, ParamCounts, Retention, Rope};
 use crate::layers::score_routing::ScoreFn;
@@ -149,70 +150,70 @@ pub fn checkpoint_name(name: &str) -> String {
 /// folds in.
 #[derive(Debug, Deserialize)]
 struct DeepseekV4Config {
-    #[serde(default = "n::<129_280>")]
+    #[serde(default = "default_count::<129_280>")]
     vocab_size: usize,
-    #[serde(default = "n::<4096>")]
+    #[serde(default = "default_count::<4096>")]
     hidden_size: usize,
     /// `intermediate_size` is mapped onto it by the reference's `attribute_map`.
-    #[serde(default = "n::<2048>", alias = "intermediate_size")]
+    #[serde(default = "default_count::<2048>", alias = "intermediate_size")]
     moe_intermediate_size: usize,
-    #[serde(default = "n::<43>")]
+    #[serde(default = "default_count::<43>")]
     num_hidden_layers: usize,
-    #[serde(default = "n::<64>")]
+    #[serde(default = "default_count::<64>")]
     num_attention_heads: usize,
-    #[serde(default = "n::<1>")]
+    #[serde(default = "default_count::<1>")]
     num_key_value_heads: usize,
-    #[serde(default = "n::<512>")]
+    #[serde(default = "default_count::<512>")]
     head_dim: usize,
-    #[serde(default = "n::<1024>")]
+    #[serde(default = "default_count::<1024>")]
     q_lora_rank: usize,
-    #[serde(default = "n::<6>")]
+    #[serde(default = "default_count::<6>")]
     num_experts_per_tok: usize,
     /// `num_local_experts` is mapped onto it by the reference's `attribute_map`.
-    #[serde(default = "n::<256>", alias = "num_local_experts")]
+    #[serde(default = "default_count::<256>", alias = "num_local_experts")]
     n_routed_experts: usize,
-    #[serde(default = "n::<1>")]
+    #[serde(default = "default_count::<1>")]
     n_shared_experts: usize,
-    #[serde(default = "d_scoring")]
+    #[serde(default = "default_scoring_func")]
     scoring_func: String,
-    #[serde(default = "yes")]
+    #[serde(default = "default_true")]
     norm_topk_prob: bool,
-    #[serde(default = "d_routed_scale")]
+    #[serde(default = "default_routed_scaling_factor")]
     routed_scaling_factor: f64,
-    #[serde(default = "n::<1_048_576>")]
+    #[serde(default = "default_count::<1_048_576>")]
     max_position_embeddings: usize,
-    #[serde(default = "d_rope_theta")]
+    #[serde(default = "default_rope_theta")]
     rope_theta: f64,
     layer_types: Option<Vec<String>>,
     compress_rates: Option<Map<String, Value>>,
-    #[serde(default = "d_compress_theta")]
+    #[serde(default = "default_compress_rope_theta")]
     compress_rope_theta: f64,
-    #[serde(default = "n::<4>")]
+    #[serde(default = "default_count::<4>")]
     hc_mult: usize,
-    #[serde(default = "n::<20>")]
+    #[serde(default = "default_count::<20>")]
     hc_sinkhorn_iters: usize,
-    #[serde(default = "d_eps")]
+    #[serde(default = "default_eps")]
     hc_eps: f64,
     mlp_layer_types: Option<Vec<String>>,
-    #[serde(default = "d_swiglu")]
+    #[serde(default = "default_swiglu_limit")]
     swiglu_limit: f64,
-    #[serde(default = "n::<128>")]
+    #[serde(default = "default_count::<128>")]
     sliding_window: usize,
-    #[serde(default = "n::<8>")]
+    #[serde(default = "default_count::<8>")]
     o_groups: usize,
-    #[serde(default = "n::<1024>")]
+    #[serde(default = "default_count::<1024>")]
     o_lora_rank: usize,
-    #[serde(default = "n::<64>")]
+    #[serde(default = "default_count::<64>")]
     index_n_heads: usize,
-    #[serde(default = "n::<128>")]
+    #[serde(default = "default_count::<128>")]
     index_head_dim: usize,
-    #[serde(default = "n::<512>")]
+    #[serde(default = "default_count::<512>")]
     index_topk: usize,
-    #[serde(default = "n::<1>")]
+    #[serde(default = "default_count::<1>")]
     num_nextn_predict_layers: usize,
-    #[serde(default = "d_act")]
+    #[serde(default = "default_activation")]
     hidden_act: String,
-    #[serde(default = "d_eps")]
+    #[serde(default = "default_eps")]
     rms_norm_eps: f64,
     #[serde(default)]
     tie_word_embeddings: bool,
@@ -236,25 +237,25 @@ struct DeepseekV4Config {
     rest: Map<String, Value>,
 }
 
-fn d_scoring() -> String {
+fn default_scoring_func() -> String {
     "sqrtsoftplus".into()
 }
-fn d_routed_scale() -> f64 {
+fn default_routed_scaling_factor() -> f64 {
     1.5
 }
-fn d_rope_theta() -> f64 {
+fn default_rope_theta() -> f64 {
     10_000.0
 }
-fn d_compress_theta() -> f64 {
+fn default_compress_rope_theta() -> f64 {
     160_000.0
 }
-fn d_eps() -> f64 {
+fn default_eps() -> f64 {
     1e-6
 }
-fn d_swiglu() -> f64 {
+fn default_swiglu_limit() -> f64 {
     10.0
 }
-fn d_act() -> String {
+fn default_activation() -> String {
     "silu".into()
 }
 

@@ -35,8 +35,8 @@
 pub mod model;
 
 use super::config::{
-    check_heads, check_len, dim, layers_count, n, rope_frequencies, rope_from_params, to_u64,
-    RopeFrequencies, TextConfig, MAX_DIM,
+    check_heads, check_len, default_count, dim, layers_count, rope_frequencies, rope_from_params,
+    to_u64, RopeFrequencies, TextConfig, MAX_DIM,
 };
 use super::{ArchSpec, Attention, Family, Ffn, LayerSpec, ParamCounts, Retention};
 use crate::layers::output_gate::GateGranularity;
@@ -61,23 +61,23 @@ pub const FAMILY: Family = Family {
 /// `LagunaConfig` with the reference's defaults.
 #[derive(Debug, Deserialize)]
 struct LagunaConfig {
-    #[serde(default = "n::<100_352>")]
+    #[serde(default = "default_count::<100_352>")]
     vocab_size: usize,
-    #[serde(default = "n::<2048>")]
+    #[serde(default = "default_count::<2048>")]
     hidden_size: usize,
-    #[serde(default = "n::<8192>")]
+    #[serde(default = "default_count::<8192>")]
     intermediate_size: usize,
-    #[serde(default = "n::<40>")]
+    #[serde(default = "default_count::<40>")]
     num_hidden_layers: usize,
-    #[serde(default = "n::<48>")]
+    #[serde(default = "default_count::<48>")]
     num_attention_heads: usize,
-    #[serde(default = "n::<8>")]
+    #[serde(default = "default_count::<8>")]
     num_key_value_heads: usize,
-    #[serde(default = "d_act")]
+    #[serde(default = "default_activation")]
     hidden_act: String,
-    #[serde(default = "n::<131_072>")]
+    #[serde(default = "default_count::<131_072>")]
     max_position_embeddings: usize,
-    #[serde(default = "d_eps")]
+    #[serde(default = "default_rms_eps")]
     rms_norm_eps: f64,
     #[serde(default)]
     tie_word_embeddings: bool,
@@ -91,26 +91,26 @@ struct LagunaConfig {
     rope_theta: Option<f64>,
     partial_rotary_factor: Option<f64>,
     original_max_position_embeddings: Option<Value>,
-    #[serde(default = "n::<512>")]
+    #[serde(default = "default_count::<512>")]
     sliding_window: usize,
-    #[serde(default = "n::<512>")]
+    #[serde(default = "default_count::<512>")]
     moe_intermediate_size: usize,
-    #[serde(default = "n::<512>")]
+    #[serde(default = "default_count::<512>")]
     shared_expert_intermediate_size: usize,
-    #[serde(default = "n::<8>")]
+    #[serde(default = "default_count::<8>")]
     num_experts_per_tok: usize,
-    #[serde(default = "n::<256>")]
+    #[serde(default = "default_count::<256>")]
     num_experts: usize,
     layer_types: Option<Vec<String>>,
-    #[serde(default = "n::<128>")]
+    #[serde(default = "default_count::<128>")]
     head_dim: usize,
     #[serde(default)]
     attention_bias: bool,
-    #[serde(default = "d_gating")]
+    #[serde(default = "default_gating")]
     gating: Value,
     num_attention_heads_per_layer: Option<Vec<usize>>,
     mlp_layer_types: Option<Vec<String>>,
-    #[serde(default = "d_one")]
+    #[serde(default = "default_routed_scaling_factor")]
     moe_routed_scaling_factor: f64,
     #[serde(default)]
     moe_apply_router_weight_on_input: bool,
@@ -125,16 +125,16 @@ struct LagunaConfig {
     rest: Map<String, Value>,
 }
 
-fn d_act() -> String {
+fn default_activation() -> String {
     "silu".into()
 }
-fn d_eps() -> f64 {
+fn default_rms_eps() -> f64 {
     1e-6
 }
-fn d_gating() -> Value {
+fn default_gating() -> Value {
     Value::Bool(true)
 }
-fn d_one() -> f64 {
+fn default_routed_scaling_factor() -> f64 {
     1.0
 }
 

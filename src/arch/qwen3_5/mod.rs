@@ -50,8 +50,8 @@
 pub mod model;
 
 use super::config::{
-    check_heads, check_len, n, positive, rope_frequencies, rope_from_params, RopeFrequencies,
-    TextConfig,
+    check_heads, check_len, default_count, positive, rope_frequencies, rope_from_params,
+    RopeFrequencies, TextConfig,
 };
 use super::{ArchSpec, Attention, CachePart, Family, Ffn, LayerSpec, ParamCounts, Retention};
 use anyhow::{anyhow, bail, Result};
@@ -81,20 +81,20 @@ pub const FAMILY: Family = Family {
 /// are `Option`s, resolved by [`Variant`].
 #[derive(Debug, Deserialize)]
 struct Qwen3_5TextConfig {
-    #[serde(default = "n::<248_320>")]
+    #[serde(default = "default_count::<248_320>")]
     vocab_size: usize,
     hidden_size: Option<usize>,
     /// Dense only (default 12288); the MoE config has no such field.
     intermediate_size: Option<usize>,
     num_hidden_layers: Option<usize>,
-    #[serde(default = "n::<16>")]
+    #[serde(default = "default_count::<16>")]
     num_attention_heads: usize,
     num_key_value_heads: Option<usize>,
-    #[serde(default = "d_act")]
+    #[serde(default = "default_activation")]
     hidden_act: String,
-    #[serde(default = "n::<32_768>")]
+    #[serde(default = "default_count::<32_768>")]
     max_position_embeddings: usize,
-    #[serde(default = "d_eps")]
+    #[serde(default = "default_rms_eps")]
     #[allow(dead_code)]
     rms_norm_eps: f64,
     #[serde(default)]
@@ -107,17 +107,17 @@ struct Qwen3_5TextConfig {
     partial_rotary_factor: Option<f64>,
     #[serde(default)]
     attention_bias: bool,
-    #[serde(default = "n::<256>")]
+    #[serde(default = "default_count::<256>")]
     head_dim: usize,
-    #[serde(default = "n::<4>")]
+    #[serde(default = "default_count::<4>")]
     linear_conv_kernel_dim: usize,
-    #[serde(default = "n::<128>")]
+    #[serde(default = "default_count::<128>")]
     linear_key_head_dim: usize,
-    #[serde(default = "n::<128>")]
+    #[serde(default = "default_count::<128>")]
     linear_value_head_dim: usize,
-    #[serde(default = "n::<16>")]
+    #[serde(default = "default_count::<16>")]
     linear_num_key_heads: usize,
-    #[serde(default = "n::<32>")]
+    #[serde(default = "default_count::<32>")]
     linear_num_value_heads: usize,
     layer_types: Option<Vec<String>>,
     /// Only read when `layer_types` is absent.
@@ -145,10 +145,10 @@ struct Qwen3_5TextConfig {
     rest: Map<String, Value>,
 }
 
-fn d_act() -> String {
+fn default_activation() -> String {
     "silu".into()
 }
-fn d_eps() -> f64 {
+fn default_rms_eps() -> f64 {
     1e-6
 }
 
