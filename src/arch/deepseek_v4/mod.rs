@@ -67,7 +67,7 @@ pub const FAMILY: Family = Family {
     model_types: &["deepseek_v4"],
     architectures: &["DeepseekV4ForCausalLM"],
     summary: "mHC hyper-connections, compressed sparse (CSA, lightning indexer) + heavily compressed (HCA) attention beside a sliding window, shared-KV MQA with K=V, grouped output projection, hash-routed MoE",
-    parse,
+    parse: |text| Ok(parse(text)?.0),
     build: Some(|raw, opts, vb, lm_head| {
         Ok(Box::new(model::DeepseekV4Model::from_config(
             raw, opts, vb, lm_head,
@@ -584,10 +584,8 @@ pub struct RuntimeConfig {
     pub rope_compress: RopeFrequencies,
 }
 
-/// Read the [`RuntimeConfig`] of a DeepSeek V4 config (the spec comes from
-/// [`crate::arch::parse_config`], which has validated it).
-pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
-    let c: DeepseekV4Config = text.parse()?;
+/// Validate and read the [`RuntimeConfig`] of a DeepSeek V4 config (part of [`parse`]).
+fn runtime_config_of(c: &DeepseekV4Config, text: &TextConfig) -> Result<RuntimeConfig> {
     let p = text.key_prefix();
     let mut ignored = vec![];
     let n = c.num_hidden_layers;
@@ -604,8 +602,8 @@ pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
     if c.hc_sinkhorn_iters == 0 {
         bail!("key `{p}hc_sinkhorn_iters` must be at least 1");
     }
-    let partial = partial_rotary(&c, p, &mut ignored);
-    let (main, compress) = resolve_rope(&c, partial, p, &mut ignored)?;
+    let partial = partial_rotary(c, p, &mut ignored);
+    let (main, compress) = resolve_rope(c, partial, p, &mut ignored)?;
     let freqs = |block: &Value, label: &str| {
         rope_frequencies(
             block,
@@ -629,14 +627,22 @@ pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
         swiglu_limit: c.swiglu_limit,
         routed_scaling_factor: c.routed_scaling_factor,
         scoring: ScoreFn::from_name(&c.scoring_func)?,
-        hashed: resolve_mlp_types(&c, n, p, &mut ignored)?,
+        hashed: resolve_mlp_types(c, n, p, &mut ignored)?,
         rope_main: freqs(&main, "main")?,
         rope_compress: freqs(&compress, "compress")?,
     })
 }
 
-fn parse(text: &TextConfig) -> Result<ArchSpec> {
+/// Read a DeepSeek V4 config once into its [`ArchSpec`] and the [`RuntimeConfig`] its network
+/// needs, both validated: every command (`inspect`, `kv-budget`, `run`) gives the same verdict.
+pub fn parse(text: &TextConfig) -> Result<(ArchSpec, RuntimeConfig)> {
     let c: DeepseekV4Config = text.parse()?;
+    let spec = arch_spec(text, &c)?;
+    let runtime = runtime_config_of(&c, text)?;
+    Ok((spec, runtime))
+}
+
+fn arch_spec(text: &TextConfig, c: &DeepseekV4Config) -> Result<ArchSpec> {
     let p = text.key_prefix();
     let key = |k: &str| format!("{p}{k}");
     let mut warnings = text.check_unknown_keys(&c.rest, HARMLESS)?;
@@ -736,9 +742,9 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
     }
 
     // 3. Per-layer schedules.
-    let kinds = resolve_layer_types(&c, n, p, &mut warnings)?;
-    let hashed = resolve_mlp_types(&c, n, p, &mut warnings)?;
-    let (csa_rate, hca_rate) = resolve_rates(&c, p)?;
+    let kinds = resolve_layer_types(c, n, p, &mut warnings)?;
+    let hashed = resolve_mlp_types(c, n, p, &mut warnings)?;
+    let (csa_rate, hca_rate) = resolve_rates(c, p)?;
     let rate_of = |i: usize, kind: Kind| -> Result<Option<usize>> {
         let (rate, ty) = match kind {
             Kind::Sliding => return Ok(None),
@@ -759,8 +765,8 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
     }
 
     // 4. RoPE: `partial_rotary_factor` wins over the legacy `qk_rope_head_dim`.
-    let partial = partial_rotary(&c, p, &mut warnings);
-    let (main_block, compress_block) = resolve_rope(&c, partial, p, &mut warnings)?;
+    let partial = partial_rotary(c, p, &mut warnings);
+    let (main_block, compress_block) = resolve_rope(c, partial, p, &mut warnings)?;
     let main_rope = rope_from_params(&main_block, hd, &key("rope_parameters.main"))?;
     let compress_rope = rope_from_params(&compress_block, hd, &key("rope_parameters.compress"))?;
     for (rope, what) in [(&main_rope, "main"), (&compress_rope, "compress")] {

@@ -34,7 +34,7 @@ pub const FAMILY: Family = Family {
     model_types: &["gemma4_text", "gemma4"],
     architectures: &["Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"],
     summary: "cross-layer KV sharing, per-layer embeddings, sliding + 512-d full layers, K=V, MoE beside a dense MLP",
-    parse,
+    parse: |text| Ok(parse(text)?.0),
     build: Some(|raw, opts, vb, lm_head| {
         Ok(Box::new(model::Gemma4Model::from_config(
             raw, opts, vb, lm_head,
@@ -183,10 +183,8 @@ pub struct RuntimeConfig {
     pub vocab_size_per_layer_input: usize,
 }
 
-/// Read the [`RuntimeConfig`] of a Gemma 4 text config (the spec comes from
-/// [`crate::arch::parse_config`]).
-pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
-    let c: Gemma4TextConfig = text.parse()?;
+/// Validate and read the [`RuntimeConfig`] of a Gemma 4 text config (part of [`parse`]).
+fn runtime_config_of(c: &Gemma4TextConfig, text: &TextConfig) -> Result<RuntimeConfig> {
     let p = text.key_prefix();
     if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps >= 0.0) {
         bail!(
@@ -207,8 +205,16 @@ pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
     })
 }
 
-fn parse(text: &TextConfig) -> Result<ArchSpec> {
+/// Read a Gemma 4 text config once into its [`ArchSpec`] and the [`RuntimeConfig`] its network
+/// needs, both validated: every command (`inspect`, `kv-budget`, `run`) gives the same verdict.
+pub fn parse(text: &TextConfig) -> Result<(ArchSpec, RuntimeConfig)> {
     let c: Gemma4TextConfig = text.parse()?;
+    let spec = arch_spec(text, &c)?;
+    let runtime = runtime_config_of(&c, text)?;
+    Ok((spec, runtime))
+}
+
+fn arch_spec(text: &TextConfig, c: &Gemma4TextConfig) -> Result<ArchSpec> {
     let p = text.key_prefix();
     let mut warnings = text.check_unknown_keys(&c.rest, HARMLESS)?;
     let n = positive(&format!("{p}num_hidden_layers"), c.num_hidden_layers)?;

@@ -49,7 +49,7 @@ pub const FAMILY: Family = Family {
     model_types: &["laguna"],
     architectures: &["LagunaForCausalLM"],
     summary: "per-layer query-head counts, softplus output gate, QK norm, sliding + full RoPE, sigmoid MoE + shared expert",
-    parse,
+    parse: |text| Ok(parse(text)?.0),
     build: Some(|raw, opts, vb, lm_head| {
         Ok(Box::new(model::LagunaModel::from_config(
             raw, opts, vb, lm_head,
@@ -377,10 +377,8 @@ impl RuntimeConfig {
     }
 }
 
-/// Read the [`RuntimeConfig`] of a Laguna config (the spec comes from
-/// [`crate::arch::parse_config`]).
-pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
-    let c: LagunaConfig = text.parse()?;
+/// Validate and read the [`RuntimeConfig`] of a Laguna config (part of [`parse`]).
+fn runtime_config_of(c: &LagunaConfig) -> Result<RuntimeConfig> {
     let n = c.num_hidden_layers;
     if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps >= 0.0) {
         bail!(
@@ -410,7 +408,7 @@ pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
         .unwrap_or_else(|| vec![FULL.to_string(); n]);
     let used_full = types.iter().any(|t| t == FULL);
     let used_sliding = types.iter().any(|t| t == SLIDING);
-    let blocks = resolve_rope(&c, used_full, used_sliding, &mut ignored)?;
+    let blocks = resolve_rope(c, used_full, used_sliding, &mut ignored)?;
     let truncate = |block: &Value| -> Option<Value> {
         if blocks.nested {
             blocks.top_truncate.clone()
@@ -443,8 +441,21 @@ pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
     })
 }
 
-fn parse(text: &TextConfig) -> Result<ArchSpec> {
+/// Read a Laguna config once into its [`ArchSpec`] and the [`RuntimeConfig`] its network
+/// needs, both validated: every command (`inspect`, `kv-budget`, `run`) gives the same verdict.
+pub fn parse(text: &TextConfig) -> Result<(ArchSpec, RuntimeConfig)> {
     let c: LagunaConfig = text.parse()?;
+    let spec = arch_spec(text, &c)?;
+    let runtime = runtime_config_of(&c)?;
+    Ok((spec, runtime))
+}
+
+/// The [`RuntimeConfig`] alone, for the RoPE checks on configs reduced to their RoPE keys.
+pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
+    runtime_config_of(&text.parse()?)
+}
+
+fn arch_spec(text: &TextConfig, c: &LagunaConfig) -> Result<ArchSpec> {
     let mut warnings = text.check_unknown_keys(&c.rest, HARMLESS)?;
     let n = layers_count("num_hidden_layers", c.num_hidden_layers)?;
     let hidden = dim("hidden_size", c.hidden_size)?;
@@ -506,7 +517,7 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
     }
 
     // Legacy keys transformers ignores: harmless unless they disagree with `mlp_layer_types`.
-    if let Some(legacy) = legacy_sparse_layers(&c, n) {
+    if let Some(legacy) = legacy_sparse_layers(c, n) {
         let differ: Vec<String> = legacy
             .iter()
             .zip(&mlp_types)
@@ -555,7 +566,7 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
         dim("sliding_window", c.sliding_window)?;
     }
 
-    let blocks = resolve_rope(&c, any_full, any_sliding, &mut warnings)?;
+    let blocks = resolve_rope(c, any_full, any_sliding, &mut warnings)?;
     let rope_full = match &blocks.full {
         Some(b) => Some(rope_from_params(
             b,

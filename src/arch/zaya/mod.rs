@@ -49,7 +49,7 @@ pub const FAMILY: Family = Family {
     model_types: &["zaya"],
     architectures: &["ZayaForCausalLM"],
     summary: "Compressed Convolutional Attention (conv + delayed-value state), top-1 MoE with an MLP router, residual scaling",
-    parse,
+    parse: |text| Ok(parse(text)?.0),
     build: Some(|raw, opts, vb, lm_head| {
         Ok(Box::new(model::ZayaModel::from_config(
             raw, opts, vb, lm_head,
@@ -73,9 +73,8 @@ pub struct RuntimeConfig {
     pub cca_time1: usize,
 }
 
-/// The [`RuntimeConfig`] of a ZAYA config (parse it with [`FAMILY`] first for the checks).
-pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
-    let c: ZayaConfig = text.parse()?;
+/// Validate and read the [`RuntimeConfig`] of a ZAYA config (part of [`parse`]).
+fn runtime_config_of(c: &ZayaConfig) -> Result<RuntimeConfig> {
     Ok(RuntimeConfig {
         rms_norm_eps: c.rms_norm_eps,
         attention_bias: c.attention_bias,
@@ -261,9 +260,17 @@ fn resolve_rope(
     Ok(obj)
 }
 
-fn parse(text: &TextConfig) -> Result<ArchSpec> {
+/// Read a ZAYA config once into its [`ArchSpec`] and the [`RuntimeConfig`] its network
+/// needs, both validated: every command (`inspect`, `kv-budget`, `run`) gives the same verdict.
+pub fn parse(text: &TextConfig) -> Result<(ArchSpec, RuntimeConfig)> {
     check_not_legacy(&text.value)?;
     let c: ZayaConfig = text.parse()?;
+    let spec = arch_spec(text, &c)?;
+    let runtime = runtime_config_of(&c)?;
+    Ok((spec, runtime))
+}
+
+fn arch_spec(text: &TextConfig, c: &ZayaConfig) -> Result<ArchSpec> {
     let mut warnings = text.check_unknown_keys(&c.rest, HARMLESS)?;
     let n = layers_count("num_hidden_layers", c.num_hidden_layers)?;
     let hidden = dim("hidden_size", c.hidden_size)?;
@@ -334,7 +341,7 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
             used.push(ty);
         }
     }
-    let blocks = resolve_rope(&c, &used, &mut warnings)?;
+    let blocks = resolve_rope(c, &used, &mut warnings)?;
     let rope_of = |ty: &str| -> Result<super::Rope> {
         let b = blocks
             .get(ty)
