@@ -457,13 +457,13 @@ pub fn positive(key: &str, v: usize) -> Result<usize> {
     Ok(v)
 }
 
-/// A serde default for a count: `#[serde(default = "n::<512>")]`.
-pub fn n<const N: usize>() -> usize {
+/// A serde default for a size or count: `#[serde(default = "default_count::<512>")]`.
+pub fn default_count<const N: usize>() -> usize {
     N
 }
 
 /// A serde default of `true`.
-pub fn yes() -> bool {
+pub fn default_true() -> bool {
     true
 }
 

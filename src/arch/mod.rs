@@ -37,7 +37,9 @@ pub struct Family {
     pub architectures: &'static [&'static str],
     /// One line on what is new in it.
     pub summary: &'static str,
-    /// Turns the text config (wrapper already unwrapped) into the spec.
+    /// Turns the text config (wrapper already unwrapped) into the spec, validating what the
+    /// network reads beyond it too (the family's runtime config), so that every command gives a
+    /// config the same verdict.
     pub parse: fn(&config::TextConfig) -> Result<ArchSpec>,
     /// Builds the runnable network from `config.json` and the weights (positioned at the text
     /// model root, plus the untied LM head if any); `None` while only `inspect`/`kv-budget` work.
@@ -77,10 +79,9 @@ pub fn supported_model_types() -> Vec<&'static str> {
         .collect()
 }
 
-/// Parse a whole `config.json` (bare or multimodal wrapper) into an [`ArchSpec`].
-pub fn parse_config(raw: &Value, opts: &config::ParseOptions) -> Result<ArchSpec> {
-    let text = config::TextConfig::from_raw(raw, opts)?;
-    let family = FAMILIES
+/// The family whose `model_type` or `architectures[0]` the text config names.
+fn family_for(text: &config::TextConfig) -> Result<&'static Family> {
+    FAMILIES
         .iter()
         .find(|f| {
             f.model_types.contains(&text.model_type.as_str())
@@ -102,25 +103,35 @@ pub fn parse_config(raw: &Value, opts: &config::ParseOptions) -> Result<ArchSpec
                 "unsupported {what}; supported model types: {}",
                 supported_model_types().join(", ")
             )
-        })?;
-    let spec = (family.parse)(&text)?;
+        })
+}
+
+/// Parse a whole `config.json` (bare or multimodal wrapper) into an [`ArchSpec`]. The family's
+/// runtime config is validated too, so `inspect` and `kv-budget` refuse what `run` refuses, with
+/// the same error.
+pub fn parse_config(raw: &Value, opts: &config::ParseOptions) -> Result<ArchSpec> {
+    let text = config::TextConfig::from_raw(raw, opts)?;
+    let spec = (family_for(&text)?.parse)(&text)?;
     spec.check()?;
     Ok(spec)
 }
 
 /// The spec of a whole `config.json` and `family`'s runtime config (what its network needs
-/// beyond the per-layer table); a config of another family is refused.
+/// beyond the per-layer table), from one reading of the config by the family's `parse` (the
+/// same reading [`parse_config`] makes); a config of another family is refused.
 pub fn parse_for_family<C>(
     raw: &Value,
     opts: &config::ParseOptions,
     family: &Family,
-    runtime: fn(&config::TextConfig) -> Result<C>,
+    parse: fn(&config::TextConfig) -> Result<(ArchSpec, C)>,
 ) -> Result<(ArchSpec, C)> {
-    let spec = parse_config(raw, opts)?;
-    if spec.family != family.name {
-        bail!("this is a `{}` config, not `{}`", spec.family, family.name);
+    let text = config::TextConfig::from_raw(raw, opts)?;
+    let found = family_for(&text)?;
+    if found.name != family.name {
+        bail!("this is a `{}` config, not `{}`", found.name, family.name);
     }
-    let cfg = runtime(&config::TextConfig::from_raw(raw, opts)?)?;
+    let (spec, cfg) = parse(&text)?;
+    spec.check()?;
     Ok((spec, cfg))
 }
 
@@ -542,5 +553,69 @@ impl ArchSpec {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::config::bounds_test::{real, set};
+    use super::config::ParseOptions;
+    use super::*;
+    use serde_json::json;
+
+    /// How `run` reads a config: the spec and the family's runtime config.
+    type ReadForRun = fn(&Value, &ParseOptions) -> Result<()>;
+
+    /// A config whose per-layer table is fine but whose network could not run (a check only the
+    /// runtime config made, so `inspect` used to accept what `run` refused) is refused by every
+    /// command with the same error: `inspect` and `kv-budget` read [`parse_config`], `run`
+    /// [`parse_for_family`].
+    #[test]
+    fn every_command_gives_a_config_the_same_verdict() {
+        let cases: [(&str, &[&str], Value, &str, ReadForRun); 4] = [
+            (
+                "gemma-4-E2B-it",
+                &["text_config", "final_logit_softcapping"],
+                json!(-1.0),
+                "must be a positive number",
+                |raw, opts| parse_for_family(raw, opts, &gemma4::FAMILY, gemma4::parse).map(drop),
+            ),
+            (
+                "Laguna-XS.2",
+                &["moe_router_logit_softcapping"],
+                json!(-1.0),
+                "must be a number ≥ 0",
+                |raw, opts| parse_for_family(raw, opts, &laguna::FAMILY, laguna::parse).map(drop),
+            ),
+            (
+                "Qwen3.6-27B",
+                &["text_config", "rms_norm_eps"],
+                json!(-1.0),
+                "must be a number ≥ 0",
+                |raw, opts| parse_for_family(raw, opts, &qwen3_5::FAMILY, qwen3_5::parse).map(drop),
+            ),
+            (
+                "DeepSeek-V4-Flash",
+                &["hc_sinkhorn_iters"],
+                json!(0),
+                "must be at least 1",
+                |raw, opts| {
+                    parse_for_family(raw, opts, &deepseek_v4::FAMILY, deepseek_v4::parse).map(drop)
+                },
+            ),
+        ];
+        let opts = ParseOptions::default();
+        for (name, path, value, want, read_for_run) in cases {
+            let mut raw = real(name);
+            read_for_run(&raw, &opts).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            set(&mut raw, path, value);
+            let inspect = match parse_config(&raw, &opts) {
+                Ok(_) => panic!("{name} {path:?}: inspect accepts what run refuses"),
+                Err(e) => format!("{e:#}"),
+            };
+            let run = format!("{:#}", read_for_run(&raw, &opts).unwrap_err());
+            assert_eq!(inspect, run, "{name} {path:?}");
+            assert!(inspect.contains(want), "{name} {path:?}: {inspect}");
+        }
     }
 }

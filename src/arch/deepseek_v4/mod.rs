@@ -53,7 +53,8 @@
 pub mod model;
 
 use super::config::{
-    check_len, n, positive, rope_frequencies, rope_from_params, yes, RopeFrequencies, TextConfig,
+    check_len, default_count, default_true, positive, rope_frequencies, rope_from_params,
+    RopeFrequencies, TextConfig,
 };
 use super::{ArchSpec, Attention, CachePart, Family, Ffn, LayerSpec, ParamCounts, Retention, Rope};
 use crate::layers::score_routing::ScoreFn;
@@ -66,7 +67,7 @@ pub const FAMILY: Family = Family {
     model_types: &["deepseek_v4"],
     architectures: &["DeepseekV4ForCausalLM"],
     summary: "mHC hyper-connections, compressed sparse (CSA, lightning indexer) + heavily compressed (HCA) attention beside a sliding window, shared-KV MQA with K=V, grouped output projection, hash-routed MoE",
-    parse,
+    parse: |text| Ok(parse(text)?.0),
     build: Some(|raw, opts, vb, lm_head| {
         Ok(Box::new(model::DeepseekV4Model::from_config(
             raw, opts, vb, lm_head,
@@ -149,70 +150,70 @@ pub fn checkpoint_name(name: &str) -> String {
 /// folds in.
 #[derive(Debug, Deserialize)]
 struct DeepseekV4Config {
-    #[serde(default = "n::<129_280>")]
+    #[serde(default = "default_count::<129_280>")]
     vocab_size: usize,
-    #[serde(default = "n::<4096>")]
+    #[serde(default = "default_count::<4096>")]
     hidden_size: usize,
     /// `intermediate_size` is mapped onto it by the reference's `attribute_map`.
-    #[serde(default = "n::<2048>", alias = "intermediate_size")]
+    #[serde(default = "default_count::<2048>", alias = "intermediate_size")]
     moe_intermediate_size: usize,
-    #[serde(default = "n::<43>")]
+    #[serde(default = "default_count::<43>")]
     num_hidden_layers: usize,
-    #[serde(default = "n::<64>")]
+    #[serde(default = "default_count::<64>")]
     num_attention_heads: usize,
-    #[serde(default = "n::<1>")]
+    #[serde(default = "default_count::<1>")]
     num_key_value_heads: usize,
-    #[serde(default = "n::<512>")]
+    #[serde(default = "default_count::<512>")]
     head_dim: usize,
-    #[serde(default = "n::<1024>")]
+    #[serde(default = "default_count::<1024>")]
     q_lora_rank: usize,
-    #[serde(default = "n::<6>")]
+    #[serde(default = "default_count::<6>")]
     num_experts_per_tok: usize,
     /// `num_local_experts` is mapped onto it by the reference's `attribute_map`.
-    #[serde(default = "n::<256>", alias = "num_local_experts")]
+    #[serde(default = "default_count::<256>", alias = "num_local_experts")]
     n_routed_experts: usize,
-    #[serde(default = "n::<1>")]
+    #[serde(default = "default_count::<1>")]
     n_shared_experts: usize,
-    #[serde(default = "d_scoring")]
+    #[serde(default = "default_scoring_func")]
     scoring_func: String,
-    #[serde(default = "yes")]
+    #[serde(default = "default_true")]
     norm_topk_prob: bool,
-    #[serde(default = "d_routed_scale")]
+    #[serde(default = "default_routed_scaling_factor")]
     routed_scaling_factor: f64,
-    #[serde(default = "n::<1_048_576>")]
+    #[serde(default = "default_count::<1_048_576>")]
     max_position_embeddings: usize,
-    #[serde(default = "d_rope_theta")]
+    #[serde(default = "default_rope_theta")]
     rope_theta: f64,
     layer_types: Option<Vec<String>>,
     compress_rates: Option<Map<String, Value>>,
-    #[serde(default = "d_compress_theta")]
+    #[serde(default = "default_compress_rope_theta")]
     compress_rope_theta: f64,
-    #[serde(default = "n::<4>")]
+    #[serde(default = "default_count::<4>")]
     hc_mult: usize,
-    #[serde(default = "n::<20>")]
+    #[serde(default = "default_count::<20>")]
     hc_sinkhorn_iters: usize,
-    #[serde(default = "d_eps")]
+    #[serde(default = "default_eps")]
     hc_eps: f64,
     mlp_layer_types: Option<Vec<String>>,
-    #[serde(default = "d_swiglu")]
+    #[serde(default = "default_swiglu_limit")]
     swiglu_limit: f64,
-    #[serde(default = "n::<128>")]
+    #[serde(default = "default_count::<128>")]
     sliding_window: usize,
-    #[serde(default = "n::<8>")]
+    #[serde(default = "default_count::<8>")]
     o_groups: usize,
-    #[serde(default = "n::<1024>")]
+    #[serde(default = "default_count::<1024>")]
     o_lora_rank: usize,
-    #[serde(default = "n::<64>")]
+    #[serde(default = "default_count::<64>")]
     index_n_heads: usize,
-    #[serde(default = "n::<128>")]
+    #[serde(default = "default_count::<128>")]
     index_head_dim: usize,
-    #[serde(default = "n::<512>")]
+    #[serde(default = "default_count::<512>")]
     index_topk: usize,
-    #[serde(default = "n::<1>")]
+    #[serde(default = "default_count::<1>")]
     num_nextn_predict_layers: usize,
-    #[serde(default = "d_act")]
+    #[serde(default = "default_activation")]
     hidden_act: String,
-    #[serde(default = "d_eps")]
+    #[serde(default = "default_eps")]
     rms_norm_eps: f64,
     #[serde(default)]
     tie_word_embeddings: bool,
@@ -236,25 +237,25 @@ struct DeepseekV4Config {
     rest: Map<String, Value>,
 }
 
-fn d_scoring() -> String {
+fn default_scoring_func() -> String {
     "sqrtsoftplus".into()
 }
-fn d_routed_scale() -> f64 {
+fn default_routed_scaling_factor() -> f64 {
     1.5
 }
-fn d_rope_theta() -> f64 {
+fn default_rope_theta() -> f64 {
     10_000.0
 }
-fn d_compress_theta() -> f64 {
+fn default_compress_rope_theta() -> f64 {
     160_000.0
 }
-fn d_eps() -> f64 {
+fn default_eps() -> f64 {
     1e-6
 }
-fn d_swiglu() -> f64 {
+fn default_swiglu_limit() -> f64 {
     10.0
 }
-fn d_act() -> String {
+fn default_activation() -> String {
     "silu".into()
 }
 
@@ -583,10 +584,8 @@ pub struct RuntimeConfig {
     pub rope_compress: RopeFrequencies,
 }
 
-/// Read the [`RuntimeConfig`] of a DeepSeek V4 config (the spec comes from
-/// [`crate::arch::parse_config`], which has validated it).
-pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
-    let c: DeepseekV4Config = text.parse()?;
+/// Validate and read the [`RuntimeConfig`] of a DeepSeek V4 config (part of [`parse`]).
+fn runtime_config_of(c: &DeepseekV4Config, text: &TextConfig) -> Result<RuntimeConfig> {
     let p = text.key_prefix();
     let mut ignored = vec![];
     let n = c.num_hidden_layers;
@@ -603,8 +602,8 @@ pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
     if c.hc_sinkhorn_iters == 0 {
         bail!("key `{p}hc_sinkhorn_iters` must be at least 1");
     }
-    let partial = partial_rotary(&c, p, &mut ignored);
-    let (main, compress) = resolve_rope(&c, partial, p, &mut ignored)?;
+    let partial = partial_rotary(c, p, &mut ignored);
+    let (main, compress) = resolve_rope(c, partial, p, &mut ignored)?;
     let freqs = |block: &Value, label: &str| {
         rope_frequencies(
             block,
@@ -628,14 +627,22 @@ pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
         swiglu_limit: c.swiglu_limit,
         routed_scaling_factor: c.routed_scaling_factor,
         scoring: ScoreFn::from_name(&c.scoring_func)?,
-        hashed: resolve_mlp_types(&c, n, p, &mut ignored)?,
+        hashed: resolve_mlp_types(c, n, p, &mut ignored)?,
         rope_main: freqs(&main, "main")?,
         rope_compress: freqs(&compress, "compress")?,
     })
 }
 
-fn parse(text: &TextConfig) -> Result<ArchSpec> {
+/// Read a DeepSeek V4 config once into its [`ArchSpec`] and the [`RuntimeConfig`] its network
+/// needs, both validated: every command (`inspect`, `kv-budget`, `run`) gives the same verdict.
+pub fn parse(text: &TextConfig) -> Result<(ArchSpec, RuntimeConfig)> {
     let c: DeepseekV4Config = text.parse()?;
+    let spec = arch_spec(text, &c)?;
+    let runtime = runtime_config_of(&c, text)?;
+    Ok((spec, runtime))
+}
+
+fn arch_spec(text: &TextConfig, c: &DeepseekV4Config) -> Result<ArchSpec> {
     let p = text.key_prefix();
     let key = |k: &str| format!("{p}{k}");
     let mut warnings = text.check_unknown_keys(&c.rest, HARMLESS)?;
@@ -735,9 +742,9 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
     }
 
     // 3. Per-layer schedules.
-    let kinds = resolve_layer_types(&c, n, p, &mut warnings)?;
-    let hashed = resolve_mlp_types(&c, n, p, &mut warnings)?;
-    let (csa_rate, hca_rate) = resolve_rates(&c, p)?;
+    let kinds = resolve_layer_types(c, n, p, &mut warnings)?;
+    let hashed = resolve_mlp_types(c, n, p, &mut warnings)?;
+    let (csa_rate, hca_rate) = resolve_rates(c, p)?;
     let rate_of = |i: usize, kind: Kind| -> Result<Option<usize>> {
         let (rate, ty) = match kind {
             Kind::Sliding => return Ok(None),
@@ -758,8 +765,8 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
     }
 
     // 4. RoPE: `partial_rotary_factor` wins over the legacy `qk_rope_head_dim`.
-    let partial = partial_rotary(&c, p, &mut warnings);
-    let (main_block, compress_block) = resolve_rope(&c, partial, p, &mut warnings)?;
+    let partial = partial_rotary(c, p, &mut warnings);
+    let (main_block, compress_block) = resolve_rope(c, partial, p, &mut warnings)?;
     let main_rope = rope_from_params(&main_block, hd, &key("rope_parameters.main"))?;
     let compress_rope = rope_from_params(&compress_block, hd, &key("rope_parameters.compress"))?;
     for (rope, what) in [(&main_rope, "main"), (&compress_rope, "compress")] {

@@ -33,7 +33,7 @@
 //! compressor's entries and carry (and the indexer's) as named states; their bytes equal
 //! `kv-budget`'s parts.
 
-use super::{runtime_config, RuntimeConfig};
+use super::RuntimeConfig;
 use crate::arch::config::{ParseOptions, RopeFrequencies};
 use crate::arch::{ArchSpec, Attention as AttnKind, LayerSpec};
 use crate::arch::{CausalLm, Rows};
@@ -484,7 +484,7 @@ impl DeepseekV4Model {
         vb: VarBuilder,
         lm_head: Option<VarBuilder>,
     ) -> Result<Self> {
-        let (spec, cfg) = crate::arch::parse_for_family(raw, opts, &super::FAMILY, runtime_config)?;
+        let (spec, cfg) = crate::arch::parse_for_family(raw, opts, &super::FAMILY, super::parse)?;
         Self::new(spec, cfg, vb, lm_head)
     }
 

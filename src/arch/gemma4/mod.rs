@@ -21,7 +21,8 @@
 pub mod model;
 
 use super::config::{
-    check_heads, check_len, n, positive, rope_from_params, to_u64, yes, TextConfig,
+    check_heads, check_len, default_count, default_true, positive, rope_from_params, to_u64,
+    TextConfig,
 };
 use super::{ArchSpec, Attention, Family, Ffn, LayerSpec, ParamCounts, Retention};
 use anyhow::{bail, Result};
@@ -33,7 +34,7 @@ pub const FAMILY: Family = Family {
     model_types: &["gemma4_text", "gemma4"],
     architectures: &["Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"],
     summary: "cross-layer KV sharing, per-layer embeddings, sliding + 512-d full layers, K=V, MoE beside a dense MLP",
-    parse,
+    parse: |text| Ok(parse(text)?.0),
     build: Some(|raw, opts, vb, lm_head| {
         Ok(Box::new(model::Gemma4Model::from_config(
             raw, opts, vb, lm_head,
@@ -45,39 +46,39 @@ pub const FAMILY: Family = Family {
 /// `Gemma4TextConfig` with the reference's defaults.
 #[derive(Debug, Deserialize)]
 struct Gemma4TextConfig {
-    #[serde(default = "n::<262_144>")]
+    #[serde(default = "default_count::<262_144>")]
     vocab_size: usize,
-    #[serde(default = "n::<2304>")]
+    #[serde(default = "default_count::<2304>")]
     hidden_size: usize,
-    #[serde(default = "n::<9216>")]
+    #[serde(default = "default_count::<9216>")]
     intermediate_size: usize,
-    #[serde(default = "n::<30>")]
+    #[serde(default = "default_count::<30>")]
     num_hidden_layers: usize,
-    #[serde(default = "n::<8>")]
+    #[serde(default = "default_count::<8>")]
     num_attention_heads: usize,
-    #[serde(default = "n::<4>")]
+    #[serde(default = "default_count::<4>")]
     num_key_value_heads: usize,
-    #[serde(default = "n::<256>")]
+    #[serde(default = "default_count::<256>")]
     head_dim: usize,
-    #[serde(default = "d_act")]
+    #[serde(default = "default_activation")]
     hidden_activation: String,
-    #[serde(default = "n::<131_072>")]
+    #[serde(default = "default_count::<131_072>")]
     max_position_embeddings: usize,
-    #[serde(default = "d_eps")]
+    #[serde(default = "default_rms_eps")]
     rms_norm_eps: f64,
-    #[serde(default = "yes")]
+    #[serde(default = "default_true")]
     tie_word_embeddings: bool,
     rope_parameters: Option<Map<String, Value>>,
     #[serde(default)]
     attention_bias: bool,
-    #[serde(default = "n::<512>")]
+    #[serde(default = "default_count::<512>")]
     sliding_window: usize,
     layer_types: Option<Vec<String>>,
     final_logit_softcapping: Option<f64>,
     use_bidirectional_attention: Option<String>,
-    #[serde(default = "n::<262_144>")]
+    #[serde(default = "default_count::<262_144>")]
     vocab_size_per_layer_input: usize,
-    #[serde(default = "n::<256>")]
+    #[serde(default = "default_count::<256>")]
     hidden_size_per_layer_input: usize,
     #[serde(default)]
     attention_k_eq_v: bool,
@@ -101,10 +102,10 @@ struct Gemma4TextConfig {
     rest: Map<String, Value>,
 }
 
-fn d_act() -> String {
+fn default_activation() -> String {
     "gelu_pytorch_tanh".into()
 }
-fn d_eps() -> f64 {
+fn default_rms_eps() -> f64 {
     1e-6
 }
 
@@ -182,10 +183,8 @@ pub struct RuntimeConfig {
     pub vocab_size_per_layer_input: usize,
 }
 
-/// Read the [`RuntimeConfig`] of a Gemma 4 text config (the spec comes from
-/// [`crate::arch::parse_config`]).
-pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
-    let c: Gemma4TextConfig = text.parse()?;
+/// Validate and read the [`RuntimeConfig`] of a Gemma 4 text config (part of [`parse`]).
+fn runtime_config_of(c: &Gemma4TextConfig, text: &TextConfig) -> Result<RuntimeConfig> {
     let p = text.key_prefix();
     if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps >= 0.0) {
         bail!(
@@ -206,8 +205,16 @@ pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
     })
 }
 
-fn parse(text: &TextConfig) -> Result<ArchSpec> {
+/// Read a Gemma 4 text config once into its [`ArchSpec`] and the [`RuntimeConfig`] its network
+/// needs, both validated: every command (`inspect`, `kv-budget`, `run`) gives the same verdict.
+pub fn parse(text: &TextConfig) -> Result<(ArchSpec, RuntimeConfig)> {
     let c: Gemma4TextConfig = text.parse()?;
+    let spec = arch_spec(text, &c)?;
+    let runtime = runtime_config_of(&c, text)?;
+    Ok((spec, runtime))
+}
+
+fn arch_spec(text: &TextConfig, c: &Gemma4TextConfig) -> Result<ArchSpec> {
     let p = text.key_prefix();
     let mut warnings = text.check_unknown_keys(&c.rest, HARMLESS)?;
     let n = positive(&format!("{p}num_hidden_layers"), c.num_hidden_layers)?;

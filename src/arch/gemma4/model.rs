@@ -17,7 +17,7 @@
 //! 3. with PLE: `h += norm(proj(gelu(gate h) · ple_i))`;
 //! 4. `h *= layer_scalar`.
 
-use super::{runtime_config, RuntimeConfig};
+use super::RuntimeConfig;
 use crate::arch::config::ParseOptions;
 use crate::arch::{ArchSpec, Ffn, LayerSpec};
 use crate::arch::{CausalLm, Rows};
@@ -296,7 +296,7 @@ impl Gemma4Model {
         vb: VarBuilder,
         lm_head: Option<VarBuilder>,
     ) -> Result<Self> {
-        let (spec, cfg) = crate::arch::parse_for_family(raw, opts, &super::FAMILY, runtime_config)?;
+        let (spec, cfg) = crate::arch::parse_for_family(raw, opts, &super::FAMILY, super::parse)?;
         Self::new(spec, cfg, vb, lm_head)
     }
 

@@ -35,8 +35,8 @@
 pub mod model;
 
 use super::config::{
-    check_heads, check_len, dim, layers_count, n, rope_frequencies, rope_from_params, to_u64,
-    RopeFrequencies, TextConfig, MAX_DIM,
+    check_heads, check_len, default_count, dim, layers_count, rope_frequencies, rope_from_params,
+    to_u64, RopeFrequencies, TextConfig, MAX_DIM,
 };
 use super::{ArchSpec, Attention, Family, Ffn, LayerSpec, ParamCounts, Retention};
 use crate::layers::output_gate::GateGranularity;
@@ -49,7 +49,7 @@ pub const FAMILY: Family = Family {
     model_types: &["laguna"],
     architectures: &["LagunaForCausalLM"],
     summary: "per-layer query-head counts, softplus output gate, QK norm, sliding + full RoPE, sigmoid MoE + shared expert",
-    parse,
+    parse: |text| Ok(parse(text)?.0),
     build: Some(|raw, opts, vb, lm_head| {
         Ok(Box::new(model::LagunaModel::from_config(
             raw, opts, vb, lm_head,
@@ -61,23 +61,23 @@ pub const FAMILY: Family = Family {
 /// `LagunaConfig` with the reference's defaults.
 #[derive(Debug, Deserialize)]
 struct LagunaConfig {
-    #[serde(default = "n::<100_352>")]
+    #[serde(default = "default_count::<100_352>")]
     vocab_size: usize,
-    #[serde(default = "n::<2048>")]
+    #[serde(default = "default_count::<2048>")]
     hidden_size: usize,
-    #[serde(default = "n::<8192>")]
+    #[serde(default = "default_count::<8192>")]
     intermediate_size: usize,
-    #[serde(default = "n::<40>")]
+    #[serde(default = "default_count::<40>")]
     num_hidden_layers: usize,
-    #[serde(default = "n::<48>")]
+    #[serde(default = "default_count::<48>")]
     num_attention_heads: usize,
-    #[serde(default = "n::<8>")]
+    #[serde(default = "default_count::<8>")]
     num_key_value_heads: usize,
-    #[serde(default = "d_act")]
+    #[serde(default = "default_activation")]
     hidden_act: String,
-    #[serde(default = "n::<131_072>")]
+    #[serde(default = "default_count::<131_072>")]
     max_position_embeddings: usize,
-    #[serde(default = "d_eps")]
+    #[serde(default = "default_rms_eps")]
     rms_norm_eps: f64,
     #[serde(default)]
     tie_word_embeddings: bool,
@@ -91,26 +91,26 @@ struct LagunaConfig {
     rope_theta: Option<f64>,
     partial_rotary_factor: Option<f64>,
     original_max_position_embeddings: Option<Value>,
-    #[serde(default = "n::<512>")]
+    #[serde(default = "default_count::<512>")]
     sliding_window: usize,
-    #[serde(default = "n::<512>")]
+    #[serde(default = "default_count::<512>")]
     moe_intermediate_size: usize,
-    #[serde(default = "n::<512>")]
+    #[serde(default = "default_count::<512>")]
     shared_expert_intermediate_size: usize,
-    #[serde(default = "n::<8>")]
+    #[serde(default = "default_count::<8>")]
     num_experts_per_tok: usize,
-    #[serde(default = "n::<256>")]
+    #[serde(default = "default_count::<256>")]
     num_experts: usize,
     layer_types: Option<Vec<String>>,
-    #[serde(default = "n::<128>")]
+    #[serde(default = "default_count::<128>")]
     head_dim: usize,
     #[serde(default)]
     attention_bias: bool,
-    #[serde(default = "d_gating")]
+    #[serde(default = "default_gating")]
     gating: Value,
     num_attention_heads_per_layer: Option<Vec<usize>>,
     mlp_layer_types: Option<Vec<String>>,
-    #[serde(default = "d_one")]
+    #[serde(default = "default_routed_scaling_factor")]
     moe_routed_scaling_factor: f64,
     #[serde(default)]
     moe_apply_router_weight_on_input: bool,
@@ -125,16 +125,16 @@ struct LagunaConfig {
     rest: Map<String, Value>,
 }
 
-fn d_act() -> String {
+fn default_activation() -> String {
     "silu".into()
 }
-fn d_eps() -> f64 {
+fn default_rms_eps() -> f64 {
     1e-6
 }
-fn d_gating() -> Value {
+fn default_gating() -> Value {
     Value::Bool(true)
 }
-fn d_one() -> f64 {
+fn default_routed_scaling_factor() -> f64 {
     1.0
 }
 
@@ -377,10 +377,8 @@ impl RuntimeConfig {
     }
 }
 
-/// Read the [`RuntimeConfig`] of a Laguna config (the spec comes from
-/// [`crate::arch::parse_config`]).
-pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
-    let c: LagunaConfig = text.parse()?;
+/// Validate and read the [`RuntimeConfig`] of a Laguna config (part of [`parse`]).
+fn runtime_config_of(c: &LagunaConfig) -> Result<RuntimeConfig> {
     let n = c.num_hidden_layers;
     if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps >= 0.0) {
         bail!(
@@ -410,7 +408,7 @@ pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
         .unwrap_or_else(|| vec![FULL.to_string(); n]);
     let used_full = types.iter().any(|t| t == FULL);
     let used_sliding = types.iter().any(|t| t == SLIDING);
-    let blocks = resolve_rope(&c, used_full, used_sliding, &mut ignored)?;
+    let blocks = resolve_rope(c, used_full, used_sliding, &mut ignored)?;
     let truncate = |block: &Value| -> Option<Value> {
         if blocks.nested {
             blocks.top_truncate.clone()
@@ -443,8 +441,21 @@ pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
     })
 }
 
-fn parse(text: &TextConfig) -> Result<ArchSpec> {
+/// Read a Laguna config once into its [`ArchSpec`] and the [`RuntimeConfig`] its network
+/// needs, both validated: every command (`inspect`, `kv-budget`, `run`) gives the same verdict.
+pub fn parse(text: &TextConfig) -> Result<(ArchSpec, RuntimeConfig)> {
     let c: LagunaConfig = text.parse()?;
+    let spec = arch_spec(text, &c)?;
+    let runtime = runtime_config_of(&c)?;
+    Ok((spec, runtime))
+}
+
+/// The [`RuntimeConfig`] alone, for the RoPE checks on configs reduced to their RoPE keys.
+pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
+    runtime_config_of(&text.parse()?)
+}
+
+fn arch_spec(text: &TextConfig, c: &LagunaConfig) -> Result<ArchSpec> {
     let mut warnings = text.check_unknown_keys(&c.rest, HARMLESS)?;
     let n = layers_count("num_hidden_layers", c.num_hidden_layers)?;
     let hidden = dim("hidden_size", c.hidden_size)?;
@@ -506,7 +517,7 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
     }
 
     // Legacy keys transformers ignores: harmless unless they disagree with `mlp_layer_types`.
-    if let Some(legacy) = legacy_sparse_layers(&c, n) {
+    if let Some(legacy) = legacy_sparse_layers(c, n) {
         let differ: Vec<String> = legacy
             .iter()
             .zip(&mlp_types)
@@ -555,7 +566,7 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
         dim("sliding_window", c.sliding_window)?;
     }
 
-    let blocks = resolve_rope(&c, any_full, any_sliding, &mut warnings)?;
+    let blocks = resolve_rope(c, any_full, any_sliding, &mut warnings)?;
     let rope_full = match &blocks.full {
         Some(b) => Some(rope_from_params(
             b,

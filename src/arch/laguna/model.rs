@@ -22,7 +22,7 @@
 //! The cache holds K and V of every layer (`num_key_value_heads × head_dim` per token, whatever
 //! the query heads), the last `sliding_window` tokens on sliding layers.
 
-use super::{runtime_config, RuntimeConfig};
+use super::RuntimeConfig;
 use crate::arch::config::ParseOptions;
 use crate::arch::config::RopeFrequencies;
 use crate::arch::{ArchSpec, Attention as AttnKind, Ffn, LayerSpec};
@@ -248,7 +248,7 @@ impl LagunaModel {
         vb: VarBuilder,
         lm_head: Option<VarBuilder>,
     ) -> Result<Self> {
-        let (spec, cfg) = crate::arch::parse_for_family(raw, opts, &super::FAMILY, runtime_config)?;
+        let (spec, cfg) = crate::arch::parse_for_family(raw, opts, &super::FAMILY, super::parse)?;
         Self::new(spec, cfg, vb, lm_head)
     }
 

@@ -50,8 +50,8 @@
 pub mod model;
 
 use super::config::{
-    check_heads, check_len, n, positive, rope_frequencies, rope_from_params, RopeFrequencies,
-    TextConfig,
+    check_heads, check_len, default_count, positive, rope_frequencies, rope_from_params,
+    RopeFrequencies, TextConfig,
 };
 use super::{ArchSpec, Attention, CachePart, Family, Ffn, LayerSpec, ParamCounts, Retention};
 use anyhow::{anyhow, bail, Result};
@@ -68,7 +68,7 @@ pub const FAMILY: Family = Family {
         "Qwen3_5MoeForConditionalGeneration",
     ],
     summary: "Gated DeltaNet linear attention (fixed-size state) in a 3:1 hybrid with gated full attention; dense or MoE + shared expert",
-    parse,
+    parse: |text| Ok(parse(text)?.0),
     build: Some(|raw, opts, vb, lm_head| {
         Ok(Box::new(model::Qwen3_5Model::from_config(
             raw, opts, vb, lm_head,
@@ -81,20 +81,20 @@ pub const FAMILY: Family = Family {
 /// are `Option`s, resolved by [`Variant`].
 #[derive(Debug, Deserialize)]
 struct Qwen3_5TextConfig {
-    #[serde(default = "n::<248_320>")]
+    #[serde(default = "default_count::<248_320>")]
     vocab_size: usize,
     hidden_size: Option<usize>,
     /// Dense only (default 12288); the MoE config has no such field.
     intermediate_size: Option<usize>,
     num_hidden_layers: Option<usize>,
-    #[serde(default = "n::<16>")]
+    #[serde(default = "default_count::<16>")]
     num_attention_heads: usize,
     num_key_value_heads: Option<usize>,
-    #[serde(default = "d_act")]
+    #[serde(default = "default_activation")]
     hidden_act: String,
-    #[serde(default = "n::<32_768>")]
+    #[serde(default = "default_count::<32_768>")]
     max_position_embeddings: usize,
-    #[serde(default = "d_eps")]
+    #[serde(default = "default_rms_eps")]
     #[allow(dead_code)]
     rms_norm_eps: f64,
     #[serde(default)]
@@ -107,17 +107,17 @@ struct Qwen3_5TextConfig {
     partial_rotary_factor: Option<f64>,
     #[serde(default)]
     attention_bias: bool,
-    #[serde(default = "n::<256>")]
+    #[serde(default = "default_count::<256>")]
     head_dim: usize,
-    #[serde(default = "n::<4>")]
+    #[serde(default = "default_count::<4>")]
     linear_conv_kernel_dim: usize,
-    #[serde(default = "n::<128>")]
+    #[serde(default = "default_count::<128>")]
     linear_key_head_dim: usize,
-    #[serde(default = "n::<128>")]
+    #[serde(default = "default_count::<128>")]
     linear_value_head_dim: usize,
-    #[serde(default = "n::<16>")]
+    #[serde(default = "default_count::<16>")]
     linear_num_key_heads: usize,
-    #[serde(default = "n::<32>")]
+    #[serde(default = "default_count::<32>")]
     linear_num_value_heads: usize,
     layer_types: Option<Vec<String>>,
     /// Only read when `layer_types` is absent.
@@ -145,10 +145,10 @@ struct Qwen3_5TextConfig {
     rest: Map<String, Value>,
 }
 
-fn d_act() -> String {
+fn default_activation() -> String {
     "silu".into()
 }
-fn d_eps() -> f64 {
+fn default_rms_eps() -> f64 {
     1e-6
 }
 
@@ -362,12 +362,10 @@ pub struct RuntimeConfig {
     pub rope: RopeFrequencies,
 }
 
-/// Read the [`RuntimeConfig`] of a Qwen3.5 config (the spec comes from
-/// [`crate::arch::parse_config`], which has validated it).
-pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
-    let c: Qwen3_5TextConfig = text.parse()?;
+/// Validate and read the [`RuntimeConfig`] of a Qwen3.5 config (part of [`parse`]).
+fn runtime_config_of(c: &Qwen3_5TextConfig, text: &TextConfig) -> Result<RuntimeConfig> {
     let p = text.key_prefix();
-    let (block, key) = rope_block(&c, p, &mut vec![])?;
+    let (block, key) = rope_block(c, p, &mut vec![])?;
     let block = Value::Object(block);
     if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps >= 0.0) {
         bail!(
@@ -389,9 +387,17 @@ pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
     })
 }
 
-fn parse(text: &TextConfig) -> Result<ArchSpec> {
+/// Read a Qwen3.5 text config once into its [`ArchSpec`] and the [`RuntimeConfig`] its network
+/// needs, both validated: every command (`inspect`, `kv-budget`, `run`) gives the same verdict.
+pub fn parse(text: &TextConfig) -> Result<(ArchSpec, RuntimeConfig)> {
     let variant = variant(text)?;
     let c: Qwen3_5TextConfig = text.parse()?;
+    let spec = arch_spec(text, variant, &c)?;
+    let runtime = runtime_config_of(&c, text)?;
+    Ok((spec, runtime))
+}
+
+fn arch_spec(text: &TextConfig, variant: Variant, c: &Qwen3_5TextConfig) -> Result<ArchSpec> {
     let p = text.key_prefix();
     let key = |k: &str| format!("{p}{k}");
     let mut warnings = text.check_unknown_keys(&c.rest, HARMLESS)?;
@@ -523,7 +529,7 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
     // 4. Full-attention geometry and RoPE.
     let head_dim = positive(&key("head_dim"), c.head_dim)?;
     let q_heads = c.num_attention_heads;
-    let (rope_map, rope_key) = rope_block(&c, p, &mut warnings)?;
+    let (rope_map, rope_key) = rope_block(c, p, &mut warnings)?;
     let rope_what = key(rope_key);
     let rope = rope_from_params(&Value::Object(rope_map.clone()), head_dim, &rope_what)?;
     let sections = mrope_sections(&rope_map, &rope_what)?;

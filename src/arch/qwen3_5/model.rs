@@ -19,7 +19,7 @@
 //! Every RMS norm here but the DeltaNet's gated one scales by `1 + weight` (zero-centred
 //! weights, `Qwen3_5RMSNorm`).
 
-use super::{runtime_config, RuntimeConfig};
+use super::RuntimeConfig;
 use crate::arch::config::ParseOptions;
 use crate::arch::{ArchSpec, Attention as AttnKind, Ffn, LayerSpec};
 use crate::arch::{CausalLm, Rows};
@@ -353,7 +353,7 @@ impl Qwen3_5Model {
         vb: VarBuilder,
         lm_head: Option<VarBuilder>,
     ) -> Result<Self> {
-        let (spec, cfg) = crate::arch::parse_for_family(raw, opts, &super::FAMILY, runtime_config)?;
+        let (spec, cfg) = crate::arch::parse_for_family(raw, opts, &super::FAMILY, super::parse)?;
         Self::new(spec, cfg, vb, lm_head)
     }
 }

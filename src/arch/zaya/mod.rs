@@ -37,7 +37,7 @@
 
 pub mod model;
 
-use super::config::{check_len, n, yes, TextConfig};
+use super::config::{check_len, default_count, default_true, TextConfig};
 use super::config::{dim, layers_count, rope_from_params, to_u64};
 use super::{ArchSpec, Attention, CachePart, Family, Ffn, LayerSpec, ParamCounts, Retention};
 use anyhow::{anyhow, bail, Result};
@@ -49,7 +49,7 @@ pub const FAMILY: Family = Family {
     model_types: &["zaya"],
     architectures: &["ZayaForCausalLM"],
     summary: "Compressed Convolutional Attention (conv + delayed-value state), top-1 MoE with an MLP router, residual scaling",
-    parse,
+    parse: |text| Ok(parse(text)?.0),
     build: Some(|raw, opts, vb, lm_head| {
         Ok(Box::new(model::ZayaModel::from_config(
             raw, opts, vb, lm_head,
@@ -73,9 +73,8 @@ pub struct RuntimeConfig {
     pub cca_time1: usize,
 }
 
-/// The [`RuntimeConfig`] of a ZAYA config (parse it with [`FAMILY`] first for the checks).
-pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
-    let c: ZayaConfig = text.parse()?;
+/// Validate and read the [`RuntimeConfig`] of a ZAYA config (part of [`parse`]).
+fn runtime_config_of(c: &ZayaConfig) -> Result<RuntimeConfig> {
     Ok(RuntimeConfig {
         rms_norm_eps: c.rms_norm_eps,
         attention_bias: c.attention_bias,
@@ -89,23 +88,23 @@ pub fn runtime_config(text: &TextConfig) -> Result<RuntimeConfig> {
 /// `ZayaConfig` with the reference's defaults.
 #[derive(Debug, Deserialize)]
 struct ZayaConfig {
-    #[serde(default = "n::<262_272>")]
+    #[serde(default = "default_count::<262_272>")]
     vocab_size: usize,
-    #[serde(default = "n::<2048>")]
+    #[serde(default = "default_count::<2048>")]
     hidden_size: usize,
-    #[serde(default = "n::<40>")]
+    #[serde(default = "default_count::<40>")]
     num_hidden_layers: usize,
-    #[serde(default = "n::<8>")]
+    #[serde(default = "default_count::<8>")]
     num_attention_heads: usize,
-    #[serde(default = "n::<2>")]
+    #[serde(default = "default_count::<2>")]
     num_key_value_heads: usize,
-    #[serde(default = "d_act")]
+    #[serde(default = "default_activation")]
     hidden_act: String,
-    #[serde(default = "n::<131_072>")]
+    #[serde(default = "default_count::<131_072>")]
     max_position_embeddings: usize,
-    #[serde(default = "d_eps")]
+    #[serde(default = "default_rms_eps")]
     rms_norm_eps: f64,
-    #[serde(default = "yes")]
+    #[serde(default = "default_true")]
     tie_word_embeddings: bool,
     rope_parameters: Option<Value>,
     /// Legacy; must be absent or null.
@@ -114,33 +113,33 @@ struct ZayaConfig {
     rope_theta: Option<f64>,
     partial_rotary_factor: Option<f64>,
     sliding_window: Option<usize>,
-    #[serde(default = "n::<2048>")]
+    #[serde(default = "default_count::<2048>")]
     moe_intermediate_size: usize,
-    #[serde(default = "n::<1>")]
+    #[serde(default = "default_count::<1>")]
     num_experts_per_tok: usize,
-    #[serde(default = "n::<16>")]
+    #[serde(default = "default_count::<16>")]
     num_experts: usize,
     layer_types: Option<Vec<String>>,
-    #[serde(default = "n::<128>")]
+    #[serde(default = "default_count::<128>")]
     head_dim: usize,
     #[serde(default)]
     attention_bias: bool,
     #[serde(default)]
     lm_head_bias: bool,
-    #[serde(default = "n::<256>")]
+    #[serde(default = "default_count::<256>")]
     router_hidden_size: usize,
-    #[serde(default = "n::<2>")]
+    #[serde(default = "default_count::<2>")]
     cca_time0: usize,
-    #[serde(default = "n::<2>")]
+    #[serde(default = "default_count::<2>")]
     cca_time1: usize,
     #[serde(flatten)]
     rest: Map<String, Value>,
 }
 
-fn d_act() -> String {
+fn default_activation() -> String {
     "silu".into()
 }
-fn d_eps() -> f64 {
+fn default_rms_eps() -> f64 {
     1e-5
 }
 
@@ -261,9 +260,17 @@ fn resolve_rope(
     Ok(obj)
 }
 
-fn parse(text: &TextConfig) -> Result<ArchSpec> {
+/// Read a ZAYA config once into its [`ArchSpec`] and the [`RuntimeConfig`] its network
+/// needs, both validated: every command (`inspect`, `kv-budget`, `run`) gives the same verdict.
+pub fn parse(text: &TextConfig) -> Result<(ArchSpec, RuntimeConfig)> {
     check_not_legacy(&text.value)?;
     let c: ZayaConfig = text.parse()?;
+    let spec = arch_spec(text, &c)?;
+    let runtime = runtime_config_of(&c)?;
+    Ok((spec, runtime))
+}
+
+fn arch_spec(text: &TextConfig, c: &ZayaConfig) -> Result<ArchSpec> {
     let mut warnings = text.check_unknown_keys(&c.rest, HARMLESS)?;
     let n = layers_count("num_hidden_layers", c.num_hidden_layers)?;
     let hidden = dim("hidden_size", c.hidden_size)?;
@@ -334,7 +341,7 @@ fn parse(text: &TextConfig) -> Result<ArchSpec> {
             used.push(ty);
         }
     }
-    let blocks = resolve_rope(&c, &used, &mut warnings)?;
+    let blocks = resolve_rope(c, &used, &mut warnings)?;
     let rope_of = |ty: &str| -> Result<super::Rope> {
         let b = blocks
             .get(ty)

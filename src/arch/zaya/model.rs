@@ -21,7 +21,7 @@
 //! `sliding_window` tokens on sliding layers), the conv state (the last `(t0 − 1) + (t1 − 1)`
 //! q/k projection rows) and the delayed-V state (the previous token's `v_proj_delayed`).
 
-use super::{runtime_config, RuntimeConfig};
+use super::RuntimeConfig;
 use crate::arch::config::ParseOptions;
 use crate::arch::{ArchSpec, Attention as AttnKind, Ffn, LayerSpec};
 use crate::arch::{CausalLm, Rows};
@@ -288,7 +288,7 @@ impl ZayaModel {
         vb: VarBuilder,
         lm_head: Option<VarBuilder>,
     ) -> Result<Self> {
-        let (spec, cfg) = crate::arch::parse_for_family(raw, opts, &super::FAMILY, runtime_config)?;
+        let (spec, cfg) = crate::arch::parse_for_family(raw, opts, &super::FAMILY, super::parse)?;
         Self::new(spec, cfg, vb, lm_head)
     }
 
