@@ -2,7 +2,7 @@
 //! (`text_config`), deserialize into a family's serde struct with error paths that name the key,
 //! refuse keys nobody understands, and read RoPE parameter blocks.
 
-use super::Rope;
+use super::{Rope, RopeKind};
 use crate::layers::rope::{self, Llama3, Yarn};
 use anyhow::{anyhow, bail, Result};
 use serde::de::DeserializeOwned;
@@ -394,21 +394,13 @@ pub fn rope_from_params(block: &Value, head_dim: usize, what: &str) -> Result<Ro
 
 /// The fields every RoPE block has: `rope_theta`, `partial_rotary_factor`, `factor`.
 fn rope_basics(obj: &Map<String, Value>, kind: &str, head_dim: usize, what: &str) -> Result<Rope> {
-    const KNOWN: &[&str] = &[
-        "default",
-        "proportional",
-        "linear",
-        "dynamic",
-        "yarn",
-        "longrope",
-        "llama3",
-    ];
-    if !KNOWN.contains(&kind) {
+    let Some(kind) = RopeKind::parse(kind) else {
+        let known: Vec<&str> = RopeKind::ALL.iter().map(|k| k.as_str()).collect();
         bail!(
             "key `{what}.rope_type`: unknown RoPE type `{kind}` (known: {})",
-            KNOWN.join(", ")
+            known.join(", ")
         );
-    }
+    };
     let theta = obj
         .get("rope_theta")
         .and_then(|v| v.as_f64())
@@ -423,7 +415,7 @@ fn rope_basics(obj: &Map<String, Value>, kind: &str, head_dim: usize, what: &str
         bail!("key `{what}.partial_rotary_factor` = {partial} is outside (0, 1]");
     }
     Ok(Rope {
-        kind: kind.to_string(),
+        kind,
         theta,
         rotary_dim: (head_dim as f64 * partial) as usize,
         factor: obj.get("factor").and_then(|v| v.as_f64()),
@@ -472,8 +464,7 @@ pub fn default_true() -> bool {
 /// multiplied by.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RopeFrequencies {
-    /// `rope_type`.
-    pub kind: String,
+    pub kind: RopeKind,
     pub inv_freq: Vec<f32>,
     pub attention_scaling: f64,
     /// Positions at or past this are not implemented for this variant: dynamic NTK recomputes
@@ -494,7 +485,7 @@ fn rope_num(block: &Value, key: &str, what: &str) -> Result<Option<f64>> {
     }
 }
 
-fn rope_num_req(block: &Value, key: &str, what: &str, kind: &str) -> Result<f64> {
+fn rope_num_req(block: &Value, key: &str, what: &str, kind: RopeKind) -> Result<f64> {
     rope_num(block, key, what)?
         .ok_or_else(|| anyhow!("key `{what}.{key}` is required for rope_type `{kind}`"))
 }
@@ -520,25 +511,25 @@ pub fn rope_frequencies(
     what: &str,
 ) -> Result<RopeFrequencies> {
     let r = rope_from_params(block, head_dim, what)?;
-    let (kind, theta, dim) = (r.kind.clone(), r.theta, r.rotary_dim);
+    let (kind, theta, dim) = (r.kind, r.theta, r.rotary_dim);
     if dim == 0 {
         bail!(
             "key `{what}.partial_rotary_factor`: no dimension of the {head_dim}-wide heads rotates"
         );
     }
     let num = |k: &str| rope_num(block, k, what);
-    let req = |k: &str| rope_num_req(block, k, what, &kind);
+    let req = |k: &str| rope_num_req(block, k, what, kind);
     let mut max_positions = None;
-    let (inv_freq, attention_scaling) = match kind.as_str() {
-        "default" => (rope::default_inv_freq(theta, dim), 1.0),
-        "linear" => (rope::linear_inv_freq(theta, dim, req("factor")?), 1.0),
-        "dynamic" => {
+    let (inv_freq, attention_scaling) = match kind {
+        RopeKind::Default => (rope::default_inv_freq(theta, dim), 1.0),
+        RopeKind::Linear => (rope::linear_inv_freq(theta, dim, req("factor")?), 1.0),
+        RopeKind::Dynamic => {
             // At or below `max_position_embeddings` dynamic NTK is the default RoPE.
             req("factor")?;
             max_positions = Some(max_position_embeddings);
             (rope::default_inv_freq(theta, dim), 1.0)
         }
-        "yarn" => {
+        RopeKind::Yarn => {
             let original = req("original_max_position_embeddings")?;
             let factor = num("factor")?.unwrap_or(max_position_embeddings as f64 / original);
             let nonzero = |k: &str| -> Result<Option<f64>> { Ok(num(k)?.filter(|&v| v != 0.0)) };
@@ -561,7 +552,7 @@ pub fn rope_frequencies(
                 .map_err(|e| anyhow!("key `{what}`: {e}"))?;
             (inv, yarn.attention_scaling())
         }
-        "llama3" => {
+        RopeKind::Llama3 => {
             let l = Llama3 {
                 factor: req("factor")?,
                 low_freq_factor: req("low_freq_factor")?,
@@ -573,7 +564,7 @@ pub fn rope_frequencies(
                 .map_err(|e| anyhow!("key `{what}`: {e}"))?;
             (inv, 1.0)
         }
-        "longrope" => {
+        RopeKind::Longrope => {
             let original = req("original_max_position_embeddings")?;
             let factor = num("factor")?.unwrap_or(max_position_embeddings as f64 / original);
             let scaling = match num("attention_factor")? {
@@ -587,7 +578,7 @@ pub fn rope_frequencies(
             max_positions = Some(original as usize);
             (inv, scaling)
         }
-        "proportional" => {
+        RopeKind::Proportional => {
             // Gemma-style: the first ⌊partial·d/2⌋ pairs of the whole head rotate with
             // θ^(-2i/d) / factor, the others have frequency 0.
             let factor = num("factor")?.unwrap_or(1.0) as f32;
@@ -603,7 +594,6 @@ pub fn rope_frequencies(
                 .collect();
             (inv, 1.0)
         }
-        other => bail!("key `{what}.rope_type`: `{other}` is not implemented"),
     };
     if 2 * inv_freq.len() > head_dim {
         bail!("key `{what}`: {dim} rotated dims do not fit heads of {head_dim}");

@@ -339,11 +339,64 @@ impl CachePart {
     }
 }
 
+/// The RoPE variants a config may name (`rope_type`), as the reference spells them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RopeKind {
+    Default,
+    Proportional,
+    Linear,
+    Dynamic,
+    Yarn,
+    Longrope,
+    Llama3,
+}
+
+impl RopeKind {
+    pub const ALL: [RopeKind; 7] = [
+        RopeKind::Default,
+        RopeKind::Proportional,
+        RopeKind::Linear,
+        RopeKind::Dynamic,
+        RopeKind::Yarn,
+        RopeKind::Longrope,
+        RopeKind::Llama3,
+    ];
+
+    /// The name as `rope_type` gives it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RopeKind::Default => "default",
+            RopeKind::Proportional => "proportional",
+            RopeKind::Linear => "linear",
+            RopeKind::Dynamic => "dynamic",
+            RopeKind::Yarn => "yarn",
+            RopeKind::Longrope => "longrope",
+            RopeKind::Llama3 => "llama3",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<RopeKind> {
+        RopeKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for RopeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for RopeKind {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// How a RoPE variant rotates.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Rope {
-    /// `default`, `proportional`, `yarn`, ...
-    pub kind: String,
+    pub kind: RopeKind,
     pub theta: f64,
     /// How many of the head's dimensions are rotated.
     pub rotary_dim: usize,

@@ -186,9 +186,9 @@ fn rotary_for(spec: &LayerSpec, device: &Device) -> Result<Rotary> {
         .as_ref()
         .ok_or_else(|| anyhow!("layer {}: no RoPE parameters", spec.index))?;
     let d = spec.head_dim;
-    match rope.kind.as_str() {
-        "default" => Rotary::default_rope(rope.theta, d, device),
-        "proportional" => Rotary::proportional(
+    match rope.kind {
+        crate::arch::RopeKind::Default => Rotary::default_rope(rope.theta, d, device),
+        crate::arch::RopeKind::Proportional => Rotary::proportional(
             rope.theta,
             d,
             rope.rotary_dim / 2,

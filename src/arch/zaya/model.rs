@@ -166,7 +166,7 @@ fn rotary_for(spec: &LayerSpec, device: &Device) -> Result<Rotary> {
         .rope
         .as_ref()
         .ok_or_else(|| anyhow!("layer {}: no RoPE parameters", spec.index))?;
-    if r.kind != "default" {
+    if r.kind != crate::arch::RopeKind::Default {
         bail!(
             "layer {}: `rope_type` `{}` is not implemented for ZAYA (only `default`)",
             spec.index,
