@@ -1,10 +1,12 @@
 //! WHAT a model is: the registry of families and the one per-layer table every command reads.
 //!
-//! Parsing a `config.json` is two-stage. Each family file (`gemma4.rs`, `laguna.rs`, ...) holds a
-//! serde struct with the Hugging Face field names and the reference's defaults (transformers
-//! 5.23.0), and turns it into a validated [`ArchSpec`]: model-wide facts plus one [`LayerSpec`] per
-//! decoder layer. `inspect` prints that table, `kv-budget` computes from it, and later the model
-//! builder and the live KV panel read it. Nothing else re-derives per-layer facts from the config.
+//! Parsing a `config.json` is two-stage. Each family folder (`gemma4/`, `laguna/`, ...) holds in
+//! `config.rs` a serde struct with the Hugging Face field names and the reference's defaults
+//! (transformers 5.23.0), and its `parse` reads that struct once into a validated [`ArchSpec`]
+//! (`spec.rs`, `params.rs`: model-wide facts plus one [`LayerSpec`] per decoder layer) and the
+//! runtime config its network needs, so every command gives a config the same verdict. `inspect`
+//! prints that table, `kv-budget` computes from it, and the model builder and the live KV panel
+//! read it. Nothing else re-derives per-layer facts from the config.
 //!
 //! The cache a layer holds is described by [`CachePart`]s (K, V, K=V, compressed entries, indexer
 //! keys, convolution and recurrent states), each with how many entries it keeps at a context
@@ -62,7 +64,7 @@ pub fn family_of(spec: &ArchSpec) -> Option<&'static Family> {
     FAMILIES.iter().find(|f| f.name == spec.family)
 }
 
-/// The registry: adding a family is one file plus one line here.
+/// The registry: adding a family is one folder plus one line here.
 pub const FAMILIES: &[Family] = &[
     gemma4::FAMILY,
     laguna::FAMILY,
