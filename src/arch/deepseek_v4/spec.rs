@@ -85,72 +85,13 @@ pub(super) fn arch_spec(text: &TextConfig, c: &DeepseekV4Config) -> Result<ArchS
         c.n_routed_experts,
         c.moe_intermediate_size,
     );
-    let (ihd, inh, m) = (c.index_head_dim, c.index_n_heads, c.hc_mult);
+    let m = c.hc_mult;
     let window = c.sliding_window;
     let mut layers = Vec::with_capacity(n);
     for (i, (&kind, &hash)) in kinds.iter().zip(&hashed).enumerate() {
         let rate = compress_rate(i, kind, csa_rate, hca_rate, p)?;
 
-        // Cache (see the header): K=V window, compressed entries, indexer keys, carried state.
-        let mut cache = vec![CachePart::new("K=V", hd, Retention::Window { window })];
-        let mut notes = vec![];
-        let attention = match (kind, rate) {
-            (Kind::Csa, Some(r)) => {
-                cache.extend([
-                    CachePart::new("compressed KV", hd, Retention::Compressed { ratio: r }),
-                    CachePart::new("indexer keys", ihd, Retention::Compressed { ratio: r }),
-                    // kv + gate of the open window's tokens, two series each.
-                    CachePart::new(
-                        "compressor carry",
-                        4 * hd,
-                        Retention::Remainder { ratio: r },
-                    ),
-                    // kv and gate of the last closed window's Ca series; the gate has
-                    // `position_bias` (kept f32 by the reference) added, so it is f32.
-                    CachePart::new(
-                        "compressor overlap kv",
-                        hd,
-                        Retention::LastBlock { ratio: r },
-                    ),
-                    CachePart::new(
-                        "compressor overlap gate",
-                        hd,
-                        Retention::LastBlock { ratio: r },
-                    )
-                    .f32(),
-                    CachePart::new("indexer carry", 4 * ihd, Retention::Remainder { ratio: r }),
-                    CachePart::new("indexer overlap kv", ihd, Retention::LastBlock { ratio: r }),
-                    CachePart::new(
-                        "indexer overlap gate",
-                        ihd,
-                        Retention::LastBlock { ratio: r },
-                    )
-                    .f32(),
-                ]);
-                notes.push(format!("indexer {inh}×{ihd} top-{}", c.index_topk));
-                Attention::Compressed {
-                    ratio: r,
-                    window,
-                    index_topk: Some(c.index_topk),
-                }
-            }
-            (Kind::Hca, Some(r)) => {
-                cache.extend([
-                    CachePart::new("compressed KV", hd, Retention::Compressed { ratio: r }),
-                    CachePart::new(
-                        "compressor carry",
-                        2 * hd,
-                        Retention::Remainder { ratio: r },
-                    ),
-                ]);
-                Attention::Compressed {
-                    ratio: r,
-                    window,
-                    index_topk: None,
-                }
-            }
-            _ => Attention::Sliding { window },
-        };
+        let (attention, cache, notes) = attention_and_cache(c, kind, rate);
         let rope: Rope = if kind == Kind::Sliding {
             main_rope.clone()
         } else {
@@ -274,4 +215,80 @@ fn compress_rate(
         bail!("layer {i}: key `{p}compress_rates.{ty}` = {r} must be a positive ratio");
     }
     Ok(Some(r))
+}
+
+/// A layer's attention and what its cache holds (see the family notes): the K=V window, and for
+/// CSA/HCA layers the compressed entries, the indexer keys and the state carried between steps.
+fn attention_and_cache(
+    c: &DeepseekV4Config,
+    kind: Kind,
+    rate: Option<usize>,
+) -> (Attention, Vec<CachePart>, Vec<String>) {
+    let (hd, ihd, inh, window) = (
+        c.head_dim,
+        c.index_head_dim,
+        c.index_n_heads,
+        c.sliding_window,
+    );
+    // Cache (see the header): K=V window, compressed entries, indexer keys, carried state.
+    let mut cache = vec![CachePart::new("K=V", hd, Retention::Window { window })];
+    let mut notes = vec![];
+    let attention = match (kind, rate) {
+        (Kind::Csa, Some(r)) => {
+            cache.extend([
+                CachePart::new("compressed KV", hd, Retention::Compressed { ratio: r }),
+                CachePart::new("indexer keys", ihd, Retention::Compressed { ratio: r }),
+                // kv + gate of the open window's tokens, two series each.
+                CachePart::new(
+                    "compressor carry",
+                    4 * hd,
+                    Retention::Remainder { ratio: r },
+                ),
+                // kv and gate of the last closed window's Ca series; the gate has
+                // `position_bias` (kept f32 by the reference) added, so it is f32.
+                CachePart::new(
+                    "compressor overlap kv",
+                    hd,
+                    Retention::LastBlock { ratio: r },
+                ),
+                CachePart::new(
+                    "compressor overlap gate",
+                    hd,
+                    Retention::LastBlock { ratio: r },
+                )
+                .f32(),
+                CachePart::new("indexer carry", 4 * ihd, Retention::Remainder { ratio: r }),
+                CachePart::new("indexer overlap kv", ihd, Retention::LastBlock { ratio: r }),
+                CachePart::new(
+                    "indexer overlap gate",
+                    ihd,
+                    Retention::LastBlock { ratio: r },
+                )
+                .f32(),
+            ]);
+            notes.push(format!("indexer {inh}×{ihd} top-{}", c.index_topk));
+            Attention::Compressed {
+                ratio: r,
+                window,
+                index_topk: Some(c.index_topk),
+            }
+        }
+        (Kind::Hca, Some(r)) => {
+            cache.extend([
+                CachePart::new("compressed KV", hd, Retention::Compressed { ratio: r }),
+                CachePart::new(
+                    "compressor carry",
+                    2 * hd,
+                    Retention::Remainder { ratio: r },
+                ),
+            ]);
+            Attention::Compressed {
+                ratio: r,
+                window,
+                index_topk: None,
+            }
+        }
+        _ => Attention::Sliding { window },
+    };
+    (attention, cache, notes)
 }
