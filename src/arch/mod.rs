@@ -422,9 +422,56 @@ pub enum Ffn {
         shared_width: Option<usize>,
         /// Width of a dense MLP running beside the experts (Gemma 4 26B-A4B), if any.
         dense_width: Option<usize>,
-        /// How tokens pick experts: `softmax`, `sigmoid`, `hash`, `mlp router`, ...
-        routing: String,
+        /// How tokens pick experts.
+        routing: Routing,
     },
+}
+
+/// How a MoE layer's tokens pick their experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// A softmax over the experts, top-k (Gemma 4, Qwen3.6).
+    Softmax,
+    /// An independent sigmoid per expert, top-k of score + correction bias (Laguna, DeepSeek V4
+    /// with `scoring_func: sigmoid`).
+    Sigmoid,
+    /// √softplus scores, top-k of score + correction bias (DeepSeek V4's default).
+    SqrtSoftplus,
+    /// A frozen token-id → experts table (DeepSeek V4's first layers).
+    Hash,
+    /// An MLP router this wide, with a skip class (ZAYA).
+    Mlp { hidden: usize },
+}
+
+impl Routing {
+    /// A score function's name as configs give it (`scoring_func`).
+    pub fn from_score_name(name: &str) -> Option<Routing> {
+        match name {
+            "softmax" => Some(Routing::Softmax),
+            "sigmoid" => Some(Routing::Sigmoid),
+            "sqrtsoftplus" => Some(Routing::SqrtSoftplus),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Routing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Routing::Softmax => f.write_str("softmax"),
+            Routing::Sigmoid => f.write_str("sigmoid"),
+            Routing::SqrtSoftplus => f.write_str("sqrtsoftplus"),
+            Routing::Hash => f.write_str("hash"),
+            Routing::Mlp { hidden } => write!(f, "MLP router {hidden}"),
+        }
+    }
+}
+
+/// As its label, as the JSON has always said it.
+impl Serialize for Routing {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 impl Ffn {

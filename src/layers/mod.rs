@@ -25,6 +25,3 @@ pub mod residual_scaling;
 pub mod rope;
 pub mod token_compressor;
 pub mod weight;
-
-// The old paths, until every family imports from `moe`.
-pub use moe::score_routing;

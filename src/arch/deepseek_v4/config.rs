@@ -6,7 +6,7 @@
 use crate::arch::config::{
     check_len, default_count, default_true, rope_frequencies, RopeFrequencies, TextConfig,
 };
-use crate::layers::score_routing::ScoreFn;
+use crate::layers::moe::score_routing::ScoreFn;
 use anyhow::{anyhow, bail, Result};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};

@@ -8,7 +8,7 @@ use super::config::{
 };
 use super::{params, FAMILY};
 use crate::arch::config::{positive, rope_from_params, TextConfig};
-use crate::arch::{ArchSpec, Attention, CachePart, Ffn, LayerSpec, Retention, Rope};
+use crate::arch::{ArchSpec, Attention, CachePart, Ffn, LayerSpec, Retention, Rope, Routing};
 use anyhow::{anyhow, bail, Result};
 
 pub(super) fn arch_spec(text: &TextConfig, c: &DeepseekV4Config) -> Result<ArchSpec> {
@@ -117,9 +117,14 @@ pub(super) fn arch_spec(text: &TextConfig, c: &DeepseekV4Config) -> Result<ArchS
                 shared_width: Some(iw),
                 dense_width: None,
                 routing: if hash {
-                    "hash".into()
+                    Routing::Hash
                 } else {
-                    c.scoring_func.clone()
+                    Routing::from_score_name(&c.scoring_func).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "internal: scoring_func `{}` passed the checks",
+                            c.scoring_func
+                        )
+                    })?
                 },
             },
             ple_width: None,

@@ -5,7 +5,7 @@ use super::checkpoint_name;
 use super::config::{Kind, CSA, HASH_MOE, HCA, MOE, SLIDING};
 use crate::arch::budget::{layer_bytes, KvDtype};
 use crate::arch::{config::ParseOptions, parse_config};
-use crate::arch::{ArchSpec, Attention, Ffn};
+use crate::arch::{ArchSpec, Attention, Ffn, Routing};
 use anyhow::Result;
 use serde_json::{json, Map, Value};
 
@@ -299,11 +299,11 @@ fn flash_layers_and_params() {
     );
     // Hash routing on the first 3 layers.
     let routing = |i: usize| match &s.layers[i].ffn {
-        Ffn::Moe { routing, .. } => routing.clone(),
+        Ffn::Moe { routing, .. } => *routing,
         _ => panic!("MoE everywhere"),
     };
-    assert_eq!(routing(2), "hash");
-    assert_eq!(routing(3), "sqrtsoftplus");
+    assert_eq!(routing(2), Routing::Hash);
+    assert_eq!(routing(3), Routing::SqrtSoftplus);
     for l in &s.layers {
         assert!(l.k_eq_v && l.kv_heads == 1 && l.head_dim == 512 && l.q_heads == 64);
     }
@@ -527,7 +527,7 @@ fn num_hash_layers_is_capped() {
     assert!(s
         .layers
         .iter()
-        .all(|l| matches!(&l.ffn, Ffn::Moe { routing, .. } if routing == "hash")));
+        .all(|l| matches!(&l.ffn, Ffn::Moe { routing, .. } if *routing == Routing::Hash)));
 }
 
 #[test]

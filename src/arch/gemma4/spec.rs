@@ -8,7 +8,7 @@ use super::config::{
 };
 use super::{params, FAMILY};
 use crate::arch::config::{check_heads, check_len, positive, rope_from_params, TextConfig};
-use crate::arch::{ArchSpec, Attention, Ffn, LayerSpec, Retention};
+use crate::arch::{ArchSpec, Attention, Ffn, LayerSpec, Retention, Routing};
 use anyhow::{bail, Result};
 use serde_json::{Map, Value};
 
@@ -74,7 +74,7 @@ pub(super) fn arch_spec(text: &TextConfig, c: &Gemma4TextConfig) -> Result<ArchS
                 width: m.width,
                 shared_width: None,
                 dense_width: Some(width),
-                routing: "softmax".into(),
+                routing: Routing::Softmax,
             },
             None => Ffn::Dense { width },
         };

@@ -10,7 +10,7 @@ use super::{params, FAMILY};
 use crate::arch::config::{
     check_heads, check_len, dim, layers_count, rope_from_params, TextConfig, MAX_DIM,
 };
-use crate::arch::{ArchSpec, Attention, Ffn, LayerSpec, Retention, Rope};
+use crate::arch::{ArchSpec, Attention, Ffn, LayerSpec, Retention, Rope, Routing};
 use anyhow::{anyhow, bail, Result};
 
 /// The per-layer lists, with the reference's defaults.
@@ -68,7 +68,7 @@ pub(super) fn arch_spec(text: &TextConfig, c: &LagunaConfig) -> Result<ArchSpec>
                 shared_width: (c.shared_expert_intermediate_size > 0)
                     .then_some(c.shared_expert_intermediate_size),
                 dense_width: None,
-                routing: "sigmoid".into(),
+                routing: Routing::Sigmoid,
             }
         } else {
             Ffn::Dense {

@@ -9,7 +9,7 @@ use super::config::{
 use super::params::{self, prod, sum, usize_of};
 use super::FAMILY;
 use crate::arch::config::{check_heads, check_len, positive, rope_from_params, TextConfig};
-use crate::arch::{ArchSpec, Attention, CachePart, Ffn, LayerSpec, Retention, Rope};
+use crate::arch::{ArchSpec, Attention, CachePart, Ffn, LayerSpec, Retention, Rope, Routing};
 use anyhow::{bail, Result};
 use serde_json::Value;
 
@@ -109,7 +109,7 @@ pub(super) fn arch_spec(
             width: m.width,
             shared_width: (m.shared_width > 0).then_some(m.shared_width),
             dense_width: None,
-            routing: "softmax".into(),
+            routing: Routing::Softmax,
         },
     };
 

@@ -4,7 +4,7 @@
 use crate::arch::budget::{layer_bytes, KvDtype};
 use crate::arch::config::ParseOptions;
 use crate::arch::{parse_config, PartDtype};
-use crate::arch::{ArchSpec, Attention, Ffn, Retention};
+use crate::arch::{ArchSpec, Attention, Ffn, Retention, Routing};
 use anyhow::Result;
 use serde_json::{Map, Value};
 
@@ -147,7 +147,7 @@ fn qwen36_35b_a3b_layers_and_params() {
             width: 512,
             shared_width: Some(512),
             dense_width: None,
-            routing: "softmax".into()
+            routing: Routing::Softmax
         }
     );
     let r = reference("Qwen3.6-35B-A3B");

@@ -4,7 +4,7 @@
 use super::config::{check_supported, resolve_rope, ZayaConfig, HARMLESS, HYBRID, HYBRID_SLIDING};
 use super::{params, FAMILY};
 use crate::arch::config::{check_len, dim, layers_count, rope_from_params, TextConfig};
-use crate::arch::{ArchSpec, Attention, CachePart, Ffn, LayerSpec, Retention, Rope};
+use crate::arch::{ArchSpec, Attention, CachePart, Ffn, LayerSpec, Retention, Rope, Routing};
 use anyhow::{anyhow, bail, Result};
 
 pub(super) fn arch_spec(text: &TextConfig, c: &ZayaConfig) -> Result<ArchSpec> {
@@ -98,7 +98,7 @@ pub(super) fn arch_spec(text: &TextConfig, c: &ZayaConfig) -> Result<ArchSpec> {
                 width,
                 shared_width: None,
                 dense_width: None,
-                routing: format!("MLP router {router}"),
+                routing: Routing::Mlp { hidden: router },
             },
             ple_width: None,
             cache,
