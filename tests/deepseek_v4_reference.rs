@@ -22,7 +22,7 @@ use llmarch::arch::budget::{self, KvDtype};
 use llmarch::arch::config::ParseOptions;
 use llmarch::arch::deepseek_v4::{checkpoint_name, model::DeepseekV4Model};
 use llmarch::arch::Attention;
-use llmarch::arch::{CausalLm, Rows};
+use llmarch::arch::{CausalLm, FamilyModel, Rows};
 use llmarch::loader::quantized::fp8_block;
 use llmarch::loader::weights::{LoadOptions, Weights};
 use std::path::{Path, PathBuf};

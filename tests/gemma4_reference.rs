@@ -27,7 +27,7 @@ use common::reference::{
 use llmarch::arch::config::ParseOptions;
 use llmarch::arch::gemma4::model::Gemma4Model;
 use llmarch::arch::Attention;
-use llmarch::arch::CausalLm;
+use llmarch::arch::{CausalLm, FamilyModel};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

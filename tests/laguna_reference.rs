@@ -28,7 +28,7 @@ use llmarch::arch::config::{ParseOptions, TextConfig};
 use llmarch::arch::laguna::model::LagunaModel;
 use llmarch::arch::laguna::runtime_config;
 use llmarch::arch::Attention;
-use llmarch::arch::CausalLm;
+use llmarch::arch::{CausalLm, FamilyModel};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -19,7 +19,7 @@ use common::reference::{
 use llmarch::arch::config::ParseOptions;
 use llmarch::arch::qwen3_5::model::Qwen3_5Model;
 use llmarch::arch::Attention;
-use llmarch::arch::CausalLm;
+use llmarch::arch::{CausalLm, FamilyModel};
 use llmarch::loader::model_files::{resolve, ResolveOptions};
 use llmarch::loader::{weights, ModelRef};
 use std::path::{Path, PathBuf};

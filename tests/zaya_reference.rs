@@ -26,7 +26,7 @@ use common::reference::{
 use llmarch::arch::config::ParseOptions;
 use llmarch::arch::zaya::model::ZayaModel;
 use llmarch::arch::Attention;
-use llmarch::arch::CausalLm;
+use llmarch::arch::{CausalLm, FamilyModel};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

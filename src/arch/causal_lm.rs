@@ -2,10 +2,13 @@
 //! and the tests drive. It lives with the families so the arrows run one way: `generate`
 //! depends on `arch`, never the reverse.
 
-use super::ArchSpec;
+use super::config::{ParseOptions, TextConfig};
+use super::{ArchSpec, Family};
 use crate::layers::kv_store::KvStore;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
+use candle_nn::VarBuilder;
+use serde_json::Value;
 
 /// A causal language model the generation loop can drive. Families implement it.
 pub trait CausalLm {
@@ -65,4 +68,50 @@ impl Rows {
             Rows::None => h.narrow(1, 0, 0)?,
         })
     }
+}
+
+/// A family's network as the registry builds it: from the family's one parse (the per-layer
+/// table and the runtime config) and the weights. `from_config` and the registry's `build` are
+/// written once, here.
+pub trait FamilyModel: CausalLm + Sized + 'static {
+    /// What the network needs beyond the per-layer table.
+    type Config;
+
+    /// The family it belongs to.
+    fn family() -> &'static Family;
+
+    /// The family's parse: the text config into the table and the runtime config.
+    fn parse(text: &TextConfig) -> Result<(ArchSpec, Self::Config)>;
+
+    /// Build the network for `spec` from `vb`, positioned at the text-model root, in `vb`'s
+    /// dtype and device; `lm_head` is positioned at the untied output head (read only when the
+    /// config unties it).
+    fn new(
+        spec: ArchSpec,
+        cfg: Self::Config,
+        vb: VarBuilder,
+        lm_head: Option<VarBuilder>,
+    ) -> Result<Self>;
+
+    /// Parse `config.json` (bare or multimodal wrapper) and build from `vb` as [`Self::new`]
+    /// does; a config of another family is refused.
+    fn from_config(
+        raw: &Value,
+        opts: &ParseOptions,
+        vb: VarBuilder,
+        lm_head: Option<VarBuilder>,
+    ) -> Result<Self> {
+        let (spec, cfg) = super::parse_for_family(raw, opts, Self::family(), Self::parse)?;
+        Self::new(spec, cfg, vb, lm_head)
+    }
+}
+
+/// The registry's [`Family::build`] for the network `M`.
+pub fn build<M: FamilyModel>(
+    raw: &Value,
+    opts: &ParseOptions,
+    vb: VarBuilder<'static>,
+    lm_head: Option<VarBuilder<'static>>,
+) -> Result<Box<dyn CausalLm>> {
+    Ok(Box::new(M::from_config(raw, opts, vb, lm_head)?))
 }

@@ -23,7 +23,7 @@ pub mod laguna;
 pub mod qwen3_5;
 pub mod zaya;
 
-pub use causal_lm::{check_tokens, CausalLm, Rows};
+pub use causal_lm::{build, check_tokens, CausalLm, FamilyModel, Rows};
 
 use anyhow::{bail, Result};
 use serde::Serialize;

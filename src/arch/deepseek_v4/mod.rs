@@ -77,11 +77,7 @@ pub const FAMILY: Family = Family {
     architectures: &["DeepseekV4ForCausalLM"],
     summary: "mHC hyper-connections, compressed sparse (CSA, lightning indexer) + heavily compressed (HCA) attention beside a sliding window, shared-KV MQA with K=V, grouped output projection, hash-routed MoE",
     parse: |text| Ok(parse(text)?.0),
-    build: Some(|raw, opts, vb, lm_head| {
-        Ok(Box::new(model::DeepseekV4Model::from_config(
-            raw, opts, vb, lm_head,
-        )?))
-    }),
+    build: Some(crate::arch::build::<model::DeepseekV4Model>),
     rename: Some(checkpoint_name),
 };
 

@@ -34,9 +34,9 @@
 //! `kv-budget`'s parts.
 
 use super::RuntimeConfig;
-use crate::arch::config::{ParseOptions, RopeFrequencies};
+use crate::arch::config::{RopeFrequencies, TextConfig};
 use crate::arch::{ArchSpec, Attention as AttnKind, LayerSpec};
-use crate::arch::{CausalLm, Rows};
+use crate::arch::{CausalLm, Family, FamilyModel, Rows};
 use crate::layers::attention::attend_shared_kv_with_sinks;
 use crate::layers::embedding::ScaledEmbedding;
 use crate::layers::hyper_connections::{HyperConnection, HyperHead};
@@ -53,7 +53,6 @@ use crate::layers::weight;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use serde_json::Value;
 use std::sync::Arc;
 
 /// The attention of one layer.
@@ -422,72 +421,6 @@ pub struct DeepseekV4Model {
 }
 
 impl DeepseekV4Model {
-    /// Build from `vb` at the text-model root (`embed_tokens`, `layers`, `norm`, `hc_head`) and
-    /// the untied output head `lm_head`.
-    pub fn new(
-        spec: ArchSpec,
-        cfg: RuntimeConfig,
-        vb: VarBuilder,
-        lm_head: Option<VarBuilder>,
-    ) -> Result<Self> {
-        if spec.family != super::FAMILY.name {
-            bail!(
-                "internal: a `{}` spec given to the DeepSeek V4 model",
-                spec.family
-            );
-        }
-        let device = vb.device().clone();
-        let hidden = spec.hidden_size;
-        let embed = ScaledEmbedding::load(&vb.pp("embed_tokens"), spec.vocab_size, hidden, 1.0)?;
-        let ropes = Ropes {
-            main: rope_of(&cfg.rope_main).context("`rope_parameters.main`")?,
-            compress: rope_of(&cfg.rope_compress).context("`rope_parameters.compress`")?,
-        };
-        let vb_layers = vb.pp("layers");
-        let layers = spec
-            .layers
-            .iter()
-            .map(|l| {
-                DecoderLayer::load(&vb_layers.pp(l.index), l, &spec, &cfg, &ropes)
-                    .with_context(|| format!("layer {}", l.index))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let lm_head = output_head(
-            spec.tie_word_embeddings,
-            &embed,
-            lm_head,
-            hidden,
-            spec.vocab_size,
-        )?;
-        Ok(DeepseekV4Model {
-            hc_head: HyperHead::load(
-                &vb.pp("hc_head"),
-                cfg.hc_mult,
-                hidden,
-                cfg.hc_eps,
-                cfg.rms_norm_eps,
-            )?,
-            norm: RmsNorm::load_f32(&vb.pp("norm"), hidden, cfg.rms_norm_eps)?,
-            spec,
-            cfg,
-            embed,
-            layers,
-            lm_head,
-            device,
-        })
-    }
-
-    /// Parse `config.json` and build from `vb` as [`DeepseekV4Model::new`] does.
-    pub fn from_config(
-        raw: &Value,
-        opts: &ParseOptions,
-        vb: VarBuilder,
-        lm_head: Option<VarBuilder>,
-    ) -> Result<Self> {
-        let (spec, cfg) = crate::arch::parse_for_family(raw, opts, &super::FAMILY, super::parse)?;
-        Self::new(spec, cfg, vb, lm_head)
-    }
-
     pub fn runtime_config(&self) -> &RuntimeConfig {
         &self.cfg
     }
@@ -539,6 +472,71 @@ impl DeepseekV4Model {
         let h = self.norm.forward(&rows.select(&h)?)?;
         let logits = self.lm_head.forward(&h)?;
         Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+}
+
+impl FamilyModel for DeepseekV4Model {
+    type Config = RuntimeConfig;
+
+    fn family() -> &'static Family {
+        &super::FAMILY
+    }
+
+    fn parse(text: &TextConfig) -> Result<(ArchSpec, RuntimeConfig)> {
+        super::parse(text)
+    }
+
+    fn new(
+        spec: ArchSpec,
+        cfg: RuntimeConfig,
+        vb: VarBuilder,
+        lm_head: Option<VarBuilder>,
+    ) -> Result<Self> {
+        if spec.family != super::FAMILY.name {
+            bail!(
+                "internal: a `{}` spec given to the DeepSeek V4 model",
+                spec.family
+            );
+        }
+        let device = vb.device().clone();
+        let hidden = spec.hidden_size;
+        let embed = ScaledEmbedding::load(&vb.pp("embed_tokens"), spec.vocab_size, hidden, 1.0)?;
+        let ropes = Ropes {
+            main: rope_of(&cfg.rope_main).context("`rope_parameters.main`")?,
+            compress: rope_of(&cfg.rope_compress).context("`rope_parameters.compress`")?,
+        };
+        let vb_layers = vb.pp("layers");
+        let layers = spec
+            .layers
+            .iter()
+            .map(|l| {
+                DecoderLayer::load(&vb_layers.pp(l.index), l, &spec, &cfg, &ropes)
+                    .with_context(|| format!("layer {}", l.index))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = output_head(
+            spec.tie_word_embeddings,
+            &embed,
+            lm_head,
+            hidden,
+            spec.vocab_size,
+        )?;
+        Ok(DeepseekV4Model {
+            hc_head: HyperHead::load(
+                &vb.pp("hc_head"),
+                cfg.hc_mult,
+                hidden,
+                cfg.hc_eps,
+                cfg.rms_norm_eps,
+            )?,
+            norm: RmsNorm::load_f32(&vb.pp("norm"), hidden, cfg.rms_norm_eps)?,
+            spec,
+            cfg,
+            embed,
+            layers,
+            lm_head,
+            device,
+        })
     }
 }
 

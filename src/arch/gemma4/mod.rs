@@ -39,11 +39,7 @@ pub const FAMILY: Family = Family {
     architectures: &["Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"],
     summary: "cross-layer KV sharing, per-layer embeddings, sliding + 512-d full layers, K=V, MoE beside a dense MLP",
     parse: |text| Ok(parse(text)?.0),
-    build: Some(|raw, opts, vb, lm_head| {
-        Ok(Box::new(model::Gemma4Model::from_config(
-            raw, opts, vb, lm_head,
-        )?))
-    }),
+    build: Some(crate::arch::build::<model::Gemma4Model>),
     rename: None,
 };
 

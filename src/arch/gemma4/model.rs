@@ -18,9 +18,9 @@
 //! 4. `h *= layer_scalar`.
 
 use super::RuntimeConfig;
-use crate::arch::config::ParseOptions;
+use crate::arch::config::TextConfig;
 use crate::arch::{ArchSpec, Ffn, LayerSpec};
-use crate::arch::{CausalLm, Rows};
+use crate::arch::{CausalLm, Family, FamilyModel, Rows};
 use crate::layers::attention::{Attention, AttentionOptions, ForwardCtx};
 use crate::layers::embedding::{softcap, ScaledEmbedding};
 use crate::layers::kv_store::KvStore;
@@ -34,7 +34,6 @@ use crate::layers::weight;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use serde_json::Value;
 use std::sync::Arc;
 
 /// The MoE branch beside the dense MLP (26B-A4B).
@@ -204,11 +203,39 @@ fn rotary_for(spec: &LayerSpec, device: &Device) -> Result<Rotary> {
 }
 
 impl Gemma4Model {
-    /// Build the network for `spec` from `vb`, positioned at the text-model root (the one holding
-    /// `embed_tokens`, `layers`, `norm`), in `vb`'s dtype and device. `lm_head` is positioned at
-    /// the untied output head (it holds `weight`); it is read only when the config unties it.
-    /// k/v projections present on KV-shared layers are not read.
-    pub fn new(
+    pub fn runtime_config(&self) -> &RuntimeConfig {
+        &self.cfg
+    }
+}
+
+/// What makes two layers' RoPE tables identical.
+#[derive(Debug, PartialEq)]
+struct LayerKey {
+    rope: Option<crate::arch::Rope>,
+    head_dim: usize,
+}
+
+impl LayerKey {
+    fn of(l: &LayerSpec) -> Self {
+        LayerKey {
+            rope: l.rope.clone(),
+            head_dim: l.head_dim,
+        }
+    }
+}
+
+impl FamilyModel for Gemma4Model {
+    type Config = RuntimeConfig;
+
+    fn family() -> &'static Family {
+        &super::FAMILY
+    }
+
+    fn parse(text: &TextConfig) -> Result<(ArchSpec, RuntimeConfig)> {
+        super::parse(text)
+    }
+
+    fn new(
         spec: ArchSpec,
         cfg: RuntimeConfig,
         vb: VarBuilder,
@@ -287,37 +314,6 @@ impl Gemma4Model {
             lm_head,
             device,
         })
-    }
-
-    /// Parse `config.json` (bare or wrapper) and build from `vb` as [`Gemma4Model::new`] does.
-    pub fn from_config(
-        raw: &Value,
-        opts: &ParseOptions,
-        vb: VarBuilder,
-        lm_head: Option<VarBuilder>,
-    ) -> Result<Self> {
-        let (spec, cfg) = crate::arch::parse_for_family(raw, opts, &super::FAMILY, super::parse)?;
-        Self::new(spec, cfg, vb, lm_head)
-    }
-
-    pub fn runtime_config(&self) -> &RuntimeConfig {
-        &self.cfg
-    }
-}
-
-/// What makes two layers' RoPE tables identical.
-#[derive(Debug, PartialEq)]
-struct LayerKey {
-    rope: Option<crate::arch::Rope>,
-    head_dim: usize,
-}
-
-impl LayerKey {
-    fn of(l: &LayerSpec) -> Self {
-        LayerKey {
-            rope: l.rope.clone(),
-            head_dim: l.head_dim,
-        }
     }
 }
 

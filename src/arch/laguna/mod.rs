@@ -54,11 +54,7 @@ pub const FAMILY: Family = Family {
     architectures: &["LagunaForCausalLM"],
     summary: "per-layer query-head counts, softplus output gate, QK norm, sliding + full RoPE, sigmoid MoE + shared expert",
     parse: |text| Ok(parse(text)?.0),
-    build: Some(|raw, opts, vb, lm_head| {
-        Ok(Box::new(model::LagunaModel::from_config(
-            raw, opts, vb, lm_head,
-        )?))
-    }),
+    build: Some(crate::arch::build::<model::LagunaModel>),
     rename: None,
 };
 

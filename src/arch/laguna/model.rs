@@ -23,10 +23,10 @@
 //! the query heads), the last `sliding_window` tokens on sliding layers.
 
 use super::RuntimeConfig;
-use crate::arch::config::ParseOptions;
 use crate::arch::config::RopeFrequencies;
+use crate::arch::config::TextConfig;
 use crate::arch::{ArchSpec, Attention as AttnKind, Ffn, LayerSpec};
-use crate::arch::{CausalLm, Rows};
+use crate::arch::{CausalLm, Family, FamilyModel, Rows};
 use crate::layers::attention::{Attention, AttentionOptions, ForwardCtx};
 use crate::layers::embedding::ScaledEmbedding;
 use crate::layers::kv_store::KvStore;
@@ -39,7 +39,6 @@ use crate::layers::rope::Rotary;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use serde_json::Value;
 use std::sync::Arc;
 
 /// A layer's feed-forward block.
@@ -180,10 +179,23 @@ fn rotary_for(spec: &LayerSpec, cfg: &RuntimeConfig, device: &Device) -> Result<
 }
 
 impl LagunaModel {
-    /// Build the network for `spec` from `vb`, positioned at the text-model root (the one holding
-    /// `embed_tokens`, `layers`, `norm`), in `vb`'s dtype and device. `lm_head` is positioned at
-    /// the untied output head (it holds `weight`); it is read only when the config unties it.
-    pub fn new(
+    pub fn runtime_config(&self) -> &RuntimeConfig {
+        &self.cfg
+    }
+}
+
+impl FamilyModel for LagunaModel {
+    type Config = RuntimeConfig;
+
+    fn family() -> &'static Family {
+        &super::FAMILY
+    }
+
+    fn parse(text: &TextConfig) -> Result<(ArchSpec, RuntimeConfig)> {
+        super::parse(text)
+    }
+
+    fn new(
         spec: ArchSpec,
         cfg: RuntimeConfig,
         vb: VarBuilder,
@@ -239,21 +251,6 @@ impl LagunaModel {
             lm_head,
             device,
         })
-    }
-
-    /// Parse `config.json` and build from `vb` as [`LagunaModel::new`] does.
-    pub fn from_config(
-        raw: &Value,
-        opts: &ParseOptions,
-        vb: VarBuilder,
-        lm_head: Option<VarBuilder>,
-    ) -> Result<Self> {
-        let (spec, cfg) = crate::arch::parse_for_family(raw, opts, &super::FAMILY, super::parse)?;
-        Self::new(spec, cfg, vb, lm_head)
-    }
-
-    pub fn runtime_config(&self) -> &RuntimeConfig {
-        &self.cfg
     }
 }
 

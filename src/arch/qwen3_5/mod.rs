@@ -76,11 +76,7 @@ pub const FAMILY: Family = Family {
     ],
     summary: "Gated DeltaNet linear attention (fixed-size state) in a 3:1 hybrid with gated full attention; dense or MoE + shared expert",
     parse: |text| Ok(parse(text)?.0),
-    build: Some(|raw, opts, vb, lm_head| {
-        Ok(Box::new(model::Qwen3_5Model::from_config(
-            raw, opts, vb, lm_head,
-        )?))
-    }),
+    build: Some(crate::arch::build::<model::Qwen3_5Model>),
     rename: None,
 };
 

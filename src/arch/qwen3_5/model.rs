@@ -20,9 +20,9 @@
 //! weights, `Qwen3_5RMSNorm`).
 
 use super::RuntimeConfig;
-use crate::arch::config::ParseOptions;
+use crate::arch::config::TextConfig;
 use crate::arch::{ArchSpec, Attention as AttnKind, Ffn, LayerSpec};
-use crate::arch::{CausalLm, Rows};
+use crate::arch::{CausalLm, Family, FamilyModel, Rows};
 use crate::layers::attention::{attend_causal, CausalSpan};
 use crate::layers::embedding::ScaledEmbedding;
 use crate::layers::gated_deltanet::{DeltaNetShape, GatedDeltaNet};
@@ -36,7 +36,6 @@ use crate::layers::rope::Rotary;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use serde_json::Value;
 use std::sync::Arc;
 
 /// The full-attention layers' attention with its sigmoid output gate.
@@ -288,10 +287,18 @@ pub struct Qwen3_5Model {
     device: Device,
 }
 
-impl Qwen3_5Model {
-    /// Build from `vb` at the text-model root (`embed_tokens`, `layers`, `norm`) and the untied
-    /// output head `lm_head`.
-    pub fn new(
+impl FamilyModel for Qwen3_5Model {
+    type Config = RuntimeConfig;
+
+    fn family() -> &'static Family {
+        &super::FAMILY
+    }
+
+    fn parse(text: &TextConfig) -> Result<(ArchSpec, RuntimeConfig)> {
+        super::parse(text)
+    }
+
+    fn new(
         spec: ArchSpec,
         cfg: RuntimeConfig,
         vb: VarBuilder,
@@ -344,17 +351,6 @@ impl Qwen3_5Model {
             lm_head,
             device,
         })
-    }
-
-    /// Parse `config.json` and build from `vb` as [`Qwen3_5Model::new`] does.
-    pub fn from_config(
-        raw: &Value,
-        opts: &ParseOptions,
-        vb: VarBuilder,
-        lm_head: Option<VarBuilder>,
-    ) -> Result<Self> {
-        let (spec, cfg) = crate::arch::parse_for_family(raw, opts, &super::FAMILY, super::parse)?;
-        Self::new(spec, cfg, vb, lm_head)
     }
 }
 

@@ -56,11 +56,7 @@ pub const FAMILY: Family = Family {
     architectures: &["ZayaForCausalLM"],
     summary: "Compressed Convolutional Attention (conv + delayed-value state), top-1 MoE with an MLP router, residual scaling",
     parse: |text| Ok(parse(text)?.0),
-    build: Some(|raw, opts, vb, lm_head| {
-        Ok(Box::new(model::ZayaModel::from_config(
-            raw, opts, vb, lm_head,
-        )?))
-    }),
+    build: Some(crate::arch::build::<model::ZayaModel>),
     rename: None,
 };
 

@@ -22,9 +22,9 @@
 //! q/k projection rows) and the delayed-V state (the previous token's `v_proj_delayed`).
 
 use super::RuntimeConfig;
-use crate::arch::config::ParseOptions;
+use crate::arch::config::TextConfig;
 use crate::arch::{ArchSpec, Attention as AttnKind, Ffn, LayerSpec};
-use crate::arch::{CausalLm, Rows};
+use crate::arch::{CausalLm, Family, FamilyModel, Rows};
 use crate::layers::attention::ForwardCtx;
 use crate::layers::cca::{CcaAttention, CcaShape};
 use crate::layers::embedding::ScaledEmbedding;
@@ -40,7 +40,6 @@ use crate::layers::weight;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use serde_json::Value;
 use std::sync::Arc;
 
 #[derive(Debug)]
@@ -190,11 +189,23 @@ fn rotary_for(spec: &LayerSpec, device: &Device) -> Result<Rotary> {
 }
 
 impl ZayaModel {
-    /// Build the network for `spec` from `vb`, positioned at the text-model root (the one holding
-    /// `embed_tokens`, `layers`, `norm`), in `vb`'s dtype and device. `lm_head` is positioned at
-    /// the output head; its `weight` is read when the config unties the head, its `bias` when the
-    /// config has `lm_head_bias`.
-    pub fn new(
+    pub fn runtime_config(&self) -> &RuntimeConfig {
+        &self.cfg
+    }
+}
+
+impl FamilyModel for ZayaModel {
+    type Config = RuntimeConfig;
+
+    fn family() -> &'static Family {
+        &super::FAMILY
+    }
+
+    fn parse(text: &TextConfig) -> Result<(ArchSpec, RuntimeConfig)> {
+        super::parse(text)
+    }
+
+    fn new(
         spec: ArchSpec,
         cfg: RuntimeConfig,
         vb: VarBuilder,
@@ -279,21 +290,6 @@ impl ZayaModel {
             dtype,
             device,
         })
-    }
-
-    /// Parse `config.json` and build from `vb` as [`ZayaModel::new`] does.
-    pub fn from_config(
-        raw: &Value,
-        opts: &ParseOptions,
-        vb: VarBuilder,
-        lm_head: Option<VarBuilder>,
-    ) -> Result<Self> {
-        let (spec, cfg) = crate::arch::parse_for_family(raw, opts, &super::FAMILY, super::parse)?;
-        Self::new(spec, cfg, vb, lm_head)
-    }
-
-    pub fn runtime_config(&self) -> &RuntimeConfig {
-        &self.cfg
     }
 }
 
