@@ -22,7 +22,39 @@
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
+
+/// RoPE tables shared by the layers that rotate alike: one per distinct `K` (in practice one
+/// per layer type), built the first time a layer asks for it.
+pub struct SharedTables<K> {
+    tables: Vec<(K, Arc<Rotary>)>,
+}
+
+impl<K: PartialEq> SharedTables<K> {
+    pub fn new() -> Self {
+        SharedTables { tables: vec![] }
+    }
+
+    /// The table for `key`, built by `build` if no layer asked for it before.
+    pub fn get_or_build(
+        &mut self,
+        key: K,
+        build: impl FnOnce() -> Result<Rotary>,
+    ) -> Result<Arc<Rotary>> {
+        if let Some((_, r)) = self.tables.iter().find(|(k, _)| *k == key) {
+            return Ok(r.clone());
+        }
+        let r = Arc::new(build()?);
+        self.tables.push((key, r.clone()));
+        Ok(r)
+    }
+}
+
+impl<K: PartialEq> Default for SharedTables<K> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 #[derive(Debug)]
 pub struct Rotary {

@@ -29,7 +29,7 @@ use crate::layers::mlp::{Activation, GatedMlp};
 use crate::layers::moe::{PackedExperts, SoftmaxTopKRouter};
 use crate::layers::norm::RmsNorm;
 use crate::layers::per_layer_embedding::{PerLayerEmbedding, PerLayerGate};
-use crate::layers::rope::Rotary;
+use crate::layers::rope::{Rotary, SharedTables};
 use crate::layers::weight;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -275,19 +275,11 @@ impl FamilyModel for Gemma4Model {
         };
 
         // One RoPE table per distinct (parameters, head dim): in practice one per layer type.
-        let mut ropes: Vec<(LayerKey, Arc<Rotary>)> = vec![];
+        let mut ropes = SharedTables::new();
         let vb_layers = vb.pp("layers");
         let mut layers = Vec::with_capacity(n);
         for l in &spec.layers {
-            let key = LayerKey::of(l);
-            let rope = match ropes.iter().find(|(k, _)| *k == key) {
-                Some((_, r)) => r.clone(),
-                None => {
-                    let r = Arc::new(rotary_for(l, &device)?);
-                    ropes.push((key, r.clone()));
-                    r
-                }
-            };
+            let rope = ropes.get_or_build(LayerKey::of(l), || rotary_for(l, &device))?;
             layers.push(DecoderLayer::load(
                 &vb_layers.pp(l.index),
                 l,

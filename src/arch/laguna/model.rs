@@ -35,7 +35,7 @@ use crate::layers::mlp::{Activation, GatedMlp};
 use crate::layers::moe::sigmoid::{SharedExpertMoe, SharedExpertMoeShape};
 use crate::layers::norm::RmsNorm;
 use crate::layers::output_gate::SoftplusOutputGate;
-use crate::layers::rope::Rotary;
+use crate::layers::rope::{Rotary, SharedTables};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -212,23 +212,13 @@ impl FamilyModel for LagunaModel {
         let embed = ScaledEmbedding::load(&vb.pp("embed_tokens"), spec.vocab_size, hidden, 1.0)?;
 
         // One RoPE table per layer type (the head dim is model-wide).
-        let mut full: Option<Arc<Rotary>> = None;
-        let mut sliding: Option<Arc<Rotary>> = None;
+        // One table per layer type (and head width).
+        let mut ropes = SharedTables::new();
         let vb_layers = vb.pp("layers");
         let mut layers = Vec::with_capacity(spec.layers.len());
         for l in &spec.layers {
-            let slot = match l.attention {
-                AttnKind::Sliding { .. } => &mut sliding,
-                _ => &mut full,
-            };
-            let rope = match slot {
-                Some(r) if r.head_dim() == l.head_dim => r.clone(),
-                _ => {
-                    let r = Arc::new(rotary_for(l, &cfg, &device)?);
-                    *slot = Some(r.clone());
-                    r
-                }
-            };
+            let key = (matches!(l.attention, AttnKind::Sliding { .. }), l.head_dim);
+            let rope = ropes.get_or_build(key, || rotary_for(l, &cfg, &device))?;
             layers.push(
                 DecoderLayer::load(&vb_layers.pp(l.index), l, hidden, rope, &cfg)
                     .with_context(|| format!("layer {}", l.index))?,

@@ -35,7 +35,7 @@ use crate::layers::moe::mlp_router::MlpRouter;
 use crate::layers::moe::PackedExperts;
 use crate::layers::norm::RmsNorm;
 use crate::layers::residual_scaling::{ResidualScaling, ShiftScale};
-use crate::layers::rope::{self, Rotary};
+use crate::layers::rope::{self, Rotary, SharedTables};
 use crate::layers::weight;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -236,23 +236,13 @@ impl FamilyModel for ZayaModel {
         )?;
 
         // One RoPE table per layer type.
-        let mut full: Option<Arc<Rotary>> = None;
-        let mut sliding: Option<Arc<Rotary>> = None;
+        // One table for the full layers, one for the sliding ones.
+        let mut ropes = SharedTables::new();
         let vb_layers = vb.pp("layers");
         let mut layers = Vec::with_capacity(spec.layers.len());
         for l in &spec.layers {
-            let slot = match l.attention {
-                AttnKind::Cca { window: Some(_) } => &mut sliding,
-                _ => &mut full,
-            };
-            let rope = match slot {
-                Some(r) => r.clone(),
-                None => {
-                    let r = Arc::new(rotary_for(l, &device)?);
-                    *slot = Some(r.clone());
-                    r
-                }
-            };
+            let sliding = matches!(l.attention, AttnKind::Cca { window: Some(_) });
+            let rope = ropes.get_or_build(sliding, || rotary_for(l, &device))?;
             layers.push(
                 DecoderLayer::load(&vb_layers.pp(l.index), l, hidden, rope, &cfg)
                     .with_context(|| format!("layer {}", l.index))?,
