@@ -83,9 +83,10 @@ pub trait FamilyModel: CausalLm + Sized + 'static {
     /// The family's parse: the text config into the table and the runtime config.
     fn parse(text: &TextConfig) -> Result<(ArchSpec, Self::Config)>;
 
-    /// Build the network for `spec` from `vb`, positioned at the text-model root, in `vb`'s
-    /// dtype and device; `lm_head` is positioned at the untied output head (read only when the
-    /// config unties it).
+    /// Build the network for `spec` and `cfg` (what [`Self::parse`] gave: the family's own
+    /// types, so no other family's table arrives here) from `vb`, positioned at the text-model
+    /// root, in `vb`'s dtype and device; `lm_head` is positioned at the untied output head (read
+    /// only when the config unties it).
     fn new(
         spec: ArchSpec,
         cfg: Self::Config,

@@ -241,12 +241,6 @@ impl FamilyModel for Gemma4Model {
         vb: VarBuilder,
         lm_head: Option<VarBuilder>,
     ) -> Result<Self> {
-        if spec.family != super::FAMILY.name {
-            bail!(
-                "internal: a `{}` spec given to the Gemma 4 model",
-                spec.family
-            );
-        }
         let device = vb.device().clone();
         let hidden = spec.hidden_size;
         let n = spec.layers.len();

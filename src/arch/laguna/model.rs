@@ -201,12 +201,6 @@ impl FamilyModel for LagunaModel {
         vb: VarBuilder,
         lm_head: Option<VarBuilder>,
     ) -> Result<Self> {
-        if spec.family != super::FAMILY.name {
-            bail!(
-                "internal: a `{}` spec given to the Laguna model",
-                spec.family
-            );
-        }
         let device = vb.device().clone();
         let hidden = spec.hidden_size;
         let embed = ScaledEmbedding::load(&vb.pp("embed_tokens"), spec.vocab_size, hidden, 1.0)?;
