@@ -44,6 +44,7 @@ use crate::layers::kv_store::{causal_mask, KvStore};
 use crate::layers::lightning_indexer::{LightningIndexer, Selection};
 use crate::layers::linear::{output_head, Linear};
 use crate::layers::mlp::{Activation, GatedMlp};
+use crate::layers::moe::routed::RoutedMoe;
 use crate::layers::moe::score_routing::ScoreRouter;
 use crate::layers::moe::PackedExperts;
 use crate::layers::norm::RmsNorm;
@@ -271,13 +272,10 @@ impl V4Attention {
     }
 }
 
-/// The MoE block of one layer.
+/// The MoE block of one layer: score- or hash-routed experts plus the shared expert, SwiGLU
+/// clamped on both.
 #[derive(Debug)]
-struct V4Moe {
-    router: ScoreRouter,
-    experts: PackedExperts,
-    shared: GatedMlp,
-}
+struct V4Moe(RoutedMoe);
 
 impl V4Moe {
     fn load(
@@ -318,24 +316,16 @@ impl V4Moe {
                 cfg.routed_scaling_factor,
             )?
         };
-        let vb_e = vb.pp("experts");
-        let experts = if vb_e.contains_tensor("gate_up_proj") {
-            PackedExperts::load(&vb_e, hidden, experts, width, act)?
-        } else {
-            PackedExperts::load_per_expert(&vb_e, hidden, experts, width, act)?
-        };
-        Ok(V4Moe {
-            router,
-            experts: experts.with_swiglu_limit(cfg.swiglu_limit),
-            shared: GatedMlp::load(&vb.pp("shared_experts"), hidden, width, act)?
-                .with_swiglu_limit(cfg.swiglu_limit),
-        })
+        let experts = PackedExperts::load_any(&vb.pp("experts"), hidden, experts, width, act)?
+            .with_swiglu_limit(cfg.swiglu_limit);
+        let shared = GatedMlp::load(&vb.pp("shared_experts"), hidden, width, act)?
+            .with_swiglu_limit(cfg.swiglu_limit);
+        Ok(V4Moe(RoutedMoe::new(router, experts, Some(shared))))
     }
 
     /// x `[n, hidden]` of tokens `ids` → `[n, hidden]`.
     fn forward(&self, x: &Tensor, ids: &[u32]) -> Result<Tensor> {
-        let picks = self.router.route(x, ids)?;
-        Ok((self.experts.forward(x, &picks)? + self.shared.forward(x)?)?)
+        self.0.forward(x, ids)
     }
 }
 

@@ -29,6 +29,7 @@ use crate::layers::gated_deltanet::{DeltaNetShape, GatedDeltaNet};
 use crate::layers::kv_store::KvStore;
 use crate::layers::linear::{output_head, Linear};
 use crate::layers::mlp::{Activation, GatedMlp};
+use crate::layers::moe::routed::RoutedMoe;
 use crate::layers::moe::score_routing::{ScoreFn, ScoreRouter};
 use crate::layers::moe::PackedExperts;
 use crate::layers::norm::RmsNorm;
@@ -136,13 +137,8 @@ enum Mixer {
 #[derive(Debug)]
 enum FeedForward {
     Dense(GatedMlp),
-    Sparse {
-        router: ScoreRouter,
-        experts: PackedExperts,
-        shared: GatedMlp,
-        /// `[1, hidden]`: the shared expert's sigmoid gate.
-        shared_gate: Linear,
-    },
+    /// Softmax-routed experts plus the shared expert times `sigmoid(shared_expert_gate x)`.
+    Sparse(RoutedMoe),
 }
 
 impl FeedForward {
@@ -158,30 +154,22 @@ impl FeedForward {
                 dense_width: None,
                 ..
             } => {
-                let vb_e = vb.pp("experts");
-                let packed = if vb_e.contains_tensor("gate_up_proj") {
-                    PackedExperts::load(&vb_e, hidden, experts, width, act)?
-                } else {
-                    PackedExperts::load_per_expert(&vb_e, hidden, experts, width, act)?
-                };
-                FeedForward::Sparse {
-                    router: ScoreRouter::top_k(
-                        &vb.pp("gate"),
-                        hidden,
-                        experts,
-                        top_k,
-                        ScoreFn::Softmax,
-                        1.0,
-                    )?,
-                    experts: packed,
-                    shared: GatedMlp::load(&vb.pp("shared_expert"), hidden, shared_width, act)?,
-                    shared_gate: Linear::load_unquantized(
-                        &vb.pp("shared_expert_gate"),
-                        hidden,
-                        1,
-                        false,
-                    )?,
-                }
+                let router = ScoreRouter::top_k(
+                    &vb.pp("gate"),
+                    hidden,
+                    experts,
+                    top_k,
+                    ScoreFn::Softmax,
+                    1.0,
+                )?;
+                let packed =
+                    PackedExperts::load_any(&vb.pp("experts"), hidden, experts, width, act)?;
+                let shared = GatedMlp::load(&vb.pp("shared_expert"), hidden, shared_width, act)?;
+                let gate =
+                    Linear::load_unquantized(&vb.pp("shared_expert_gate"), hidden, 1, false)?;
+                FeedForward::Sparse(
+                    RoutedMoe::new(router, packed, Some(shared)).with_shared_gate(gate),
+                )
             }
             ref other => bail!("Qwen3.5 has no `{}` feed-forward", other.label()),
         })
@@ -191,17 +179,7 @@ impl FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             FeedForward::Dense(mlp) => mlp.forward(x),
-            FeedForward::Sparse {
-                router,
-                experts,
-                shared,
-                shared_gate,
-            } => {
-                let picks = router.route(x, &[])?;
-                let routed = experts.forward(x, &picks)?;
-                let gate = candle_nn::ops::sigmoid(&shared_gate.forward(x)?)?; // [n, 1]
-                Ok((routed + shared.forward(x)?.broadcast_mul(&gate)?)?)
-            }
+            FeedForward::Sparse(moe) => moe.forward(x, &[]),
         }
     }
 }

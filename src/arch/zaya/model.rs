@@ -90,12 +90,8 @@ impl DecoderLayer {
             _ => bail!("internal: layer {}: ZAYA layers are MoE", spec.index),
         };
         let mlp = vb.pp("mlp");
-        let vb_experts = mlp.pp("experts");
-        let experts_block = if vb_experts.contains_tensor("gate_up_proj") {
-            PackedExperts::load(&vb_experts, hidden, experts, width, Activation::Silu)?
-        } else {
-            PackedExperts::load_per_expert(&vb_experts, hidden, experts, width, Activation::Silu)?
-        };
+        let experts_block =
+            PackedExperts::load_any(&mlp.pp("experts"), hidden, experts, width, Activation::Silu)?;
         let norm = |name: &str| RmsNorm::load(&vb.pp(name), hidden, eps);
         Ok(DecoderLayer {
             attn: CcaAttention::load(&vb.pp("self_attn"), spec.index, shape, rope)?,

@@ -17,6 +17,7 @@
 //! tokens routed to them, in expert order, and their outputs are added weighted.
 
 pub mod mlp_router;
+pub mod routed;
 pub mod score_routing;
 pub mod sigmoid;
 
@@ -129,6 +130,22 @@ impl PackedExperts {
             act,
             limit: None,
         })
+    }
+
+    /// Reads either layout: packed (`gate_up_proj`, the reference's modules) or one MLP per
+    /// expert (what the Hub's checkpoints hold; see [`PackedExperts::load_per_expert`]).
+    pub fn load_any(
+        vb: &VarBuilder,
+        hidden: usize,
+        experts: usize,
+        width: usize,
+        act: Activation,
+    ) -> Result<Self> {
+        if vb.contains_tensor("gate_up_proj") {
+            Self::load(vb, hidden, experts, width, act)
+        } else {
+            Self::load_per_expert(vb, hidden, experts, width, act)
+        }
     }
 
     /// Reads the per-expert layout many checkpoints use (`{e}.gate_proj.weight`,

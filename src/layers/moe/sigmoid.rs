@@ -18,23 +18,19 @@
 //! `shared_expert`; the reference's modules hold them packed (`experts.gate_up_proj`), the bias
 //! under the router (`gate.e_score_correction_bias`) and `shared_experts`. Either is accepted.
 
+use super::routed::RoutedMoe;
 use super::score_routing::{ScoreFn, ScoreRouter};
 use super::PackedExperts;
 use crate::layers::mlp::{Activation, GatedMlp};
 use crate::layers::weight;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
+/// Sigmoid scores picked by score + correction bias (see [`ScoreRouter`]), routed experts scaled,
+/// plus the shared expert (see [`RoutedMoe`]).
 #[derive(Debug)]
-pub struct SharedExpertMoe {
-    /// Sigmoid scores, picked by score + correction bias (see [`ScoreRouter`]).
-    router: ScoreRouter,
-    experts: PackedExperts,
-    /// `None` when the shared expert has width 0.
-    shared: Option<GatedMlp>,
-    routed_scale: f64,
-}
+pub struct SharedExpertMoe(RoutedMoe);
 
 /// Sizes of a [`SharedExpertMoe`].
 #[derive(Debug, Clone)]
@@ -58,16 +54,9 @@ impl SharedExpertMoe {
         routed_scale: f64,
         router_logit_softcap: Option<f64>,
     ) -> Result<Self> {
-        if !routed_scale.is_finite() {
-            bail!("MoE: routed scaling factor {routed_scale} is not a number");
-        }
         let (h, e) = (shape.hidden, shape.experts);
         let vb_experts = vb.pp("experts");
-        let experts = if vb_experts.contains_tensor("0.gate_proj.weight") {
-            PackedExperts::load_per_expert(&vb_experts, h, e, shape.width, act)?
-        } else {
-            PackedExperts::load(&vb_experts, h, e, shape.width, act)?
-        };
+        let experts = PackedExperts::load_any(&vb_experts, h, e, shape.width, act)?;
         let bias = match weight::get_opt(&vb_experts, e, "e_score_correction_bias")? {
             Some(b) => Some(b),
             None => weight::get_opt(&vb.pp("gate"), e, "e_score_correction_bias")?,
@@ -83,40 +72,28 @@ impl SharedExpertMoe {
             }
             _ => None,
         };
-        Ok(SharedExpertMoe {
-            router: {
-                let r = ScoreRouter::top_k_with_bias(
-                    &vb.pp("gate"),
-                    h,
-                    e,
-                    shape.top_k,
-                    ScoreFn::Sigmoid,
-                    1.0,
-                    bias,
-                )?;
-                match router_logit_softcap {
-                    Some(cap) => r.with_logit_softcap(cap)?,
-                    None => r,
-                }
-            },
-            experts,
-            shared,
-            routed_scale,
-        })
+        let router = ScoreRouter::top_k_with_bias(
+            &vb.pp("gate"),
+            h,
+            e,
+            shape.top_k,
+            ScoreFn::Sigmoid,
+            1.0,
+            bias,
+        )?;
+        let router = match router_logit_softcap {
+            Some(cap) => router.with_logit_softcap(cap)?,
+            None => router,
+        };
+        Ok(SharedExpertMoe(
+            RoutedMoe::new(router, experts, shared).with_routed_scale(routed_scale)?,
+        ))
     }
 
     /// x `[b, n, hidden]` → `[b, n, hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
         let flat = x.reshape((b * n, d))?; // [tokens, hidden]
-        let picks = self.router.route(&flat, &[])?;
-        let mut y = self.experts.forward(&flat, &picks)?;
-        if self.routed_scale != 1.0 {
-            y = (y * self.routed_scale)?;
-        }
-        if let Some(shared) = &self.shared {
-            y = (y + shared.forward(&flat)?)?;
-        }
-        Ok(y.reshape((b, n, d))?)
+        Ok(self.0.forward(&flat, &[])?.reshape((b, n, d))?)
     }
 }
