@@ -790,3 +790,73 @@ fn the_summary_names_the_weights_and_the_stop() {
         assert!(err.contains("generated tokens (the -n limit)"), "{err}");
     }
 }
+
+/// `LLMARCH_KERNELS=generic` runs the device path on the CPU: the candle ops a GPU runs, none of
+/// the CPU kernels. Every fixture of every family through it: the reference's greedy tokens,
+/// logits within 5e-3 of the reference and within 1e-4 of the CPU path, and `--json` says which
+/// path ran.
+#[test]
+fn the_generic_path_equals_the_reference_and_the_cpu_path() {
+    let max_abs = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    let mut checked = 0;
+    for family in reference::runnable_families() {
+        for dir in reference::family_fixtures(family.name) {
+            let name = reference::fixture_name(&dir);
+            let r = reference(&name);
+            let n = r["generated_ids"].as_array().unwrap().len().to_string();
+            let ids = ids_arg(&r["prompt_ids"]);
+            let out = tempfile::tempdir().unwrap();
+            let mut logits = vec![];
+            for path in ["cpu", "generic"] {
+                let file = out.path().join(format!("{path}.safetensors"));
+                let o = llmarch()
+                    .args(["run", dir.to_str().unwrap(), "--prompt-ids", &ids, "-n", &n])
+                    .args([
+                        "--temperature",
+                        "0",
+                        "--dtype",
+                        "f32",
+                        "--json",
+                        "--logits-out",
+                    ])
+                    .arg(&file)
+                    .env("LLMARCH_KERNELS", if path == "cpu" { "" } else { path })
+                    .output()
+                    .unwrap();
+                assert!(o.status.success(), "{name} {path}: {}", stderr(&o));
+                let s = stats(&o);
+                assert_eq!(s["kernels"], path, "{name}");
+                assert_eq!(s["generated_ids"], r["generated_ids"], "{name} {path}");
+                let l = candle_core::safetensors::load(&file, &candle_core::Device::Cpu).unwrap();
+                logits.push(l["logits"].clone());
+            }
+            let theirs = candle_core::safetensors::load(
+                dir.join("reference.safetensors"),
+                &candle_core::Device::Cpu,
+            )
+            .unwrap()["logits"]
+                .narrow(0, 0, logits[1].dim(0).unwrap())
+                .unwrap();
+            let (to_reference, to_cpu) = (
+                max_abs(&logits[1], &theirs),
+                max_abs(&logits[1], &logits[0]),
+            );
+            assert!(
+                to_reference < 5e-3,
+                "{name}: generic vs reference {to_reference}"
+            );
+            assert!(to_cpu < 1e-4, "{name}: generic vs the CPU path {to_cpu}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 10, "only {checked} fixtures");
+}

@@ -291,6 +291,10 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
             );
             o.insert("load_s".into(), load_s.into());
             o.insert("dtype".into(), weights.clone().into());
+            o.insert(
+                "kernels".into(),
+                crate::kernels::path_name(&precision.device).into(),
+            );
         }
         writeln!(out, "{}", serde_json::to_string(&v)?)?;
     }

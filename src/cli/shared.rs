@@ -146,7 +146,7 @@ impl DeviceArgs {
             Some(_) => Some(DType::F32),
             None => None,
         };
-        Ok(if device.is_cpu() {
+        Ok(if crate::kernels::fast_cpu(&device) {
             // f32 activations; matrices from the mapping (`--dtype f32` widens them).
             Precision {
                 device,
@@ -154,9 +154,15 @@ impl DeviceArgs {
                 weights: WeightFormat::Mapped(dtype),
             }
         } else {
+            // A GPU computes in bf16 by default; the generic path on the CPU in f32.
+            let default = if device.is_cpu() {
+                DType::F32
+            } else {
+                DType::BF16
+            };
             Precision {
                 device,
-                dtype: dtype.unwrap_or(DType::BF16),
+                dtype: dtype.unwrap_or(default),
                 weights: WeightFormat::Loaded,
             }
         })
@@ -342,7 +348,7 @@ pub fn build_model_in(
     let weights = weights::load_with(files, precision.dtype, &precision.device, opts)?;
     // Matrices are read from the mapping (CPU) or quantized from it one at a time as the
     // family reads them: no f32 copy of the checkpoint is ever held.
-    let source = precision.device.is_cpu().then(|| weights.mapped_source());
+    let source = crate::kernels::fast_cpu(&precision.device).then(|| weights.mapped_source());
     let model = with_weight_format(precision.weights, source, || {
         build(&config, &ctx.parse, weights.text_vb(), weights.lm_head_vb())
     })

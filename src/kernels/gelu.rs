@@ -23,7 +23,7 @@ const TASK: usize = 16 * 1024;
 /// GELU (tanh approximation) of `x`, any shape. f32 CPU tensors take the vectorised kernel;
 /// others fall back to candle's `gelu`.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+    if !super::fast_cpu(x.device()) || x.dtype() != DType::F32 {
         return Ok(x.gelu()?);
     }
     let mut v = x.flatten_all()?.to_vec1::<f32>()?;

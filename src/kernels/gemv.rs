@@ -424,7 +424,7 @@ impl Isa {
     }
 
     /// AVX-512F (+ AVX2, FMA, F16C) when the CPU has them, else AVX2+FMA+F16C, unless
-    /// `LLMARCH_KERNELS=portable` (or `avx2`: no AVX-512).
+    /// `LLMARCH_KERNELS=portable` or `generic` (or `avx2`: no AVX-512).
     pub(crate) fn get() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
@@ -432,7 +432,7 @@ impl Isa {
             static ISA: OnceLock<Isa> = OnceLock::new();
             *ISA.get_or_init(|| {
                 let choice = std::env::var("LLMARCH_KERNELS").unwrap_or_default();
-                let avx2 = choice != "portable"
+                let avx2 = !matches!(choice.as_str(), "portable" | "generic")
                     && is_x86_feature_detected!("avx2")
                     && is_x86_feature_detected!("fma")
                     && is_x86_feature_detected!("f16c");

@@ -4,9 +4,36 @@
 //!
 //! Notable: the instruction set is detected once per process at run time (AVX-512, AVX2+FMA,
 //! portable; `LLMARCH_KERNELS` overrides it for comparisons), so one binary runs well on every
-//! x86-64 machine. These files know matrices and rows, no layer and no model.
+//! x86-64 machine. `LLMARCH_KERNELS=generic` turns every kernel here off, so the CPU runs the
+//! same candle ops a GPU does (tested against the reference and the CPU path). These files know
+//! matrices and rows, no layer and no model.
 
 pub mod gelu;
 pub mod gemm;
 pub mod gemv;
 pub mod parallel;
+
+use candle_core::Device;
+use std::sync::OnceLock;
+
+/// Which path a process computes with, as `run --json` reports it (`"kernels"`).
+pub fn path_name(device: &Device) -> &'static str {
+    match device {
+        Device::Cpu if generic() => "generic",
+        Device::Cpu => "cpu",
+        Device::Cuda(_) => "cuda",
+        Device::Metal(_) => "metal",
+    }
+}
+
+/// `LLMARCH_KERNELS=generic`: the device path on the CPU: the candle ops a GPU runs, weights
+/// loaded as tensors, none of the CPU kernels here. For testing that path where no GPU is.
+pub fn generic() -> bool {
+    static GENERIC: OnceLock<bool> = OnceLock::new();
+    *GENERIC.get_or_init(|| std::env::var("LLMARCH_KERNELS").is_ok_and(|v| v == "generic"))
+}
+
+/// Whether the CPU kernels here may run on `device`: the CPU, unless the generic path is asked.
+pub fn fast_cpu(device: &Device) -> bool {
+    device.is_cpu() && !generic()
+}

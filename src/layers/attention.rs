@@ -205,7 +205,8 @@ pub fn attend(
 fn scores_qkt(q: &Tensor, k: &Tensor) -> Result<Tensor> {
     let (b, hkv, m, _) = q.dims4()?;
     let t = k.dim(2)?;
-    if !(q.device().is_cpu() && q.dtype() == DType::F32 && k.dtype() == DType::F32) {
+    if !(crate::kernels::fast_cpu(q.device()) && q.dtype() == DType::F32 && k.dtype() == DType::F32)
+    {
         return Ok(q.matmul(&k.t()?)?);
     }
     let mut heads = Vec::with_capacity(b * hkv);

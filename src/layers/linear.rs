@@ -175,7 +175,7 @@ fn dense_kernel(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         return Ok(None);
     };
     let (rows, x_in) = x.dims2()?;
-    if !w.device().is_cpu() || in_dim != x_in {
+    if !crate::kernels::fast_cpu(w.device()) || in_dim != x_in {
         return Ok(None);
     }
     let (storage, layout) = w.storage_and_layout();
