@@ -213,7 +213,7 @@ fn note(style: &Style, quiet: bool, s: &str) {
 
 pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     // 1. Everything that can be checked before loading anything.
-    let precision = args.device.resolve()?;
+    let precision = args.device.resolve(ctx)?;
     if args.max_context == Some(0) {
         bail!("--max-context must be at least 1");
     }

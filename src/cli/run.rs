@@ -95,7 +95,7 @@ fn write_logits(path: &Path, rows: &[Tensor]) -> Result<()> {
 
 pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     // 1. Everything that can be checked before loading anything.
-    let precision = args.device.resolve()?;
+    let precision = args.device.resolve(ctx)?;
     if let Some(p) = &args.logits_out {
         check_output_path(p)?;
     }

@@ -116,7 +116,7 @@ impl Precision {
 
 impl DeviceArgs {
     /// The device, the activation dtype and the weight format.
-    pub fn resolve(&self) -> Result<Precision> {
+    pub fn resolve(&self, ctx: &Ctx) -> Result<Precision> {
         // Quantized weights run on the CPU only: `auto` picks it, a GPU is refused before it
         // opens.
         let quantized = match self.dtype {
@@ -154,18 +154,43 @@ impl DeviceArgs {
                 weights: WeightFormat::Mapped(dtype),
             }
         } else {
-            // A GPU computes in bf16 by default; the generic path on the CPU in f32.
-            let default = if device.is_cpu() {
-                DType::F32
-            } else {
-                DType::BF16
+            // A GPU computes in bf16 where it has the kernels; the generic path on the CPU in f32.
+            let dtype = match (dtype, device.is_cpu()) {
+                (Some(d), _) => {
+                    if d == DType::BF16 && !gpu_has_bf16(&device) {
+                        crate::usage!(
+                            "--dtype bf16 needs a GPU of compute capability 8.0 or newer (candle's bf16 kernels)\nhint: use --dtype f16 or f32"
+                        );
+                    }
+                    d
+                }
+                (None, true) => DType::F32,
+                (None, false) if gpu_has_bf16(&device) => DType::BF16,
+                (None, false) => {
+                    ctx.warn("this GPU has no bf16 kernels (compute capability below 8.0): computing in f16 (--dtype f32 for full precision)");
+                    DType::F16
+                }
             };
             Precision {
                 device,
-                dtype: dtype.unwrap_or(default),
+                dtype,
                 weights: WeightFormat::Loaded,
             }
         })
+    }
+}
+
+/// Whether candle's bf16 kernels run on `device`: CUDA compute capability 8.0 or newer (Metal:
+/// the backend's own support; the CPU always).
+fn gpu_has_bf16(device: &Device) -> bool {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => d
+            .cuda_stream()
+            .context()
+            .compute_capability()
+            .is_ok_and(|(major, _)| major >= 8),
+        _ => true,
     }
 }
 
