@@ -56,18 +56,103 @@ impl<K: PartialEq> Default for SharedTables<K> {
     }
 }
 
+/// cos and sin of `position · inv_freq[i]` (times `scaling`) in f32, for positions
+/// `0..capacity`, built once on the device and grown by doubling: a forward reads rows of it
+/// instead of computing and uploading angles on every call.
+#[derive(Debug)]
+struct CosSinTable {
+    inv_freq: Vec<f32>,
+    scaling: f32,
+    device: Device,
+    /// cos and sin `[capacity, inv_freq.len()]`.
+    table: RwLock<Option<(Tensor, Tensor)>>,
+}
+
+impl CosSinTable {
+    fn new(inv_freq: Vec<f32>, scaling: f32, device: &Device) -> Self {
+        CosSinTable {
+            inv_freq,
+            scaling,
+            device: device.clone(),
+            table: RwLock::new(None),
+        }
+    }
+
+    /// The whole table, holding at least positions `0..end`.
+    fn covering(&self, end: usize) -> Result<(Tensor, Tensor)> {
+        let poisoned = || anyhow::anyhow!("RoPE table lock poisoned");
+        let have = |t: &Option<(Tensor, Tensor)>| t.as_ref().map_or(0, |(c, _)| c.dims()[0]);
+        {
+            let t = self.table.read().map_err(|_| poisoned())?;
+            if have(&t) >= end {
+                return Ok(t.clone().expect("checked above"));
+            }
+        }
+        let mut t = self.table.write().map_err(|_| poisoned())?;
+        if have(&t) < end {
+            *t = Some(self.build(end.next_power_of_two().max(64))?);
+        }
+        Ok(t.clone().expect("set above"))
+    }
+
+    fn build(&self, positions: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions * half);
+        let mut sin = Vec::with_capacity(positions * half);
+        for p in 0..positions {
+            for &f in &self.inv_freq {
+                let a = p as f32 * f;
+                if self.scaling == 1.0 {
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                } else {
+                    cos.push(a.cos() * self.scaling);
+                    sin.push(a.sin() * self.scaling);
+                }
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (positions, half), &self.device)?,
+            Tensor::from_vec(sin, (positions, half), &self.device)?,
+        ))
+    }
+
+    /// cos and sin `[len, half]` for positions `start..start + len`, in `dtype`.
+    fn range(&self, start: usize, len: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let (cos, sin) = self.covering(start + len)?;
+        Ok((
+            cos.narrow(0, start, len)?.to_dtype(dtype)?,
+            sin.narrow(0, start, len)?.to_dtype(dtype)?,
+        ))
+    }
+
+    /// cos and sin `[positions.len(), half]` for the given positions, in `dtype`.
+    fn rows(&self, positions: &[usize], dtype: DType) -> Result<(Tensor, Tensor)> {
+        let (Some(&first), Some(&last)) = (positions.first(), positions.last()) else {
+            bail!("internal: RoPE for no position");
+        };
+        if positions.iter().enumerate().all(|(i, &p)| p == first + i) {
+            return self.range(first, positions.len(), dtype);
+        }
+        let end = positions.iter().copied().max().unwrap_or(last) + 1;
+        let (cos, sin) = self.covering(end)?;
+        let idx: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        let idx = Tensor::from_vec(idx, positions.len(), &self.device)?;
+        Ok((
+            cos.index_select(&idx, 0)?.to_dtype(dtype)?,
+            sin.index_select(&idx, 0)?.to_dtype(dtype)?,
+        ))
+    }
+}
+
 #[derive(Debug)]
 pub struct Rotary {
     head_dim: usize,
     /// The leading dims that rotate (`head_dim` for the whole-head layouts).
     rotary_dim: usize,
-    /// `[rotary_dim / 2]` angular frequencies, 0 for pairs that do not rotate.
-    inv_freq: Vec<f32>,
-    /// Multiplies cos and sin (YaRN's attention factor); 1 for most variants.
-    scaling: f32,
-    device: Device,
-    /// cos and sin `[positions, head_dim / 2]` in f32 for positions `0..positions`.
-    table: RwLock<Option<(Tensor, Tensor)>>,
+    /// `[rotary_dim / 2]` angular frequencies (0 for pairs that do not rotate), times a scaling
+    /// of cos and sin (YaRN's attention factor; 1 for most variants).
+    table: CosSinTable,
 }
 
 impl Rotary {
@@ -106,10 +191,7 @@ impl Rotary {
         Ok(Rotary {
             head_dim,
             rotary_dim: head_dim,
-            inv_freq,
-            scaling: 1.0,
-            device: device.clone(),
-            table: RwLock::new(None),
+            table: CosSinTable::new(inv_freq, 1.0, device),
         })
     }
 
@@ -134,10 +216,7 @@ impl Rotary {
         Ok(Rotary {
             head_dim,
             rotary_dim,
-            inv_freq,
-            scaling: scaling as f32,
-            device: device.clone(),
-            table: RwLock::new(None),
+            table: CosSinTable::new(inv_freq, scaling as f32, device),
         })
     }
 
@@ -147,68 +226,17 @@ impl Rotary {
 
     /// The angular frequency of each rotated pair.
     pub fn inv_freq(&self) -> &[f32] {
-        &self.inv_freq
+        &self.table.inv_freq
     }
 
     /// What cos and sin are multiplied by.
     pub fn attention_scaling(&self) -> f32 {
-        self.scaling
+        self.table.scaling
     }
 
     /// cos and sin `[len, rotary_dim / 2]` for positions `start..start + len`, in `dtype`.
     pub fn cos_sin(&self, start: usize, len: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let end = start + len;
-        let have = |t: &Option<(Tensor, Tensor)>| t.as_ref().map_or(0, |(c, _)| c.dims()[0]);
-        let need_grow = {
-            let t = self
-                .table
-                .read()
-                .map_err(|_| anyhow::anyhow!("RoPE table lock poisoned"))?;
-            have(&t) < end
-        };
-        if need_grow {
-            let mut t = self
-                .table
-                .write()
-                .map_err(|_| anyhow::anyhow!("RoPE table lock poisoned"))?;
-            if have(&t) < end {
-                let cap = end.next_power_of_two().max(64);
-                *t = Some(self.build(cap)?);
-            }
-        }
-        let t = self
-            .table
-            .read()
-            .map_err(|_| anyhow::anyhow!("RoPE table lock poisoned"))?;
-        let (cos, sin) = t
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("internal: RoPE table missing"))?;
-        Ok((
-            cos.narrow(0, start, len)?.to_dtype(dtype)?,
-            sin.narrow(0, start, len)?.to_dtype(dtype)?,
-        ))
-    }
-
-    fn build(&self, positions: usize) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(positions * half);
-        let mut sin = Vec::with_capacity(positions * half);
-        for p in 0..positions {
-            for &f in &self.inv_freq {
-                let a = p as f32 * f;
-                if self.scaling == 1.0 {
-                    cos.push(a.cos());
-                    sin.push(a.sin());
-                } else {
-                    cos.push(a.cos() * self.scaling);
-                    sin.push(a.sin() * self.scaling);
-                }
-            }
-        }
-        Ok((
-            Tensor::from_vec(cos, (positions, half), &self.device)?,
-            Tensor::from_vec(sin, (positions, half), &self.device)?,
-        ))
+        self.table.range(start, len, dtype)
     }
 
     /// Rotate `x` `[b, h, t, head_dim]` whose tokens sit at positions `start..start + t`.
@@ -240,6 +268,8 @@ impl Rotary {
 /// V4 uses to undo the keys' rotation on the attention output.
 #[derive(Debug)]
 pub struct InterleavedRope {
+    /// Built on the device of the first tensor it rotates.
+    table: std::sync::OnceLock<CosSinTable>,
     inv_freq: Vec<f32>,
     scaling: f32,
 }
@@ -253,6 +283,7 @@ impl InterleavedRope {
             bail!("RoPE: attention scaling {scaling} must be a positive number");
         }
         Ok(InterleavedRope {
+            table: std::sync::OnceLock::new(),
             inv_freq,
             scaling: scaling as f32,
         })
@@ -273,19 +304,11 @@ impl InterleavedRope {
                 positions.len()
             );
         }
-        let half = self.inv_freq.len();
-        let (mut cos, mut sin) = (Vec::with_capacity(t * half), Vec::with_capacity(t * half));
-        let sign = if inverse { -1.0 } else { 1.0 };
-        for &p in positions {
-            for &f in &self.inv_freq {
-                let a = p as f32 * f;
-                cos.push(a.cos() * self.scaling);
-                sin.push(sign * (a.sin() * self.scaling));
-            }
-        }
-        let dev = x.device();
-        let cos = Tensor::from_vec(cos, (t, half), dev)?.to_dtype(x.dtype())?;
-        let sin = Tensor::from_vec(sin, (t, half), dev)?.to_dtype(x.dtype())?;
+        let table = self
+            .table
+            .get_or_init(|| CosSinTable::new(self.inv_freq.clone(), self.scaling, x.device()));
+        let (cos, sin) = table.rows(positions, x.dtype())?; // [t, r/2]
+        let sin = if inverse { sin.neg()? } else { sin };
         let rot = x.narrow(3, d - r, r)?.contiguous()?;
         let rot = candle_nn::rotary_emb::rope_i(&rot, &cos, &sin)?;
         if r == d {
@@ -498,12 +521,12 @@ mod tests {
     fn proportional_rotates_the_leading_pairs_of_each_half() {
         let dev = Device::Cpu;
         let r = Rotary::proportional(10_000.0, 8, 1, 1.0, &dev).unwrap();
-        assert_eq!(r.inv_freq, vec![1.0, 0.0, 0.0, 0.0]);
+        assert_eq!(r.inv_freq(), vec![1.0, 0.0, 0.0, 0.0]);
         let r = Rotary::proportional(1e6, 16, 2, 2.0, &dev).unwrap();
         let want1 = 1.0 / 1e6f32.powf(2.0 / 16.0) / 2.0;
-        assert_eq!(r.inv_freq[0], 0.5);
-        assert!((r.inv_freq[1] - want1).abs() < 1e-9);
-        assert!(r.inv_freq[2..].iter().all(|&f| f == 0.0));
+        assert_eq!(r.inv_freq()[0], 0.5);
+        assert!((r.inv_freq()[1] - want1).abs() < 1e-9);
+        assert!(r.inv_freq()[2..].iter().all(|&f| f == 0.0));
 
         let x: Vec<f32> = (0..16).map(|i| (i as f32 * 0.37).sin()).collect();
         let xt = Tensor::from_vec(x.clone(), (1, 1, 1, 16), &dev).unwrap();
@@ -514,7 +537,7 @@ mod tests {
             .unwrap()
             .to_vec1()
             .unwrap();
-        let want = reference(&x, 5.0, &r.inv_freq);
+        let want = reference(&x, 5.0, r.inv_freq());
         for (a, b) in y.iter().zip(&want) {
             assert!((a - b).abs() < 1e-6, "{y:?} vs {want:?}");
         }
@@ -570,10 +593,59 @@ mod tests {
     fn default_rotates_every_pair_and_tables_grow() {
         let dev = Device::Cpu;
         let r = Rotary::default_rope(10_000.0, 4, &dev).unwrap();
-        assert_eq!(r.inv_freq, vec![1.0, 0.01]);
+        assert_eq!(r.inv_freq(), vec![1.0, 0.01]);
         let (c, _) = r.cos_sin(100, 3, DType::F32).unwrap();
         let c: Vec<Vec<f32>> = c.to_vec2().unwrap();
         assert_eq!(c[2][0], 102f32.cos());
         assert!(Rotary::default_rope(1e4, 5, &dev).is_err());
+    }
+
+    /// Interleaved pairs over the trailing dims, rows of the cached table at any positions
+    /// (ascending, gapped, out of order), as the formula says; the inverse undoes it.
+    #[test]
+    fn interleaved_rows_at_any_positions_equal_the_formula() {
+        let dev = Device::Cpu;
+        let (inv, scaling) = (vec![0.9f32, 0.05], 1.25f32);
+        let rope = InterleavedRope::new(inv.clone(), scaling as f64).unwrap();
+        let d = 6; // 2 leading dims pass through, 4 rotate in pairs (2,3), (4,5)
+        for positions in [vec![0usize, 1, 2], vec![0, 4, 8], vec![130, 3, 77]] {
+            let t = positions.len();
+            let x: Vec<f32> = (0..t * d).map(|i| (i as f32 * 0.37).sin()).collect();
+            let xt = Tensor::from_vec(x.clone(), (1, 1, t, d), &dev).unwrap();
+            let y: Vec<f32> = rope
+                .apply(&xt, &positions, false)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (j, &p) in positions.iter().enumerate() {
+                let row = &x[j * d..(j + 1) * d];
+                assert_eq!(&y[j * d..j * d + 2], &row[..2], "pass-through at {p}");
+                for (i, &f) in inv.iter().enumerate() {
+                    let a = p as f32 * f;
+                    let (c, s) = (a.cos() * scaling, a.sin() * scaling);
+                    let (x0, x1) = (row[2 + 2 * i], row[3 + 2 * i]);
+                    let want = [x0 * c - x1 * s, x1 * c + x0 * s];
+                    for (k, w) in want.iter().enumerate() {
+                        let got = y[j * d + 2 + 2 * i + k];
+                        assert!((got - w).abs() < 1e-5, "{p}/{i}: {got} vs {w}");
+                    }
+                }
+            }
+            // Back again: the inverse of a unit-scaled rotation restores x.
+            let unit = InterleavedRope::new(inv.clone(), 1.0).unwrap();
+            let there = unit.apply(&xt, &positions, false).unwrap();
+            let back: Vec<f32> = unit
+                .apply(&there, &positions, true)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (a, b) in back.iter().zip(&x) {
+                assert!((a - b).abs() < 1e-5);
+            }
+        }
     }
 }
