@@ -759,6 +759,14 @@ fn ctrl_c_stops_the_run_with_exit_code_130() {
         let s = stats(&o);
         assert_eq!(s["stop"], "interrupted");
         assert_eq!(s["generated_tokens"], 0);
+        // Stopped between chunks: a whole number of them was fed, not the prompt.
+        let fed = s["prefilled_tokens"].as_u64().unwrap();
+        assert!(fed > 0 && fed < 16000 && fed.is_multiple_of(512), "{fed}");
+        assert!(
+            stderr(&o).contains(&format!("16000 prompt ({fed} fed)")),
+            "{}",
+            stderr(&o)
+        );
     }
 }
 

@@ -306,8 +306,13 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
 
 fn summary(s: &Stats, at_max: &budget::Budget, weights: &str, load_s: f64) -> String {
     format!(
-        "{} prompt + {} generated tokens{} · TTFT {:.0} ms · prefill {:.1} tok/s · decode {:.1} tok/s · KV {} (budget {} at {}) · {weights} weights · load {:.1} s{}",
+        "{} prompt{} + {} generated tokens{} · TTFT {:.0} ms · prefill {:.1} tok/s · decode {:.1} tok/s · KV {} (budget {} at {}) · {weights} weights · load {:.1} s{}",
         s.prompt_tokens,
+        if s.prefilled_tokens < s.prompt_tokens {
+            format!(" ({} fed)", s.prefilled_tokens)
+        } else {
+            String::new()
+        },
         s.generated_tokens,
         match s.stop {
             Some(generate::StopReason::EndOfSequence) => " (end of sequence)",

@@ -68,6 +68,8 @@ pub enum Event<'a> {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Stats {
     pub prompt_tokens: usize,
+    /// How many of them were fed: all, unless Ctrl-C stopped the prefill.
+    pub prefilled_tokens: usize,
     pub generated_tokens: usize,
     /// The generated ids, the stop token included.
     pub generated_ids: Vec<u32>,
@@ -110,13 +112,15 @@ pub fn generate(
     let mut history: Vec<u32> = prompt.to_vec();
     let mut stats = Stats {
         prompt_tokens: prompt.len(),
+        prefilled_tokens: prompt.len(),
         ..Default::default()
     };
 
     let t0 = Instant::now();
     let Some(logits) = prefill(model, cache, prompt, limits.all_prompt_logits, on_event)? else {
         stats.stop = Some(StopReason::Interrupted);
-        stats.prefill_tok_s = (cache.seen() - start_len) as f64 / t0.elapsed().as_secs_f64();
+        stats.prefilled_tokens = cache.seen() - start_len;
+        stats.prefill_tok_s = stats.prefilled_tokens as f64 / t0.elapsed().as_secs_f64();
         stats.kv_bytes = cache.bytes().iter().sum();
         stats.peak_rss_bytes = peak_rss_bytes();
         return Ok(stats);
