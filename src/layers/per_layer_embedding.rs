@@ -55,14 +55,15 @@ impl PerLayerEmbedding {
         })
     }
 
-    /// ids `[b, n]` and their scaled embeddings `[b, n, hidden]` → `[b, n, layers, width]`.
-    pub fn forward(&self, ids: &Tensor, embeds: &Tensor) -> Result<Tensor> {
+    /// `tokens` (on the host) as ids `[b, n]` on the device, and their scaled embeddings
+    /// `[b, n, hidden]` → `[b, n, layers, width]`. The ids are checked against the table on the
+    /// host: no read-back from the device.
+    pub fn forward(&self, tokens: &[u32], ids: &Tensor, embeds: &Tensor) -> Result<Tensor> {
         let (b, n) = ids.dims2()?;
         let (l, w) = (self.layers, self.width);
-        let max = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
-        if max as usize >= self.table.vocab() {
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.table.vocab()) {
             bail!(
-                "token id {max} is outside the per-layer embedding table ({} rows, key \
+                "token id {bad} is outside the per-layer embedding table ({} rows, key \
                  `vocab_size_per_layer_input`)",
                 self.table.vocab()
             );
@@ -105,5 +106,44 @@ impl PerLayerGate {
         let g = (self.act.apply(&self.gate.forward(h)?)? * e)?; // [b, n, width]
         let y = self.norm.forward(&self.projection.forward(&g)?)?;
         Ok((h + y)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use std::collections::HashMap;
+
+    /// An id past the per-layer table (smaller than the model's vocabulary) is refused, checked
+    /// on the host, naming the key; ids inside it embed.
+    #[test]
+    fn ids_past_the_table_are_refused_on_the_host() {
+        let dev = Device::Cpu;
+        let (vocab, hidden, layers, width) = (5, 4, 2, 3);
+        let t = |shape: &[usize]| Tensor::ones(shape, DType::F32, &dev).unwrap();
+        let tensors = HashMap::from([
+            (
+                "embed_tokens_per_layer.weight".to_string(),
+                t(&[vocab, layers * width]),
+            ),
+            (
+                "per_layer_model_projection.weight".to_string(),
+                t(&[layers * width, hidden]),
+            ),
+            ("per_layer_projection_norm.weight".to_string(), t(&[width])),
+        ]);
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &dev);
+        let ple = PerLayerEmbedding::load(&vb, vocab, hidden, layers, width, 1e-6).unwrap();
+        let embeds = t(&[1, 2, hidden]);
+        let ok = Tensor::new(&[[1u32, 4]], &dev).unwrap();
+        let y = ple.forward(&[1, 4], &ok, &embeds).unwrap();
+        assert_eq!(y.dims(), [1, 2, layers, width]);
+        let bad = Tensor::new(&[[1u32, 5]], &dev).unwrap();
+        let e = ple.forward(&[1, 5], &bad, &embeds).unwrap_err().to_string();
+        assert!(
+            e.contains("token id 5") && e.contains("vocab_size_per_layer_input"),
+            "{e}"
+        );
     }
 }

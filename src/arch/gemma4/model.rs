@@ -318,7 +318,7 @@ impl CausalLm for Gemma4Model {
         // 1. Token embeddings [1, n, hidden] and per-layer embeddings [1, n, layers, width].
         let mut h = self.embed.forward(&ids)?;
         let ple = match &self.ple {
-            Some(p) => Some(p.forward(&ids, &h)?),
+            Some(p) => Some(p.forward(tokens, &ids, &h)?),
             None => None,
         };
 
