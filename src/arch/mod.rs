@@ -443,14 +443,14 @@ pub enum Routing {
     Mlp { hidden: usize },
 }
 
-impl Routing {
-    /// A score function's name as configs give it (`scoring_func`).
-    pub fn from_score_name(name: &str) -> Option<Routing> {
-        match name {
-            "softmax" => Some(Routing::Softmax),
-            "sigmoid" => Some(Routing::Sigmoid),
-            "sqrtsoftplus" => Some(Routing::SqrtSoftplus),
-            _ => None,
+/// A score router's rule, as the per-layer table names it.
+impl From<crate::layers::moe::score_routing::ScoreFn> for Routing {
+    fn from(f: crate::layers::moe::score_routing::ScoreFn) -> Routing {
+        use crate::layers::moe::score_routing::ScoreFn;
+        match f {
+            ScoreFn::Softmax => Routing::Softmax,
+            ScoreFn::Sigmoid => Routing::Sigmoid,
+            ScoreFn::SqrtSoftplus => Routing::SqrtSoftplus,
         }
     }
 }

@@ -128,14 +128,13 @@ impl CosSinTable {
 
     /// cos and sin `[positions.len(), half]` for the given positions, in `dtype`.
     fn rows(&self, positions: &[usize], dtype: DType) -> Result<(Tensor, Tensor)> {
-        let (Some(&first), Some(&last)) = (positions.first(), positions.last()) else {
+        let (Some(&first), Some(&max)) = (positions.first(), positions.iter().max()) else {
             bail!("internal: RoPE for no position");
         };
         if positions.iter().enumerate().all(|(i, &p)| p == first + i) {
             return self.range(first, positions.len(), dtype);
         }
-        let end = positions.iter().copied().max().unwrap_or(last) + 1;
-        let (cos, sin) = self.covering(end)?;
+        let (cos, sin) = self.covering(max + 1)?;
         let idx: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
         let idx = Tensor::from_vec(idx, positions.len(), &self.device)?;
         Ok((

@@ -9,6 +9,7 @@ use super::config::{
 use super::{params, FAMILY};
 use crate::arch::config::{positive, rope_from_params, TextConfig};
 use crate::arch::{ArchSpec, Attention, CachePart, Ffn, LayerSpec, Retention, Rope, Routing};
+use crate::layers::moe::score_routing::ScoreFn;
 use anyhow::{anyhow, bail, Result};
 
 pub(super) fn arch_spec(text: &TextConfig, c: &DeepseekV4Config) -> Result<ArchSpec> {
@@ -119,12 +120,7 @@ pub(super) fn arch_spec(text: &TextConfig, c: &DeepseekV4Config) -> Result<ArchS
                 routing: if hash {
                     Routing::Hash
                 } else {
-                    Routing::from_score_name(&c.scoring_func).ok_or_else(|| {
-                        anyhow::anyhow!(
-                            "internal: scoring_func `{}` passed the checks",
-                            c.scoring_func
-                        )
-                    })?
+                    Routing::from(ScoreFn::from_name(&c.scoring_func)?)
                 },
             },
             ple_width: None,
