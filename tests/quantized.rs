@@ -92,21 +92,27 @@ fn logits(path: &Path, key: &str) -> Tensor {
 fn run_quantized(format: &str, dir: &Path, prompt: &[u32], n: usize) -> (Value, String, Tensor) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("logits.safetensors");
-    let o = run(&[
-        "run",
-        dir.to_str().unwrap(),
-        "--prompt-ids",
-        &csv(prompt),
-        "-n",
-        &n.to_string(),
-        "--temperature",
-        "0",
-        "--dtype",
-        format,
-        "--json",
-        "--logits-out",
-        out.to_str().unwrap(),
-    ]);
+    // The oracle multiplies in f32: the tensors a run leaves unquantized (DeepSeek V4's bf16
+    // `o_a_proj`) must not take AVX512-BF16's bf16 products in a prompt.
+    let o = llmarch()
+        .env("LLMARCH_KERNELS", "avx512")
+        .args([
+            "run",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            &csv(prompt),
+            "-n",
+            &n.to_string(),
+            "--temperature",
+            "0",
+            "--dtype",
+            format,
+            "--json",
+            "--logits-out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}: {}", dir.display(), stderr(&o));
     let so = stdout(&o);
     let stats: Value = serde_json::from_str(so.lines().last().unwrap()).unwrap();

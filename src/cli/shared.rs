@@ -77,9 +77,12 @@ pub struct DeviceArgs {
     /// Weight type (default on the CPU: the checkpoint's own, e.g. bf16, read from the file
     /// without a copy; on a GPU: bf16).
     ///
-    /// On the CPU activations and the KV cache are f32 whatever the weights: f32/bf16/f16 weights
-    /// stored in that type are read from the checkpoint's memory map (others are converted once
-    /// at load); q8_0 (1.06 bytes per weight) and q4_0 (0.56) quantize the weight matrices at
+    /// On the CPU activations and the KV cache are f32 whatever the weights, except that on a CPU
+    /// with AVX512-BF16 a prompt chunk of 16 tokens or more multiplies bf16 weights in bf16
+    /// (activations rounded to bf16 at the matmul, f32 sums, as llama.cpp does; decode steps
+    /// stay f32; `--dtype f32` or `LLMARCH_KERNELS=avx512` keep f32 products). f32/bf16/f16
+    /// weights stored in that type are read from the checkpoint's memory map (others are
+    /// converted once at load); q8_0 (1.06 bytes per weight) and q4_0 (0.56) quantize the weight matrices at
     /// load to GGML's blocks of 32 with an f16 scale, straight from the stored bytes (norms,
     /// embeddings and routers keep their type). On a GPU, f32/bf16/f16 set weights and
     /// activations alike; q8_0 and q4_0 run on the CPU only (`--device auto` picks it).

@@ -424,7 +424,8 @@ impl Isa {
     }
 
     /// AVX-512F (+ AVX2, FMA, F16C) when the CPU has them, else AVX2+FMA+F16C, unless
-    /// `LLMARCH_KERNELS=portable` or `generic` (or `avx2`: no AVX-512).
+    /// `LLMARCH_KERNELS=portable` or `generic` (or `avx2`: no AVX-512; `avx512`: AVX-512F
+    /// without its extensions, see [`Isa::has_avx512_bf16`]).
     pub(crate) fn get() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
@@ -447,6 +448,24 @@ impl Isa {
         }
         #[cfg(not(target_arch = "x86_64"))]
         Isa::Portable
+    }
+
+    /// Whether AVX512-BF16 (`vdpbf16ps`) may run: `Avx512` on a CPU that has it (and AVX512-BW),
+    /// unless `LLMARCH_KERNELS=avx512`.
+    pub(crate) fn has_avx512_bf16(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::sync::OnceLock;
+            static BF16: OnceLock<bool> = OnceLock::new();
+            self == Isa::Avx512
+                && *BF16.get_or_init(|| {
+                    std::env::var("LLMARCH_KERNELS").map_or(true, |v| v != "avx512")
+                        && is_x86_feature_detected!("avx512bf16")
+                        && is_x86_feature_detected!("avx512bw")
+                })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
     }
 
     fn dense<E: Widen>(self, w: &[E], x: &[f32], y: &mut [f32]) {
