@@ -89,13 +89,26 @@ fn logits(path: &Path, key: &str) -> Tensor {
 
 /// `llmarch run DIR --dtype FORMAT --prompt-ids IDS -n N` (greedy) with `--json` and
 /// `--logits-out`: the stats object, stderr, and the logits `[positions, vocab]`.
+///
+/// The oracle multiplies in f32, so these runs keep f32 products (`LLMARCH_KERNELS=avx512`): no
+/// int8 products for the quantized weights in a prompt, no bf16 ones for what a run leaves
+/// unquantized (DeepSeek V4's bf16 `o_a_proj`).
 fn run_quantized(format: &str, dir: &Path, prompt: &[u32], n: usize) -> (Value, String, Tensor) {
+    run_quantized_with("avx512", format, dir, prompt, n)
+}
+
+/// [`run_quantized`] with `LLMARCH_KERNELS=kernels` (`""`: what this CPU has).
+fn run_quantized_with(
+    kernels: &str,
+    format: &str,
+    dir: &Path,
+    prompt: &[u32],
+    n: usize,
+) -> (Value, String, Tensor) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("logits.safetensors");
-    // The oracle multiplies in f32: the tensors a run leaves unquantized (DeepSeek V4's bf16
-    // `o_a_proj`) must not take AVX512-BF16's bf16 products in a prompt.
     let o = llmarch()
-        .env("LLMARCH_KERNELS", "avx512")
+        .env("LLMARCH_KERNELS", kernels)
         .args([
             "run",
             dir.to_str().unwrap(),
@@ -215,6 +228,47 @@ fn quantized_differs_from_the_f32_reference_by_what_the_format_costs_the_referen
         }
         eprintln!("{name}: relative RMS {ours:.4} (reference: {theirs:.4}); argmax equal at the {checked} clear positions");
     }
+}
+
+/// A prompt of 16 tokens or more multiplies q8_0/q4_0 weights as int8 products on a CPU with
+/// AVX512-VNNI, its activations quantized to q8 as llama.cpp does (the kernel itself equals an
+/// f64 product of the rounded activations: `src/kernels/gemm.rs`). What that rounding moves the
+/// logits by (relative RMS against the same run with f32 products) is of the order of what q8_0
+/// rounding of the weights costs the reference on the fixture's family: the activations get the
+/// same 8-bit blocks. Random tiny models amplify any rounding unevenly, so the bound is 3× that
+/// cost (measured 0.69-2.50×, q4_0/laguna-xs2-like the highest).
+#[test]
+fn int8_products_cost_what_q8_0_weights_cost_the_reference() {
+    let vnni = std::arch::is_x86_feature_detected!("avx512vnni")
+        && std::arch::is_x86_feature_detected!("avx512bw");
+    if !vnni {
+        eprintln!("no AVX512-VNNI on this machine: prompts keep f32 products, nothing to test");
+        return;
+    }
+    let q8_cost = |family: &str| -> f64 {
+        let (_, r, _) = fixtures("q8_0")
+            .into_iter()
+            .find(|(_, r, _)| family_of(r) == family)
+            .unwrap();
+        r["quantized_vs_f32_rel_rms"].as_f64().unwrap()
+    };
+    let mut failures = vec![];
+    for (format, (name, r, src)) in FORMATS
+        .iter()
+        .flat_map(|&f| fixtures(f).into_iter().map(move |x| (f, x)))
+    {
+        let name = format!("{format}/{name}");
+        let seq = ids(&r["f32_sequence"]);
+        let (_, _, f32_products) = run_quantized(format, &src, &seq, 1);
+        let (_, _, int8_products) = run_quantized_with("", format, &src, &seq, 1);
+        let moved = rel_rms(&int8_products, &f32_products);
+        let bound = q8_cost(&family_of(&r));
+        eprintln!("{name}: int8 products move the logits by {moved:.4} (relative RMS); q8_0 weights cost the reference {bound:.4}");
+        if !(moved > 0.0 && moved < 3.0 * bound) {
+            failures.push(format!("{name}: int8 products move the logits by {moved:.4}, over 3× what q8_0 weights cost the reference ({bound:.4})"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
 }
 
 #[test]

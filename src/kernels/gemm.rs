@@ -39,10 +39,10 @@ const NC: usize = 48;
 /// Most columns per panel (a multiple of 32, so q8_0 panels start on a block).
 const KC: usize = 1024;
 #[cfg(target_arch = "x86_64")]
-/// Fewest activation rows for the bf16 product (`vdpbf16ps`), which rounds the activations to
-/// bf16 as a bf16 reference does: a prefill chunk, never a decode step or a short verify pass,
+/// Fewest activation rows for the bf16 and int8 products, which round the activations (to bf16,
+/// or to q8 as llama.cpp does): a prefill chunk, never a decode step or a short verify pass,
 /// whose results must stay those of the f32-activation gemv.
-const BF16_MIN_ROWS: usize = 16;
+const QUANT_MIN_ROWS: usize = 16;
 
 #[cfg(target_arch = "x86_64")]
 thread_local! {
@@ -92,6 +92,9 @@ fn gemm_on(isa: Isa, w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32]) -> R
                         ))
                     }
                 });
+            }
+            WeightRows::Q8_0(_) | WeightRows::Q4_0(_) if int8_products(isa, m) => {
+                super::gemm_int8::gemm(w, x, m, y);
             }
             _ => for_each_panel(n, k, kc, |(j0, nc), (k0, kl), buf| {
                 let (wp, ws) = match w {
@@ -152,7 +155,14 @@ fn for_each_panel(
 /// Whether bf16 weights times `m` activation rows run as bf16 products (`vdpbf16ps`), the
 /// activations rounded to bf16: a prefill chunk on a CPU with AVX512-BF16.
 fn bf16_products(isa: Isa, m: usize) -> bool {
-    m >= BF16_MIN_ROWS && isa.has_avx512_bf16()
+    m >= QUANT_MIN_ROWS && isa.has_avx512_bf16()
+}
+
+/// Whether q8_0/q4_0 weights times `m` activation rows run as int8 products (`vpdpbusd`), the
+/// activations quantized to q8 ([`super::gemm_int8`]): a prefill chunk on a CPU with
+/// AVX512-VNNI.
+fn int8_products(isa: Isa, m: usize) -> bool {
+    m >= QUANT_MIN_ROWS && isa.has_avx512_vnni()
 }
 
 /// `x` rounded to bf16 (to nearest, ties to even, as torch rounds), as bits.
@@ -418,6 +428,7 @@ mod tests {
             (6, 50, 2080), // q8_0 over three panels of 704, 704 and 672 columns
             (16, 7, 33),   // the bf16 product's masked tail: one column, odd
             (19, 50, 2085),
+            (17, 33, 2080), // int8 products: three panels, a 5-row tile, a 1-column tail
         ];
         for (isa, (s, &(m, n, k))) in isas()
             .into_iter()
@@ -463,13 +474,23 @@ mod tests {
             );
 
             if k % 32 == 0 {
+                // int8 products quantize the activations to q8 first.
+                let xq: Vec<f32> = if int8_products(isa, m) {
+                    let q = crate::kernels::gemm_int8::QuantRows::quantize(&x, k);
+                    q.q.iter()
+                        .enumerate()
+                        .map(|(i, &c)| c as f32 * q.d[i / 32])
+                        .collect()
+                } else {
+                    x.clone()
+                };
                 let q = Q8_0Matrix::quantize(&w, n, k).unwrap();
                 assert!(gemm(WeightRows::Q8_0(&q), &x, m, &mut y).unwrap());
-                let want = reference_mm(&q.dequantize(), &x, m);
+                let want = reference_mm(&q.dequantize(), &xq, m);
                 check(&y, &want, 1e-6, &format!("{isa:?} q8_0 {m}×{n}×{k}"));
                 let q = Q4_0Matrix::quantize(&w, n, k).unwrap();
                 assert!(gemm(WeightRows::Q4_0(&q), &x, m, &mut y).unwrap());
-                let want = reference_mm(&q.dequantize(), &x, m);
+                let want = reference_mm(&q.dequantize(), &xq, m);
                 check(&y, &want, 1e-6, &format!("{isa:?} q4_0 {m}×{n}×{k}"));
             }
         }

@@ -194,6 +194,11 @@ impl Q8_0Matrix {
         })
     }
 
+    /// The codes (`[out, in]`, row-major) and the scales (`[out, in / 32]`).
+    pub(crate) fn raw(&self) -> (&[i8], &[f16]) {
+        (&self.qs, &self.scales)
+    }
+
     pub fn out_dim(&self) -> usize {
         self.out
     }
@@ -271,6 +276,11 @@ impl Q4_0Matrix {
             qs,
             scales,
         })
+    }
+
+    /// The packed codes (two per byte, as the type says) and the scales (`[out, in / 32]`).
+    pub(crate) fn raw(&self) -> (&[u8], &[f16]) {
+        (&self.qs, &self.scales)
     }
 
     pub fn out_dim(&self) -> usize {
@@ -406,6 +416,26 @@ pub fn gemv(w: WeightRows<'_>, x: &[f32], y: &mut [f32]) -> Result<()> {
     Ok(())
 }
 
+/// (AVX512-BF16, AVX512-VNNI), each with AVX512-BW, where the CPU has them and
+/// `LLMARCH_KERNELS` is not `avx512`; detected once.
+fn avx512_extensions() -> (bool, bool) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static EXT: OnceLock<(bool, bool)> = OnceLock::new();
+        *EXT.get_or_init(|| {
+            let on = std::env::var("LLMARCH_KERNELS").map_or(true, |v| v != "avx512")
+                && is_x86_feature_detected!("avx512bw");
+            (
+                on && is_x86_feature_detected!("avx512bf16"),
+                on && is_x86_feature_detected!("avx512vnni"),
+            )
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    (false, false)
+}
+
 /// The instruction set the kernels run with, chosen once per process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Isa {
@@ -453,19 +483,12 @@ impl Isa {
     /// Whether AVX512-BF16 (`vdpbf16ps`) may run: `Avx512` on a CPU that has it (and AVX512-BW),
     /// unless `LLMARCH_KERNELS=avx512`.
     pub(crate) fn has_avx512_bf16(self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::sync::OnceLock;
-            static BF16: OnceLock<bool> = OnceLock::new();
-            self == Isa::Avx512
-                && *BF16.get_or_init(|| {
-                    std::env::var("LLMARCH_KERNELS").map_or(true, |v| v != "avx512")
-                        && is_x86_feature_detected!("avx512bf16")
-                        && is_x86_feature_detected!("avx512bw")
-                })
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
+        self == Isa::Avx512 && avx512_extensions().0
+    }
+
+    /// Whether AVX512-VNNI (`vpdpbusd`) may run: as [`Isa::has_avx512_bf16`].
+    pub(crate) fn has_avx512_vnni(self) -> bool {
+        self == Isa::Avx512 && avx512_extensions().1
     }
 
     fn dense<E: Widen>(self, w: &[E], x: &[f32], y: &mut [f32]) {

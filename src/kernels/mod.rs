@@ -10,6 +10,8 @@
 
 pub mod gelu;
 pub mod gemm;
+#[cfg(target_arch = "x86_64")]
+mod gemm_int8;
 pub mod gemv;
 pub mod parallel;
 
