@@ -40,8 +40,8 @@ const NC: usize = 48;
 const KC: usize = 1024;
 #[cfg(target_arch = "x86_64")]
 /// Fewest activation rows for the bf16 and int8 products, which round the activations (to bf16,
-/// or to q8 as llama.cpp does): a prefill chunk, never a decode step or a short verify pass,
-/// whose results must stay those of the f32-activation gemv.
+/// or to q8 as llama.cpp does): a prefill chunk, never a decode step, whose results stay those
+/// of the f32-activation gemv (verify passes ask for f32 products: [`super::with_f32_products`]).
 const QUANT_MIN_ROWS: usize = 16;
 
 #[cfg(target_arch = "x86_64")]
@@ -155,14 +155,14 @@ fn for_each_panel(
 /// Whether bf16 weights times `m` activation rows run as bf16 products (`vdpbf16ps`), the
 /// activations rounded to bf16: a prefill chunk on a CPU with AVX512-BF16.
 fn bf16_products(isa: Isa, m: usize) -> bool {
-    m >= QUANT_MIN_ROWS && isa.has_avx512_bf16()
+    m >= QUANT_MIN_ROWS && isa.has_avx512_bf16() && !super::f32_products_only()
 }
 
 /// Whether q8_0/q4_0 weights times `m` activation rows run as int8 products (`vpdpbusd`), the
 /// activations quantized to q8 ([`super::gemm_int8`]): a prefill chunk on a CPU with
 /// AVX512-VNNI.
 fn int8_products(isa: Isa, m: usize) -> bool {
-    m >= QUANT_MIN_ROWS && isa.has_avx512_vnni()
+    m >= QUANT_MIN_ROWS && isa.has_avx512_vnni() && !super::f32_products_only()
 }
 
 /// `x` rounded to bf16 (to nearest, ties to even, as torch rounds), as bits.
@@ -494,6 +494,28 @@ mod tests {
                 check(&y, &want, 1e-6, &format!("{isa:?} q4_0 {m}×{n}×{k}"));
             }
         }
+    }
+
+    #[test]
+    fn with_f32_products_a_prompt_chunk_keeps_its_activations() {
+        if Isa::get() == Isa::Portable {
+            eprintln!("no AVX2 on this machine: the GEMM kernel is not used, nothing to test");
+            return;
+        }
+        let (m, n, k) = (20, 40, 64);
+        let (w, x) = (random(n * k, 7), random(m * k, 8));
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let wbf: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+        let q = Q8_0Matrix::quantize(&w, n, k).unwrap();
+        let mut y = vec![0f32; m * n];
+        crate::kernels::with_f32_products(|| {
+            assert!(!bf16_products(Isa::get(), m) && !int8_products(Isa::get(), m));
+            assert!(gemm(WeightRows::Bf16(&wb), &x, m, &mut y).unwrap());
+            check(&y, &reference_mm(&wbf, &x, m), 1e-6, "bf16");
+            assert!(gemm(WeightRows::Q8_0(&q), &x, m, &mut y).unwrap());
+            check(&y, &reference_mm(&q.dequantize(), &x, m), 1e-6, "q8_0");
+        });
+        assert!(!crate::kernels::f32_products_only());
     }
 
     #[test]

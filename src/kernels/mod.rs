@@ -35,6 +35,25 @@ pub fn generic() -> bool {
     *GENERIC.get_or_init(|| std::env::var("LLMARCH_KERNELS").is_ok_and(|v| v == "generic"))
 }
 
+thread_local! {
+    static F32_PRODUCTS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every weight product in f32, whatever the number of rows: no bf16 or int8
+/// products (which round the activations of a prompt chunk, [`gemm`]). A verify pass over drafted
+/// tokens runs so, to judge each draft by the logits a decode step would have given.
+pub fn with_f32_products<T>(f: impl FnOnce() -> T) -> T {
+    let before = F32_PRODUCTS.with(|c| c.replace(true));
+    let out = f();
+    F32_PRODUCTS.with(|c| c.set(before));
+    out
+}
+
+/// Whether [`with_f32_products`] is in force on this thread.
+pub(crate) fn f32_products_only() -> bool {
+    F32_PRODUCTS.with(|c| c.get())
+}
+
 /// Whether the CPU kernels here may run on `device`: the CPU, unless the generic path is asked.
 pub fn fast_cpu(device: &Device) -> bool {
     device.is_cpu() && !generic()
