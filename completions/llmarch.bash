@@ -297,7 +297,7 @@ _llmarch() {
             return 0
             ;;
         llmarch__subcmd__kv__subcmd__budget)
-            opts="-c -q -v -h -V --context --kv-dtype --batch --per-layer --explain --json --quiet --verbose --allow-unknown-keys --help --version"
+            opts="-c -q -v -h -V --context --kv-dtype --batch --per-layer --explain --json --fit --gpu --engine --weights --tp --pp --mem-fraction --headroom --quiet --verbose --allow-unknown-keys --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -316,6 +316,34 @@ _llmarch() {
                     return 0
                     ;;
                 --batch)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --gpu)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --engine)
+                    COMPREPLY=($(compgen -W "vllm sglang" -- "${cur}"))
+                    return 0
+                    ;;
+                --weights)
+                    COMPREPLY=($(compgen -W "as-shipped bf16 fp8 fp4 q8_0 q4_0" -- "${cur}"))
+                    return 0
+                    ;;
+                --tp)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --pp)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --mem-fraction)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --headroom)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
