@@ -369,7 +369,7 @@ _llmarch() {
             return 0
             ;;
         llmarch__subcmd__run)
-            opts="-p -n -q -v -h -V --prompt --prompt-file --prompt-ids --max-new-tokens --temperature --top-k --top-p --min-p --repeat-penalty --seed --dtype --device --max-context --json --logits-out --quiet --verbose --allow-unknown-keys --help --version"
+            opts="-p -n -q -v -h -V --prompt --prompt-file --prompt-ids --max-new-tokens --temperature --top-k --top-p --min-p --repeat-penalty --seed --dtype --device --max-context --json --logits-out --endpoint --api-key --served-model --endpoint-timeout --kv-dtype --quiet --verbose --allow-unknown-keys --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -437,6 +437,26 @@ _llmarch() {
                     ;;
                 --logits-out)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --api-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --served-model)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --endpoint-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --kv-dtype)
+                    COMPREPLY=($(compgen -W "f32 bf16 f16 q8_0 q4_0" -- "${cur}"))
                     return 0
                     ;;
                 *)

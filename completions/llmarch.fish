@@ -57,6 +57,15 @@ metal\t''
 auto\t''"
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l max-context -d 'Context limit for this run and the budget the panel compares against (default: the model\'s own). A number of tokens, `k`/`m` binary suffixes allowed (128k = 131072)' -r
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l logits-out -d 'Write tensor `logits` [positions, vocab] f32: every prompt position, then each step' -r -F
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l endpoint -d 'An OpenAI-compatible server to generate with (vLLM, SGLang, llama.cpp\'s llama-server): `http://host:port` or `.../v1` (run: /v1/completions, chat: /v1/chat/completions), or the full URL of either. MODEL still gives the architecture (config.json only, no weights): the KV panel is computed from it for the token counts the server reports' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l api-key -d 'API key for --endpoint (default: $OPENAI_API_KEY); sent only to the endpoint, never printed' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l served-model -d 'The model name the server serves (default: the alias\'s or repo\'s id, else MODEL as given): vLLM\'s --served-model-name' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l endpoint-timeout -d 'Seconds a silent server may take to connect or to send the next bytes (a long prompt\'s prefill sends nothing until it ends)' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l kv-dtype -d 'The server\'s KV cache element type, for the computed KV panel (--endpoint)' -r -f -a "f32\t''
+bf16\t''
+f16\t''
+q8_0\t''
+q4_0\t''"
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l json -d 'Stats as one JSON object on the last stdout line'
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -s q -l quiet -d 'No progress bars or notes on stderr (errors are still printed)'
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -s v -l verbose -d 'More detail on stderr: e.g. every checkpoint tensor the model never reads'

@@ -8,6 +8,7 @@ pub mod inspect;
 pub mod interrupt;
 pub mod kv_budget;
 pub mod models;
+pub mod remote;
 pub mod run;
 pub mod shared;
 
