@@ -326,11 +326,16 @@ impl Endpoint {
     }
 }
 
-/// `url` with a password (`user:pw@`) shown as `***@`.
+/// `url` with a password (`user:pw@`) shown as `***@`, whatever the scheme (a URL refused for
+/// its scheme is shown too).
 fn shown(url: &str) -> String {
-    match split_url(url) {
-        Some((scheme, Some(_), rest)) => format!("{scheme}://***@{rest}"),
-        _ => url.to_string(),
+    let Some((scheme, after)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority = &after[..after.find('/').unwrap_or(after.len())];
+    match authority.rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &after[at + 1..]),
+        None => url.to_string(),
     }
 }
 
