@@ -377,7 +377,7 @@ pub fn assumptions(req: &Request) -> Vec<String> {
         "PP across nodes: stages cut as vLLM's get_pp_indices does; layer weights counted equal (body ÷ layers); embedding on the first stage, output head on the last (a tied one copied there when PP > 1); the tightest stage counts".into(),
         "EP = TP for MoE (--enable-expert-parallel): routed experts divided over the ranks, the same bytes per GPU as TP-sharded experts".into(),
         format!(
-            "weights held as {}; norms and routers, replicated on every rank, counted split (under 0.1 %); MTP layers not loaded",
+            "weights {}; norms and routers, replicated on every rank, counted split (under 0.1 %); MTP layers not loaded",
             req.weights.label
         ),
         "one replica over all the GPUs (no data parallel)".into(),
