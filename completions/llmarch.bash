@@ -297,7 +297,7 @@ _llmarch() {
             return 0
             ;;
         llmarch__subcmd__kv__subcmd__budget)
-            opts="-c -q -v -h -V --context --kv-dtype --batch --per-layer --explain --json --quiet --verbose --allow-unknown-keys --help --version"
+            opts="-c -q -v -h -V --context --kv-dtype --batch --per-layer --explain --json --fit --gpu --engine --weights --tp --pp --mem-fraction --headroom --quiet --verbose --allow-unknown-keys --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -316,6 +316,34 @@ _llmarch() {
                     return 0
                     ;;
                 --batch)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --gpu)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --engine)
+                    COMPREPLY=($(compgen -W "vllm sglang" -- "${cur}"))
+                    return 0
+                    ;;
+                --weights)
+                    COMPREPLY=($(compgen -W "as-shipped bf16 fp8 fp4 q8_0 q4_0" -- "${cur}"))
+                    return 0
+                    ;;
+                --tp)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --pp)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --mem-fraction)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --headroom)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -341,7 +369,7 @@ _llmarch() {
             return 0
             ;;
         llmarch__subcmd__run)
-            opts="-p -n -q -v -h -V --prompt --prompt-file --prompt-ids --max-new-tokens --temperature --top-k --top-p --min-p --repeat-penalty --seed --dtype --device --max-context --json --logits-out --quiet --verbose --allow-unknown-keys --help --version"
+            opts="-p -n -q -v -h -V --prompt --prompt-file --prompt-ids --max-new-tokens --temperature --top-k --top-p --min-p --repeat-penalty --seed --dtype --device --max-context --json --logits-out --endpoint --api-key --served-model --endpoint-timeout --kv-dtype --quiet --verbose --allow-unknown-keys --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -409,6 +437,26 @@ _llmarch() {
                     ;;
                 --logits-out)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --api-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --served-model)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --endpoint-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --kv-dtype)
+                    COMPREPLY=($(compgen -W "f32 bf16 f16 q8_0 q4_0" -- "${cur}"))
                     return 0
                     ;;
                 *)

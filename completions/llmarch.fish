@@ -57,6 +57,15 @@ metal\t''
 auto\t''"
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l max-context -d 'Context limit for this run and the budget the panel compares against (default: the model\'s own). A number of tokens, `k`/`m` binary suffixes allowed (128k = 131072)' -r
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l logits-out -d 'Write tensor `logits` [positions, vocab] f32: every prompt position, then each step' -r -F
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l endpoint -d 'An OpenAI-compatible server to generate with (vLLM, SGLang, llama.cpp\'s llama-server): `http://host:port` or `.../v1` (run: /v1/completions, chat: /v1/chat/completions), or the full URL of either. MODEL still gives the architecture (config.json only, no weights): the KV panel is computed from it for the token counts the server reports' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l api-key -d 'API key for --endpoint (default: $OPENAI_API_KEY); sent only to the endpoint, never printed' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l served-model -d 'The model name the server serves (default: the alias\'s or repo\'s id, else MODEL as given): vLLM\'s --served-model-name' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l endpoint-timeout -d 'Seconds a silent server may take to connect or to send the next bytes (a long prompt\'s prefill sends nothing until it ends)' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l kv-dtype -d 'The server\'s KV cache element type, for the computed KV panel (--endpoint)' -r -f -a "f32\t''
+bf16\t''
+f16\t''
+q8_0\t''
+q4_0\t''"
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l json -d 'Stats as one JSON object on the last stdout line'
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -s q -l quiet -d 'No progress bars or notes on stderr (errors are still printed)'
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -s v -l verbose -d 'More detail on stderr: e.g. every checkpoint tensor the model never reads'
@@ -107,13 +116,27 @@ f16\t''
 q8_0\t''
 q4_0\t''"
 complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l batch -d 'Sequences cached at once (1 to 1048576)' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l gpu -d 'GPUs for --fit: NAME[:N[xNODES]] (`h200:8`, `a100-80g:4x2` = 4 per node × 2 nodes) or a memory size (`96GiB:4`, `80GB`). Names: h100 (h100-80g), h100-nvl, h200, b200, a100-40g, a100-80g, l40s, l4, rtx4090, rtx5090, rtx6000-ada, mi300x, mi325x, with the memory the driver reports (AMD: nominal)' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l engine -d 'The engine whose plan --fit makes' -r -f -a "vllm\t''
+sglang\t''"
+complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l weights -d 'The format the engine holds the weights in (--fit). Embedding tables and the output head stay bf16 in the quantized formats' -r -f -a "as-shipped\t'The checkpoint\'s own format: its dtype, or DeepSeek V4\'s FP8 with FP4 routed experts'
+bf16\t''
+fp8\t'1 byte per weight (block scales, under 0.03 %, not counted)'
+fp4\t'e2m1 with one 1-byte scale per 32 weights (MXFP4, as DeepSeek V4\'s experts): 17/32 byte'
+q8_0\t'GGML blocks of 32 with an f16 scale: 34/32 byte'
+q4_0\t'GGML blocks of 32 with an f16 scale: 18/32 byte'"
+complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l tp -d 'Pin the tensor-parallel size (--fit); default: the largest the model and a node take' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l pp -d 'Pin the pipeline-parallel size (--fit); default: the GPUs TP leaves' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l mem-fraction -d 'The engine\'s share of each GPU (--fit): vLLM\'s --gpu-memory-utilization (default 0.9), SGLang\'s --mem-fraction-static (default 0.85 here; SGLang picks its own at start)' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l headroom -d 'Activation headroom per GPU (--fit): a size such as 2GiB or 500MB' -r
 complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l per-layer -d 'One row per layer (identical neighbours folded) with bytes and attention FLOPs'
 complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l explain -d 'Show the formula with the numbers filled in, for one layer of each kind'
 complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l json -d 'Machine-readable output on stdout: an array, one object per model and context'
+complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l fit -d 'Plan serving on --gpu with vLLM or SGLang: whether each model fits at each context × --batch, with which split (tensor, pipeline, expert parallel), weights, KV and headroom per GPU, and the largest context and batch that fit'
 complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -s q -l quiet -d 'No progress bars or notes on stderr (errors are still printed)'
 complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -s v -l verbose -d 'More detail on stderr: e.g. every checkpoint tensor the model never reads'
 complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l allow-unknown-keys -d 'Treat config keys llmarch does not know as warnings instead of errors'
-complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -s h -l help -d 'Print help'
+complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -s V -l version -d 'Print version'
 complete -c llmarch -n "__fish_llmarch_using_subcommand models" -l json -d 'Machine-readable output on stdout'
 complete -c llmarch -n "__fish_llmarch_using_subcommand models" -s q -l quiet -d 'No progress bars or notes on stderr (errors are still printed)'

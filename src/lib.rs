@@ -12,11 +12,14 @@
 //! - [`kernels`]: the CPU kernels the blocks call (gemv, GEMM, GELU, the thread pool).
 //! - [`generate`]: the one prefill/decode loop every family shares.
 //! - [`chat`]: chat templates (minijinja), the conversation and the KV cache kept across turns.
+//! - [`endpoint`]: an OpenAI-compatible server (vLLM, SGLang, llama-server) streaming text and
+//!   token counts, for `run`/`chat --endpoint`.
 //! - [`report`]: tables, bars and unit formatting.
 
 pub mod arch;
 pub mod chat;
 pub mod cli;
+pub mod endpoint;
 pub mod generate;
 pub mod kernels;
 pub mod layers;

@@ -21,9 +21,13 @@
 //! (savings): a context, batch or config whose cache would not fit is an error, never a wrapped
 //! number.
 
-use super::{ArchSpec, Attention, LayerSpec, PartDtype, Trick};
+use super::{ArchSpec, Attention, LayerSpec, PartDtype, Retention, Trick};
 use anyhow::{bail, Result};
 use serde::Serialize;
+
+/// The most sequences a budget counts (`--batch`): far beyond any real batch, and small enough
+/// that cache figures stay well inside the 128-bit arithmetic of [`compute`].
+pub const MAX_BATCH: u64 = 1 << 20;
 
 /// Element types the KV cache can be stored in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -99,8 +103,9 @@ pub struct Saving {
     pub bytes: i64,
 }
 
-/// A figure computed in u128, as u64; too large is an error naming the context and batch.
-fn fits(v: u128, context: u64, batch: u64) -> Result<u64> {
+/// A figure computed in u128, as u64 (at most 2^63 − 1); too large is an error naming the
+/// context and batch.
+pub fn checked(v: u128, context: u64, batch: u64) -> Result<u64> {
     match u64::try_from(v) {
         Ok(v) if v <= i64::MAX as u64 => Ok(v),
         _ => bail!(
@@ -112,12 +117,22 @@ fn fits(v: u128, context: u64, batch: u64) -> Result<u64> {
 
 /// Bytes of `layer`'s own cache at `context` tokens, per part, in u128.
 fn part_bytes(layer: &LayerSpec, context: u64, batch: u64, kv: KvDtype) -> Vec<(String, u128)> {
+    parts_holding(layer, batch, kv, |r| r.entries(context))
+}
+
+/// Bytes of each of `layer`'s cache parts when each part holds `entries(retention)` entries per
+/// sequence, in u128.
+fn parts_holding(
+    layer: &LayerSpec,
+    batch: u64,
+    kv: KvDtype,
+    entries: impl Fn(&Retention) -> u64,
+) -> Vec<(String, u128)> {
     layer
         .cache
         .iter()
         .map(|p| {
-            let elems =
-                p.retention.entries(context) as u128 * p.elems_per_entry as u128 * batch as u128;
+            let elems = entries(&p.retention) as u128 * p.elems_per_entry as u128 * batch as u128;
             let bytes = match p.dtype {
                 PartDtype::Kv => kv.bytes(elems),
                 PartDtype::F32 => elems * 4,
@@ -136,8 +151,49 @@ pub fn layer_bytes(
 ) -> Result<Vec<(String, u64)>> {
     part_bytes(layer, context, batch, kv)
         .into_iter()
-        .map(|(name, b)| Ok((name, fits(b, context, batch)?)))
+        .map(|(name, b)| Ok((name, checked(b, context, batch)?)))
         .collect()
+}
+
+/// What an engine that sets memory aside ahead of time reserves for `layer`'s own cache: `batch`
+/// sequences of `context` tokens, each rounded up to whole pages of `page` tokens, with the parts
+/// whose size depends on where a compression window stands (the open window, the last closed
+/// block) at their largest. Unlike the exact figure this never shrinks as the context grows, so
+/// a search for the largest context that fits can bisect it. In u128.
+pub fn reserved_layer_bytes(
+    layer: &LayerSpec,
+    context: u64,
+    page: u64,
+    batch: u64,
+    kv: KvDtype,
+) -> u128 {
+    let paged = context.div_ceil(page.max(1)).saturating_mul(page.max(1));
+    parts_holding(layer, batch, kv, |r| match *r {
+        Retention::Remainder { .. } | Retention::LastBlock { .. } => r.bound().unwrap_or(0) as u64,
+        _ => r.entries(paged),
+    })
+    .into_iter()
+    .map(|(_, b)| b)
+    .sum()
+}
+
+/// What an estimator that knows GQA but not the layer's other tricks counts for `layer`: full
+/// length K and V for its KV heads, a cache of its own even where it shares one, no window, no
+/// compression, no K=V (vLLM before v0.21 counted every Gemma 4 layer this way). A linear-attention
+/// layer counts its real state: estimators know it is not a growing cache. In u128.
+pub fn window_and_sharing_blind_bytes(
+    layer: &LayerSpec,
+    context: u64,
+    batch: u64,
+    kv: KvDtype,
+) -> u128 {
+    if layer.attention == Attention::Linear {
+        return part_bytes(layer, context, batch, kv)
+            .into_iter()
+            .map(|(_, b)| b)
+            .sum();
+    }
+    kv.bytes(waterfall_elems(layer)[1] * context as u128 * batch as u128)
 }
 
 /// The naive per-layer figure and the waterfall stages; returns (naive, after GQA, after
@@ -166,7 +222,7 @@ fn waterfall_elems(l: &LayerSpec) -> [u128; 4] {
 
 /// The budget of `spec` at `context` tokens; an error when a figure does not fit 63 bits.
 pub fn compute(spec: &ArchSpec, context: u64, batch: u64, kv: KvDtype) -> Result<Budget> {
-    let fits = |v: u128| fits(v, context, batch);
+    let fits = |v: u128| checked(v, context, batch);
     let mut savings = std::collections::BTreeMap::<Trick, i128>::new();
     let mut layers = Vec::with_capacity(spec.layers.len());
     let (mut total, mut naive, mut flops) = (0u128, 0u128, 0u128);

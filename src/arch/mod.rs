@@ -18,6 +18,7 @@ pub mod budget;
 mod causal_lm;
 pub mod config;
 pub mod deepseek_v4;
+pub mod fit;
 pub mod gemma4;
 pub mod laguna;
 pub mod qwen3_5;

@@ -758,6 +758,7 @@ impl Chat {
                     spec: s.spec(),
                     budget: at_max,
                     held: &held,
+                    measured: true,
                     tokens: s.engine.ids().len(),
                     tok_s,
                 });

@@ -34,11 +34,27 @@ pub struct Args {
     /// Machine-readable output on stdout: an array, one object per model and context.
     #[arg(long)]
     pub json: bool,
+    /// Plan serving on --gpu with vLLM or SGLang: whether each model fits at each context ×
+    /// --batch, with which split (tensor, pipeline, expert parallel), weights, KV and headroom
+    /// per GPU, and the largest context and batch that fit.
+    ///
+    /// The engine model: the engine's share of each GPU (vLLM gpu_memory_utilization 0.9;
+    /// SGLang mem_fraction_static, 0.85 assumed), minus the weights per GPU, minus the
+    /// activation headroom (inside vLLM's share), is what the KV cache may take. TP stays in a
+    /// node, is a power of two and divides every layer's query heads; KV heads are split when
+    /// TP ≤ KV heads, else replicated one per rank (DeepSeek V4's single KV head is on every
+    /// rank); DeltaNet heads are split, never replicated. PP cuts layers across nodes as vLLM's
+    /// get_pp_indices does; EP = TP for MoE. vLLM rounds each sequence up to 16-token pages;
+    /// fixed-size states are reserved at their largest. Every assumption is printed under the
+    /// table and in --json.
+    #[arg(long, requires = "gpu", conflicts_with_all = ["per_layer", "explain"])]
+    pub fit: bool,
+    #[command(flatten)]
+    pub fit_args: super::fit::FitArgs,
 }
 
-/// The most sequences `--batch` takes: far beyond any real batch, and small enough that cache
-/// figures stay well inside the 128-bit arithmetic of [`budget::compute`].
-pub const MAX_BATCH: u64 = 1 << 20;
+/// The most sequences `--batch` takes.
+pub use budget::MAX_BATCH;
 
 /// Parsed `--context` list.
 #[derive(Debug, Clone)]
@@ -56,6 +72,8 @@ struct Entry {
     name: String,
     repo: Option<String>,
     spec: ArchSpec,
+    /// Its `config.json` (how the checkpoint is quantized, for `--fit`).
+    raw: serde_json::Value,
 }
 
 pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
@@ -66,7 +84,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     };
     let mut entries = vec![];
     for name in &names {
-        let (model, spec) = loader::load_spec(name, &ctx.parse, ctx.progress())?;
+        let (model, spec, raw) = loader::load_spec_and_config(name, &ctx.parse, ctx.progress())?;
         for w in &spec.warnings {
             ctx.warn(&format!("{}: {w}", model.display_name()));
         }
@@ -79,7 +97,28 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
             name: model.display_name(),
             repo,
             spec,
+            raw,
         });
+    }
+    if args.fit {
+        let models: Vec<super::fit::Model> = entries
+            .iter()
+            .map(|e| super::fit::Model {
+                name: &e.name,
+                repo: e.repo.as_deref(),
+                spec: &e.spec,
+                raw: &e.raw,
+            })
+            .collect();
+        return super::fit::run(
+            &models,
+            &args.context.0,
+            args.batch,
+            args.kv_dtype,
+            &args.fit_args,
+            args.json,
+            out,
+        );
     }
     let mut budgets: Vec<(usize, Budget)> = vec![];
     for (i, e) in entries.iter().enumerate() {

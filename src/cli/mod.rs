@@ -3,10 +3,12 @@
 
 pub mod chat;
 pub mod completions;
+pub mod fit;
 pub mod inspect;
 pub mod interrupt;
 pub mod kv_budget;
 pub mod models;
+pub mod remote;
 pub mod run;
 pub mod shared;
 

@@ -43,11 +43,13 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     /// Write tensor `logits` [positions, vocab] f32: every prompt position, then each step.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "endpoint")]
     pub logits_out: Option<PathBuf>,
+    #[command(flatten)]
+    pub endpoint: shared::EndpointArgs,
 }
 
-fn read_prompt(args: &Args) -> Result<Option<String>> {
+pub(super) fn read_prompt(args: &Args) -> Result<Option<String>> {
     if let Some(p) = &args.prompt {
         return Ok(Some(p.clone()));
     }
@@ -94,6 +96,9 @@ fn write_logits(path: &Path, rows: &[Tensor]) -> Result<()> {
 }
 
 pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
+    if args.endpoint.endpoint.is_some() {
+        return super::remote::run(ctx, &args, out);
+    }
     // 1. Everything that can be checked before loading anything.
     let precision = args.device.resolve(ctx)?;
     if let Some(p) = &args.logits_out {
@@ -236,6 +241,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
                 spec: &spec,
                 budget: &at_max,
                 held: &held,
+                measured: true,
                 tokens,
                 tok_s: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
             };
@@ -264,6 +270,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
             spec: &spec,
             budget: &at_max,
             held: &held,
+            measured: true,
             tokens,
             tok_s: stats.decode_tok_s,
         };

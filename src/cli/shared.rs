@@ -71,6 +71,40 @@ impl SamplingArgs {
     }
 }
 
+/// Talking to a server (`run`/`chat --endpoint`) instead of running the model here.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EndpointArgs {
+    /// An OpenAI-compatible server to generate with (vLLM, SGLang, llama.cpp's llama-server):
+    /// `http://host:port` or `.../v1` (run: /v1/completions, chat: /v1/chat/completions), or the
+    /// full URL of either. MODEL still gives the architecture (config.json only, no weights):
+    /// the KV panel is computed from it for the token counts the server reports.
+    #[arg(long, value_name = "URL")]
+    pub endpoint: Option<String>,
+    /// API key for --endpoint (default: $OPENAI_API_KEY); sent only to the endpoint, never
+    /// printed.
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// The model name the server serves (default: the alias's or repo's id, else MODEL as
+    /// given): vLLM's --served-model-name.
+    #[arg(long, requires = "endpoint")]
+    pub served_model: Option<String>,
+    /// Seconds a silent server may take to connect or to send the next bytes (a long prompt's
+    /// prefill sends nothing until it ends).
+    #[arg(long, env = "LLMARCH_ENDPOINT_TIMEOUT", default_value = "300", value_parser = parse_seconds)]
+    pub endpoint_timeout: f64,
+    /// The server's KV cache element type, for the computed KV panel (--endpoint).
+    #[arg(long, value_enum, default_value = "bf16", requires = "endpoint")]
+    pub kv_dtype: KvDtype,
+}
+
+fn parse_seconds(s: &str) -> std::result::Result<f64, String> {
+    s.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| *v > 0.0 && *v <= 86_400.0)
+        .ok_or_else(|| format!("`{s}` is not a number of seconds between 0 and 86400"))
+}
+
 /// Where and in which precision the model runs.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DeviceArgs {

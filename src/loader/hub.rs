@@ -181,7 +181,7 @@ impl HubEnv {
 }
 
 /// `scheme://[userinfo@]rest` → (scheme, userinfo, rest), for http and https URLs with a host.
-fn split_url(url: &str) -> Option<(&str, Option<&str>, &str)> {
+pub fn split_url(url: &str) -> Option<(&str, Option<&str>, &str)> {
     let (scheme, after) = url.split_once("://")?;
     if !matches!(scheme, "http" | "https") {
         return None;
@@ -197,7 +197,7 @@ fn split_url(url: &str) -> Option<(&str, Option<&str>, &str)> {
 }
 
 /// A token travels in `Authorization: Bearer <token>`: visible ASCII only. Says why not.
-fn check_token(token: &str) -> std::result::Result<(), String> {
+pub fn check_token(token: &str) -> std::result::Result<(), String> {
     match token
         .chars()
         .enumerate()

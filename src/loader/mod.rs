@@ -131,6 +131,16 @@ pub fn read_json(path: &Path) -> Result<Value> {
 
 /// Resolve a model argument all the way to its validated spec.
 pub fn load_spec(arg: &str, opts: &ParseOptions, progress: bool) -> Result<(ModelRef, ArchSpec)> {
+    load_spec_and_config(arg, opts, progress).map(|(model, spec, _)| (model, spec))
+}
+
+/// [`load_spec`], with the `config.json` it was read from (for what the table does not say,
+/// such as how the checkpoint is quantized).
+pub fn load_spec_and_config(
+    arg: &str,
+    opts: &ParseOptions,
+    progress: bool,
+) -> Result<(ModelRef, ArchSpec, Value)> {
     let model = ModelRef::parse(arg)?;
     let raw = load_config_json(&model, progress)?;
     let what = match &model {
@@ -139,7 +149,7 @@ pub fn load_spec(arg: &str, opts: &ParseOptions, progress: bool) -> Result<(Mode
         ModelRef::Repo { id, .. } => format!("config.json of {id}"),
     };
     let spec = arch::parse_config(&raw, opts).with_context(|| what)?;
-    Ok((model, spec))
+    Ok((model, spec, raw))
 }
 
 #[cfg(test)]

@@ -21,8 +21,11 @@ pub struct Snapshot<'a> {
     pub spec: &'a ArchSpec,
     /// The budget at `--max-context`, in the cache's dtype.
     pub budget: &'a Budget,
-    /// Bytes each layer's cache holds now, measured.
+    /// Bytes each layer's cache holds now.
     pub held: &'a [u64],
+    /// `held` is what the running cache holds (`run`), not computed from the table for the
+    /// tokens a server reported (`--endpoint`).
+    pub measured: bool,
     pub tokens: usize,
     pub tok_s: f64,
 }
@@ -38,8 +41,13 @@ pub fn render(s: &Snapshot) -> Vec<String> {
         .sum();
     let flops = u64::try_from(flops).unwrap_or(u64::MAX);
     let mut lines = vec![format!(
-        "KV {} held · budget {} at {} · naive {} · {} tokens · {:.1} tok/s · attention {}/token",
+        "KV {} {} · budget {} at {} · naive {} · {} tokens · {:.1} tok/s · attention {}/token",
         units::bytes(held_total),
+        if s.measured {
+            "held"
+        } else {
+            "computed from the architecture (not measured)"
+        },
         units::bytes(s.budget.total_bytes),
         units::context(s.budget.context),
         units::bytes(s.budget.naive_bytes),
@@ -275,6 +283,7 @@ mod tests {
             held: &held,
             tokens: 100,
             tok_s: 3.0,
+            measured: true,
         });
         assert!(lines[0].starts_with("KV "), "{lines:?}");
         assert!(
