@@ -230,9 +230,9 @@ fn quantized_differs_from_the_f32_reference_by_what_the_format_costs_the_referen
     }
 }
 
-/// A prompt of 16 tokens or more multiplies q8_0/q4_0 weights as int8 products on a CPU with
-/// AVX512-VNNI, its activations quantized to q8 as llama.cpp does (the kernel itself equals an
-/// f64 product of the rounded activations: `src/kernels/gemm.rs`). What that rounding moves the
+/// On a CPU with AVX512-VNNI q8_0/q4_0 weights multiply as int8 products, prompt and decode, the
+/// activations quantized to q8 as llama.cpp does (the kernels themselves equal an f64 product of
+/// the rounded activations: `src/kernels/gemm.rs`, `gemv.rs`). What that rounding moves the
 /// logits by (relative RMS against the same run with f32 products) is of the order of what q8_0
 /// rounding of the weights costs the reference on the fixture's family: the activations get the
 /// same 8-bit blocks. Random tiny models amplify any rounding unevenly, so the bound is 3× that

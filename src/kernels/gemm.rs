@@ -39,10 +39,10 @@ const NC: usize = 48;
 /// Most columns per panel (a multiple of 32, so q8_0 panels start on a block).
 const KC: usize = 1024;
 #[cfg(target_arch = "x86_64")]
-/// Fewest activation rows for the bf16 and int8 products, which round the activations (to bf16,
-/// or to q8 as llama.cpp does): a prefill chunk, never a decode step, whose results stay those
-/// of the f32-activation gemv (verify passes ask for f32 products: [`super::with_f32_products`]).
-const QUANT_MIN_ROWS: usize = 16;
+/// Fewest activation rows for the bf16 products, which round the activations to bf16 as
+/// llama.cpp does: a prefill chunk, never a decode step, whose bandwidth-bound gemv keeps f32
+/// activations for free (verify passes compute as decode does: [`super::as_decode_steps`]).
+const BF16_MIN_ROWS: usize = 16;
 
 #[cfg(target_arch = "x86_64")]
 thread_local! {
@@ -93,8 +93,8 @@ fn gemm_on(isa: Isa, w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32]) -> R
                     }
                 });
             }
-            WeightRows::Q8_0(_) | WeightRows::Q4_0(_) if int8_products(isa, m) => {
-                super::gemm_int8::gemm(w, x, m, y);
+            WeightRows::Q8_0(_) | WeightRows::Q4_0(_) if int8_products(isa) => {
+                super::int8::gemm(w, x, m, y);
             }
             _ => for_each_panel(n, k, kc, |(j0, nc), (k0, kl), buf| {
                 let (wp, ws) = match w {
@@ -155,14 +155,13 @@ fn for_each_panel(
 /// Whether bf16 weights times `m` activation rows run as bf16 products (`vdpbf16ps`), the
 /// activations rounded to bf16: a prefill chunk on a CPU with AVX512-BF16.
 fn bf16_products(isa: Isa, m: usize) -> bool {
-    m >= QUANT_MIN_ROWS && isa.has_avx512_bf16() && !super::f32_products_only()
+    m >= BF16_MIN_ROWS && isa.has_avx512_bf16() && !super::in_decode_steps()
 }
 
-/// Whether q8_0/q4_0 weights times `m` activation rows run as int8 products (`vpdpbusd`), the
-/// activations quantized to q8 ([`super::gemm_int8`]): a prefill chunk on a CPU with
-/// AVX512-VNNI.
-fn int8_products(isa: Isa, m: usize) -> bool {
-    m >= QUANT_MIN_ROWS && isa.has_avx512_vnni() && !super::f32_products_only()
+/// Whether q8_0/q4_0 weights run as int8 products (`vpdpbusd`), the activations quantized to q8
+/// ([`super::int8`]): on a CPU with AVX512-VNNI, as the decode gemv does.
+fn int8_products(isa: Isa) -> bool {
+    isa.has_avx512_vnni()
 }
 
 /// `x` rounded to bf16 (to nearest, ties to even, as torch rounds), as bits.
@@ -475,8 +474,8 @@ mod tests {
 
             if k % 32 == 0 {
                 // int8 products quantize the activations to q8 first.
-                let xq: Vec<f32> = if int8_products(isa, m) {
-                    let q = crate::kernels::gemm_int8::QuantRows::quantize(&x, k);
+                let xq: Vec<f32> = if int8_products(isa) {
+                    let q = crate::kernels::int8::QuantRows::quantize(&x, k);
                     q.q.iter()
                         .enumerate()
                         .map(|(i, &c)| c as f32 * q.d[i / 32])
@@ -497,7 +496,7 @@ mod tests {
     }
 
     #[test]
-    fn with_f32_products_a_prompt_chunk_keeps_its_activations() {
+    fn as_decode_steps_a_bf16_prompt_chunk_keeps_its_activations() {
         if Isa::get() == Isa::Portable {
             eprintln!("no AVX2 on this machine: the GEMM kernel is not used, nothing to test");
             return;
@@ -506,16 +505,13 @@ mod tests {
         let (w, x) = (random(n * k, 7), random(m * k, 8));
         let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
         let wbf: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
-        let q = Q8_0Matrix::quantize(&w, n, k).unwrap();
         let mut y = vec![0f32; m * n];
-        crate::kernels::with_f32_products(|| {
-            assert!(!bf16_products(Isa::get(), m) && !int8_products(Isa::get(), m));
+        crate::kernels::as_decode_steps(|| {
+            assert!(!bf16_products(Isa::get(), m));
             assert!(gemm(WeightRows::Bf16(&wb), &x, m, &mut y).unwrap());
             check(&y, &reference_mm(&wbf, &x, m), 1e-6, "bf16");
-            assert!(gemm(WeightRows::Q8_0(&q), &x, m, &mut y).unwrap());
-            check(&y, &reference_mm(&q.dequantize(), &x, m), 1e-6, "q8_0");
         });
-        assert!(!crate::kernels::f32_products_only());
+        assert!(!crate::kernels::in_decode_steps());
     }
 
     #[test]

@@ -394,11 +394,19 @@ pub fn gemv(w: WeightRows<'_>, x: &[f32], y: &mut [f32]) -> Result<()> {
     let per_task = (TASK_BYTES / (n * w.bytes_per_weight()))
         .min(out.div_ceil(2 * threads()))
         .max(1);
+    // q8_0/q4_0 on AVX512-VNNI: int8 products, `x` quantized once for every row.
+    #[cfg(target_arch = "x86_64")]
+    let int8_x = (matches!(w, WeightRows::Q8_0(_) | WeightRows::Q4_0(_)) && isa.has_avx512_vnni())
+        .then(|| super::int8::gemv_row(w, x));
     let yp = SyncPtr(y.as_mut_ptr());
     parallel_for(out.div_ceil(per_task), |tasks| {
         let rows = tasks.start * per_task..(tasks.end * per_task).min(out);
         // SAFETY: tasks cover disjoint row ranges of `y`, which outlives `parallel_for`.
         let y = unsafe { std::slice::from_raw_parts_mut(yp.get().add(rows.start), rows.len()) };
+        #[cfg(target_arch = "x86_64")]
+        if let Some(xq) = &int8_x {
+            return super::int8::gemv_rows(w, rows, xq, y);
+        }
         match w {
             WeightRows::F32(w) => isa.dense(&w[rows.start * n..rows.end * n], x, y),
             WeightRows::Bf16(w) => isa.dense(&w[rows.start * n..rows.end * n], x, y),
@@ -1036,6 +1044,23 @@ pub(crate) mod tests {
         v
     }
 
+    /// The activations a q8_0/q4_0 gemv on `isa` multiplies: `x`, or with int8 products
+    /// (AVX512-VNNI) `x` rounded to q8 per block.
+    pub(crate) fn activations_as_multiplied(isa: Isa, x: &[f32]) -> Vec<f32> {
+        #[cfg(target_arch = "x86_64")]
+        if isa.has_avx512_vnni() {
+            let q = crate::kernels::int8::QuantRows::quantize(x, x.len());
+            return q
+                .q
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| c as f32 * q.d[i / Q8_BLOCK])
+                .collect();
+        }
+        let _ = isa;
+        x.to_vec()
+    }
+
     /// `gemv` on one ISA (the parallel driver for the detected one, the row kernel otherwise).
     fn gemv_on(isa: Isa, w: WeightRows<'_>, x: &[f32], y: &mut [f32]) {
         if isa == Isa::get() {
@@ -1111,7 +1136,7 @@ pub(crate) mod tests {
 
     #[test]
     fn q8_0_quantizes_like_ggml_and_its_gemv_is_the_dequantized_product() {
-        for (out, n) in [(37, 96), (4, 32), (3001, 64)] {
+        for (out, n) in [(37, 96), (4, 32), (3001, 64), (5, 320)] {
             let mut w = random(out * n, 7);
             w[..32].fill(0.0); // an all-zero block: scale 0, no division by zero
             w[40] = 3.0; // one large weight sets its block's scale
@@ -1143,8 +1168,8 @@ pub(crate) mod tests {
                 }
             }
             let x = random(n, 8);
-            let want = reference(&deq, &x);
             for isa in isas() {
+                let want = reference(&deq, &activations_as_multiplied(isa, &x));
                 let mut y = vec![f32::NAN; out];
                 gemv_on(isa, WeightRows::Q8_0(&m), &x, &mut y);
                 check(&y, &want, 1e-6, &format!("{isa:?} q8_0 [{out}, {n}]"));
@@ -1200,7 +1225,7 @@ pub(crate) mod tests {
 
     #[test]
     fn q4_0_quantizes_like_ggml_and_its_gemv_is_the_dequantized_product() {
-        for (out, n) in [(37, 96), (4, 32), (3001, 64)] {
+        for (out, n) in [(37, 96), (4, 32), (3001, 64), (5, 320)] {
             let mut w = random(out * n, 9);
             w[..32].fill(0.0); // an all-zero block: scale 0, no division by zero
             w[40] = -3.0; // one large weight sets its block's scale (negative: d > 0)
@@ -1222,8 +1247,8 @@ pub(crate) mod tests {
                 }
             }
             let x = random(n, 10);
-            let want = reference(&deq, &x);
             for isa in isas() {
+                let want = reference(&deq, &activations_as_multiplied(isa, &x));
                 let mut y = vec![f32::NAN; out];
                 gemv_on(isa, WeightRows::Q4_0(&m), &x, &mut y);
                 check(&y, &want, 1e-6, &format!("{isa:?} q4_0 [{out}, {n}]"));

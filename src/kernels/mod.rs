@@ -10,9 +10,9 @@
 
 pub mod gelu;
 pub mod gemm;
-#[cfg(target_arch = "x86_64")]
-mod gemm_int8;
 pub mod gemv;
+#[cfg(target_arch = "x86_64")]
+mod int8;
 pub mod parallel;
 
 use candle_core::Device;
@@ -36,22 +36,23 @@ pub fn generic() -> bool {
 }
 
 thread_local! {
-    static F32_PRODUCTS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static AS_DECODE_STEPS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Runs `f` with every weight product in f32, whatever the number of rows: no bf16 or int8
-/// products (which round the activations of a prompt chunk, [`gemm`]). A verify pass over drafted
-/// tokens runs so, to judge each draft by the logits a decode step would have given.
-pub fn with_f32_products<T>(f: impl FnOnce() -> T) -> T {
-    let before = F32_PRODUCTS.with(|c| c.replace(true));
+/// Runs `f` computing every weight product as a decode step does, whatever the number of rows:
+/// bf16 weights take f32 products, not the bf16 products of a prompt chunk ([`gemm`]); q8_0 and
+/// q4_0 take int8 products (where the CPU has them) either way. A verify pass over drafted tokens
+/// runs so, to judge each draft by the logits a decode step would have given.
+pub fn as_decode_steps<T>(f: impl FnOnce() -> T) -> T {
+    let before = AS_DECODE_STEPS.with(|c| c.replace(true));
     let out = f();
-    F32_PRODUCTS.with(|c| c.set(before));
+    AS_DECODE_STEPS.with(|c| c.set(before));
     out
 }
 
-/// Whether [`with_f32_products`] is in force on this thread.
-pub(crate) fn f32_products_only() -> bool {
-    F32_PRODUCTS.with(|c| c.get())
+/// Whether [`as_decode_steps`] is in force on this thread.
+pub(crate) fn in_decode_steps() -> bool {
+    AS_DECODE_STEPS.with(|c| c.get())
 }
 
 /// Whether the CPU kernels here may run on `device`: the CPU, unless the generic path is asked.

@@ -513,6 +513,8 @@ fn rows_matmul_t(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::gemv::tests::activations_as_multiplied;
+    use crate::kernels::gemv::Isa;
     use candle_core::Device;
 
     #[test]
@@ -633,7 +635,17 @@ mod tests {
         let dense = Linear::from_weight(deq, Some(b));
         for rows in [1, 2, 5] {
             let x = Tensor::randn(0f32, 1.0, (1, rows, n), &dev).unwrap();
-            let (yq, yd) = (q.forward(&x).unwrap(), dense.forward(&x).unwrap());
+            // The activations as the q8_0 kernels multiply them (rounded to q8 with AVX512-VNNI).
+            let xm: Vec<f32> = x
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .chunks(n)
+                .flat_map(|r| activations_as_multiplied(Isa::get(), r))
+                .collect();
+            let xm = Tensor::from_vec(xm, (1, rows, n), &dev).unwrap();
+            let (yq, yd) = (q.forward(&x).unwrap(), dense.forward(&xm).unwrap());
             assert_eq!(yq.dims(), &[1, rows, out]);
             assert!(rel_diff(&yq, &yd) < 1e-5, "{rows} rows");
         }

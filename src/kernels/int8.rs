@@ -1,7 +1,8 @@
-//! Prompt chunks against q8_0 and q4_0 weights as int8 products (AVX512-VNNI `vpdpbusd`), as
+//! q8_0 and q4_0 weights times activations as int8 products (AVX512-VNNI `vpdpbusd`), as
 //! llama.cpp multiplies its quantized types: `Y = X · Wᵀ` with `X` `[m, k]` f32 activations
 //! quantized to q8 first (per row, blocks of 32: `d = amax / 127`, `q = round(x / d)`), `W`
-//! `[n, k]` in blocks of 32 with one scale each, `Y` `[m, n]` f32.
+//! `[n, k]` in blocks of 32 with one scale each, `Y` `[m, n]` f32. [`gemm`] serves prompt chunks,
+//! [`gemv_rows`] decode steps (one row), so both round the activations alike.
 //!
 //! Notable:
 //! - Lanes hold output columns, not `k`: one `vpdpbusd` adds 4 products into each of 16 outputs,
@@ -15,9 +16,13 @@
 //!   row-major blocks stay as the decode gemv reads them): for every block and every 4 columns,
 //!   the 4 bytes of each of the 32 rows side by side (two 64-byte registers), then the rows'
 //!   scales. All `m` activation rows then stream past the packed panel in groups of [`MR`].
+//! - The gemv reads the stored blocks as they are, two blocks (64 weights) per register: q4_0's
+//!   16 + 16 code bytes unpack to `[lo₀ lo₁ hi₀ hi₁]` (16 bytes each), so the activation codes
+//!   are stored in that order once per token; q8_0's signed weights take llama.cpp's sign trick
+//!   (`|w|` times `x` with `w`'s sign). The activation scales and q4_0's `8·Σx` corrections are
+//!   laid out per register lane once per token too.
 //! - Integer sums are exact; what differs from the f32-activation product is the activations'
-//!   rounding to 8 bits (relative RMS ~0.5 % per product), which is why only prompt chunks take
-//!   this path (see `super::gemm::QUANT_MIN_ROWS`).
+//!   rounding to 8 bits (relative RMS ~0.5 % per product).
 
 use super::gemv::{SyncPtr, WeightRows, Q8_BLOCK};
 use super::parallel::parallel_for;
@@ -63,6 +68,78 @@ impl QuantRows {
         }
         out
     }
+}
+
+/// One activation row quantized for [`gemv`]: codes in the order the kernel unpacks weights, and
+/// per pair of blocks (one register) the lane-wise scales and integer corrections.
+pub(crate) struct GemvRow {
+    /// q4_0 order within each pair of blocks: `x₀[..16] x₁[..16] x₀[16..] x₁[16..]`; q8_0: as is.
+    q: Vec<i8>,
+    /// Per pair, 16 lanes: the block's `d` on the lanes that sum that block.
+    d: Vec<f32>,
+    /// Per pair, 16 lanes (q4_0): `8·Σx` of a block on one lane of its own, else 0.
+    corr: Vec<i32>,
+}
+
+impl GemvRow {
+    /// `x` (`k` a multiple of 32; an odd last block makes a half pair, zero-padded) for weights
+    /// of `format` (q8_0 when `q4` is false).
+    fn new(x: &[f32], q4: bool) -> GemvRow {
+        let r = QuantRows::quantize(x, x.len());
+        let pairs = x.len().div_ceil(64);
+        let mut padded = r.q;
+        padded.resize(pairs * 64, 0);
+        let (mut d, mut sum) = (r.d, r.sum);
+        d.resize(pairs * 2, 0.0);
+        sum.resize(pairs * 2, 0);
+        let mut row = GemvRow {
+            q: padded.clone(),
+            d: vec![0.0; pairs * 16],
+            corr: vec![0; pairs * 16],
+        };
+        for p in 0..pairs {
+            let (b0, b1) = (2 * p, 2 * p + 1);
+            // Lane → block: q4_0 `[b0 ×4, b1 ×4, b0 ×4, b1 ×4]`, q8_0 `[b0 ×8, b1 ×8]`.
+            for lane in 0..16 {
+                let b = if q4 {
+                    b0 + (lane / 4) % 2
+                } else {
+                    b0 + lane / 8
+                };
+                row.d[p * 16 + lane] = d[b];
+            }
+            if q4 {
+                let src = &padded[p * 64..p * 64 + 64];
+                let dst = &mut row.q[p * 64..p * 64 + 64];
+                dst[..16].copy_from_slice(&src[..16]);
+                dst[16..32].copy_from_slice(&src[32..48]);
+                dst[32..48].copy_from_slice(&src[16..32]);
+                dst[48..].copy_from_slice(&src[48..]);
+                row.corr[p * 16] = 8 * sum[b0];
+                row.corr[p * 16 + 4] = 8 * sum[b1];
+            }
+        }
+        row
+    }
+}
+
+/// `y = W · x` for one activation row (decode): rows `rows` of q8_0/q4_0 `w` `[n, k]`, `x` from
+/// [`gemv_row`] for the same `w`. The caller checked the CPU features
+/// (AVX-512F/BW/VL, AVX512-VNNI).
+pub(crate) fn gemv_rows(
+    w: WeightRows<'_>,
+    rows: std::ops::Range<usize>,
+    x: &GemvRow,
+    y: &mut [f32],
+) {
+    // SAFETY: the caller checked AVX-512F/BW/VL and AVX512-VNNI; `rows` are rows of `w`, `y`
+    // holds one value per row, `x` is `k` codes with their per-pair lanes.
+    unsafe { x86::gemv(w, rows, x, y) }
+}
+
+/// [`GemvRow::new`] for `w`'s format.
+pub(crate) fn gemv_row(w: WeightRows<'_>, x: &[f32]) -> GemvRow {
+    GemvRow::new(x, matches!(w, WeightRows::Q4_0(_)))
 }
 
 thread_local! {
@@ -240,6 +317,87 @@ mod x86 {
             for (c, v) in out[..nc].iter().enumerate() {
                 *yr.add(c) += v;
             }
+        }
+    }
+
+    /// `y[r] = w[r] · x` for the rows `rows`: two blocks per register (an odd last block as a
+    /// half pair, read with masked loads), integer sums, the scales and corrections applied per
+    /// register.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
+    pub(super) unsafe fn gemv(
+        w: crate::kernels::gemv::WeightRows<'_>,
+        rows: std::ops::Range<usize>,
+        x: &super::GemvRow,
+        y: &mut [f32],
+    ) {
+        use crate::kernels::gemv::WeightRows;
+        let (k, q4) = match w {
+            WeightRows::Q8_0(m) => (m.in_dim(), false),
+            WeightRows::Q4_0(m) => (m.in_dim(), true),
+            _ => unreachable!("int8 products are for q8_0 and q4_0 weights"),
+        };
+        let (pairs, half) = (k / 64, !k.is_multiple_of(64));
+        let (xq, xd, xc) = (x.q.as_ptr(), x.d.as_ptr(), x.corr.as_ptr());
+        // Lane → which of the pair's scales: q4_0 `[0 ×4, 1 ×4, 0 ×4, 1 ×4]`, q8_0 `[0 ×8, 1 ×8]`.
+        let lanes = if q4 {
+            _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)
+        } else {
+            _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+        };
+        let low = _mm256_set1_epi8(0x0f);
+        for (r, y) in rows.zip(y.iter_mut()) {
+            let sr = match w {
+                WeightRows::Q8_0(m) => m.raw().1,
+                WeightRows::Q4_0(m) => m.raw().1,
+                _ => unreachable!(),
+            }
+            .as_ptr()
+            .add(r * k / Q8_BLOCK);
+            let mut acc = _mm512_setzero_ps();
+            for p in 0..pairs + usize::from(half) {
+                let whole = p < pairs;
+                let isum = match w {
+                    WeightRows::Q4_0(m) => {
+                        let qp = m.raw().0.as_ptr().add(r * k / 2 + p * 32);
+                        let packed = if whole {
+                            _mm256_loadu_si256(qp.cast())
+                        } else {
+                            _mm256_maskz_loadu_epi8(0xffff, qp.cast())
+                        };
+                        let lo = _mm256_and_si256(packed, low);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low);
+                        let codes = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                        let xv = _mm512_loadu_si512(xq.add(p * 64).cast());
+                        let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, xv);
+                        _mm512_sub_epi32(isum, _mm512_loadu_si512(xc.add(p * 16).cast()))
+                    }
+                    WeightRows::Q8_0(m) => {
+                        let qp = m.raw().0.as_ptr().add(r * k + p * 64);
+                        let wv = if whole {
+                            _mm512_loadu_si512(qp.cast())
+                        } else {
+                            _mm512_maskz_loadu_epi8(u64::from(u32::MAX), qp.cast())
+                        };
+                        let xv = _mm512_loadu_si512(xq.add(p * 64).cast());
+                        // |w| times x with w's sign: vpdpbusd wants its first factor unsigned.
+                        let neg = _mm512_movepi8_mask(wv);
+                        let xs = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
+                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(wv), xs)
+                    }
+                    _ => unreachable!(),
+                };
+                // The pair's f16 scales (a half pair has one) on the lanes that use them.
+                let bits = if whole {
+                    sr.add(2 * p).cast::<i32>().read_unaligned()
+                } else {
+                    i32::from(sr.add(2 * p).cast::<u16>().read_unaligned())
+                };
+                let ds = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+                let dw = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(ds));
+                let scale = _mm512_mul_ps(dw, _mm512_loadu_ps(xd.add(p * 16)));
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc);
+            }
+            *y = _mm512_reduce_add_ps(acc);
         }
     }
 }
