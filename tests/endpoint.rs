@@ -725,40 +725,80 @@ fn chat_endpoint_flags_that_mean_nothing_remotely_are_usage_errors() {
     assert!(err.contains("not /v1/completions"), "{err}");
 }
 
+/// Wait for the `>>> ` prompt, answering a cursor-position query should the line editor send
+/// one (as tests/chat.rs does).
+fn pty_prompt(p: &mut rexpect::session::PtySession) -> String {
+    use rexpect::reader::ReadUntil;
+    let mut seen = String::new();
+    loop {
+        let (before, hit) = p
+            .exp_any(vec![
+                ReadUntil::String("\x1b[6n".into()),
+                ReadUntil::String(">>> ".into()),
+            ])
+            .unwrap_or_else(|e| panic!("no prompt: {e}; after: {seen}"));
+        seen.push_str(&before);
+        if hit == ">>> " {
+            return seen;
+        }
+        p.send("\x1b[1;1R").unwrap();
+        p.flush().unwrap();
+    }
+}
+
+fn pty_chat(url: &str, home: &std::path::Path) -> rexpect::session::PtySession {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_llmarch"));
+    cmd.args(["chat", "gemma4-e2b", "--endpoint", url, "--no-history"])
+        .env("OPENAI_API_KEY", KEY)
+        .env("TERM", "xterm")
+        .env("NO_COLOR", "1")
+        .env("HOME", home)
+        .env_remove("HF_ENDPOINT");
+    rexpect::session::spawn_command(cmd, Some(60_000)).unwrap()
+}
+
+/// Ctrl-C while the server is silent stops the reply at once, keeping what was said.
+#[test]
+fn interactive_ctrl_c_stops_a_silent_server() {
+    let s = serve(vec![
+        Script::Stall(chat_chunk("slow"), 4),
+        Script::Events(vec![chat_chunk("Fast"), usage(12, 1, Some(6))], true),
+    ]);
+    let home = tempfile::tempdir().unwrap();
+    let mut p = pty_chat(&s.url, home.path());
+    pty_prompt(&mut p);
+    p.send("Hello\r").unwrap();
+    p.flush().unwrap();
+    p.exp_string("slow").unwrap();
+    let t0 = std::time::Instant::now();
+    p.send_control('c').unwrap();
+    let after = pty_prompt(&mut p);
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    assert!(after.contains("interrupted"), "{after}");
+    p.send("Again\r").unwrap();
+    p.flush().unwrap();
+    let second = pty_prompt(&mut p);
+    assert!(second.contains("Fast"), "{second}");
+    p.send("/exit\r").unwrap();
+    p.flush().unwrap();
+    p.exp_eof().unwrap();
+    let seen = s.seen.lock().unwrap();
+    assert_eq!(
+        roles_and_contents(&seen[1].body["messages"]),
+        msgs(&[("user", "Hello"), ("assistant", "slow"), ("user", "Again")])
+    );
+}
+
 /// Interactively a server error drops the turn and the chat goes on.
 #[test]
 fn interactive_chat_survives_a_server_error() {
-    use rexpect::reader::ReadUntil;
     let s = serve(vec![
         Script::Status(401, json!({"error": {"message": "Unauthorized"}})),
         Script::Events(vec![chat_chunk("Welcome"), usage(9, 1, Some(4))], true),
     ]);
     let home = tempfile::tempdir().unwrap();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_llmarch"));
-    cmd.args(["chat", "gemma4-e2b", "--endpoint", &s.url, "--no-history"])
-        .env("OPENAI_API_KEY", KEY)
-        .env("TERM", "xterm")
-        .env("NO_COLOR", "1")
-        .env("HOME", home.path())
-        .env_remove("HF_ENDPOINT");
-    let mut p = rexpect::session::spawn_command(cmd, Some(60_000)).unwrap();
-    let prompt = |p: &mut rexpect::session::PtySession| -> String {
-        let mut seen = String::new();
-        loop {
-            let (before, hit) = p
-                .exp_any(vec![
-                    ReadUntil::String("\x1b[6n".into()),
-                    ReadUntil::String(">>> ".into()),
-                ])
-                .unwrap_or_else(|e| panic!("no prompt: {e}; after: {seen}"));
-            seen.push_str(&before);
-            if hit == ">>> " {
-                return seen;
-            }
-            p.send("\x1b[1;1R").unwrap();
-            p.flush().unwrap();
-        }
-    };
+    let mut p = pty_chat(&s.url, home.path());
+    let prompt = pty_prompt;
     let banner = prompt(&mut p);
     assert!(banner.contains("the server's chat template"), "{banner}");
     p.send("Hello\r").unwrap();

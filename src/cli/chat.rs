@@ -17,6 +17,11 @@
 //! answered. A closed stdout (`llmarch chat ... | head -1`) stops a scripted session quietly.
 //! Input is bounded: `--input` and `/load` read at most [`shared::INPUT_LIMIT`] bytes, and a
 //! line (or a multi-line message) from stdin may be no longer than that.
+//!
+//! With `--endpoint URL` an OpenAI-compatible server generates instead ([`RemoteChat`]): the
+//! same modes, commands, errors and transcripts; the conversation is sent whole every turn, the
+//! server's prefix cache does the reuse, and the meter shows its token counts with the KV
+//! computed from the ArchSpec. [`Backend`] is where the two differ.
 
 use super::remote::{self, Remote, RemoteChat};
 use super::shared::{self, DeviceArgs, SamplingArgs};
@@ -788,8 +793,9 @@ impl Chat {
                 u.completion_tokens,
             ),
             _ => format!(
-                "[no token counts from the server · {} chunks of text",
-                reply.chunks
+                "[no token counts from the server · {} chunk{} of text",
+                reply.chunks,
+                if reply.chunks == 1 { "" } else { "s" }
             ),
         };
         meter.push_str(&format!(

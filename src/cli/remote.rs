@@ -343,8 +343,8 @@ impl RemoteChat {
         Value::Object(body)
     }
 
-    /// Stream the reply to the last user message; `stop` set (Ctrl-C) ends it at the next
-    /// chunk, keeping what was said. The reply joins the conversation when anything was said;
+    /// Stream the reply to the last user message; `stop` set (Ctrl-C) ends it within 50 ms,
+    /// keeping what was said, even while the server is silent. The reply joins the conversation when anything was said;
     /// on an error the conversation is left as it was.
     pub fn reply(
         &mut self,
@@ -354,18 +354,51 @@ impl RemoteChat {
         if !self.conv.awaits_reply() {
             anyhow::bail!("there is no user message to answer");
         }
-        let mut on_piece = |p: Piece, s: &str| -> Result<bool> {
-            let part = match p {
-                Piece::Reasoning => Part::Thinking,
-                Piece::Answer => Part::Answer,
+        // The request runs on a thread of its own, so that Ctrl-C is heard while the server is
+        // silent (a long prefill, a stall) and not only when the next chunk comes. A request
+        // left behind ends at its next chunk (nobody listens) or at the timeout.
+        enum Msg {
+            Piece(Piece, String),
+            Done(Result<Reply>),
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (endpoint, body) = (self.remote.endpoint.clone(), self.body());
+        std::thread::spawn(move || {
+            let pieces = tx.clone();
+            let mut on_piece = |p: Piece, s: &str| -> Result<bool> {
+                Ok(pieces.send(Msg::Piece(p, s.to_string())).is_ok())
             };
-            on_text(part, s)?;
-            Ok(!stop.load(Ordering::SeqCst))
+            let _ = tx.send(Msg::Done(endpoint.stream(Api::Chat, body, &mut on_piece)));
+        });
+        let t0 = std::time::Instant::now();
+        let mut so_far = Reply::default();
+        let reply = loop {
+            if stop.load(Ordering::SeqCst) {
+                so_far.stopped = true;
+                so_far.total_s = t0.elapsed().as_secs_f64();
+                break so_far;
+            }
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(Msg::Piece(p, s)) => {
+                    so_far.chunks += 1;
+                    so_far.first_s.get_or_insert(t0.elapsed().as_secs_f64());
+                    match p {
+                        Piece::Reasoning => so_far.reasoning.push_str(&s),
+                        Piece::Answer => so_far.text.push_str(&s),
+                    }
+                    let part = match p {
+                        Piece::Reasoning => Part::Thinking,
+                        Piece::Answer => Part::Answer,
+                    };
+                    on_text(part, &s)?;
+                }
+                Ok(Msg::Done(r)) => break r?,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    anyhow::bail!("internal: the request to the server ended without a reply")
+                }
+            }
         };
-        let reply = self
-            .remote
-            .endpoint
-            .stream(Api::Chat, self.body(), &mut on_piece)?;
         if reply.text.is_empty() && reply.reasoning.is_empty() && reply.stopped {
             return Ok(reply);
         }
