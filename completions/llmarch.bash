@@ -79,7 +79,7 @@ _llmarch() {
             return 0
             ;;
         llmarch__subcmd__chat)
-            opts="-n -q -v -h -V --system --input --max-new-tokens --temperature --top-k --top-p --min-p --repeat-penalty --seed --dtype --device --max-context --context-shift --hide-thinking --thinking --chat-template --snapshots --no-history --quiet --verbose --allow-unknown-keys --help --version"
+            opts="-n -q -v -h -V --system --input --max-new-tokens --temperature --top-k --top-p --min-p --repeat-penalty --seed --dtype --device --max-context --context-shift --hide-thinking --thinking --chat-template --snapshots --no-history --endpoint --api-key --served-model --endpoint-timeout --kv-dtype --quiet --verbose --allow-unknown-keys --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -147,6 +147,26 @@ _llmarch() {
                     ;;
                 --snapshots)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --api-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --served-model)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --endpoint-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --kv-dtype)
+                    COMPREPLY=($(compgen -W "f32 bf16 f16 q8_0 q4_0" -- "${cur}"))
                     return 0
                     ;;
                 *)

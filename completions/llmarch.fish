@@ -51,7 +51,7 @@ bf16\t'bfloat16 weights (GPU: activations and KV cache too)'
 f16\t'float16 weights (GPU: activations and KV cache too)'
 q8_0\t'weight matrices quantized at load to GGML q8_0 (1.06 bytes per weight); CPU only'
 q4_0\t'weight matrices quantized at load to GGML q4_0 (0.56 bytes per weight); CPU only'"
-complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l device -r -f -a "cpu\t''
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l device -d 'Where the model runs (not with --endpoint: the server runs it)' -r -f -a "cpu\t''
 cuda\t''
 metal\t''
 auto\t''"
@@ -86,7 +86,7 @@ bf16\t'bfloat16 weights (GPU: activations and KV cache too)'
 f16\t'float16 weights (GPU: activations and KV cache too)'
 q8_0\t'weight matrices quantized at load to GGML q8_0 (1.06 bytes per weight); CPU only'
 q4_0\t'weight matrices quantized at load to GGML q4_0 (0.56 bytes per weight); CPU only'"
-complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l device -r -f -a "cpu\t''
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l device -d 'Where the model runs (not with --endpoint: the server runs it)' -r -f -a "cpu\t''
 cuda\t''
 metal\t''
 auto\t''"
@@ -95,6 +95,15 @@ complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l thinking -d '`e
 off\t''"
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l chat-template -d 'A chat template file, or a built-in one by name (`gemma-4-E2B-it`, `gemma-4-31B-it`, `Qwen3.6-27B`, `Laguna-XS.2`), instead of the model\'s own' -r
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l snapshots -d 'KV-cache snapshots kept at turn boundaries for /undo, /regen and templates that rewrite earlier turns (each holds a copy of the cache as it was)' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l endpoint -d 'An OpenAI-compatible server to generate with (vLLM, SGLang, llama.cpp\'s llama-server): `http://host:port` or `.../v1` (run: /v1/completions, chat: /v1/chat/completions), or the full URL of either. MODEL still gives the architecture (config.json only, no weights): the KV panel is computed from it for the token counts the server reports' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l api-key -d 'API key for --endpoint (default: $OPENAI_API_KEY); sent only to the endpoint, never printed' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l served-model -d 'The model name the server serves (default: the alias\'s or repo\'s id, else MODEL as given): vLLM\'s --served-model-name' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l endpoint-timeout -d 'Seconds a silent server may take to connect or to send the next bytes (a long prompt\'s prefill sends nothing until it ends)' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l kv-dtype -d 'The server\'s KV cache element type, for the computed KV panel (--endpoint)' -r -f -a "f32\t''
+bf16\t''
+f16\t''
+q8_0\t''
+q4_0\t''"
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l context-shift -d 'When the context is full, drop the oldest turns instead of stopping'
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l hide-thinking -d 'Do not show the model\'s thinking (it is still kept in the transcript)'
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l no-history -d 'Do not read or write the input history file'

@@ -17,15 +17,24 @@
 //! answered. A closed stdout (`llmarch chat ... | head -1`) stops a scripted session quietly.
 //! Input is bounded: `--input` and `/load` read at most [`shared::INPUT_LIMIT`] bytes, and a
 //! line (or a multi-line message) from stdin may be no longer than that.
+//!
+//! With `--endpoint URL` an OpenAI-compatible server generates instead ([`RemoteChat`]): the
+//! same modes, commands, errors and transcripts; the conversation is sent whole every turn, the
+//! server's prefix cache does the reuse, and the meter shows its token counts with the KV
+//! computed from the ArchSpec. [`Backend`] is where the two differ.
 
+use super::remote::{self, Remote, RemoteChat};
 use super::shared::{self, DeviceArgs, SamplingArgs};
 use super::Ctx;
 use crate::arch::budget;
 use crate::chat::commands::{self, Command, LineAssembler, Setting, HELP};
-use crate::chat::session::{ContextError, Notice, Resume, Session, Settings, TurnReport};
+use crate::chat::session::{
+    ContextError, Conversation, Notice, Resume, Session, Settings, TurnReport,
+};
 use crate::chat::template::{self, ChatTemplate};
 use crate::chat::thinking::Part;
 use crate::chat::transcript::{self, Transcript};
+use crate::endpoint::Reply;
 use crate::generate::StopReason;
 use crate::report::{self, panel, units};
 use anyhow::{bail, Context, Result};
@@ -53,7 +62,7 @@ pub struct Args {
     #[arg(long, value_parser = shared::parse_tokens_usize)]
     pub max_context: Option<usize>,
     /// When the context is full, drop the oldest turns instead of stopping.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "endpoint")]
     pub context_shift: bool,
     /// Do not show the model's thinking (it is still kept in the transcript).
     #[arg(long)]
@@ -63,15 +72,17 @@ pub struct Args {
     pub thinking: Option<OnOff>,
     /// A chat template file, or a built-in one by name (`gemma-4-E2B-it`, `gemma-4-31B-it`,
     /// `Qwen3.6-27B`, `Laguna-XS.2`), instead of the model's own.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "endpoint")]
     pub chat_template: Option<String>,
     /// KV-cache snapshots kept at turn boundaries for /undo, /regen and templates that rewrite
     /// earlier turns (each holds a copy of the cache as it was).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, conflicts_with = "endpoint")]
     pub snapshots: usize,
     /// Do not read or write the input history file.
     #[arg(long)]
     pub no_history: bool,
+    #[command(flatten)]
+    pub endpoint: shared::EndpointArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -211,21 +222,29 @@ fn note(style: &Style, quiet: bool, s: &str) {
     }
 }
 
+/// The whole `--input` file, read before anything is loaded so that a file too large or not
+/// text fails first.
+fn read_input(args: &Args) -> Result<Option<String>> {
+    match &args.input {
+        Some(p) => Ok(Some(shared::read_text_limited(
+            p,
+            shared::INPUT_LIMIT,
+            &format!("--input {}", p.display()),
+        )?)),
+        None => Ok(None),
+    }
+}
+
 pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
+    if args.endpoint.endpoint.is_some() {
+        return run_remote(ctx, args, out);
+    }
     // 1. Everything that can be checked before loading anything.
     let precision = args.device.resolve(ctx)?;
     if args.max_context == Some(0) {
         bail!("--max-context must be at least 1");
     }
-    // The whole --input file now, so that a file too large or not text fails before loading.
-    let input_file = match &args.input {
-        Some(p) => Some(shared::read_text_limited(
-            p,
-            shared::INPUT_LIMIT,
-            &format!("--input {}", p.display()),
-        )?),
-        None => None,
-    };
+    let input_file = read_input(&args)?;
 
     // 2. Spec, files, tokenizer, template; then the weights.
     let (model_ref, spec, family) = shared::runnable_spec(ctx, &args.model)?;
@@ -274,6 +293,58 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         );
     }
 
+    let backend = Backend::Local {
+        session: Box::new(session),
+        weights,
+        load_s,
+    };
+    drive(
+        ctx,
+        &args,
+        input_file,
+        backend,
+        model_ref.display_name(),
+        at_max,
+        out,
+    )
+}
+
+/// `chat --endpoint`: the same session on an OpenAI-compatible server. MODEL gives the
+/// architecture only (config.json); no tokenizer, template or weights are read here.
+fn run_remote(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
+    remote::refuse_local_flags(&args.device)?;
+    if args.max_context == Some(0) {
+        crate::usage!("--max-context must be at least 1");
+    }
+    let (sampling, max_tokens) = remote::sampling_of(&args.sampling)?;
+    let input_file = read_input(&args)?;
+    let r = Remote::open(ctx, &args.model, &args.endpoint)?;
+    let max_context = args.max_context.unwrap_or(r.spec.max_context) as u64;
+    let at_max = r.kv_at(max_context)?;
+    let name = r.name.clone();
+    let settings = Settings {
+        sampling,
+        max_tokens,
+        thinking: args.thinking.map(|t| t == OnOff::On),
+    };
+    let mut chat = RemoteChat::new(r, settings, max_context)?;
+    if let Some(s) = &args.system {
+        chat.conv.set_system(Some(s.clone()));
+    }
+    let backend = Backend::Remote(Box::new(chat));
+    drive(ctx, &args, input_file, backend, name, at_max, out)
+}
+
+/// Run a session, interactive or scripted, whoever generates.
+fn drive(
+    ctx: &Ctx,
+    args: &Args,
+    input_file: Option<String>,
+    backend: Backend,
+    model_name: String,
+    at_max: budget::Budget,
+    out: &mut dyn Write,
+) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     {
         let flag = stop.clone();
@@ -286,16 +357,15 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         err: report::colour(report::stderr_is_terminal()),
     };
     let mut chat = Chat {
-        session,
+        backend,
         style,
         quiet: ctx.quiet,
         interactive,
         hide_thinking: args.hide_thinking,
-        model_name: model_ref.display_name(),
-        weights,
+        model_name,
         at_max,
-        load_s,
         stop,
+        warned: Warned::default(),
     };
     if interactive {
         chat.interactive(out, args.no_history)
@@ -337,6 +407,12 @@ fn read_line_limited(reader: &mut dyn BufRead, limit: u64) -> Result<Option<Stri
         .map_err(|_| anyhow::anyhow!("the line is not UTF-8 text"))
 }
 
+/// What a turn gave, by backend.
+enum Done {
+    Local(TurnReport),
+    Remote(Reply),
+}
+
 /// What to do after an input.
 enum Flow {
     Go,
@@ -344,18 +420,36 @@ enum Flow {
 }
 
 struct Chat {
-    session: Session,
+    backend: Backend,
     style: Style,
     quiet: bool,
     interactive: bool,
     hide_thinking: bool,
     model_name: String,
-    /// The weights' format (`--dtype`): f32, bf16, f16 or q8_0.
-    weights: String,
-    /// The budget at `max_context`, for the meter and `/kv`.
+    /// The budget at `max_context`, for the meter and `/kv` (computed, for a server).
     at_max: budget::Budget,
-    load_s: f64,
     stop: Arc<AtomicBool>,
+    warned: Warned,
+}
+
+/// Who generates the replies.
+enum Backend {
+    /// The model runs here, its KV cache kept across turns.
+    Local {
+        session: Box<Session>,
+        /// The weights' format (`--dtype`): f32, bf16, f16 or q8_0.
+        weights: String,
+        load_s: f64,
+    },
+    /// An OpenAI-compatible server runs it (`--endpoint`) and keeps its own prefix cache.
+    Remote(Box<RemoteChat>),
+}
+
+/// Warnings given once a session (a server that never sends a count says so once).
+#[derive(Default)]
+struct Warned {
+    no_cached: bool,
+    no_usage: bool,
 }
 
 /// The history file: `<data dir>/llmarch/chat_history`.
@@ -364,6 +458,67 @@ fn history_path() -> Option<PathBuf> {
 }
 
 impl Chat {
+    fn conv(&self) -> &Conversation {
+        match &self.backend {
+            Backend::Local { session, .. } => &session.conv,
+            Backend::Remote(r) => &r.conv,
+        }
+    }
+
+    fn conv_mut(&mut self) -> &mut Conversation {
+        match &mut self.backend {
+            Backend::Local { session, .. } => &mut session.conv,
+            Backend::Remote(r) => &mut r.conv,
+        }
+    }
+
+    fn settings(&self) -> &Settings {
+        match &self.backend {
+            Backend::Local { session, .. } => &session.settings,
+            Backend::Remote(r) => &r.settings,
+        }
+    }
+
+    fn set_settings(&mut self, new: Settings) {
+        match &mut self.backend {
+            Backend::Local { session, .. } => session.set_settings(new),
+            Backend::Remote(r) => r.settings = new,
+        }
+    }
+
+    fn spec(&self) -> &crate::arch::ArchSpec {
+        match &self.backend {
+            Backend::Local { session, .. } => session.spec(),
+            Backend::Remote(r) => &r.remote.spec,
+        }
+    }
+
+    /// The first line of an interactive session.
+    fn banner(&self) -> String {
+        let spec = self.spec();
+        let what = match &self.backend {
+            Backend::Local {
+                session, weights, ..
+            } => format!(
+                "{weights} weights) · template: {} · context {}",
+                session.template.origin,
+                units::context(session.max_context as u64)
+            ),
+            Backend::Remote(r) => format!(
+                "on {} as {}) · the server's chat template · KV computed for context {}",
+                r.remote.endpoint.shown(),
+                r.remote.served,
+                units::context(r.max_context)
+            ),
+        };
+        format!(
+            "llmarch chat · {} ({}, {} layers, {what} · /help for commands, Ctrl-D to quit",
+            self.model_name,
+            spec.family,
+            spec.layers.len(),
+        )
+    }
+
     fn interactive(&mut self, out: &mut dyn Write, no_history: bool) -> Result<()> {
         use rustyline::error::ReadlineError;
         let config = rustyline::Config::builder()
@@ -388,22 +543,7 @@ impl Chat {
                 }
             }
         }
-        let spec = self.session.spec();
-        eprintln!(
-            "{}",
-            self.style.dim(
-                self.style.err,
-                &format!(
-                    "llmarch chat · {} ({}, {} layers, {} weights) · template: {} · context {} · /help for commands, Ctrl-D to quit",
-                    self.model_name,
-                    spec.family,
-                    spec.layers.len(),
-                    self.weights,
-                    self.session.template.origin,
-                    units::context(self.session.max_context as u64),
-                )
-            )
-        );
+        eprintln!("{}", self.style.dim(self.style.err, &self.banner()));
         let mut lines = LineAssembler::default();
         loop {
             let prompt = if lines.pending() { "... " } else { ">>> " };
@@ -517,7 +657,7 @@ impl Chat {
                 Ok(Flow::Go)
             }
             None => {
-                self.session.conv.push_user(text);
+                self.conv_mut().push_user(text);
                 self.turn(out, true)?;
                 Ok(Flow::Go)
             }
@@ -541,6 +681,7 @@ impl Chat {
             }
         };
         let mut in_thinking = false;
+        let mut thinking_on_stderr = false;
         let mut wrote = false;
         let (style, quiet) = (self.style, self.quiet);
         let mut on_text = |part: Part, text: &str| -> Result<()> {
@@ -557,8 +698,13 @@ impl Chat {
                 }
                 Part::Thinking => {
                     eprint!("{}", clean(text, stderr_tty));
+                    thinking_on_stderr = true;
                 }
                 Part::Answer => {
+                    if std::mem::take(&mut thinking_on_stderr) {
+                        // The thinking on stderr ends its line, so the meter starts one.
+                        eprintln!();
+                    }
                     if in_thinking {
                         if colour {
                             out.write_all(b"\x1b[0m")?;
@@ -575,38 +721,122 @@ impl Chat {
             }
             Ok(())
         };
-        let mut on_notice = |n: Notice| note(&style, quiet, &notice_text(n));
-        let result = self.session.reply(&mut on_notice, &mut on_text, &self.stop);
+        let result = match &mut self.backend {
+            Backend::Local { session, .. } => {
+                let mut on_notice = |n: Notice| note(&style, quiet, &notice_text(n));
+                session
+                    .reply(&mut on_notice, &mut on_text, &self.stop)
+                    .map(Done::Local)
+            }
+            Backend::Remote(r) => r.reply(&mut on_text, &self.stop).map(Done::Remote),
+        };
         if in_thinking && colour {
             out.write_all(b"\x1b[0m")?;
         }
-        match result {
-            Ok(report) => {
+        if thinking_on_stderr {
+            eprintln!();
+        }
+        let said_nothing = match result {
+            Ok(Done::Local(report)) => {
                 writeln!(out)?;
                 out.flush()?;
                 self.after_turn(&report);
-                if report.stop == Some(StopReason::Interrupted) && report.generated == 0 {
-                    // Stopped during prefill: nothing was said, so drop the exchange.
-                    self.session.conv.undo();
-                    note(
-                        &self.style,
-                        false,
-                        "note: interrupted before the reply started: the message was dropped",
-                    );
-                }
+                // Stopped during prefill: nothing was said.
+                report.stop == Some(StopReason::Interrupted) && report.generated == 0
+            }
+            Ok(Done::Remote(reply)) => {
+                writeln!(out)?;
+                out.flush()?;
+                self.after_remote_turn(&reply);
+                // Stopped before the server sent any text.
+                reply.stopped && reply.text.is_empty() && reply.reasoning.is_empty()
             }
             Err(e) => {
-                if fresh && self.session.conv.awaits_reply() {
-                    self.session.conv.undo();
+                if wrote {
+                    // A reply cut off mid-stream (a server that dropped it) ends its line.
+                    let _ = writeln!(out).and_then(|_| out.flush());
                 }
-                self.fail(e)?;
+                if fresh && self.conv().awaits_reply() {
+                    self.conv_mut().undo();
+                }
+                return self.fail(e);
             }
+        };
+        if said_nothing {
+            self.conv_mut().undo();
+            note(
+                &self.style,
+                false,
+                "note: interrupted before the reply started: the message was dropped",
+            );
         }
         Ok(())
     }
 
+    /// The meter after a reply from a server: its token counts, and the KV the ArchSpec gives
+    /// for them (computed, not measured).
+    fn after_remote_turn(&mut self, reply: &Reply) {
+        let Backend::Remote(r) = &self.backend else {
+            return;
+        };
+        let tokens = reply.usage.map(|u| u.prompt_tokens + u.completion_tokens);
+        let kv = tokens.map(|t| r.remote.kv_at(t).map(|b| b.total_bytes));
+        let mut meter = match (reply.usage, &kv) {
+            (Some(u), Some(Ok(bytes))) => format!(
+                "[ctx {}/{} tokens · KV {} / {} computed · prompt {} ({} cached) · generated {}",
+                u.prompt_tokens + u.completion_tokens,
+                r.max_context,
+                units::bytes(*bytes),
+                units::bytes(self.at_max.total_bytes),
+                u.prompt_tokens,
+                u.cached_tokens.map_or("?".into(), |c| c.to_string()),
+                u.completion_tokens,
+            ),
+            _ => format!(
+                "[no token counts from the server · {} chunk{} of text",
+                reply.chunks,
+                if reply.chunks == 1 { "" } else { "s" }
+            ),
+        };
+        meter.push_str(&format!(
+            " · TTFT {:.0} ms · decode {:.1} tok/s (the server's)",
+            reply.first_s.unwrap_or(0.0) * 1e3,
+            remote::decode_tok_s(reply)
+        ));
+        if reply.stopped {
+            meter.push_str(" · interrupted");
+        } else if reply.finish_reason.as_deref() == Some("length") {
+            meter.push_str(" · cut at max_tokens (/set max_tokens N)");
+        }
+        meter.push(']');
+        if self.interactive || !self.quiet {
+            eprintln!("{}", self.style.dim(self.style.err, &meter));
+        }
+        if let Some(Err(e)) = kv {
+            eprintln!("{} {}", report::prefix("warning"), one_line(&e));
+        }
+        if !self.quiet {
+            match reply.usage {
+                None if !reply.stopped && !self.warned.no_usage => {
+                    self.warned.no_usage = true;
+                    eprintln!(
+                        "{} the server reported no token usage (stream_options.include_usage): the KV figures cannot be computed",
+                        report::prefix("warning")
+                    );
+                }
+                Some(u) if u.cached_tokens.is_none() && !self.warned.no_cached => {
+                    self.warned.no_cached = true;
+                    eprintln!("{} {}", report::prefix("warning"), remote::CACHED_HINT);
+                }
+                _ => {}
+            }
+        }
+    }
+
     fn after_turn(&self, r: &TurnReport) {
-        let s = &self.session;
+        let Backend::Local { session: s, .. } = &self.backend else {
+            return;
+        };
         let held: u64 = s.engine.cache().bytes().iter().sum();
         let at_max = &self.at_max;
         let prefill_tok_s = if r.prefill_s > 0.0 {
@@ -663,25 +893,42 @@ impl Chat {
             Command::Help => self.info(HELP),
             Command::Exit => return Ok(Flow::Exit),
             Command::Clear => {
-                self.session.conv.clear();
-                self.session.engine.clear();
-                self.info("cleared the conversation and the cache");
+                self.conv_mut().clear();
+                match &mut self.backend {
+                    Backend::Local { session, .. } => {
+                        session.engine.clear();
+                        self.info("cleared the conversation and the cache");
+                    }
+                    Backend::Remote(r) => {
+                        r.forget_counts();
+                        self.info(
+                            "cleared the conversation (the server's prefix cache is its own)",
+                        );
+                    }
+                }
             }
-            Command::System(None) => match self.session.conv.system() {
+            Command::System(None) => match self.conv().system() {
                 Some(s) => self.info(&format!("system prompt: {s}")),
                 None => self.info("no system prompt (/system TEXT sets one)"),
             },
             Command::System(Some(text)) => {
                 let set = text.is_some();
-                self.session.conv.set_system(text);
-                self.info(if set {
-                    "system prompt set (the next turn prefills the conversation again)"
+                self.conv_mut().set_system(text);
+                let again = match &mut self.backend {
+                    Backend::Local { .. } => "the next turn prefills the conversation again",
+                    Backend::Remote(r) => {
+                        r.forget_counts();
+                        "the next turn sends it with the conversation"
+                    }
+                };
+                self.info(&if set {
+                    format!("system prompt set ({again})")
                 } else {
-                    "system prompt removed"
+                    "system prompt removed".into()
                 });
             }
             Command::Regen => {
-                if self.session.conv.pop_reply() || self.session.conv.awaits_reply() {
+                if self.conv_mut().pop_reply() || self.conv().awaits_reply() {
                     self.turn(out, false)?;
                 } else {
                     self.fail(anyhow::anyhow!(
@@ -690,7 +937,11 @@ impl Chat {
                 }
             }
             Command::Undo => {
-                if self.session.undo() {
+                let undone = match &mut self.backend {
+                    Backend::Local { session, .. } => session.undo(),
+                    Backend::Remote(r) => r.undo(),
+                };
+                if undone {
                     self.info("removed the last exchange");
                 } else {
                     self.fail(anyhow::anyhow!("/undo: there is nothing to undo"))?;
@@ -720,7 +971,7 @@ impl Chat {
             }
             Command::Set(None) => self.info(&self.settings_text()),
             Command::Set(Some(s)) => {
-                let mut new = self.session.settings.clone();
+                let mut new = self.settings().clone();
                 match s {
                     Setting::Temperature(v) => new.sampling.temperature = v,
                     Setting::TopK(v) => new.sampling.top_k = v,
@@ -730,7 +981,12 @@ impl Chat {
                     Setting::MaxTokens(v) => new.max_tokens = v,
                     Setting::Seed(v) => new.sampling.seed = v,
                     Setting::Thinking(v) => {
-                        if !self.session.template.takes_thinking {
+                        let takes = match &self.backend {
+                            Backend::Local { session, .. } => session.template.takes_thinking,
+                            // Sent as chat_template_kwargs; the server's template decides.
+                            Backend::Remote(_) => true,
+                        };
+                        if !takes {
                             self.fail(anyhow::anyhow!("/set thinking: this model's chat template has no enable_thinking switch"))?;
                             return Ok(Flow::Go);
                         }
@@ -739,41 +995,61 @@ impl Chat {
                 }
                 match new.sampling.validate() {
                     Ok(()) => {
-                        self.session.set_settings(new);
+                        self.set_settings(new);
                         self.info(&self.settings_text());
                     }
                     Err(e) => self.fail(e)?,
                 }
             }
-            Command::Kv => {
-                let s = &self.session;
-                let held = s.engine.cache().bytes();
-                let at_max = &self.at_max;
-                let tok_s = if s.totals.decode_s > 0.0 {
-                    s.totals.decoded as f64 / s.totals.decode_s
-                } else {
-                    0.0
-                };
-                let lines = panel::render(&panel::Snapshot {
-                    spec: s.spec(),
-                    budget: at_max,
-                    held: &held,
-                    measured: true,
-                    tokens: s.engine.ids().len(),
-                    tok_s,
-                });
-                self.info(&lines.join("\n"));
-            }
+            Command::Kv => self.info(&self.kv_text()?),
             Command::Layers => {
-                self.info(&super::inspect::layer_table(self.session.spec()).to_string());
+                self.info(&super::inspect::layer_table(self.spec()).to_string());
             }
             Command::Stats => self.info(&self.stats_text()),
         }
         Ok(Flow::Go)
     }
 
+    /// `/kv`: each layer's cache, held here (measured) or computed for the server's counts.
+    fn kv_text(&self) -> Result<String> {
+        let s = match &self.backend {
+            Backend::Local { session, .. } => session,
+            Backend::Remote(r) => {
+                let Some(tokens) = r.context_tokens() else {
+                    return Ok(
+                        "no token counts from the server for the conversation as it stands yet: /kv shows the KV computed for them after a reply"
+                            .into(),
+                    );
+                };
+                let t = &r.totals;
+                let tok_s = if t.decode_s > 0.0 {
+                    t.decoded as f64 / t.decode_s
+                } else {
+                    0.0
+                };
+                return Ok(r.remote.panel(&self.at_max, tokens, tok_s)?.join("\n"));
+            }
+        };
+        let held = s.engine.cache().bytes();
+        let at_max = &self.at_max;
+        let tok_s = if s.totals.decode_s > 0.0 {
+            s.totals.decoded as f64 / s.totals.decode_s
+        } else {
+            0.0
+        };
+        let lines = panel::render(&panel::Snapshot {
+            spec: s.spec(),
+            budget: at_max,
+            held: &held,
+            measured: true,
+            tokens: s.engine.ids().len(),
+            tok_s,
+        });
+        Ok(lines.join("\n"))
+    }
+
     fn settings_text(&self) -> String {
-        let s = &self.session.settings;
+        let s = self.settings();
         let opt = |v: Option<String>| v.unwrap_or_else(|| "off".into());
         format!(
             "temperature {} · top_k {} · top_p {} · min_p {} · repeat_penalty {} · max_tokens {} · seed {} · thinking {}",
@@ -787,13 +1063,21 @@ impl Chat {
             match s.thinking {
                 Some(true) => "on",
                 Some(false) => "off",
+                None if matches!(self.backend, Backend::Remote(_)) => "(the server's default)",
                 None => "(template default)",
             }
         )
     }
 
     fn stats_text(&self) -> String {
-        let s = &self.session;
+        let (s, weights, load_s) = match &self.backend {
+            Backend::Local {
+                session,
+                weights,
+                load_s,
+            } => (session, weights, load_s),
+            Backend::Remote(r) => return self.remote_stats_text(r),
+        };
         let t = &s.totals;
         let rate = |n: usize, secs: f64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
         let held: u64 = s.engine.cache().bytes().iter().sum();
@@ -811,20 +1095,45 @@ impl Chat {
             t.refilled_from_scratch,
             s.engine.snapshot_count(),
             units::bytes(held),
-            self.weights,
-            self.load_s,
+            weights,
+            load_s,
             crate::generate::peak_rss_bytes()
                 .map(|b| format!(" · peak RSS {}", units::bytes(b)))
                 .unwrap_or_default()
         )
     }
 
+    fn remote_stats_text(&self, r: &RemoteChat) -> String {
+        let t = &r.totals;
+        let context = r.context_tokens();
+        let kv = context
+            .and_then(|c| r.remote.kv_at(c).ok())
+            .map_or("?".into(), |b| units::bytes(b.total_bytes));
+        format!(
+            "turns {} · context {}/{} tokens · prompt tokens sent {}, {} of them cached by the server · generated {} ({:.1} tok/s decode) · KV {kv} computed ({} per element) · {} at {} (the server's counts)",
+            t.turns,
+            context.map_or("?".into(), |c| c.to_string()),
+            r.max_context,
+            t.prompt,
+            t.cached,
+            t.generated,
+            if t.decode_s > 0.0 { t.decoded as f64 / t.decode_s } else { 0.0 },
+            r.remote.kv.name(),
+            r.remote.served,
+            r.remote.endpoint.shown(),
+        )
+    }
+
     fn transcript(&self) -> Transcript {
-        let s = &self.session.settings;
+        let s = self.settings();
+        let template = match &self.backend {
+            Backend::Local { session, .. } => session.template.origin.clone(),
+            Backend::Remote(r) => format!("the server's ({})", r.remote.endpoint.shown()),
+        };
         Transcript {
             format: transcript::FORMAT.into(),
             model: self.model_name.clone(),
-            template: Some(self.session.template.origin.clone()),
+            template: Some(template),
             settings: transcript::Settings {
                 temperature: s.sampling.temperature,
                 top_k: s.sampling.top_k,
@@ -835,12 +1144,12 @@ impl Chat {
                 max_tokens: s.max_tokens,
                 thinking: s.thinking,
             },
-            messages: self.session.conv.messages.clone(),
+            messages: self.conv().messages.clone(),
         }
     }
 
     fn load(&mut self, t: Transcript, path: &std::path::Path) -> Result<()> {
-        let mut new = self.session.settings.clone();
+        let mut new = self.settings().clone();
         new.sampling.temperature = t.settings.temperature;
         new.sampling.top_k = t.settings.top_k;
         new.sampling.top_p = t.settings.top_p;
@@ -852,8 +1161,11 @@ impl Chat {
         if let Err(e) = new.sampling.validate() {
             return self.fail(e.context(format!("{} is not a chat transcript", path.display())));
         }
-        self.session.set_settings(new);
-        self.session.conv.messages = t.messages;
+        self.set_settings(new);
+        self.conv_mut().messages = t.messages;
+        if let Backend::Remote(r) = &mut self.backend {
+            r.forget_counts();
+        }
         if t.model != self.model_name {
             eprintln!(
                 "{} {} was saved with {}; continuing with {}",
@@ -865,9 +1177,9 @@ impl Chat {
         }
         self.info(&format!(
             "loaded {} messages from {}{}",
-            self.session.conv.messages.len(),
+            self.conv().messages.len(),
             path.display(),
-            if self.session.conv.awaits_reply() {
+            if self.conv().awaits_reply() {
                 " (the last message awaits a reply: /regen answers it)"
             } else {
                 ""

@@ -123,7 +123,8 @@ pub struct DeviceArgs {
     /// activations alike; q8_0 and q4_0 run on the CPU only (`--device auto` picks it).
     #[arg(long, value_enum)]
     pub dtype: Option<ComputeDtype>,
-    #[arg(long, value_enum, default_value = "cpu")]
+    /// Where the model runs (not with --endpoint: the server runs it).
+    #[arg(long, value_enum, default_value = "cpu", conflicts_with = "endpoint")]
     pub device: DeviceArg,
 }
 
