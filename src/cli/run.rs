@@ -34,6 +34,8 @@ pub struct Args {
     pub sampling: SamplingArgs,
     #[command(flatten)]
     pub device: DeviceArgs,
+    #[command(flatten)]
+    pub draft: super::draft::DraftArgs,
     /// Context limit for this run and the budget the panel compares against (default: the
     /// model's own).
     /// A number of tokens, `k`/`m` binary suffixes allowed (128k = 131072).
@@ -110,6 +112,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     // 2. The spec first (only config.json), so a family that cannot run fails before any
     //    download; then every file, and the tokenizer.
     let (model_ref, spec, family) = shared::runnable_spec(ctx, &args.model)?;
+    let draft = args.draft.build(ctx, &spec)?;
     let (files, tok) = shared::files_and_tokenizer(ctx, &model_ref)?;
     let prompt: Vec<u32> = match (&args.prompt_ids, &text) {
         (Some(ids), _) => ids.clone(),
@@ -173,6 +176,15 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     let mut tokens = prompt.len();
     let t0 = Instant::now();
     let keep_logits = args.logits_out.is_some();
+    let (mut drafter, draft_tokens) = match draft {
+        Some(d) => (Some(d.drafter), d.tokens),
+        None => (None, 0),
+    };
+    let mut figures = drafter.as_ref().map(|d| panel::DraftFigures {
+        name: d.name(),
+        reads: d.reads_layers(),
+        ..Default::default()
+    });
 
     // A long prompt's prefill shows its progress (chunk by chunk) where the panel would be.
     let prefill_bar = (show_panel && prompt.len() > generate::PREFILL_CHUNK).then(|| {
@@ -216,6 +228,12 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
                 };
                 (piece, cache.bytes())
             }
+            Event::Verified { drafted, accepted } => {
+                if let Some(f) = figures.as_mut() {
+                    f.verified(drafted, accepted);
+                }
+                return Ok(!interrupt::requested());
+            }
         };
         if show_panel {
             live.erase(&mut stderr)?;
@@ -238,17 +256,23 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
                 held: &held,
                 tokens,
                 tok_s: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+                draft: figures.as_ref(),
             };
             live.draw(&mut stderr, &panel::render(&snap))?;
         }
         Ok(!interrupt::requested())
     };
-    let stats = generate::generate(
+    let drafting = drafter.as_deref_mut().map(|drafter| generate::Drafting {
+        drafter,
+        tokens: draft_tokens,
+    });
+    let stats = generate::generate_with(
         model.as_ref(),
         &mut cache,
         &prompt,
         &mut sampler,
         &limits,
+        drafting,
         &mut on_event,
     )?;
     if let Some(bar) = &prefill_bar {
@@ -266,6 +290,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
             held: &held,
             tokens,
             tok_s: stats.decode_tok_s,
+            draft: figures.as_ref(),
         };
         writeln!(out)?;
         out.flush()?;

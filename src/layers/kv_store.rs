@@ -12,6 +12,13 @@
 //! token, not the whole cache; the cache they hold is the buffer's first `tokens` rows. A buffer
 //! shared with a snapshot (a clone of the store) is copied before it is written: snapshots never
 //! change.
+//!
+//! Speculative decoding feeds drafted tokens that may be rejected. [`KvStore::checkpoint`]
+//! records what a verify pass will change without copying a row: for full layers only how many
+//! rows they hold (the pass writes past them, never over them), for sliding layers their window
+//! tensors and for every layer its states (a forward replaces those tensors, it never writes
+//! into them), so a checkpoint costs a few reference counts. [`KvStore::rollback`] puts the store
+//! back exactly as it was, byte for byte; the caller then feeds the accepted tokens again.
 
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -96,6 +103,24 @@ pub struct KvView {
     pub v: Option<Tensor>,
     /// Position of `k`'s first token in the sequence.
     pub start: usize,
+}
+
+/// What [`KvStore::rollback`] restores: the store as it was when [`KvStore::checkpoint`] ran.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    seen: usize,
+    layers: Vec<Option<LayerMark>>,
+}
+
+/// One owning layer at a checkpoint.
+#[derive(Debug, Clone)]
+struct LayerMark {
+    /// Full layers: the rows held (the room's first rows stay as they were).
+    rows: usize,
+    /// Sliding layers: the window tensors (replaced, never written into, by an append).
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    states: Vec<(&'static str, Tensor)>,
 }
 
 /// All layers' caches; `None` for layers that own none (KV-shared layers). Cloning is cheap
@@ -229,6 +254,59 @@ impl KvStore {
             v: v_all,
             start: seen - cached,
         })
+    }
+
+    /// Record the store as it is now, for [`Self::rollback`]; copies no tensor data and does
+    /// not share the full layers' buffers (so the next append still writes in place).
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            seen: self.seen,
+            layers: self
+                .layers
+                .iter()
+                .map(|l| {
+                    l.as_ref().map(|l| {
+                        let full = l.window.is_none();
+                        LayerMark {
+                            rows: l.k.as_ref().map_or(0, |k| k.dim(2).unwrap_or(0)),
+                            k: if full { None } else { l.k.clone() },
+                            v: if full { None } else { l.v.clone() },
+                            states: l.states.clone(),
+                        }
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// Put the store back as it was at `cp` (taken from this store, with nothing cleared since):
+    /// byte for byte what it held then, whatever was fed in between.
+    pub fn rollback(&mut self, cp: &Checkpoint) -> Result<()> {
+        if cp.layers.len() != self.layers.len() || cp.seen > self.seen {
+            bail!("internal: a checkpoint of another cache (or of a later state)");
+        }
+        for (l, m) in self.layers.iter_mut().zip(&cp.layers) {
+            let (Some(l), Some(m)) = (l.as_mut(), m.as_ref()) else {
+                continue;
+            };
+            if l.window.is_none() {
+                // The rows past `m.rows` are the rejected tokens'; the room keeps its capacity.
+                let cut = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
+                    Ok(match t {
+                        Some(t) if m.rows > 0 => Some(t.narrow(2, 0, m.rows)?),
+                        _ => None,
+                    })
+                };
+                l.k = cut(&l.k)?;
+                l.v = cut(&l.v)?;
+            } else {
+                l.k = m.k.clone();
+                l.v = m.v.clone();
+            }
+            l.states = m.states.clone();
+        }
+        self.seen = cp.seen;
+        Ok(())
     }
 
     /// Bytes each layer really holds now (K, V and states), measured from the tensors.
