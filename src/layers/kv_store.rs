@@ -442,6 +442,48 @@ mod tests {
         assert_eq!((v[0], v[503], v.len()), (1000.0, 60.0, 505));
     }
 
+    /// A rollback undoes appends and state changes on full and sliding layers alike, keeps the
+    /// full layer's buffer (the next append writes in place), and leaves a snapshot alone.
+    #[test]
+    fn rollback_restores_the_checkpoint_exactly() {
+        let mut s = KvStore::new(&[true, true], &[None, Some(3)]);
+        let feed = |s: &mut KvStore, n: usize, at: f32| {
+            s.append(0, chunk(n, at), Some(chunk(n, at + 100.0)))
+                .unwrap();
+            s.append(1, chunk(n, at), None).unwrap();
+            s.layer_mut(1).unwrap().set_state("carry", chunk(1, at));
+            s.advance(n);
+        };
+        feed(&mut s, 5, 0.0);
+        let snapshot = s.clone();
+        let cp = s.checkpoint();
+        let dump = |s: &KvStore| {
+            (0..2)
+                .map(|i| {
+                    let l = s.layer(i).unwrap();
+                    let mut v = values(l.k.as_ref().unwrap());
+                    v.extend(l.v.iter().flat_map(values));
+                    v.extend(l.states.iter().flat_map(|(_, t)| values(t)));
+                    v
+                })
+                .collect::<Vec<_>>()
+        };
+        let before = dump(&s);
+        feed(&mut s, 4, 50.0);
+        s.rollback(&cp).unwrap();
+        assert_eq!((dump(&s), s.seen()), (before.clone(), 5));
+        assert_eq!(dump(&snapshot), before);
+        // Going on after the rollback: the full layer continues from row 5.
+        feed(&mut s, 1, 9.0);
+        let k = values(s.layer(0).unwrap().k.as_ref().unwrap());
+        assert_eq!(k, [0.0, 1.0, 2.0, 3.0, 4.0, 9.0]);
+        assert_eq!(
+            values(s.layer(1).unwrap().k.as_ref().unwrap()),
+            [3.0, 4.0, 9.0]
+        );
+        assert!(KvStore::new(&[true], &[None]).rollback(&cp).is_err());
+    }
+
     #[test]
     fn masks() {
         let m = causal_mask(2, 3, 1, 4, Some(2), &Device::Cpu).unwrap();
