@@ -359,3 +359,133 @@ fn sampling_with_drafts_keeps_the_targets_distribution() {
     eprintln!("χ² = {chi2:.1} over {cells} cells (0.999 quantile {q999:.1}); accepted {accepted} of {drafted} drafts");
     assert!(chi2 < q999, "χ² = {chi2:.1} ≥ {q999:.1}: {got:?}");
 }
+
+/// Gemma 4's assistant drafters (`tests/fixtures/gemma4_assistant/`, transformers 5.25.0; the
+/// target is `gemma4/e2b-like`): the first round's logits, drafted from the prompt's prefill and
+/// the target's first token at position = prompt length, equal the reference's within 5e-3 and
+/// give its drafted ids, with ordered embeddings off and on.
+#[test]
+fn the_gemma4_assistant_drafts_as_the_reference_does() {
+    use common::{run as cli, stderr};
+    let root = common::reference::fixtures_root();
+    let target = root.join("gemma4/e2b-like");
+    for variant in ["plain", "ordered"] {
+        let dir = root.join("gemma4_assistant").join(variant);
+        let r = common::reference::read_json(&dir.join("reference.json"));
+        let ids = |k: &str| -> Vec<u64> {
+            r[k].as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect()
+        };
+        let (prompt, drafted) = (ids("prompt_ids"), ids("drafted_ids"));
+        let want = candle_core::safetensors::load(
+            dir.join("reference.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+        .remove("logits")
+        .unwrap(); // [drafts, vocab]
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("draft.safetensors");
+        let p: Vec<String> = prompt.iter().map(u64::to_string).collect();
+        let k = drafted.len().to_string();
+        let n = (drafted.len() + 2).to_string();
+        let o = cli(&[
+            "run",
+            target.to_str().unwrap(),
+            "--prompt-ids",
+            &p.join(","),
+            "-n",
+            &n,
+            "--temperature",
+            "0",
+            "--draft",
+            dir.to_str().unwrap(),
+            "--draft-tokens",
+            &k,
+            "--draft-logits-out",
+            out.to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(o.status.success(), "{variant}: {}", stderr(&o));
+        let s: serde_json::Value =
+            serde_json::from_str(common::stdout(&o).lines().last().unwrap()).unwrap();
+        assert_eq!(s["generated_ids"][0], r["first_token"], "{variant}");
+        assert_eq!(s["kv_bytes_per_layer"].as_array().unwrap().len(), 6);
+        let got = candle_core::safetensors::load(&out, &candle_core::Device::Cpu)
+            .unwrap()
+            .remove("logits")
+            .unwrap();
+        let first = got.narrow(0, 0, drafted.len()).unwrap();
+        let err = common::reference::max_abs_diff(&first, &want);
+        eprintln!("{variant}: assistant logits within {err:.2e} of the reference");
+        assert!(err < 5e-3, "{variant}: assistant logits differ by {err}");
+        let got_ids: Vec<u64> = (0..drafted.len())
+            .map(|i| common::reference::argmax(&first.get(i).unwrap()) as u64)
+            .collect();
+        assert_eq!(got_ids, drafted, "{variant}: drafted ids");
+    }
+}
+
+/// Greedy output with an assistant drafter is the target's own, over a prompt past the
+/// target's window and generations that cross it again; the cache holds what a plain run's
+/// does (the assistant owns none), and its default draft count is its generation_config's.
+#[test]
+fn greedy_output_is_the_same_with_the_gemma4_assistant() {
+    use common::run as cli;
+    let root = common::reference::fixtures_root();
+    let target = root.join("gemma4/e2b-like");
+    let t = target.to_str().unwrap();
+    let p: Vec<String> = prompt(40, 512).iter().map(u32::to_string).collect();
+    let p = p.join(",");
+    let base = [
+        "run",
+        t,
+        "--prompt-ids",
+        &p,
+        "-n",
+        "30",
+        "--temperature",
+        "0",
+        "--json",
+    ];
+    let stats = |extra: &[&str]| -> serde_json::Value {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let o = cli(&args);
+        assert!(o.status.success(), "{args:?}: {}", common::stderr(&o));
+        serde_json::from_str(common::stdout(&o).lines().last().unwrap()).unwrap()
+    };
+    let plain = stats(&[]);
+    for variant in ["plain", "ordered"] {
+        let d = root.join("gemma4_assistant").join(variant);
+        let d = d.to_str().unwrap();
+        for k in [None, Some("1"), Some("6")] {
+            let mut extra = vec!["--draft", d];
+            if let Some(k) = k {
+                extra.extend(["--draft-tokens", k]);
+            }
+            let s = stats(&extra);
+            assert_eq!(
+                s["generated_ids"], plain["generated_ids"],
+                "{variant} {k:?}"
+            );
+            assert_eq!(
+                s["kv_bytes_per_layer"], plain["kv_bytes_per_layer"],
+                "{variant} {k:?}"
+            );
+            assert!(s["draft_tokens"].as_u64().unwrap() > 0, "{variant} {k:?}");
+            if k.is_none() {
+                // generation_config.json: 3 (plain) and 5 (ordered) per step.
+                let per = if variant == "plain" { 3 } else { 5 };
+                let steps = s["target_steps"].as_u64().unwrap();
+                assert!(s["draft_tokens"].as_u64().unwrap() <= per * steps, "{s}");
+                assert!(
+                    s["draft_tokens"].as_u64().unwrap() > (per - 1) * steps / 2,
+                    "{s}"
+                );
+            }
+        }
+    }
+}

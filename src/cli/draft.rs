@@ -1,11 +1,31 @@
 //! `--draft` and `--draft-tokens` (on `run` and `chat`): which drafter proposes tokens for the
 //! target to verify (see `generate::speculative`), and how many per step.
 
+use super::shared::Precision;
 use super::Ctx;
+use crate::arch::gemma4::assistant::{is_assistant_config, Gemma4Assistant};
 use crate::arch::ArchSpec;
+use crate::generate::assistant::AssistantDrafter;
 use crate::generate::ngram::NgramDrafter;
 use crate::generate::Drafter;
-use anyhow::Result;
+use crate::loader::model_files::{self, ResolveOptions};
+use crate::loader::{weights, ModelRef};
+use anyhow::{bail, Context, Result};
+
+/// `--draft` aliases: Gemma 4's assistant drafters on the Hub, one per Gemma 4 model.
+pub const ASSISTANT_ALIASES: &[(&str, &str)] = &[
+    ("gemma4-e2b-assistant", "google/gemma-4-E2B-it-assistant"),
+    ("gemma4-e4b-assistant", "google/gemma-4-E4B-it-assistant"),
+    (
+        "gemma4-26b-a4b-assistant",
+        "google/gemma-4-26B-A4B-it-assistant",
+    ),
+    ("gemma4-31b-assistant", "google/gemma-4-31B-it-assistant"),
+];
+
+/// Drafts per step when the assistant's generation_config.json gives no
+/// `num_assistant_tokens` (transformers' `GenerationConfig` default).
+pub const ASSISTANT_DEFAULT_TOKENS: usize = 20;
 
 /// Drafts per step for `--draft ngram` when `--draft-tokens` is not given.
 pub const NGRAM_DEFAULT_TOKENS: usize = 4;
@@ -36,7 +56,14 @@ pub struct Draft {
 
 impl DraftArgs {
     /// The drafter the flags ask for (`None` without `--draft`), checked against `target`.
-    pub fn build(&self, _ctx: &Ctx, target: &ArchSpec) -> Result<Option<Draft>> {
+    /// `keep_logits`: the assistant keeps every drafted token's logits (`--draft-logits-out`).
+    pub fn build(
+        &self,
+        ctx: &Ctx,
+        target: &ArchSpec,
+        precision: &Precision,
+        keep_logits: bool,
+    ) -> Result<Option<Draft>> {
         let tokens = match self.draft_tokens {
             Some(n) if self.draft.is_none() => {
                 crate::usage!("--draft-tokens {n} needs --draft (ngram, mtp or an assistant model)")
@@ -59,9 +86,87 @@ impl DraftArgs {
                 "--draft mtp: {} has no runnable multi-token-prediction head in llmarch (its MTP layers are listed, not run)\nhint: --draft ngram works for every model",
                 target.family
             ),
-            other => crate::usage!(
-                "--draft {other}: not a drafter llmarch knows\nhint: --draft ngram, or a Gemma 4 assistant (gemma4-e2b-assistant, a Hub repo or a folder)"
-            ),
+            other => {
+                let (drafter, default) = assistant(ctx, other, target, precision, keep_logits)
+                    .with_context(|| format!("--draft {other}"))?;
+                Ok(Some(Draft {
+                    drafter: Box::new(drafter),
+                    tokens: tokens.unwrap_or(default).min(MAX_DRAFT_TOKENS),
+                }))
+            }
         }
     }
+}
+
+/// Load the Gemma 4 assistant `which` (alias, repo or folder) for `target`, with the drafts per
+/// step its generation_config.json gives.
+fn assistant(
+    ctx: &Ctx,
+    which: &str,
+    target: &ArchSpec,
+    precision: &Precision,
+    keep_logits: bool,
+) -> Result<(AssistantDrafter, usize)> {
+    let model_ref = match ASSISTANT_ALIASES.iter().find(|(a, _)| *a == which) {
+        Some((_, repo)) => ModelRef::parse(repo)?,
+        None => ModelRef::parse(which).map_err(|e| {
+            anyhow::anyhow!(
+                "{e:#}\nhint: --draft ngram, or a Gemma 4 assistant ({}, a Hub repo or a folder)",
+                ASSISTANT_ALIASES
+                    .iter()
+                    .map(|a| a.0)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?,
+    };
+    let files = model_files::resolve(
+        &model_ref,
+        &ResolveOptions {
+            progress: ctx.progress(),
+        },
+    )?;
+    for n in &files.notes {
+        ctx.warn(n);
+    }
+    let config = files.config_json()?;
+    if !is_assistant_config(&config) {
+        bail!(
+            "{}: model_type `{}` is not a Gemma 4 assistant (`gemma4_assistant`)\nhint: --draft ngram drafts without a model",
+            files.source,
+            config.get("model_type").and_then(|v| v.as_str()).unwrap_or("?")
+        );
+    }
+    let opts = weights::LoadOptions {
+        whole: true,
+        ..Default::default()
+    };
+    let w = weights::load_with(&files, precision.dtype, &precision.device, opts)?;
+    let model = Gemma4Assistant::new(&config, w.root_vb(), target)
+        .with_context(|| format!("building the assistant from {}", files.source))?;
+    let default = match &files.generation_config {
+        Some(p) => {
+            let g: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p)?)
+                .with_context(|| format!("{}", p.display()))?;
+            match g.get("num_assistant_tokens") {
+                None | Some(serde_json::Value::Null) => ASSISTANT_DEFAULT_TOKENS,
+                Some(v) => match v.as_u64() {
+                    Some(n) if n >= 1 => n as usize,
+                    _ => bail!(
+                        "{}: `num_assistant_tokens` = {v} is not a positive number",
+                        p.display()
+                    ),
+                },
+            }
+        }
+        None => ASSISTANT_DEFAULT_TOKENS,
+    };
+    Ok((
+        AssistantDrafter {
+            model,
+            name: model_ref.display_name(),
+            logits: keep_logits.then(Vec::new),
+        },
+        default,
+    ))
 }

@@ -47,6 +47,10 @@ pub struct Args {
     /// Write tensor `logits` [positions, vocab] f32: every prompt position, then each step.
     #[arg(long)]
     pub logits_out: Option<PathBuf>,
+    /// With an assistant `--draft`: write tensor `logits` [drafted, vocab] f32, the assistant's
+    /// logits for every token it drafted, in the order drafted.
+    #[arg(long)]
+    pub draft_logits_out: Option<PathBuf>,
 }
 
 fn read_prompt(args: &Args) -> Result<Option<String>> {
@@ -71,15 +75,15 @@ fn read_prompt(args: &Args) -> Result<Option<String>> {
     }
 }
 
-/// Fail before any work if `--logits-out` cannot be written.
-fn check_output_path(path: &Path) -> Result<()> {
+/// Fail before any work if `flag`'s file cannot be written.
+fn check_output_path(flag: &str, path: &Path) -> Result<()> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
     if !parent.is_dir() {
         crate::usage!(
-            "--logits-out {}: folder {} does not exist",
+            "{flag} {}: folder {} does not exist",
             path.display(),
             parent.display()
         );
@@ -98,8 +102,16 @@ fn write_logits(path: &Path, rows: &[Tensor]) -> Result<()> {
 pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     // 1. Everything that can be checked before loading anything.
     let precision = args.device.resolve(ctx)?;
-    if let Some(p) = &args.logits_out {
-        check_output_path(p)?;
+    for (flag, p) in [
+        ("--logits-out", &args.logits_out),
+        ("--draft-logits-out", &args.draft_logits_out),
+    ] {
+        if let Some(p) = p {
+            check_output_path(flag, p)?;
+        }
+    }
+    if args.draft_logits_out.is_some() && args.draft.draft.is_none() {
+        crate::usage!("--draft-logits-out needs --draft with a Gemma 4 assistant");
     }
     if args.max_context == Some(0) {
         crate::usage!("--max-context must be at least 1");
@@ -112,7 +124,19 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     // 2. The spec first (only config.json), so a family that cannot run fails before any
     //    download; then every file, and the tokenizer.
     let (model_ref, spec, family) = shared::runnable_spec(ctx, &args.model)?;
-    let draft = args.draft.build(ctx, &spec)?;
+    let draft = args
+        .draft
+        .build(ctx, &spec, &precision, args.draft_logits_out.is_some())?;
+    if args.draft_logits_out.is_some()
+        && draft
+            .as_ref()
+            .is_some_and(|d| d.drafter.drafted_logits().is_none())
+    {
+        crate::usage!(
+            "--draft-logits-out: `--draft {}` is not a model, it has no logits",
+            args.draft.draft.as_deref().unwrap_or("")
+        );
+    }
     let (files, tok) = shared::files_and_tokenizer(ctx, &model_ref)?;
     let prompt: Vec<u32> = match (&args.prompt_ids, &text) {
         (Some(ids), _) => ids.clone(),
@@ -302,6 +326,19 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     }
     if let Some(p) = &args.logits_out {
         write_logits(p, &logits_rows)?;
+    }
+    if let (Some(p), Some(rows)) = (
+        &args.draft_logits_out,
+        drafter.as_ref().and_then(|d| d.drafted_logits()),
+    ) {
+        if rows.is_empty() {
+            bail!("--draft-logits-out: the assistant drafted nothing (generation ended first)");
+        }
+        let rows: Vec<Tensor> = rows
+            .iter()
+            .map(|r| r.unsqueeze(0))
+            .collect::<candle_core::Result<_>>()?;
+        write_logits(p, &rows)?;
     }
     if !ctx.quiet {
         eprintln!("{}", summary(&stats, &at_max, &weights, load_s));

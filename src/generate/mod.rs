@@ -10,6 +10,7 @@
 //! With a drafter ([`speculative`]) each decode step feeds the chosen token and the draft in
 //! one verify pass and keeps what the target accepts; without one, one token per step.
 
+pub mod assistant;
 pub mod ngram;
 pub mod sampler;
 pub mod speculative;

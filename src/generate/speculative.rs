@@ -42,6 +42,12 @@ pub trait Drafter {
         vec![]
     }
 
+    /// The logits of every token drafted so far, when the drafter keeps them (an assistant
+    /// asked for `--draft-logits-out`).
+    fn drafted_logits(&self) -> Option<&[candle_core::Tensor]> {
+        None
+    }
+
     /// Up to `n` tokens to follow `ctx.history` (fewer or none when it has no guess).
     fn draft(&mut self, ctx: &DraftContext, n: usize) -> Result<Vec<u32>>;
 }

@@ -110,6 +110,7 @@ pub struct KvView {
 pub struct Checkpoint {
     seen: usize,
     layers: Vec<Option<LayerMark>>,
+    last_hidden: Option<Tensor>,
 }
 
 /// One owning layer at a checkpoint.
@@ -131,6 +132,9 @@ pub struct KvStore {
     layers: Vec<Option<LayerKv>>,
     /// Tokens fed so far (the position of the next token).
     seen: usize,
+    /// The model's last normed hidden state `[1, 1, hidden]`, where it keeps one (Gemma 4):
+    /// what its assistant drafter starts from. Not KV: not counted in [`Self::bytes`].
+    last_hidden: Option<Tensor>,
 }
 
 impl KvStore {
@@ -148,6 +152,7 @@ impl KvStore {
                 })
                 .collect(),
             seen: 0,
+            last_hidden: None,
         }
     }
 
@@ -170,6 +175,17 @@ impl KvStore {
             l.states.clear();
         }
         self.seen = 0;
+        self.last_hidden = None;
+    }
+
+    /// The last normed hidden state the model left (see the field).
+    pub fn last_hidden(&self) -> Option<&Tensor> {
+        self.last_hidden.as_ref()
+    }
+
+    /// Keep `h` as the last normed hidden state.
+    pub fn set_last_hidden(&mut self, h: Tensor) {
+        self.last_hidden = Some(h);
     }
 
     pub fn layer(&self, i: usize) -> Option<&LayerKv> {
@@ -276,6 +292,7 @@ impl KvStore {
                     })
                 })
                 .collect(),
+            last_hidden: self.last_hidden.clone(),
         }
     }
 
@@ -306,6 +323,7 @@ impl KvStore {
             l.states = m.states.clone();
         }
         self.seen = cp.seen;
+        self.last_hidden = cp.last_hidden.clone();
         Ok(())
     }
 
