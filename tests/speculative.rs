@@ -489,3 +489,82 @@ fn greedy_output_is_the_same_with_the_gemma4_assistant() {
         }
     }
 }
+
+/// `inspect` and `kv-budget` say what a drafter holds (nothing) and reads; bad drafters and
+/// flags are one clear error each.
+#[test]
+fn drafters_are_reported_and_refused_clearly() {
+    use common::{expect_error, run as cli, run_json};
+    let root = common::reference::fixtures_root();
+    let target = root.join("gemma4/e2b-like");
+    let t = target.to_str().unwrap();
+    let a = root.join("gemma4_assistant/ordered");
+    let a = a.to_str().unwrap();
+    let v = run_json(&["inspect", t, "--draft", a, "--json"]);
+    assert_eq!(v["draft"]["kv_bytes"], 0, "{v}");
+    assert_eq!(v["draft"]["reads_target_layers"], serde_json::json!([1, 2]));
+    assert_eq!(v["draft"]["layers"], 3);
+    let with = run_json(&["kv-budget", t, "-c", "100", "--json", "--draft", a]);
+    let without = run_json(&["kv-budget", t, "-c", "100", "--json"]);
+    assert_eq!(with[0]["total_bytes"], without[0]["total_bytes"]);
+    assert_eq!(with[0]["draft"]["kv_bytes"], 0);
+
+    let laguna = common::reference::family_fixtures("laguna")[0].clone();
+    let l = laguna.to_str().unwrap();
+    for (args, needle, code) in [
+        (
+            vec!["run", t, "--prompt-ids", "2,3", "--draft", t],
+            "model_type `gemma4_text` is not a Gemma 4 assistant",
+            1,
+        ),
+        (
+            vec!["run", l, "--prompt-ids", "2,3", "--draft", a],
+            "a Gemma 4 assistant drafts for a Gemma 4 target, not for laguna",
+            1,
+        ),
+        (
+            vec!["inspect", l, "--draft", a],
+            "drafts for a Gemma 4 target",
+            1,
+        ),
+        (
+            vec![
+                "run",
+                t,
+                "--prompt-ids",
+                "2,3",
+                "--draft",
+                "ngram",
+                "--draft-logits-out",
+                "/tmp/x.safetensors",
+            ],
+            "--draft-logits-out: `--draft ngram` is not a model",
+            2,
+        ),
+        (
+            vec![
+                "run",
+                t,
+                "--prompt-ids",
+                "2,3",
+                "--draft-logits-out",
+                "/tmp/x.safetensors",
+            ],
+            "--draft-logits-out needs --draft",
+            2,
+        ),
+        (
+            vec!["kv-budget", t, l, "--draft", "ngram"],
+            "--draft ngram goes with one model (2 given)",
+            2,
+        ),
+        (
+            vec!["run", t, "--prompt-ids", "2,3", "--draft", "/no/such/dir"],
+            "--draft /no/such/dir: directory `/no/such/dir` does not exist",
+            1,
+        ),
+    ] {
+        let err = expect_error(&cli(&args), code);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}

@@ -3,7 +3,7 @@
 
 use super::shared::Precision;
 use super::Ctx;
-use crate::arch::gemma4::assistant::{is_assistant_config, Gemma4Assistant};
+use crate::arch::gemma4::assistant::{self, is_assistant_config, Gemma4Assistant};
 use crate::arch::ArchSpec;
 use crate::generate::assistant::AssistantDrafter;
 use crate::generate::ngram::NgramDrafter;
@@ -98,17 +98,76 @@ impl DraftArgs {
     }
 }
 
-/// Load the Gemma 4 assistant `which` (alias, repo or folder) for `target`, with the drafts per
-/// step its generation_config.json gives.
-fn assistant(
-    ctx: &Ctx,
-    which: &str,
-    target: &ArchSpec,
-    precision: &Precision,
-    keep_logits: bool,
-) -> Result<(AssistantDrafter, usize)> {
-    let model_ref = match ASSISTANT_ALIASES.iter().find(|(a, _)| *a == which) {
-        Some((_, repo)) => ModelRef::parse(repo)?,
+/// What `inspect --draft` and `kv-budget --draft` say about a drafter, from its config alone.
+pub struct DraftInfo {
+    pub name: String,
+    /// Layers of the drafter's own network (0: prompt lookup).
+    pub layers: usize,
+    /// Target layers whose caches it reads.
+    pub reads: Vec<usize>,
+}
+
+impl DraftInfo {
+    /// One line: what the drafter runs and that it holds no cache of its own.
+    pub fn line(&self) -> String {
+        if self.layers == 0 {
+            return format!(
+                "draft {}: no network, no cache: own KV 0 B at any context",
+                self.name
+            );
+        }
+        let reads: Vec<String> = self.reads.iter().map(|l| format!("L{l}")).collect();
+        format!(
+            "draft {}: {} layers, every one reading the target's cache ({}): own KV 0 B at any context",
+            self.name,
+            self.layers,
+            reads.join(" and ")
+        )
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "layers": self.layers,
+            "reads_target_layers": self.reads,
+            "kv_bytes": 0,
+        })
+    }
+}
+
+/// [`DraftInfo`] for `--draft which` on `target`, from config.json only.
+pub fn describe(ctx: &Ctx, which: &str, target: &ArchSpec) -> Result<DraftInfo> {
+    match which {
+        "ngram" => Ok(DraftInfo {
+            name: "ngram".into(),
+            layers: 0,
+            reads: vec![],
+        }),
+        "mtp" => crate::usage!(
+            "--draft mtp: {} has no runnable multi-token-prediction head in llmarch (its MTP layers are listed, not run)",
+            target.family
+        ),
+        other => {
+            let model_ref = assistant_ref(other)?;
+            let config = crate::loader::load_config_json(&model_ref, ctx.progress())
+                .with_context(|| format!("--draft {other}"))?;
+            if !is_assistant_config(&config) {
+                bail!("--draft {other}: not a Gemma 4 assistant (model_type `gemma4_assistant`)");
+            }
+            let plan = assistant::plan(&config, target).with_context(|| format!("--draft {other}"))?;
+            Ok(DraftInfo {
+                name: model_ref.display_name(),
+                layers: plan.layers.len(),
+                reads: plan.reads(),
+            })
+        }
+    }
+}
+
+/// The model an assistant alias, repo or folder names.
+fn assistant_ref(which: &str) -> Result<ModelRef> {
+    match ASSISTANT_ALIASES.iter().find(|(a, _)| *a == which) {
+        Some((_, repo)) => ModelRef::parse(repo),
         None => ModelRef::parse(which).map_err(|e| {
             anyhow::anyhow!(
                 "{e:#}\nhint: --draft ngram, or a Gemma 4 assistant ({}, a Hub repo or a folder)",
@@ -118,8 +177,20 @@ fn assistant(
                     .collect::<Vec<_>>()
                     .join(", ")
             )
-        })?,
-    };
+        }),
+    }
+}
+
+/// Load the Gemma 4 assistant `which` (alias, repo or folder) for `target`, with the drafts per
+/// step its generation_config.json gives.
+fn assistant(
+    ctx: &Ctx,
+    which: &str,
+    target: &ArchSpec,
+    precision: &Precision,
+    keep_logits: bool,
+) -> Result<(AssistantDrafter, usize)> {
+    let model_ref = assistant_ref(which)?;
     let files = model_files::resolve(
         &model_ref,
         &ResolveOptions {

@@ -318,6 +318,42 @@ mod tests {
         assert_eq!(p.col, 2);
     }
 
+    /// With a drafter the panel says what it drafted and accepted, that it holds no KV, and
+    /// marks the target layers it reads.
+    #[test]
+    fn shows_the_drafter_and_the_layers_it_reads() {
+        let raw: serde_json::Value =
+            serde_json::from_str(include_str!("../../configs/gemma-4-E2B-it/config.json")).unwrap();
+        let spec = parse_config(&raw, &ParseOptions::default()).unwrap();
+        let budget = compute(&spec, 4096, 1, KvDtype::F32).unwrap();
+        let held: Vec<u64> = budget.layers.iter().map(|l| l.bytes / 2).collect();
+        let mut d = DraftFigures {
+            name: "gemma4-e2b-assistant".into(),
+            reads: vec![13, 14],
+            ..Default::default()
+        };
+        d.verified(4, 3);
+        d.verified(4, 1);
+        let lines = render(&Snapshot {
+            spec: &spec,
+            budget: &budget,
+            held: &held,
+            tokens: 100,
+            tok_s: 3.0,
+            draft: Some(&d),
+        });
+        assert_eq!(
+            lines[1],
+            "draft gemma4-e2b-assistant · step 1/4 accepted · total 4/8 (50%) · own KV 0 B (reads the target's L13 and L14)"
+        );
+        let marked: Vec<&String> = lines.iter().filter(|l| l.contains("← draft")).collect();
+        assert_eq!(marked.len(), 2, "{lines:?}");
+        assert!(
+            marked[0].contains("L13 ") && marked[1].contains("L14 "),
+            "{marked:?}"
+        );
+    }
+
     #[test]
     fn folds_and_shows_sharing() {
         let raw: serde_json::Value =

@@ -164,180 +164,247 @@ pub fn is_assistant_config(config: &Value) -> bool {
     config.get("model_type").and_then(Value::as_str) == Some("gemma4_assistant")
 }
 
+/// What an assistant's config says, checked against its target: no weights needed (`inspect`,
+/// `kv-budget`), and what [`Gemma4Assistant::new`] builds from.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub hidden: usize,
+    pub backbone: usize,
+    pub vocab: usize,
+    pub intermediate: usize,
+    pub q_heads: usize,
+    pub eps: f64,
+    pub layers: Vec<PlannedLayer>,
+    pub ordered: Option<(usize, usize)>,
+    tie_word_embeddings: bool,
+}
+
+/// One assistant layer as planned: its type, head dim, RoPE and the target layer it reads.
+#[derive(Debug, Clone)]
+pub struct PlannedLayer {
+    pub sliding: bool,
+    pub head_dim: usize,
+    pub rope: crate::arch::Rope,
+    /// The target layer whose cache it reads.
+    pub reads: usize,
+    /// Sliding layers: the reference's `sliding_window` (it sees the last `window + 1` keys).
+    pub window: Option<usize>,
+}
+
+impl Plan {
+    /// The target layers whose caches the assistant reads.
+    pub fn reads(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = self.layers.iter().map(|l| l.reads).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
+
+/// Read an assistant's `config.json` for `target`: every key the reference reads, refused where
+/// the reference refuses it or llmarch does not implement it; the target's hidden size,
+/// vocabulary and cache owners must fit.
+pub fn plan(config: &Value, target: &crate::arch::ArchSpec) -> Result<Plan> {
+    let c: RawConfig = serde_json::from_value(config.clone())
+        .context("config.json is not a Gemma 4 assistant config")?;
+    if c.model_type != "gemma4_assistant" {
+        bail!(
+            "config.json: model_type `{}` is not a Gemma 4 assistant (`gemma4_assistant`)",
+            c.model_type
+        );
+    }
+    let t: RawText =
+        serde_json::from_value(c.text_config.clone()).context("config.json: key `text_config`")?;
+    let p = "text_config.";
+    for (key, bad) in [
+        (
+            "hidden_size_per_layer_input",
+            t.hidden_size_per_layer_input != 0,
+        ),
+        ("enable_moe_block", t.enable_moe_block),
+        ("use_double_wide_mlp", t.use_double_wide_mlp),
+        ("attention_bias", t.attention_bias),
+    ] {
+        if bad {
+            bail!("key `{p}{key}`: a Gemma 4 assistant has none (the reference refuses it)");
+        }
+    }
+    if t.use_bidirectional_attention.is_some() {
+        bail!("key `{p}use_bidirectional_attention` is not implemented for assistants");
+    }
+    if t.hidden_activation != "gelu_pytorch_tanh" {
+        bail!(
+            "key `{p}hidden_activation` = `{}`: only gelu_pytorch_tanh is implemented",
+            t.hidden_activation
+        );
+    }
+    let owners = last_owners(target)?;
+    let n = t.num_hidden_layers;
+    if n == 0
+        || t.layer_types.len() != n
+        || (t.num_kv_shared_layers != 0 && t.num_kv_shared_layers != n)
+    {
+        bail!("keys `{p}num_hidden_layers`/`num_kv_shared_layers`/`layer_types`: every one of the {n} layers of an assistant reads the target's cache");
+    }
+    if c.backbone_hidden_size != target.hidden_size {
+        bail!(
+            "the assistant was trained for a target of hidden size {} (backbone_hidden_size), this target has {}",
+            c.backbone_hidden_size,
+            target.hidden_size
+        );
+    }
+    if t.vocab_size != target.vocab_size {
+        bail!(
+            "the assistant's vocabulary ({} tokens) is not the target's ({})",
+            t.vocab_size,
+            target.vocab_size
+        );
+    }
+    let ordered = if c.use_ordered_embeddings {
+        let per = t.vocab_size / c.num_centroids.max(1);
+        if c.num_centroids == 0
+            || per * c.num_centroids != t.vocab_size
+            || c.centroid_intermediate_top_k == 0
+            || c.centroid_intermediate_top_k > c.num_centroids
+        {
+            bail!(
+                "keys `num_centroids` = {} / `centroid_intermediate_top_k` = {}: the vocabulary ({}) must split into that many equal clusters, of which at least one and at most all are scored",
+                c.num_centroids,
+                c.centroid_intermediate_top_k,
+                t.vocab_size
+            );
+        }
+        Some((c.num_centroids, c.centroid_intermediate_top_k))
+    } else {
+        None
+    };
+    let mut layers = Vec::with_capacity(n);
+    for (i, ty) in t.layer_types.iter().enumerate() {
+        let sliding = match ty.as_str() {
+            "sliding_attention" => true,
+            "full_attention" => false,
+            other => bail!("key `{p}layer_types[{i}]` = `{other}` is not a Gemma 4 layer type"),
+        };
+        let head_dim = t
+            .per_layer_config
+            .as_ref()
+            .and_then(|m| m.get(&i.to_string()))
+            .and_then(|o| o.get("head_dim"))
+            .and_then(Value::as_u64)
+            .map(|d| d as usize)
+            .or(if sliding { None } else { t.global_head_dim })
+            .unwrap_or(t.head_dim);
+        let reads = if sliding { owners.0 } else { owners.1 };
+        let owner = &target.layers[reads];
+        if owner.head_dim != head_dim || owner.k_eq_v {
+            bail!(
+                "assistant layer {i} ({ty}, head_dim {head_dim}) cannot read target layer {reads} (head_dim {}{})",
+                owner.head_dim,
+                if owner.k_eq_v { ", K=V: not implemented for assistants" } else { "" }
+            );
+        }
+        if t.num_attention_heads == 0 || !t.num_attention_heads.is_multiple_of(owner.kv_heads) {
+            bail!(
+                "key `{p}num_attention_heads` = {}: not a multiple of target layer {reads}'s {} KV heads",
+                t.num_attention_heads,
+                owner.kv_heads
+            );
+        }
+        let block = t
+            .rope_parameters
+            .get(ty)
+            .ok_or_else(|| anyhow!("key `{p}rope_parameters.{ty}` is missing"))?;
+        layers.push(PlannedLayer {
+            sliding,
+            head_dim,
+            rope: rope_from_params(block, head_dim, &format!("{p}rope_parameters.{ty}"))?,
+            reads,
+            window: sliding.then_some(t.sliding_window),
+        });
+    }
+    Ok(Plan {
+        hidden: t.hidden_size,
+        backbone: c.backbone_hidden_size,
+        vocab: t.vocab_size,
+        intermediate: t.intermediate_size,
+        q_heads: t.num_attention_heads,
+        eps: t.rms_norm_eps,
+        layers,
+        ordered,
+        tie_word_embeddings: c.tie_word_embeddings,
+    })
+}
+
 impl Gemma4Assistant {
     /// Build from the assistant's `config.json` and weights (`vb` at the checkpoint root), for
-    /// `target`: its hidden size, vocabulary and the cache owners the assistant reads must fit.
+    /// `target` (see [`plan`]).
     pub fn new(config: &Value, vb: VarBuilder, target: &crate::arch::ArchSpec) -> Result<Self> {
-        let c: RawConfig = serde_json::from_value(config.clone())
-            .context("config.json is not a Gemma 4 assistant config")?;
-        if c.model_type != "gemma4_assistant" {
-            bail!(
-                "config.json: model_type `{}` is not a Gemma 4 assistant (`gemma4_assistant`)",
-                c.model_type
-            );
-        }
-        let t: RawText = serde_json::from_value(c.text_config.clone())
-            .context("config.json: key `text_config`")?;
-        let p = "text_config.";
-        for (key, bad) in [
-            (
-                "hidden_size_per_layer_input",
-                t.hidden_size_per_layer_input != 0,
-            ),
-            ("enable_moe_block", t.enable_moe_block),
-            ("use_double_wide_mlp", t.use_double_wide_mlp),
-            ("attention_bias", t.attention_bias),
-        ] {
-            if bad {
-                bail!("key `{p}{key}`: a Gemma 4 assistant has none (the reference refuses it)");
-            }
-        }
-        if t.use_bidirectional_attention.is_some() {
-            bail!("key `{p}use_bidirectional_attention` is not implemented for assistants");
-        }
-        if t.hidden_activation != "gelu_pytorch_tanh" {
-            bail!(
-                "key `{p}hidden_activation` = `{}`: only gelu_pytorch_tanh is implemented",
-                t.hidden_activation
-            );
-        }
-        let n = t.num_hidden_layers;
-        if t.layer_types.len() != n || (t.num_kv_shared_layers != 0 && t.num_kv_shared_layers != n)
-        {
-            bail!("key `{p}num_kv_shared_layers`/`layer_types`: every one of the {n} layers of an assistant reads the target's cache");
-        }
-        if c.backbone_hidden_size != target.hidden_size {
-            bail!(
-                "the assistant was trained for a target of hidden size {} (backbone_hidden_size), this target has {}",
-                c.backbone_hidden_size,
-                target.hidden_size
-            );
-        }
-        if t.vocab_size != target.vocab_size {
-            bail!(
-                "the assistant's vocabulary ({} tokens) is not the target's ({})",
-                t.vocab_size,
-                target.vocab_size
-            );
-        }
+        let plan = plan(config, target)?;
         let device = vb.device().clone();
-        let (h, eps) = (t.hidden_size, t.rms_norm_eps);
+        let (h, eps, hq) = (plan.hidden, plan.eps, plan.q_heads);
         let vbm = vb.pp("model");
-        let owners = last_owners(target)?;
-        let mut layers = Vec::with_capacity(n);
-        for (i, ty) in t.layer_types.iter().enumerate() {
-            let sliding = match ty.as_str() {
-                "sliding_attention" => true,
-                "full_attention" => false,
-                other => bail!("key `{p}layer_types[{i}]` = `{other}` is not a Gemma 4 layer type"),
-            };
-            let head_dim = t
-                .per_layer_config
-                .as_ref()
-                .and_then(|m| m.get(&i.to_string()))
-                .and_then(|o| o.get("head_dim"))
-                .and_then(Value::as_u64)
-                .map(|d| d as usize)
-                .or(if sliding { None } else { t.global_head_dim })
-                .unwrap_or(t.head_dim);
-            let reads = if sliding { owners.0 } else { owners.1 };
-            let owner = &target.layers[reads];
-            if owner.head_dim != head_dim || owner.k_eq_v {
-                bail!(
-                    "assistant layer {i} ({ty}, head_dim {head_dim}) cannot read target layer {reads} (head_dim {}{})",
-                    owner.head_dim,
-                    if owner.k_eq_v { ", K=V: not implemented for assistants" } else { "" }
-                );
-            }
-            let block = t
-                .rope_parameters
-                .get(ty)
-                .ok_or_else(|| anyhow!("key `{p}rope_parameters.{ty}` is missing"))?;
-            let rope = rope_from_params(block, head_dim, &format!("{p}rope_parameters.{ty}"))?;
+        let mut layers = Vec::with_capacity(plan.layers.len());
+        for (i, l) in plan.layers.iter().enumerate() {
+            let d = l.head_dim;
             let vbl = vbm.pp("layers").pp(i);
             let norm = |name: &str| RmsNorm::load(&vbl.pp(name), h, eps);
-            let hq = t.num_attention_heads;
             layers.push(Layer {
-                q_proj: Linear::load(&vbl.pp("self_attn.q_proj"), h, hq * head_dim, false)?,
-                q_norm: RmsNorm::load(&vbl.pp("self_attn.q_norm"), head_dim, eps)?,
-                o_proj: Linear::load(&vbl.pp("self_attn.o_proj"), hq * head_dim, h, false)?,
-                rope: rotary_from(&rope, head_dim, i, &device)?,
+                q_proj: Linear::load(&vbl.pp("self_attn.q_proj"), h, hq * d, false)?,
+                q_norm: RmsNorm::load(&vbl.pp("self_attn.q_norm"), d, eps)?,
+                o_proj: Linear::load(&vbl.pp("self_attn.o_proj"), hq * d, h, false)?,
+                rope: rotary_from(&l.rope, d, i, &device)?,
                 q_heads: hq,
-                head_dim,
-                reads,
-                window: sliding.then_some(t.sliding_window),
+                head_dim: d,
+                reads: l.reads,
+                window: l.window,
                 input_norm: norm("input_layernorm")?,
                 post_attn_norm: norm("post_attention_layernorm")?,
                 pre_ffn_norm: norm("pre_feedforward_layernorm")?,
                 post_ffn_norm: norm("post_feedforward_layernorm")?,
-                mlp: GatedMlp::load(&vbl.pp("mlp"), h, t.intermediate_size, Activation::GeluTanh)?,
+                mlp: GatedMlp::load(&vbl.pp("mlp"), h, plan.intermediate, Activation::GeluTanh)?,
                 layer_scalar: weight::get(&vbl, 1, "layer_scalar")?,
             });
         }
-        let embed = ScaledEmbedding::load(&vbm.pp("embed_tokens"), t.vocab_size, h, 1.0)?;
+        let embed = ScaledEmbedding::load(&vbm.pp("embed_tokens"), plan.vocab, h, 1.0)?;
         let lm_head = output_head(
-            c.tie_word_embeddings,
+            plan.tie_word_embeddings,
             &embed,
             Some(vb.pp("lm_head")),
             h,
-            t.vocab_size,
+            plan.vocab,
         )?;
-        let masked = if c.use_ordered_embeddings {
-            let per = t.vocab_size / c.num_centroids.max(1);
-            if c.num_centroids == 0
-                || per * c.num_centroids != t.vocab_size
-                || c.centroid_intermediate_top_k == 0
-                || c.centroid_intermediate_top_k > c.num_centroids
-            {
-                bail!(
-                    "keys `num_centroids` = {} / `centroid_intermediate_top_k` = {}: the vocabulary ({}) must split into that many equal clusters, of which at least one and at most all are scored",
-                    c.num_centroids,
-                    c.centroid_intermediate_top_k,
-                    t.vocab_size
-                );
+        let masked = match plan.ordered {
+            Some((centroids, top_k)) => {
+                let vbe = vb.pp("masked_embedding");
+                let order: Vec<i64> = vbe
+                    .get_with_hints_dtype(
+                        plan.vocab,
+                        "token_ordering",
+                        Default::default(),
+                        DType::I64,
+                    )
+                    .context("tensor `masked_embedding.token_ordering`")?
+                    .to_vec1()?;
+                if let Some(bad) = order.iter().find(|&&x| x < 0 || x as usize >= plan.vocab) {
+                    bail!("tensor `masked_embedding.token_ordering` holds {bad}, outside the vocabulary");
+                }
+                Some(MaskedHead {
+                    centroids: Linear::load(&vbe.pp("centroids"), h, centroids, false)?,
+                    clusters: order
+                        .chunks(plan.vocab / centroids)
+                        .map(|c| c.iter().map(|&x| x as u32).collect())
+                        .collect(),
+                    top_k,
+                })
             }
-            let vbe = vb.pp("masked_embedding");
-            let order: Vec<i64> = vbe
-                .get_with_hints_dtype(
-                    t.vocab_size,
-                    "token_ordering",
-                    Default::default(),
-                    DType::I64,
-                )
-                .context("tensor `masked_embedding.token_ordering`")?
-                .to_vec1()?;
-            if let Some(bad) = order.iter().find(|&&x| x < 0 || x as usize >= t.vocab_size) {
-                bail!(
-                    "tensor `masked_embedding.token_ordering` holds {bad}, outside the vocabulary"
-                );
-            }
-            Some(MaskedHead {
-                centroids: Linear::load(&vbe.pp("centroids"), h, c.num_centroids, false)?,
-                clusters: order
-                    .chunks(per)
-                    .map(|c| c.iter().map(|&x| x as u32).collect())
-                    .collect(),
-                top_k: c.centroid_intermediate_top_k,
-            })
-        } else {
-            None
+            None => None,
         };
         Ok(Gemma4Assistant {
             hidden: h,
-            backbone: c.backbone_hidden_size,
-            vocab: t.vocab_size,
-            pre_projection: Linear::load(
-                &vb.pp("pre_projection"),
-                2 * c.backbone_hidden_size,
-                h,
-                false,
-            )?,
-            post_projection: Linear::load(
-                &vb.pp("post_projection"),
-                h,
-                c.backbone_hidden_size,
-                false,
-            )?,
+            backbone: plan.backbone,
+            vocab: plan.vocab,
+            pre_projection: Linear::load(&vb.pp("pre_projection"), 2 * plan.backbone, h, false)?,
+            post_projection: Linear::load(&vb.pp("post_projection"), h, plan.backbone, false)?,
             norm: RmsNorm::load(&vbm.pp("norm"), h, eps)?,
             layers,
             lm_head,
