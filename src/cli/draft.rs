@@ -82,10 +82,7 @@ impl DraftArgs {
                 drafter: Box::new(NgramDrafter),
                 tokens: tokens.unwrap_or(NGRAM_DEFAULT_TOKENS),
             })),
-            "mtp" => crate::usage!(
-                "--draft mtp: {} has no runnable multi-token-prediction head in llmarch (its MTP layers are listed, not run)\nhint: --draft ngram works for every model",
-                target.family
-            ),
+            "mtp" => no_mtp(target),
             other => {
                 let (drafter, default) = assistant(ctx, other, target, precision, keep_logits)
                     .with_context(|| format!("--draft {other}"))?;
@@ -96,6 +93,18 @@ impl DraftArgs {
             }
         }
     }
+}
+
+/// `--draft mtp`: refused, saying why for this family.
+fn no_mtp<T>(target: &ArchSpec) -> Result<T> {
+    let why = match target.family {
+        "deepseek_v4" | "qwen3_5" => "its checkpoints' MTP layers are listed, not run: transformers 5.23.0 skips their weights, so there is no reference to test them against",
+        _ => "the family has no multi-token-prediction layers",
+    };
+    crate::usage!(
+        "--draft mtp: {} has no runnable multi-token-prediction head in llmarch ({why})\nhint: --draft ngram works for every model",
+        target.family
+    )
 }
 
 /// What `inspect --draft` and `kv-budget --draft` say about a drafter, from its config alone.
@@ -143,10 +152,7 @@ pub fn describe(ctx: &Ctx, which: &str, target: &ArchSpec) -> Result<DraftInfo> 
             layers: 0,
             reads: vec![],
         }),
-        "mtp" => crate::usage!(
-            "--draft mtp: {} has no runnable multi-token-prediction head in llmarch (its MTP layers are listed, not run)",
-            target.family
-        ),
+        "mtp" => no_mtp(target),
         other => {
             let model_ref = assistant_ref(other)?;
             let config = crate::loader::load_config_json(&model_ref, ctx.progress())
@@ -154,7 +160,8 @@ pub fn describe(ctx: &Ctx, which: &str, target: &ArchSpec) -> Result<DraftInfo> 
             if !is_assistant_config(&config) {
                 bail!("--draft {other}: not a Gemma 4 assistant (model_type `gemma4_assistant`)");
             }
-            let plan = assistant::plan(&config, target).with_context(|| format!("--draft {other}"))?;
+            let plan =
+                assistant::plan(&config, target).with_context(|| format!("--draft {other}"))?;
             Ok(DraftInfo {
                 name: model_ref.display_name(),
                 layers: plan.layers.len(),

@@ -15,6 +15,13 @@
 //! - Input: `pre_projection([target embedding of the last token, target's last normed hidden
 //!   state])` (`[1, 1, 2·backbone] → [1, 1, hidden]`); after a step `post_projection` of the
 //!   assistant's own normed hidden state replaces the target's for the next step.
+//! - Where this differs from the reference, on purpose: after a rejected draft the reference
+//!   hands the assistant the verify pass's K/V cut to the sequence length, which still holds the
+//!   rejected token's entry at the last token's position (and, on sliding layers, every row of
+//!   the pass); here the assistant reads the rolled-back cache, i.e. only accepted tokens. The
+//!   first round (from the prompt's prefill) is the same in both, and is what the fixtures test.
+//!   The sliding layers see the last `min(window + 1, target window)` keys: an assistant window
+//!   at least the target's would see one key fewer here than in the reference's first round.
 //! - Head: the (tied) embedding, no soft-cap; with `use_ordered_embeddings` only the
 //!   `centroid_intermediate_top_k` best of `num_centroids` clusters of `token_ordering` are
 //!   scored, every other id gets `min(selected) − 1` (`Gemma4AssistantMaskedEmbedder`).
