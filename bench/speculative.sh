@@ -11,7 +11,7 @@
 # Random weights accept almost nothing a drafter proposes, so part 1 is what to read; part 2
 # measures what prompt lookup gets on this model's own repetitions.
 #
-#   THREADS [2]  DTYPES ["f32 q8_0"]  NEW_TOKENS [96]  MODEL or $1 [/work/bench-model]
+#   THREADS [2]  DTYPES ["f32 q8_0"]  NEW_TOKENS [96]  ROUNDS [3]  MODEL or $1 [/work/bench-model]
 #   LLMARCH [target/release/llmarch]  VERIFY_COST [target/release/examples/verify_cost]
 # Build first: cargo build --release --bin llmarch --example verify_cost
 set -euo pipefail
@@ -20,6 +20,7 @@ MODEL=${1:-${MODEL:-/work/bench-model}}
 THREADS=${THREADS:-2}
 DTYPES=${DTYPES:-"f32 q8_0"}
 NEW_TOKENS=${NEW_TOKENS:-96}
+ROUNDS=${ROUNDS:-3}
 TARGET=${CARGO_TARGET_DIR:-target}
 LLMARCH=${LLMARCH:-$TARGET/release/llmarch}
 VERIFY_COST=${VERIFY_COST:-$TARGET/release/examples/verify_cost}
@@ -34,21 +35,36 @@ for dtype in $DTYPES; do
   echo
 done
 
+TMP=$(mktemp)
+trap 'rm -f "$TMP"' EXIT
 # A 64-token prompt of fixed ids (the same as bench/run.sh's shape).
 PROMPT=$(python3 -c "print(','.join(str((i*7919+13)%1000+10) for i in range(64)))")
 for dtype in $DTYPES; do
-  echo "== ngram drafting, measured: $dtype, $NEW_TOKENS new tokens, greedy"
-  plain=$("$LLMARCH" -q run "$MODEL" --dtype "$dtype" --prompt-ids "$PROMPT" -n "$NEW_TOKENS" --temperature 0 --json | tail -n 1)
-  for k in 2 4; do
-    drafted=$("$LLMARCH" -q run "$MODEL" --dtype "$dtype" --prompt-ids "$PROMPT" -n "$NEW_TOKENS" --temperature 0 --json --draft ngram --draft-tokens "$k" | tail -n 1)
-    python3 - "$plain" "$drafted" "$k" <<'PY'
-import json, sys
-p, d, k = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
-same = "same ids" if p["generated_ids"] == d["generated_ids"] else "IDS DIFFER"
-print(f"  --draft-tokens {k}: decode {d['decode_tok_s']:.2f} tok/s vs {p['decode_tok_s']:.2f} plain "
-      f"({d['decode_tok_s'] / p['decode_tok_s']:.2f}x) · accepted {d['accepted_tokens']}/{d['draft_tokens']} "
-      f"({100 * d['acceptance_rate']:.0f}%) · {d['target_steps']} target steps for {d['generated_tokens']} tokens "
-      f"(plain {p['target_steps']}) · {same}")
-PY
+  echo "== ngram drafting, measured: $dtype, $NEW_TOKENS new tokens, greedy, median of $ROUNDS interleaved rounds"
+  runs=()
+  for r in $(seq "$ROUNDS"); do
+    for k in 0 2 4; do
+      draft=()
+      [ "$k" = 0 ] || draft=(--draft ngram --draft-tokens "$k")
+      runs+=("$k $("$LLMARCH" -q run "$MODEL" --dtype "$dtype" --prompt-ids "$PROMPT" -n "$NEW_TOKENS" --temperature 0 --json "${draft[@]}" | tail -n 1)")
+    done
   done
+  printf '%s\n' "${runs[@]}" >"$TMP"
+  python3 - "$TMP" <<'PY'
+import json, statistics, sys
+by = {}
+for line in open(sys.argv[1]):
+    k, s = line.split(" ", 1)
+    by.setdefault(int(k), []).append(json.loads(s))
+plain = by.pop(0)
+p_tok = statistics.median(r["decode_tok_s"] for r in plain)
+for k, rs in sorted(by.items()):
+    d = rs[0]
+    tok = statistics.median(r["decode_tok_s"] for r in rs)
+    same = "same ids" if all(r["generated_ids"] == plain[0]["generated_ids"] for r in rs) else "IDS DIFFER"
+    print(f"  --draft-tokens {k}: decode {tok:.2f} tok/s vs {p_tok:.2f} plain ({tok / p_tok:.2f}x) · "
+          f"accepted {d['accepted_tokens']}/{d['draft_tokens']} ({100 * d['acceptance_rate']:.0f}%) · "
+          f"{d['target_steps']} target steps + {d['recomputed_tokens']} tokens fed again, for "
+          f"{d['generated_tokens']} tokens (plain {plain[0]['target_steps']} steps) · {same}")
+PY
 done
