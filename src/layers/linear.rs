@@ -208,8 +208,9 @@ fn run_kernel(
         // nothing to compute: an empty [0, out]
     } else if rows == 1 {
         gemv::gemv(w, &xs, &mut y)?;
-    } else if rows <= gemv::MAX_GEMV_ROWS {
-        // A few rows (a verify pass): the weights stream once, nothing is widened.
+    } else if rows <= gemv::MAX_GEMV_ROWS && !matches!(w, WeightRows::F32(_)) {
+        // A few rows (a verify pass) of narrow weights: nothing is widened to f32 (f32 weights
+        // stay with the GEMM, which reads them once; `examples/few_rows.rs` measures both).
         gemv::gemv_rows(w, &xs, rows, &mut y)?;
     } else if !gemm::gemm(w, &xs, rows, &mut y)? {
         return Ok(None);
