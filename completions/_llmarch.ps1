@@ -54,6 +54,8 @@ Register-ArgumentCompleter -Native -CommandName 'llmarch' -ScriptBlock {
             [CompletionResult]::new('--seed', '--seed', [CompletionResultType]::ParameterName, 'seed')
             [CompletionResult]::new('--dtype', '--dtype', [CompletionResultType]::ParameterName, 'Weight type (default on the CPU: the checkpoint''s own, e.g. bf16, read from the file without a copy; on a GPU: bf16)')
             [CompletionResult]::new('--device', '--device', [CompletionResultType]::ParameterName, 'Where the model runs (not with --endpoint: the server runs it)')
+            [CompletionResult]::new('--draft', '--draft', [CompletionResultType]::ParameterName, 'Speculative decoding: `ngram` (prompt lookup: the continuation of the latest earlier match of the last tokens), `mtp` (the checkpoint''s own multi-token-prediction layers), or a Gemma 4 assistant drafter (alias such as `gemma4-e2b-assistant`, Hub repo or folder). The output is the target''s either way; only the speed changes')
+            [CompletionResult]::new('--draft-tokens', '--draft-tokens', [CompletionResultType]::ParameterName, 'Tokens drafted per verify step (default: the assistant''s `num_assistant_tokens` from its generation_config.json; 4 for ngram)')
             [CompletionResult]::new('--max-context', '--max-context', [CompletionResultType]::ParameterName, 'Context limit for this run and the budget the panel compares against (default: the model''s own). A number of tokens, `k`/`m` binary suffixes allowed (128k = 131072)')
             [CompletionResult]::new('--logits-out', '--logits-out', [CompletionResultType]::ParameterName, 'Write tensor `logits` [positions, vocab] f32: every prompt position, then each step')
             [CompletionResult]::new('--endpoint', '--endpoint', [CompletionResultType]::ParameterName, 'An OpenAI-compatible server to generate with (vLLM, SGLang, llama.cpp''s llama-server): `http://host:port` or `.../v1` (run: /v1/completions, chat: /v1/chat/completions), or the full URL of either. MODEL still gives the architecture (config.json only, no weights): the KV panel is computed from it for the token counts the server reports')
@@ -61,6 +63,7 @@ Register-ArgumentCompleter -Native -CommandName 'llmarch' -ScriptBlock {
             [CompletionResult]::new('--served-model', '--served-model', [CompletionResultType]::ParameterName, 'The model name the server serves (default: the alias''s or repo''s id, else MODEL as given): vLLM''s --served-model-name')
             [CompletionResult]::new('--endpoint-timeout', '--endpoint-timeout', [CompletionResultType]::ParameterName, 'Seconds a silent server may take to connect or to send the next bytes (a long prompt''s prefill sends nothing until it ends)')
             [CompletionResult]::new('--kv-dtype', '--kv-dtype', [CompletionResultType]::ParameterName, 'The server''s KV cache element type, for the computed KV panel (--endpoint)')
+            [CompletionResult]::new('--draft-logits-out', '--draft-logits-out', [CompletionResultType]::ParameterName, 'With an assistant `--draft`: write tensor `logits` [drafted, vocab] f32, the assistant''s logits for every token it drafted, in the order drafted')
             [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'Stats as one JSON object on the last stdout line')
             [CompletionResult]::new('-q', '-q', [CompletionResultType]::ParameterName, 'No progress bars or notes on stderr (errors are still printed)')
             [CompletionResult]::new('--quiet', '--quiet', [CompletionResultType]::ParameterName, 'No progress bars or notes on stderr (errors are still printed)')
@@ -86,6 +89,8 @@ Register-ArgumentCompleter -Native -CommandName 'llmarch' -ScriptBlock {
             [CompletionResult]::new('--seed', '--seed', [CompletionResultType]::ParameterName, 'seed')
             [CompletionResult]::new('--dtype', '--dtype', [CompletionResultType]::ParameterName, 'Weight type (default on the CPU: the checkpoint''s own, e.g. bf16, read from the file without a copy; on a GPU: bf16)')
             [CompletionResult]::new('--device', '--device', [CompletionResultType]::ParameterName, 'Where the model runs (not with --endpoint: the server runs it)')
+            [CompletionResult]::new('--draft', '--draft', [CompletionResultType]::ParameterName, 'Speculative decoding: `ngram` (prompt lookup: the continuation of the latest earlier match of the last tokens), `mtp` (the checkpoint''s own multi-token-prediction layers), or a Gemma 4 assistant drafter (alias such as `gemma4-e2b-assistant`, Hub repo or folder). The output is the target''s either way; only the speed changes')
+            [CompletionResult]::new('--draft-tokens', '--draft-tokens', [CompletionResultType]::ParameterName, 'Tokens drafted per verify step (default: the assistant''s `num_assistant_tokens` from its generation_config.json; 4 for ngram)')
             [CompletionResult]::new('--max-context', '--max-context', [CompletionResultType]::ParameterName, 'Context limit of the conversation (default: the model''s own). A number of tokens, `k`/`m` binary suffixes allowed (128k = 131072)')
             [CompletionResult]::new('--thinking', '--thinking', [CompletionResultType]::ParameterName, '`enable_thinking` for templates that take it (default: the template''s own)')
             [CompletionResult]::new('--chat-template', '--chat-template', [CompletionResultType]::ParameterName, 'A chat template file, or a built-in one by name (`gemma-4-E2B-it`, `gemma-4-31B-it`, `Qwen3.6-27B`, `Laguna-XS.2`), instead of the model''s own')
@@ -110,6 +115,7 @@ Register-ArgumentCompleter -Native -CommandName 'llmarch' -ScriptBlock {
             break
         }
         'llmarch;inspect' {
+            [CompletionResult]::new('--draft', '--draft', [CompletionResultType]::ParameterName, 'Also describe a drafter for this model (`ngram`, or a Gemma 4 assistant: alias, Hub repo or folder): what it reads of the target''s cache, and its own KV (none)')
             [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'Machine-readable output on stdout')
             [CompletionResult]::new('-q', '-q', [CompletionResultType]::ParameterName, 'No progress bars or notes on stderr (errors are still printed)')
             [CompletionResult]::new('--quiet', '--quiet', [CompletionResultType]::ParameterName, 'No progress bars or notes on stderr (errors are still printed)')
@@ -134,6 +140,7 @@ Register-ArgumentCompleter -Native -CommandName 'llmarch' -ScriptBlock {
             [CompletionResult]::new('--pp', '--pp', [CompletionResultType]::ParameterName, 'Pin the pipeline-parallel size (--fit); default: the GPUs TP leaves')
             [CompletionResult]::new('--mem-fraction', '--mem-fraction', [CompletionResultType]::ParameterName, 'The engine''s share of each GPU (--fit): vLLM''s --gpu-memory-utilization (default 0.9), SGLang''s --mem-fraction-static (default 0.85 here; SGLang picks its own at start)')
             [CompletionResult]::new('--headroom', '--headroom', [CompletionResultType]::ParameterName, 'Activation headroom per GPU (--fit): a size such as 2GiB or 500MB')
+            [CompletionResult]::new('--draft', '--draft', [CompletionResultType]::ParameterName, 'With one model: a drafter for it (`ngram`, or a Gemma 4 assistant: alias, Hub repo or folder); its own KV (none: it reads the target''s) is added to each figure')
             [CompletionResult]::new('--per-layer', '--per-layer', [CompletionResultType]::ParameterName, 'One row per layer (identical neighbours folded) with bytes and attention FLOPs')
             [CompletionResult]::new('--explain', '--explain', [CompletionResultType]::ParameterName, 'Show the formula with the numbers filled in, for one layer of each kind')
             [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'Machine-readable output on stdout: an array, one object per model and context')

@@ -79,7 +79,7 @@ _llmarch() {
             return 0
             ;;
         llmarch__subcmd__chat)
-            opts="-n -q -v -h -V --system --input --max-new-tokens --temperature --top-k --top-p --min-p --repeat-penalty --seed --dtype --device --max-context --context-shift --hide-thinking --thinking --chat-template --snapshots --no-history --endpoint --api-key --served-model --endpoint-timeout --kv-dtype --quiet --verbose --allow-unknown-keys --help --version"
+            opts="-n -q -v -h -V --system --input --max-new-tokens --temperature --top-k --top-p --min-p --repeat-penalty --seed --dtype --device --draft --draft-tokens --max-context --context-shift --hide-thinking --thinking --chat-template --snapshots --no-history --endpoint --api-key --served-model --endpoint-timeout --kv-dtype --quiet --verbose --allow-unknown-keys --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -131,6 +131,14 @@ _llmarch() {
                     ;;
                 --device)
                     COMPREPLY=($(compgen -W "cpu cuda metal auto" -- "${cur}"))
+                    return 0
+                    ;;
+                --draft)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --draft-tokens)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 --max-context)
@@ -303,12 +311,16 @@ _llmarch() {
             return 0
             ;;
         llmarch__subcmd__inspect)
-            opts="-q -v -h -V --json --quiet --verbose --allow-unknown-keys --help --version"
+            opts="-q -v -h -V --json --draft --quiet --verbose --allow-unknown-keys --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --draft)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -317,7 +329,7 @@ _llmarch() {
             return 0
             ;;
         llmarch__subcmd__kv__subcmd__budget)
-            opts="-c -q -v -h -V --context --kv-dtype --batch --per-layer --explain --json --fit --gpu --engine --weights --tp --pp --mem-fraction --headroom --quiet --verbose --allow-unknown-keys --help --version"
+            opts="-c -q -v -h -V --context --kv-dtype --batch --per-layer --explain --json --fit --gpu --engine --weights --tp --pp --mem-fraction --headroom --draft --quiet --verbose --allow-unknown-keys --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -367,6 +379,10 @@ _llmarch() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --draft)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -389,7 +405,7 @@ _llmarch() {
             return 0
             ;;
         llmarch__subcmd__run)
-            opts="-p -n -q -v -h -V --prompt --prompt-file --prompt-ids --max-new-tokens --temperature --top-k --top-p --min-p --repeat-penalty --seed --dtype --device --max-context --json --logits-out --endpoint --api-key --served-model --endpoint-timeout --kv-dtype --quiet --verbose --allow-unknown-keys --help --version"
+            opts="-p -n -q -v -h -V --prompt --prompt-file --prompt-ids --max-new-tokens --temperature --top-k --top-p --min-p --repeat-penalty --seed --dtype --device --draft --draft-tokens --max-context --json --logits-out --endpoint --api-key --served-model --endpoint-timeout --kv-dtype --draft-logits-out --quiet --verbose --allow-unknown-keys --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -451,6 +467,14 @@ _llmarch() {
                     COMPREPLY=($(compgen -W "cpu cuda metal auto" -- "${cur}"))
                     return 0
                     ;;
+                --draft)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --draft-tokens)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --max-context)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -477,6 +501,10 @@ _llmarch() {
                     ;;
                 --kv-dtype)
                     COMPREPLY=($(compgen -W "f32 bf16 f16 q8_0 q4_0" -- "${cur}"))
+                    return 0
+                    ;;
+                --draft-logits-out)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 *)

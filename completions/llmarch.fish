@@ -55,6 +55,8 @@ complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l device -d 'Where
 cuda\t''
 metal\t''
 auto\t''"
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l draft -d 'Speculative decoding: `ngram` (prompt lookup: the continuation of the latest earlier match of the last tokens), `mtp` (the checkpoint\'s own multi-token-prediction layers), or a Gemma 4 assistant drafter (alias such as `gemma4-e2b-assistant`, Hub repo or folder). The output is the target\'s either way; only the speed changes' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l draft-tokens -d 'Tokens drafted per verify step (default: the assistant\'s `num_assistant_tokens` from its generation_config.json; 4 for ngram)' -r
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l max-context -d 'Context limit for this run and the budget the panel compares against (default: the model\'s own). A number of tokens, `k`/`m` binary suffixes allowed (128k = 131072)' -r
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l logits-out -d 'Write tensor `logits` [positions, vocab] f32: every prompt position, then each step' -r -F
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l endpoint -d 'An OpenAI-compatible server to generate with (vLLM, SGLang, llama.cpp\'s llama-server): `http://host:port` or `.../v1` (run: /v1/completions, chat: /v1/chat/completions), or the full URL of either. MODEL still gives the architecture (config.json only, no weights): the KV panel is computed from it for the token counts the server reports' -r
@@ -66,6 +68,7 @@ bf16\t''
 f16\t''
 q8_0\t''
 q4_0\t''"
+complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l draft-logits-out -d 'With an assistant `--draft`: write tensor `logits` [drafted, vocab] f32, the assistant\'s logits for every token it drafted, in the order drafted' -r -F
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -l json -d 'Stats as one JSON object on the last stdout line'
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -s q -l quiet -d 'No progress bars or notes on stderr (errors are still printed)'
 complete -c llmarch -n "__fish_llmarch_using_subcommand run" -s v -l verbose -d 'More detail on stderr: e.g. every checkpoint tensor the model never reads'
@@ -90,6 +93,8 @@ complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l device -d 'Wher
 cuda\t''
 metal\t''
 auto\t''"
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l draft -d 'Speculative decoding: `ngram` (prompt lookup: the continuation of the latest earlier match of the last tokens), `mtp` (the checkpoint\'s own multi-token-prediction layers), or a Gemma 4 assistant drafter (alias such as `gemma4-e2b-assistant`, Hub repo or folder). The output is the target\'s either way; only the speed changes' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l draft-tokens -d 'Tokens drafted per verify step (default: the assistant\'s `num_assistant_tokens` from its generation_config.json; 4 for ngram)' -r
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l max-context -d 'Context limit of the conversation (default: the model\'s own). A number of tokens, `k`/`m` binary suffixes allowed (128k = 131072)' -r
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l thinking -d '`enable_thinking` for templates that take it (default: the template\'s own)' -r -f -a "on\t''
 off\t''"
@@ -112,6 +117,7 @@ complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -s v -l verbose -d
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -l allow-unknown-keys -d 'Treat config keys llmarch does not know as warnings instead of errors'
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmarch -n "__fish_llmarch_using_subcommand chat" -s V -l version -d 'Print version'
+complete -c llmarch -n "__fish_llmarch_using_subcommand inspect" -l draft -d 'Also describe a drafter for this model (`ngram`, or a Gemma 4 assistant: alias, Hub repo or folder): what it reads of the target\'s cache, and its own KV (none)' -r
 complete -c llmarch -n "__fish_llmarch_using_subcommand inspect" -l json -d 'Machine-readable output on stdout'
 complete -c llmarch -n "__fish_llmarch_using_subcommand inspect" -s q -l quiet -d 'No progress bars or notes on stderr (errors are still printed)'
 complete -c llmarch -n "__fish_llmarch_using_subcommand inspect" -s v -l verbose -d 'More detail on stderr: e.g. every checkpoint tensor the model never reads'
@@ -138,6 +144,7 @@ complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l tp -d 'Pin
 complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l pp -d 'Pin the pipeline-parallel size (--fit); default: the GPUs TP leaves' -r
 complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l mem-fraction -d 'The engine\'s share of each GPU (--fit): vLLM\'s --gpu-memory-utilization (default 0.9), SGLang\'s --mem-fraction-static (default 0.85 here; SGLang picks its own at start)' -r
 complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l headroom -d 'Activation headroom per GPU (--fit): a size such as 2GiB or 500MB' -r
+complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l draft -d 'With one model: a drafter for it (`ngram`, or a Gemma 4 assistant: alias, Hub repo or folder); its own KV (none: it reads the target\'s) is added to each figure' -r
 complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l per-layer -d 'One row per layer (identical neighbours folded) with bytes and attention FLOPs'
 complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l explain -d 'Show the formula with the numbers filled in, for one layer of each kind'
 complete -c llmarch -n "__fish_llmarch_using_subcommand kv-budget" -l json -d 'Machine-readable output on stdout: an array, one object per model and context'

@@ -956,3 +956,84 @@ fn ctrl_c_stops_a_long_prefill_between_chunks() {
     assert_eq!(r.reused, llmarch::generate::PREFILL_CHUNK);
     assert_eq!(r.generated, 2);
 }
+
+/// Greedy chat turns with `--draft ngram` (any number of drafts) reply with the very tokens of
+/// a session without drafting, turn after turn, through /regen and /undo (the per-turn
+/// snapshots and the drafts' rollbacks share the cache), reusing and prefilling the same.
+#[test]
+fn drafting_changes_no_turn_of_a_greedy_chat() {
+    let script = |s: &mut Session| -> Vec<(Vec<u32>, usize, usize, usize)> {
+        let mut out = vec![];
+        let mut turn = |s: &mut Session, text: Option<&str>| {
+            if let Some(t) = text {
+                s.conv.push_user(t);
+            }
+            let r = s
+                .reply(&mut |_| {}, &mut |_, _| Ok(()), &AtomicBool::new(false))
+                .unwrap();
+            out.push((r.generated_ids, r.reused, r.prefilled, r.accepted_tokens));
+        };
+        turn(s, Some("Hello there, hello there"));
+        turn(s, Some("And then? And then?"));
+        assert!(s.conv.pop_reply());
+        turn(s, None);
+        assert!(s.undo());
+        turn(s, Some("Something else"));
+        out
+    };
+    let plain = script(&mut session("e4b-like", 16));
+    let mut accepted = 0;
+    for (k, own) in [(1, false), (4, false), (3, true), (6, true)] {
+        let mut s = session("e4b-like", 16);
+        s.drafter = Some(if own {
+            Box::new(OwnGreedy { round: 0 })
+        } else {
+            Box::new(llmarch::generate::ngram::NgramDrafter)
+        });
+        s.draft_tokens = k;
+        let drafted = script(&mut s);
+        for (turn, (a, b)) in plain.iter().zip(&drafted).enumerate() {
+            assert_eq!(a.0, b.0, "turn {turn}, {k} drafts: tokens");
+            assert_eq!(
+                (a.1, a.2),
+                (b.1, b.2),
+                "turn {turn}, {k} drafts: reused, prefilled"
+            );
+            accepted += b.3;
+        }
+    }
+    assert!(accepted > 0, "no draft was accepted");
+}
+
+/// Drafts the target's own greedy continuation (on a copy of its cache) with one token wrong
+/// per round, at an offset cycling through every position and past the end.
+struct OwnGreedy {
+    round: usize,
+}
+
+impl llmarch::generate::Drafter for OwnGreedy {
+    fn name(&self) -> String {
+        "own-greedy".into()
+    }
+
+    fn draft(
+        &mut self,
+        ctx: &llmarch::generate::speculative::DraftContext,
+        n: usize,
+    ) -> anyhow::Result<Vec<u32>> {
+        let mut cache = ctx.cache.clone();
+        let mut last = *ctx.history.last().unwrap();
+        let mut d = vec![];
+        for _ in 0..n {
+            let row = ctx.target.forward(&[last], &mut cache)?.get(0)?;
+            last = row.argmax(0)?.to_scalar::<u32>()?;
+            d.push(last);
+        }
+        let wrong = self.round % (n + 1);
+        if let Some(t) = d.get_mut(wrong) {
+            *t = (*t + 1) % ctx.target.spec().vocab_size as u32;
+        }
+        self.round += 1;
+        Ok(d)
+    }
+}

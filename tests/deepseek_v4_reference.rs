@@ -35,6 +35,7 @@ fn load(dir: &Path, config: &serde_json::Value, dtype: DType) -> anyhow::Result<
     let opts = LoadOptions {
         rename: Some(checkpoint_name),
         fp8_block: fp8_block(config)?,
+        whole: false,
     };
     let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)?
         .map(|e| e.unwrap().path())
@@ -299,6 +300,7 @@ fn hub_layout_sharded_checkpoint_loads() {
     let opts = LoadOptions {
         rename: Some(checkpoint_name),
         fp8_block: fp8_block(&f.config).unwrap(),
+        whole: false,
     };
     let w = Weights::open_with(&paths, Some(&index), DType::F32, &Device::Cpu, opts).unwrap();
     let model = DeepseekV4Model::from_config(

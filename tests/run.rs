@@ -265,6 +265,44 @@ fn bad_run_input_is_one_clear_error() {
         ),
         (vec!["run", d], "no prompt", 2),
         (
+            vec!["run", d, "--prompt", "hi", "--draft-tokens", "3"],
+            "--draft-tokens 3 needs --draft",
+            2,
+        ),
+        (
+            vec![
+                "run",
+                d,
+                "--prompt",
+                "hi",
+                "--draft",
+                "ngram",
+                "--draft-tokens",
+                "0",
+            ],
+            "--draft-tokens must be at least 1",
+            2,
+        ),
+        (
+            vec![
+                "run",
+                d,
+                "--prompt",
+                "hi",
+                "--draft",
+                "ngram",
+                "--draft-tokens",
+                "65",
+            ],
+            "--draft-tokens 65: at most 64",
+            2,
+        ),
+        (
+            vec!["run", d, "--prompt", "hi", "--draft", "mtp"],
+            "--draft mtp: gemma4 has no runnable multi-token-prediction head",
+            2,
+        ),
+        (
             vec!["run", d, "--prompt-file", "/dev/zero"],
             "--prompt-file /dev/zero is larger than 16 MiB",
             1,
@@ -879,4 +917,63 @@ fn the_generic_path_equals_the_reference_and_the_cpu_path() {
         }
     }
     assert!(checked >= 10, "only {checked} fixtures");
+}
+
+/// `--draft ngram` through the CLI, for every family: the same greedy tokens as without it,
+/// logits within the family's bound of the plain run's (a verify pass sums in another order),
+/// and the draft figures in `--json`.
+#[test]
+fn ngram_drafting_keeps_greedy_output_and_reports_its_figures() {
+    for family in reference::runnable_families() {
+        let dir = &reference::family_fixtures(family.name)[0];
+        let d = dir.to_str().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        // A prompt that repeats itself, so lookups find something.
+        let ids = "5,6,7,8,9,5,6,7,8,9,5,6,7,8,9,5,6";
+        let mut got = vec![];
+        for draft in [None, Some("3")] {
+            let out = tmp.path().join(format!("{draft:?}.safetensors"));
+            let mut args = vec![
+                "run",
+                d,
+                "--prompt-ids",
+                ids,
+                "-n",
+                "24",
+                "--temperature",
+                "0",
+                "--json",
+                "--logits-out",
+                out.to_str().unwrap(),
+            ];
+            if let Some(k) = draft {
+                args.extend(["--draft", "ngram", "--draft-tokens", k]);
+            }
+            let o = run(&args);
+            assert!(o.status.success(), "{d}: {}", stderr(&o));
+            let logits = candle_core::safetensors::load(&out, &candle_core::Device::Cpu)
+                .unwrap()
+                .remove("logits")
+                .unwrap();
+            got.push((stats(&o), logits));
+        }
+        let (plain, drafted) = (&got[0], &got[1]);
+        assert_eq!(plain.0["generated_ids"], drafted.0["generated_ids"], "{d}");
+        assert_eq!(plain.1.dims(), drafted.1.dims(), "{d}");
+        let err = reference::max_abs_diff(&plain.1, &drafted.1);
+        assert!(err < reference::logit_tol(family.name), "{d}: {err}");
+        let s = &drafted.0;
+        let (n, a) = (
+            s["draft_tokens"].as_u64().unwrap(),
+            s["accepted_tokens"].as_u64().unwrap(),
+        );
+        assert!(n > 0 && a <= n, "{d}: {s}");
+        let rate = s["acceptance_rate"].as_f64().unwrap();
+        assert!((rate - a as f64 / n as f64).abs() < 1e-9, "{d}: {s}");
+        let steps = s["target_steps"].as_u64().unwrap();
+        let generated = s["generated_tokens"].as_u64().unwrap();
+        assert!(steps < generated, "{d}: {s}");
+        assert_eq!(plain.0["target_steps"], generated - 1, "{d}");
+        assert_eq!(plain.0["draft_tokens"], 0, "{d}");
+    }
 }

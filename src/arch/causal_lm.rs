@@ -29,6 +29,16 @@ pub trait CausalLm {
         self.forward_logits(tokens, cache, Rows::All)
     }
 
+    /// The input embedding of `token` as the first layer sees it, `[1, 1, hidden]`: what a
+    /// drafter that reads this model takes in (a Gemma 4 assistant). Families whose drafters
+    /// need none refuse.
+    fn input_embedding(&self, _token: u32) -> Result<Tensor> {
+        bail!(
+            "the {} family gives no input embeddings to a drafter",
+            self.spec().family
+        )
+    }
+
     /// Only the last position's logits, `[1, vocab]`: all generation needs, and it skips the
     /// output head for the rest of a prompt.
     fn forward_last(&self, tokens: &[u32], cache: &mut KvStore) -> Result<Tensor> {

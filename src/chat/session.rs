@@ -22,7 +22,7 @@ use super::thinking::{Markers, Part, Splitter};
 use crate::arch::ArchSpec;
 use crate::arch::CausalLm;
 use crate::generate::sampler::{Sampler, Sampling};
-use crate::generate::{self, Event, Limits, StopReason};
+use crate::generate::{self, Drafter, Drafting, Event, Limits, StopReason};
 use crate::layers::kv_store::KvStore;
 use crate::loader::tokenizer::TokenizerBundle;
 use anyhow::{bail, Result};
@@ -290,15 +290,17 @@ impl Engine {
         prompt: &[u32],
         sampler: &mut Sampler,
         limits: &Limits,
+        drafting: Option<Drafting>,
         on_event: &mut dyn FnMut(Event) -> Result<bool>,
     ) -> Result<generate::Stats> {
         let before = self.live.ids.len();
-        match generate::generate(
+        match generate::generate_with(
             model,
             &mut self.live.cache,
             prompt,
             sampler,
             limits,
+            drafting,
             on_event,
         ) {
             Ok(stats) if self.live.cache.seen() < before + prompt.len() => {
@@ -350,6 +352,9 @@ pub struct Totals {
     pub decoded: usize,
     pub resumed_from_snapshot: usize,
     pub refilled_from_scratch: usize,
+    /// Speculative decoding over the session: tokens drafted and accepted.
+    pub draft_tokens: usize,
+    pub accepted_tokens: usize,
 }
 
 /// What a turn tells before its reply about how it is prefilled.
@@ -376,8 +381,13 @@ pub struct TurnReport {
     pub dropped_turns: usize,
     pub prefill_s: f64,
     pub generated: usize,
+    /// The generated ids, the stop token included.
+    pub generated_ids: Vec<u32>,
     pub decode_tok_s: f64,
     pub stop: Option<StopReason>,
+    /// With a drafter: tokens drafted and accepted this turn.
+    pub draft_tokens: usize,
+    pub accepted_tokens: usize,
     /// Tokens the cache holds after the turn.
     pub context_used: usize,
     /// With [`Session::keep_logits`]: the logits of every prefilled position, `[prefilled,
@@ -428,6 +438,9 @@ pub struct Session {
     pub totals: Totals,
     /// Return the prefill logits in each [`TurnReport`] (tests).
     pub keep_logits: bool,
+    /// Speculative decoding: the drafter and how many tokens it drafts per step.
+    pub drafter: Option<Box<dyn Drafter>>,
+    pub draft_tokens: usize,
 }
 
 impl Session {
@@ -460,6 +473,8 @@ impl Session {
             markers,
             totals: Totals::default(),
             keep_logits: false,
+            drafter: None,
+            draft_tokens: 0,
         }
     }
 
@@ -632,8 +647,11 @@ impl Session {
                     dropped_turns,
                     prefill_s: t0.elapsed().as_secs_f64(),
                     generated: 0,
+                    generated_ids: vec![],
                     decode_tok_s: 0.0,
                     stop: Some(StopReason::Interrupted),
+                    draft_tokens: 0,
+                    accepted_tokens: 0,
                     context_used: self.engine.ids().len(),
                     prefill_logits: None,
                 });
@@ -674,15 +692,20 @@ impl Session {
                         }
                     }
                 }
-                Event::Prefilling { .. } => {}
+                Event::Prefilling { .. } | Event::Verified { .. } => {}
             }
             Ok(!stop.load(Ordering::SeqCst))
         };
+        let drafting = self.drafter.as_deref_mut().map(|drafter| Drafting {
+            drafter,
+            tokens: self.draft_tokens,
+        });
         let stats = self.engine.generate(
             self.model.as_ref(),
             &rest,
             &mut self.sampler,
             &limits,
+            drafting,
             &mut on_event,
         )?;
         for (part, text) in splitter.finish()? {
@@ -708,6 +731,8 @@ impl Session {
         self.totals.prefill_s += prefill_s;
         self.totals.decode_s += decode_s;
         self.totals.decoded += decoded;
+        self.totals.draft_tokens += stats.draft_tokens;
+        self.totals.accepted_tokens += stats.accepted_tokens;
         let prefill_logits = if keep && !logit_rows.is_empty() {
             Some(Tensor::cat(&logit_rows, 0)?)
         } else {
@@ -721,8 +746,11 @@ impl Session {
             dropped_turns,
             prefill_s,
             generated: stats.generated_tokens,
+            generated_ids: stats.generated_ids,
             decode_tok_s: stats.decode_tok_s,
             stop: stats.stop,
+            draft_tokens: stats.draft_tokens,
+            accepted_tokens: stats.accepted_tokens,
             context_used: self.engine.ids().len(),
             prefill_logits,
         })

@@ -57,6 +57,8 @@ pub struct Args {
     pub sampling: SamplingArgs,
     #[command(flatten)]
     pub device: DeviceArgs,
+    #[command(flatten)]
+    pub draft: super::draft::DraftArgs,
     /// Context limit of the conversation (default: the model's own).
     /// A number of tokens, `k`/`m` binary suffixes allowed (128k = 131072).
     #[arg(long, value_parser = shared::parse_tokens_usize)]
@@ -248,6 +250,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
 
     // 2. Spec, files, tokenizer, template; then the weights.
     let (model_ref, spec, family) = shared::runnable_spec(ctx, &args.model)?;
+    let draft = args.draft.build(ctx, &spec, &precision, false)?;
     let (files, tok) = shared::files_and_tokenizer(ctx, &model_ref)?;
     if tok.tokenizer().is_err() {
         bail!(
@@ -283,6 +286,10 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     } = shared::build_model_in(&files, family, ctx, &precision)?;
     let mut session = Session::new(model, tok, template, settings, max_context);
     session.context_shift = args.context_shift;
+    if let Some(d) = draft {
+        session.drafter = Some(d.drafter);
+        session.draft_tokens = d.tokens;
+    }
     session.engine.max_snapshots = args.snapshots;
     if let Some(s) = &args.system {
         session.conv.set_system(Some(s.clone()));
@@ -856,6 +863,14 @@ impl Chat {
             r.generated,
             r.decode_tok_s,
         );
+        if r.draft_tokens > 0 {
+            meter.push_str(&format!(
+                " · drafts {}/{} accepted ({:.0}%)",
+                r.accepted_tokens,
+                r.draft_tokens,
+                100.0 * r.accepted_tokens as f64 / r.draft_tokens as f64
+            ));
+        }
         match r.stop {
             Some(StopReason::Interrupted) => meter.push_str(" · interrupted"),
             Some(StopReason::MaxTokens) => {
@@ -1037,6 +1052,13 @@ impl Chat {
         } else {
             0.0
         };
+        let draft = s.drafter.as_ref().map(|d| panel::DraftFigures {
+            name: d.name(),
+            reads: d.reads_layers(),
+            drafted: s.totals.draft_tokens,
+            accepted: s.totals.accepted_tokens,
+            ..Default::default()
+        });
         let lines = panel::render(&panel::Snapshot {
             spec: s.spec(),
             budget: at_max,
@@ -1044,6 +1066,7 @@ impl Chat {
             measured: true,
             tokens: s.engine.ids().len(),
             tok_s,
+            draft: draft.as_ref(),
         });
         Ok(lines.join("\n"))
     }

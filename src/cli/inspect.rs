@@ -16,6 +16,10 @@ pub struct Args {
     /// Machine-readable output on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Also describe a drafter for this model (`ngram`, or a Gemma 4 assistant: alias, Hub repo
+    /// or folder): what it reads of the target's cache, and its own KV (none).
+    #[arg(long, value_name = "DRAFTER")]
+    pub draft: Option<String>,
 }
 
 pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
@@ -23,15 +27,23 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     for w in &spec.warnings {
         ctx.warn(w);
     }
+    let draft = match &args.draft {
+        Some(d) => Some(super::draft::describe(ctx, d, &spec)?),
+        None => None,
+    };
     if args.json {
-        writeln!(
-            out,
-            "{}",
-            serde_json::to_string_pretty(&to_json(&model, &spec))?
-        )?;
+        let mut v = to_json(&model, &spec);
+        if let (Some(d), Some(o)) = (&draft, v.as_object_mut()) {
+            o.insert("draft".into(), d.json());
+        }
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(());
     }
-    write_text(&model, &spec, out)
+    write_text(&model, &spec, out)?;
+    if let Some(d) = draft {
+        writeln!(out, "{}", d.line())?;
+    }
+    Ok(())
 }
 
 fn repo_of(model: &ModelRef) -> Option<String> {

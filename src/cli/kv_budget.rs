@@ -51,6 +51,10 @@ pub struct Args {
     pub fit: bool,
     #[command(flatten)]
     pub fit_args: super::fit::FitArgs,
+    /// With one model: a drafter for it (`ngram`, or a Gemma 4 assistant: alias, Hub repo or
+    /// folder); its own KV (none: it reads the target's) is added to each figure.
+    #[arg(long, value_name = "DRAFTER")]
+    pub draft: Option<String>,
 }
 
 /// The most sequences `--batch` takes.
@@ -120,6 +124,11 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
             out,
         );
     }
+    let draft = match &args.draft {
+        Some(d) if entries.len() == 1 => Some(super::draft::describe(ctx, d, &entries[0].spec)?),
+        Some(d) => crate::usage!("--draft {d} goes with one model ({} given)", entries.len()),
+        None => None,
+    };
     let mut budgets: Vec<(usize, Budget)> = vec![];
     for (i, e) in entries.iter().enumerate() {
         for &c in &args.context.0 {
@@ -131,12 +140,21 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     if args.json {
         let v: Vec<_> = budgets
             .iter()
-            .map(|(i, b)| budget_json(&entries[*i], b))
+            .map(|(i, b)| {
+                let mut v = budget_json(&entries[*i], b);
+                if let (Some(d), Some(o)) = (&draft, v.as_object_mut()) {
+                    o.insert("draft".into(), d.json());
+                }
+                v
+            })
             .collect();
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(());
     }
     write_summary(&entries, &budgets, &args, out)?;
+    if let Some(d) = &draft {
+        writeln!(out, "{}", d.line())?;
+    }
     if args.per_layer {
         for (i, b) in &budgets {
             write_per_layer(&entries[*i], b, out)?;

@@ -3,6 +3,7 @@
 
 pub mod chat;
 pub mod completions;
+pub mod draft;
 pub mod fit;
 pub mod inspect;
 pub mod interrupt;

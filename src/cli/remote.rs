@@ -79,6 +79,7 @@ impl Remote {
             tokens: tokens as usize,
             tok_s,
             measured: false,
+            draft: None,
         }))
     }
 }

@@ -34,6 +34,8 @@ pub struct Args {
     pub sampling: SamplingArgs,
     #[command(flatten)]
     pub device: DeviceArgs,
+    #[command(flatten)]
+    pub draft: super::draft::DraftArgs,
     /// Context limit for this run and the budget the panel compares against (default: the
     /// model's own).
     /// A number of tokens, `k`/`m` binary suffixes allowed (128k = 131072).
@@ -47,6 +49,10 @@ pub struct Args {
     pub logits_out: Option<PathBuf>,
     #[command(flatten)]
     pub endpoint: shared::EndpointArgs,
+    /// With an assistant `--draft`: write tensor `logits` [drafted, vocab] f32, the assistant's
+    /// logits for every token it drafted, in the order drafted.
+    #[arg(long, conflicts_with = "endpoint")]
+    pub draft_logits_out: Option<PathBuf>,
 }
 
 pub(super) fn read_prompt(args: &Args) -> Result<Option<String>> {
@@ -71,15 +77,15 @@ pub(super) fn read_prompt(args: &Args) -> Result<Option<String>> {
     }
 }
 
-/// Fail before any work if `--logits-out` cannot be written.
-fn check_output_path(path: &Path) -> Result<()> {
+/// Fail before any work if `flag`'s file cannot be written.
+fn check_output_path(flag: &str, path: &Path) -> Result<()> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
     if !parent.is_dir() {
         crate::usage!(
-            "--logits-out {}: folder {} does not exist",
+            "{flag} {}: folder {} does not exist",
             path.display(),
             parent.display()
         );
@@ -101,8 +107,16 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     }
     // 1. Everything that can be checked before loading anything.
     let precision = args.device.resolve(ctx)?;
-    if let Some(p) = &args.logits_out {
-        check_output_path(p)?;
+    for (flag, p) in [
+        ("--logits-out", &args.logits_out),
+        ("--draft-logits-out", &args.draft_logits_out),
+    ] {
+        if let Some(p) = p {
+            check_output_path(flag, p)?;
+        }
+    }
+    if args.draft_logits_out.is_some() && args.draft.draft.is_none() {
+        crate::usage!("--draft-logits-out needs --draft with a Gemma 4 assistant");
     }
     if args.max_context == Some(0) {
         crate::usage!("--max-context must be at least 1");
@@ -115,6 +129,19 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     // 2. The spec first (only config.json), so a family that cannot run fails before any
     //    download; then every file, and the tokenizer.
     let (model_ref, spec, family) = shared::runnable_spec(ctx, &args.model)?;
+    let draft = args
+        .draft
+        .build(ctx, &spec, &precision, args.draft_logits_out.is_some())?;
+    if args.draft_logits_out.is_some()
+        && draft
+            .as_ref()
+            .is_some_and(|d| d.drafter.drafted_logits().is_none())
+    {
+        crate::usage!(
+            "--draft-logits-out: `--draft {}` is not a model, it has no logits",
+            args.draft.draft.as_deref().unwrap_or("")
+        );
+    }
     let (files, tok) = shared::files_and_tokenizer(ctx, &model_ref)?;
     let prompt: Vec<u32> = match (&args.prompt_ids, &text) {
         (Some(ids), _) => ids.clone(),
@@ -178,6 +205,15 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     let mut tokens = prompt.len();
     let t0 = Instant::now();
     let keep_logits = args.logits_out.is_some();
+    let (mut drafter, draft_tokens) = match draft {
+        Some(d) => (Some(d.drafter), d.tokens),
+        None => (None, 0),
+    };
+    let mut figures = drafter.as_ref().map(|d| panel::DraftFigures {
+        name: d.name(),
+        reads: d.reads_layers(),
+        ..Default::default()
+    });
 
     // A long prompt's prefill shows its progress (chunk by chunk) where the panel would be.
     let prefill_bar = (show_panel && prompt.len() > generate::PREFILL_CHUNK).then(|| {
@@ -221,6 +257,12 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
                 };
                 (piece, cache.bytes())
             }
+            Event::Verified { drafted, accepted } => {
+                if let Some(f) = figures.as_mut() {
+                    f.verified(drafted, accepted);
+                }
+                return Ok(!interrupt::requested());
+            }
         };
         if show_panel {
             live.erase(&mut stderr)?;
@@ -244,17 +286,23 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
                 measured: true,
                 tokens,
                 tok_s: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+                draft: figures.as_ref(),
             };
             live.draw(&mut stderr, &panel::render(&snap))?;
         }
         Ok(!interrupt::requested())
     };
-    let stats = generate::generate(
+    let drafting = drafter.as_deref_mut().map(|drafter| generate::Drafting {
+        drafter,
+        tokens: draft_tokens,
+    });
+    let stats = generate::generate_with(
         model.as_ref(),
         &mut cache,
         &prompt,
         &mut sampler,
         &limits,
+        drafting,
         &mut on_event,
     )?;
     if let Some(bar) = &prefill_bar {
@@ -273,6 +321,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
             measured: true,
             tokens,
             tok_s: stats.decode_tok_s,
+            draft: figures.as_ref(),
         };
         writeln!(out)?;
         out.flush()?;
@@ -284,6 +333,19 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     }
     if let Some(p) = &args.logits_out {
         write_logits(p, &logits_rows)?;
+    }
+    if let (Some(p), Some(rows)) = (
+        &args.draft_logits_out,
+        drafter.as_ref().and_then(|d| d.drafted_logits()),
+    ) {
+        if rows.is_empty() {
+            bail!("--draft-logits-out: the assistant drafted nothing (generation ended first)");
+        }
+        let rows: Vec<Tensor> = rows
+            .iter()
+            .map(|r| r.unsqueeze(0))
+            .collect::<candle_core::Result<_>>()?;
+        write_logits(p, &rows)?;
     }
     if !ctx.quiet {
         eprintln!("{}", summary(&stats, &at_max, &weights, load_s));

@@ -408,6 +408,7 @@ pub fn build_model_in(
     let opts = weights::LoadOptions {
         rename: family.rename,
         fp8_block: crate::loader::quantized::fp8_block(&config)?,
+        whole: false,
     };
     let weights = weights::load_with(files, precision.dtype, &precision.device, opts)?;
     // Matrices are read from the mapping (CPU) or quantized from it one at a time as the

@@ -6,8 +6,14 @@
 //! Chunking bounds what a long prompt costs beside the weights and the cache: one chunk's
 //! activations (its MLP intermediate, its per-layer embeddings) and one block of attention
 //! scores, whatever the prompt length; only the last chunk runs the output head.
+//!
+//! With a drafter ([`speculative`]) each decode step feeds the chosen token and the draft in
+//! one verify pass and keeps what the target accepts; without one, one token per step.
 
+pub mod assistant;
+pub mod ngram;
 pub mod sampler;
+pub mod speculative;
 
 use crate::arch::{CausalLm, Rows};
 use crate::layers::kv_store::KvStore;
@@ -15,6 +21,8 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use sampler::Sampler;
 use serde::Serialize;
+use speculative::Verdict;
+pub use speculative::{Drafter, Drafting};
 use std::time::Instant;
 
 /// Tokens per prefill forward: large enough that the weight matmuls run as GEMMs at full speed,
@@ -62,6 +70,9 @@ pub enum Event<'a> {
         logits: &'a Tensor,
         cache: &'a KvStore,
     },
+    /// A verify pass judged `drafted` tokens and accepted the first `accepted` (the accepted
+    /// ones were sent as [`Event::Token`] before this).
+    Verified { drafted: usize, accepted: usize },
 }
 
 /// Measured figures of one generation.
@@ -81,6 +92,14 @@ pub struct Stats {
     /// Peak resident memory of the process, where the OS tells.
     pub peak_rss_bytes: Option<u64>,
     pub stop: Option<StopReason>,
+    /// Speculative decoding (zero without a drafter): tokens drafted and accepted, the share
+    /// accepted, and the target's decode forwards (verify passes and single steps).
+    pub draft_tokens: usize,
+    pub accepted_tokens: usize,
+    pub acceptance_rate: f64,
+    pub target_steps: usize,
+    /// Tokens fed again after a rollback (the accepted part of a rejected draft).
+    pub recomputed_tokens: usize,
 }
 
 /// Prefill `prompt` after what `cache` already holds, then decode. `on_event` returns `false`
@@ -91,6 +110,81 @@ pub fn generate(
     prompt: &[u32],
     sampler: &mut Sampler,
     limits: &Limits,
+    on_event: &mut dyn FnMut(Event) -> Result<bool>,
+) -> Result<Stats> {
+    generate_with(model, cache, prompt, sampler, limits, None, on_event)
+}
+
+/// The next token: to be drawn from a logits row, or already chosen (a rejected draft's
+/// replacement) from that row.
+enum Next {
+    Row(Tensor),
+    Chosen(u32, Tensor),
+}
+
+/// A logits row `[vocab]` as f32 values, refused when it holds NaN or +∞.
+fn row_values(row: &Tensor, position: usize) -> Result<Vec<f32>> {
+    let row: Vec<f32> = row.to_dtype(DType::F32)?.to_vec1()?;
+    if row.iter().any(|x| x.is_nan() || *x == f32::INFINITY) {
+        bail!(
+            "the model's scores for token {position} hold NaN or infinity: its output would be meaningless\n\
+             hint: the checkpoint may hold NaN/Inf weights, or a half-precision type overflowed (try --dtype f32)"
+        );
+    }
+    Ok(row)
+}
+
+/// What the decode loop has produced so far.
+struct Out<'l> {
+    stats: Stats,
+    history: Vec<u32>,
+    go_on: bool,
+    t0: Instant,
+    limits: &'l Limits,
+}
+
+/// Record `id`, chosen from `row`, and tell the caller; `false` when generation ends with it.
+fn emit(
+    out: &mut Out,
+    id: u32,
+    row: &Tensor,
+    cache: &KvStore,
+    on_event: &mut dyn FnMut(Event) -> Result<bool>,
+) -> Result<bool> {
+    let stats = &mut out.stats;
+    if stats.generated_tokens == 0 {
+        stats.ttft_ms = out.t0.elapsed().as_secs_f64() * 1e3;
+    }
+    stats.generated_tokens += 1;
+    stats.generated_ids.push(id);
+    out.history.push(id);
+    out.go_on = on_event(Event::Token {
+        id,
+        logits: row,
+        cache,
+    })?;
+    if out.limits.stop_ids.contains(&id) {
+        stats.stop = Some(StopReason::EndOfSequence);
+        return Ok(false);
+    }
+    if !out.go_on {
+        return Ok(false);
+    }
+    if stats.generated_tokens >= out.limits.max_new_tokens {
+        stats.stop = Some(StopReason::MaxTokens);
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// [`generate`], drafting with `drafting` when given (see [`speculative`]).
+pub fn generate_with(
+    model: &dyn CausalLm,
+    cache: &mut KvStore,
+    prompt: &[u32],
+    sampler: &mut Sampler,
+    limits: &Limits,
+    mut drafting: Option<Drafting>,
     on_event: &mut dyn FnMut(Event) -> Result<bool>,
 ) -> Result<Stats> {
     if prompt.is_empty() {
@@ -109,7 +203,7 @@ pub fn generate(
             limits.max_context
         );
     }
-    let mut history: Vec<u32> = prompt.to_vec();
+    let history: Vec<u32> = prompt.to_vec();
     let mut stats = Stats {
         prompt_tokens: prompt.len(),
         prefilled_tokens: prompt.len(),
@@ -127,63 +221,123 @@ pub fn generate(
     }; // [n or 1, vocab]
     let prefill = t0.elapsed().as_secs_f64();
     stats.prefill_tok_s = prompt.len() as f64 / prefill.max(1e-9);
-    let mut go_on = on_event(Event::Prefilled {
+    let go_on = on_event(Event::Prefilled {
         logits: &logits,
         cache,
     })?;
-    let mut last = logits.get(logits.dim(0)? - 1)?; // [vocab]
+    let mut next = Next::Row(logits.get(logits.dim(0)? - 1)?); // [vocab]
 
     let t_decode = Instant::now();
-    let mut fed_in_decode = 0usize;
-    while go_on {
-        if stats.generated_tokens >= limits.max_new_tokens {
-            stats.stop = Some(StopReason::MaxTokens);
+    let decode_start = cache.seen();
+    let mut out = Out {
+        stats,
+        history,
+        go_on,
+        t0,
+        limits,
+    };
+    while out.go_on {
+        if out.stats.generated_tokens >= limits.max_new_tokens {
+            out.stats.stop = Some(StopReason::MaxTokens);
             break;
         }
-        let row: Vec<f32> = last.to_dtype(DType::F32)?.to_vec1()?;
-        if row.iter().any(|x| x.is_nan() || *x == f32::INFINITY) {
-            bail!(
-                "the model's scores for token {} hold NaN or infinity: its output would be meaningless\n\
-                 hint: the checkpoint may hold NaN/Inf weights, or a half-precision type overflowed (try --dtype f32)",
-                cache.seen() + 1
-            );
-        }
-        let id = sampler.next(&row, &history);
-        if stats.generated_tokens == 0 {
-            stats.ttft_ms = t0.elapsed().as_secs_f64() * 1e3;
-        }
-        stats.generated_tokens += 1;
-        stats.generated_ids.push(id);
-        history.push(id);
-        go_on = on_event(Event::Token {
-            id,
-            logits: &last,
-            cache,
-        })?;
-        if limits.stop_ids.contains(&id) {
-            stats.stop = Some(StopReason::EndOfSequence);
-            break;
-        }
-        if !go_on {
-            break;
-        }
-        if stats.generated_tokens >= limits.max_new_tokens {
-            stats.stop = Some(StopReason::MaxTokens);
+        let (id, row) = match next {
+            Next::Row(row) => {
+                let values = row_values(&row, cache.seen() + 1)?;
+                (sampler.next(&values, &out.history), row)
+            }
+            Next::Chosen(id, row) => (id, row),
+        };
+        if !emit(&mut out, id, &row, cache, on_event)? {
             break;
         }
         if cache.seen() + 1 > limits.max_context {
-            stats.stop = Some(StopReason::ContextFull);
+            out.stats.stop = Some(StopReason::ContextFull);
             break;
         }
-        last = model.forward_last(&[id], cache)?.get(0)?;
-        fed_in_decode += 1;
+        // Draft at most what the token budget and the context leave room to verify.
+        let room = (limits.max_new_tokens - out.stats.generated_tokens - 1)
+            .min(limits.max_context - cache.seen() - 1);
+        let drafts = match drafting.as_mut() {
+            Some(d) if d.tokens > 0 && room > 0 => {
+                let ctx = speculative::DraftContext {
+                    history: &out.history,
+                    target: model,
+                    cache,
+                };
+                let mut v = d.drafter.draft(&ctx, d.tokens.min(room))?;
+                v.truncate(d.tokens.min(room));
+                v
+            }
+            _ => vec![],
+        };
+        out.stats.target_steps += 1;
+        if drafts.is_empty() {
+            next = Next::Row(model.forward_last(&[id], cache)?.get(0)?);
+            continue;
+        }
+
+        // Verify `[id, d1..dk]` in one pass; row j judges d(j+1).
+        let k = drafts.len();
+        let input: Vec<u32> = std::iter::once(id).chain(drafts.iter().copied()).collect();
+        let checkpoint = cache.checkpoint();
+        // As decode steps compute (no bf16 products for a long draft): the rows judge the drafts
+        // by the logits plain decoding would have given.
+        let rows = crate::kernels::as_decode_steps(|| model.forward(&input, cache))?; // [k + 1, vocab]
+        out.stats.draft_tokens += k;
+        let mut keep = k + 1; // tokens of `input` the cache keeps
+        let mut accepted = 0;
+        let mut stopped = false;
+        next = Next::Row(rows.get(k)?);
+        for (j, &d) in drafts.iter().enumerate() {
+            let row = rows.get(j)?;
+            let values = row_values(&row, cache.seen() - k + j)?;
+            match speculative::judge(sampler, &values, &out.history, d) {
+                Verdict::Accept => {
+                    accepted += 1;
+                    if !emit(&mut out, d, &row, cache, on_event)? {
+                        // `d` ends generation: it is not fed.
+                        keep = j + 1;
+                        stopped = true;
+                        break;
+                    }
+                }
+                Verdict::Reject(t) => {
+                    keep = j + 1;
+                    next = Next::Chosen(t, row);
+                    break;
+                }
+            }
+        }
+        out.stats.accepted_tokens += accepted;
+        if keep < k + 1 {
+            cache.rollback(&checkpoint)?;
+            crate::kernels::as_decode_steps(|| {
+                model.forward_logits(&input[..keep], cache, Rows::None)
+            })?;
+            out.stats.recomputed_tokens += keep;
+        }
+        out.go_on &= on_event(Event::Verified {
+            drafted: k,
+            accepted,
+        })?;
+        if stopped {
+            break;
+        }
     }
-    if !go_on && stats.stop.is_none() {
-        stats.stop = Some(StopReason::Interrupted);
+    if !out.go_on && out.stats.stop.is_none() {
+        out.stats.stop = Some(StopReason::Interrupted);
     }
+    let mut stats = out.stats;
     let decode = t_decode.elapsed().as_secs_f64();
+    let fed_in_decode = cache.seen() - decode_start;
     stats.decode_tok_s = if fed_in_decode > 0 {
         fed_in_decode as f64 / decode.max(1e-9)
+    } else {
+        0.0
+    };
+    stats.acceptance_rate = if stats.draft_tokens > 0 {
+        stats.accepted_tokens as f64 / stats.draft_tokens as f64
     } else {
         0.0
     };

@@ -72,6 +72,13 @@ impl Sampler {
 
     /// Pick the next token from `logits` (one row, vocab-sized), given the sequence so far.
     pub fn next(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let d = self.distribution(logits, history);
+        self.draw(&d)
+    }
+
+    /// The distribution [`Self::next`] draws from: the repeat penalty, temperature and
+    /// truncations applied to `logits` after `history`. Greedy is a point mass on the argmax.
+    pub fn distribution(&self, logits: &[f32], history: &[u32]) -> Dist {
         let s = &self.settings;
         let mut l = logits.to_vec();
         if s.repeat_penalty != 1.0 {
@@ -91,13 +98,17 @@ impl Sampler {
                 }
             }
         }
+        let point = |id: u32| Dist {
+            ids: vec![id],
+            p: vec![1.0],
+        };
         if s.temperature == 0.0 {
-            return argmax(&l);
+            return point(argmax(&l));
         }
         // Candidates sorted by logit, best first.
         let mut idx: Vec<usize> = (0..l.len()).filter(|&i| l[i].is_finite()).collect();
         if idx.is_empty() {
-            return argmax(logits);
+            return point(argmax(logits));
         }
         idx.sort_unstable_by(|&a, &b| l[b].total_cmp(&l[a]));
         if let Some(k) = s.top_k {
@@ -129,15 +140,64 @@ impl Sampler {
             let keep = p.iter().take_while(|&&x| x >= floor).count().max(1);
             p.truncate(keep);
         }
-        let total: f32 = p.iter().sum();
+        idx.truncate(p.len());
+        Dist {
+            ids: idx.into_iter().map(|i| i as u32).collect(),
+            p,
+        }
+    }
+
+    /// One seeded draw from `d`.
+    pub fn draw(&mut self, d: &Dist) -> u32 {
+        if self.settings.temperature == 0.0 {
+            return d.ids[0];
+        }
+        let total: f32 = d.p.iter().sum();
         let mut r = self.rng.random::<f32>() * total;
-        for (j, &x) in p.iter().enumerate() {
+        for (j, &x) in d.p.iter().enumerate() {
             r -= x;
             if r <= 0.0 {
-                return idx[j] as u32;
+                return d.ids[j];
             }
         }
-        idx[p.len() - 1] as u32
+        d.ids[d.p.len() - 1]
+    }
+
+    /// A uniform draw in `[0, 1)` from the same seeded stream (speculative acceptance).
+    pub fn uniform(&mut self) -> f32 {
+        self.rng.random::<f32>()
+    }
+}
+
+/// A distribution over token ids: `ids` with weights `p` (summing to 1 before truncation; only
+/// the ratios matter). Ids outside `ids` have probability 0.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dist {
+    pub ids: Vec<u32>,
+    pub p: Vec<f32>,
+}
+
+impl Dist {
+    /// The normalised probability of `id`.
+    pub fn prob(&self, id: u32) -> f32 {
+        let total: f32 = self.p.iter().sum();
+        match self.ids.iter().position(|&i| i == id) {
+            Some(j) if total > 0.0 => self.p[j] / total,
+            _ => 0.0,
+        }
+    }
+
+    /// This distribution with `id` removed (what is left to draw from after a rejected point
+    /// draft), or `None` when nothing else has any weight.
+    pub fn without(&self, id: u32) -> Option<Dist> {
+        let (ids, p): (Vec<u32>, Vec<f32>) = self
+            .ids
+            .iter()
+            .zip(&self.p)
+            .filter(|(&i, &x)| i != id && x > 0.0)
+            .map(|(&i, &x)| (i, x))
+            .unzip();
+        (!ids.is_empty()).then_some(Dist { ids, p })
     }
 }
 

@@ -12,6 +12,13 @@
 //! token, not the whole cache; the cache they hold is the buffer's first `tokens` rows. A buffer
 //! shared with a snapshot (a clone of the store) is copied before it is written: snapshots never
 //! change.
+//!
+//! Speculative decoding feeds drafted tokens that may be rejected. [`KvStore::checkpoint`]
+//! records what a verify pass will change without copying a row: for full layers only how many
+//! rows they hold (the pass writes past them, never over them), for sliding layers their window
+//! tensors and for every layer its states (a forward replaces those tensors, it never writes
+//! into them), so a checkpoint costs a few reference counts. [`KvStore::rollback`] puts the store
+//! back exactly as it was, byte for byte; the caller then feeds the accepted tokens again.
 
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -98,6 +105,25 @@ pub struct KvView {
     pub start: usize,
 }
 
+/// What [`KvStore::rollback`] restores: the store as it was when [`KvStore::checkpoint`] ran.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    seen: usize,
+    layers: Vec<Option<LayerMark>>,
+    last_hidden: Option<Tensor>,
+}
+
+/// One owning layer at a checkpoint.
+#[derive(Debug, Clone)]
+struct LayerMark {
+    /// Full layers: the rows held (the room's first rows stay as they were).
+    rows: usize,
+    /// Sliding layers: the window tensors (replaced, never written into, by an append).
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    states: Vec<(&'static str, Tensor)>,
+}
+
 /// All layers' caches; `None` for layers that own none (KV-shared layers). Cloning is cheap
 /// (tensors are shared, and `append` makes new ones), so a snapshot at a turn boundary is a
 /// clone: that is how `chat` undoes a turn without prefilling the history again.
@@ -106,6 +132,9 @@ pub struct KvStore {
     layers: Vec<Option<LayerKv>>,
     /// Tokens fed so far (the position of the next token).
     seen: usize,
+    /// The model's last normed hidden state `[1, 1, hidden]`, where it keeps one (Gemma 4):
+    /// what its assistant drafter starts from. Not KV: not counted in [`Self::bytes`].
+    last_hidden: Option<Tensor>,
 }
 
 impl KvStore {
@@ -123,6 +152,7 @@ impl KvStore {
                 })
                 .collect(),
             seen: 0,
+            last_hidden: None,
         }
     }
 
@@ -145,6 +175,17 @@ impl KvStore {
             l.states.clear();
         }
         self.seen = 0;
+        self.last_hidden = None;
+    }
+
+    /// The last normed hidden state the model left (see the field).
+    pub fn last_hidden(&self) -> Option<&Tensor> {
+        self.last_hidden.as_ref()
+    }
+
+    /// Keep `h` as the last normed hidden state.
+    pub fn set_last_hidden(&mut self, h: Tensor) {
+        self.last_hidden = Some(h);
     }
 
     pub fn layer(&self, i: usize) -> Option<&LayerKv> {
@@ -229,6 +270,61 @@ impl KvStore {
             v: v_all,
             start: seen - cached,
         })
+    }
+
+    /// Record the store as it is now, for [`Self::rollback`]; copies no tensor data and does
+    /// not share the full layers' buffers (so the next append still writes in place).
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            seen: self.seen,
+            layers: self
+                .layers
+                .iter()
+                .map(|l| {
+                    l.as_ref().map(|l| {
+                        let full = l.window.is_none();
+                        LayerMark {
+                            rows: l.k.as_ref().map_or(0, |k| k.dim(2).unwrap_or(0)),
+                            k: if full { None } else { l.k.clone() },
+                            v: if full { None } else { l.v.clone() },
+                            states: l.states.clone(),
+                        }
+                    })
+                })
+                .collect(),
+            last_hidden: self.last_hidden.clone(),
+        }
+    }
+
+    /// Put the store back as it was at `cp` (taken from this store, with nothing cleared since):
+    /// byte for byte what it held then, whatever was fed in between.
+    pub fn rollback(&mut self, cp: &Checkpoint) -> Result<()> {
+        if cp.layers.len() != self.layers.len() || cp.seen > self.seen {
+            bail!("internal: a checkpoint of another cache (or of a later state)");
+        }
+        for (l, m) in self.layers.iter_mut().zip(&cp.layers) {
+            let (Some(l), Some(m)) = (l.as_mut(), m.as_ref()) else {
+                continue;
+            };
+            if l.window.is_none() {
+                // The rows past `m.rows` are the rejected tokens'; the room keeps its capacity.
+                let cut = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
+                    Ok(match t {
+                        Some(t) if m.rows > 0 => Some(t.narrow(2, 0, m.rows)?),
+                        _ => None,
+                    })
+                };
+                l.k = cut(&l.k)?;
+                l.v = cut(&l.v)?;
+            } else {
+                l.k = m.k.clone();
+                l.v = m.v.clone();
+            }
+            l.states = m.states.clone();
+        }
+        self.seen = cp.seen;
+        self.last_hidden = cp.last_hidden.clone();
+        Ok(())
     }
 
     /// Bytes each layer really holds now (K, V and states), measured from the tensors.
@@ -362,6 +458,48 @@ mod tests {
         assert_eq!(k(&other)[503..], [50.0, 51.0]);
         let v = values(other.layer(0).unwrap().v.as_ref().unwrap());
         assert_eq!((v[0], v[503], v.len()), (1000.0, 60.0, 505));
+    }
+
+    /// A rollback undoes appends and state changes on full and sliding layers alike, keeps the
+    /// full layer's buffer (the next append writes in place), and leaves a snapshot alone.
+    #[test]
+    fn rollback_restores_the_checkpoint_exactly() {
+        let mut s = KvStore::new(&[true, true], &[None, Some(3)]);
+        let feed = |s: &mut KvStore, n: usize, at: f32| {
+            s.append(0, chunk(n, at), Some(chunk(n, at + 100.0)))
+                .unwrap();
+            s.append(1, chunk(n, at), None).unwrap();
+            s.layer_mut(1).unwrap().set_state("carry", chunk(1, at));
+            s.advance(n);
+        };
+        feed(&mut s, 5, 0.0);
+        let snapshot = s.clone();
+        let cp = s.checkpoint();
+        let dump = |s: &KvStore| {
+            (0..2)
+                .map(|i| {
+                    let l = s.layer(i).unwrap();
+                    let mut v = values(l.k.as_ref().unwrap());
+                    v.extend(l.v.iter().flat_map(values));
+                    v.extend(l.states.iter().flat_map(|(_, t)| values(t)));
+                    v
+                })
+                .collect::<Vec<_>>()
+        };
+        let before = dump(&s);
+        feed(&mut s, 4, 50.0);
+        s.rollback(&cp).unwrap();
+        assert_eq!((dump(&s), s.seen()), (before.clone(), 5));
+        assert_eq!(dump(&snapshot), before);
+        // Going on after the rollback: the full layer continues from row 5.
+        feed(&mut s, 1, 9.0);
+        let k = values(s.layer(0).unwrap().k.as_ref().unwrap());
+        assert_eq!(k, [0.0, 1.0, 2.0, 3.0, 4.0, 9.0]);
+        assert_eq!(
+            values(s.layer(1).unwrap().k.as_ref().unwrap()),
+            [3.0, 4.0, 9.0]
+        );
+        assert!(KvStore::new(&[true], &[None]).rollback(&cp).is_err());
     }
 
     #[test]

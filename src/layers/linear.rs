@@ -194,7 +194,7 @@ fn dense_kernel(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     run_kernel(weights, x, rows, out_dim)
 }
 
-/// `x` `[rows, in]` through the gemv (one row) or the GEMM; `None` when the GEMM has no kernel
+/// `x` `[rows, in]` through the gemv (one row, or a few rows at once) or the GEMM; `None` when the GEMM has no kernel
 /// for this CPU.
 fn run_kernel(
     w: WeightRows<'_>,
@@ -208,6 +208,10 @@ fn run_kernel(
         // nothing to compute: an empty [0, out]
     } else if rows == 1 {
         gemv::gemv(w, &xs, &mut y)?;
+    } else if rows <= gemv::MAX_GEMV_ROWS && !matches!(w, WeightRows::F32(_)) {
+        // A few rows (a verify pass) of narrow weights: nothing is widened to f32 (f32 weights
+        // stay with the GEMM, which reads them once; `examples/few_rows.rs` measures both).
+        gemv::gemv_rows(w, &xs, rows, &mut y)?;
     } else if !gemm::gemm(w, &xs, rows, &mut y)? {
         return Ok(None);
     }

@@ -76,6 +76,9 @@ pub struct LoadOptions {
     pub rename: Option<Rename>,
     /// `quantization_config.weight_block_size` of an FP8 checkpoint; `None`: not quantized.
     pub fp8_block: Option<(usize, usize)>,
+    /// Every tensor is the model's (a drafter such as Gemma 4's assistant keeps projections
+    /// beside `model.`): [`Layout::BARE`], whatever the names.
+    pub whole: bool,
 }
 
 struct Shard {
@@ -176,7 +179,12 @@ impl Weights {
         }
         // 2. The layout, from every name in every shard.
         let all_names = headers.iter().flatten().map(|t| t.name.as_str());
-        let layout = Layout::detect(all_names).ok_or_else(|| {
+        let detected = if opts.whole {
+            Some(Layout::BARE)
+        } else {
+            Layout::detect(all_names)
+        };
+        let layout = detected.ok_or_else(|| {
             anyhow!(
                 "{}: no tensor under `model.language_model.`, `language_model.model.` or `model.`: not a Hugging Face text or multimodal checkpoint",
                 shard_list(shards)

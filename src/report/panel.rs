@@ -28,6 +28,52 @@ pub struct Snapshot<'a> {
     pub measured: bool,
     pub tokens: usize,
     pub tok_s: f64,
+    /// Speculative decoding, when a drafter runs.
+    pub draft: Option<&'a DraftFigures>,
+}
+
+/// What the panel shows of speculative decoding.
+#[derive(Debug, Clone, Default)]
+pub struct DraftFigures {
+    /// The drafter (`ngram`, an assistant's name).
+    pub name: String,
+    /// Target layers whose caches the drafter reads (a Gemma 4 assistant: the last sliding and
+    /// the last full layer); it holds no cache of its own.
+    pub reads: Vec<usize>,
+    /// The last verify step: drafted, accepted.
+    pub step: (usize, usize),
+    pub drafted: usize,
+    pub accepted: usize,
+    /// Target decode forwards so far (verify passes and single steps).
+    pub target_steps: usize,
+}
+
+impl DraftFigures {
+    /// One verify step judged `drafted` tokens and accepted `accepted`.
+    pub fn verified(&mut self, drafted: usize, accepted: usize) {
+        self.step = (drafted, accepted);
+        self.drafted += drafted;
+        self.accepted += accepted;
+    }
+
+    /// `draft NAME · step A/D accepted · total A/D (R%) · own KV 0 B[, reads L.. L..]`.
+    pub fn line(&self) -> String {
+        let rate = if self.drafted > 0 {
+            100.0 * self.accepted as f64 / self.drafted as f64
+        } else {
+            0.0
+        };
+        let reads = if self.reads.is_empty() {
+            String::new()
+        } else {
+            let ls: Vec<String> = self.reads.iter().map(|l| format!("L{l}")).collect();
+            format!(" (reads the target's {})", ls.join(" and "))
+        };
+        format!(
+            "draft {} · step {}/{} accepted · total {}/{} ({rate:.0}%) · own KV 0 B{reads}",
+            self.name, self.step.1, self.step.0, self.accepted, self.drafted
+        )
+    }
 }
 
 /// The panel as lines of text (no trailing newlines).
@@ -55,6 +101,10 @@ pub fn render(s: &Snapshot) -> Vec<String> {
         s.tok_s,
         units::flops(flops)
     )];
+    if let Some(d) = s.draft {
+        lines.push(d.line());
+    }
+    let read_by_drafter = |i: usize| s.draft.is_some_and(|d| d.reads.contains(&i));
     let rows = s
         .spec
         .layers
@@ -64,7 +114,14 @@ pub fn render(s: &Snapshot) -> Vec<String> {
             let held = s.held.get(l.index).copied().unwrap_or(0);
             // The head budget: query heads over KV heads, e.g. `48q/8kv`.
             let kind = format!("{} {}q/{}kv", l.attention.label(), l.q_heads, l.kv_heads);
-            let detail = compressed_detail(&l.attention, s.tokens as u64);
+            let mut detail = compressed_detail(&l.attention, s.tokens as u64);
+            if read_by_drafter(l.index) {
+                detail.push_str(if detail.is_empty() {
+                    "← draft"
+                } else {
+                    " · ← draft"
+                });
+            }
             let cells = match l.kv_source {
                 Some(src) => vec![kind, format!("→ L{src}"), detail],
                 None => vec![
@@ -269,6 +326,43 @@ mod tests {
         assert_eq!(p.col, 2);
     }
 
+    /// With a drafter the panel says what it drafted and accepted, that it holds no KV, and
+    /// marks the target layers it reads.
+    #[test]
+    fn shows_the_drafter_and_the_layers_it_reads() {
+        let raw: serde_json::Value =
+            serde_json::from_str(include_str!("../../configs/gemma-4-E2B-it/config.json")).unwrap();
+        let spec = parse_config(&raw, &ParseOptions::default()).unwrap();
+        let budget = compute(&spec, 4096, 1, KvDtype::F32).unwrap();
+        let held: Vec<u64> = budget.layers.iter().map(|l| l.bytes / 2).collect();
+        let mut d = DraftFigures {
+            name: "gemma4-e2b-assistant".into(),
+            reads: vec![13, 14],
+            ..Default::default()
+        };
+        d.verified(4, 3);
+        d.verified(4, 1);
+        let lines = render(&Snapshot {
+            spec: &spec,
+            budget: &budget,
+            held: &held,
+            tokens: 100,
+            tok_s: 3.0,
+            measured: true,
+            draft: Some(&d),
+        });
+        assert_eq!(
+            lines[1],
+            "draft gemma4-e2b-assistant · step 1/4 accepted · total 4/8 (50%) · own KV 0 B (reads the target's L13 and L14)"
+        );
+        let marked: Vec<&String> = lines.iter().filter(|l| l.contains("← draft")).collect();
+        assert_eq!(marked.len(), 2, "{lines:?}");
+        assert!(
+            marked[0].contains("L13 ") && marked[1].contains("L14 "),
+            "{marked:?}"
+        );
+    }
+
     #[test]
     fn folds_and_shows_sharing() {
         let raw: serde_json::Value =
@@ -284,6 +378,7 @@ mod tests {
             tokens: 100,
             tok_s: 3.0,
             measured: true,
+            draft: None,
         });
         assert!(lines[0].starts_with("KV "), "{lines:?}");
         assert!(

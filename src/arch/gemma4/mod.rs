@@ -20,6 +20,7 @@
 //! runtime config; `spec` the layer schedule and per-layer table; `params` the parameter counts;
 //! [`model`] is the network built from them.
 
+pub mod assistant;
 mod config;
 pub mod model;
 mod params;

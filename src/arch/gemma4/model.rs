@@ -184,7 +184,17 @@ fn rotary_for(spec: &LayerSpec, device: &Device) -> Result<Rotary> {
         .rope
         .as_ref()
         .ok_or_else(|| anyhow!("layer {}: no RoPE parameters", spec.index))?;
-    let d = spec.head_dim;
+    rotary_from(rope, spec.head_dim, spec.index, device)
+}
+
+/// [`rotary_for`] from the RoPE parameters and head dim of layer `index` (the assistant's layers
+/// have no table row).
+pub(super) fn rotary_from(
+    rope: &crate::arch::Rope,
+    d: usize,
+    index: usize,
+    device: &Device,
+) -> Result<Rotary> {
     match rope.kind {
         crate::arch::RopeKind::Default => Rotary::default_rope(rope.theta, d, device),
         crate::arch::RopeKind::Proportional => Rotary::proportional(
@@ -195,11 +205,10 @@ fn rotary_for(spec: &LayerSpec, device: &Device) -> Result<Rotary> {
             device,
         ),
         other => bail!(
-            "layer {}: rope_type `{other}` is not implemented for Gemma 4 (default and proportional are)",
-            spec.index
+            "layer {index}: rope_type `{other}` is not implemented for Gemma 4 (default and proportional are)"
         ),
     }
-    .with_context(|| format!("layer {}", spec.index))
+    .with_context(|| format!("layer {index}"))
 }
 
 impl Gemma4Model {
@@ -308,6 +317,12 @@ impl CausalLm for Gemma4Model {
         &self.spec
     }
 
+    fn input_embedding(&self, token: u32) -> Result<Tensor> {
+        crate::arch::check_tokens(&[token], self.spec.vocab_size)?;
+        self.embed
+            .forward(&Tensor::from_slice(&[token], (1, 1), &self.device)?)
+    }
+
     /// Feeds `tokens` at positions `cache.seen()..`. On error the cache may hold part of the
     /// chunk: clear it before reusing it.
     fn forward_logits(&self, tokens: &[u32], cache: &mut KvStore, rows: Rows) -> Result<Tensor> {
@@ -336,10 +351,15 @@ impl CausalLm for Gemma4Model {
             }
         }
         cache.advance(n);
-        let h = rows.select(&h)?; // [1, n or 1, hidden]
+        // The last position's normed state, for a drafter that reads it (an assistant). [1, 1, hidden]
+        let last = self.norm.forward(&h.narrow(1, n - 1, 1)?)?;
+        cache.set_last_hidden(last.clone());
+        let h = match rows {
+            Rows::Last => last,
+            _ => self.norm.forward(&rows.select(&h)?)?, // [1, n or 0, hidden]
+        };
 
-        // 3. Final norm, output head, soft-cap. [n, vocab]
-        let h = self.norm.forward(&h)?;
+        // 3. Output head, soft-cap. [n, vocab]
         let mut logits = self.lm_head.forward(&h)?;
         if let Some(cap) = self.cfg.final_logit_softcapping {
             logits = softcap(&logits, cap)?;
