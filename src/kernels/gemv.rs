@@ -393,62 +393,10 @@ impl<T> SyncPtr<T> {
 
 /// `y = W · x` for `W` `[out, in]` and `x` `[in]`: `y` `[out]`, f32 accumulation.
 pub fn gemv(w: WeightRows<'_>, x: &[f32], y: &mut [f32]) -> Result<()> {
-    let (n, out) = (x.len(), y.len());
-    w.check(out, n, "gemv")?;
-    let isa = Isa::get();
-    // Whole rows per task: about TASK_BYTES of weights, but at least two tasks per thread so a
-    // thread slowed by a neighbour hands work over.
-    let per_task = (TASK_BYTES / (n * w.bytes_per_weight()))
-        .min(out.div_ceil(2 * threads()))
-        .max(1);
-    // q8_0/q4_0 on AVX512-VNNI: int8 products, `x` quantized once for every row.
-    #[cfg(target_arch = "x86_64")]
-    let int8_x = (matches!(w, WeightRows::Q8_0(_) | WeightRows::Q4_0(_)) && isa.has_avx512_vnni())
-        .then(|| super::int8::gemv_row(w, x));
-    let yp = SyncPtr(y.as_mut_ptr());
-    parallel_for(out.div_ceil(per_task), |tasks| {
-        let rows = tasks.start * per_task..(tasks.end * per_task).min(out);
-        // SAFETY: tasks cover disjoint row ranges of `y`, which outlives `parallel_for`.
-        let y = unsafe { std::slice::from_raw_parts_mut(yp.get().add(rows.start), rows.len()) };
-        #[cfg(target_arch = "x86_64")]
-        if let Some(xq) = &int8_x {
-            return super::int8::gemv_rows(w, rows, xq, y);
-        }
-        match w {
-            WeightRows::F32(w) => isa.dense(&w[rows.start * n..rows.end * n], x, y),
-            WeightRows::Bf16(w) => isa.dense(&w[rows.start * n..rows.end * n], x, y),
-            WeightRows::F16(w) => isa.dense(&w[rows.start * n..rows.end * n], x, y),
-            WeightRows::Q8_0(m) => {
-                let (q, s) = m.rows(rows);
-                isa.q8_0(q, s, x, y)
-            }
-            WeightRows::Q4_0(m) => {
-                let (q, s) = m.rows(rows);
-                isa.q4_0(q, s, x, y)
-            }
-        }
-    });
+    w.check(y.len(), x.len(), "gemv")?;
+    // About TASK_BYTES of weights per task (long sequential streams).
+    rows_pass(w, x, 1, y, TASK_BYTES);
     Ok(())
-}
-
-/// (AVX512-BF16, AVX512-VNNI), each with AVX512-BW, where the CPU has them and
-/// `LLMARCH_KERNELS` is not `avx512`; detected once.
-fn avx512_extensions() -> (bool, bool) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static EXT: OnceLock<(bool, bool)> = OnceLock::new();
-        *EXT.get_or_init(|| {
-            let on = std::env::var("LLMARCH_KERNELS").map_or(true, |v| v != "avx512")
-                && is_x86_feature_detected!("avx512bw");
-            (
-                on && is_x86_feature_detected!("avx512bf16"),
-                on && is_x86_feature_detected!("avx512vnni"),
-            )
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    (false, false)
 }
 
 /// `y = x · Wᵀ` for a few activation rows: `x` `[m, in]`, `y` `[m, out]`. The one-row kernels of
@@ -463,13 +411,21 @@ pub fn gemv_rows(w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32]) -> Resul
         x.len(),
         y.len()
     );
+    w.check(y.len() / m, x.len() / m, "gemv_rows")?;
+    rows_pass(w, x, m, y, ROWS_TASK_BYTES);
+    Ok(())
+}
+
+/// The one-row kernels over `m` rows of `x` (`[m, in]` → `y` `[m, out]`, shapes checked): whole
+/// weight rows per task, about `task_bytes` of them but at least two tasks per thread (a thread
+/// slowed by a neighbour hands work over); each task runs every row of `x` over its slice.
+fn rows_pass(w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32], task_bytes: usize) {
     let (n, out) = (x.len() / m, y.len() / m);
-    w.check(out, n, "gemv_rows")?;
     let isa = Isa::get();
-    let per_task = (ROWS_TASK_BYTES / (n * w.bytes_per_weight()))
+    let per_task = (task_bytes / (n * w.bytes_per_weight()))
         .min(out.div_ceil(2 * threads()))
         .max(1);
-    // q8_0/q4_0 on AVX512-VNNI: each row quantized once, int8 products as in `gemv`.
+    // q8_0/q4_0 on AVX512-VNNI: int8 products, each row of `x` quantized once.
     #[cfg(target_arch = "x86_64")]
     let int8_x: Option<Vec<_>> = (matches!(w, WeightRows::Q8_0(_) | WeightRows::Q4_0(_))
         && isa.has_avx512_vnni())
@@ -504,7 +460,26 @@ pub fn gemv_rows(w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32]) -> Resul
             }
         }
     });
-    Ok(())
+}
+
+/// (AVX512-BF16, AVX512-VNNI), each with AVX512-BW, where the CPU has them and
+/// `LLMARCH_KERNELS` is not `avx512`; detected once.
+fn avx512_extensions() -> (bool, bool) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static EXT: OnceLock<(bool, bool)> = OnceLock::new();
+        *EXT.get_or_init(|| {
+            let on = std::env::var("LLMARCH_KERNELS").map_or(true, |v| v != "avx512")
+                && is_x86_feature_detected!("avx512bw");
+            (
+                on && is_x86_feature_detected!("avx512bf16"),
+                on && is_x86_feature_detected!("avx512vnni"),
+            )
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    (false, false)
 }
 
 /// The instruction set the kernels run with, chosen once per process.
