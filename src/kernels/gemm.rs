@@ -11,11 +11,16 @@
 //! - Cache blocking: a task owns 48 weight rows (an L2-sized panel of ≤ 1024 columns, ~192 KB
 //!   in f32) and walks every 4-row group of `X` (16 KB, stays in L1) across it, so each weight
 //!   byte comes from memory once per call and `X` from L2/L3. Tasks go to [`super::parallel`]; `k` above 1024 is split into equal panels.
-//! - bf16, f16 and q8_0 panels are widened to f32 into a per-thread buffer first, once per panel
-//!   and reused by all `m` rows, so one f32 micro-kernel serves every weight format.
+//! - f16 panels (and bf16, q8_0, q4_0 ones where the faster forms below do not apply) are
+//!   widened to f32 into a per-thread buffer first, once per panel and reused by all `m` rows, so
+//!   one f32 micro-kernel serves every weight format.
 //! - AVX-512F where the CPU has it (8 × 3 tiles of 16-lane accumulators: twice the arithmetic
 //!   per instruction), else AVX2+FMA; elsewhere [`gemm`] returns `false` and the caller keeps
-//!   candle's GEMM.
+//!   candle's GEMM. The AVX-512 tile is generic over its lane format: f32 FMAs, or with
+//!   AVX512-BF16 bf16 pairs (`vdpbf16ps`) that read bf16 weights as stored, the activations of a
+//!   prompt chunk rounded to bf16 as llama.cpp rounds them ([`BF16_MIN_ROWS`],
+//!   [`super::as_decode_steps`]).
+//! - q8_0/q4_0 weights on AVX512-VNNI go to int8 products instead ([`super::int8`]).
 
 use super::gemv::{Isa, WeightRows};
 #[cfg(target_arch = "x86_64")]
