@@ -12,7 +12,7 @@
 //!   sent to the endpoint only (no redirects are followed), and never printed; a password in the
 //!   URL is shown as `***`. No message quotes a request or a header.
 
-use crate::loader::hub::{check_token, split_url};
+use crate::loader::hub::{check_token, shown_url, split_url};
 use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read};
@@ -100,7 +100,7 @@ impl Endpoint {
         if split_url(url).is_none() {
             bail!(
                 "--endpoint: not an http:// or https:// URL: `{}`\nhint: e.g. --endpoint http://localhost:8000/v1",
-                shown(url).escape_debug()
+                shown_url(url).escape_debug()
             );
         }
         if url.contains(['?', '#']) {
@@ -132,7 +132,7 @@ impl Endpoint {
 
     /// The base URL as messages show it (a password becomes `***`).
     pub fn shown(&self) -> String {
-        shown(&self.base)
+        shown_url(&self.base)
     }
 
     fn url(&self, api: Api) -> String {
@@ -323,19 +323,6 @@ impl Endpoint {
             format!("{kind}: {detail}")
         };
         why.replace(&self.base, &self.shown())
-    }
-}
-
-/// `url` with a password (`user:pw@`) shown as `***@`, whatever the scheme (a URL refused for
-/// its scheme is shown too).
-fn shown(url: &str) -> String {
-    let Some((scheme, after)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority = &after[..after.find('/').unwrap_or(after.len())];
-    match authority.rfind('@') {
-        Some(at) => format!("{scheme}://***@{}", &after[at + 1..]),
-        None => url.to_string(),
     }
 }
 

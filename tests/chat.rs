@@ -706,34 +706,13 @@ fn a_full_context_says_so_or_shifts_with_context_shift() {
 /// Drives `llmarch chat` in a pseudo-terminal, as a person would.
 mod pty {
     use super::*;
-    use rexpect::reader::ReadUntil;
     use rexpect::session::PtySession;
-
-    /// Wait for the `>>> ` prompt, answering a cursor-position query should the line editor
-    /// send one (a real terminal answers it; the pty does not).
-    fn prompt(p: &mut PtySession) -> String {
-        let mut seen = String::new();
-        loop {
-            let (before, hit) = p
-                .exp_any(vec![
-                    ReadUntil::String("\x1b[6n".into()),
-                    ReadUntil::String(">>> ".into()),
-                ])
-                .unwrap_or_else(|e| panic!("no prompt: {e}; after: {seen}"));
-            seen.push_str(&before);
-            if hit == ">>> " {
-                return seen;
-            }
-            p.send("\x1b[1;1R").unwrap();
-            p.flush().unwrap();
-        }
-    }
 
     fn type_line(p: &mut PtySession, line: &str) -> String {
         p.send(line).unwrap();
         p.send("\r").unwrap();
         p.flush().unwrap();
-        prompt(p)
+        pty_prompt(p)
     }
 
     #[test]
@@ -751,7 +730,7 @@ mod pty {
             .env_remove("HF_ENDPOINT");
         let mut p = rexpect::session::spawn_command(cmd, Some(60_000)).unwrap();
 
-        let banner = prompt(&mut p);
+        let banner = pty_prompt(&mut p);
         assert!(banner.contains("llmarch chat"), "{banner}");
         let first = type_line(&mut p, "Hello there");
         assert!(first.contains("[ctx "), "{first}");
@@ -781,7 +760,7 @@ mod pty {
 
         // Ctrl-C at the prompt does not end the session.
         p.send_control('c').unwrap();
-        let after = prompt(&mut p);
+        let after = pty_prompt(&mut p);
         assert!(after.contains("Ctrl-D or /exit"), "{after}");
 
         p.send("/exit\r").unwrap();

@@ -725,27 +725,6 @@ fn chat_endpoint_flags_that_mean_nothing_remotely_are_usage_errors() {
     assert!(err.contains("not /v1/completions"), "{err}");
 }
 
-/// Wait for the `>>> ` prompt, answering a cursor-position query should the line editor send
-/// one (as tests/chat.rs does).
-fn pty_prompt(p: &mut rexpect::session::PtySession) -> String {
-    use rexpect::reader::ReadUntil;
-    let mut seen = String::new();
-    loop {
-        let (before, hit) = p
-            .exp_any(vec![
-                ReadUntil::String("\x1b[6n".into()),
-                ReadUntil::String(">>> ".into()),
-            ])
-            .unwrap_or_else(|e| panic!("no prompt: {e}; after: {seen}"));
-        seen.push_str(&before);
-        if hit == ">>> " {
-            return seen;
-        }
-        p.send("\x1b[1;1R").unwrap();
-        p.flush().unwrap();
-    }
-}
-
 fn pty_chat(url: &str, home: &std::path::Path) -> rexpect::session::PtySession {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_llmarch"));
     cmd.args(["chat", "gemma4-e2b", "--endpoint", url, "--no-history"])
@@ -798,18 +777,17 @@ fn interactive_chat_survives_a_server_error() {
     ]);
     let home = tempfile::tempdir().unwrap();
     let mut p = pty_chat(&s.url, home.path());
-    let prompt = pty_prompt;
-    let banner = prompt(&mut p);
+    let banner = pty_prompt(&mut p);
     assert!(banner.contains("the server's chat template"), "{banner}");
     p.send("Hello\r").unwrap();
     p.flush().unwrap();
-    let first = prompt(&mut p);
+    let first = pty_prompt(&mut p);
     assert!(first.contains("error: "), "{first}");
     assert!(first.contains("HTTP 401"), "{first}");
     assert!(!first.contains(KEY), "{first}");
     p.send("Again\r").unwrap();
     p.flush().unwrap();
-    let second = prompt(&mut p);
+    let second = pty_prompt(&mut p);
     assert!(second.contains("Welcome"), "{second}");
     assert!(second.contains("(4 cached)"), "{second}");
     p.send("/exit\r").unwrap();

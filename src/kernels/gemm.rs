@@ -73,9 +73,7 @@ fn gemm_on(isa: Isa, w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32]) -> R
     w.check(n, k, "gemm")?;
     #[cfg(target_arch = "x86_64")]
     if isa.has_avx2() {
-        // Equal panels of at most KC columns, multiples of 32 except the last.
-        let panels = k.div_ceil(KC);
-        let kc = (k.div_ceil(panels).div_ceil(Q8_BLOCK) * Q8_BLOCK).min(k);
+        let kc = panel_columns(k);
         y.fill(0.0);
         let yp = SyncPtr(y.as_mut_ptr());
         match w {
@@ -133,6 +131,14 @@ fn gemm_on(isa: Isa, w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32]) -> R
         return Ok(true);
     }
     Ok(false)
+}
+
+/// Columns per panel for rows of `k`: equal panels of at most [`KC`] columns, multiples of 32
+/// (whole q8_0/q4_0 blocks) except the last.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn panel_columns(k: usize) -> usize {
+    let panels = k.div_ceil(KC);
+    (k.div_ceil(panels).div_ceil(Q8_BLOCK) * Q8_BLOCK).min(k)
 }
 
 /// Runs `f((j0, nc), (k0, kl), panel_buffer)` for every task of `NC` weight rows and every
@@ -402,7 +408,7 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::kernels::gemv::tests::isas;
-    use crate::kernels::gemv::tests::{check, random, reference};
+    use crate::kernels::gemv::tests::{activations_as_multiplied, check, random, reference};
     use crate::kernels::gemv::{Q4_0Matrix, Q8_0Matrix};
     use half::{bf16, f16};
 
@@ -479,15 +485,10 @@ mod tests {
 
             if k % 32 == 0 {
                 // int8 products quantize the activations to q8 first.
-                let xq: Vec<f32> = if int8_products(isa) {
-                    let q = crate::kernels::int8::QuantRows::quantize(&x, k);
-                    q.q.iter()
-                        .enumerate()
-                        .map(|(i, &c)| c as f32 * q.d[i / 32])
-                        .collect()
-                } else {
-                    x.clone()
-                };
+                let xq: Vec<f32> = x
+                    .chunks(k)
+                    .flat_map(|r| activations_as_multiplied(isa, r))
+                    .collect();
                 let q = Q8_0Matrix::quantize(&w, n, k).unwrap();
                 assert!(gemm(WeightRows::Q8_0(&q), &x, m, &mut y).unwrap());
                 let want = reference_mm(&q.dequantize(), &xq, m);

@@ -12,10 +12,10 @@
 //! - `vpdpbusd` multiplies unsigned by signed bytes. The weights go unsigned: q4_0's codes are
 //!   already `q ∈ [0, 15]` with `w = d·(q − 8)`; q8_0's get `+ 128`. With `o` that offset,
 //!   `Σ w·x = Σ (q)·x − o·Σ x`, and `Σ x` per activation block is kept from the quantization.
-//! - A task owns [`NR`] weight rows and repacks each `kc`-column panel of them once (the stored
-//!   row-major blocks stay as the decode gemv reads them): for every block and every 4 columns,
-//!   the 4 bytes of each of the 32 rows side by side (two 64-byte registers), then the rows'
-//!   scales. All `m` activation rows then stream past the packed panel in groups of [`MR`].
+//! - A task owns [`NR`] weight rows and repacks each panel of them once (as wide as the f32
+//!   GEMM's, `super::gemm::panel_columns`; the stored row-major blocks stay as the decode gemv
+//!   reads them): for every block and every 4 columns, the 4 bytes of each of the 32 rows side
+//!   by side (two 64-byte registers), then the rows' scales. All `m` activation rows then stream past the packed panel in groups of [`MR`].
 //! - The gemv reads the stored blocks as they are, two blocks (64 weights) per register: q4_0's
 //!   16 + 16 code bytes unpack to `[lo₀ lo₁ hi₀ hi₁]` (16 bytes each), so the activation codes
 //!   are stored in that order once per token; q8_0's signed weights take llama.cpp's sign trick
@@ -32,8 +32,6 @@ use std::cell::RefCell;
 const NR: usize = 32;
 /// Activation rows per register tile (2 × MR integer and 2 × MR float accumulators).
 const MR: usize = 6;
-/// Most columns per packed panel (a multiple of 32).
-const KC: usize = 1024;
 
 /// `x` `[m, k]` quantized to q8 per row and block of 32: codes, scales, code sums.
 pub(crate) struct QuantRows {
@@ -157,8 +155,7 @@ pub(crate) fn gemm(w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32]) {
         _ => unreachable!("int8 products are for q8_0 and q4_0 weights"),
     };
     let xq = QuantRows::quantize(x, k);
-    let panels = k.div_ceil(KC);
-    let kc = (k.div_ceil(panels).div_ceil(Q8_BLOCK) * Q8_BLOCK).min(k);
+    let kc = super::gemm::panel_columns(k);
     y.fill(0.0);
     let yp = SyncPtr(y.as_mut_ptr());
     parallel_for(n.div_ceil(NR), |tasks| {

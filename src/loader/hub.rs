@@ -143,10 +143,7 @@ impl HubEnv {
 
     /// The endpoint as messages show it: a password (`user:pw@`) becomes `***@`.
     pub fn shown_endpoint(&self) -> String {
-        match split_url(&self.endpoint) {
-            Some((scheme, Some(_), rest)) => format!("{scheme}://***@{rest}"),
-            _ => self.endpoint.clone(),
-        }
+        shown_url(&self.endpoint)
     }
 
     /// The HTTP client, after checking the token can travel in a header.
@@ -194,6 +191,19 @@ pub fn split_url(url: &str) -> Option<(&str, Option<&str>, &str)> {
     let host = rest.split('/').next().unwrap_or("");
     (!host.is_empty() && !host.chars().any(|c| c.is_whitespace() || c.is_control()))
         .then_some((scheme, user, rest))
+}
+
+/// `url` as messages show it: a password (`user:pw@`) becomes `***@`, whatever the scheme (a
+/// URL refused for its scheme is shown too, so its password must not be).
+pub fn shown_url(url: &str) -> String {
+    let Some((scheme, after)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority = &after[..after.find('/').unwrap_or(after.len())];
+    match authority.rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &after[at + 1..]),
+        None => url.to_string(),
+    }
 }
 
 /// A token travels in `Authorization: Bearer <token>`: visible ASCII only. Says why not.

@@ -23,6 +23,27 @@ pub fn llmarch() -> Command {
     c
 }
 
+/// Wait for chat's `>>> ` prompt in a pseudo-terminal, answering a cursor-position query should
+/// the line editor send one (a real terminal answers it; the pty does not); what came before it.
+pub fn pty_prompt(p: &mut rexpect::session::PtySession) -> String {
+    use rexpect::reader::ReadUntil;
+    let mut seen = String::new();
+    loop {
+        let (before, hit) = p
+            .exp_any(vec![
+                ReadUntil::String("\x1b[6n".into()),
+                ReadUntil::String(">>> ".into()),
+            ])
+            .unwrap_or_else(|e| panic!("no prompt: {e}; after: {seen}"));
+        seen.push_str(&before);
+        if hit == ">>> " {
+            return seen;
+        }
+        p.send("\x1b[1;1R").unwrap();
+        p.flush().unwrap();
+    }
+}
+
 pub fn run(args: &[&str]) -> Output {
     llmarch().args(args).output().expect("spawn llmarch")
 }
