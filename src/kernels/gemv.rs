@@ -393,9 +393,47 @@ impl<T> SyncPtr<T> {
 
 /// `y = W · x` for `W` `[out, in]` and `x` `[in]`: `y` `[out]`, f32 accumulation.
 pub fn gemv(w: WeightRows<'_>, x: &[f32], y: &mut [f32]) -> Result<()> {
-    w.check(y.len(), x.len(), "gemv")?;
-    // About TASK_BYTES of weights per task (long sequential streams).
-    rows_pass(w, x, 1, y, TASK_BYTES);
+    gemv_many(&[w], x, &mut [y])
+}
+
+/// `ys[i] = ws[i] · x` for weights that read the same `x` (a layer's q/k/v projections, an MLP's
+/// gate and up) in one parallel pass: one dispatch instead of one per matrix, `x` quantized once
+/// per int8 format, and every matrix's tasks shared out together, so a small matrix does not
+/// leave a thread waiting at its end.
+pub fn gemv_many(ws: &[WeightRows<'_>], x: &[f32], ys: &mut [&mut [f32]]) -> Result<()> {
+    ensure!(
+        ws.len() == ys.len(),
+        "gemv_many: {} weights for {} outputs",
+        ws.len(),
+        ys.len()
+    );
+    for (w, y) in ws.iter().zip(ys.iter()) {
+        w.check(y.len(), x.len(), "gemv")?;
+    }
+    let (isa, n) = (Isa::get(), x.len());
+    // About TASK_BYTES of weights per task (long sequential streams), at least two per thread.
+    let mut tasks = vec![];
+    for (i, (w, y)) in ws.iter().zip(ys.iter()).enumerate() {
+        let out = y.len();
+        let per_task = (TASK_BYTES / (n * w.bytes_per_weight()))
+            .min(out.div_ceil(2 * threads()))
+            .max(1);
+        tasks.extend(
+            (0..out)
+                .step_by(per_task)
+                .map(|r| (i, r..(r + per_task).min(out))),
+        );
+    }
+    let int8_x = Int8Rows::new(isa, ws, x);
+    let yp: Vec<SyncPtr<f32>> = ys.iter_mut().map(|y| SyncPtr(y.as_mut_ptr())).collect();
+    parallel_for(tasks.len(), |range| {
+        for (i, rows) in tasks[range].iter().cloned() {
+            // SAFETY: tasks cover disjoint row ranges of each output, which outlive the call.
+            let y =
+                unsafe { std::slice::from_raw_parts_mut(yp[i].get().add(rows.start), rows.len()) };
+            row_kernel(isa, ws[i], rows, x, (&int8_x, 0), y);
+        }
+    });
     Ok(())
 }
 
@@ -425,41 +463,109 @@ fn rows_pass(w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32], task_bytes: 
     let per_task = (task_bytes / (n * w.bytes_per_weight()))
         .min(out.div_ceil(2 * threads()))
         .max(1);
-    // q8_0/q4_0 on AVX512-VNNI: int8 products, each row of `x` quantized once.
-    #[cfg(target_arch = "x86_64")]
-    let int8_x: Option<Vec<_>> = (matches!(w, WeightRows::Q8_0(_) | WeightRows::Q4_0(_))
-        && isa.has_avx512_vnni())
-    .then(|| x.chunks(n).map(|x| super::int8::gemv_row(w, x)).collect());
+    let int8_x = Int8Rows::new_rows(isa, w, x, m);
     let yp = SyncPtr(y.as_mut_ptr());
     parallel_for(out.div_ceil(per_task), |tasks| {
         let rows = tasks.start * per_task..(tasks.end * per_task).min(out);
         for r in 0..m {
-            let x = &x[r * n..(r + 1) * n];
             // SAFETY: tasks cover disjoint column ranges of each row of `y`, which outlives
             // `parallel_for`.
             let y = unsafe {
                 std::slice::from_raw_parts_mut(yp.get().add(r * out + rows.start), rows.len())
             };
-            #[cfg(target_arch = "x86_64")]
-            if let Some(xq) = &int8_x {
-                super::int8::gemv_rows(w, rows.clone(), &xq[r], y);
-                continue;
-            }
-            match w {
-                WeightRows::F32(w) => isa.dense(&w[rows.start * n..rows.end * n], x, y),
-                WeightRows::Bf16(w) => isa.dense(&w[rows.start * n..rows.end * n], x, y),
-                WeightRows::F16(w) => isa.dense(&w[rows.start * n..rows.end * n], x, y),
-                WeightRows::Q8_0(m) => {
-                    let (q, s) = m.rows(rows.clone());
-                    isa.q8_0(q, s, x, y)
-                }
-                WeightRows::Q4_0(m) => {
-                    let (q, s) = m.rows(rows.clone());
-                    isa.q4_0(q, s, x, y)
-                }
-            }
+            let xr = &x[r * n..(r + 1) * n];
+            row_kernel(isa, w, rows.clone(), xr, (&int8_x, r), y);
         }
     });
+}
+
+/// Activation rows quantized for the int8 products (q8_0/q4_0 weights on AVX512-VNNI), once per
+/// format and row; empty where the int8 products do not run.
+#[derive(Default)]
+struct Int8Rows {
+    #[cfg(target_arch = "x86_64")]
+    q8: Vec<super::int8::GemvRow>,
+    #[cfg(target_arch = "x86_64")]
+    q4: Vec<super::int8::GemvRow>,
+}
+
+impl Int8Rows {
+    /// For one row `x` and every int8 format among `ws`.
+    fn new(isa: Isa, ws: &[WeightRows<'_>], x: &[f32]) -> Int8Rows {
+        #[allow(unused_mut)]
+        let mut rows = Int8Rows::default();
+        #[cfg(target_arch = "x86_64")]
+        for &w in ws {
+            let more = Int8Rows::new_rows(isa, w, x, 1);
+            if rows.q8.is_empty() {
+                rows.q8 = more.q8;
+            }
+            if rows.q4.is_empty() {
+                rows.q4 = more.q4;
+            }
+        }
+        rows
+    }
+
+    /// For the `m` rows of `x` and `w`'s format.
+    #[allow(unused_variables)]
+    fn new_rows(isa: Isa, w: WeightRows<'_>, x: &[f32], m: usize) -> Int8Rows {
+        #[allow(unused_mut)]
+        let mut rows = Int8Rows::default();
+        #[cfg(target_arch = "x86_64")]
+        if isa.has_avx512_vnni() {
+            let quantize = || {
+                x.chunks(x.len() / m)
+                    .map(|x| super::int8::gemv_row(w, x))
+                    .collect()
+            };
+            match w {
+                WeightRows::Q8_0(_) => rows.q8 = quantize(),
+                WeightRows::Q4_0(_) => rows.q4 = quantize(),
+                _ => {}
+            }
+        }
+        rows
+    }
+}
+
+/// `y = w[rows] · x`, row `r` of the batch: int8 products where `int8` has that row quantized
+/// for `w`'s format, else the kernels of `isa`.
+#[allow(unused_variables)]
+fn row_kernel(
+    isa: Isa,
+    w: WeightRows<'_>,
+    rows: std::ops::Range<usize>,
+    x: &[f32],
+    (int8, r): (&Int8Rows, usize),
+    y: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let xq = match w {
+            WeightRows::Q8_0(_) => int8.q8.get(r),
+            WeightRows::Q4_0(_) => int8.q4.get(r),
+            _ => None,
+        };
+        if let Some(xq) = xq {
+            super::int8::gemv_rows(w, rows, xq, y);
+            return;
+        }
+    }
+    let n = x.len();
+    match w {
+        WeightRows::F32(w) => isa.dense(&w[rows.start * n..rows.end * n], x, y),
+        WeightRows::Bf16(w) => isa.dense(&w[rows.start * n..rows.end * n], x, y),
+        WeightRows::F16(w) => isa.dense(&w[rows.start * n..rows.end * n], x, y),
+        WeightRows::Q8_0(m) => {
+            let (q, s) = m.rows(rows.clone());
+            isa.q8_0(q, s, x, y)
+        }
+        WeightRows::Q4_0(m) => {
+            let (q, s) = m.rows(rows.clone());
+            isa.q4_0(q, s, x, y)
+        }
+    }
 }
 
 /// (AVX512-BF16, AVX512-VNNI), each with AVX512-BW, where the CPU has them and

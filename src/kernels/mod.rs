@@ -8,6 +8,7 @@
 //! same candle ops a GPU does (tested against the reference and the CPU path). These files know
 //! matrices and rows, no layer and no model.
 
+pub mod attention;
 pub mod gelu;
 pub mod gemm;
 pub mod gemv;

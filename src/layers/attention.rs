@@ -95,7 +95,73 @@ pub fn attend_causal(
     span: CausalSpan,
     scale: f64,
 ) -> Result<Tensor> {
+    if let Some(y) = attend_few_rows(q, k, v, span, scale)? {
+        return Ok(y);
+    }
     attend_in_blocks(q, k, v, span, scale, SCORE_BLOCK_ELEMS)
+}
+
+/// Query rows up to which [`attend_causal`] takes the fused CPU kernel (decode steps and verify
+/// passes); longer chunks go through the blocked path, whose products are GEMMs.
+const FEW_ROWS: usize = 16;
+
+/// [`attend_causal`] through [`kernels::attention::attend_few`] for a few f32 query rows on the
+/// CPU; `None` where it does not apply (another device or dtype, more rows, a layout whose rows
+/// are not contiguous).
+fn attend_few_rows(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    span: CausalSpan,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    use crate::kernels::attention::{attend_few, Geometry, HeadRows};
+    use candle_core::{CpuStorage, Storage};
+    let (b, hq, n, _) = q.dims4()?;
+    let (_, hkv, t, _) = k.dims4()?;
+    let dv = v.dim(3)?;
+    if n > FEW_ROWS
+        || !crate::kernels::fast_cpu(q.device())
+        || [q, k, v].iter().any(|x| x.dtype() != DType::F32)
+    {
+        return Ok(None);
+    }
+    let q = q.contiguous()?;
+    let qs = q.flatten_all()?.to_vec1::<f32>()?;
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(kd)), Storage::Cpu(CpuStorage::F32(vd))) = (&*ks, &*vs)
+    else {
+        return Ok(None);
+    };
+    // Rows contiguous: `[.., .., t, width]` with unit stride and row stride `width`.
+    fn view<'a>(data: &'a [f32], l: &candle_core::Layout, width: usize) -> Option<HeadRows<'a>> {
+        let (s, t) = (l.stride(), l.dims()[2]);
+        (s[3] == 1 && (s[2] == width || t == 1)).then_some(HeadRows {
+            data,
+            offset: l.start_offset(),
+            batch_stride: s[0],
+            head_stride: s[1],
+            width,
+        })
+    }
+    let (Some(kr), Some(vr)) = (view(kd, kl, k.dim(3)?), view(vd, vl, dv)) else {
+        return Ok(None);
+    };
+    let geo = Geometry {
+        batch: b,
+        q_heads: hq,
+        kv_heads: hkv,
+        rows: n,
+        keys: t,
+        q_start: span.q_start,
+        k_start: span.k_start,
+        window: span.window,
+        scale: scale as f32,
+    };
+    let mut out = vec![0f32; b * hq * n * dv];
+    attend_few(&geo, &qs, kr, vr, &mut out)?;
+    Ok(Some(Tensor::from_vec(out, (b, hq, n, dv), q.device())?))
 }
 
 /// [`attend_causal`] with blocks of at most `budget` score elements (at least one query row).
@@ -362,12 +428,28 @@ impl Attention {
         let (b, n, _) = x.dims3()?;
         let (hq, d) = (self.q_heads, self.head_dim);
 
-        // 1. Queries: project, norm per head, rotate. [b, hq, n, d]
-        let q = self.q_proj.forward(x)?.reshape((b, n, hq, d))?;
+        // 1. Projections: the queries, and a layer's own keys (and values), in one pass.
+        let own = match self.kv_source {
+            Some(_) => vec![],
+            None => {
+                let missing = |what| anyhow!("internal: layer {} has no {what}", self.layer);
+                let mut own = vec![self.k_proj.as_ref().ok_or_else(|| missing("k_proj"))?];
+                if !self.k_eq_v {
+                    own.push(self.v_proj.as_ref().ok_or_else(|| missing("v_proj"))?);
+                }
+                own
+            }
+        };
+        let mut projected =
+            Linear::forward_many(&[&[&self.q_proj], own.as_slice()].concat(), x)?.into_iter();
+        let mut next = || projected.next().expect("one output per projection");
+
+        // 2. Queries: norm per head, rotate. [b, hq, n, d]
+        let q = next().reshape((b, n, hq, d))?;
         let q = norm_opt(&self.q_norm, &q)?.transpose(1, 2)?.contiguous()?;
         let q = self.rope.apply(&q, ctx.pos)?;
 
-        // 2. Keys and values: own (appended to the store), or the owner's from this forward.
+        // 3. Keys and values: own (appended to the store), or the owner's from this forward.
         let kv = match self.kv_source {
             Some(j) => ctx.attended.get(j).cloned().flatten().ok_or_else(|| {
                 anyhow!(
@@ -376,7 +458,9 @@ impl Attention {
                 )
             })?,
             None => {
-                let kv = self.own_kv(x, ctx)?;
+                let k = next();
+                let v = (!self.k_eq_v).then(&mut next);
+                let kv = self.own_kv(k, v, ctx)?;
                 if let Some(slot) = ctx.attended.get_mut(self.layer) {
                     *slot = Some(kv.clone());
                 }
@@ -384,7 +468,7 @@ impl Attention {
             }
         };
 
-        // 3. Attend causally (in query blocks), merge heads, gate (if any), project out.
+        // 4. Attend causally (in query blocks), merge heads, gate (if any), project out.
         let span = CausalSpan {
             q_start: ctx.pos,
             k_start: kv.start,
@@ -399,18 +483,15 @@ impl Attention {
         self.o_proj.forward(&y)
     }
 
-    /// Project this chunk's K/V, store it, and return everything the chunk attends.
-    fn own_kv(&self, x: &Tensor, ctx: &mut ForwardCtx) -> Result<AttendedKv> {
-        let (b, n, _) = x.dims3()?;
+    /// Store this chunk's projected keys `k` and values `v` (`[b, n, hkv·d]`; none for K=V) and
+    /// return everything the chunk attends.
+    fn own_kv(&self, k: Tensor, v: Option<Tensor>, ctx: &mut ForwardCtx) -> Result<AttendedKv> {
+        let (b, n, _) = k.dims3()?;
         let (hkv, d) = (self.kv_heads, self.head_dim);
-        let k_proj = self
-            .k_proj
-            .as_ref()
-            .ok_or_else(|| anyhow!("internal: layer {} has no k_proj", self.layer))?;
         let heads = |t: Tensor| -> Result<Tensor> {
             Ok(t.reshape((b, n, hkv, d))?.transpose(1, 2)?.contiguous()?) // [b, hkv, n, d]
         };
-        let k = heads(k_proj.forward(x)?)?;
+        let k = heads(k)?;
         if self.k_eq_v {
             // Store the normalised projection once; values are it, keys derive from it.
             let kv = norm_opt(&self.v_norm, &k)?;
@@ -430,11 +511,8 @@ impl Attention {
                 start: view.start,
             });
         }
-        let v_proj = self
-            .v_proj
-            .as_ref()
-            .ok_or_else(|| anyhow!("internal: layer {} has no v_proj", self.layer))?;
-        let v = norm_opt(&self.v_norm, &heads(v_proj.forward(x)?)?)?;
+        let v = v.ok_or_else(|| anyhow!("internal: layer {} projected no values", self.layer))?;
+        let v = norm_opt(&self.v_norm, &heads(v)?)?;
         let k = self.rope.apply(&norm_opt(&self.k_norm, &k)?, ctx.pos)?;
         let view = ctx.cache.append(self.layer, k, Some(v))?;
         let v = view
@@ -556,8 +634,10 @@ mod tests {
         ] {
             let t = n + cached;
             let q = Tensor::randn(0f32, 1.0, (1, 4, n, 8), &dev).unwrap();
-            let k = Tensor::randn(0f32, 1.0, (1, 2, t, 8), &dev).unwrap();
-            let v = Tensor::randn(0f32, 1.0, (1, 2, t, 6), &dev).unwrap();
+            // The first rows of longer buffers, as the KV store's full layers hand them out.
+            let k = Tensor::randn(0f32, 1.0, (1, 2, t + 3, 8), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (1, 2, t + 3, 6), &dev).unwrap();
+            let (k, v) = (k.narrow(2, 0, t).unwrap(), v.narrow(2, 0, t).unwrap());
             // Keys from position 100 on, queries after the cached ones.
             let k_start = 100;
             let span = CausalSpan {
@@ -567,8 +647,19 @@ mod tests {
             };
             let mask = causal_mask(n, span.q_start, k_start, t, window, &dev).unwrap();
             let want = attend(&q, &k, &v, Some(&mask), 0.3).unwrap();
-            for budget in [1, 4 * 2 * t, 4 * 5 * t, usize::MAX / 2] {
-                let got = attend_in_blocks(&q, &k, &v, span, 0.3, budget).unwrap();
+            // `None`: attend_causal itself (the fused kernel up to FEW_ROWS queries).
+            for budget in [
+                None,
+                Some(1),
+                Some(4 * 2 * t),
+                Some(4 * 5 * t),
+                Some(usize::MAX / 2),
+            ] {
+                let got = match budget {
+                    Some(budget) => attend_in_blocks(&q, &k, &v, span, 0.3, budget),
+                    None => attend_causal(&q, &k, &v, span, 0.3),
+                }
+                .unwrap();
                 assert_eq!(got.dims(), &[1, 4, n, 6]);
                 let diff: f32 = (got - &want)
                     .unwrap()
@@ -580,7 +671,7 @@ mod tests {
                     .unwrap();
                 assert!(
                     diff < 1e-5,
-                    "n {n}, cached {cached}, window {window:?}, budget {budget}: {diff}"
+                    "n {n}, cached {cached}, window {window:?}, budget {budget:?}: {diff}"
                 );
             }
         }

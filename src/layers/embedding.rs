@@ -105,7 +105,13 @@ impl ScaledEmbedding {
     }
 }
 
-/// `cap · tanh(x / cap)`: soft-caps logits to (−cap, cap).
+/// `cap · tanh(x / cap)`: soft-caps logits to (−cap, cap). f32 on the CPU takes the
+/// vectorised kernel ([`crate::kernels::gelu::softcap_in_place`]).
 pub fn softcap(x: &Tensor, cap: f64) -> Result<Tensor> {
+    if crate::kernels::fast_cpu(x.device()) && x.dtype() == DType::F32 {
+        let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+        crate::kernels::gelu::softcap_in_place(&mut v, cap as f32);
+        return Ok(Tensor::from_vec(v, x.shape(), x.device())?);
+    }
     Ok(((x / cap)?.tanh()? * cap)?)
 }

@@ -445,12 +445,54 @@ impl Linear {
 
     /// `[.., in]` → `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.weight {
-            Weight::Dense(w) => matmul_t(x, w)?,
-            Weight::Mapped(m) => rows_matmul_t(x, m.rows(), m.dims2())?,
-            Weight::Q8_0(m) => rows_matmul_t(x, WeightRows::Q8_0(m), (m.out_dim(), m.in_dim()))?,
-            Weight::Q4_0(m) => rows_matmul_t(x, WeightRows::Q4_0(m), (m.out_dim(), m.in_dim()))?,
+        let y = match (&self.weight, self.kernel_rows()) {
+            (Weight::Dense(w), _) => matmul_t(x, w)?,
+            (_, Some((w, shape))) => rows_matmul_t(x, w, shape)?,
+            (_, None) => unreachable!("every stored form but a tensor has kernel rows"),
         };
+        self.add_bias(y)
+    }
+
+    /// `x` `[.., in]` through several projections that read it (a layer's q/k/v, an MLP's gate
+    /// and up): for one row on the CPU, one parallel pass over all their weights
+    /// ([`gemv::gemv_many`]: one dispatch, `x` quantized once); otherwise one after the other.
+    pub fn forward_many(ls: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let (rows, in_dim) = rows_of(x)?;
+        let ws: Option<Vec<_>> = ls.iter().map(|l| l.kernel_rows()).collect();
+        match ws {
+            Some(ws)
+                if rows == 1
+                    && crate::kernels::fast_cpu(x.device())
+                    && ws.iter().all(|(_, (_, i))| *i == in_dim) =>
+            {
+                let xs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                let mut outs: Vec<Vec<f32>> = ws.iter().map(|(_, (o, _))| vec![0f32; *o]).collect();
+                let mut ys: Vec<&mut [f32]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
+                let weights: Vec<WeightRows<'_>> = ws.iter().map(|(w, _)| *w).collect();
+                gemv::gemv_many(&weights, &xs, &mut ys)?;
+                outs.into_iter()
+                    .zip(ls)
+                    .map(|(y, l)| {
+                        let shape = out_shape(x, y.len());
+                        l.add_bias(Tensor::from_vec(y, shape, x.device())?.to_dtype(x.dtype())?)
+                    })
+                    .collect()
+            }
+            _ => ls.iter().map(|l| l.forward(x)).collect(),
+        }
+    }
+
+    /// The weight as rows our kernels read, with its `(out, in)`; `None` for a candle tensor.
+    fn kernel_rows(&self) -> Option<(WeightRows<'_>, (usize, usize))> {
+        match &self.weight {
+            Weight::Dense(_) => None,
+            Weight::Mapped(m) => Some((m.rows(), m.dims2())),
+            Weight::Q8_0(m) => Some((WeightRows::Q8_0(m), (m.out_dim(), m.in_dim()))),
+            Weight::Q4_0(m) => Some((WeightRows::Q4_0(m), (m.out_dim(), m.in_dim()))),
+        }
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
             None => y,

@@ -77,11 +77,10 @@ impl GatedMlp {
 
     /// `[.., hidden]` → `[.., hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (gate, up) = swiglu_clamp(
-            self.gate_proj.forward(x)?,
-            self.up_proj.forward(x)?,
-            self.limit,
-        )?; // [.., width] each
+        let [gate, up]: [Tensor; 2] = Linear::forward_many(&[&self.gate_proj, &self.up_proj], x)?
+            .try_into()
+            .expect("two projections");
+        let (gate, up) = swiglu_clamp(gate, up, self.limit)?; // [.., width] each
         let h = (self.act.apply(&gate)? * up)?;
         self.down_proj.forward(&h)
     }
