@@ -154,9 +154,42 @@ fn worker() {
 /// Process-wide setup for the CPU kernels; call first thing in `main`, before any other thread
 /// starts (it sets an environment variable). Stops candle's pool from spinning between ops
 /// (`CANDLE_BARRIER_POOL_SPIN_LIMIT=0` unless already set); our workers start on first use.
+/// With glibc, also keeps the activations' buffers in the heap (see [`keep_buffers_in_heap`]).
 pub fn init() {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
+    }
+    keep_buffers_in_heap();
+}
+
+/// glibc serves an allocation above its mmap threshold (128 KB, rising to at most 32 MB as
+/// such blocks are freed) with a fresh mapping, and unmaps it on free: every prompt chunk's
+/// activations (`[512, 2048]` f32 is 4 MB) were page-faulted in and zeroed by the kernel anew
+/// for each op. With the threshold at its 32 MB maximum and freed heap kept up to 256 MB, they
+/// reuse heap memory: +13 % prefill on an 8192-token prompt and +10 % on 64 tokens (q8_0, bench
+/// model), for a peak RSS 25-30 MB higher. `GLIBC_TUNABLES` / `MALLOC_*` set by the user win.
+fn keep_buffers_in_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+        }
+        const M_TRIM_THRESHOLD: std::ffi::c_int = -1;
+        const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
+        let user_set = [
+            "GLIBC_TUNABLES",
+            "MALLOC_MMAP_THRESHOLD_",
+            "MALLOC_TRIM_THRESHOLD_",
+        ]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some());
+        if !user_set {
+            // SAFETY: mallopt only sets allocator parameters; called before other threads run.
+            unsafe {
+                mallopt(M_MMAP_THRESHOLD, 32 << 20);
+                mallopt(M_TRIM_THRESHOLD, 256 << 20);
+            }
+        }
     }
 }
 
