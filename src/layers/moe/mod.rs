@@ -207,7 +207,7 @@ impl PackedExperts {
                 gu.narrow(1, self.width, self.width)?,
                 self.limit,
             )?;
-            let h = (self.act.apply(&gate)? * up)?; // [n, width]
+            let h = self.act.gated(&gate, &up)?; // [n, width]
             let y = self.down[e].forward(&h)?; // [n, hidden]
             let y = y
                 .to_dtype(DType::F32)?
