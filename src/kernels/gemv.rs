@@ -440,8 +440,9 @@ pub fn gemv_many(ws: &[WeightRows<'_>], x: &[f32], ys: &mut [&mut [f32]]) -> Res
 /// `y = x · Wᵀ` for a few activation rows: `x` `[m, in]`, `y` `[m, out]`. The one-row kernels of
 /// [`gemv`] run over each task's slice of `W` once per row while the slice is in cache, so the
 /// weights stream from memory once and no panel is widened (the GEMM widens q8_0/bf16 panels
-/// to f32 first, which at a few rows costs more than the arithmetic). For speculative decoding's
-/// verify pass: a few rows cost little more than one.
+/// to f32 first, which at a few rows costs more than the arithmetic); int8 products take up to
+/// four rows per pass, loading and unpacking each weight block once for all of them. For
+/// speculative decoding's verify pass: a few rows cost little more than one.
 pub fn gemv_rows(w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
     ensure!(
         m > 0 && x.len().is_multiple_of(m) && y.len().is_multiple_of(m),
@@ -467,6 +468,18 @@ fn rows_pass(w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32], task_bytes: 
     let yp = SyncPtr(y.as_mut_ptr());
     parallel_for(out.div_ceil(per_task), |tasks| {
         let rows = tasks.start * per_task..(tasks.end * per_task).min(out);
+        // Int8 products: every row of `x` per pass over the task's weights.
+        #[cfg(target_arch = "x86_64")]
+        if let Some(xq) = int8_x.rows_for(w) {
+            let mut ys: Vec<&mut [f32]> = (0..m)
+                // SAFETY: as below; each row of `y` once.
+                .map(|r| unsafe {
+                    std::slice::from_raw_parts_mut(yp.get().add(r * out + rows.start), rows.len())
+                })
+                .collect();
+            super::int8::gemv_rows_multi(w, rows.clone(), xq, &mut ys);
+            return;
+        }
         for r in 0..m {
             // SAFETY: tasks cover disjoint column ranges of each row of `y`, which outlives
             // `parallel_for`.
@@ -529,6 +542,19 @@ impl Int8Rows {
     }
 }
 
+impl Int8Rows {
+    /// The quantized rows for `w`'s format, if the int8 products run for it.
+    #[cfg(target_arch = "x86_64")]
+    fn rows_for(&self, w: WeightRows<'_>) -> Option<&[super::int8::GemvRow]> {
+        let rows = match w {
+            WeightRows::Q8_0(_) => &self.q8,
+            WeightRows::Q4_0(_) => &self.q4,
+            _ => return None,
+        };
+        (!rows.is_empty()).then_some(rows.as_slice())
+    }
+}
+
 /// `y = w[rows] · x`, row `r` of the batch: int8 products where `int8` has that row quantized
 /// for `w`'s format, else the kernels of `isa`.
 #[allow(unused_variables)]
@@ -542,12 +568,7 @@ fn row_kernel(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        let xq = match w {
-            WeightRows::Q8_0(_) => int8.q8.get(r),
-            WeightRows::Q4_0(_) => int8.q4.get(r),
-            _ => None,
-        };
-        if let Some(xq) = xq {
+        if let Some(xq) = int8.rows_for(w).and_then(|rows| rows.get(r)) {
             super::int8::gemv_rows(w, rows, xq, y);
             return;
         }
@@ -1471,7 +1492,7 @@ pub(crate) mod tests {
         let wb: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
         let q8 = Q8_0Matrix::quantize(&w32, out, n).unwrap();
         let q4 = Q4_0Matrix::quantize(&w32, out, n).unwrap();
-        for m in [2usize, 3, MAX_GEMV_ROWS] {
+        for m in [2usize, 3, 5, MAX_GEMV_ROWS] {
             let x = random(m * n, 7 + m as u64);
             for w in [
                 WeightRows::F32(&w32),

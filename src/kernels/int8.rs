@@ -135,6 +135,30 @@ pub(crate) fn gemv_rows(
     unsafe { x86::gemv(w, rows, x, y) }
 }
 
+/// `ys[i] = W · xs[i]` for a few activation rows (a verify pass): rows `rows` of `w`, each `xs[i]`
+/// from [`gemv_row`], `ys[i]` one value per row. Each weight register is loaded, unpacked and
+/// scaled once for every activation row (four at a time), so a few rows cost little more than
+/// one; the weights still stream front to back. The caller checked the CPU features.
+pub(crate) fn gemv_rows_multi(
+    w: WeightRows<'_>,
+    rows: std::ops::Range<usize>,
+    xs: &[GemvRow],
+    ys: &mut [&mut [f32]],
+) {
+    assert_eq!(xs.len(), ys.len(), "one output per activation row");
+    for (xs, ys) in xs.chunks(4).zip(ys.chunks_mut(4)) {
+        // SAFETY: as `gemv_rows`, for each row of `xs`.
+        unsafe {
+            match xs.len() {
+                1 => x86::gemv_multi::<1>(w, rows.clone(), xs, ys),
+                2 => x86::gemv_multi::<2>(w, rows.clone(), xs, ys),
+                3 => x86::gemv_multi::<3>(w, rows.clone(), xs, ys),
+                _ => x86::gemv_multi::<4>(w, rows.clone(), xs, ys),
+            }
+        }
+    }
+}
+
 /// [`GemvRow::new`] for `w`'s format.
 pub(crate) fn gemv_row(w: WeightRows<'_>, x: &[f32]) -> GemvRow {
     GemvRow::new(x, matches!(w, WeightRows::Q4_0(_)))
@@ -395,6 +419,92 @@ mod x86 {
                 acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc);
             }
             *y = _mm512_reduce_add_ps(acc);
+        }
+    }
+
+    /// [`gemv`] for `M` activation rows at once (`xs`, `ys` of length `M`): per pair of blocks
+    /// the weights are loaded and unpacked, and their scales converted, once.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
+    pub(super) unsafe fn gemv_multi<const M: usize>(
+        w: crate::kernels::gemv::WeightRows<'_>,
+        rows: std::ops::Range<usize>,
+        xs: &[super::GemvRow],
+        ys: &mut [&mut [f32]],
+    ) {
+        use crate::kernels::gemv::WeightRows;
+        let (k, q4) = match w {
+            WeightRows::Q8_0(m) => (m.in_dim(), false),
+            WeightRows::Q4_0(m) => (m.in_dim(), true),
+            _ => unreachable!("int8 products are for q8_0 and q4_0 weights"),
+        };
+        let (pairs, half) = (k / 64, !k.is_multiple_of(64));
+        let xq: [*const i8; M] = std::array::from_fn(|i| xs[i].q.as_ptr());
+        let xd: [*const f32; M] = std::array::from_fn(|i| xs[i].d.as_ptr());
+        let xc: [*const i32; M] = std::array::from_fn(|i| xs[i].corr.as_ptr());
+        let lanes = if q4 {
+            _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)
+        } else {
+            _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+        };
+        let low = _mm256_set1_epi8(0x0f);
+        for (j, r) in rows.enumerate() {
+            let sr = match w {
+                WeightRows::Q8_0(m) => m.raw().1,
+                WeightRows::Q4_0(m) => m.raw().1,
+                _ => unreachable!(),
+            }
+            .as_ptr()
+            .add(r * k / Q8_BLOCK);
+            let mut acc = [_mm512_setzero_ps(); M];
+            for p in 0..pairs + usize::from(half) {
+                let whole = p < pairs;
+                // The pair's weights, as vpdpbusd's unsigned factor, and (q8_0) their signs.
+                let (codes, neg) = match w {
+                    WeightRows::Q4_0(m) => {
+                        let qp = m.raw().0.as_ptr().add(r * k / 2 + p * 32);
+                        let packed = if whole {
+                            _mm256_loadu_si256(qp.cast())
+                        } else {
+                            _mm256_maskz_loadu_epi8(0xffff, qp.cast())
+                        };
+                        let lo = _mm256_and_si256(packed, low);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low);
+                        (_mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi), 0)
+                    }
+                    WeightRows::Q8_0(m) => {
+                        let qp = m.raw().0.as_ptr().add(r * k + p * 64);
+                        let wv = if whole {
+                            _mm512_loadu_si512(qp.cast())
+                        } else {
+                            _mm512_maskz_loadu_epi8(u64::from(u32::MAX), qp.cast())
+                        };
+                        (_mm512_abs_epi8(wv), _mm512_movepi8_mask(wv))
+                    }
+                    _ => unreachable!(),
+                };
+                let bits = if whole {
+                    sr.add(2 * p).cast::<i32>().read_unaligned()
+                } else {
+                    i32::from(sr.add(2 * p).cast::<u16>().read_unaligned())
+                };
+                let ds = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+                let dw = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(ds));
+                for i in 0..M {
+                    let xv = _mm512_loadu_si512(xq[i].add(p * 64).cast());
+                    let isum = if q4 {
+                        let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, xv);
+                        _mm512_sub_epi32(isum, _mm512_loadu_si512(xc[i].add(p * 16).cast()))
+                    } else {
+                        let xs = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
+                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, xs)
+                    };
+                    let scale = _mm512_mul_ps(dw, _mm512_loadu_ps(xd[i].add(p * 16)));
+                    acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[i]);
+                }
+            }
+            for i in 0..M {
+                ys[i][j] = _mm512_reduce_add_ps(acc[i]);
+            }
         }
     }
 }
