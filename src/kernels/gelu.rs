@@ -34,13 +34,19 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
 
 /// GELU (tanh approximation) of every element, in place, in parallel.
 pub fn gelu_tanh_in_place(v: &mut [f32]) {
+    in_parallel(v, |part, _| run(part));
+}
+
+/// Runs `f` over disjoint parts of `v` (at most [`TASK`] elements each) in parallel, with each
+/// part's element range in `v`.
+fn in_parallel(v: &mut [f32], f: impl Fn(&mut [f32], std::ops::Range<usize>) + Sync) {
     let n = v.len();
     let p = SyncPtr(v.as_mut_ptr());
     parallel_for(n.div_ceil(TASK), |tasks| {
         let (a, b) = (tasks.start * TASK, (tasks.end * TASK).min(n));
         // SAFETY: tasks cover disjoint ranges of `v`, which outlives `parallel_for`.
         let part = unsafe { std::slice::from_raw_parts_mut(p.get().add(a), b - a) };
-        run(part);
+        f(part, a..b);
     });
 }
 
@@ -49,19 +55,14 @@ pub fn gelu_tanh_in_place(v: &mut [f32]) {
 /// element-wise op.
 pub fn gated_in_place(gate: &mut [f32], up: &[f32], silu: bool) {
     assert_eq!(gate.len(), up.len(), "gate and up widths");
-    let n = gate.len();
-    let p = SyncPtr(gate.as_mut_ptr());
-    parallel_for(n.div_ceil(TASK), |tasks| {
-        let (a, b) = (tasks.start * TASK, (tasks.end * TASK).min(n));
-        // SAFETY: tasks cover disjoint ranges of `gate`, which outlives `parallel_for`.
-        let part = unsafe { std::slice::from_raw_parts_mut(p.get().add(a), b - a) };
+    in_parallel(gate, |part, range| {
         #[cfg(target_arch = "x86_64")]
         if super::gemv::Isa::get().has_avx2() {
             // SAFETY: AVX2 and FMA were detected.
-            unsafe { gated_avx2(part, &up[a..b], silu) };
+            unsafe { gated_avx2(part, &up[range], silu) };
             return;
         }
-        gated_slice(part, &up[a..b], silu);
+        gated_slice(part, &up[range], silu);
     });
 }
 
@@ -88,12 +89,7 @@ fn gated_slice(g: &mut [f32], u: &[f32], silu: bool) {
 /// `tanh(y) = 1 − 2 / (e^(2y) + 1)`, and below `|y| = 1/4` (where that cancels) its Taylor series
 /// to `y⁹`; within 1e-6 of the result relatively (a few f32 ulps), exact ±cap in the tails.
 pub fn softcap_in_place(v: &mut [f32], cap: f32) {
-    let n = v.len();
-    let p = SyncPtr(v.as_mut_ptr());
-    parallel_for(n.div_ceil(TASK), |tasks| {
-        let (a, b) = (tasks.start * TASK, (tasks.end * TASK).min(n));
-        // SAFETY: tasks cover disjoint ranges of `v`, which outlives `parallel_for`.
-        let part = unsafe { std::slice::from_raw_parts_mut(p.get().add(a), b - a) };
+    in_parallel(v, |part, _| {
         #[cfg(target_arch = "x86_64")]
         if super::gemv::Isa::get().has_avx2() {
             // SAFETY: AVX2 and FMA were detected.

@@ -431,7 +431,7 @@ pub fn gemv_many(ws: &[WeightRows<'_>], x: &[f32], ys: &mut [&mut [f32]]) -> Res
             // SAFETY: tasks cover disjoint row ranges of each output, which outlive the call.
             let y =
                 unsafe { std::slice::from_raw_parts_mut(yp[i].get().add(rows.start), rows.len()) };
-            row_kernel(isa, ws[i], rows, x, (&int8_x, 0), y);
+            row_kernel(isa, ws[i], rows, x, &int8_x, y);
         }
     });
     Ok(())
@@ -487,7 +487,7 @@ fn rows_pass(w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32], task_bytes: 
                 std::slice::from_raw_parts_mut(yp.get().add(r * out + rows.start), rows.len())
             };
             let xr = &x[r * n..(r + 1) * n];
-            row_kernel(isa, w, rows.clone(), xr, (&int8_x, r), y);
+            row_kernel(isa, w, rows.clone(), xr, &Int8Rows::default(), y);
         }
     });
 }
@@ -509,12 +509,10 @@ impl Int8Rows {
         let mut rows = Int8Rows::default();
         #[cfg(target_arch = "x86_64")]
         for &w in ws {
-            let more = Int8Rows::new_rows(isa, w, x, 1);
-            if rows.q8.is_empty() {
-                rows.q8 = more.q8;
-            }
-            if rows.q4.is_empty() {
-                rows.q4 = more.q4;
+            if rows.rows_for(w).is_none() {
+                let more = Int8Rows::new_rows(isa, w, x, 1);
+                rows.q8.extend(more.q8);
+                rows.q4.extend(more.q4);
             }
         }
         rows
@@ -555,20 +553,20 @@ impl Int8Rows {
     }
 }
 
-/// `y = w[rows] · x`, row `r` of the batch: int8 products where `int8` has that row quantized
-/// for `w`'s format, else the kernels of `isa`.
+/// `y = w[rows] · x`: int8 products where `int8` holds `x` quantized for `w`'s format, else the
+/// kernels of `isa`.
 #[allow(unused_variables)]
 fn row_kernel(
     isa: Isa,
     w: WeightRows<'_>,
     rows: std::ops::Range<usize>,
     x: &[f32],
-    (int8, r): (&Int8Rows, usize),
+    int8: &Int8Rows,
     y: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if let Some(xq) = int8.rows_for(w).and_then(|rows| rows.get(r)) {
+        if let Some(xq) = int8.rows_for(w).and_then(|rows| rows.first()) {
             super::int8::gemv_rows(w, rows, xq, y);
             return;
         }

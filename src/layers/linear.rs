@@ -445,10 +445,9 @@ impl Linear {
 
     /// `[.., in]` → `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match (&self.weight, self.kernel_rows()) {
-            (Weight::Dense(w), _) => matmul_t(x, w)?,
-            (_, Some((w, shape))) => rows_matmul_t(x, w, shape)?,
-            (_, None) => unreachable!("every stored form but a tensor has kernel rows"),
+        let y = match self.stored() {
+            Ok((w, shape)) => rows_matmul_t(x, w, shape)?,
+            Err(w) => matmul_t(x, w)?,
         };
         self.add_bias(y)
     }
@@ -458,7 +457,7 @@ impl Linear {
     /// ([`gemv::gemv_many`]: one dispatch, `x` quantized once); otherwise one after the other.
     pub fn forward_many(ls: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
         let (rows, in_dim) = rows_of(x)?;
-        let ws: Option<Vec<_>> = ls.iter().map(|l| l.kernel_rows()).collect();
+        let ws: Option<Vec<_>> = ls.iter().map(|l| l.stored().ok()).collect();
         match ws {
             Some(ws)
                 if rows == 1
@@ -482,13 +481,13 @@ impl Linear {
         }
     }
 
-    /// The weight as rows our kernels read, with its `(out, in)`; `None` for a candle tensor.
-    fn kernel_rows(&self) -> Option<(WeightRows<'_>, (usize, usize))> {
+    /// The weight as rows our kernels read, with its `(out, in)`, or the candle tensor it is.
+    fn stored(&self) -> std::result::Result<(WeightRows<'_>, (usize, usize)), &Tensor> {
         match &self.weight {
-            Weight::Dense(_) => None,
-            Weight::Mapped(m) => Some((m.rows(), m.dims2())),
-            Weight::Q8_0(m) => Some((WeightRows::Q8_0(m), (m.out_dim(), m.in_dim()))),
-            Weight::Q4_0(m) => Some((WeightRows::Q4_0(m), (m.out_dim(), m.in_dim()))),
+            Weight::Dense(w) => Err(w),
+            Weight::Mapped(m) => Ok((m.rows(), m.dims2())),
+            Weight::Q8_0(m) => Ok((WeightRows::Q8_0(m), (m.out_dim(), m.in_dim()))),
+            Weight::Q4_0(m) => Ok((WeightRows::Q4_0(m), (m.out_dim(), m.in_dim()))),
         }
     }
 
