@@ -706,14 +706,6 @@ fn a_full_context_says_so_or_shifts_with_context_shift() {
 /// Drives `llmarch chat` in a pseudo-terminal, as a person would.
 mod pty {
     use super::*;
-    use rexpect::session::PtySession;
-
-    fn type_line(p: &mut PtySession, line: &str) -> String {
-        p.send(line).unwrap();
-        p.send("\r").unwrap();
-        p.flush().unwrap();
-        pty_prompt(p)
-    }
 
     #[test]
     fn interactive_session_two_turns_kv_save_exit() {

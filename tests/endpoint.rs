@@ -754,9 +754,7 @@ fn interactive_ctrl_c_stops_a_silent_server() {
     let after = pty_prompt(&mut p);
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
     assert!(after.contains("interrupted"), "{after}");
-    p.send("Again\r").unwrap();
-    p.flush().unwrap();
-    let second = pty_prompt(&mut p);
+    let second = type_line(&mut p, "Again");
     assert!(second.contains("Fast"), "{second}");
     p.send("/exit\r").unwrap();
     p.flush().unwrap();
@@ -779,15 +777,11 @@ fn interactive_chat_survives_a_server_error() {
     let mut p = pty_chat(&s.url, home.path());
     let banner = pty_prompt(&mut p);
     assert!(banner.contains("the server's chat template"), "{banner}");
-    p.send("Hello\r").unwrap();
-    p.flush().unwrap();
-    let first = pty_prompt(&mut p);
+    let first = type_line(&mut p, "Hello");
     assert!(first.contains("error: "), "{first}");
     assert!(first.contains("HTTP 401"), "{first}");
     assert!(!first.contains(KEY), "{first}");
-    p.send("Again\r").unwrap();
-    p.flush().unwrap();
-    let second = pty_prompt(&mut p);
+    let second = type_line(&mut p, "Again");
     assert!(second.contains("Welcome"), "{second}");
     assert!(second.contains("(4 cached)"), "{second}");
     p.send("/exit\r").unwrap();

@@ -90,8 +90,13 @@ thread_local! {
     static INSIDE: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Threads the pool runs with (the caller included).
+/// Threads the pool runs with (the caller included); read once, as the pool is sized once.
 pub(crate) fn threads() -> usize {
+    static THREADS: OnceLock<usize> = OnceLock::new();
+    *THREADS.get_or_init(threads_from_env)
+}
+
+fn threads_from_env() -> usize {
     ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"]
         .iter()
         .find_map(|v| {

@@ -23,6 +23,14 @@ pub fn llmarch() -> Command {
     c
 }
 
+/// Type `line` and Enter into chat in a pseudo-terminal; what it printed up to the next prompt.
+pub fn type_line(p: &mut rexpect::session::PtySession, line: &str) -> String {
+    p.send(line).unwrap();
+    p.send("\r").unwrap();
+    p.flush().unwrap();
+    pty_prompt(p)
+}
+
 /// Wait for chat's `>>> ` prompt in a pseudo-terminal, answering a cursor-position query should
 /// the line editor send one (a real terminal answers it; the pty does not); what came before it.
 pub fn pty_prompt(p: &mut rexpect::session::PtySession) -> String {
