@@ -24,6 +24,7 @@
 //! - Results differ from candle's GEMM only by summation order: agreement is to f32 rounding
 //!   (~1e-6 of `Σ|w·x|`), not bit for bit.
 
+use super::hugepages::{WeightBuf, Zeroable};
 use super::parallel::{parallel_for, threads};
 use anyhow::{ensure, Result};
 use half::{bf16, f16};
@@ -163,8 +164,8 @@ impl WeightRows<'_> {
 pub struct Q8_0Matrix {
     out: usize,
     in_dim: usize,
-    qs: Vec<i8>,
-    scales: Vec<f16>,
+    qs: WeightBuf<i8>,
+    scales: WeightBuf<f16>,
 }
 
 impl Q8_0Matrix {
@@ -245,8 +246,8 @@ impl Q8_0Matrix {
 pub struct Q4_0Matrix {
     out: usize,
     in_dim: usize,
-    qs: Vec<u8>,
-    scales: Vec<f16>,
+    qs: WeightBuf<u8>,
+    scales: WeightBuf<f16>,
 }
 
 impl Q4_0Matrix {
@@ -327,14 +328,14 @@ const QUANTIZE_SLAB_BYTES: usize = 16 << 20;
 /// the scale. Blocks go in parallel, rows in slabs of about [`QUANTIZE_SLAB_BYTES`] of `w`, and
 /// `done(rows)` hears of each finished slab, so a caller reading `w` from a mapping can give
 /// those pages back as it goes (peak memory: one slab, not the matrix).
-fn quantize_blocks<E: Widen, T: Copy + Default + Send, const QB: usize>(
+fn quantize_blocks<E: Widen, T: Zeroable, const QB: usize>(
     w: &[E],
     out: usize,
     in_dim: usize,
     what: &str,
     done: &mut dyn FnMut(std::ops::Range<usize>),
     block: impl Fn(&[f32; Q8_BLOCK], &mut [T]) -> f32 + Sync,
-) -> Result<(Vec<T>, Vec<f16>)> {
+) -> Result<(WeightBuf<T>, WeightBuf<f16>)> {
     ensure!(
         in_dim > 0 && in_dim.is_multiple_of(Q8_BLOCK),
         "{what} needs rows whose length is a multiple of {Q8_BLOCK}, got {in_dim}"
@@ -345,8 +346,8 @@ fn quantize_blocks<E: Widen, T: Copy + Default + Send, const QB: usize>(
         w.len()
     );
     let nb = in_dim / Q8_BLOCK; // blocks per row
-    let mut qs = vec![T::default(); out * nb * QB];
-    let mut scales = vec![f16::ZERO; out * nb];
+    let mut qs = WeightBuf::<T>::zeroed(out * nb * QB)?;
+    let mut scales = WeightBuf::<f16>::zeroed(out * nb)?;
     let slab = (QUANTIZE_SLAB_BYTES / (in_dim * std::mem::size_of::<E>())).max(1);
     const PER_TASK: usize = 2048; // blocks
     let (qp, sp) = (SyncPtr(qs.as_mut_ptr()), SyncPtr(scales.as_mut_ptr()));
@@ -1450,12 +1451,12 @@ pub(crate) mod tests {
                 Q4_0Matrix::quantize(&wb, out, n).unwrap(),
                 Q4_0Matrix::quantize(&wbf, out, n).unwrap(),
             );
-            assert_eq!((a.qs, a.scales), (b.qs, b.scales));
+            assert_eq!((&a.qs[..], &a.scales[..]), (&b.qs[..], &b.scales[..]));
             let (a, b) = (
                 Q8_0Matrix::quantize(&wb, out, n).unwrap(),
                 Q8_0Matrix::quantize(&wbf, out, n).unwrap(),
             );
-            assert_eq!((a.qs, a.scales), (b.qs, b.scales));
+            assert_eq!((&a.qs[..], &a.scales[..]), (&b.qs[..], &b.scales[..]));
         }
     }
 
@@ -1473,8 +1474,8 @@ pub(crate) mod tests {
         assert!(seen.windows(2).all(|p| p[0].end == p[1].start), "{seen:?}");
         let r = seen[1].clone();
         let part = Q4_0Matrix::quantize(&w[r.start * n..r.end * n], r.len(), n).unwrap();
-        assert_eq!(part.qs, m.qs[r.start * n / 2..r.end * n / 2]);
-        assert_eq!(part.scales, m.scales[r.start * n / 32..r.end * n / 32]);
+        assert_eq!(part.qs[..], m.qs[r.start * n / 2..r.end * n / 2]);
+        assert_eq!(part.scales[..], m.scales[r.start * n / 32..r.end * n / 32]);
         let mut rows = 0;
         let q8 = Q8_0Matrix::quantize_with(&w, out, n, &mut |r| rows += r.len()).unwrap();
         assert_eq!((rows, q8.dequantize().len()), (out, out * n));

@@ -12,6 +12,7 @@ pub mod attention;
 pub mod gelu;
 pub mod gemm;
 pub mod gemv;
+pub mod hugepages;
 #[cfg(target_arch = "x86_64")]
 mod int8;
 pub mod parallel;
