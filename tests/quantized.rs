@@ -94,12 +94,12 @@ fn logits(path: &Path, key: &str) -> Tensor {
 /// int8 products for the quantized weights in a prompt, no bf16 ones for what a run leaves
 /// unquantized (DeepSeek V4's bf16 `o_a_proj`).
 fn run_quantized(format: &str, dir: &Path, prompt: &[u32], n: usize) -> (Value, String, Tensor) {
-    run_quantized_with("avx512", format, dir, prompt, n)
+    run_quantized_with(&[("LLMARCH_KERNELS", "avx512")], format, dir, prompt, n)
 }
 
-/// [`run_quantized`] with `LLMARCH_KERNELS=kernels` (`""`: what this CPU has).
+/// [`run_quantized`] with environment `envs` (e.g. `LLMARCH_KERNELS=""`: what this CPU has).
 fn run_quantized_with(
-    kernels: &str,
+    envs: &[(&str, &str)],
     format: &str,
     dir: &Path,
     prompt: &[u32],
@@ -108,7 +108,7 @@ fn run_quantized_with(
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("logits.safetensors");
     let o = llmarch()
-        .env("LLMARCH_KERNELS", kernels)
+        .envs(envs.iter().copied())
         .args([
             "run",
             dir.to_str().unwrap(),
@@ -260,7 +260,8 @@ fn int8_products_cost_what_q8_0_weights_cost_the_reference() {
         let name = format!("{format}/{name}");
         let seq = ids(&r["f32_sequence"]);
         let (_, _, f32_products) = run_quantized(format, &src, &seq, 1);
-        let (_, _, int8_products) = run_quantized_with("", format, &src, &seq, 1);
+        let (_, _, int8_products) =
+            run_quantized_with(&[("LLMARCH_KERNELS", "")], format, &src, &seq, 1);
         let moved = rel_rms(&int8_products, &f32_products);
         let bound = q8_cost(&family_of(&r));
         eprintln!("{name}: int8 products move the logits by {moved:.4} (relative RMS); q8_0 weights cost the reference {bound:.4}");
@@ -326,4 +327,54 @@ fn chat_takes_q8_0_and_says_so() {
     assert!(o.status.success(), "{}", stderr(&o));
     let all = format!("{}{}", stdout(&o), stderr(&o));
     assert!(all.contains("q8_0 weights"), "{all}");
+}
+
+/// The quantized-weights cache, end to end: the first `--dtype q4_0` run quantizes and keeps the
+/// blocks, the second reads every matrix back and computes exactly the same logits; a
+/// truncated file is not trusted but rebuilt, with the same result; `LLMARCH_QUANT_CACHE=off`
+/// keeps nothing.
+#[test]
+fn a_second_quantized_run_reads_the_kept_blocks_and_computes_the_same() {
+    let (_, r, src) = fixtures("q4_0").remove(0);
+    let prompt = ids(&r["prompt_ids"]);
+    let cache = tempfile::tempdir().unwrap();
+    let home = cache.path().to_str().unwrap();
+    let run = |envs: &[(&str, &str)]| {
+        let envs = [&[("XDG_CACHE_HOME", home)], envs].concat();
+        let (stats, err, logits) = run_quantized_with(&envs, "q4_0", &src, &prompt, 3);
+        let logits = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (stats["quant_cache"].clone(), err, logits)
+    };
+    let files = || -> Vec<PathBuf> {
+        let dir = cache.path().join("llmarch/quantized");
+        std::fs::read_dir(&dir).map_or(vec![], |d| {
+            d.flat_map(|e| std::fs::read_dir(e.unwrap().path()).unwrap())
+                .map(|e| e.unwrap().path())
+                .collect()
+        })
+    };
+
+    let (use1, err1, first) = run(&[]);
+    assert_eq!(use1, "written", "{err1}");
+    assert!(err1.contains("kept the quantized weights"), "{err1}");
+    let kept = files();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(kept[0].ends_with("q4_0.safetensors"), "{kept:?}");
+
+    let (use2, err2, second) = run(&[]);
+    assert_eq!(use2, "read", "{err2}");
+    assert_eq!(first, second, "logits from the kept blocks");
+
+    let bytes = std::fs::read(&kept[0]).unwrap();
+    std::fs::write(&kept[0], &bytes[..bytes.len() / 2]).unwrap();
+    let (use3, err3, third) = run(&[]);
+    assert_eq!(use3, "written", "a truncated cache is rebuilt: {err3}");
+    assert_eq!(first, third);
+    assert_eq!(std::fs::read(&kept[0]).unwrap().len(), bytes.len());
+
+    std::fs::remove_file(&kept[0]).unwrap();
+    let (use4, err4, fourth) = run(&[("LLMARCH_QUANT_CACHE", "off")]);
+    assert_eq!(use4, Value::Null, "{err4}");
+    assert!(files().is_empty(), "{:?}", files());
+    assert_eq!(first, fourth);
 }

@@ -283,6 +283,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         model,
         load_s,
         weights,
+        quant_cache: _,
     } = shared::build_model_in(&files, family, ctx, &precision)?;
     let mut session = Session::new(model, tok, template, settings, max_context);
     session.context_shift = args.context_shift;

@@ -181,6 +181,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         model,
         load_s,
         weights,
+        quant_cache,
     } = shared::build_model_in(&files, family, ctx, &precision)?;
 
     // 4. Generate, streaming text and the panel.
@@ -359,6 +360,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
                 serde_json::json!(cache.bytes()),
             );
             o.insert("load_s".into(), load_s.into());
+            o.insert("quant_cache".into(), quant_cache.into());
             o.insert("dtype".into(), weights.clone().into());
             o.insert(
                 "kernels".into(),

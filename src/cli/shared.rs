@@ -11,10 +11,12 @@ use crate::generate::sampler::Sampling;
 use crate::layers::linear::{with_weight_format, Quantization, WeightFormat};
 use crate::loader::generation_config::GenerationDefaults;
 use crate::loader::model_files::{self, ModelFiles, ResolveOptions};
+use crate::loader::quant_cache::{CacheUse, QuantCache};
 use crate::loader::tokenizer::{self, TokenizerBundle};
 use crate::loader::{weights, ModelRef};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Sampling flags.
@@ -119,7 +121,9 @@ pub struct DeviceArgs {
     /// weights stored in that type are read from the checkpoint's memory map (others are
     /// converted once at load); q8_0 (1.06 bytes per weight) and q4_0 (0.56) quantize the weight matrices at
     /// load to GGML's blocks of 32 with an f16 scale, straight from the stored bytes (norms,
-    /// embeddings and routers keep their type). On a GPU, f32/bf16/f16 set weights and
+    /// embeddings and routers keep their type), and keep the blocks for later runs (next to a Hub
+    /// snapshot, or in the user's cache folder for a local one; `LLMARCH_QUANT_CACHE=off` does
+    /// not), which then read them instead of quantizing. On a GPU, f32/bf16/f16 set weights and
     /// activations alike; q8_0 and q4_0 run on the CPU only (`--device auto` picks it).
     #[arg(long, value_enum)]
     pub dtype: Option<ComputeDtype>,
@@ -362,6 +366,8 @@ pub struct Built {
     pub load_s: f64,
     /// The weights' format for reports: `bf16`, `q4_0`, ...
     pub weights: String,
+    /// The quantized-weights cache: `"read"` (every matrix from it), `"written"`, or unused.
+    pub quant_cache: Option<&'static str>,
 }
 
 /// [`build_model`] with the weight matrices held as `precision` says.
@@ -413,14 +419,42 @@ pub fn build_model_in(
     let weights = weights::load_with(files, precision.dtype, &precision.device, opts)?;
     // Matrices are read from the mapping (CPU) or quantized from it one at a time as the
     // family reads them: no f32 copy of the checkpoint is ever held.
-    let source = crate::kernels::fast_cpu(&precision.device).then(|| weights.mapped_source());
+    let mut source = crate::kernels::fast_cpu(&precision.device).then(|| weights.mapped_source());
+    // Quantized formats read back what an earlier run quantized, and keep what this one makes.
+    let cache = match (&source, precision.weights) {
+        (Some(_), WeightFormat::Quantized(q)) => QuantCache::open(files, q).map(Arc::new),
+        _ => None,
+    };
+    if let Some(cache) = &cache {
+        source = source.map(|s| cache.wrap(s));
+    }
     let model = with_weight_format(precision.weights, source, || {
         build(&config, &ctx.parse, weights.text_vb(), weights.lm_head_vb())
     })
     .with_context(|| format!("building the model from {}", files.source))?;
     warn_unused(ctx, &weights.unused());
+    let quant_cache = match cache.map(|c| c.finish()).transpose() {
+        Ok(Some(CacheUse::Written(path, bytes))) => {
+            if !ctx.quiet {
+                eprintln!(
+                    "{} kept the quantized weights for later runs: {} ({:.1} GB; LLMARCH_QUANT_CACHE=off skips this)",
+                    crate::report::prefix("note"),
+                    path.display(),
+                    bytes as f64 / 1e9
+                );
+            }
+            Some("written")
+        }
+        Ok(Some(CacheUse::Read(_))) => Some("read"),
+        Ok(_) => None,
+        Err(e) => {
+            ctx.warn(&format!("{e:#}"));
+            None
+        }
+    };
     Ok(Built {
         model,
+        quant_cache,
         load_s: t_load.elapsed().as_secs_f64(),
         weights: weights_label(
             &precision.name(weights.stored_dtype()),

@@ -202,6 +202,28 @@ impl Q8_0Matrix {
         })
     }
 
+    /// A matrix from its codes (`[out, in]`) and scales (`[out, in / 32]`), e.g. as an earlier
+    /// run stored them; the lengths are checked.
+    pub fn from_parts(
+        out: usize,
+        in_dim: usize,
+        qs: WeightBuf<i8>,
+        scales: WeightBuf<f16>,
+    ) -> Result<Self> {
+        check_parts("q8_0", out, in_dim, qs.len(), in_dim, scales.len())?;
+        Ok(Q8_0Matrix {
+            out,
+            in_dim,
+            qs,
+            scales,
+        })
+    }
+
+    /// The codes and the scales as bytes (native order), to store.
+    pub fn bytes_stored(&self) -> (&[u8], &[u8]) {
+        (self.qs.as_bytes(), self.scales.as_bytes())
+    }
+
     /// The codes (`[out, in]`, row-major) and the scales (`[out, in / 32]`).
     pub(crate) fn raw(&self) -> (&[i8], &[f16]) {
         (&self.qs, &self.scales)
@@ -286,6 +308,28 @@ impl Q4_0Matrix {
         })
     }
 
+    /// A matrix from its packed codes (`[out, in / 2]`) and scales (`[out, in / 32]`), e.g. as
+    /// an earlier run stored them; the lengths are checked.
+    pub fn from_parts(
+        out: usize,
+        in_dim: usize,
+        qs: WeightBuf<u8>,
+        scales: WeightBuf<f16>,
+    ) -> Result<Self> {
+        check_parts("q4_0", out, in_dim, qs.len(), in_dim / 2, scales.len())?;
+        Ok(Q4_0Matrix {
+            out,
+            in_dim,
+            qs,
+            scales,
+        })
+    }
+
+    /// The codes and the scales as bytes (native order), to store.
+    pub fn bytes_stored(&self) -> (&[u8], &[u8]) {
+        (self.qs.as_bytes(), self.scales.as_bytes())
+    }
+
     /// The packed codes (two per byte, as the type says) and the scales (`[out, in / 32]`).
     pub(crate) fn raw(&self) -> (&[u8], &[f16]) {
         (&self.qs, &self.scales)
@@ -318,6 +362,25 @@ impl Q4_0Matrix {
             &self.scales[rows.start * n / Q8_BLOCK..rows.end * n / Q8_BLOCK],
         )
     }
+}
+
+/// Checks that `codes` and `scales` hold a `[out, in]` block matrix with `row_codes` codes per
+/// row.
+fn check_parts(
+    what: &str,
+    out: usize,
+    in_dim: usize,
+    codes: usize,
+    row_codes: usize,
+    scales: usize,
+) -> Result<()> {
+    ensure!(
+        in_dim.is_multiple_of(Q8_BLOCK)
+            && codes == out * row_codes
+            && scales == out * in_dim / Q8_BLOCK,
+        "{what}: {codes} codes and {scales} scales do not make a [{out}, {in_dim}] matrix"
+    );
+    Ok(())
 }
 
 /// Source bytes per slab of rows in [`quantize_blocks`]: what a caller may release at a time.

@@ -106,6 +106,26 @@ impl<T: Zeroable> WeightBuf<T> {
         })
     }
 
+    /// `len` elements read by `fill` into the buffer's bytes (e.g. from a file, without mapping
+    /// it).
+    pub fn filled_by(
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> std::io::Result<()>,
+    ) -> Result<Self> {
+        let buf = Self::zeroed(len)?;
+        let bytes = len * std::mem::size_of::<T>();
+        // SAFETY: the buffer owns `bytes` initialised bytes at `ptr`, and every bit pattern is
+        // a valid `T` (plain numbers, see `Zeroable`).
+        fill(unsafe { std::slice::from_raw_parts_mut(buf.ptr as *mut u8, bytes) })?;
+        Ok(buf)
+    }
+
+    /// The buffer's bytes (native order).
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: `len` initialised elements of plain numbers, viewed as bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, std::mem::size_of_val(&**self)) }
+    }
+
     /// A copy of `data`.
     pub fn from_slice(data: &[T]) -> Result<Self> {
         let mut buf = Self::zeroed(data.len())?;

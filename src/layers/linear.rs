@@ -55,10 +55,41 @@ pub enum WeightFormat {
 }
 
 /// Where mapped weights come from: the loader's validated safetensors mappings.
-pub trait MappedSource {
+pub trait MappedSource: Send + Sync {
     /// Tensor `name` (full name) as stored, if it can be served from the mapping (dense F32,
     /// BF16 or F16, aligned); an error when it exists with another shape than `shape`.
     fn mapped(&self, name: &str, shape: &[usize]) -> Result<Option<MappedTensor>>;
+
+    /// A `q` copy of tensor `name` (`[out, in]` = `shape`) that an earlier run kept, if the
+    /// source has a valid one (see [`crate::loader::quant_cache`]).
+    fn cached(
+        &self,
+        _name: &str,
+        _q: Quantization,
+        _shape: (usize, usize),
+    ) -> Option<QuantizedMatrix> {
+        None
+    }
+
+    /// Hears of every matrix quantized from this source, made now or [`MappedSource::cached`],
+    /// to keep them for later runs.
+    fn quantized(&self, _name: &str, _matrix: &QuantizedMatrix) {}
+}
+
+/// A quantized `[out, in]` matrix, shared.
+#[derive(Debug, Clone)]
+pub enum QuantizedMatrix {
+    Q8_0(Arc<Q8_0Matrix>),
+    Q4_0(Arc<Q4_0Matrix>),
+}
+
+impl From<QuantizedMatrix> for Weight {
+    fn from(m: QuantizedMatrix) -> Weight {
+        match m {
+            QuantizedMatrix::Q8_0(m) => Weight::Q8_0(m),
+            QuantizedMatrix::Q4_0(m) => Weight::Q4_0(m),
+        }
+    }
 }
 
 /// What [`with_weight_format`] sets for the builds on this thread.
@@ -385,16 +416,16 @@ impl Linear {
             w: WeightRows<'_>,
             (out, n): (usize, usize),
             done: &mut dyn FnMut(std::ops::Range<usize>),
-        ) -> Result<Weight> {
+        ) -> Result<QuantizedMatrix> {
             macro_rules! by_dtype {
                 ($w:expr) => {
                     match q {
-                        Quantization::Q8_0 => {
-                            Weight::Q8_0(Arc::new(Q8_0Matrix::quantize_with($w, out, n, done)?))
-                        }
-                        Quantization::Q4_0 => {
-                            Weight::Q4_0(Arc::new(Q4_0Matrix::quantize_with($w, out, n, done)?))
-                        }
+                        Quantization::Q8_0 => QuantizedMatrix::Q8_0(Arc::new(
+                            Q8_0Matrix::quantize_with($w, out, n, done)?,
+                        )),
+                        Quantization::Q4_0 => QuantizedMatrix::Q4_0(Arc::new(
+                            Q4_0Matrix::quantize_with($w, out, n, done)?,
+                        )),
                     }
                 };
             }
@@ -408,8 +439,22 @@ impl Linear {
         let weight = match &self.weight {
             Weight::Q8_0(_) | Weight::Q4_0(_) => return Ok(self),
             // From the mapping, slab by slab, each slab's pages given back once quantized: a
-            // 262,144-row tied head never sits in memory whole.
-            Weight::Mapped(m) => make(q, m.rows(), m.dims2(), &mut |rows| m.release_rows(rows))?,
+            // 262,144-row tied head never sits in memory whole. Or as an earlier run kept it.
+            Weight::Mapped(m) => {
+                let source = load_scope().source;
+                let kept = match (&source, m.name()) {
+                    (Some(s), Some(name)) => s.cached(name, q, m.dims2()),
+                    _ => None,
+                };
+                let made = match kept {
+                    Some(kept) => kept,
+                    None => make(q, m.rows(), m.dims2(), &mut |rows| m.release_rows(rows))?,
+                };
+                if let (Some(s), Some(name)) = (&source, m.name()) {
+                    s.quantized(name, &made);
+                }
+                made.into()
+            }
             Weight::Dense(w) => {
                 if !w.device().is_cpu() {
                     bail!("quantized weights run on the CPU only");
@@ -421,18 +466,18 @@ impl Linear {
                 let none = &mut |_| {};
                 match (&*storage, layout.contiguous_offsets()) {
                     (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => {
-                        make(q, WeightRows::F32(&v[a..b]), shape, none)?
+                        make(q, WeightRows::F32(&v[a..b]), shape, none)?.into()
                     }
                     (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => {
-                        make(q, WeightRows::Bf16(&v[a..b]), shape, none)?
+                        make(q, WeightRows::Bf16(&v[a..b]), shape, none)?.into()
                     }
                     (Storage::Cpu(CpuStorage::F16(v)), Some((a, b))) => {
-                        make(q, WeightRows::F16(&v[a..b]), shape, none)?
+                        make(q, WeightRows::F16(&v[a..b]), shape, none)?.into()
                     }
                     _ => {
                         drop(storage);
                         let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                        make(q, WeightRows::F32(&values), shape, none)?
+                        make(q, WeightRows::F32(&values), shape, none)?.into()
                     }
                 }
             }

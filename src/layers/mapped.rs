@@ -103,6 +103,8 @@ pub struct MappedTensor {
     end: usize,
     dtype: DType,
     shape: Vec<usize>,
+    /// The checkpoint's name for it, where the source gave one (keys the quantized cache).
+    name: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for MappedTensor {
@@ -146,7 +148,21 @@ impl MappedTensor {
             end,
             dtype,
             shape,
+            name: None,
         }))
+    }
+
+    /// This tensor, known by `name` (its full name in the checkpoint).
+    pub fn with_name(self, name: &str) -> Self {
+        MappedTensor {
+            name: Some(name.into()),
+            ..self
+        }
+    }
+
+    /// Its full name in the checkpoint, if the source gave one.
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
     }
 
     pub fn dtype(&self) -> DType {

@@ -9,6 +9,7 @@ pub mod aliases;
 pub mod generation_config;
 pub mod hub;
 pub mod model_files;
+pub mod quant_cache;
 pub mod quantized;
 pub mod tokenizer;
 pub mod weights;

@@ -741,7 +741,8 @@ impl MappedSource for Backend {
             return Ok(None);
         }
         let bytes: SharedBytes = shard.mmap.clone();
-        let m = MappedTensor::new(bytes, e.start, e.end, e.dtype, e.shape.clone())?;
+        let m = MappedTensor::new(bytes, e.start, e.end, e.dtype, e.shape.clone())?
+            .map(|m| m.with_name(name));
         if m.is_some() {
             let n = (e.end - e.start) as u64;
             self.0.loaded_bytes.fetch_add(n, Ordering::Relaxed);

@@ -19,6 +19,12 @@ pub fn llmarch() -> Command {
     c.env_remove("HF_ENDPOINT")
         .env_remove("HF_TOKEN")
         .env_remove("HF_HUB_OFFLINE")
+        .env_remove("LLMARCH_QUANT_CACHE")
+        // Quantized runs keep their blocks here, not in the user's cache folder.
+        .env(
+            "XDG_CACHE_HOME",
+            concat!(env!("CARGO_TARGET_TMPDIR"), "/xdg-cache"),
+        )
         .env("NO_COLOR", "1");
     c
 }
