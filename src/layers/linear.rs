@@ -441,16 +441,15 @@ impl Linear {
             // From the mapping, slab by slab, each slab's pages given back once quantized: a
             // 262,144-row tied head never sits in memory whole. Or as an earlier run kept it.
             Weight::Mapped(m) => {
-                let source = load_scope().source;
-                let kept = match (&source, m.name()) {
-                    (Some(s), Some(name)) => s.cached(name, q, m.dims2()),
-                    _ => None,
-                };
+                let cache = load_scope().source.zip(m.name());
+                let kept = cache
+                    .as_ref()
+                    .and_then(|(s, name)| s.cached(name, q, m.dims2()));
                 let made = match kept {
                     Some(kept) => kept,
                     None => make(q, m.rows(), m.dims2(), &mut |rows| m.release_rows(rows))?,
                 };
-                if let (Some(s), Some(name)) = (&source, m.name()) {
+                if let Some((s, name)) = &cache {
                     s.quantized(name, &made);
                 }
                 made.into()

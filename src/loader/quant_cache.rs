@@ -31,7 +31,6 @@ use safetensors::{Dtype, SafeTensors, View};
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The cache format's version: bump it whenever a quantized block would come out differently.
@@ -47,8 +46,6 @@ pub struct QuantCache {
     existing: Option<Existing>,
     /// Every matrix quantized in this load.
     kept: Mutex<Kept>,
-    /// Matrices that had to be quantized (not read back).
-    made: AtomicUsize,
 }
 
 /// The matrices quantized in one load, read back or made, to write; and the names of those
@@ -93,13 +90,7 @@ impl QuantCache {
             q,
             existing,
             kept: Mutex::default(),
-            made: AtomicUsize::new(0),
         })
-    }
-
-    /// Where this cache's file lives.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// `inner` with this cache consulted for quantized matrices and told of each one made.
@@ -113,14 +104,13 @@ impl QuantCache {
     /// After a successful build: writes the file if any matrix had to be quantized.
     pub fn finish(&self) -> Result<CacheUse> {
         let kept = std::mem::take(&mut *self.kept.lock().unwrap_or_else(|e| e.into_inner()));
-        let kept = kept.matrices;
-        if kept.is_empty() {
+        if kept.matrices.is_empty() {
             return Ok(CacheUse::Unused);
         }
-        if self.made.load(Ordering::Relaxed) == 0 {
+        if kept.read_back.len() == kept.matrices.len() {
             return Ok(CacheUse::Read(self.path.clone()));
         }
-        let bytes = write(&self.path, &self.source, self.q, &kept)
+        let bytes = write(&self.path, &self.source, self.q, &kept.matrices)
             .with_context(|| format!("keeping the quantized weights in {}", self.path.display()))?;
         Ok(CacheUse::Written(self.path.clone(), bytes))
     }
@@ -268,9 +258,6 @@ impl MappedSource for Cached {
         if kept.names.insert(name.to_string()) {
             kept.matrices.push((name.to_string(), matrix.clone()));
         }
-        if !kept.read_back.contains(name) {
-            self.cache.made.fetch_add(1, Ordering::Relaxed);
-        }
     }
 }
 
@@ -400,7 +387,6 @@ mod tests {
             q,
             existing: Existing::open(path, source, q).ok(),
             kept: Mutex::default(),
-            made: AtomicUsize::new(0),
         }
     }
 
