@@ -41,8 +41,27 @@ pub(crate) struct QuantRows {
 }
 
 impl QuantRows {
-    /// `k` must be a multiple of 32. As GGML's `quantize_row_q8_0_ref`, but the scale stays f32.
+    /// `k` must be a multiple of 32. As GGML's `quantize_row_q8_0`, but the scale stays f32:
+    /// rounding to nearest with ties to even, as its AVX version does (`_mm256_round_ps`), which
+    /// vectorises (the reference version's `roundf`, ties away from zero, is a libm call per
+    /// value: 7 % of a q4_0 prompt's time).
     pub(crate) fn quantize(x: &[f32], k: usize) -> QuantRows {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F detected.
+            unsafe { Self::quantize_avx512(x, k) }
+        } else {
+            Self::quantize_portable(x, k)
+        }
+    }
+
+    /// [`QuantRows::quantize`] compiled for AVX-512, where the rounding is one instruction.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn quantize_avx512(x: &[f32], k: usize) -> QuantRows {
+        Self::quantize_portable(x, k)
+    }
+
+    #[inline(always)]
+    fn quantize_portable(x: &[f32], k: usize) -> QuantRows {
         let blocks = x.len() / Q8_BLOCK;
         let mut out = QuantRows {
             q: vec![0; x.len()],
@@ -60,7 +79,7 @@ impl QuantRows {
             *d = amax / 127.0;
             let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
             for (q, &v) in q.iter_mut().zip(x) {
-                *q = (v * id).round() as i8;
+                *q = (v * id).round_ties_even() as i8;
             }
             *sum = q.iter().map(|&v| i32::from(v)).sum();
         }
