@@ -110,8 +110,12 @@ impl QuantCache {
         if kept.read_back.len() == kept.matrices.len() {
             return Ok(CacheUse::Read(self.path.clone()));
         }
-        let bytes = write(&self.path, &self.source, self.q, &kept.matrices)
-            .with_context(|| format!("keeping the quantized weights in {}", self.path.display()))?;
+        let bytes = write(&self.path, &self.source, self.q, &kept.matrices).with_context(|| {
+            format!(
+                "could not keep the quantized weights in {} (LLMARCH_QUANT_CACHE=off skips this)",
+                self.path.display()
+            )
+        })?;
         Ok(CacheUse::Written(self.path.clone(), bytes))
     }
 
