@@ -437,10 +437,10 @@ pub fn build_model_in(
         Ok(Some(CacheUse::Written(path, bytes))) => {
             if !ctx.quiet {
                 eprintln!(
-                    "{} kept the quantized weights for later runs: {} ({:.1} GB; LLMARCH_QUANT_CACHE=off skips this)",
+                    "{} kept the quantized weights for later runs: {} ({}; LLMARCH_QUANT_CACHE=off skips this)",
                     crate::report::prefix("note"),
                     path.display(),
-                    bytes as f64 / 1e9
+                    crate::report::units::bytes(bytes)
                 );
             }
             Some("written")
