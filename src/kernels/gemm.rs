@@ -120,8 +120,9 @@ fn gemm_on(isa: Isa, w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32]) -> R
                         }
                     };
                     // SAFETY: AVX2+FMA (and AVX-512F for `Avx512`) detected; `wp` holds `nc` rows
-                    // of `kl` at stride `ws`, `x` `m` rows of `k` from column `k0`; this task alone
-                    // writes columns `j0..j0 + nc` of `y` (`m` rows of `n`), which outlives the call.
+                    // of `kl` at stride `ws`, `x` `m` rows of `k` at stride `xs` from column `k0`;
+                    // this task alone writes columns `j0..j0 + nc` of `y` (`m` rows of `n`), which
+                    // outlives the call.
                     unsafe {
                         let args = (
                             x[k0..].as_ptr(),
