@@ -25,12 +25,20 @@ const HUGE_PAGE: usize = 2 << 20;
 const ALIGN: usize = 64;
 
 /// Element types a [`WeightBuf`] may hold: plain numbers for which all-zero bytes are zero.
-pub trait Zeroable: Copy + Send + Sync + 'static {}
-impl Zeroable for u8 {}
-impl Zeroable for i8 {}
-impl Zeroable for f32 {}
-impl Zeroable for f16 {}
-impl Zeroable for bf16 {}
+///
+/// # Safety
+/// Every bit pattern, all zeros included, must be a valid value of the type.
+pub unsafe trait Zeroable: Copy + Send + Sync + 'static {}
+// SAFETY: plain numbers: every bit pattern is a value.
+unsafe impl Zeroable for u8 {}
+// SAFETY: as above.
+unsafe impl Zeroable for i8 {}
+// SAFETY: as above.
+unsafe impl Zeroable for f32 {}
+// SAFETY: as above.
+unsafe impl Zeroable for f16 {}
+// SAFETY: as above.
+unsafe impl Zeroable for bf16 {}
 
 /// One anonymous mapping that buffers are cut from.
 struct Region {
