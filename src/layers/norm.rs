@@ -9,11 +9,14 @@ use super::weight;
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 use candle_nn::VarBuilder;
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     /// `[dim]` in f32, or `None` for the scale-less variant.
     weight: Option<Tensor>,
+    /// The same scale as host values when it lives on the CPU, read once for [`Self::fused`].
+    host: Option<Arc<[f32]>>,
     eps: f64,
 }
 
@@ -23,34 +26,42 @@ impl RmsNorm {
         // Read in the model dtype, then widen: the reference rounds the weight to the model
         // dtype and computes with `weight.float()`.
         let w = weight::get(vb, dim, "weight")?.to_dtype(DType::F32)?;
-        Ok(RmsNorm {
-            weight: Some(w),
-            eps,
-        })
+        RmsNorm::with_weight(w, eps)
     }
 
     /// With a learned scale kept in f32 as stored, whatever the model dtype (DeepSeek V4 keeps
     /// its norm weights in f32: `_keep_in_fp32_modules_strict`).
     pub fn load_f32(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        Ok(RmsNorm {
-            weight: Some(weight::get_f32(vb, dim, "weight")?),
-            eps,
-        })
+        RmsNorm::with_weight(weight::get_f32(vb, dim, "weight")?, eps)
     }
 
     /// With a zero-centred learned scale: multiplies by `1 + weight` (Qwen3.5's
     /// `Qwen3_5RMSNorm`, in f32 as the reference computes it).
     pub fn load_zero_centred(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
         let w = weight::get(vb, dim, "weight")?.to_dtype(DType::F32)?;
-        Ok(RmsNorm {
-            weight: Some((w + 1.0)?),
-            eps,
-        })
+        RmsNorm::with_weight((w + 1.0)?, eps)
     }
 
     /// Without a scale.
     pub fn plain(eps: f64) -> Self {
-        RmsNorm { weight: None, eps }
+        RmsNorm {
+            weight: None,
+            host: None,
+            eps,
+        }
+    }
+
+    /// With the f32 scale `w` `[dim]`.
+    fn with_weight(w: Tensor, eps: f64) -> Result<Self> {
+        let host = match w.device() {
+            candle_core::Device::Cpu => Some(w.to_vec1::<f32>()?.into()),
+            _ => None,
+        };
+        Ok(RmsNorm {
+            weight: Some(w),
+            host,
+            eps,
+        })
     }
 
     /// The scale in f32, if any.
@@ -61,7 +72,7 @@ impl RmsNorm {
     /// Normalise `x` over its last dimension, in f32, without casting back.
     pub fn forward_f32(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.to_dtype(DType::F32)?;
-        if crate::kernels::fast_cpu(x.device()) {
+        if crate::kernels::fast_cpu(x.device()) && self.weight.is_some() == self.host.is_some() {
             return self.fused(&x);
         }
         let ms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?; // [.., 1]
@@ -77,10 +88,7 @@ impl RmsNorm {
     /// in f32, `x · (ms + eps)^-½ · w`.
     fn fused(&self, x: &Tensor) -> Result<Tensor> {
         let dim = x.dim(D::Minus1)?;
-        let w = match &self.weight {
-            Some(w) => Some(w.to_vec1::<f32>()?),
-            None => None,
-        };
+        let w = self.host.as_deref();
         let mut v = x.flatten_all()?.to_vec1::<f32>()?;
         for row in v.chunks_exact_mut(dim.max(1)) {
             // The sum of squares in f64: no order-dependent rounding (candle's chain sums in
@@ -91,7 +99,7 @@ impl RmsNorm {
                 .sum::<f64>()
                 / dim as f64) as f32;
             let r = (ms + self.eps as f32).powf(-0.5);
-            match &w {
+            match w {
                 Some(w) => row.iter_mut().zip(w).for_each(|(x, w)| *x = *x * r * w),
                 None => row.iter_mut().for_each(|x| *x *= r),
             }
@@ -114,10 +122,7 @@ mod tests {
     fn normalises_then_scales_without_offset() {
         let dev = Device::Cpu;
         let x = Tensor::new(&[[3f32, 4.0]], &dev).unwrap();
-        let n = RmsNorm {
-            weight: Some(Tensor::new(&[2f32, 0.5], &dev).unwrap()),
-            eps: 0.0,
-        };
+        let n = RmsNorm::with_weight(Tensor::new(&[2f32, 0.5], &dev).unwrap(), 0.0).unwrap();
         let y: Vec<Vec<f32>> = n.forward(&x).unwrap().to_vec2().unwrap();
         let r = (12.5f32).sqrt();
         assert!((y[0][0] - 2.0 * 3.0 / r).abs() < 1e-6);

@@ -52,8 +52,7 @@ pub struct QuantCache {
 /// read back.
 #[derive(Default)]
 struct Kept {
-    matrices: Vec<(String, QuantizedMatrix)>,
-    names: HashSet<String>,
+    matrices: HashMap<String, QuantizedMatrix>,
     read_back: HashSet<String>,
 }
 
@@ -259,9 +258,9 @@ impl MappedSource for Cached {
 
     fn quantized(&self, name: &str, matrix: &QuantizedMatrix) {
         let mut kept = self.cache.kept.lock().unwrap_or_else(|e| e.into_inner());
-        if kept.names.insert(name.to_string()) {
-            kept.matrices.push((name.to_string(), matrix.clone()));
-        }
+        kept.matrices
+            .entry(name.to_string())
+            .or_insert_with(|| matrix.clone());
     }
 }
 
@@ -292,7 +291,7 @@ fn write(
     path: &Path,
     source: &str,
     q: Quantization,
-    kept: &[(String, QuantizedMatrix)],
+    kept: &HashMap<String, QuantizedMatrix>,
 ) -> Result<u64> {
     let dir = path.parent().ok_or_else(|| anyhow!("no folder"))?;
     std::fs::create_dir_all(dir)?;
@@ -406,7 +405,7 @@ mod tests {
     fn a_written_cache_reads_back_the_same_blocks_and_nothing_else_is_trusted() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub").join("q4_0.safetensors");
-        let kept = matrices();
+        let kept: HashMap<_, _> = matrices().into_iter().collect();
         write(&path, "abc123", Quantization::Q4_0, &kept).unwrap();
 
         // Read back: the same codes and scales, by name and shape only.
