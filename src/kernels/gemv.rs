@@ -65,13 +65,22 @@ impl WeightRows<'_> {
         }
     }
 
+    /// Rows a task should start on a multiple of: [`Q4_GROUP`] for q4_0 (the int8 kernels
+    /// compute whole groups), else 1.
+    pub(crate) fn row_group(&self) -> usize {
+        match self {
+            WeightRows::Q4_0(_) => Q4_GROUP,
+            _ => 1,
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
         match self {
             WeightRows::F32(w) => w.len(),
             WeightRows::Bf16(w) => w.len(),
             WeightRows::F16(w) => w.len(),
             WeightRows::Q8_0(m) => m.qs.len(),
-            WeightRows::Q4_0(m) => m.qs.len() * 2,
+            WeightRows::Q4_0(m) => m.out * m.in_dim,
         }
     }
 
@@ -138,15 +147,12 @@ impl WeightRows<'_> {
                 }
             }
             WeightRows::Q4_0(m) => {
-                let nb = n / Q8_BLOCK;
                 for (r, d) in dst.chunks_exact_mut(cols).enumerate() {
-                    let row = r0 + r;
-                    let q = &m.qs[(row * n + c0) / 2..(row * n + c0 + cols) / 2];
-                    let s = &m.scales[row * nb + c0 / Q8_BLOCK..];
-                    for ((d, q), s) in d.chunks_mut(Q8_BLOCK).zip(q.chunks(Q8_BLOCK / 2)).zip(s) {
+                    for (b, d) in d.chunks_mut(Q8_BLOCK).enumerate() {
+                        let (q, s) = m.block(r0 + r, c0 / Q8_BLOCK + b);
                         let s = widen_f16(s.to_bits());
                         let (lo, hi) = d.split_at_mut(Q8_BLOCK / 2);
-                        for ((lo, hi), &b) in lo.iter_mut().zip(hi).zip(q) {
+                        for ((lo, hi), &b) in lo.iter_mut().zip(hi).zip(&q) {
                             *lo = s * ((b & 0x0f) as i32 - 8) as f32;
                             *hi = s * ((b >> 4) as i32 - 8) as f32;
                         }
@@ -184,8 +190,9 @@ impl Q8_0Matrix {
         in_dim: usize,
         done: &mut dyn FnMut(std::ops::Range<usize>),
     ) -> Result<Self> {
+        let layout = BlockLayout::RowMajor;
         let (qs, scales) =
-            quantize_blocks::<E, i8, Q8_BLOCK>(w, out, in_dim, "q8_0", done, |w, q| {
+            quantize_blocks::<E, i8, Q8_BLOCK>(w, out, in_dim, "q8_0", layout, done, |w, q| {
                 let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let d = amax / 127.0;
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
@@ -258,12 +265,22 @@ impl Q8_0Matrix {
     }
 }
 
-/// An `[out, in]` matrix in GGML's q4_0 format: each row is cut into blocks of 32 weights, each
+/// Rows per interleaved group of a [`Q4_0Matrix`]: one 16-lane register of outputs.
+pub const Q4_GROUP: usize = 16;
+
+/// An `[out, in]` matrix of GGML's q4_0 blocks: each row is cut into blocks of 32 weights, each
 /// stored as 32 4-bit codes and one f16 scale (18 bytes per 32 weights, 0.56 bytes per weight).
 /// As GGML's `quantize_row_q4_0_ref`: `d = m / −8` where `m` is the block's value of largest
 /// magnitude (sign kept), `q = min(15, trunc(w / d + 8.5))`, `w ≈ d · (q − 8)`; byte `j` of a
-/// block holds code `j` in its low nibble and code `j + 16` in its high one. `qs` is
-/// `[out, in / 2]` and `scales` `[out, in / 32]`.
+/// block holds code `j` in its low nibble and code `j + 16` in its high one.
+///
+/// The blocks are stored interleaved, as llama.cpp repacks q4_0 for its int8 kernels: rows in
+/// groups of [`Q4_GROUP`] (the last padded with zero rows), and per group and block the 16 rows'
+/// bytes four at a time. `qs` is `[groups, in / 32, 4, 16, 4]`: element `[g, b, t, r, j]` is byte
+/// `4t + j` of block `b` of row `16g + r` (codes `4t + j` and `16 + 4t + j`); `scales` is
+/// `[groups, in / 32, 16]`. One 64-byte load thus gives 16 rows × 4 codes (× 2 nibbles), so the
+/// int8 kernels keep one output row per register lane, read the blocks as stored for decode and
+/// prompt alike, and need no repacking per call.
 #[derive(Debug, Clone)]
 pub struct Q4_0Matrix {
     out: usize,
@@ -288,18 +305,20 @@ impl Q4_0Matrix {
         done: &mut dyn FnMut(std::ops::Range<usize>),
     ) -> Result<Self> {
         const H: usize = Q8_BLOCK / 2;
-        let (qs, scales) = quantize_blocks::<E, u8, H>(w, out, in_dim, "q4_0", done, |w, q| {
-            let m = w
-                .iter()
-                .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-            let d = m / -8.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let code = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
-            for (j, q) in q.iter_mut().enumerate() {
-                *q = code(w[j]) | (code(w[j + H]) << 4);
-            }
-            d
-        })?;
+        let layout = BlockLayout::Interleaved;
+        let (qs, scales) =
+            quantize_blocks::<E, u8, H>(w, out, in_dim, "q4_0", layout, done, |w, q| {
+                let m = w
+                    .iter()
+                    .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                let d = m / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let code = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
+                for (j, q) in q.iter_mut().enumerate() {
+                    *q = code(w[j]) | (code(w[j + H]) << 4);
+                }
+                d
+            })?;
         Ok(Q4_0Matrix {
             out,
             in_dim,
@@ -308,21 +327,28 @@ impl Q4_0Matrix {
         })
     }
 
-    /// A matrix from its packed codes (`[out, in / 2]`) and scales (`[out, in / 32]`), e.g. as
-    /// an earlier run stored them; the lengths are checked.
+    /// A matrix from its interleaved codes (`[stored_rows(out), in / 2]` bytes) and scales
+    /// (`[stored_rows(out), in / 32]`), e.g. as an earlier run stored them; the lengths are
+    /// checked.
     pub fn from_parts(
         out: usize,
         in_dim: usize,
         qs: WeightBuf<u8>,
         scales: WeightBuf<f16>,
     ) -> Result<Self> {
-        check_parts("q4_0", out, in_dim, qs.len(), in_dim / 2, scales.len())?;
+        let rows = Self::stored_rows(out);
+        check_parts("q4_0", rows, in_dim, qs.len(), in_dim / 2, scales.len())?;
         Ok(Q4_0Matrix {
             out,
             in_dim,
             qs,
             scales,
         })
+    }
+
+    /// Rows stored for `out` rows: whole groups.
+    pub fn stored_rows(out: usize) -> usize {
+        out.next_multiple_of(Q4_GROUP)
     }
 
     /// The codes and the scales as bytes (native order), to store.
@@ -330,7 +356,7 @@ impl Q4_0Matrix {
         (self.qs.as_bytes(), self.scales.as_bytes())
     }
 
-    /// The packed codes (two per byte, as the type says) and the scales (`[out, in / 32]`).
+    /// The interleaved codes (`[groups, in / 32, 4, 16, 4]`) and scales (`[groups, in / 32, 16]`).
     pub(crate) fn raw(&self) -> (&[u8], &[f16]) {
         (&self.qs, &self.scales)
     }
@@ -343,24 +369,87 @@ impl Q4_0Matrix {
         self.in_dim
     }
 
-    /// Bytes held: 18 per block of 32 weights.
+    /// Bytes held: 18 per block of 32 weights, the last group's padding included.
     pub fn bytes(&self) -> usize {
         self.qs.len() + 2 * self.scales.len()
     }
 
     /// The whole matrix as f32 `[out, in]` (tests, checks).
     pub fn dequantize(&self) -> Vec<f32> {
-        let mut d = vec![0f32; self.qs.len() * 2];
+        let mut d = vec![0f32; self.out * self.in_dim];
         WeightRows::Q4_0(self).widen_block(self.in_dim, (0, self.out), (0, self.in_dim), &mut d);
         d
     }
 
-    fn rows(&self, rows: std::ops::Range<usize>) -> (&[u8], &[f16]) {
-        let n = self.in_dim;
+    /// Block `b` of row `row` as GGML stores it: 16 code bytes and the scale.
+    pub(crate) fn block(&self, row: usize, b: usize) -> ([u8; Q8_BLOCK / 2], f16) {
+        let nb = self.in_dim / Q8_BLOCK;
+        let codes = std::array::from_fn(|i| self.qs[BlockLayout::Interleaved.code(nb, row, b, i)]);
         (
-            &self.qs[rows.start * n / 2..rows.end * n / 2],
-            &self.scales[rows.start * n / Q8_BLOCK..rows.end * n / Q8_BLOCK],
+            codes,
+            self.scales[BlockLayout::Interleaved.scale(nb, row, b)],
         )
+    }
+
+    /// Rows `rows` in GGML's row-major layout (`q` `[rows, in / 2]`, `s` `[rows, in / 32]`), for
+    /// the kernels that read one row at a time (CPUs without AVX512-VNNI).
+    fn ungroup(&self, rows: std::ops::Range<usize>, q: &mut Vec<u8>, s: &mut Vec<f16>) {
+        let nb = self.in_dim / Q8_BLOCK;
+        q.clear();
+        s.clear();
+        for row in rows {
+            for b in 0..nb {
+                let (codes, d) = self.block(row, b);
+                q.extend_from_slice(&codes);
+                s.push(d);
+            }
+        }
+    }
+}
+
+/// Where [`quantize_blocks`] puts each block's codes and scale.
+#[derive(Clone, Copy)]
+enum BlockLayout {
+    /// GGML's: blocks in row order (q8_0).
+    RowMajor,
+    /// [`Q4_0Matrix`]'s groups of 16 rows, 4 code bytes of each row in turn.
+    Interleaved,
+}
+
+impl BlockLayout {
+    /// Rows stored for `out` rows.
+    fn rows(self, out: usize) -> usize {
+        match self {
+            BlockLayout::RowMajor => out,
+            BlockLayout::Interleaved => Q4_0Matrix::stored_rows(out),
+        }
+    }
+
+    /// Index of code `i` (of `qb` per block) of block `b` of `row`, with `nb` blocks per row.
+    #[inline(always)]
+    fn code_at(self, qb: usize, nb: usize, row: usize, b: usize, i: usize) -> usize {
+        match self {
+            BlockLayout::RowMajor => (row * nb + b) * qb + i,
+            BlockLayout::Interleaved => {
+                let (g, r) = (row / Q4_GROUP, row % Q4_GROUP);
+                (((g * nb + b) * 4 + i / 4) * Q4_GROUP + r) * 4 + i % 4
+            }
+        }
+    }
+
+    /// [`BlockLayout::code_at`] for q4_0's 16 bytes per block.
+    #[inline(always)]
+    fn code(self, nb: usize, row: usize, b: usize, i: usize) -> usize {
+        self.code_at(Q8_BLOCK / 2, nb, row, b, i)
+    }
+
+    /// Index of the scale of block `b` of `row`.
+    #[inline(always)]
+    fn scale(self, nb: usize, row: usize, b: usize) -> usize {
+        match self {
+            BlockLayout::RowMajor => row * nb + b,
+            BlockLayout::Interleaved => (row / Q4_GROUP * nb + b) * Q4_GROUP + row % Q4_GROUP,
+        }
     }
 }
 
@@ -387,17 +476,19 @@ fn check_parts(
 const QUANTIZE_SLAB_BYTES: usize = 16 << 20;
 
 /// Quantizes `[out, in]` rows of `w` (f32, bf16 or f16, widened a block at a time) into `QB`
-/// codes and one f16 scale per block of 32: `block(weights, codes)` fills the codes and returns
-/// the scale. Blocks go in parallel, rows in slabs of about [`QUANTIZE_SLAB_BYTES`] of `w`, and
-/// `done(rows)` hears of each finished slab, so a caller reading `w` from a mapping can give
-/// those pages back as it goes (peak memory: one slab, not the matrix).
-fn quantize_blocks<E: Widen, T: Zeroable, const QB: usize>(
+/// codes and one f16 scale per block of 32, placed as `layout` says: `block(weights, codes)`
+/// fills the codes and returns the scale. Blocks go in parallel, rows in slabs of about
+/// [`QUANTIZE_SLAB_BYTES`] of `w`, and `done(rows)` hears of each finished slab, so a caller
+/// reading `w` from a mapping can give those pages back as it goes (peak memory: one slab, not
+/// the matrix). Padding rows keep zero codes and scales.
+fn quantize_blocks<E: Widen, T: Zeroable + Default, const QB: usize>(
     w: &[E],
     out: usize,
     in_dim: usize,
     what: &str,
+    layout: BlockLayout,
     done: &mut dyn FnMut(std::ops::Range<usize>),
-    block: impl Fn(&[f32; Q8_BLOCK], &mut [T]) -> f32 + Sync,
+    block: impl Fn(&[f32; Q8_BLOCK], &mut [T; QB]) -> f32 + Sync,
 ) -> Result<(WeightBuf<T>, WeightBuf<f16>)> {
     ensure!(
         in_dim > 0 && in_dim.is_multiple_of(Q8_BLOCK),
@@ -409,8 +500,9 @@ fn quantize_blocks<E: Widen, T: Zeroable, const QB: usize>(
         w.len()
     );
     let nb = in_dim / Q8_BLOCK; // blocks per row
-    let mut qs = WeightBuf::<T>::zeroed(out * nb * QB)?;
-    let mut scales = WeightBuf::<f16>::zeroed(out * nb)?;
+    let stored = layout.rows(out);
+    let mut qs = WeightBuf::<T>::zeroed(stored * nb * QB)?;
+    let mut scales = WeightBuf::<f16>::zeroed(stored * nb)?;
     let slab = (QUANTIZE_SLAB_BYTES / (in_dim * std::mem::size_of::<E>())).max(1);
     const PER_TASK: usize = 2048; // blocks
     let (qp, sp) = (SyncPtr(qs.as_mut_ptr()), SyncPtr(scales.as_mut_ptr()));
@@ -420,22 +512,20 @@ fn quantize_blocks<E: Widen, T: Zeroable, const QB: usize>(
         parallel_for(blocks.div_ceil(PER_TASK), |tasks| {
             let b0 = first + tasks.start * PER_TASK;
             let b1 = first + (tasks.end * PER_TASK).min(blocks);
-            // SAFETY: tasks cover disjoint block ranges of `qs` and `scales`, which outlive
-            // `parallel_for`.
-            let (q, s) = unsafe {
-                (
-                    std::slice::from_raw_parts_mut(qp.get().add(b0 * QB), (b1 - b0) * QB),
-                    std::slice::from_raw_parts_mut(sp.get().add(b0), b1 - b0),
-                )
-            };
-            let w = &w[b0 * Q8_BLOCK..b1 * Q8_BLOCK];
-            for ((q, s), w) in q
-                .chunks_exact_mut(QB)
-                .zip(s.iter_mut())
-                .zip(w.chunks_exact(Q8_BLOCK))
-            {
+            for (at, w) in (b0..b1).zip(w[b0 * Q8_BLOCK..b1 * Q8_BLOCK].chunks_exact(Q8_BLOCK)) {
+                let (row, b) = (at / nb, at % nb);
                 let w: [f32; Q8_BLOCK] = std::array::from_fn(|j| w[j].widen());
-                *s = f16::from_f32(block(&w, q));
+                let mut q = [T::default(); QB];
+                let d = f16::from_f32(block(&w, &mut q));
+                // SAFETY: each block has its own places in `qs` and `scales` (within the
+                // `stored` rows they were sized for), and tasks cover disjoint blocks; both
+                // buffers outlive `parallel_for`.
+                unsafe {
+                    for (i, q) in q.into_iter().enumerate() {
+                        qp.get().add(layout.code_at(QB, nb, row, b, i)).write(q);
+                    }
+                    sp.get().add(layout.scale(nb, row, b)).write(d);
+                }
             }
         });
         done(r0..r1);
@@ -481,7 +571,8 @@ pub fn gemv_many(ws: &[WeightRows<'_>], x: &[f32], ys: &mut [&mut [f32]]) -> Res
         let out = y.len();
         let per_task = (TASK_BYTES / (n * w.bytes_per_weight()))
             .min(out.div_ceil(2 * threads()))
-            .max(1);
+            .max(1)
+            .next_multiple_of(w.row_group());
         tasks.extend(
             (0..out)
                 .step_by(per_task)
@@ -527,7 +618,8 @@ fn rows_pass(w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32], task_bytes: 
     let isa = Isa::get();
     let per_task = (task_bytes / (n * w.bytes_per_weight()))
         .min(out.div_ceil(2 * threads()))
-        .max(1);
+        .max(1)
+        .next_multiple_of(w.row_group());
     let int8_x = Int8Rows::new_rows(isa, w, x, m);
     let yp = SyncPtr(y.as_mut_ptr());
     parallel_for(out.div_ceil(per_task), |tasks| {
@@ -644,11 +736,18 @@ fn row_kernel(
             let (q, s) = m.rows(rows.clone());
             isa.q8_0(q, s, x, y)
         }
-        WeightRows::Q4_0(m) => {
-            let (q, s) = m.rows(rows.clone());
+        WeightRows::Q4_0(m) => UNGROUPED.with(|buf| {
+            let (q, s) = &mut *buf.borrow_mut();
+            m.ungroup(rows, q, s);
             isa.q4_0(q, s, x, y)
-        }
+        }),
     }
+}
+
+thread_local! {
+    /// Per-thread q4_0 rows in GGML's row-major layout, for the kernels without AVX512-VNNI.
+    static UNGROUPED: std::cell::RefCell<(Vec<u8>, Vec<f16>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// (AVX512-BF16, AVX512-VNNI), each with AVX512-BW, where the CPU has them and
@@ -1304,8 +1403,9 @@ pub(crate) mod tests {
                 isa.q8_0(q, s, x, y)
             }
             WeightRows::Q4_0(m) => {
-                let (q, s) = m.rows(0..m.out);
-                isa.q4_0(q, s, x, y)
+                let (mut q, mut s) = (vec![], vec![]);
+                m.ungroup(0..m.out, &mut q, &mut s);
+                isa.q4_0(&q, &s, x, y)
             }
         }
     }
@@ -1460,17 +1560,17 @@ pub(crate) mod tests {
             w[40] = -3.0; // one large weight sets its block's scale (negative: d > 0)
             w[70] = 2.5; // and a positive one (d < 0)
             let m = Q4_0Matrix::quantize(&w, out, n).unwrap();
-            assert_eq!(m.bytes(), out * n / 32 * 18);
+            assert_eq!(m.bytes(), out.next_multiple_of(Q4_GROUP) * n / 32 * 18);
             let deq = m.dequantize();
             for (b, (wb, db)) in w.chunks(32).zip(deq.chunks(32)).enumerate() {
                 let (d, codes) = ggml_q4_0_block(wb);
-                assert_eq!(m.scales[b], f16::from_f32(d), "block {b}: scale");
-                let bytes = &m.qs[b * 16..b * 16 + 16];
+                let (bytes, scale) = m.block(b / (n / 32), b % (n / 32));
+                assert_eq!(scale, f16::from_f32(d), "block {b}: scale");
                 for j in 0..16 {
                     assert_eq!(bytes[j] & 0x0f, codes[j], "block {b}, code {j}");
                     assert_eq!(bytes[j] >> 4, codes[j + 16], "block {b}, code {}", j + 16);
                 }
-                let d = m.scales[b].to_f32();
+                let d = scale.to_f32();
                 for (j, &v) in db.iter().enumerate() {
                     assert_eq!(v, d * (codes[j] as f32 - 8.0), "block {b}, value {j}");
                 }
@@ -1539,8 +1639,11 @@ pub(crate) mod tests {
         assert!(seen.windows(2).all(|p| p[0].end == p[1].start), "{seen:?}");
         let r = seen[1].clone();
         let part = Q4_0Matrix::quantize(&w[r.start * n..r.end * n], r.len(), n).unwrap();
-        assert_eq!(part.qs[..], m.qs[r.start * n / 2..r.end * n / 2]);
-        assert_eq!(part.scales[..], m.scales[r.start * n / 32..r.end * n / 32]);
+        for row in 0..r.len() {
+            for b in 0..n / 32 {
+                assert_eq!(part.block(row, b), m.block(r.start + row, b), "row {row}");
+            }
+        }
         let mut rows = 0;
         let q8 = Q8_0Matrix::quantize_with(&w, out, n, &mut |r| rows += r.len()).unwrap();
         assert_eq!((rows, q8.dequantize().len()), (out, out * n));

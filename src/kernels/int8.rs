@@ -5,26 +5,28 @@
 //! [`gemv_rows`] decode steps (one row), so both round the activations alike.
 //!
 //! Notable:
-//! - Lanes hold output columns, not `k`: one `vpdpbusd` adds 4 products into each of 16 outputs,
+//! - Lanes hold output rows, not `k`: one `vpdpbusd` adds 4 products into each of 16 outputs,
 //!   so a block of 32 costs 8 instructions per 16 outputs and activation row, plus one convert
 //!   and two multiply-adds to apply the two scales: ~2× fewer instructions than f32 FMAs, and
 //!   weights move 1 byte (q8_0) or ½ byte (q4_0) instead of 4.
 //! - `vpdpbusd` multiplies unsigned by signed bytes. The weights go unsigned: q4_0's codes are
 //!   already `q ∈ [0, 15]` with `w = d·(q − 8)`; q8_0's get `+ 128`. With `o` that offset,
 //!   `Σ w·x = Σ (q)·x − o·Σ x`, and `Σ x` per activation block is kept from the quantization.
-//! - A task owns [`NR`] weight rows and repacks each panel of them once (as wide as the f32
-//!   GEMM's, `super::gemm::panel_columns`; the stored row-major blocks stay as the decode gemv
-//!   reads them): for every block and every 4 columns, the 4 bytes of each of the 32 rows side
-//!   by side (two 64-byte registers), then the rows' scales. All `m` activation rows then stream past the packed panel in groups of [`MR`].
-//! - The gemv reads the stored blocks as they are, two blocks (64 weights) per register: q4_0's
-//!   16 + 16 code bytes unpack to `[lo₀ lo₁ hi₀ hi₁]` (16 bytes each), so the activation codes
-//!   are stored in that order once per token; q8_0's signed weights take llama.cpp's sign trick
-//!   (`|w|` times `x` with `w`'s sign). The activation scales and q4_0's `8·Σx` corrections are
-//!   laid out per register lane once per token too.
+//! - q4_0 is stored with its rows interleaved in groups of 16 ([`super::gemv::Q4_0Matrix`]), so
+//!   decode, a verify pass's few rows and the prompt GEMM all read the blocks as stored: per
+//!   block and group, 4 loads and 3 instructions each to split the nibbles give 16 rows × 32
+//!   codes, then 8 `vpdpbusd` per activation row with its codes broadcast ([`x86::q4_group`]).
+//! - q8_0 is stored as GGML's rows. Its GEMM has a task own [`NR`] weight rows and repack each
+//!   panel of them once (as wide as the f32 GEMM's, `super::gemm::panel_columns`): for every
+//!   block and every 4 columns, the 4 bytes of each of the 32 rows side by side (two 64-byte
+//!   registers), then the rows' scales. All `m` activation rows then stream past the packed
+//!   panel in groups of [`MR`]. Its gemv reads the rows as they are, two blocks (64 weights)
+//!   per register, with llama.cpp's sign trick (`|w|` times `x` with `w`'s sign); the
+//!   activation scales are laid out per register lane once per token.
 //! - Integer sums are exact; what differs from the f32-activation product is the activations'
 //!   rounding to 8 bits (relative RMS ~0.5 % per product).
 
-use super::gemv::{SyncPtr, WeightRows, Q8_BLOCK};
+use super::gemv::{SyncPtr, WeightRows, Q4_GROUP, Q8_BLOCK};
 use super::parallel::parallel_for;
 use std::cell::RefCell;
 
@@ -32,6 +34,8 @@ use std::cell::RefCell;
 const NR: usize = 32;
 /// Activation rows per register tile (2 × MR integer and 2 × MR float accumulators).
 const MR: usize = 6;
+/// Activation rows per q4_0 tile (2 × MR4 integer and MR4 float accumulators).
+const MR4: usize = 8;
 
 /// `x` `[m, k]` quantized to q8 per row and block of 32: codes, scales, code sums.
 pub(crate) struct QuantRows {
@@ -87,56 +91,31 @@ impl QuantRows {
     }
 }
 
-/// One activation row quantized for [`gemv`]: codes in the order the kernel unpacks weights, and
-/// per pair of blocks (one register) the lane-wise scales and integer corrections.
-pub(crate) struct GemvRow {
-    /// q4_0 order within each pair of blocks: `x₀[..16] x₁[..16] x₀[16..] x₁[16..]`; q8_0: as is.
-    q: Vec<i8>,
-    /// Per pair, 16 lanes: the block's `d` on the lanes that sum that block.
-    d: Vec<f32>,
-    /// Per pair, 16 lanes (q4_0): `8·Σx` of a block on one lane of its own, else 0.
-    corr: Vec<i32>,
+/// One activation row quantized for the gemv of one weight format.
+pub(crate) enum GemvRow {
+    /// For q8_0 weights: codes as is, and per pair of blocks (one register) the block's `d` on
+    /// the 8 lanes that sum that block.
+    Pairs { q: Vec<i8>, d: Vec<f32> },
+    /// For q4_0 weights: the row as quantized.
+    Blocks(QuantRows),
 }
 
 impl GemvRow {
-    /// `x` (`k` a multiple of 32; an odd last block makes a half pair, zero-padded) for weights
-    /// of `format` (q8_0 when `q4` is false).
+    /// `x` (`k` a multiple of 32) for weights of q4_0 (`q4`) or q8_0. For q8_0 an odd last block
+    /// makes a half pair, zero-padded.
     fn new(x: &[f32], q4: bool) -> GemvRow {
         let r = QuantRows::quantize(x, x.len());
-        let pairs = x.len().div_ceil(64);
-        let mut padded = r.q;
-        padded.resize(pairs * 64, 0);
-        let (mut d, mut sum) = (r.d, r.sum);
-        d.resize(pairs * 2, 0.0);
-        sum.resize(pairs * 2, 0);
-        let mut row = GemvRow {
-            q: padded.clone(),
-            d: vec![0.0; pairs * 16],
-            corr: vec![0; pairs * 16],
-        };
-        for p in 0..pairs {
-            let (b0, b1) = (2 * p, 2 * p + 1);
-            // Lane → block: q4_0 `[b0 ×4, b1 ×4, b0 ×4, b1 ×4]`, q8_0 `[b0 ×8, b1 ×8]`.
-            for lane in 0..16 {
-                let b = if q4 {
-                    b0 + (lane / 4) % 2
-                } else {
-                    b0 + lane / 8
-                };
-                row.d[p * 16 + lane] = d[b];
-            }
-            if q4 {
-                let src = &padded[p * 64..p * 64 + 64];
-                let dst = &mut row.q[p * 64..p * 64 + 64];
-                dst[..16].copy_from_slice(&src[..16]);
-                dst[16..32].copy_from_slice(&src[32..48]);
-                dst[32..48].copy_from_slice(&src[16..32]);
-                dst[48..].copy_from_slice(&src[48..]);
-                row.corr[p * 16] = 8 * sum[b0];
-                row.corr[p * 16 + 4] = 8 * sum[b1];
-            }
+        if q4 {
+            return GemvRow::Blocks(r);
         }
-        row
+        let pairs = x.len().div_ceil(64);
+        let mut q = r.q;
+        q.resize(pairs * 64, 0);
+        // Lane → block: `[b0 ×8, b1 ×8]`.
+        let d = (0..pairs * 16)
+            .map(|l| r.d.get(l / 16 * 2 + l % 16 / 8).copied().unwrap_or(0.0))
+            .collect();
+        GemvRow::Pairs { q, d }
     }
 }
 
@@ -149,15 +128,20 @@ pub(crate) fn gemv_rows(
     x: &GemvRow,
     y: &mut [f32],
 ) {
-    // SAFETY: the caller checked AVX-512F/BW/VL and AVX512-VNNI; `rows` are rows of `w`, `y`
-    // holds one value per row, `x` is `k` codes with their per-pair lanes.
-    unsafe { x86::gemv(w, rows, x, y) }
+    match (w, x) {
+        // SAFETY: as in `gemv_rows_multi`.
+        (WeightRows::Q8_0(m), GemvRow::Pairs { q, d }) => unsafe {
+            x86::gemv_q8_one(m, rows, q, d, y)
+        },
+        _ => gemv_rows_multi(w, rows, std::slice::from_ref(x), &mut [y]),
+    }
 }
 
 /// `ys[i] = W · xs[i]` for a few activation rows (a verify pass): rows `rows` of `w`, each `xs[i]`
 /// from [`gemv_row`], `ys[i]` one value per row. Each weight register is loaded, unpacked and
-/// scaled once for every activation row (four at a time), so a few rows cost little more than
-/// one; the weights still stream front to back. The caller checked the CPU features.
+/// scaled once for every activation row (up to 8 at a time for q4_0, 4 for q8_0), so a few rows
+/// cost little more than one; the weights still stream front to back. The caller checked the
+/// CPU features.
 pub(crate) fn gemv_rows_multi(
     w: WeightRows<'_>,
     rows: std::ops::Range<usize>,
@@ -165,16 +149,40 @@ pub(crate) fn gemv_rows_multi(
     ys: &mut [&mut [f32]],
 ) {
     assert_eq!(xs.len(), ys.len(), "one output per activation row");
-    for (xs, ys) in xs.chunks(4).zip(ys.chunks_mut(4)) {
-        // SAFETY: as `gemv_rows`, for each row of `xs`.
-        unsafe {
-            match xs.len() {
-                1 => x86::gemv_multi::<1>(w, rows.clone(), xs, ys),
-                2 => x86::gemv_multi::<2>(w, rows.clone(), xs, ys),
-                3 => x86::gemv_multi::<3>(w, rows.clone(), xs, ys),
-                _ => x86::gemv_multi::<4>(w, rows.clone(), xs, ys),
+    // SAFETY (every call below): the caller checked AVX-512F/BW/VL and AVX512-VNNI; `rows` are
+    // rows of `w`, each `ys[i]` holds one value per row, each `xs[i]` is a row of `k` quantized
+    // for `w`'s format.
+    match w {
+        WeightRows::Q4_0(m) => {
+            let xs: Vec<x86::XRow> = xs.iter().map(x86::XRow::of).collect();
+            for (xs, ys) in xs.chunks(8).zip(ys.chunks_mut(8)) {
+                unsafe {
+                    match xs.len() {
+                        1 => x86::gemv_q4::<1>(m, rows.clone(), xs, ys),
+                        2 => x86::gemv_q4::<2>(m, rows.clone(), xs, ys),
+                        3 => x86::gemv_q4::<3>(m, rows.clone(), xs, ys),
+                        4 => x86::gemv_q4::<4>(m, rows.clone(), xs, ys),
+                        5 => x86::gemv_q4::<5>(m, rows.clone(), xs, ys),
+                        6 => x86::gemv_q4::<6>(m, rows.clone(), xs, ys),
+                        7 => x86::gemv_q4::<7>(m, rows.clone(), xs, ys),
+                        _ => x86::gemv_q4::<8>(m, rows.clone(), xs, ys),
+                    }
+                }
             }
         }
+        WeightRows::Q8_0(m) => {
+            for (xs, ys) in xs.chunks(4).zip(ys.chunks_mut(4)) {
+                unsafe {
+                    match xs.len() {
+                        1 => x86::gemv_q8::<1>(m, rows.clone(), xs, ys),
+                        2 => x86::gemv_q8::<2>(m, rows.clone(), xs, ys),
+                        3 => x86::gemv_q8::<3>(m, rows.clone(), xs, ys),
+                        _ => x86::gemv_q8::<4>(m, rows.clone(), xs, ys),
+                    }
+                }
+            }
+        }
+        _ => unreachable!("int8 products are for q8_0 and q4_0 weights"),
     }
 }
 
@@ -192,15 +200,29 @@ thread_local! {
 /// checked the shapes and that this CPU has AVX-512F, AVX512-BW and AVX512-VNNI.
 pub(crate) fn gemm(w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32]) {
     let (k, n) = (x.len() / m, y.len() / m);
-    let offset = match w {
-        WeightRows::Q8_0(_) => 128,
-        WeightRows::Q4_0(_) => 8,
-        _ => unreachable!("int8 products are for q8_0 and q4_0 weights"),
-    };
     let xq = QuantRows::quantize(x, k);
     let kc = super::gemm::panel_columns(k);
     y.fill(0.0);
     let yp = SyncPtr(y.as_mut_ptr());
+    if let WeightRows::Q4_0(w) = w {
+        // One group of 16 weight rows per task, read as stored, a panel of `kc` columns at a
+        // time for every tile of activation rows.
+        return parallel_for(n.div_ceil(Q4_GROUP), |groups| {
+            for g in groups {
+                for k0 in (0..k).step_by(kc) {
+                    let blocks = k0 / Q8_BLOCK..(k0 + kc).min(k) / Q8_BLOCK;
+                    // SAFETY: the caller checked the CPU features and shapes; this task alone
+                    // writes columns `16g..16g + 16` of `y` (`m` rows of `n`), which outlives
+                    // `parallel_for`.
+                    unsafe { x86::q4_panel(w, g, blocks, (&xq, m), (yp.get(), n)) }
+                }
+            }
+        });
+    }
+    let offset = match w {
+        WeightRows::Q8_0(_) => 128,
+        _ => unreachable!("int8 products are for q8_0 and q4_0 weights"),
+    };
     parallel_for(n.div_ceil(NR), |tasks| {
         PANEL.with(|panel| {
             let (codes, scales) = &mut *panel.borrow_mut();
@@ -225,7 +247,7 @@ pub(crate) fn gemm(w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32]) {
     });
 }
 
-/// Packs weight rows `j0..j0 + nc` (padded with zero-scale rows to [`NR`]), columns
+/// Packs q8_0 weight rows `j0..j0 + nc` (padded with zero-scale rows to [`NR`]), columns
 /// `k0..k0 + kl`: per block, per 4 columns, 4 unsigned code bytes of each row; the rows' scales
 /// per block.
 fn pack(
@@ -236,6 +258,10 @@ fn pack(
     codes: &mut Vec<u8>,
     scales: &mut Vec<f32>,
 ) {
+    let WeightRows::Q8_0(m) = w else {
+        unreachable!("the packed GEMM is for q8_0 weights")
+    };
+    let (q, s) = m.raw();
     let blocks = kl / Q8_BLOCK;
     codes.clear();
     codes.resize(blocks * Q8_BLOCK * NR, 0);
@@ -245,33 +271,14 @@ fn pack(
     for r in 0..nc {
         let row = j0 + r;
         for b in 0..blocks {
-            // The block's 32 unsigned codes in column order.
-            let mut u = [0u8; Q8_BLOCK];
-            let d = match w {
-                WeightRows::Q8_0(m) => {
-                    let (q, s) = m.raw();
-                    let at = row * k + k0 + b * Q8_BLOCK;
-                    for (u, &q) in u.iter_mut().zip(&q[at..at + Q8_BLOCK]) {
-                        *u = (q as u8) ^ 0x80; // q + 128
-                    }
-                    s[row * nb + b0 + b]
-                }
-                WeightRows::Q4_0(m) => {
-                    let (q, s) = m.raw();
-                    let at = (row * k + k0 + b * Q8_BLOCK) / 2;
-                    let (lo, hi) = u.split_at_mut(Q8_BLOCK / 2);
-                    for ((lo, hi), &byte) in lo.iter_mut().zip(hi).zip(&q[at..at + Q8_BLOCK / 2]) {
-                        (*lo, *hi) = (byte & 15, byte >> 4);
-                    }
-                    s[row * nb + b0 + b]
-                }
-                _ => unreachable!("int8 products are for q8_0 and q4_0 weights"),
-            };
-            scales[b * NR + r] = d.to_f32();
+            let at = row * k + k0 + b * Q8_BLOCK;
+            scales[b * NR + r] = s[row * nb + b0 + b].to_f32();
             let dst = &mut codes[b * Q8_BLOCK * NR..];
-            for (quad, u) in u.chunks_exact(4).enumerate() {
+            for (quad, q) in q[at..at + Q8_BLOCK].chunks_exact(4).enumerate() {
                 let at = (quad * NR + r) * 4;
-                dst[at..at + 4].copy_from_slice(u);
+                for (u, &q) in dst[at..at + 4].iter_mut().zip(q) {
+                    *u = (q as u8) ^ 0x80; // q + 128
+                }
             }
         }
     }
@@ -279,8 +286,8 @@ fn pack(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{QuantRows, MR, NR};
-    use crate::kernels::gemv::Q8_BLOCK;
+    use super::{GemvRow, QuantRows, MR, MR4, NR};
+    use crate::kernels::gemv::{Q4_0Matrix, Q8_0Matrix, Q4_GROUP, Q8_BLOCK};
     use std::arch::x86_64::*;
 
     /// `y[i, ..nc] += x[i] · panel` for every activation row `i < m`, in tiles of [`MR`] rows.
@@ -360,165 +367,98 @@ mod x86 {
         }
     }
 
-    /// `y[r] = w[r] · x` for the rows `rows`: two blocks per register (an odd last block as a
-    /// half pair, read with masked loads), integer sums, the scales and corrections applied per
-    /// register.
+    /// `y[r] = w[r] · x` for q8_0 rows `rows`, `x` its codes `q` and per-lane scales `d`: two
+    /// blocks per register (an odd last block as a half pair, read with masked loads), integer
+    /// sums, the scales applied per register. (Not `gemv_q8::<1>`: the decode step's kernel
+    /// measured 5-10 % slower that way on one thread.)
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
-    pub(super) unsafe fn gemv(
-        w: crate::kernels::gemv::WeightRows<'_>,
+    pub(super) unsafe fn gemv_q8_one(
+        m: &Q8_0Matrix,
         rows: std::ops::Range<usize>,
-        x: &super::GemvRow,
+        x: &[i8],
+        d: &[f32],
         y: &mut [f32],
     ) {
-        use crate::kernels::gemv::WeightRows;
-        let (k, q4) = match w {
-            WeightRows::Q8_0(m) => (m.in_dim(), false),
-            WeightRows::Q4_0(m) => (m.in_dim(), true),
-            _ => unreachable!("int8 products are for q8_0 and q4_0 weights"),
-        };
+        let k = m.in_dim();
         let (pairs, half) = (k / 64, !k.is_multiple_of(64));
-        let (xq, xd, xc) = (x.q.as_ptr(), x.d.as_ptr(), x.corr.as_ptr());
-        // Lane → which of the pair's scales: q4_0 `[0 ×4, 1 ×4, 0 ×4, 1 ×4]`, q8_0 `[0 ×8, 1 ×8]`.
-        let lanes = if q4 {
-            _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)
-        } else {
-            _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
-        };
-        let low = _mm256_set1_epi8(0x0f);
+        let (qs, s) = m.raw();
+        let (xq, xd) = (x.as_ptr(), d.as_ptr());
         for (r, y) in rows.zip(y.iter_mut()) {
-            let sr = match w {
-                WeightRows::Q8_0(m) => m.raw().1,
-                WeightRows::Q4_0(m) => m.raw().1,
-                _ => unreachable!(),
-            }
-            .as_ptr()
-            .add(r * k / Q8_BLOCK);
+            let sr = s.as_ptr().add(r * k / Q8_BLOCK);
             let mut acc = _mm512_setzero_ps();
             for p in 0..pairs + usize::from(half) {
                 let whole = p < pairs;
-                let isum = match w {
-                    WeightRows::Q4_0(m) => {
-                        let qp = m.raw().0.as_ptr().add(r * k / 2 + p * 32);
-                        let packed = if whole {
-                            _mm256_loadu_si256(qp.cast())
-                        } else {
-                            _mm256_maskz_loadu_epi8(0xffff, qp.cast())
-                        };
-                        let lo = _mm256_and_si256(packed, low);
-                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low);
-                        let codes = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
-                        let xv = _mm512_loadu_si512(xq.add(p * 64).cast());
-                        let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, xv);
-                        _mm512_sub_epi32(isum, _mm512_loadu_si512(xc.add(p * 16).cast()))
-                    }
-                    WeightRows::Q8_0(m) => {
-                        let qp = m.raw().0.as_ptr().add(r * k + p * 64);
-                        let wv = if whole {
-                            _mm512_loadu_si512(qp.cast())
-                        } else {
-                            _mm512_maskz_loadu_epi8(u64::from(u32::MAX), qp.cast())
-                        };
-                        let xv = _mm512_loadu_si512(xq.add(p * 64).cast());
-                        // |w| times x with w's sign: vpdpbusd wants its first factor unsigned.
-                        let neg = _mm512_movepi8_mask(wv);
-                        let xs = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
-                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(wv), xs)
-                    }
-                    _ => unreachable!(),
-                };
-                // The pair's f16 scales (a half pair has one) on the lanes that use them.
-                let bits = if whole {
-                    sr.add(2 * p).cast::<i32>().read_unaligned()
-                } else {
-                    i32::from(sr.add(2 * p).cast::<u16>().read_unaligned())
-                };
-                let ds = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
-                let dw = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(ds));
-                let scale = _mm512_mul_ps(dw, _mm512_loadu_ps(xd.add(p * 16)));
+                let (codes, neg) = q8_pair(qs.as_ptr().add(r * k + p * 64), whole);
+                let xv = _mm512_loadu_si512(xq.add(p * 64).cast());
+                let xs = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
+                let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, xs);
+                let scale =
+                    _mm512_mul_ps(pair_scales(sr, p, whole), _mm512_loadu_ps(xd.add(p * 16)));
                 acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc);
             }
             *y = _mm512_reduce_add_ps(acc);
         }
     }
 
-    /// [`gemv`] for `M` activation rows at once (`xs`, `ys` of length `M`): per pair of blocks
-    /// the weights are loaded and unpacked, and their scales converted, once. (`gemv` stays
-    /// separate: as `gemv_multi::<1>` the decode step's kernel measured 5-10 % slower on one
-    /// thread.)
+    /// Two q8_0 blocks (one, zero-padded, if not `whole`) at `qp` as `vpdpbusd`'s unsigned
+    /// factor `|w|`, and the mask of negative weights.
+    #[inline(always)]
+    unsafe fn q8_pair(qp: *const i8, whole: bool) -> (__m512i, __mmask64) {
+        let wv = if whole {
+            _mm512_loadu_si512(qp.cast())
+        } else {
+            _mm512_maskz_loadu_epi8(u64::from(u32::MAX), qp.cast())
+        };
+        (_mm512_abs_epi8(wv), _mm512_movepi8_mask(wv))
+    }
+
+    /// The f16 scales of pair `p` of a row's blocks at `sr` (one if not `whole`) on the lanes
+    /// that sum them: `[d₀ ×8, d₁ ×8]`.
+    #[inline(always)]
+    unsafe fn pair_scales(sr: *const half::f16, p: usize, whole: bool) -> __m512 {
+        let bits = if whole {
+            sr.add(2 * p).cast::<i32>().read_unaligned()
+        } else {
+            i32::from(sr.add(2 * p).cast::<u16>().read_unaligned())
+        };
+        let lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        let ds = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+        _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(ds))
+    }
+
+    /// [`gemv_q8_one`] for `M` activation rows at once (`xs`, `ys` of length `M`): per pair of
+    /// blocks the weights are loaded and their scales converted once.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
-    pub(super) unsafe fn gemv_multi<const M: usize>(
-        w: crate::kernels::gemv::WeightRows<'_>,
+    pub(super) unsafe fn gemv_q8<const M: usize>(
+        m: &Q8_0Matrix,
         rows: std::ops::Range<usize>,
-        xs: &[super::GemvRow],
+        xs: &[GemvRow],
         ys: &mut [&mut [f32]],
     ) {
-        use crate::kernels::gemv::WeightRows;
-        let (k, q4) = match w {
-            WeightRows::Q8_0(m) => (m.in_dim(), false),
-            WeightRows::Q4_0(m) => (m.in_dim(), true),
-            _ => unreachable!("int8 products are for q8_0 and q4_0 weights"),
-        };
+        let k = m.in_dim();
         let (pairs, half) = (k / 64, !k.is_multiple_of(64));
-        let xq: [*const i8; M] = std::array::from_fn(|i| xs[i].q.as_ptr());
-        let xd: [*const f32; M] = std::array::from_fn(|i| xs[i].d.as_ptr());
-        let xc: [*const i32; M] = std::array::from_fn(|i| xs[i].corr.as_ptr());
-        let lanes = if q4 {
-            _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)
-        } else {
-            _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
-        };
-        let low = _mm256_set1_epi8(0x0f);
+        let (qs, s) = m.raw();
+        let (xq, xd): ([*const i8; M], [*const f32; M]) = (
+            std::array::from_fn(|i| match &xs[i] {
+                GemvRow::Pairs { q, .. } => q.as_ptr(),
+                GemvRow::Blocks(_) => unreachable!("q8_0 weights take pair rows"),
+            }),
+            std::array::from_fn(|i| match &xs[i] {
+                GemvRow::Pairs { d, .. } => d.as_ptr(),
+                GemvRow::Blocks(_) => unreachable!("q8_0 weights take pair rows"),
+            }),
+        );
         for (j, r) in rows.enumerate() {
-            let sr = match w {
-                WeightRows::Q8_0(m) => m.raw().1,
-                WeightRows::Q4_0(m) => m.raw().1,
-                _ => unreachable!(),
-            }
-            .as_ptr()
-            .add(r * k / Q8_BLOCK);
+            let sr = s.as_ptr().add(r * k / Q8_BLOCK);
             let mut acc = [_mm512_setzero_ps(); M];
             for p in 0..pairs + usize::from(half) {
                 let whole = p < pairs;
-                // The pair's weights, as vpdpbusd's unsigned factor, and (q8_0) their signs.
-                let (codes, neg) = match w {
-                    WeightRows::Q4_0(m) => {
-                        let qp = m.raw().0.as_ptr().add(r * k / 2 + p * 32);
-                        let packed = if whole {
-                            _mm256_loadu_si256(qp.cast())
-                        } else {
-                            _mm256_maskz_loadu_epi8(0xffff, qp.cast())
-                        };
-                        let lo = _mm256_and_si256(packed, low);
-                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low);
-                        (_mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi), 0)
-                    }
-                    WeightRows::Q8_0(m) => {
-                        let qp = m.raw().0.as_ptr().add(r * k + p * 64);
-                        let wv = if whole {
-                            _mm512_loadu_si512(qp.cast())
-                        } else {
-                            _mm512_maskz_loadu_epi8(u64::from(u32::MAX), qp.cast())
-                        };
-                        (_mm512_abs_epi8(wv), _mm512_movepi8_mask(wv))
-                    }
-                    _ => unreachable!(),
-                };
-                let bits = if whole {
-                    sr.add(2 * p).cast::<i32>().read_unaligned()
-                } else {
-                    i32::from(sr.add(2 * p).cast::<u16>().read_unaligned())
-                };
-                let ds = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
-                let dw = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(ds));
+                let (codes, neg) = q8_pair(qs.as_ptr().add(r * k + p * 64), whole);
+                let dw = pair_scales(sr, p, whole);
                 for i in 0..M {
                     let xv = _mm512_loadu_si512(xq[i].add(p * 64).cast());
-                    let isum = if q4 {
-                        let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, xv);
-                        _mm512_sub_epi32(isum, _mm512_loadu_si512(xc[i].add(p * 16).cast()))
-                    } else {
-                        let xs = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
-                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, xs)
-                    };
+                    let xs = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
+                    let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, xs);
                     let scale = _mm512_mul_ps(dw, _mm512_loadu_ps(xd[i].add(p * 16)));
                     acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[i]);
                 }
@@ -526,6 +466,147 @@ mod x86 {
             for i in 0..M {
                 ys[i][j] = _mm512_reduce_add_ps(acc[i]);
             }
+        }
+    }
+
+    /// One activation row as [`q4_group`] reads it: from its first code, block scale and block
+    /// code sum.
+    #[derive(Clone, Copy)]
+    pub(super) struct XRow {
+        q: *const i8,
+        d: *const f32,
+        sum: *const i32,
+    }
+
+    impl XRow {
+        /// A row quantized for q4_0 weights.
+        pub(super) fn of(x: &GemvRow) -> XRow {
+            match x {
+                GemvRow::Blocks(r) => XRow::at(r, 0, r.q.len()),
+                GemvRow::Pairs { .. } => unreachable!("q4_0 weights take block rows"),
+            }
+        }
+
+        /// Row `i` of `x`, rows of `k`.
+        fn at(x: &QuantRows, i: usize, k: usize) -> XRow {
+            XRow {
+                q: x.q[i * k..].as_ptr(),
+                d: x.d[i * k / Q8_BLOCK..].as_ptr(),
+                sum: x.sum[i * k / Q8_BLOCK..].as_ptr(),
+            }
+        }
+    }
+
+    /// Group `g` (rows `16g..16g + 16`) of q4_0 `m` times each of `R` activation rows over the
+    /// blocks `blocks`: one register of 16 row sums per activation row. Per block, the group's
+    /// 4 registers of codes split into low and high nibbles (columns `4t..4t + 4` and
+    /// `16 + 4t..16 + 4t + 4` of every row) meet each activation row's matching 4 codes,
+    /// broadcast; the sums, less `8·Σx`, are scaled by the 16 rows' scales times the row's.
+    #[inline(always)]
+    unsafe fn q4_group<const R: usize>(
+        m: &Q4_0Matrix,
+        g: usize,
+        blocks: std::ops::Range<usize>,
+        xs: &[XRow; R],
+    ) -> [__m512; R] {
+        let nb = m.in_dim() / Q8_BLOCK;
+        let (qs, s) = m.raw();
+        let low = _mm512_set1_epi8(0x0f);
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in blocks {
+            let at = g * nb + b;
+            let wq = qs.as_ptr().add(at * Q4_GROUP * Q8_BLOCK / 2);
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(s.as_ptr().add(at * Q4_GROUP).cast()));
+            let (mut lo_sum, mut hi_sum) =
+                ([_mm512_setzero_si512(); R], [_mm512_setzero_si512(); R]);
+            for t in 0..4 {
+                let v = _mm512_loadu_si512(wq.add(t * 64).cast());
+                let lo = _mm512_and_si512(v, low);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+                for (r, x) in xs.iter().enumerate() {
+                    let xp = x.q.add(b * Q8_BLOCK + 4 * t).cast::<i32>();
+                    let xl = _mm512_set1_epi32(xp.read_unaligned());
+                    let xh = _mm512_set1_epi32(xp.add(4).read_unaligned());
+                    lo_sum[r] = _mm512_dpbusd_epi32(lo_sum[r], lo, xl);
+                    hi_sum[r] = _mm512_dpbusd_epi32(hi_sum[r], hi, xh);
+                }
+            }
+            for (r, x) in xs.iter().enumerate() {
+                let corr = _mm512_set1_epi32(8 * *x.sum.add(b));
+                let isum = _mm512_sub_epi32(_mm512_add_epi32(lo_sum[r], hi_sum[r]), corr);
+                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*x.d.add(b)));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[r]);
+            }
+        }
+        acc
+    }
+
+    /// `ys[i][j] = m[rows.start + j] · xs[i]` for `R` activation rows: whole groups, each over
+    /// every block, the rows of a group outside `rows` computed and dropped.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
+    pub(super) unsafe fn gemv_q4<const R: usize>(
+        m: &Q4_0Matrix,
+        rows: std::ops::Range<usize>,
+        xs: &[XRow],
+        ys: &mut [&mut [f32]],
+    ) {
+        let xs: &[XRow; R] = xs.try_into().expect("R activation rows");
+        let nb = m.in_dim() / Q8_BLOCK;
+        for g in rows.start / Q4_GROUP..rows.end.div_ceil(Q4_GROUP) {
+            let acc = q4_group(m, g, 0..nb, xs);
+            let (r0, r1) = (
+                (g * Q4_GROUP).max(rows.start),
+                ((g + 1) * Q4_GROUP).min(rows.end),
+            );
+            for (acc, y) in acc.iter().zip(ys.iter_mut()) {
+                let mut out = [0f32; Q4_GROUP];
+                _mm512_storeu_ps(out.as_mut_ptr(), *acc);
+                let lanes = r0 - g * Q4_GROUP..r1 - g * Q4_GROUP;
+                y[r0 - rows.start..r1 - rows.start].copy_from_slice(&out[lanes]);
+            }
+        }
+    }
+
+    /// `y[i, 16g..16g + 16] += x[i] · m[16g..16g + 16]ᵀ` over the blocks `blocks`, for every
+    /// row `i < m` of `x` (`y` with rows of `n`; columns past `n` dropped), [`MR4`] at a time.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
+    pub(super) unsafe fn q4_panel(
+        w: &Q4_0Matrix,
+        g: usize,
+        blocks: std::ops::Range<usize>,
+        (x, m): (&QuantRows, usize),
+        (y, n): (*mut f32, usize),
+    ) {
+        let k = x.q.len() / m;
+        let cols = Q4_GROUP.min(n - g * Q4_GROUP);
+        let mut i = 0;
+        while i < m {
+            let r = MR4.min(m - i);
+            macro_rules! tile {
+                ($r:literal) => {{
+                    let xs: [XRow; $r] = std::array::from_fn(|j| XRow::at(x, i + j, k));
+                    let acc = q4_group::<$r>(w, g, blocks.clone(), &xs);
+                    for (j, acc) in acc.iter().enumerate() {
+                        let mut out = [0f32; Q4_GROUP];
+                        _mm512_storeu_ps(out.as_mut_ptr(), *acc);
+                        let yr = y.add((i + j) * n + g * Q4_GROUP);
+                        for (c, v) in out[..cols].iter().enumerate() {
+                            *yr.add(c) += v;
+                        }
+                    }
+                }};
+            }
+            match r {
+                8 => tile!(8),
+                7 => tile!(7),
+                6 => tile!(6),
+                5 => tile!(5),
+                4 => tile!(4),
+                3 => tile!(3),
+                2 => tile!(2),
+                _ => tile!(1),
+            }
+            i += r;
         }
     }
 }

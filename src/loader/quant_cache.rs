@@ -7,9 +7,11 @@
 //!   safetensors`, beside `snapshots/`), under the user's cache folder for a local folder
 //!   (`<cache>/llmarch/quantized/<hash of the folder's path>/<format>.safetensors`).
 //!   `LLMARCH_QUANT_CACHE=off` turns the cache off.
-//! - What: for each matrix `<name>` quantized from the checkpoint, `<name>.codes` (`U8`
-//!   `[out, in/2]` for q4_0, `I8` `[out, in]` for q8_0) and `<name>.scales` (`F16`
-//!   `[out, in/32]`), little-endian as on every CPU the kernels run on.
+//! - What: for each matrix `<name>` quantized from the checkpoint, `<name>.codes` and
+//!   `<name>.scales` as the kernels hold them: q8_0 `I8` `[out, in]` and `F16` `[out, in/32]`;
+//!   q4_0 interleaved in groups of 16 rows (`Q4_0Matrix`), `U8` `[rows, in/2]` and `F16`
+//!   `[rows, in/32]` with `rows` = `out` rounded up to 16. Little-endian, as on every CPU the
+//!   kernels run on.
 //! - Trusted only when everything matches, else ignored and rebuilt: the header's
 //!   `llmarch.version` ([`CACHE_VERSION`], bumped whenever quantization changes),
 //!   `llmarch.source` (the snapshot's commit, or for a local folder its path and each weight
@@ -23,6 +25,7 @@
 //!   write is a warning, not an error: the run has its weights either way.
 
 use super::model_files::ModelFiles;
+use crate::kernels::gemv::Q4_0Matrix;
 use crate::kernels::hugepages::{WeightBuf, Zeroable};
 use crate::layers::linear::{MappedSource, Quantization, QuantizedMatrix};
 use crate::layers::mapped::{MappedFile, MappedTensor, Mapping};
@@ -34,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// The cache format's version: bump it whenever a quantized block would come out differently.
-pub const CACHE_VERSION: &str = "1";
+pub const CACHE_VERSION: &str = "2";
 
 /// One format's cache for one checkpoint, as a model loads.
 pub struct QuantCache {
@@ -125,7 +128,11 @@ impl QuantCache {
         (out, n): (usize, usize),
     ) -> Option<QuantizedMatrix> {
         let e = self.existing.as_ref().filter(|_| q == self.q)?;
-        let scales = e.read::<half::f16>(&format!("{name}.scales"), Dtype::F16, &[out, n / 32])?;
+        let rows = match q {
+            Quantization::Q8_0 => out,
+            Quantization::Q4_0 => Q4_0Matrix::stored_rows(out),
+        };
+        let scales = e.read::<half::f16>(&format!("{name}.scales"), Dtype::F16, &[rows, n / 32])?;
         let codes = format!("{name}.codes");
         Some(match q {
             Quantization::Q8_0 => {
@@ -134,8 +141,8 @@ impl QuantCache {
                 QuantizedMatrix::Q8_0(Arc::new(m))
             }
             Quantization::Q4_0 => {
-                let qs = e.read::<u8>(&codes, Dtype::U8, &[out, n / 2])?;
-                let m = crate::kernels::gemv::Q4_0Matrix::from_parts(out, n, qs, scales).ok()?;
+                let qs = e.read::<u8>(&codes, Dtype::U8, &[rows, n / 2])?;
+                let m = Q4_0Matrix::from_parts(out, n, qs, scales).ok()?;
                 QuantizedMatrix::Q4_0(Arc::new(m))
             }
         })
@@ -297,7 +304,7 @@ fn write(
     std::fs::create_dir_all(dir)?;
     let mut views = vec![];
     for (name, m) in kept {
-        let (codes, scales, (out, n)) = match m {
+        let (codes, scales, (rows, n)) = match m {
             QuantizedMatrix::Q8_0(m) => {
                 let (q, s) = m.bytes_stored();
                 (
@@ -315,11 +322,11 @@ fn write(
                 (
                     Bytes {
                         dtype: Dtype::U8,
-                        shape: vec![m.out_dim(), m.in_dim() / 2],
+                        shape: vec![Q4_0Matrix::stored_rows(m.out_dim()), m.in_dim() / 2],
                         data: q,
                     },
                     s,
-                    (m.out_dim(), m.in_dim()),
+                    (Q4_0Matrix::stored_rows(m.out_dim()), m.in_dim()),
                 )
             }
         };
@@ -328,7 +335,7 @@ fn write(
             format!("{name}.scales"),
             Bytes {
                 dtype: Dtype::F16,
-                shape: vec![out, n / 32],
+                shape: vec![rows, n / 32],
                 data: scales,
             },
         ));
@@ -433,9 +440,8 @@ mod tests {
         // Another cache version: not trusted.
         let bytes = std::fs::read(&path).unwrap();
         let text = String::from_utf8_lossy(&bytes);
-        let at = text
-            .find("\"llmarch.version\":\"1\"")
-            .expect("version in the header");
+        let key = format!("\"llmarch.version\":\"{CACHE_VERSION}\"");
+        let at = text.find(&key).expect("version in the header");
         let mut other = bytes.clone();
         other[at + "\"llmarch.version\":\"".len()] = b'0';
         std::fs::write(&path, &other).unwrap();
