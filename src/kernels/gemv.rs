@@ -65,11 +65,11 @@ impl WeightRows<'_> {
         }
     }
 
-    /// Rows a task should start on a multiple of: [`Q4_GROUP`] for q4_0 (the int8 kernels
+    /// Rows a task should start on a multiple of: [`ROW_GROUP`] for q8_0/q4_0 (the int8 kernels
     /// compute whole groups), else 1.
     pub(crate) fn row_group(&self) -> usize {
         match self {
-            WeightRows::Q4_0(_) => Q4_GROUP,
+            WeightRows::Q8_0(_) | WeightRows::Q4_0(_) => ROW_GROUP,
             _ => 1,
         }
     }
@@ -79,7 +79,7 @@ impl WeightRows<'_> {
             WeightRows::F32(w) => w.len(),
             WeightRows::Bf16(w) => w.len(),
             WeightRows::F16(w) => w.len(),
-            WeightRows::Q8_0(m) => m.qs.len(),
+            WeightRows::Q8_0(m) => m.out * m.in_dim,
             WeightRows::Q4_0(m) => m.out * m.in_dim,
         }
     }
@@ -133,14 +133,11 @@ impl WeightRows<'_> {
             WeightRows::Bf16(w) => copy(w, n, r0, c0, cols, dst),
             WeightRows::F16(w) => copy(w, n, r0, c0, cols, dst),
             WeightRows::Q8_0(m) => {
-                let nb = n / Q8_BLOCK;
                 for (r, d) in dst.chunks_exact_mut(cols).enumerate() {
-                    let row = r0 + r;
-                    let q = &m.qs[row * n + c0..row * n + c0 + cols];
-                    let s = &m.scales[row * nb + c0 / Q8_BLOCK..];
-                    for ((d, q), s) in d.chunks_mut(Q8_BLOCK).zip(q.chunks(Q8_BLOCK)).zip(s) {
+                    for (b, d) in d.chunks_mut(Q8_BLOCK).enumerate() {
+                        let (q, s) = m.block(r0 + r, c0 / Q8_BLOCK + b);
                         let s = widen_f16(s.to_bits());
-                        for (d, &q) in d.iter_mut().zip(q) {
+                        for (d, &q) in d.iter_mut().zip(&q) {
                             *d = s * q as f32;
                         }
                     }
@@ -163,21 +160,43 @@ impl WeightRows<'_> {
     }
 }
 
-/// An `[out, in]` matrix in GGML's q8_0 format: each row is cut into blocks of 32 weights, each
-/// block stored as 32 `i8` and one f16 scale `d = max|w| / 127`, so `w ≈ d · q` (34 bytes per 32
-/// weights). `qs` is `[out, in]` and `scales` `[out, in / 32]`.
+/// Rows per interleaved group of a [`BlockMatrix`]: one 16-lane register of outputs.
+pub const ROW_GROUP: usize = 16;
+
+/// An `[out, in]` matrix in one of GGML's block formats: each row is cut into blocks of 32
+/// weights, each stored as `QB` codes of type `T` and one f16 scale ([`Q8_0Matrix`],
+/// [`Q4_0Matrix`]).
+///
+/// The blocks are stored interleaved, as llama.cpp repacks its quantized types for its int8
+/// kernels: rows in groups of [`ROW_GROUP`] (the last padded with zero rows), and per group and
+/// block the 16 rows' codes 4 bytes at a time. `qs` is `[groups, in / 32, QB / 4, 16, 4]`:
+/// element `[g, b, t, r, j]` is code byte `4t + j` of block `b` of row `16g + r`; `scales` is
+/// `[groups, in / 32, 16]`. One 64-byte load thus gives 16 rows × 4 code bytes, so the int8
+/// kernels keep one output row per register lane and read the blocks as stored for decode, a
+/// verify pass and the prompt alike, with no repacking per call.
 #[derive(Debug, Clone)]
-pub struct Q8_0Matrix {
+pub struct BlockMatrix<T: Zeroable, const QB: usize> {
     out: usize,
     in_dim: usize,
-    qs: WeightBuf<i8>,
+    qs: WeightBuf<T>,
     scales: WeightBuf<f16>,
 }
 
+/// GGML's q8_0: per block of 32 weights, 32 `i8` codes and one f16 scale `d = max|w| / 127`, so
+/// `w ≈ d · q` (34 bytes per 32 weights). As GGML's `quantize_row_q8_0_ref`: `q = round(w / d)`
+/// (half away from zero).
+pub type Q8_0Matrix = BlockMatrix<i8, Q8_BLOCK>;
+
+/// GGML's q4_0: per block of 32 weights, 32 4-bit codes and one f16 scale (18 bytes per 32
+/// weights, 0.56 bytes per weight). As GGML's `quantize_row_q4_0_ref`: `d = m / −8` where `m` is
+/// the block's value of largest magnitude (sign kept), `q = min(15, trunc(w / d + 8.5))`,
+/// `w ≈ d · (q − 8)`; byte `j` of a block holds code `j` in its low nibble and code `j + 16` in
+/// its high one.
+pub type Q4_0Matrix = BlockMatrix<u8, { Q8_BLOCK / 2 }>;
+
 impl Q8_0Matrix {
-    /// Quantizes `[out, in]` f32 rows like GGML's `quantize_row_q8_0_ref`: `d = amax / 127`,
-    /// `q = round(w / d)` (half away from zero), `d` stored as f16. `in` must be a multiple of 32.
-    /// The weights may be f32, bf16 or f16 (widened a block at a time: no f32 copy is made).
+    /// Quantizes `[out, in]` rows of f32, bf16 or f16 (widened a block at a time: no f32 copy
+    /// is made); `in` must be a multiple of 32.
     pub fn quantize<E: Widen>(w: &[E], out: usize, in_dim: usize) -> Result<Self> {
         Self::quantize_with(w, out, in_dim, &mut |_| {})
     }
@@ -190,103 +209,23 @@ impl Q8_0Matrix {
         in_dim: usize,
         done: &mut dyn FnMut(std::ops::Range<usize>),
     ) -> Result<Self> {
-        let layout = BlockLayout::RowMajor;
-        let (qs, scales) =
-            quantize_blocks::<E, i8, Q8_BLOCK>(w, out, in_dim, "q8_0", layout, done, |w, q| {
-                let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let d = amax / 127.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                for (q, &v) in q.iter_mut().zip(w) {
-                    *q = (v * id).round() as i8; // |v · id| ≤ 127
-                }
-                d
-            })?;
-        Ok(Q8_0Matrix {
-            out,
-            in_dim,
-            qs,
-            scales,
+        Self::quantize_blocks(w, out, in_dim, done, |w, q| {
+            let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            for (q, &v) in q.iter_mut().zip(w) {
+                *q = (v * id).round() as i8; // |v · id| ≤ 127
+            }
+            d
         })
-    }
-
-    /// A matrix from its codes (`[out, in]`) and scales (`[out, in / 32]`), e.g. as an earlier
-    /// run stored them; the lengths are checked.
-    pub fn from_parts(
-        out: usize,
-        in_dim: usize,
-        qs: WeightBuf<i8>,
-        scales: WeightBuf<f16>,
-    ) -> Result<Self> {
-        check_parts("q8_0", out, in_dim, qs.len(), in_dim, scales.len())?;
-        Ok(Q8_0Matrix {
-            out,
-            in_dim,
-            qs,
-            scales,
-        })
-    }
-
-    /// The codes and the scales as bytes (native order), to store.
-    pub fn bytes_stored(&self) -> (&[u8], &[u8]) {
-        (self.qs.as_bytes(), self.scales.as_bytes())
-    }
-
-    /// The codes (`[out, in]`, row-major) and the scales (`[out, in / 32]`).
-    pub(crate) fn raw(&self) -> (&[i8], &[f16]) {
-        (&self.qs, &self.scales)
-    }
-
-    pub fn out_dim(&self) -> usize {
-        self.out
-    }
-
-    pub fn in_dim(&self) -> usize {
-        self.in_dim
-    }
-
-    /// Bytes held: 34 per block of 32 weights.
-    pub fn bytes(&self) -> usize {
-        self.qs.len() + 2 * self.scales.len()
     }
 
     /// The whole matrix as f32 `[out, in]` (tests, checks).
     pub fn dequantize(&self) -> Vec<f32> {
-        let mut d = vec![0f32; self.qs.len()];
+        let mut d = vec![0f32; self.out * self.in_dim];
         WeightRows::Q8_0(self).widen_block(self.in_dim, (0, self.out), (0, self.in_dim), &mut d);
         d
     }
-
-    fn rows(&self, rows: std::ops::Range<usize>) -> (&[i8], &[f16]) {
-        let n = self.in_dim;
-        (
-            &self.qs[rows.start * n..rows.end * n],
-            &self.scales[rows.start * n / Q8_BLOCK..rows.end * n / Q8_BLOCK],
-        )
-    }
-}
-
-/// Rows per interleaved group of a [`Q4_0Matrix`]: one 16-lane register of outputs.
-pub const Q4_GROUP: usize = 16;
-
-/// An `[out, in]` matrix of GGML's q4_0 blocks: each row is cut into blocks of 32 weights, each
-/// stored as 32 4-bit codes and one f16 scale (18 bytes per 32 weights, 0.56 bytes per weight).
-/// As GGML's `quantize_row_q4_0_ref`: `d = m / −8` where `m` is the block's value of largest
-/// magnitude (sign kept), `q = min(15, trunc(w / d + 8.5))`, `w ≈ d · (q − 8)`; byte `j` of a
-/// block holds code `j` in its low nibble and code `j + 16` in its high one.
-///
-/// The blocks are stored interleaved, as llama.cpp repacks q4_0 for its int8 kernels: rows in
-/// groups of [`Q4_GROUP`] (the last padded with zero rows), and per group and block the 16 rows'
-/// bytes four at a time. `qs` is `[groups, in / 32, 4, 16, 4]`: element `[g, b, t, r, j]` is byte
-/// `4t + j` of block `b` of row `16g + r` (codes `4t + j` and `16 + 4t + j`); `scales` is
-/// `[groups, in / 32, 16]`. One 64-byte load thus gives 16 rows × 4 codes (× 2 nibbles), so the
-/// int8 kernels keep one output row per register lane, read the blocks as stored for decode and
-/// prompt alike, and need no repacking per call.
-#[derive(Debug, Clone)]
-pub struct Q4_0Matrix {
-    out: usize,
-    in_dim: usize,
-    qs: WeightBuf<u8>,
-    scales: WeightBuf<f16>,
 }
 
 impl Q4_0Matrix {
@@ -305,40 +244,52 @@ impl Q4_0Matrix {
         done: &mut dyn FnMut(std::ops::Range<usize>),
     ) -> Result<Self> {
         const H: usize = Q8_BLOCK / 2;
-        let layout = BlockLayout::Interleaved;
-        let (qs, scales) =
-            quantize_blocks::<E, u8, H>(w, out, in_dim, "q4_0", layout, done, |w, q| {
-                let m = w
-                    .iter()
-                    .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-                let d = m / -8.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                let code = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
-                for (j, q) in q.iter_mut().enumerate() {
-                    *q = code(w[j]) | (code(w[j + H]) << 4);
-                }
-                d
-            })?;
-        Ok(Q4_0Matrix {
-            out,
-            in_dim,
-            qs,
-            scales,
+        Self::quantize_blocks(w, out, in_dim, done, |w, q| {
+            let m = w
+                .iter()
+                .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+            let d = m / -8.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let code = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
+            for (j, q) in q.iter_mut().enumerate() {
+                *q = code(w[j]) | (code(w[j + H]) << 4);
+            }
+            d
         })
     }
 
-    /// A matrix from its interleaved codes (`[stored_rows(out), in / 2]` bytes) and scales
+    /// The whole matrix as f32 `[out, in]` (tests, checks).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut d = vec![0f32; self.out * self.in_dim];
+        WeightRows::Q4_0(self).widen_block(self.in_dim, (0, self.out), (0, self.in_dim), &mut d);
+        d
+    }
+}
+
+impl<T: Zeroable + Default, const QB: usize> BlockMatrix<T, QB> {
+    /// The format's name, for messages.
+    const FORMAT: &str = if QB == Q8_BLOCK { "q8_0" } else { "q4_0" };
+
+    /// A matrix from its interleaved codes (`[stored_rows(out), in / 32 · QB]`) and scales
     /// (`[stored_rows(out), in / 32]`), e.g. as an earlier run stored them; the lengths are
     /// checked.
     pub fn from_parts(
         out: usize,
         in_dim: usize,
-        qs: WeightBuf<u8>,
+        qs: WeightBuf<T>,
         scales: WeightBuf<f16>,
     ) -> Result<Self> {
-        let rows = Self::stored_rows(out);
-        check_parts("q4_0", rows, in_dim, qs.len(), in_dim / 2, scales.len())?;
-        Ok(Q4_0Matrix {
+        let (rows, nb) = (Self::stored_rows(out), in_dim / Q8_BLOCK);
+        ensure!(
+            in_dim.is_multiple_of(Q8_BLOCK)
+                && qs.len() == rows * nb * QB
+                && scales.len() == rows * nb,
+            "{}: {} codes and {} scales do not make a [{out}, {in_dim}] matrix",
+            Self::FORMAT,
+            qs.len(),
+            scales.len()
+        );
+        Ok(BlockMatrix {
             out,
             in_dim,
             qs,
@@ -348,7 +299,7 @@ impl Q4_0Matrix {
 
     /// Rows stored for `out` rows: whole groups.
     pub fn stored_rows(out: usize) -> usize {
-        out.next_multiple_of(Q4_GROUP)
+        out.next_multiple_of(ROW_GROUP)
     }
 
     /// The codes and the scales as bytes (native order), to store.
@@ -356,8 +307,9 @@ impl Q4_0Matrix {
         (self.qs.as_bytes(), self.scales.as_bytes())
     }
 
-    /// The interleaved codes (`[groups, in / 32, 4, 16, 4]`) and scales (`[groups, in / 32, 16]`).
-    pub(crate) fn raw(&self) -> (&[u8], &[f16]) {
+    /// The interleaved codes (`[groups, in / 32, QB / 4, 16, 4]`) and scales
+    /// (`[groups, in / 32, 16]`).
+    pub(crate) fn raw(&self) -> (&[T], &[f16]) {
         (&self.qs, &self.scales)
     }
 
@@ -369,31 +321,22 @@ impl Q4_0Matrix {
         self.in_dim
     }
 
-    /// Bytes held: 18 per block of 32 weights, the last group's padding included.
+    /// Bytes held (the last group's padding included).
     pub fn bytes(&self) -> usize {
-        self.qs.len() + 2 * self.scales.len()
+        std::mem::size_of_val(&self.qs[..]) + 2 * self.scales.len()
     }
 
-    /// The whole matrix as f32 `[out, in]` (tests, checks).
-    pub fn dequantize(&self) -> Vec<f32> {
-        let mut d = vec![0f32; self.out * self.in_dim];
-        WeightRows::Q4_0(self).widen_block(self.in_dim, (0, self.out), (0, self.in_dim), &mut d);
-        d
-    }
-
-    /// Block `b` of row `row` as GGML stores it: 16 code bytes and the scale.
-    pub(crate) fn block(&self, row: usize, b: usize) -> ([u8; Q8_BLOCK / 2], f16) {
+    /// Block `b` of row `row` as GGML stores it: the codes and the scale.
+    pub(crate) fn block(&self, row: usize, b: usize) -> ([T; QB], f16) {
         let nb = self.in_dim / Q8_BLOCK;
-        let codes = std::array::from_fn(|i| self.qs[BlockLayout::Interleaved.code(nb, row, b, i)]);
-        (
-            codes,
-            self.scales[BlockLayout::Interleaved.scale(nb, row, b)],
-        )
+        let codes = std::array::from_fn(|i| self.qs[Self::code_at(nb, row, b, i)]);
+        (codes, self.scales[Self::scale_at(nb, row, b)])
     }
 
-    /// Rows `rows` in GGML's row-major layout (`q` `[rows, in / 2]`, `s` `[rows, in / 32]`), for
-    /// the kernels that read one row at a time (CPUs without AVX512-VNNI).
-    fn ungroup(&self, rows: std::ops::Range<usize>, q: &mut Vec<u8>, s: &mut Vec<f16>) {
+    /// Rows `rows` in GGML's row-major layout (`q` `[rows, in / 32 · QB]`, `s`
+    /// `[rows, in / 32]`), for the kernels that read one row at a time (CPUs without
+    /// AVX512-VNNI).
+    fn ungroup(&self, rows: std::ops::Range<usize>, q: &mut Vec<T>, s: &mut Vec<f16>) {
         let nb = self.in_dim / Q8_BLOCK;
         q.clear();
         s.clear();
@@ -405,133 +348,87 @@ impl Q4_0Matrix {
             }
         }
     }
-}
 
-/// Where [`quantize_blocks`] puts each block's codes and scale.
-#[derive(Clone, Copy)]
-enum BlockLayout {
-    /// GGML's: blocks in row order (q8_0).
-    RowMajor,
-    /// [`Q4_0Matrix`]'s groups of 16 rows, 4 code bytes of each row in turn.
-    Interleaved,
-}
-
-impl BlockLayout {
-    /// Rows stored for `out` rows.
-    fn rows(self, out: usize) -> usize {
-        match self {
-            BlockLayout::RowMajor => out,
-            BlockLayout::Interleaved => Q4_0Matrix::stored_rows(out),
-        }
-    }
-
-    /// Index of code `i` (of `qb` per block) of block `b` of `row`, with `nb` blocks per row.
+    /// Index in `qs` of code `i` of block `b` of `row`, with `nb` blocks per row.
     #[inline(always)]
-    fn code_at(self, qb: usize, nb: usize, row: usize, b: usize, i: usize) -> usize {
-        match self {
-            BlockLayout::RowMajor => (row * nb + b) * qb + i,
-            BlockLayout::Interleaved => {
-                let (g, r) = (row / Q4_GROUP, row % Q4_GROUP);
-                (((g * nb + b) * 4 + i / 4) * Q4_GROUP + r) * 4 + i % 4
-            }
-        }
+    fn code_at(nb: usize, row: usize, b: usize, i: usize) -> usize {
+        let (g, r) = (row / ROW_GROUP, row % ROW_GROUP);
+        (((g * nb + b) * (QB / 4) + i / 4) * ROW_GROUP + r) * 4 + i % 4
     }
 
-    /// [`BlockLayout::code_at`] for q4_0's 16 bytes per block.
+    /// Index in `scales` of the scale of block `b` of `row`.
     #[inline(always)]
-    fn code(self, nb: usize, row: usize, b: usize, i: usize) -> usize {
-        self.code_at(Q8_BLOCK / 2, nb, row, b, i)
+    fn scale_at(nb: usize, row: usize, b: usize) -> usize {
+        (row / ROW_GROUP * nb + b) * ROW_GROUP + row % ROW_GROUP
     }
 
-    /// Index of the scale of block `b` of `row`.
-    #[inline(always)]
-    fn scale(self, nb: usize, row: usize, b: usize) -> usize {
-        match self {
-            BlockLayout::RowMajor => row * nb + b,
-            BlockLayout::Interleaved => (row / Q4_GROUP * nb + b) * Q4_GROUP + row % Q4_GROUP,
-        }
-    }
-}
-
-/// Checks that `codes` and `scales` hold a `[out, in]` block matrix with `row_codes` codes per
-/// row.
-fn check_parts(
-    what: &str,
-    out: usize,
-    in_dim: usize,
-    codes: usize,
-    row_codes: usize,
-    scales: usize,
-) -> Result<()> {
-    ensure!(
-        in_dim.is_multiple_of(Q8_BLOCK)
-            && codes == out * row_codes
-            && scales == out * in_dim / Q8_BLOCK,
-        "{what}: {codes} codes and {scales} scales do not make a [{out}, {in_dim}] matrix"
-    );
-    Ok(())
-}
-
-/// Source bytes per slab of rows in [`quantize_blocks`]: what a caller may release at a time.
-const QUANTIZE_SLAB_BYTES: usize = 16 << 20;
-
-/// Quantizes `[out, in]` rows of `w` (f32, bf16 or f16, widened a block at a time) into `QB`
-/// codes and one f16 scale per block of 32, placed as `layout` says: `block(weights, codes)`
-/// fills the codes and returns the scale. Blocks go in parallel, rows in slabs of about
-/// [`QUANTIZE_SLAB_BYTES`] of `w`, and `done(rows)` hears of each finished slab, so a caller
-/// reading `w` from a mapping can give those pages back as it goes (peak memory: one slab, not
-/// the matrix). Padding rows keep zero codes and scales.
-fn quantize_blocks<E: Widen, T: Zeroable + Default, const QB: usize>(
-    w: &[E],
-    out: usize,
-    in_dim: usize,
-    what: &str,
-    layout: BlockLayout,
-    done: &mut dyn FnMut(std::ops::Range<usize>),
-    block: impl Fn(&[f32; Q8_BLOCK], &mut [T; QB]) -> f32 + Sync,
-) -> Result<(WeightBuf<T>, WeightBuf<f16>)> {
-    ensure!(
-        in_dim > 0 && in_dim.is_multiple_of(Q8_BLOCK),
-        "{what} needs rows whose length is a multiple of {Q8_BLOCK}, got {in_dim}"
-    );
-    ensure!(
-        w.len() == out * in_dim,
-        "{what}: {} weights for a [{out}, {in_dim}] matrix",
-        w.len()
-    );
-    let nb = in_dim / Q8_BLOCK; // blocks per row
-    let stored = layout.rows(out);
-    let mut qs = WeightBuf::<T>::zeroed(stored * nb * QB)?;
-    let mut scales = WeightBuf::<f16>::zeroed(stored * nb)?;
-    let slab = (QUANTIZE_SLAB_BYTES / (in_dim * std::mem::size_of::<E>())).max(1);
-    const PER_TASK: usize = 2048; // blocks
-    let (qp, sp) = (SyncPtr(qs.as_mut_ptr()), SyncPtr(scales.as_mut_ptr()));
-    for r0 in (0..out).step_by(slab) {
-        let r1 = (r0 + slab).min(out);
-        let (first, blocks) = (r0 * nb, (r1 - r0) * nb);
-        parallel_for(blocks.div_ceil(PER_TASK), |tasks| {
-            let b0 = first + tasks.start * PER_TASK;
-            let b1 = first + (tasks.end * PER_TASK).min(blocks);
-            for (at, w) in (b0..b1).zip(w[b0 * Q8_BLOCK..b1 * Q8_BLOCK].chunks_exact(Q8_BLOCK)) {
-                let (row, b) = (at / nb, at % nb);
-                let w: [f32; Q8_BLOCK] = std::array::from_fn(|j| w[j].widen());
-                let mut q = [T::default(); QB];
-                let d = f16::from_f32(block(&w, &mut q));
-                // SAFETY: each block has its own places in `qs` and `scales` (within the
-                // `stored` rows they were sized for), and tasks cover disjoint blocks; both
-                // buffers outlive `parallel_for`.
-                unsafe {
-                    for (i, q) in q.into_iter().enumerate() {
-                        qp.get().add(layout.code_at(QB, nb, row, b, i)).write(q);
+    /// Quantizes `[out, in]` rows of `w` (f32, bf16 or f16, widened a block at a time):
+    /// `block(weights, codes)` fills a block's codes and returns its scale. Blocks go in
+    /// parallel, rows in slabs of about [`QUANTIZE_SLAB_BYTES`] of `w`, and `done(rows)` hears
+    /// of each finished slab, so a caller reading `w` from a mapping can give those pages back
+    /// as it goes (peak memory: one slab, not the matrix). Padding rows keep zero codes and
+    /// scales.
+    fn quantize_blocks<E: Widen>(
+        w: &[E],
+        out: usize,
+        in_dim: usize,
+        done: &mut dyn FnMut(std::ops::Range<usize>),
+        block: impl Fn(&[f32; Q8_BLOCK], &mut [T; QB]) -> f32 + Sync,
+    ) -> Result<Self> {
+        let what = Self::FORMAT;
+        ensure!(
+            in_dim > 0 && in_dim.is_multiple_of(Q8_BLOCK),
+            "{what} needs rows whose length is a multiple of {Q8_BLOCK}, got {in_dim}"
+        );
+        ensure!(
+            w.len() == out * in_dim,
+            "{what}: {} weights for a [{out}, {in_dim}] matrix",
+            w.len()
+        );
+        let nb = in_dim / Q8_BLOCK; // blocks per row
+        let stored = Self::stored_rows(out);
+        let mut qs = WeightBuf::<T>::zeroed(stored * nb * QB)?;
+        let mut scales = WeightBuf::<f16>::zeroed(stored * nb)?;
+        let slab = (QUANTIZE_SLAB_BYTES / (in_dim * std::mem::size_of::<E>())).max(1);
+        const PER_TASK: usize = 2048; // blocks
+        let (qp, sp) = (SyncPtr(qs.as_mut_ptr()), SyncPtr(scales.as_mut_ptr()));
+        for r0 in (0..out).step_by(slab) {
+            let r1 = (r0 + slab).min(out);
+            let (first, blocks) = (r0 * nb, (r1 - r0) * nb);
+            parallel_for(blocks.div_ceil(PER_TASK), |tasks| {
+                let b0 = first + tasks.start * PER_TASK;
+                let b1 = first + (tasks.end * PER_TASK).min(blocks);
+                let w = &w[b0 * Q8_BLOCK..b1 * Q8_BLOCK];
+                for (at, w) in (b0..b1).zip(w.chunks_exact(Q8_BLOCK)) {
+                    let (row, b) = (at / nb, at % nb);
+                    let w: [f32; Q8_BLOCK] = std::array::from_fn(|j| w[j].widen());
+                    let mut q = [T::default(); QB];
+                    let d = f16::from_f32(block(&w, &mut q));
+                    // SAFETY: each block has its own places in `qs` and `scales` (within the
+                    // `stored` rows they were sized for), and tasks cover disjoint blocks; both
+                    // buffers outlive `parallel_for`.
+                    unsafe {
+                        for (i, q) in q.into_iter().enumerate() {
+                            qp.get().add(Self::code_at(nb, row, b, i)).write(q);
+                        }
+                        sp.get().add(Self::scale_at(nb, row, b)).write(d);
                     }
-                    sp.get().add(layout.scale(nb, row, b)).write(d);
                 }
-            }
-        });
-        done(r0..r1);
+            });
+            done(r0..r1);
+        }
+        Ok(BlockMatrix {
+            out,
+            in_dim,
+            qs,
+            scales,
+        })
     }
-    Ok((qs, scales))
 }
+
+/// Source bytes per slab of rows in [`BlockMatrix::quantize_blocks`]: what a caller may release
+/// at a time.
+const QUANTIZE_SLAB_BYTES: usize = 16 << 20;
 
 /// A raw pointer handed to the pool's threads, each of which writes a disjoint part.
 #[derive(Clone, Copy)]
@@ -633,7 +530,7 @@ fn rows_pass(w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32], task_bytes: 
                     std::slice::from_raw_parts_mut(yp.get().add(r * out + rows.start), rows.len())
                 })
                 .collect();
-            super::int8::gemv_rows_multi(w, rows.clone(), xq, &mut ys);
+            super::int8::gemv_rows(w, rows.clone(), xq, &mut ys);
             return;
         }
         for r in 0..m {
@@ -649,63 +546,41 @@ fn rows_pass(w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32], task_bytes: 
 }
 
 /// Activation rows quantized for the int8 products (q8_0/q4_0 weights on AVX512-VNNI), once per
-/// format and row; empty where the int8 products do not run.
+/// row for both formats; empty where the int8 products do not run.
 #[derive(Default)]
 struct Int8Rows {
     #[cfg(target_arch = "x86_64")]
-    q8: Vec<super::int8::GemvRow>,
-    #[cfg(target_arch = "x86_64")]
-    q4: Vec<super::int8::GemvRow>,
+    rows: Vec<super::int8::QuantRows>,
 }
 
 impl Int8Rows {
-    /// For one row `x` and every int8 format among `ws`.
+    /// For one row `x`, if any of `ws` takes int8 products.
     fn new(isa: Isa, ws: &[WeightRows<'_>], x: &[f32]) -> Int8Rows {
-        #[allow(unused_mut)]
-        let mut rows = Int8Rows::default();
-        #[cfg(target_arch = "x86_64")]
-        for &w in ws {
-            if rows.rows_for(w).is_none() {
-                let more = Int8Rows::new_rows(isa, w, x, 1);
-                rows.q8.extend(more.q8);
-                rows.q4.extend(more.q4);
-            }
+        match ws.iter().find(|w| w.row_group() > 1) {
+            Some(&w) => Int8Rows::new_rows(isa, w, x, 1),
+            None => Int8Rows::default(),
         }
-        rows
     }
 
-    /// For the `m` rows of `x` and `w`'s format.
+    /// For the `m` rows of `x`, if `w` takes int8 products.
     #[allow(unused_variables)]
     fn new_rows(isa: Isa, w: WeightRows<'_>, x: &[f32], m: usize) -> Int8Rows {
-        #[allow(unused_mut)]
-        let mut rows = Int8Rows::default();
         #[cfg(target_arch = "x86_64")]
-        if isa.has_avx512_vnni() {
-            let quantize = || {
-                x.chunks(x.len() / m)
-                    .map(|x| super::int8::gemv_row(w, x))
-                    .collect()
+        if isa.has_avx512_vnni() && matches!(w, WeightRows::Q8_0(_) | WeightRows::Q4_0(_)) {
+            let k = x.len() / m;
+            let rows = x.chunks(k).map(|x| super::int8::QuantRows::quantize(x, k));
+            return Int8Rows {
+                rows: rows.collect(),
             };
-            match w {
-                WeightRows::Q8_0(_) => rows.q8 = quantize(),
-                WeightRows::Q4_0(_) => rows.q4 = quantize(),
-                _ => {}
-            }
         }
-        rows
+        Int8Rows::default()
     }
-}
 
-impl Int8Rows {
-    /// The quantized rows for `w`'s format, if the int8 products run for it.
+    /// The quantized rows, if the int8 products run for `w`.
     #[cfg(target_arch = "x86_64")]
-    fn rows_for(&self, w: WeightRows<'_>) -> Option<&[super::int8::GemvRow]> {
-        let rows = match w {
-            WeightRows::Q8_0(_) => &self.q8,
-            WeightRows::Q4_0(_) => &self.q4,
-            _ => return None,
-        };
-        (!rows.is_empty()).then_some(rows.as_slice())
+    fn rows_for(&self, w: WeightRows<'_>) -> Option<&[super::int8::QuantRows]> {
+        let int8 = matches!(w, WeightRows::Q8_0(_) | WeightRows::Q4_0(_));
+        (int8 && !self.rows.is_empty()).then_some(self.rows.as_slice())
     }
 }
 
@@ -722,8 +597,8 @@ fn row_kernel(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if let Some(xq) = int8.rows_for(w).and_then(|rows| rows.first()) {
-            super::int8::gemv_rows(w, rows, xq, y);
+        if let Some(xq) = int8.rows_for(w) {
+            super::int8::gemv_rows(w, rows, xq, &mut [y]);
             return;
         }
     }
@@ -732,11 +607,12 @@ fn row_kernel(
         WeightRows::F32(w) => isa.dense(&w[rows.start * n..rows.end * n], x, y),
         WeightRows::Bf16(w) => isa.dense(&w[rows.start * n..rows.end * n], x, y),
         WeightRows::F16(w) => isa.dense(&w[rows.start * n..rows.end * n], x, y),
-        WeightRows::Q8_0(m) => {
-            let (q, s) = m.rows(rows.clone());
+        WeightRows::Q8_0(m) => UNGROUPED_Q8.with(|buf| {
+            let (q, s) = &mut *buf.borrow_mut();
+            m.ungroup(rows, q, s);
             isa.q8_0(q, s, x, y)
-        }
-        WeightRows::Q4_0(m) => UNGROUPED.with(|buf| {
+        }),
+        WeightRows::Q4_0(m) => UNGROUPED_Q4.with(|buf| {
             let (q, s) = &mut *buf.borrow_mut();
             m.ungroup(rows, q, s);
             isa.q4_0(q, s, x, y)
@@ -745,8 +621,11 @@ fn row_kernel(
 }
 
 thread_local! {
-    /// Per-thread q4_0 rows in GGML's row-major layout, for the kernels without AVX512-VNNI.
-    static UNGROUPED: std::cell::RefCell<(Vec<u8>, Vec<f16>)> =
+    /// Per-thread q8_0 and q4_0 rows in GGML's row-major layout, for the kernels without
+    /// AVX512-VNNI (a task's rows, ~1 MB).
+    static UNGROUPED_Q8: std::cell::RefCell<(Vec<i8>, Vec<f16>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    static UNGROUPED_Q4: std::cell::RefCell<(Vec<u8>, Vec<f16>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
@@ -1399,8 +1278,9 @@ pub(crate) mod tests {
             WeightRows::Bf16(w) => isa.dense(w, x, y),
             WeightRows::F16(w) => isa.dense(w, x, y),
             WeightRows::Q8_0(m) => {
-                let (q, s) = m.rows(0..m.out);
-                isa.q8_0(q, s, x, y)
+                let (mut q, mut s) = (vec![], vec![]);
+                m.ungroup(0..m.out, &mut q, &mut s);
+                isa.q8_0(&q, &s, x, y)
             }
             WeightRows::Q4_0(m) => {
                 let (mut q, mut s) = (vec![], vec![]);
@@ -1470,11 +1350,11 @@ pub(crate) mod tests {
             w[..32].fill(0.0); // an all-zero block: scale 0, no division by zero
             w[40] = 3.0; // one large weight sets its block's scale
             let m = Q8_0Matrix::quantize(&w, out, n).unwrap();
-            assert_eq!(m.bytes(), out * n / 32 * 34);
+            assert_eq!(m.bytes(), out.next_multiple_of(ROW_GROUP) * n / 32 * 34);
             let deq = m.dequantize();
             for (b, (wb, db)) in w.chunks(32).zip(deq.chunks(32)).enumerate() {
                 let amax = wb.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let d = m.scales[b].to_f32();
+                let d = m.block(b / (n / 32), b % (n / 32)).1.to_f32();
                 if amax == 0.0 {
                     assert!(d == 0.0 && db.iter().all(|&v| v == 0.0), "block {b}");
                     continue;
@@ -1560,7 +1440,7 @@ pub(crate) mod tests {
             w[40] = -3.0; // one large weight sets its block's scale (negative: d > 0)
             w[70] = 2.5; // and a positive one (d < 0)
             let m = Q4_0Matrix::quantize(&w, out, n).unwrap();
-            assert_eq!(m.bytes(), out.next_multiple_of(Q4_GROUP) * n / 32 * 18);
+            assert_eq!(m.bytes(), out.next_multiple_of(ROW_GROUP) * n / 32 * 18);
             let deq = m.dequantize();
             for (b, (wb, db)) in w.chunks(32).zip(deq.chunks(32)).enumerate() {
                 let (d, codes) = ggml_q4_0_block(wb);

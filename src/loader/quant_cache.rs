@@ -8,10 +8,10 @@
 //!   (`<cache>/llmarch/quantized/<hash of the folder's path>/<format>.safetensors`).
 //!   `LLMARCH_QUANT_CACHE=off` turns the cache off.
 //! - What: for each matrix `<name>` quantized from the checkpoint, `<name>.codes` and
-//!   `<name>.scales` as the kernels hold them: q8_0 `I8` `[out, in]` and `F16` `[out, in/32]`;
-//!   q4_0 interleaved in groups of 16 rows (`Q4_0Matrix`), `U8` `[rows, in/2]` and `F16`
-//!   `[rows, in/32]` with `rows` = `out` rounded up to 16. Little-endian, as on every CPU the
-//!   kernels run on.
+//!   `<name>.scales` as the kernels hold them, interleaved in groups of 16 rows
+//!   (`kernels::gemv::BlockMatrix`): codes `I8` `[rows, in]` for q8_0, `U8` `[rows, in/2]` for
+//!   q4_0, scales `F16` `[rows, in/32]`, where `rows` is `out` rounded up to 16. Little-endian,
+//!   as on every CPU the kernels run on.
 //! - Trusted only when everything matches, else ignored and rebuilt: the header's
 //!   `llmarch.version` ([`CACHE_VERSION`], bumped whenever quantization changes),
 //!   `llmarch.source` (the snapshot's commit, or for a local folder its path and each weight
@@ -25,7 +25,7 @@
 //!   write is a warning, not an error: the run has its weights either way.
 
 use super::model_files::ModelFiles;
-use crate::kernels::gemv::Q4_0Matrix;
+use crate::kernels::gemv::{Q4_0Matrix, Q8_0Matrix};
 use crate::kernels::hugepages::{WeightBuf, Zeroable};
 use crate::layers::linear::{MappedSource, Quantization, QuantizedMatrix};
 use crate::layers::mapped::{MappedFile, MappedTensor, Mapping};
@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// The cache format's version: bump it whenever a quantized block would come out differently.
-pub const CACHE_VERSION: &str = "2";
+pub const CACHE_VERSION: &str = "3";
 
 /// One format's cache for one checkpoint, as a model loads.
 pub struct QuantCache {
@@ -128,16 +128,13 @@ impl QuantCache {
         (out, n): (usize, usize),
     ) -> Option<QuantizedMatrix> {
         let e = self.existing.as_ref().filter(|_| q == self.q)?;
-        let rows = match q {
-            Quantization::Q8_0 => out,
-            Quantization::Q4_0 => Q4_0Matrix::stored_rows(out),
-        };
+        let rows = Q4_0Matrix::stored_rows(out); // q8_0 stores as many
         let scales = e.read::<half::f16>(&format!("{name}.scales"), Dtype::F16, &[rows, n / 32])?;
         let codes = format!("{name}.codes");
         Some(match q {
             Quantization::Q8_0 => {
-                let qs = e.read::<i8>(&codes, Dtype::I8, &[out, n])?;
-                let m = crate::kernels::gemv::Q8_0Matrix::from_parts(out, n, qs, scales).ok()?;
+                let qs = e.read::<i8>(&codes, Dtype::I8, &[rows, n])?;
+                let m = Q8_0Matrix::from_parts(out, n, qs, scales).ok()?;
                 QuantizedMatrix::Q8_0(Arc::new(m))
             }
             Quantization::Q4_0 => {
@@ -310,11 +307,11 @@ fn write(
                 (
                     Bytes {
                         dtype: Dtype::I8,
-                        shape: vec![m.out_dim(), m.in_dim()],
+                        shape: vec![Q8_0Matrix::stored_rows(m.out_dim()), m.in_dim()],
                         data: q,
                     },
                     s,
-                    (m.out_dim(), m.in_dim()),
+                    (Q8_0Matrix::stored_rows(m.out_dim()), m.in_dim()),
                 )
             }
             QuantizedMatrix::Q4_0(m) => {
@@ -370,7 +367,6 @@ fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::gemv::{Q4_0Matrix, Q8_0Matrix};
 
     fn matrices() -> Vec<(String, QuantizedMatrix)> {
         let w: Vec<f32> = (0..64 * 96)
