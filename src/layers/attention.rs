@@ -249,15 +249,15 @@ pub fn attend(
     let dtype = q.dtype();
     // Query heads h·g..(h+1)·g read KV head h: fold them into the row dimension.
     let q = q.contiguous()?.reshape((b, hkv, g * n, d))?;
-    let mut scores = scores_qkt(&q, k)?; // [b, hkv, g·n, t]
-    if scale != 1.0 {
-        scores = (scores * scale)?;
-    }
-    let mut scores = scores.to_dtype(DType::F32)?.reshape((b, hkv, g, n, t))?;
-    if let Some(m) = mask {
-        scores = scores.broadcast_add(m)?;
-    }
-    let p = candle_nn::ops::softmax_last_dim(&scores)?
+    let scores = scores_qkt(&q, k)?; // [b, hkv, g·n, t] in q's dtype
+                                     // Narrow types are scaled in their own dtype, then the softmax runs in f32.
+    let (scores, scale) = if dtype == DType::F32 {
+        (scores, scale)
+    } else {
+        ((scores * scale)?.to_dtype(DType::F32)?, 1.0)
+    };
+    let scores = scores.reshape((b, hkv, g, n, t))?;
+    let p = crate::kernels::gelu::scaled_masked_softmax(&scores, scale, mask)?
         .to_dtype(dtype)?
         .reshape((b, hkv, g * n, t))?;
     let y = probs_times_values(&p, v)?; // [b, hkv, g·n, dv]
