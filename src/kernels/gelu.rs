@@ -188,8 +188,8 @@ pub fn scaled_masked_softmax(scores: &Tensor, scale: f64, mask: Option<&Tensor>)
         Some(m) => Some(m.broadcast_as((n, t))?.flatten_all()?.to_vec1::<f32>()?),
         None => None,
     };
-    if t > 0 {
-        let rows_per_task = (TASK / t).max(1);
+    if let Some(rows_per_task) = TASK.checked_div(t) {
+        let rows_per_task = rows_per_task.max(1);
         let p = SyncPtr(v.as_mut_ptr());
         let rows = v.len() / t;
         parallel_for(rows.div_ceil(rows_per_task), |tasks| {
