@@ -21,6 +21,10 @@
 //!   `half::bf16::to_f32` does), f16 uses `vcvtph2ps` (portable: a branch-free exponent rebias,
 //!   checked against `half` on every bit pattern), q8_0 is `d · Σ q·x` per block of 32
 //!   ([`Q8_0Matrix`]).
+//! - q8_0 and q4_0 are stored with their rows interleaved in groups of 16 ([`BlockMatrix`]) for
+//!   the int8 kernels (`super::int8`, AVX512-VNNI), which compute whole groups, so their tasks
+//!   start on a group; the one-row kernels here, for CPUs without VNNI, read a task's rows
+//!   regrouped into GGML's row-major blocks first.
 //! - Results differ from candle's GEMM only by summation order: agreement is to f32 rounding
 //!   (~1e-6 of `Σ|w·x|`), not bit for bit.
 
@@ -493,7 +497,7 @@ pub fn gemv_many(ws: &[WeightRows<'_>], x: &[f32], ys: &mut [&mut [f32]]) -> Res
 /// [`gemv`] run over each task's slice of `W` once per row while the slice is in cache, so the
 /// weights stream from memory once and no panel is widened (the GEMM widens q8_0/bf16 panels
 /// to f32 first, which at a few rows costs more than the arithmetic); int8 products take up to
-/// four rows per pass, loading and unpacking each weight block once for all of them. For
+/// eight rows per pass, loading and unpacking each weight block once for all of them. For
 /// speculative decoding's verify pass: a few rows cost little more than one.
 pub fn gemv_rows(w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
     ensure!(
