@@ -479,7 +479,7 @@ mod tests {
             (6, 50, 2080), // q8_0 over three panels of 704, 704 and 672 columns
             (16, 7, 33),   // the bf16 product's masked tail: one column, odd
             (19, 50, 2085),
-            (17, 33, 2080), // int8 products: three panels, a 5-row tile, a 1-column tail
+            (17, 33, 2080), // int8 products: three panels, a 1-row tile, a 1-row last group
             (18, 20, 1024), // rows 4 KB apart: padded copies (f32 and bf16 products)
         ];
         for (isa, (s, &(m, n, k))) in isas()
