@@ -230,19 +230,21 @@ fn quantized_differs_from_the_f32_reference_by_what_the_format_costs_the_referen
     }
 }
 
-/// On a CPU with AVX512-VNNI q8_0/q4_0 weights multiply as int8 products, prompt and decode, the
-/// activations quantized to q8 as llama.cpp does (the kernels themselves equal an f64 product of
-/// the rounded activations: `src/kernels/gemm.rs`, `gemv.rs`). What that rounding moves the
+/// On a CPU with AVX2 (`vpdpbusd` where it has AVX512-VNNI) q8_0/q4_0 weights multiply as int8
+/// products, prompt and decode, the activations quantized to q8 as llama.cpp does (the kernels
+/// themselves equal an f64 product of the rounded activations: `src/kernels/gemm.rs`,
+/// `gemv.rs`). What that rounding moves the
 /// logits by (relative RMS against the same run with f32 products) is of the order of what q8_0
 /// rounding of the weights costs the reference on the fixture's family: the activations get the
 /// same 8-bit blocks. Random tiny models amplify any rounding unevenly, so the bound is 3× that
 /// cost (measured 0.69-2.50×, q4_0/laguna-xs2-like the highest).
 #[test]
 fn int8_products_cost_what_q8_0_weights_cost_the_reference() {
-    let vnni = std::arch::is_x86_feature_detected!("avx512vnni")
-        && std::arch::is_x86_feature_detected!("avx512bw");
-    if !vnni {
-        eprintln!("no AVX512-VNNI on this machine: prompts keep f32 products, nothing to test");
+    let int8 = std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c");
+    if !int8 {
+        eprintln!("no AVX2 on this machine: q8_0/q4_0 keep f32 products, nothing to test");
         return;
     }
     let q8_cost = |family: &str| -> f64 {

@@ -98,7 +98,7 @@ fn gemm_on(isa: Isa, w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32]) -> R
                 });
             }
             WeightRows::Q8_0(_) | WeightRows::Q4_0(_) if int8_products(isa) => {
-                super::int8::gemm(w, x, m, y);
+                super::int8::gemm(isa, w, x, m, y);
             }
             _ => {
                 // Rows a multiple of 1 KB apart go to a padded copy (see `padded_stride`).
@@ -182,10 +182,11 @@ fn bf16_products(isa: Isa, m: usize) -> bool {
     m >= BF16_MIN_ROWS && isa.has_avx512_bf16() && !super::in_decode_steps()
 }
 
-/// Whether q8_0/q4_0 weights run as int8 products (`vpdpbusd`), the activations quantized to q8
-/// ([`super::int8`]): on a CPU with AVX512-VNNI, as the decode gemv does.
+/// Whether q8_0/q4_0 weights run as int8 products, the activations quantized to q8
+/// ([`super::int8`]): on every CPU with AVX2 (`vpdpbusd` where it has AVX512-VNNI), as the
+/// decode gemv does.
 fn int8_products(isa: Isa) -> bool {
-    isa.has_avx512_vnni()
+    isa.has_int8_products()
 }
 
 /// Elements per row for rows of `k` elements of `size` bytes that a register tile reads

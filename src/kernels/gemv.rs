@@ -337,18 +337,32 @@ impl<T: Zeroable + Default, const QB: usize> BlockMatrix<T, QB> {
         (codes, self.scales[Self::scale_at(nb, row, b)])
     }
 
-    /// Rows `rows` in GGML's row-major layout (`q` `[rows, in / 32 · QB]`, `s`
-    /// `[rows, in / 32]`), for the kernels that read one row at a time (CPUs without
-    /// AVX512-VNNI).
-    fn ungroup(&self, rows: std::ops::Range<usize>, q: &mut Vec<T>, s: &mut Vec<f16>) {
+    /// Group `g`'s 16 rows in GGML's row-major layout (`q` `[16, in / 32 · QB]`, `s`
+    /// `[16, in / 32]`), for the kernels that read one row at a time (CPUs without AVX512-VNNI):
+    /// the stored words read front to back, each 64 bytes (one word of each row) spread over
+    /// the 16 rows, which stay in L1/L2 for the kernel that follows.
+    fn ungroup(&self, g: usize, q: &mut Vec<T>, s: &mut Vec<f16>) {
         let nb = self.in_dim / Q8_BLOCK;
+        let words = nb * QB / 4; // 4-byte words per row
         q.clear();
+        q.resize(ROW_GROUP * nb * QB, T::default());
         s.clear();
-        for row in rows {
-            for b in 0..nb {
-                let (codes, d) = self.block(row, b);
-                q.extend_from_slice(&codes);
-                s.push(d);
+        s.resize(ROW_GROUP * nb, f16::ZERO);
+        let (src, dst) = (self.qs.as_ptr().cast::<u32>(), q.as_mut_ptr().cast::<u32>());
+        for w in 0..words {
+            for r in 0..ROW_GROUP {
+                // SAFETY: word `w` of the group's row `r` is stored word `(g·words + w)·16 + r`
+                // (group `g` is stored whole), and `q` holds 16 rows of `words` words; both
+                // are plain bytes, read and written unaligned.
+                unsafe {
+                    let v = src.add((g * words + w) * ROW_GROUP + r).read_unaligned();
+                    dst.add(r * words + w).write_unaligned(v);
+                }
+            }
+        }
+        for b in 0..nb {
+            for r in 0..ROW_GROUP {
+                s[r * nb + b] = self.scales[(g * nb + b) * ROW_GROUP + r];
             }
         }
     }
@@ -534,7 +548,7 @@ fn rows_pass(w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32], task_bytes: 
                     std::slice::from_raw_parts_mut(yp.get().add(r * out + rows.start), rows.len())
                 })
                 .collect();
-            super::int8::gemv_rows(w, rows.clone(), xq, &mut ys);
+            super::int8::gemv_rows(isa, w, rows.clone(), xq, &mut ys);
             return;
         }
         for r in 0..m {
@@ -570,7 +584,7 @@ impl Int8Rows {
     #[allow(unused_variables)]
     fn new_rows(isa: Isa, w: WeightRows<'_>, x: &[f32], m: usize) -> Int8Rows {
         #[cfg(target_arch = "x86_64")]
-        if isa.has_avx512_vnni() && matches!(w, WeightRows::Q8_0(_) | WeightRows::Q4_0(_)) {
+        if isa.has_int8_products() && matches!(w, WeightRows::Q8_0(_) | WeightRows::Q4_0(_)) {
             let k = x.len() / m;
             let rows = x.chunks(k).map(|x| super::int8::QuantRows::quantize(x, k));
             return Int8Rows {
@@ -602,7 +616,7 @@ fn row_kernel(
     #[cfg(target_arch = "x86_64")]
     {
         if let Some(xq) = int8.rows_for(w) {
-            super::int8::gemv_rows(w, rows, xq, &mut [y]);
+            super::int8::gemv_rows(isa, w, rows, xq, &mut [y]);
             return;
         }
     }
@@ -613,24 +627,65 @@ fn row_kernel(
         WeightRows::F16(w) => isa.dense(&w[rows.start * n..rows.end * n], x, y),
         WeightRows::Q8_0(m) => UNGROUPED_Q8.with(|buf| {
             let (q, s) = &mut *buf.borrow_mut();
-            m.ungroup(rows, q, s);
-            isa.q8_0(q, s, x, y)
+            by_group(rows, y, |g, r, y| {
+                m.ungroup(g, q, s);
+                isa.q8_0(
+                    &q[r.start * n..r.end * n],
+                    &s[r.start * n / 32..r.end * n / 32],
+                    x,
+                    y,
+                )
+            })
         }),
         WeightRows::Q4_0(m) => UNGROUPED_Q4.with(|buf| {
             let (q, s) = &mut *buf.borrow_mut();
-            m.ungroup(rows, q, s);
-            isa.q4_0(q, s, x, y)
+            by_group(rows, y, |g, r, y| {
+                m.ungroup(g, q, s);
+                let (qr, sr) = (
+                    r.start * n / 2..r.end * n / 2,
+                    r.start * n / 32..r.end * n / 32,
+                );
+                isa.q4_0(&q[qr], &s[sr], x, y)
+            })
         }),
     }
 }
 
+/// Runs `f(g, rows in g, y part)` for each 16-row group `g` that `rows` touch, `rows in g`
+/// counted from the group's first row, `y part` their outputs (`y` holds one per row of `rows`).
+fn by_group(
+    rows: std::ops::Range<usize>,
+    y: &mut [f32],
+    mut f: impl FnMut(usize, std::ops::Range<usize>, &mut [f32]),
+) {
+    for g in rows.start / ROW_GROUP..rows.end.div_ceil(ROW_GROUP) {
+        let (r0, r1) = (
+            (g * ROW_GROUP).max(rows.start),
+            ((g + 1) * ROW_GROUP).min(rows.end),
+        );
+        let base = g * ROW_GROUP;
+        f(
+            g,
+            r0 - base..r1 - base,
+            &mut y[r0 - rows.start..r1 - rows.start],
+        );
+    }
+}
+
 thread_local! {
-    /// Per-thread q8_0 and q4_0 rows in GGML's row-major layout, for the kernels without
-    /// AVX512-VNNI (a task's rows, ~1 MB).
+    /// Per-thread q8_0 and q4_0 rows of one group in GGML's row-major layout, for the kernels
+    /// without AVX512-VNNI (16 rows, in L1/L2).
     static UNGROUPED_Q8: std::cell::RefCell<(Vec<i8>, Vec<f16>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
     static UNGROUPED_Q4: std::cell::RefCell<(Vec<u8>, Vec<f16>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Whether `LLMARCH_KERNELS=avx512`: AVX-512F kernels without the extensions or int8 products.
+fn avx512_only() -> bool {
+    use std::sync::OnceLock;
+    static ONLY: OnceLock<bool> = OnceLock::new();
+    *ONLY.get_or_init(|| std::env::var("LLMARCH_KERNELS").is_ok_and(|v| v == "avx512"))
 }
 
 /// (AVX512-BF16, AVX512-VNNI), each with AVX512-BW, where the CPU has them and
@@ -641,8 +696,7 @@ fn avx512_extensions() -> (bool, bool) {
         use std::sync::OnceLock;
         static EXT: OnceLock<(bool, bool)> = OnceLock::new();
         *EXT.get_or_init(|| {
-            let on = std::env::var("LLMARCH_KERNELS").map_or(true, |v| v != "avx512")
-                && is_x86_feature_detected!("avx512bw");
+            let on = !avx512_only() && is_x86_feature_detected!("avx512bw");
             (
                 on && is_x86_feature_detected!("avx512bf16"),
                 on && is_x86_feature_detected!("avx512vnni"),
@@ -706,6 +760,14 @@ impl Isa {
     /// Whether AVX512-VNNI (`vpdpbusd`) may run: as [`Isa::has_avx512_bf16`].
     pub(crate) fn has_avx512_vnni(self) -> bool {
         self == Isa::Avx512 && avx512_extensions().1
+    }
+
+    /// Whether q8_0/q4_0 weights take int8 products (`super::int8`) on activations quantized to
+    /// q8: with AVX512-VNNI, or AVX2's `vpmaddubsw` on every other x86-64 CPU with AVX2, unless
+    /// `LLMARCH_KERNELS=avx512` (f32 products, as the reference multiplies: what the tests
+    /// compare with the oracle).
+    pub(crate) fn has_int8_products(self) -> bool {
+        cfg!(target_arch = "x86_64") && self.has_avx2() && !avx512_only()
     }
 
     fn dense<E: Widen>(self, w: &[E], x: &[f32], y: &mut [f32]) {
@@ -1259,7 +1321,7 @@ pub(crate) mod tests {
     /// (AVX512-VNNI) `x` rounded to q8 per block.
     pub(crate) fn activations_as_multiplied(isa: Isa, x: &[f32]) -> Vec<f32> {
         #[cfg(target_arch = "x86_64")]
-        if isa.has_avx512_vnni() {
+        if isa.has_int8_products() {
             let q = crate::kernels::int8::QuantRows::quantize(x, x.len());
             return q
                 .q
@@ -1281,15 +1343,9 @@ pub(crate) mod tests {
             WeightRows::F32(w) => isa.dense(w, x, y),
             WeightRows::Bf16(w) => isa.dense(w, x, y),
             WeightRows::F16(w) => isa.dense(w, x, y),
-            WeightRows::Q8_0(m) => {
-                let (mut q, mut s) = (vec![], vec![]);
-                m.ungroup(0..m.out, &mut q, &mut s);
-                isa.q8_0(&q, &s, x, y)
-            }
-            WeightRows::Q4_0(m) => {
-                let (mut q, mut s) = (vec![], vec![]);
-                m.ungroup(0..m.out, &mut q, &mut s);
-                isa.q4_0(&q, &s, x, y)
+            WeightRows::Q8_0(_) | WeightRows::Q4_0(_) => {
+                let int8 = Int8Rows::new_rows(isa, w, x, 1);
+                row_kernel(isa, w, 0..y.len(), x, &int8, y)
             }
         }
     }

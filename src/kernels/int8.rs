@@ -22,7 +22,7 @@
 //! - Integer sums are exact; what differs from the f32-activation product is the activations'
 //!   rounding to 8 bits (relative RMS ~0.5 % per product).
 
-use super::gemv::{SyncPtr, WeightRows, Q8_BLOCK, ROW_GROUP};
+use super::gemv::{Isa, SyncPtr, WeightRows, Q8_BLOCK, ROW_GROUP};
 use super::parallel::parallel_for;
 use half::f16;
 
@@ -166,8 +166,9 @@ macro_rules! with_tile {
 /// q8_0/q4_0 `w` `[n, k]`, each `xs[i]` one row of `k` quantized by [`QuantRows::quantize`],
 /// `ys[i]` one value per row. The weights are loaded (and q4_0's unpacked) once for up to
 /// [`MR`] activation rows, so a few rows cost little more than one; they still stream front to
-/// back. The caller checked the CPU features (AVX-512F/BW/VL, AVX512-VNNI).
+/// back. The caller checked the CPU features `isa` says (see [`gemm`]).
 pub(crate) fn gemv_rows(
+    isa: Isa,
     w: WeightRows<'_>,
     rows: std::ops::Range<usize>,
     xs: &[QuantRows],
@@ -176,21 +177,43 @@ pub(crate) fn gemv_rows(
     assert_eq!(xs.len(), ys.len(), "one output per activation row");
     let w = Groups::of(w);
     let xs: Vec<x86::XRow> = xs.iter().map(|x| x86::XRow::at(x, 0)).collect();
-    for (xs, ys) in xs.chunks(MR).zip(ys.chunks_mut(MR)) {
-        use x86::gemv;
-        // SAFETY: the caller checked AVX-512F/BW/VL and AVX512-VNNI; `rows` are rows of `w`,
-        // each `ys[i]` holds one value per row, each `xs[i]` is a row of `k`.
-        unsafe { with_tile!(w.q4, xs.len(), gemv(w, rows.clone(), xs, ys)) }
+    let vnni = isa.has_avx512_vnni();
+    for (xs, ys) in xs
+        .chunks(tile_rows(vnni))
+        .zip(ys.chunks_mut(tile_rows(vnni)))
+    {
+        use x86::{gemv, gemv_avx2};
+        // SAFETY: the caller checked AVX-512F/BW/VL and AVX512-VNNI (`vnni`) or AVX2, FMA and
+        // F16C; `rows` are rows of `w`, each `ys[i]` holds one value per row, each `xs[i]` is a
+        // row of `k`.
+        unsafe {
+            if vnni {
+                with_tile!(w.q4, xs.len(), gemv(w, rows.clone(), xs, ys))
+            } else {
+                with_tile!(w.q4, xs.len(), gemv_avx2(w, rows.clone(), xs, ys))
+            }
+        }
+    }
+}
+
+/// Activation rows per register tile: [`MR`] with AVX-512's 32 registers, 2 with AVX2's 16.
+fn tile_rows(vnni: bool) -> usize {
+    if vnni {
+        MR
+    } else {
+        2
     }
 }
 
 /// `y = x · wᵀ` for q8_0/q4_0 `w` `[n, k]`, `x` `[m, k]`, `y` `[m, n]` (overwritten). The caller
-/// checked the shapes and that this CPU has AVX-512F, AVX512-BW and AVX512-VNNI.
-pub(crate) fn gemm(w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32]) {
+/// checked the shapes and that this CPU has what `isa` says: AVX-512F/BW/VL and AVX512-VNNI
+/// where it has VNNI, else AVX2, FMA and F16C.
+pub(crate) fn gemm(isa: Isa, w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32]) {
     let (k, n) = (x.len() / m, y.len() / m);
     let xq = QuantRows::quantize(x, k);
     let kc = super::gemm::panel_columns(k);
     let w = Groups::of(w);
+    let vnni = isa.has_avx512_vnni();
     y.fill(0.0);
     let yp = SyncPtr(y.as_mut_ptr());
     // One group of 16 weight rows per task, read as stored, a panel of `kc` columns (in L1 with
@@ -202,7 +225,13 @@ pub(crate) fn gemm(w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32]) {
                 // SAFETY: the caller checked the CPU features and shapes; this task alone writes
                 // columns `16g..16g + 16` of `y` (`m` rows of `n`), which outlives
                 // `parallel_for`.
-                unsafe { x86::panel(w, g, blocks, (&xq, m), (yp.get(), n)) }
+                unsafe {
+                    if vnni {
+                        x86::panel(w, g, blocks, (&xq, m), (yp.get(), n))
+                    } else {
+                        x86::panel_avx2(w, g, blocks, (&xq, m), (yp.get(), n))
+                    }
+                }
             }
         }
     });
@@ -377,6 +406,160 @@ mod x86 {
                 *yr.add(c) += v;
             }
         }
+    }
+
+    /// [`group`] with AVX2 (CPUs without AVX512-VNNI): the group's rows in two halves of 8
+    /// lanes. `vpmaddubsw` multiplies unsigned by signed bytes into pairs of 16-bit sums and
+    /// `vpmaddwd` by ones adds the pairs into 32 bits. The 16-bit sums cannot saturate: q4_0
+    /// codes are at most 15, so a whole block's eight stay under 8 · 2 · 15 · 128; q8_0 goes as
+    /// `|w|` times `x` with `w`'s sign (|w| ≤ 127), each product widened on its own. The integer
+    /// sums, and so the results, equal the VNNI kernel's.
+    #[inline(always)]
+    unsafe fn group_avx2<const Q4: bool, const R: usize>(
+        w: Groups<'_>,
+        g: usize,
+        blocks: std::ops::Range<usize>,
+        xs: &[XRow; R],
+    ) -> [[__m256; 2]; R] {
+        let (low, ones) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi16(1));
+        let block_bytes = ROW_GROUP * if Q4 { Q8_BLOCK / 2 } else { Q8_BLOCK };
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for b in blocks {
+            let at = g * w.nb + b;
+            let wq = w.qs.as_ptr().add(at * block_bytes);
+            let sp = w.scales.as_ptr().add(at * ROW_GROUP);
+            for (h, half) in [0, 32].into_iter().enumerate() {
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(sp.add(8 * h).cast()));
+                let mut sums = [_mm256_setzero_si256(); R];
+                for t in 0..4 {
+                    let (w0, c0, w1, c1) = if Q4 {
+                        let v = _mm256_loadu_si256(wq.add(t * 64 + half).cast());
+                        let hi = _mm256_srli_epi16::<4>(v);
+                        (
+                            _mm256_and_si256(v, low),
+                            4 * t,
+                            _mm256_and_si256(hi, low),
+                            16 + 4 * t,
+                        )
+                    } else {
+                        let v0 = _mm256_loadu_si256(wq.add(2 * t * 64 + half).cast());
+                        let v1 = _mm256_loadu_si256(wq.add((2 * t + 1) * 64 + half).cast());
+                        (v0, 8 * t, v1, 8 * t + 4)
+                    };
+                    let (a0, a1) = if Q4 {
+                        (w0, w1)
+                    } else {
+                        (_mm256_abs_epi8(w0), _mm256_abs_epi8(w1))
+                    };
+                    for (r, x) in xs.iter().enumerate() {
+                        let xb = x.q.add(b * Q8_BLOCK);
+                        let mut x0 = _mm256_set1_epi32(xb.add(c0).cast::<i32>().read_unaligned());
+                        let mut x1 = _mm256_set1_epi32(xb.add(c1).cast::<i32>().read_unaligned());
+                        if Q4 {
+                            // Summed in 16 bits over the block, widened once below.
+                            let p = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(a0, x0),
+                                _mm256_maddubs_epi16(a1, x1),
+                            );
+                            sums[r] = _mm256_add_epi16(sums[r], p);
+                        } else {
+                            x0 = _mm256_sign_epi8(x0, w0);
+                            x1 = _mm256_sign_epi8(x1, w1);
+                            let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, x0), ones);
+                            let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, x1), ones);
+                            sums[r] = _mm256_add_epi32(sums[r], _mm256_add_epi32(p0, p1));
+                        }
+                    }
+                }
+                for (r, x) in xs.iter().enumerate() {
+                    let isum = if Q4 {
+                        let s = _mm256_madd_epi16(sums[r], ones);
+                        _mm256_sub_epi32(s, _mm256_set1_epi32(8 * *x.sum.add(b)))
+                    } else {
+                        sums[r]
+                    };
+                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*x.d.add(b)));
+                    acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc[r][h]);
+                }
+            }
+        }
+        acc
+    }
+
+    /// [`gemv`] with [`group_avx2`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn gemv_avx2<const Q4: bool, const R: usize>(
+        w: Groups<'_>,
+        rows: std::ops::Range<usize>,
+        xs: &[XRow],
+        ys: &mut [&mut [f32]],
+    ) {
+        let xs: &[XRow; R] = xs.try_into().expect("R activation rows");
+        for g in rows.start / ROW_GROUP..rows.end.div_ceil(ROW_GROUP) {
+            let acc = group_avx2::<Q4, R>(w, g, 0..w.nb, xs);
+            let (r0, r1) = (
+                (g * ROW_GROUP).max(rows.start),
+                ((g + 1) * ROW_GROUP).min(rows.end),
+            );
+            for (acc, y) in acc.iter().zip(ys.iter_mut()) {
+                let out = store_halves(acc);
+                let lanes = r0 - g * ROW_GROUP..r1 - g * ROW_GROUP;
+                y[r0 - rows.start..r1 - rows.start].copy_from_slice(&out[lanes]);
+            }
+        }
+    }
+
+    /// [`panel`] with [`group_avx2`], 2 activation rows at a time.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn panel_avx2(
+        w: Groups<'_>,
+        g: usize,
+        blocks: std::ops::Range<usize>,
+        (x, m): (&QuantRows, usize),
+        (y, n): (*mut f32, usize),
+    ) {
+        let cols = ROW_GROUP.min(n - g * ROW_GROUP);
+        let mut i = 0;
+        while i < m {
+            let r = 2.min(m - i);
+            let yi = y.add(i * n + g * ROW_GROUP);
+            with_tile!(
+                w.q4,
+                r,
+                tile_avx2(w, g, blocks.clone(), x, i, (yi, n, cols))
+            );
+            i += r;
+        }
+    }
+
+    /// [`tile`] with [`group_avx2`].
+    #[inline(always)]
+    unsafe fn tile_avx2<const Q4: bool, const R: usize>(
+        w: Groups<'_>,
+        g: usize,
+        blocks: std::ops::Range<usize>,
+        x: &QuantRows,
+        i: usize,
+        (y, n, cols): (*mut f32, usize, usize),
+    ) {
+        let xs: [XRow; R] = std::array::from_fn(|j| XRow::at(x, i + j));
+        let acc = group_avx2::<Q4, R>(w, g, blocks, &xs);
+        for (j, acc) in acc.iter().enumerate() {
+            let out = store_halves(acc);
+            let yr = y.add(j * n);
+            for (c, v) in out[..cols].iter().enumerate() {
+                *yr.add(c) += v;
+            }
+        }
+    }
+
+    /// A group's 16 row sums from its two halves.
+    #[inline(always)]
+    unsafe fn store_halves(acc: &[__m256; 2]) -> [f32; ROW_GROUP] {
+        let mut out = [0f32; ROW_GROUP];
+        _mm256_storeu_ps(out.as_mut_ptr(), acc[0]);
+        _mm256_storeu_ps(out.as_mut_ptr().add(8), acc[1]);
+        out
     }
 }
 
