@@ -22,9 +22,10 @@
 //!   checked against `half` on every bit pattern), q8_0 is `d · Σ q·x` per block of 32
 //!   ([`Q8_0Matrix`]).
 //! - q8_0 and q4_0 are stored with their rows interleaved in groups of 16 ([`BlockMatrix`]) for
-//!   the int8 kernels (`super::int8`, AVX512-VNNI), which compute whole groups, so their tasks
-//!   start on a group; the one-row kernels here, for CPUs without VNNI, read a task's rows
-//!   regrouped into GGML's row-major blocks first.
+//!   the int8 kernels (`super::int8`: AVX512-VNNI or AVX2), which compute whole groups, so their
+//!   tasks start on a group; the portable one-row kernels here (no AVX2, or
+//!   `LLMARCH_KERNELS=avx512`'s f32 products) read each group regrouped into GGML's row-major
+//!   blocks first.
 //! - Results differ from candle's GEMM only by summation order: agreement is to f32 rounding
 //!   (~1e-6 of `Σ|w·x|`), not bit for bit.
 
@@ -338,7 +339,7 @@ impl<T: Zeroable + Default, const QB: usize> BlockMatrix<T, QB> {
     }
 
     /// Group `g`'s 16 rows in GGML's row-major layout (`q` `[16, in / 32 · QB]`, `s`
-    /// `[16, in / 32]`), for the kernels that read one row at a time (CPUs without AVX512-VNNI):
+    /// `[16, in / 32]`), for the kernels that read one row at a time (f32 products):
     /// the stored words read front to back, each 64 bytes (one word of each row) spread over
     /// the 16 rows, which stay in L1/L2 for the kernel that follows.
     fn ungroup(&self, g: usize, q: &mut Vec<T>, s: &mut Vec<f16>) {
@@ -673,8 +674,8 @@ fn by_group(
 }
 
 thread_local! {
-    /// Per-thread q8_0 and q4_0 rows of one group in GGML's row-major layout, for the kernels
-    /// without AVX512-VNNI (16 rows, in L1/L2).
+    /// Per-thread q8_0 and q4_0 rows of one group in GGML's row-major layout, for the f32
+    /// products (16 rows, in L1/L2).
     static UNGROUPED_Q8: std::cell::RefCell<(Vec<i8>, Vec<f16>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
     static UNGROUPED_Q4: std::cell::RefCell<(Vec<u8>, Vec<f16>)> =

@@ -12,6 +12,9 @@
 //!   codes broadcast. A block of 32 costs 8 of them per 16 outputs and activation row, plus a
 //!   convert and two multiply-adds for the scales, and its weights are loaded (and q4_0's
 //!   nibbles split) once for all the activation rows of a tile ([`x86::group`]).
+//! - CPUs with AVX2 but not AVX512-VNNI run the same kernels in an AVX2 form
+//!   ([`x86::group_avx2`]: 8 rows per register, `vpmaddubsw` then `vpmaddwd`, 2 activation rows
+//!   per tile for AVX2's 16 registers), whose integer sums, and so results, are the same.
 //! - `vpdpbusd` multiplies unsigned by signed bytes. The weights go unsigned: q4_0's codes are
 //!   already `q ∈ [0, 15]` with `w = d·(q − 8)`; q8_0's get `+ 128` as they load (one `xor`).
 //!   With `o` that offset, `Σ w·x = Σ q·x − o·Σ x`, and `Σ x` per activation block is kept from
