@@ -141,26 +141,27 @@ impl<'a> Groups<'a> {
     }
 }
 
-/// Runs `$f::<Q4, R>` with `R` = `$r` (1 to [`MR`]) and `Q4` = `$q4` as constants.
+/// Runs `$f::<Q4, R>` (or `$f::<V, Q4, R>` for `$f[V]`) with `R` = `$r` (1 to [`MR`]) and
+/// `Q4` = `$q4` as constants.
 macro_rules! with_tile {
-    ($q4:expr, $r:expr, $f:ident($($arg:expr),*)) => {
+    ($q4:expr, $r:expr, $f:ident $([$v:expr])? ($($arg:expr),*)) => {
         match ($q4, $r) {
-            (true, 1) => $f::<true, 1>($($arg),*),
-            (true, 2) => $f::<true, 2>($($arg),*),
-            (true, 3) => $f::<true, 3>($($arg),*),
-            (true, 4) => $f::<true, 4>($($arg),*),
-            (true, 5) => $f::<true, 5>($($arg),*),
-            (true, 6) => $f::<true, 6>($($arg),*),
-            (true, 7) => $f::<true, 7>($($arg),*),
-            (true, _) => $f::<true, 8>($($arg),*),
-            (false, 1) => $f::<false, 1>($($arg),*),
-            (false, 2) => $f::<false, 2>($($arg),*),
-            (false, 3) => $f::<false, 3>($($arg),*),
-            (false, 4) => $f::<false, 4>($($arg),*),
-            (false, 5) => $f::<false, 5>($($arg),*),
-            (false, 6) => $f::<false, 6>($($arg),*),
-            (false, 7) => $f::<false, 7>($($arg),*),
-            (false, _) => $f::<false, 8>($($arg),*),
+            (true, 1) => $f::<$({$v},)? true, 1>($($arg),*),
+            (true, 2) => $f::<$({$v},)? true, 2>($($arg),*),
+            (true, 3) => $f::<$({$v},)? true, 3>($($arg),*),
+            (true, 4) => $f::<$({$v},)? true, 4>($($arg),*),
+            (true, 5) => $f::<$({$v},)? true, 5>($($arg),*),
+            (true, 6) => $f::<$({$v},)? true, 6>($($arg),*),
+            (true, 7) => $f::<$({$v},)? true, 7>($($arg),*),
+            (true, _) => $f::<$({$v},)? true, 8>($($arg),*),
+            (false, 1) => $f::<$({$v},)? false, 1>($($arg),*),
+            (false, 2) => $f::<$({$v},)? false, 2>($($arg),*),
+            (false, 3) => $f::<$({$v},)? false, 3>($($arg),*),
+            (false, 4) => $f::<$({$v},)? false, 4>($($arg),*),
+            (false, 5) => $f::<$({$v},)? false, 5>($($arg),*),
+            (false, 6) => $f::<$({$v},)? false, 6>($($arg),*),
+            (false, 7) => $f::<$({$v},)? false, 7>($($arg),*),
+            (false, _) => $f::<$({$v},)? false, 8>($($arg),*),
         }
     };
 }
@@ -242,7 +243,7 @@ pub(crate) fn gemm(isa: Isa, w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f3
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Groups, QuantRows, MR};
+    use super::{Groups, QuantRows};
     use crate::kernels::gemv::{Q8_BLOCK, ROW_GROUP};
     use std::arch::x86_64::*;
 
@@ -333,6 +334,31 @@ mod x86 {
         acc
     }
 
+    /// The 16 row sums of group `g` for each of `R` activation rows: [`group`] with
+    /// AVX512-VNNI (`VNNI`), else [`group_avx2`].
+    #[inline(always)]
+    unsafe fn sums<const VNNI: bool, const Q4: bool, const R: usize>(
+        w: Groups<'_>,
+        g: usize,
+        blocks: std::ops::Range<usize>,
+        xs: &[XRow; R],
+    ) -> [[f32; ROW_GROUP]; R] {
+        if VNNI {
+            group::<Q4, R>(w, g, blocks, xs).map(|acc| {
+                let mut out = [0f32; ROW_GROUP];
+                _mm512_storeu_ps(out.as_mut_ptr(), acc);
+                out
+            })
+        } else {
+            group_avx2::<Q4, R>(w, g, blocks, xs).map(|acc| {
+                let mut out = [0f32; ROW_GROUP];
+                _mm256_storeu_ps(out.as_mut_ptr(), acc[0]);
+                _mm256_storeu_ps(out.as_mut_ptr().add(8), acc[1]);
+                out
+            })
+        }
+    }
+
     /// `ys[i][j] = w[rows.start + j] · xs[i]` for `R` activation rows: whole groups over every
     /// block, the rows of a group outside `rows` computed and dropped.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
@@ -342,16 +368,35 @@ mod x86 {
         xs: &[XRow],
         ys: &mut [&mut [f32]],
     ) {
+        gemv_with::<true, Q4, R>(w, rows, xs, ys)
+    }
+
+    /// [`gemv`] with [`group_avx2`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn gemv_avx2<const Q4: bool, const R: usize>(
+        w: Groups<'_>,
+        rows: std::ops::Range<usize>,
+        xs: &[XRow],
+        ys: &mut [&mut [f32]],
+    ) {
+        gemv_with::<false, Q4, R>(w, rows, xs, ys)
+    }
+
+    #[inline(always)]
+    unsafe fn gemv_with<const VNNI: bool, const Q4: bool, const R: usize>(
+        w: Groups<'_>,
+        rows: std::ops::Range<usize>,
+        xs: &[XRow],
+        ys: &mut [&mut [f32]],
+    ) {
         let xs: &[XRow; R] = xs.try_into().expect("R activation rows");
         for g in rows.start / ROW_GROUP..rows.end.div_ceil(ROW_GROUP) {
-            let acc = group::<Q4, R>(w, g, 0..w.nb, xs);
+            let out = sums::<VNNI, Q4, R>(w, g, 0..w.nb, xs);
             let (r0, r1) = (
                 (g * ROW_GROUP).max(rows.start),
                 ((g + 1) * ROW_GROUP).min(rows.end),
             );
-            for (acc, y) in acc.iter().zip(ys.iter_mut()) {
-                let mut out = [0f32; ROW_GROUP];
-                _mm512_storeu_ps(out.as_mut_ptr(), *acc);
+            for (out, y) in out.iter().zip(ys.iter_mut()) {
                 let lanes = r0 - g * ROW_GROUP..r1 - g * ROW_GROUP;
                 y[r0 - rows.start..r1 - rows.start].copy_from_slice(&out[lanes]);
             }
@@ -359,9 +404,32 @@ mod x86 {
     }
 
     /// `y[i, 16g..16g + 16] += x[i] · w[16g..16g + 16]ᵀ` over the blocks `blocks`, for every
-    /// row `i < m` of `x` (`y` with rows of `n`; columns past `n` dropped), [`MR`] at a time.
+    /// row `i < m` of `x` (`y` with rows of `n`; columns past `n` dropped), [`super::MR`] at a time.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
     pub(super) unsafe fn panel(
+        w: Groups<'_>,
+        g: usize,
+        blocks: std::ops::Range<usize>,
+        x: (&QuantRows, usize),
+        y: (*mut f32, usize),
+    ) {
+        panel_with::<true>(w, g, blocks, x, y)
+    }
+
+    /// [`panel`] with [`group_avx2`], 2 activation rows at a time.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn panel_avx2(
+        w: Groups<'_>,
+        g: usize,
+        blocks: std::ops::Range<usize>,
+        x: (&QuantRows, usize),
+        y: (*mut f32, usize),
+    ) {
+        panel_with::<false>(w, g, blocks, x, y)
+    }
+
+    #[inline(always)]
+    unsafe fn panel_with<const VNNI: bool>(
         w: Groups<'_>,
         g: usize,
         blocks: std::ops::Range<usize>,
@@ -371,18 +439,12 @@ mod x86 {
         let cols = ROW_GROUP.min(n - g * ROW_GROUP);
         let mut i = 0;
         while i < m {
-            let r = MR.min(m - i);
+            let r = super::tile_rows(VNNI).min(m - i);
+            let yi = y.add(i * n + g * ROW_GROUP);
             with_tile!(
                 w.q4,
                 r,
-                tile(
-                    w,
-                    g,
-                    blocks.clone(),
-                    x,
-                    i,
-                    (y.add(i * n + g * ROW_GROUP), n, cols)
-                )
+                tile[VNNI](w, g, blocks.clone(), x, i, (yi, n, cols))
             );
             i += r;
         }
@@ -391,7 +453,7 @@ mod x86 {
     /// [`panel`] for activation rows `i..i + R`, added into `y` (their first row, at the group's
     /// first column), rows `n` apart, `cols` columns.
     #[inline(always)]
-    unsafe fn tile<const Q4: bool, const R: usize>(
+    unsafe fn tile<const VNNI: bool, const Q4: bool, const R: usize>(
         w: Groups<'_>,
         g: usize,
         blocks: std::ops::Range<usize>,
@@ -400,10 +462,7 @@ mod x86 {
         (y, n, cols): (*mut f32, usize, usize),
     ) {
         let xs: [XRow; R] = std::array::from_fn(|j| XRow::at(x, i + j));
-        let acc = group::<Q4, R>(w, g, blocks, &xs);
-        for (j, acc) in acc.iter().enumerate() {
-            let mut out = [0f32; ROW_GROUP];
-            _mm512_storeu_ps(out.as_mut_ptr(), *acc);
+        for (j, out) in sums::<VNNI, Q4, R>(w, g, blocks, &xs).iter().enumerate() {
             let yr = y.add(j * n);
             for (c, v) in out[..cols].iter().enumerate() {
                 *yr.add(c) += v;
@@ -487,82 +546,6 @@ mod x86 {
             }
         }
         acc
-    }
-
-    /// [`gemv`] with [`group_avx2`].
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn gemv_avx2<const Q4: bool, const R: usize>(
-        w: Groups<'_>,
-        rows: std::ops::Range<usize>,
-        xs: &[XRow],
-        ys: &mut [&mut [f32]],
-    ) {
-        let xs: &[XRow; R] = xs.try_into().expect("R activation rows");
-        for g in rows.start / ROW_GROUP..rows.end.div_ceil(ROW_GROUP) {
-            let acc = group_avx2::<Q4, R>(w, g, 0..w.nb, xs);
-            let (r0, r1) = (
-                (g * ROW_GROUP).max(rows.start),
-                ((g + 1) * ROW_GROUP).min(rows.end),
-            );
-            for (acc, y) in acc.iter().zip(ys.iter_mut()) {
-                let out = store_halves(acc);
-                let lanes = r0 - g * ROW_GROUP..r1 - g * ROW_GROUP;
-                y[r0 - rows.start..r1 - rows.start].copy_from_slice(&out[lanes]);
-            }
-        }
-    }
-
-    /// [`panel`] with [`group_avx2`], 2 activation rows at a time.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn panel_avx2(
-        w: Groups<'_>,
-        g: usize,
-        blocks: std::ops::Range<usize>,
-        (x, m): (&QuantRows, usize),
-        (y, n): (*mut f32, usize),
-    ) {
-        let cols = ROW_GROUP.min(n - g * ROW_GROUP);
-        let mut i = 0;
-        while i < m {
-            let r = 2.min(m - i);
-            let yi = y.add(i * n + g * ROW_GROUP);
-            with_tile!(
-                w.q4,
-                r,
-                tile_avx2(w, g, blocks.clone(), x, i, (yi, n, cols))
-            );
-            i += r;
-        }
-    }
-
-    /// [`tile`] with [`group_avx2`].
-    #[inline(always)]
-    unsafe fn tile_avx2<const Q4: bool, const R: usize>(
-        w: Groups<'_>,
-        g: usize,
-        blocks: std::ops::Range<usize>,
-        x: &QuantRows,
-        i: usize,
-        (y, n, cols): (*mut f32, usize, usize),
-    ) {
-        let xs: [XRow; R] = std::array::from_fn(|j| XRow::at(x, i + j));
-        let acc = group_avx2::<Q4, R>(w, g, blocks, &xs);
-        for (j, acc) in acc.iter().enumerate() {
-            let out = store_halves(acc);
-            let yr = y.add(j * n);
-            for (c, v) in out[..cols].iter().enumerate() {
-                *yr.add(c) += v;
-            }
-        }
-    }
-
-    /// A group's 16 row sums from its two halves.
-    #[inline(always)]
-    unsafe fn store_halves(acc: &[__m256; 2]) -> [f32; ROW_GROUP] {
-        let mut out = [0f32; ROW_GROUP];
-        _mm256_storeu_ps(out.as_mut_ptr(), acc[0]);
-        _mm256_storeu_ps(out.as_mut_ptr().add(8), acc[1]);
-        out
     }
 }
 
