@@ -39,16 +39,21 @@ pub struct MappedFile {
 }
 
 impl MappedFile {
-    /// Map `file` read-only.
+    /// Map `file` read-only, marked `MADV_HUGEPAGE`: pages the model reads from disk then come
+    /// into the page cache as 2 MB folios, which the kernel maps with one page-table entry each.
+    /// A decode step streams every weight once, and with 4 KB entries it misses the TLB once per
+    /// 4 KB: bf16 decode on the bench model measured 16-30 % faster from a file read this way
+    /// (the page cache keeps the folios for later runs; a file already cached in small folios
+    /// stays as it is).
     ///
     /// # Safety
     /// The file must not be truncated or written while mapped (the HF cache never rewrites a
     /// blob in place).
     pub unsafe fn map(file: std::fs::File) -> std::io::Result<Self> {
-        Ok(MappedFile {
-            map: memmap2::Mmap::map(&file)?,
-            file,
-        })
+        let map = memmap2::Mmap::map(&file)?;
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage); // best effort
+        Ok(MappedFile { map, file })
     }
 }
 
