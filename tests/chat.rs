@@ -989,7 +989,7 @@ impl llmarch::generate::Drafter for OwnGreedy {
 
     fn draft(
         &mut self,
-        ctx: &llmarch::generate::speculative::DraftContext,
+        ctx: llmarch::generate::speculative::DraftContext,
         n: usize,
     ) -> anyhow::Result<Vec<u32>> {
         let mut cache = ctx.cache.clone();

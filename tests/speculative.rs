@@ -69,7 +69,7 @@ impl Drafter for Scripted {
         "scripted".into()
     }
 
-    fn draft(&mut self, ctx: &DraftContext, n: usize) -> anyhow::Result<Vec<u32>> {
+    fn draft(&mut self, ctx: DraftContext, n: usize) -> anyhow::Result<Vec<u32>> {
         let at = ctx.history.len();
         assert_eq!(
             &self.truth[..at],
@@ -239,7 +239,7 @@ impl Drafter for SecondBest {
         "second-best".into()
     }
 
-    fn draft(&mut self, ctx: &DraftContext, n: usize) -> anyhow::Result<Vec<u32>> {
+    fn draft(&mut self, ctx: DraftContext, n: usize) -> anyhow::Result<Vec<u32>> {
         let mut cache = ctx.cache.clone();
         let mut last = *ctx.history.last().unwrap();
         let mut d = vec![];
@@ -490,6 +490,145 @@ fn greedy_output_is_the_same_with_the_gemma4_assistant() {
     }
 }
 
+/// The Qwen3.5 MTP head's fixtures (`tests/fixtures/qwen3_5_mtp/`, tests/oracle/qwen3_5_mtp_fixtures.py:
+/// the head assembled from transformers 5.23.0's layers as vLLM wires it).
+fn mtp_fixtures() -> Vec<std::path::PathBuf> {
+    let root = common::reference::fixtures_root().join("qwen3_5_mtp");
+    ["dense", "moe"].iter().map(|v| root.join(v)).collect()
+}
+
+/// The MTP head's first round (drafted from the prompt's prefill and the target's first token)
+/// equals the reference's logits within 5e-3 and gives its drafted ids, dense and MoE (f32
+/// weights: the MoE checkpoint is bf16, which the reference upcasts).
+#[test]
+fn the_mtp_head_drafts_as_the_reference_does() {
+    use common::run as cli;
+    for dir in mtp_fixtures() {
+        let name = fixture_name(&dir);
+        let r = common::reference::read_json(&dir.join("reference.json"));
+        let ids = |k: &str| -> Vec<u64> {
+            r[k].as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect()
+        };
+        let (prompt, drafted) = (ids("prompt_ids"), ids("drafted_ids"));
+        let want = candle_core::safetensors::load(
+            dir.join("reference.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+        .remove("logits")
+        .unwrap(); // [drafts, vocab]
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("draft.safetensors");
+        let p: Vec<String> = prompt.iter().map(u64::to_string).collect();
+        let k = drafted.len().to_string();
+        let o = cli(&[
+            "run",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            &p.join(","),
+            "-n",
+            "6",
+            "--temperature",
+            "0",
+            "--dtype",
+            "f32",
+            "--draft",
+            "mtp",
+            "--draft-tokens",
+            &k,
+            "--draft-logits-out",
+            out.to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(o.status.success(), "{name}: {}", common::stderr(&o));
+        let s: serde_json::Value =
+            serde_json::from_str(common::stdout(&o).lines().last().unwrap()).unwrap();
+        assert_eq!(s["generated_ids"][0], r["first_token"], "{name}");
+        let got = candle_core::safetensors::load(&out, &candle_core::Device::Cpu)
+            .unwrap()
+            .remove("logits")
+            .unwrap();
+        let first = got.narrow(0, 0, drafted.len()).unwrap();
+        let err = common::reference::max_abs_diff(&first, &want);
+        eprintln!("{name}: MTP logits within {err:.2e} of the reference");
+        assert!(err < 5e-3, "{name}: MTP logits differ by {err}");
+        let got_ids: Vec<u64> = (0..drafted.len())
+            .map(|i| common::reference::argmax(&first.get(i).unwrap()) as u64)
+            .collect();
+        assert_eq!(got_ids, drafted, "{name}: drafted ids");
+    }
+}
+
+/// Greedy output with the MTP head is the target's own, for any number of drafts, after a
+/// short prompt and one that crosses a prefill chunk (the head catches up on both chunks);
+/// the cache holds the target's layers as a plain run does, plus the head's full-attention
+/// slot (one K and V row per position).
+#[test]
+fn greedy_output_is_the_same_with_the_mtp_head() {
+    use common::run as cli;
+    for dir in mtp_fixtures() {
+        let name = fixture_name(&dir);
+        let d = dir.to_str().unwrap();
+        for (len, n) in [(40usize, 30usize), (530, 8)] {
+            let p: Vec<String> = prompt(len, 512).iter().map(u32::to_string).collect();
+            let p = p.join(",");
+            let n = n.to_string();
+            let base = [
+                "run",
+                d,
+                "--prompt-ids",
+                &p,
+                "-n",
+                &n,
+                "--temperature",
+                "0",
+                "--max-context",
+                "1024",
+                "--json",
+            ];
+            let stats = |extra: &[&str]| -> serde_json::Value {
+                let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+                let o = cli(&args);
+                assert!(o.status.success(), "{args:?}: {}", common::stderr(&o));
+                serde_json::from_str(common::stdout(&o).lines().last().unwrap()).unwrap()
+            };
+            let plain = stats(&[]);
+            let layers = plain["kv_bytes_per_layer"].as_array().unwrap().clone();
+            for k in [None, Some("1"), Some("3"), Some("8")] {
+                let mut extra = vec!["--draft", "mtp"];
+                if let Some(k) = k {
+                    extra.extend(["--draft-tokens", k]);
+                }
+                let s = stats(&extra);
+                let who = format!("{name}, prompt {len}, {k:?} drafts");
+                assert_eq!(s["generated_ids"], plain["generated_ids"], "{who}");
+                let per_layer = s["kv_bytes_per_layer"].as_array().unwrap();
+                assert_eq!(per_layer[..layers.len()], layers[..], "{who}");
+                // The head's slot: K and V of 2 heads × 32 dims, f32 (the MoE's bf16 weights
+                // run with f32 activations), for every position but the last token fed.
+                let fed = s["prompt_tokens"].as_u64().unwrap()
+                    + s["generated_tokens"].as_u64().unwrap()
+                    - 1;
+                assert!(per_layer.len() == layers.len() + 1, "{who}");
+                let rows = per_layer[layers.len()].as_u64().unwrap() / (2 * 2 * 32 * 4);
+                assert!(
+                    rows <= fed && rows + 8 >= fed,
+                    "{who}: {rows} rows, {fed} fed"
+                );
+                assert!(s["draft_tokens"].as_u64().unwrap() > 0, "{who}");
+                if k.is_none() {
+                    let steps = s["target_steps"].as_u64().unwrap();
+                    assert!(s["draft_tokens"].as_u64().unwrap() <= 2 * steps, "{s}");
+                }
+            }
+        }
+    }
+}
+
 /// `inspect` and `kv-budget` say what a drafter holds (nothing) and reads; bad drafters and
 /// flags are one clear error each.
 #[test]
@@ -508,6 +647,20 @@ fn drafters_are_reported_and_refused_clearly() {
     let without = run_json(&["kv-budget", t, "-c", "100", "--json"]);
     assert_eq!(with[0]["total_bytes"], without[0]["total_bytes"]);
     assert_eq!(with[0]["draft"]["kv_bytes"], 0);
+
+    let mtp = root.join("qwen3_5_mtp/dense");
+    let m = mtp.to_str().unwrap();
+    let v = run_json(&["inspect", m, "--draft", "mtp", "--json"]);
+    assert_eq!(v["draft"]["layers"], 1, "{v}");
+    assert_eq!(v["draft"]["kv_values_per_token"], 2 * 2 * 32, "{v}");
+    let o = cli(&["kv-budget", m, "-c", "100", "--draft", "mtp"]);
+    assert!(
+        common::stdout(&o).contains("128 more K/V values per token"),
+        "{}",
+        common::stdout(&o)
+    );
+    let no_head = root.join("qwen3_5/dense");
+    let deepseek = common::reference::family_fixtures("deepseek_v4")[0].clone();
 
     let laguna = common::reference::family_fixtures("laguna")[0].clone();
     let l = laguna.to_str().unwrap();
@@ -557,6 +710,21 @@ fn drafters_are_reported_and_refused_clearly() {
             vec!["kv-budget", t, l, "--draft", "ngram"],
             "--draft ngram goes with one model (2 given)",
             2,
+        ),
+        (
+            vec!["run", l, "--prompt-ids", "2,3", "--draft", "mtp"],
+            "laguna has no runnable multi-token-prediction head in llmarch (the family has no multi-token-prediction layers)",
+            2,
+        ),
+        (
+            vec!["run", deepseek.to_str().unwrap(), "--prompt-ids", "2,3", "--draft", "mtp"],
+            "DeepSeek V4's MTP layers are listed, not run",
+            2,
+        ),
+        (
+            vec!["run", no_head.to_str().unwrap(), "--prompt-ids", "2,3", "--draft", "mtp"],
+            "has no `mtp.*` tensors",
+            1,
         ),
         (
             vec!["run", t, "--prompt-ids", "2,3", "--draft", "/no/such/dir"],

@@ -29,12 +29,21 @@ pub trait CausalLm {
         self.forward_logits(tokens, cache, Rows::All)
     }
 
-    /// The input embedding of `token` as the first layer sees it, `[1, 1, hidden]`: what a
-    /// drafter that reads this model takes in (a Gemma 4 assistant). Families whose drafters
-    /// need none refuse.
-    fn input_embedding(&self, _token: u32) -> Result<Tensor> {
+    /// The input embeddings of `tokens` as the first layer sees them, `[1, n, hidden]`: what a
+    /// drafter that reads this model takes in (a Gemma 4 assistant, an MTP head). Families
+    /// whose drafters need none refuse.
+    fn input_embedding(&self, _tokens: &[u32]) -> Result<Tensor> {
         bail!(
             "the {} family gives no input embeddings to a drafter",
+            self.spec().family
+        )
+    }
+
+    /// The output head over normed hidden states `[n, hidden]` → logits `[n, vocab]` in f32:
+    /// for a drafter that shares the target's head (an MTP head).
+    fn output_head(&self, _h: &Tensor) -> Result<Tensor> {
+        bail!(
+            "the {} family lends its output head to no drafter",
             self.spec().family
         )
     }

@@ -250,7 +250,9 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
 
     // 2. Spec, files, tokenizer, template; then the weights.
     let (model_ref, spec, family) = shared::runnable_spec(ctx, &args.model)?;
-    let draft = args.draft.build(ctx, &spec, &precision, false)?;
+    let draft = args
+        .draft
+        .build(ctx, &model_ref, &spec, &precision, false)?;
     let (files, tok) = shared::files_and_tokenizer(ctx, &model_ref)?;
     if tok.tokenizer().is_err() {
         bail!(

@@ -4,8 +4,10 @@
 use super::shared::Precision;
 use super::Ctx;
 use crate::arch::gemma4::assistant::{self, is_assistant_config, Gemma4Assistant};
+use crate::arch::qwen3_5::mtp::Qwen3_5Mtp;
 use crate::arch::ArchSpec;
 use crate::generate::assistant::AssistantDrafter;
+use crate::generate::mtp::MtpDrafter;
 use crate::generate::ngram::NgramDrafter;
 use crate::generate::Drafter;
 use crate::loader::model_files::{self, ResolveOptions};
@@ -55,11 +57,13 @@ pub struct Draft {
 }
 
 impl DraftArgs {
-    /// The drafter the flags ask for (`None` without `--draft`), checked against `target`.
-    /// `keep_logits`: the assistant keeps every drafted token's logits (`--draft-logits-out`).
+    /// The drafter the flags ask for (`None` without `--draft`), checked against `target`
+    /// (loaded from `target_ref`). `keep_logits`: a drafter model keeps every drafted token's
+    /// logits (`--draft-logits-out`).
     pub fn build(
         &self,
         ctx: &Ctx,
+        target_ref: &ModelRef,
         target: &ArchSpec,
         precision: &Precision,
         keep_logits: bool,
@@ -82,7 +86,12 @@ impl DraftArgs {
                 drafter: Box::new(NgramDrafter),
                 tokens: tokens.unwrap_or(NGRAM_DEFAULT_TOKENS),
             })),
-            "mtp" => no_mtp(target),
+            "mtp" => Ok(Some(Draft {
+                drafter: Box::new(
+                    mtp(ctx, target_ref, target, precision, keep_logits).context("--draft mtp")?,
+                ),
+                tokens: tokens.unwrap_or(MTP_DEFAULT_TOKENS),
+            })),
             other => {
                 let (drafter, default) = assistant(ctx, other, target, precision, keep_logits)
                     .with_context(|| format!("--draft {other}"))?;
@@ -95,16 +104,68 @@ impl DraftArgs {
     }
 }
 
-/// `--draft mtp`: refused, saying why for this family.
+/// `--draft mtp` on a family whose MTP head llmarch does not run: refused, saying why.
 fn no_mtp<T>(target: &ArchSpec) -> Result<T> {
     let why = match target.family {
-        "deepseek_v4" | "qwen3_5" => "its checkpoints' MTP layers are listed, not run: transformers 5.23.0 skips their weights, so there is no reference to test them against",
+        "deepseek_v4" => "DeepSeek V4's MTP layers are listed, not run: each is a whole V4 block (hyper-connections, compressed attention) that no reference llmarch tests against builds",
         _ => "the family has no multi-token-prediction layers",
     };
     crate::usage!(
         "--draft mtp: {} has no runnable multi-token-prediction head in llmarch ({why})\nhint: --draft ngram works for every model",
         target.family
     )
+}
+
+/// Drafts per step for `--draft mtp` when `--draft-tokens` is not given: the head is trained
+/// to predict one token ahead, and its later drafts (fed its own output) are accepted less.
+pub const MTP_DEFAULT_TOKENS: usize = 2;
+
+/// The MTP head of the target checkpoint (Qwen3.5 / Qwen3.6), read from the target's own files.
+fn mtp(
+    ctx: &Ctx,
+    target_ref: &ModelRef,
+    target: &ArchSpec,
+    precision: &Precision,
+    keep_logits: bool,
+) -> Result<MtpDrafter> {
+    if target.family != "qwen3_5" {
+        return no_mtp(target);
+    }
+    let files = model_files::resolve(
+        target_ref,
+        &ResolveOptions {
+            progress: ctx.progress(),
+        },
+    )?;
+    let config = files.config_json()?;
+    // Check the config before reading any weight.
+    let (spec, cfg) = crate::arch::parse_for_family(
+        &config,
+        &ctx.parse,
+        &crate::arch::qwen3_5::FAMILY,
+        crate::arch::qwen3_5::parse,
+    )?;
+    crate::arch::qwen3_5::mtp::mtp_layer(&spec, &cfg)?;
+    let opts = weights::LoadOptions {
+        whole: true,
+        ..Default::default()
+    };
+    let w = weights::load_with(&files, precision.dtype, &precision.device, opts)?;
+    if !w.has_prefix("mtp.") {
+        bail!(
+            "{} has no `mtp.*` tensors: this checkpoint was saved without its MTP head (transformers drops it)\nhint: --draft ngram drafts without a model",
+            files.source
+        );
+    }
+    let source = crate::kernels::fast_cpu(&precision.device).then(|| w.mapped_source());
+    let head = crate::layers::linear::with_weight_format(precision.weights, source, || {
+        Qwen3_5Mtp::load(&config, &ctx.parse, w.root_vb().pp("mtp"))
+    })
+    .with_context(|| format!("building the MTP head from {}", files.source))?;
+    Ok(MtpDrafter {
+        head,
+        logits: keep_logits.then(Vec::new),
+    })
 }
 
 /// What `inspect --draft` and `kv-budget --draft` say about a drafter, from its config alone.
@@ -114,11 +175,22 @@ pub struct DraftInfo {
     pub layers: usize,
     /// Target layers whose caches it reads.
     pub reads: Vec<usize>,
+    /// Values its own cache holds per token (an MTP head's full-attention K and V; else 0).
+    pub own_kv_values_per_token: u64,
 }
 
 impl DraftInfo {
-    /// One line: what the drafter runs and that it holds no cache of its own.
+    /// One line: what the drafter runs and what cache of its own it holds.
     pub fn line(&self) -> String {
+        if self.own_kv_values_per_token > 0 {
+            return format!(
+                "draft {}: {} layer{} with a full-attention cache of its own: {} more K/V values per token (one more full layer)",
+                self.name,
+                self.layers,
+                if self.layers == 1 { "" } else { "s" },
+                self.own_kv_values_per_token
+            );
+        }
         if self.layers == 0 {
             return format!(
                 "draft {}: no network, no cache: own KV 0 B at any context",
@@ -139,19 +211,42 @@ impl DraftInfo {
             "name": self.name,
             "layers": self.layers,
             "reads_target_layers": self.reads,
-            "kv_bytes": 0,
+            "kv_bytes": if self.own_kv_values_per_token == 0 { Some(0) } else { None },
+            "kv_values_per_token": self.own_kv_values_per_token,
         })
     }
 }
 
-/// [`DraftInfo`] for `--draft which` on `target`, from config.json only.
-pub fn describe(ctx: &Ctx, which: &str, target: &ArchSpec) -> Result<DraftInfo> {
+/// [`DraftInfo`] for `--draft which` on `target` (whose config.json is `target_config`), from
+/// config files only.
+pub fn describe(
+    ctx: &Ctx,
+    which: &str,
+    target: &ArchSpec,
+    target_config: &serde_json::Value,
+) -> Result<DraftInfo> {
     match which {
         "ngram" => Ok(DraftInfo {
             name: "ngram".into(),
             layers: 0,
             reads: vec![],
+            own_kv_values_per_token: 0,
         }),
+        "mtp" if target.family == "qwen3_5" => {
+            let (spec, cfg) = crate::arch::parse_for_family(
+                target_config,
+                &ctx.parse,
+                &crate::arch::qwen3_5::FAMILY,
+                crate::arch::qwen3_5::parse,
+            )?;
+            let l = crate::arch::qwen3_5::mtp::mtp_layer(&spec, &cfg).context("--draft mtp")?;
+            Ok(DraftInfo {
+                name: "mtp".into(),
+                layers: 1,
+                reads: vec![],
+                own_kv_values_per_token: 2 * (l.kv_heads * l.head_dim) as u64,
+            })
+        }
         "mtp" => no_mtp(target),
         other => {
             let model_ref = assistant_ref(other)?;
@@ -166,6 +261,7 @@ pub fn describe(ctx: &Ctx, which: &str, target: &ArchSpec) -> Result<DraftInfo> 
                 name: model_ref.display_name(),
                 layers: plan.layers.len(),
                 reads: plan.reads(),
+                own_kv_values_per_token: 0,
             })
         }
     }

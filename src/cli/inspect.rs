@@ -28,7 +28,10 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         ctx.warn(w);
     }
     let draft = match &args.draft {
-        Some(d) => Some(super::draft::describe(ctx, d, &spec)?),
+        Some(d) => {
+            let raw = loader::load_config_json(&model, ctx.progress())?;
+            Some(super::draft::describe(ctx, d, &spec, &raw)?)
+        }
         None => None,
     };
     if args.json {

@@ -125,7 +125,12 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         );
     }
     let draft = match &args.draft {
-        Some(d) if entries.len() == 1 => Some(super::draft::describe(ctx, d, &entries[0].spec)?),
+        Some(d) if entries.len() == 1 => Some(super::draft::describe(
+            ctx,
+            d,
+            &entries[0].spec,
+            &entries[0].raw,
+        )?),
         Some(d) => crate::usage!("--draft {d} goes with one model ({} given)", entries.len()),
         None => None,
     };

@@ -116,7 +116,9 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         }
     }
     if args.draft_logits_out.is_some() && args.draft.draft.is_none() {
-        crate::usage!("--draft-logits-out needs --draft with a Gemma 4 assistant");
+        crate::usage!(
+            "--draft-logits-out needs --draft with a drafter model (a Gemma 4 assistant, or mtp)"
+        );
     }
     if args.max_context == Some(0) {
         crate::usage!("--max-context must be at least 1");
@@ -129,9 +131,13 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     // 2. The spec first (only config.json), so a family that cannot run fails before any
     //    download; then every file, and the tokenizer.
     let (model_ref, spec, family) = shared::runnable_spec(ctx, &args.model)?;
-    let draft = args
-        .draft
-        .build(ctx, &spec, &precision, args.draft_logits_out.is_some())?;
+    let draft = args.draft.build(
+        ctx,
+        &model_ref,
+        &spec,
+        &precision,
+        args.draft_logits_out.is_some(),
+    )?;
     if args.draft_logits_out.is_some()
         && draft
             .as_ref()

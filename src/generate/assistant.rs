@@ -24,7 +24,7 @@ impl Drafter for AssistantDrafter {
         self.model.reads()
     }
 
-    fn draft(&mut self, ctx: &DraftContext, n: usize) -> Result<Vec<u32>> {
+    fn draft(&mut self, ctx: DraftContext, n: usize) -> Result<Vec<u32>> {
         let last = *ctx
             .history
             .last()

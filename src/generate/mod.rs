@@ -11,6 +11,7 @@
 //! one verify pass and keeps what the target accepts; without one, one token per step.
 
 pub mod assistant;
+pub mod mtp;
 pub mod ngram;
 pub mod sampler;
 pub mod speculative;
@@ -210,6 +211,9 @@ pub fn generate_with(
         ..Default::default()
     };
 
+    if let Some(d) = drafting.as_mut() {
+        d.drafter.prepare(cache)?;
+    }
     let t0 = Instant::now();
     let Some(logits) = prefill(model, cache, prompt, limits.all_prompt_logits, on_event)? else {
         stats.stop = Some(StopReason::Interrupted);
@@ -265,7 +269,7 @@ pub fn generate_with(
                     target: model,
                     cache,
                 };
-                let mut v = d.drafter.draft(&ctx, d.tokens.min(room))?;
+                let mut v = d.drafter.draft(ctx, d.tokens.min(room))?;
                 v.truncate(d.tokens.min(room));
                 v
             }

@@ -33,7 +33,7 @@ impl Drafter for NgramDrafter {
         "ngram".into()
     }
 
-    fn draft(&mut self, ctx: &super::speculative::DraftContext, n: usize) -> Result<Vec<u32>> {
+    fn draft(&mut self, ctx: super::speculative::DraftContext, n: usize) -> Result<Vec<u32>> {
         Ok(lookup(ctx.history, n))
     }
 }

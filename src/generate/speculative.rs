@@ -27,9 +27,11 @@ use anyhow::Result;
 pub struct DraftContext<'a> {
     /// Every token of the sequence; the last one is not yet fed to the target.
     pub history: &'a [u32],
-    /// The target and its cache (which holds every token of `history` but the last).
+    /// The target and its cache (which holds every token of `history` but the last). A
+    /// drafter may add to the cache while it drafts but must leave the target's layers and
+    /// `seen` as they were.
     pub target: &'a dyn CausalLm,
-    pub cache: &'a KvStore,
+    pub cache: &'a mut KvStore,
 }
 
 /// Proposes tokens for the target to verify.
@@ -48,8 +50,14 @@ pub trait Drafter {
         None
     }
 
+    /// Called before the prompt is fed (every turn of a chat): a drafter that needs more of the
+    /// cache than the target keeps asks for it here.
+    fn prepare(&mut self, _cache: &mut KvStore) -> Result<()> {
+        Ok(())
+    }
+
     /// Up to `n` tokens to follow `ctx.history` (fewer or none when it has no guess).
-    fn draft(&mut self, ctx: &DraftContext, n: usize) -> Result<Vec<u32>>;
+    fn draft(&mut self, ctx: DraftContext, n: usize) -> Result<Vec<u32>>;
 }
 
 /// The drafter and how many tokens it proposes per target step.

@@ -19,6 +19,11 @@
 //! tensors and for every layer its states (a forward replaces those tensors, it never writes
 //! into them), so a checkpoint costs a few reference counts. [`KvStore::rollback`] puts the store
 //! back exactly as it was, byte for byte; the caller then feeds the accepted tokens again.
+//!
+//! A drafter with layers of its own (an MTP head, `--draft mtp`) keeps them here too, in slots
+//! past the model's ([`KvStore::add_full_layer`]), so checkpoints, snapshots and `clear` cover
+//! them; it asks the model to leave the normed hidden state of every fed position
+//! ([`KvStore::keep_hidden_rows`]), which it consumes when it drafts.
 
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -111,6 +116,7 @@ pub struct Checkpoint {
     seen: usize,
     layers: Vec<Option<LayerMark>>,
     last_hidden: Option<Tensor>,
+    hidden_rows: Option<HiddenRows>,
 }
 
 /// One owning layer at a checkpoint.
@@ -135,6 +141,19 @@ pub struct KvStore {
     /// The model's last normed hidden state `[1, 1, hidden]`, where it keeps one (Gemma 4):
     /// what its assistant drafter starts from. Not KV: not counted in [`Self::bytes`].
     last_hidden: Option<Tensor>,
+    /// Models leave the normed hidden state of every fed position here (see the module notes).
+    keep_hidden_rows: bool,
+    /// Those rows not yet consumed, for the positions just before `seen`.
+    hidden_rows: Option<HiddenRows>,
+}
+
+/// Normed hidden states of consecutive positions, ending at the last one fed, with the tokens
+/// fed there.
+#[derive(Debug, Clone)]
+pub struct HiddenRows {
+    pub ids: Vec<u32>,
+    /// `[ids.len(), hidden]`.
+    pub h: Tensor,
 }
 
 impl KvStore {
@@ -153,6 +172,8 @@ impl KvStore {
                 .collect(),
             seen: 0,
             last_hidden: None,
+            keep_hidden_rows: false,
+            hidden_rows: None,
         }
     }
 
@@ -176,6 +197,7 @@ impl KvStore {
         }
         self.seen = 0;
         self.last_hidden = None;
+        self.hidden_rows = None;
     }
 
     /// The last normed hidden state the model left (see the field).
@@ -186,6 +208,46 @@ impl KvStore {
     /// Keep `h` as the last normed hidden state.
     pub fn set_last_hidden(&mut self, h: Tensor) {
         self.last_hidden = Some(h);
+    }
+
+    /// From now on, models keep the normed hidden state of every position they are fed
+    /// ([`Self::push_hidden_rows`]) until a drafter takes them.
+    pub fn keep_hidden_rows(&mut self) {
+        self.keep_hidden_rows = true;
+    }
+
+    /// Whether a model should push its hidden rows.
+    pub fn wants_hidden_rows(&self) -> bool {
+        self.keep_hidden_rows
+    }
+
+    /// Append the normed hidden states `h` `[n, hidden]` of the `n` tokens `ids` just fed.
+    pub fn push_hidden_rows(&mut self, ids: &[u32], h: Tensor) -> Result<()> {
+        self.hidden_rows = Some(match self.hidden_rows.take() {
+            Some(mut old) => {
+                old.ids.extend_from_slice(ids);
+                old.h = Tensor::cat(&[&old.h, &h], 0)?;
+                old
+            }
+            None => HiddenRows {
+                ids: ids.to_vec(),
+                h,
+            },
+        });
+        Ok(())
+    }
+
+    /// The hidden rows pushed since the last take: the positions just before [`Self::seen`].
+    pub fn take_hidden_rows(&mut self) -> Option<HiddenRows> {
+        self.hidden_rows.take()
+    }
+
+    /// Give slot `i` (past the model's layers) a full-attention cache, if it has none.
+    pub fn add_full_layer(&mut self, i: usize) {
+        if self.layers.len() <= i {
+            self.layers.resize(i + 1, None);
+        }
+        self.layers[i].get_or_insert_with(LayerKv::default);
     }
 
     pub fn layer(&self, i: usize) -> Option<&LayerKv> {
@@ -240,7 +302,8 @@ impl KvStore {
             return Ok(KvView {
                 k: l.k.clone().expect("just set"),
                 v: l.v.clone(),
-                start: seen - cached,
+                // Every position from 0 (a drafter's slot may run ahead of `seen`).
+                start: 0,
             });
         }
         let cat = |old: &Option<Tensor>, new: Tensor| -> Result<Tensor> {
@@ -293,6 +356,7 @@ impl KvStore {
                 })
                 .collect(),
             last_hidden: self.last_hidden.clone(),
+            hidden_rows: self.hidden_rows.clone(),
         }
     }
 
@@ -324,6 +388,7 @@ impl KvStore {
         }
         self.seen = cp.seen;
         self.last_hidden = cp.last_hidden.clone();
+        self.hidden_rows = cp.hidden_rows.clone();
         Ok(())
     }
 

@@ -365,6 +365,11 @@ impl Weights {
         )
     }
 
+    /// Whether any tensor's name starts with `prefix` (e.g. `mtp.`).
+    pub fn has_prefix(&self, prefix: &str) -> bool {
+        self.store.tensors.keys().any(|n| n.starts_with(prefix))
+    }
+
     /// A `VarBuilder` positioned at the text model (`embed_tokens`, `layers.N...`, `norm`).
     pub fn text_vb(&self) -> VarBuilder<'static> {
         match self.store.layout.root.trim_end_matches('.') {

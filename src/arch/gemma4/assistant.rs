@@ -448,7 +448,7 @@ impl Gemma4Assistant {
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
             // 1. [target embedding ; state] → hidden. [1, 1, hidden]
-            let e = target.input_embedding(token)?.to_dtype(DType::F32)?; // [1, 1, backbone]
+            let e = target.input_embedding(&[token])?.to_dtype(DType::F32)?; // [1, 1, backbone]
             let x = Tensor::cat(&[&e, &state], 2)?;
             let mut h = self.pre_projection.forward(&x)?;
             // 2. The layers, attending the target's cache.

@@ -317,10 +317,13 @@ impl CausalLm for Gemma4Model {
         &self.spec
     }
 
-    fn input_embedding(&self, token: u32) -> Result<Tensor> {
-        crate::arch::check_tokens(&[token], self.spec.vocab_size)?;
-        self.embed
-            .forward(&Tensor::from_slice(&[token], (1, 1), &self.device)?)
+    fn input_embedding(&self, tokens: &[u32]) -> Result<Tensor> {
+        crate::arch::check_tokens(tokens, self.spec.vocab_size)?;
+        self.embed.forward(&Tensor::from_slice(
+            tokens,
+            (1, tokens.len()),
+            &self.device,
+        )?)
     }
 
     /// Feeds `tokens` at positions `cache.seen()..`. On error the cache may hold part of the

@@ -302,6 +302,10 @@ pub struct RuntimeConfig {
     pub conv_kernel: usize,
     /// The full-attention layers' RoPE (text positions: plain 1-D RoPE over the leading dims).
     pub rope: RopeFrequencies,
+    /// MTP layers in the checkpoint (`mtp_num_hidden_layers`, 0 when absent) and whether they
+    /// bring their own embeddings (`mtp_use_dedicated_embeddings`): what `--draft mtp` runs.
+    pub mtp_layers: usize,
+    pub mtp_dedicated_embeddings: bool,
 }
 
 /// Validate and read the [`RuntimeConfig`] of a Qwen3.5 config (part of [`super::parse`]).
@@ -319,6 +323,8 @@ pub(super) fn runtime_config_of(c: &Qwen3_5TextConfig, text: &TextConfig) -> Res
         rms_norm_eps: c.rms_norm_eps,
         attention_bias: c.attention_bias,
         conv_kernel: c.linear_conv_kernel_dim,
+        mtp_layers: c.mtp_num_hidden_layers.unwrap_or(0),
+        mtp_dedicated_embeddings: c.mtp_use_dedicated_embeddings == Some(true),
         rope: rope_frequencies(
             &block,
             block.get("truncate").cloned(),

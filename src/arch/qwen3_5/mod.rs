@@ -32,7 +32,8 @@
 //!   `decoder_sparse_step` / `mlp_only_layers` are not read by the reference; values other than
 //!   "every layer sparse" are rejected.
 //! - MTP (`mtp_num_hidden_layers`, `mtp_use_dedicated_embeddings`): not built by the reference
-//!   (`mtp.*` weights are ignored on load), so listed in the notes and not counted.
+//!   (`mtp.*` weights are ignored on load), so not counted; run only as a drafter
+//!   (`--draft mtp`, [`mtp`], semantics pinned to vLLM's).
 //!
 //! Cache, per linear layer (what the reference keeps, and what llmarch models):
 //! - conv state: `conv_dim = 2 × key_heads × key_dim + value_heads × value_dim` channels in the
@@ -54,6 +55,7 @@
 
 mod config;
 pub mod model;
+pub mod mtp;
 mod params;
 mod spec;
 #[cfg(test)]

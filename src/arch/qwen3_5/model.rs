@@ -111,7 +111,7 @@ impl GatedAttention {
         let view = cache.append(self.index, k, Some(v))?;
         let span = CausalSpan {
             q_start: start,
-            k_start: view.start,
+            k_start: view.start, // 0: a full layer holds every position
             window: None,
         };
         let v = view
@@ -185,7 +185,7 @@ impl FeedForward {
 }
 
 #[derive(Debug)]
-struct DecoderLayer {
+pub(super) struct DecoderLayer {
     input_norm: RmsNorm,
     mixer: Mixer,
     post_attn_norm: RmsNorm,
@@ -193,7 +193,7 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(
+    pub(super) fn load(
         vb: &VarBuilder,
         spec: &LayerSpec,
         hidden: usize,
@@ -235,8 +235,9 @@ impl DecoderLayer {
         })
     }
 
-    /// h `[n, hidden]` → `[n, hidden]`.
-    fn forward(
+    /// h `[n, hidden]` at positions `start..` → `[n, hidden]`; the layer's cache is slot
+    /// `index`.
+    pub(super) fn forward(
         &self,
         h: &Tensor,
         index: usize,
@@ -252,6 +253,24 @@ impl DecoderLayer {
         let x = self.ffn.forward(&self.post_attn_norm.forward(&h)?)?;
         Ok((h + x)?)
     }
+}
+
+/// The full-attention layers' RoPE table.
+pub(super) fn rotary(spec: &ArchSpec, cfg: &RuntimeConfig, device: &Device) -> Result<Arc<Rotary>> {
+    let head_dim = spec
+        .layers
+        .iter()
+        .find(|l| l.attention == AttnKind::Full)
+        .map_or(2 * cfg.rope.inv_freq.len(), |l| l.head_dim);
+    Ok(Arc::new(
+        Rotary::leading(
+            cfg.rope.inv_freq.clone(),
+            head_dim,
+            cfg.rope.attention_scaling,
+            device,
+        )
+        .context("`rope_parameters`")?,
+    ))
 }
 
 /// The Qwen3.5 text model with its output head.
@@ -285,20 +304,7 @@ impl FamilyModel for Qwen3_5Model {
         let device = vb.device().clone();
         let hidden = spec.hidden_size;
         let embed = ScaledEmbedding::load(&vb.pp("embed_tokens"), spec.vocab_size, hidden, 1.0)?;
-        let head_dim = spec
-            .layers
-            .iter()
-            .find(|l| l.attention == AttnKind::Full)
-            .map_or(2 * cfg.rope.inv_freq.len(), |l| l.head_dim);
-        let rope = Arc::new(
-            Rotary::leading(
-                cfg.rope.inv_freq.clone(),
-                head_dim,
-                cfg.rope.attention_scaling,
-                &device,
-            )
-            .context("`rope_parameters`")?,
-        );
+        let rope = rotary(&spec, &cfg, &device)?;
         let vb_layers = vb.pp("layers");
         let layers = spec
             .layers
@@ -350,9 +356,29 @@ impl CausalLm for Qwen3_5Model {
         }
         cache.advance(n);
 
-        // 3. Final norm, output head. [rows, vocab]
-        let h = self.norm.forward(&rows.select(&h.unsqueeze(0)?)?)?;
+        // 3. Final norm (every row when a drafter keeps them: an MTP head), output head.
+        //    [rows, vocab]
+        let h = if cache.wants_hidden_rows() {
+            let normed = self.norm.forward(&h)?; // [n, hidden]
+            cache.push_hidden_rows(tokens, normed.clone())?;
+            rows.select(&normed.unsqueeze(0)?)?
+        } else {
+            self.norm.forward(&rows.select(&h.unsqueeze(0)?)?)?
+        };
         let logits = self.lm_head.forward(&h)?;
         Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+
+    fn input_embedding(&self, tokens: &[u32]) -> Result<Tensor> {
+        crate::arch::check_tokens(tokens, self.spec.vocab_size)?;
+        self.embed.forward(&Tensor::from_slice(
+            tokens,
+            (1, tokens.len()),
+            &self.device,
+        )?)
+    }
+
+    fn output_head(&self, h: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(h)?.to_dtype(DType::F32)?)
     }
 }

@@ -211,7 +211,7 @@ pub(super) fn arch_spec(
             ""
         };
         notes.push(format!(
-            "MTP layers: {mtp}{dedicated} (listed, not run; not built by the reference, not counted)"
+            "MTP layers: {mtp}{dedicated} (run only as a drafter, `--draft mtp`; not counted)"
         ));
     }
     if let Some(wrapper) = &text.wrapper {
