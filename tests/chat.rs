@@ -153,13 +153,18 @@ fn shipped_templates_are_the_shared_ones() {
 // counts, cache reuse and logits are exact).
 
 fn session(name: &str, max_tokens: usize) -> Session {
+    session_at(&gemma(name), max_tokens)
+}
+
+/// [`session`] on the fixture folder `dir`.
+fn session_at(dir: &std::path::Path, max_tokens: usize) -> Session {
     use llmarch::cli::{shared, Ctx};
     let ctx = Ctx {
         quiet: true,
         verbose: false,
         parse: Default::default(),
     };
-    let dir = gemma(name);
+    let name = dir.file_name().unwrap().to_str().unwrap();
     let (model_ref, _spec, build) = shared::runnable_spec(&ctx, dir.to_str().unwrap()).unwrap();
     let (files, tok) = shared::files_and_tokenizer(&ctx, &model_ref).unwrap();
     let special = template::special_tokens(files.tokenizer_config.as_deref()).unwrap();
@@ -974,6 +979,66 @@ fn drafting_changes_no_turn_of_a_greedy_chat() {
         }
     }
     assert!(accepted > 0, "no draft was accepted");
+}
+
+/// The same with the Qwen3.5 MTP head (`--draft mtp`), whose cache is a slot of the target's:
+/// /regen and /undo restore it with the target's layers, and every turn's prefill is caught
+/// up on before the turn's first draft.
+#[test]
+fn drafting_with_the_mtp_head_changes_no_turn_of_a_greedy_chat() {
+    use llmarch::cli::{draft::DraftArgs, shared, Ctx};
+    let dir = root().join("tests/fixtures/qwen3_5_mtp/dense");
+    let drafted = std::cell::Cell::new(0);
+    let script = |s: &mut Session| -> Vec<(Vec<u32>, usize, usize)> {
+        let mut out = vec![];
+        let mut turn = |s: &mut Session, text: Option<&str>| {
+            if let Some(t) = text {
+                s.conv.push_user(t);
+            }
+            let r = s
+                .reply(&mut |_| {}, &mut |_, _| Ok(()), &AtomicBool::new(false))
+                .unwrap();
+            drafted.set(drafted.get() + r.draft_tokens);
+            out.push((r.generated_ids, r.reused, r.prefilled));
+        };
+        turn(s, Some("Hello there, hello there"));
+        turn(s, Some("And then? And then?"));
+        assert!(s.conv.pop_reply());
+        turn(s, None);
+        assert!(s.undo());
+        turn(s, Some("Something else"));
+        out
+    };
+    let plain = script(&mut session_at(&dir, 12));
+    let ctx = Ctx {
+        quiet: true,
+        verbose: false,
+        parse: Default::default(),
+    };
+    let (model_ref, spec, _) = shared::runnable_spec(&ctx, dir.to_str().unwrap()).unwrap();
+    let precision = shared::Precision {
+        device: candle_core::Device::Cpu,
+        dtype: candle_core::DType::F32,
+        weights: llmarch::layers::linear::WeightFormat::Loaded,
+    };
+    for k in [1usize, 3] {
+        let args = DraftArgs {
+            draft: Some("mtp".into()),
+            draft_tokens: Some(k),
+        };
+        let draft = args
+            .build(&ctx, &model_ref, &spec, &precision, false)
+            .unwrap()
+            .unwrap();
+        let mut s = session_at(&dir, 12);
+        s.set_drafter(draft.drafter, draft.tokens).unwrap();
+        let drafted = script(&mut s);
+        assert_eq!(plain.len(), drafted.len());
+        for (turn, (a, b)) in plain.iter().zip(&drafted).enumerate() {
+            assert_eq!(a, b, "turn {turn}, {k} drafts");
+        }
+    }
+    assert!(drafted.get() > 0, "the head never drafted");
 }
 
 /// Drafts the target's own greedy continuation (on a copy of its cache) with one token wrong

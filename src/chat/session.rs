@@ -194,6 +194,13 @@ impl Engine {
         &self.live.ids
     }
 
+    /// Let `drafter` prepare the caches every turn starts from (an MTP head keeps a slot in
+    /// them); before any token is fed.
+    pub fn prepare(&mut self, drafter: &mut dyn Drafter) -> Result<()> {
+        drafter.prepare(&mut self.empty)?;
+        drafter.prepare(&mut self.live.cache)
+    }
+
     pub fn cache(&self) -> &KvStore {
         &self.live.cache
     }
@@ -444,6 +451,14 @@ pub struct Session {
 }
 
 impl Session {
+    /// Draft with `drafter`, `tokens` per step (set before the first turn).
+    pub fn set_drafter(&mut self, mut drafter: Box<dyn Drafter>, tokens: usize) -> Result<()> {
+        self.engine.prepare(drafter.as_mut())?;
+        self.drafter = Some(drafter);
+        self.draft_tokens = tokens;
+        Ok(())
+    }
+
     pub fn new(
         model: Box<dyn CausalLm>,
         tok: TokenizerBundle,

@@ -290,8 +290,7 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     let mut session = Session::new(model, tok, template, settings, max_context);
     session.context_shift = args.context_shift;
     if let Some(d) = draft {
-        session.drafter = Some(d.drafter);
-        session.draft_tokens = d.tokens;
+        session.set_drafter(d.drafter, d.tokens)?;
     }
     session.engine.max_snapshots = args.snapshots;
     if let Some(s) = &args.system {
