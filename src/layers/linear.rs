@@ -233,17 +233,23 @@ fn run_kernel(
     rows: usize,
     out_dim: usize,
 ) -> Result<Option<Tensor>> {
-    let xs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
     let mut y = vec![0f32; rows * out_dim];
-    if rows == 0 {
-        // nothing to compute: an empty [0, out]
-    } else if rows == 1 {
-        gemv::gemv(w, &xs, &mut y)?;
-    } else if rows <= gemv::MAX_GEMV_ROWS && !matches!(w, WeightRows::F32(_)) {
-        // A few rows (a verify pass) of narrow weights: nothing is widened to f32 (f32 weights
-        // stay with the GEMM, which reads them once; `examples/few_rows.rs` measures both).
-        gemv::gemv_rows(w, &xs, rows, &mut y)?;
-    } else if !gemm::gemm(w, &xs, rows, &mut y)? {
+    let done = super::with_f32_slice(x, |xs| -> Result<bool> {
+        if rows == 0 {
+            // nothing to compute: an empty [0, out]
+        } else if rows == 1 {
+            gemv::gemv(w, xs, &mut y)?;
+        } else if rows <= gemv::MAX_GEMV_ROWS && !matches!(w, WeightRows::F32(_)) {
+            // A few rows (a verify pass) of narrow weights: nothing is widened to f32 (f32
+            // weights stay with the GEMM, which reads them once; `examples/few_rows.rs`
+            // measures both).
+            gemv::gemv_rows(w, xs, rows, &mut y)?;
+        } else {
+            return gemm::gemm(w, xs, rows, &mut y);
+        }
+        Ok(true)
+    })??;
+    if !done {
         return Ok(None);
     }
     let y = Tensor::from_vec(y, (rows, out_dim), x.device())?; // [rows, out]

@@ -36,8 +36,9 @@ impl Activation {
             && gate.dims() == up.dims()
         {
             let mut g = gate.flatten_all()?.to_vec1::<f32>()?;
-            let u = up.flatten_all()?.to_vec1::<f32>()?;
-            crate::kernels::gelu::gated_in_place(&mut g, &u, self == Activation::Silu);
+            super::with_f32_slice(up, |u| {
+                crate::kernels::gelu::gated_in_place(&mut g, u, self == Activation::Silu)
+            })?;
             return Ok(Tensor::from_vec(g, gate.shape(), gate.device())?);
         }
         Ok((self.apply(gate)? * up)?)

@@ -25,3 +25,22 @@ pub mod residual_scaling;
 pub mod rope;
 pub mod token_compressor;
 pub mod weight;
+
+use anyhow::Result;
+use candle_core::{CpuStorage, DType, Storage, Tensor};
+
+/// Runs `f` on `x`'s elements as one f32 slice: `x`'s own storage when it is a contiguous f32
+/// CPU tensor (no copy: a prompt chunk's activations are megabytes, read by every kernel), else
+/// a copy.
+pub(crate) fn with_f32_slice<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    {
+        let (storage, layout) = x.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(f(&v[a..b]));
+        }
+    }
+    let v = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    Ok(f(&v))
+}

@@ -83,28 +83,46 @@ impl RmsNorm {
         })
     }
 
-    /// [`Self::forward_f32`] for an f32 CPU tensor in one pass per row (candle's chain is six
-    /// allocating ops, a few hundred per decode step); the same arithmetic: the mean of squares
-    /// in f32, `x · (ms + eps)^-½ · w`.
+    /// [`Self::forward_f32`] for an f32 CPU tensor in one pass per row, read from `x`'s own
+    /// storage, rows shared out among the threads (candle's chain is six allocating ops, a few
+    /// hundred per decode step); the same arithmetic: the mean of squares in f32,
+    /// `x · (ms + eps)^-½ · w`.
     fn fused(&self, x: &Tensor) -> Result<Tensor> {
-        let dim = x.dim(D::Minus1)?;
+        /// Elements per parallel task.
+        const TASK: usize = 1 << 14;
+        let dim = x.dim(D::Minus1)?.max(1);
         let w = self.host.as_deref();
-        let mut v = x.flatten_all()?.to_vec1::<f32>()?;
-        for row in v.chunks_exact_mut(dim.max(1)) {
-            // The sum of squares in f64: no order-dependent rounding (candle's chain sums in
-            // its own order; both round to f32 here).
-            let ms = (row
-                .iter()
-                .map(|&x| f64::from(x) * f64::from(x))
-                .sum::<f64>()
-                / dim as f64) as f32;
-            let r = (ms + self.eps as f32).powf(-0.5);
-            match w {
-                Some(w) => row.iter_mut().zip(w).for_each(|(x, w)| *x = *x * r * w),
-                None => row.iter_mut().for_each(|x| *x *= r),
-            }
-        }
-        Ok(Tensor::from_vec(v, x.shape(), x.device())?)
+        let eps = self.eps as f32;
+        let mut out = vec![0f32; x.elem_count()];
+        let rows_per_task = (TASK / dim).max(1);
+        let tasks = (out.len() / dim).div_ceil(rows_per_task);
+        let y = crate::kernels::gemv::SyncPtr(out.as_mut_ptr());
+        let len = out.len();
+        super::with_f32_slice(x, |xs| {
+            crate::kernels::parallel::parallel_for(tasks, |range| {
+                let (a, b) = (
+                    range.start * rows_per_task * dim,
+                    (range.end * rows_per_task * dim).min(len),
+                );
+                // SAFETY: tasks cover disjoint rows of `out`, which outlives `parallel_for`.
+                let ys = unsafe { std::slice::from_raw_parts_mut(y.get().add(a), b - a) };
+                for (row, x) in ys.chunks_exact_mut(dim).zip(xs[a..b].chunks_exact(dim)) {
+                    // The sum of squares in f64: no order-dependent rounding (candle's chain
+                    // sums in its own order; both round to f32 here).
+                    let ms = (x.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>()
+                        / dim as f64) as f32;
+                    let r = (ms + eps).powf(-0.5);
+                    match w {
+                        Some(w) => row
+                            .iter_mut()
+                            .zip(x.iter().zip(w))
+                            .for_each(|(y, (x, w))| *y = *x * r * w),
+                        None => row.iter_mut().zip(x).for_each(|(y, x)| *y = *x * r),
+                    }
+                }
+            })
+        })?;
+        Ok(Tensor::from_vec(out, x.shape(), x.device())?)
     }
 
     /// Normalise `x` over its last dimension; same dtype out as in.
