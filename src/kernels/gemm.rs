@@ -74,7 +74,6 @@ fn gemm_on(isa: Isa, w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32]) -> R
     #[cfg(target_arch = "x86_64")]
     if isa.has_avx2() {
         let kc = panel_columns(k);
-        y.fill(0.0);
         let yp = SyncPtr(y.as_mut_ptr());
         match w {
             WeightRows::Bf16(wb) if bf16_products(isa, m) => {
@@ -91,8 +90,7 @@ fn gemm_on(isa: Isa, w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32]) -> R
                             m,
                             (wb[j0 * k + k0..].as_ptr(), k, nc),
                             kl,
-                            yp.get().add(j0),
-                            n,
+                            (yp.get().add(j0), n, k0 > 0),
                         ))
                     }
                 });
@@ -130,8 +128,7 @@ fn gemm_on(isa: Isa, w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32]) -> R
                             m,
                             (wp, ws, nc),
                             kl,
-                            yp.get().add(j0),
-                            n,
+                            (yp.get().add(j0), n, k0 > 0),
                         );
                         match isa {
                             Isa::Avx512 => x86::avx512::panel(args),
@@ -213,16 +210,44 @@ fn pad_rows(x: &[f32], k: usize, stride: usize) -> Vec<f32> {
 }
 
 /// `x` (`[m, k]`) rounded to bf16 (to nearest, ties to even, as torch rounds), as bits, rows
-/// `stride` apart.
+/// `stride` apart (the padding zero). Branch-free, so it vectorises, and written once (no
+/// zeroed buffer first): it runs on every prefill matmul's activations.
 #[cfg(target_arch = "x86_64")]
 fn to_bf16_bits(x: &[f32], k: usize, stride: usize) -> Vec<u16> {
-    let mut out = vec![0u16; x.len() / k * stride];
-    for (o, x) in out.chunks_exact_mut(stride).zip(x.chunks_exact(k)) {
-        for (o, &v) in o.iter_mut().zip(x) {
-            *o = half::bf16::from_f32(v).to_bits();
-        }
+    let mut out = Vec::with_capacity(x.len() / k * stride);
+    for row in x.chunks_exact(k) {
+        out.extend(row.iter().map(|&v| bf16_bits(v)));
+        out.extend(std::iter::repeat_n(0, stride - k));
     }
     out
+}
+
+/// `v` rounded to bf16, as bits: to nearest, ties to even; a NaN stays a (quiet) NaN. The same
+/// bits as `half::bf16::from_f32`.
+#[inline(always)]
+fn bf16_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    let nan = ((b >> 16) as u16) | 0x40;
+    if b & 0x7fff_ffff > 0x7f80_0000 {
+        nan
+    } else {
+        rounded
+    }
+}
+
+/// `*y = s`, or `*y += s` when `add` (a panel after a row's first).
+///
+/// # Safety
+/// `y` is valid for writes (and reads when `add`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn put(y: *mut f32, s: f32, add: bool) {
+    if add {
+        *y += s;
+    } else {
+        *y = s;
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -232,21 +257,21 @@ mod x86 {
     use std::arch::x86_64::*;
 
     /// What a panel call gets: `x` and its row stride, `m` rows; the panel `w`, its row stride
-    /// and `nc` rows; `kc` columns; `y` and its row stride.
+    /// and `nc` rows; `kc` columns; `y`, its row stride, and whether the panel adds into `y`
+    /// (every panel but a row's first, which stores: `y` need not be zeroed first).
     pub(super) type PanelArgs<E = f32> = (
         *const E,
         usize,
         usize,
         (*const E, usize, usize),
         usize,
-        *mut f32,
-        usize,
+        (*mut f32, usize, bool),
     );
 
     /// `y[i, j] += x[i, ..kc] · w[j, ..kc]` for `i < m`, `j < nc`: 4-row groups of `x` (kept in
     /// L1) against every 3-row group of the panel.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn panel((x, xs, m, (w, ws, nc), kc, y, ys): PanelArgs) {
+    pub(super) unsafe fn panel((x, xs, m, (w, ws, nc), kc, (y, ys, add)): PanelArgs) {
         let mut i = 0;
         while i < m {
             let (xi, yi) = (x.add(i * xs), y.add(i * ys));
@@ -256,7 +281,7 @@ mod x86 {
                 macro_rules! tiles {
                     ($($r:literal, $c:literal);*) => {
                         match (MR.min(m - i), NR.min(nc - j)) {
-                            $(($r, $c) => tile::<$r, $c>(xi, xs, wj, ws, kc, yij, ys),)*
+                            $(($r, $c) => tile::<$r, $c>(xi, xs, wj, ws, kc, (yij, ys, add)),)*
                             _ => unreachable!("tile sizes are at most MR × NR"),
                         }
                     };
@@ -276,8 +301,7 @@ mod x86 {
         w: *const f32,
         ws: usize,
         kc: usize,
-        y: *mut f32,
-        ys: usize,
+        (y, ys, add): (*mut f32, usize, bool),
     ) {
         let k8 = kc / 8 * 8;
         let mut acc = [[_mm256_setzero_ps(); C]; R];
@@ -301,7 +325,7 @@ mod x86 {
                 for kk in k8..kc {
                     s = (*x.add(r * xs + kk)).mul_add(*w.add(c * ws + kk), s);
                 }
-                *y.add(r * ys + c) += s;
+                super::put(y.add(r * ys + c), s, add);
             }
         }
     }
@@ -385,7 +409,7 @@ mod x86 {
         }
 
         #[inline(always)]
-        unsafe fn panel_with<L: Lanes>((x, xs, m, (w, ws, nc), kc, y, ys): PanelArgs<L::E>) {
+        unsafe fn panel_with<L: Lanes>((x, xs, m, (w, ws, nc), kc, (y, ys, add)): PanelArgs<L::E>) {
             let mut i = 0;
             while i < m {
                 let (xi, yi) = (x.add(i * xs), y.add(i * ys));
@@ -395,7 +419,7 @@ mod x86 {
                     macro_rules! tiles {
                         ($($r:literal, $c:literal);*) => {
                             match (MR.min(m - i), NR.min(nc - j)) {
-                                $(($r, $c) => tile::<L, $r, $c>(xi, xs, wj, ws, kc, yij, ys),)*
+                                $(($r, $c) => tile::<L, $r, $c>(xi, xs, wj, ws, kc, (yij, ys, add)),)*
                                 _ => unreachable!("tile sizes are at most MR × NR"),
                             }
                         };
@@ -416,8 +440,7 @@ mod x86 {
             w: *const L::E,
             ws: usize,
             kc: usize,
-            y: *mut f32,
-            ys: usize,
+            (y, ys, add): (*mut f32, usize, bool),
         ) {
             let full = kc / L::STEP * L::STEP;
             let mut acc = [[_mm512_setzero_ps(); C]; R];
@@ -439,7 +462,7 @@ mod x86 {
                     for kk in full..kc {
                         s = L::widen(x.add(r * xs + kk)).mul_add(L::widen(w.add(c * ws + kk)), s);
                     }
-                    *y.add(r * ys + c) += s;
+                    super::super::put(y.add(r * ys + c), s, add);
                 }
             }
         }
@@ -561,6 +584,44 @@ mod tests {
             check(&y, &reference_mm(&wbf, &x, m), 1e-6, "bf16");
         });
         assert!(!crate::kernels::in_decode_steps());
+    }
+
+    #[test]
+    fn bf16_rounding_is_half_s() {
+        let mut specials = vec![0.0f32, -0.0, 1.0, f32::MAX, f32::MIN, f32::INFINITY];
+        specials.extend([
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::MIN_POSITIVE,
+            1e-40,
+        ]);
+        // Ties both ways, and values just around them.
+        for b in [
+            0x3f80_8000u32,
+            0x3f81_8000,
+            0x3f80_7fff,
+            0x3f81_8001,
+            0x7f7f_ffff,
+            0xff7f_8000,
+        ] {
+            specials.push(f32::from_bits(b));
+        }
+        let mut seed = 1u64;
+        let randoms = (0..100_000).map(|_| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            f32::from_bits((seed >> 32) as u32)
+        });
+        for v in specials.into_iter().chain(randoms) {
+            assert_eq!(
+                bf16_bits(v),
+                bf16::from_f32(v).to_bits(),
+                "{v:e} ({:#x})",
+                v.to_bits()
+            );
+        }
     }
 
     #[test]

@@ -218,7 +218,6 @@ pub(crate) fn gemm(isa: Isa, w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f3
     let kc = super::gemm::panel_columns(k);
     let w = Groups::of(w);
     let vnni = isa.has_avx512_vnni();
-    y.fill(0.0);
     let yp = SyncPtr(y.as_mut_ptr());
     // One group of 16 weight rows per task, read as stored, a panel of `kc` columns (in L1 with
     // a tile's activation rows) at a time for every tile of activation rows.
@@ -462,10 +461,12 @@ mod x86 {
         (y, n, cols): (*mut f32, usize, usize),
     ) {
         let xs: [XRow; R] = std::array::from_fn(|j| XRow::at(x, i + j));
+        // A row's first panel stores (`y` is not zeroed first), the others add.
+        let add = blocks.start > 0;
         for (j, out) in sums::<VNNI, Q4, R>(w, g, blocks, &xs).iter().enumerate() {
             let yr = y.add(j * n);
-            for (c, v) in out[..cols].iter().enumerate() {
-                *yr.add(c) += v;
+            for (c, &v) in out[..cols].iter().enumerate() {
+                crate::kernels::gemm::put(yr.add(c), v, add);
             }
         }
     }

@@ -93,18 +93,18 @@ impl RmsNorm {
         let dim = x.dim(D::Minus1)?.max(1);
         let w = self.host.as_deref();
         let eps = self.eps as f32;
-        let mut out = vec![0f32; x.elem_count()];
+        let len = x.elem_count();
+        // Written once, row by row, by the tasks (no zeroed buffer first).
+        let mut out: Vec<f32> = Vec::with_capacity(len);
         let rows_per_task = (TASK / dim).max(1);
-        let tasks = (out.len() / dim).div_ceil(rows_per_task);
-        let y = crate::kernels::gemv::SyncPtr(out.as_mut_ptr());
-        let len = out.len();
+        let tasks = (len / dim).div_ceil(rows_per_task);
+        let y = crate::kernels::gemv::SyncPtr(out.spare_capacity_mut().as_mut_ptr());
         super::with_f32_slice(x, |xs| {
             crate::kernels::parallel::parallel_for(tasks, |range| {
-                let (a, b) = (
-                    range.start * rows_per_task * dim,
-                    (range.end * rows_per_task * dim).min(len),
-                );
-                // SAFETY: tasks cover disjoint rows of `out`, which outlives `parallel_for`.
+                let a = range.start * rows_per_task * dim;
+                let b = (range.end * rows_per_task * dim).min(len);
+                // SAFETY: tasks cover disjoint rows of `out`'s capacity, which outlives
+                // `parallel_for`.
                 let ys = unsafe { std::slice::from_raw_parts_mut(y.get().add(a), b - a) };
                 for (row, x) in ys.chunks_exact_mut(dim).zip(xs[a..b].chunks_exact(dim)) {
                     // The sum of squares in f64: no order-dependent rounding (candle's chain
@@ -113,15 +113,18 @@ impl RmsNorm {
                         / dim as f64) as f32;
                     let r = (ms + eps).powf(-0.5);
                     match w {
-                        Some(w) => row
-                            .iter_mut()
-                            .zip(x.iter().zip(w))
-                            .for_each(|(y, (x, w))| *y = *x * r * w),
-                        None => row.iter_mut().zip(x).for_each(|(y, x)| *y = *x * r),
+                        Some(w) => row.iter_mut().zip(x.iter().zip(w)).for_each(|(y, (x, w))| {
+                            y.write(*x * r * w);
+                        }),
+                        None => row.iter_mut().zip(x).for_each(|(y, x)| {
+                            y.write(*x * r);
+                        }),
                     }
                 }
             })
         })?;
+        // SAFETY: the tasks wrote all `len` elements (every row, `len` a multiple of `dim`).
+        unsafe { out.set_len(len) };
         Ok(Tensor::from_vec(out, x.shape(), x.device())?)
     }
 
