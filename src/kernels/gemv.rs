@@ -495,6 +495,20 @@ pub fn gemv_many(ws: &[WeightRows<'_>], x: &[f32], ys: &mut [&mut [f32]]) -> Res
                 .map(|r| (i, r..(r + per_task).min(out))),
         );
     }
+    // The last tasks, cut in four: a thread that finishes early takes a small piece rather
+    // than waiting while the other runs a whole task (up to ~70 µs at 1 MB, per call, ~80
+    // calls per decode step).
+    let tail = threads().min(tasks.len());
+    let pieces: Vec<_> = tasks
+        .drain(tasks.len() - tail..)
+        .flat_map(|(i, rows)| {
+            let piece = rows.len().div_ceil(4).next_multiple_of(ws[i].row_group());
+            let end = rows.end;
+            rows.step_by(piece)
+                .map(move |r| (i, r..(r + piece).min(end)))
+        })
+        .collect();
+    tasks.extend(pieces);
     let int8_x = Int8Rows::new(isa, ws, x);
     let yp: Vec<SyncPtr<f32>> = ys.iter_mut().map(|y| SyncPtr(y.as_mut_ptr())).collect();
     parallel_for(tasks.len(), |range| {
