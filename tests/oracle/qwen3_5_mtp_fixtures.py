@@ -45,6 +45,12 @@ bf16) the script
 
 The weight seed is the first >= the base seed whose drafted ids all have a top-1/top-2 logit margin >=
 MIN_MARGIN (so the ids do not hinge on rounding). Deterministic: fixed seeds, CPU, one thread.
+
+--bench DIR: writes qwen3_5_fixtures.py's ~0.54 B Qwen3.6-shaped bench checkpoint (its `cfg_bench`, f32, not
+timed) to DIR with a random MTP head added (weights N(0, 0.02) as the bench's, norms 0), for timing `--draft mtp`
+(bench/README.md):
+
+    /work/oracle-env/venv/bin/python tests/oracle/qwen3_5_mtp_fixtures.py --bench /work/bench-qwen-mtp
 """
 
 import json
@@ -197,5 +203,37 @@ def main():
         print(f"{variant}: seed {seed}, first {first}, drafted {drafted}, margins {[round(x, 3) for x in m]}")
 
 
+def make_bench(d):
+    """The Qwen3.6-shaped bench checkpoint of qwen3_5_fixtures.py, plus a random MTP head."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    import qwen3_5_fixtures as q
+    import gemma4_fixtures as g4
+
+    os.makedirs(d, exist_ok=True)
+    torch.manual_seed(q.BENCH_SEED)
+    model = q.Qwen3_5MoeForCausalLM(q.cfg_bench()).float().eval()
+    q.randomize(model, q.BENCH_SEED, False, weight_std=q.BENCH_WEIGHT_STD)
+    head = MtpHead(model.config, "qwen3_5_moe").eval()
+    g = torch.Generator().manual_seed(q.BENCH_SEED + 1)
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            p.copy_(torch.zeros(p.shape) if "norm" in name else torch.randn(p.shape, generator=g) * q.BENCH_WEIGHT_STD)
+    model.save_pretrained(d)
+    tok = g4.build_tokenizer(g4.BENCH_VOCAB_SIZE)
+    g4.write_tokenizer_files(d, tok, model_max_length=4096)
+    files = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
+    assert files == ["model.safetensors"], files
+    path = os.path.join(d, "model.safetensors")
+    tensors = load_file(path)
+    for name, t in head.state_dict().items():
+        tensors["mtp." + name] = t.detach().contiguous()
+    save_file(tensors, path, metadata={"format": "pt"})
+    n = sum(t.numel() for t in tensors.values())
+    print(f"wrote {d}: {n} parameters with the MTP head")
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--bench":
+        make_bench(sys.argv[2])
+    else:
+        main()
