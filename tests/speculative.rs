@@ -360,72 +360,90 @@ fn sampling_with_drafts_keeps_the_targets_distribution() {
     assert!(chi2 < q999, "χ² = {chi2:.1} ≥ {q999:.1}: {got:?}");
 }
 
+/// Runs `target` on the prompt of `fixture`'s reference.json with `--draft draft` (and
+/// `extra` flags) for as many drafts as the reference has, and checks the first round: the
+/// target's first token, the drafted logits within 5e-3 of reference.safetensors' `logits`
+/// (one row per drafted token) and the drafted ids. Returns the run's `--json` stats.
+fn first_round_matches(
+    target: &std::path::Path,
+    fixture: &std::path::Path,
+    draft: &str,
+    extra: &[&str],
+) -> serde_json::Value {
+    let name = fixture_name(fixture);
+    let r = common::reference::read_json(&fixture.join("reference.json"));
+    let ids = |k: &str| -> Vec<u64> {
+        r[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect()
+    };
+    let (prompt, drafted) = (ids("prompt_ids"), ids("drafted_ids"));
+    let want = candle_core::safetensors::load(
+        fixture.join("reference.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+    .remove("logits")
+    .unwrap(); // [drafts, vocab]
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("draft.safetensors");
+    let p: Vec<String> = prompt.iter().map(u64::to_string).collect();
+    let p = p.join(",");
+    let k = drafted.len().to_string();
+    let n = (drafted.len() + 2).to_string();
+    let mut args = vec![
+        "run",
+        target.to_str().unwrap(),
+        "--prompt-ids",
+        &p,
+        "-n",
+        &n,
+        "--temperature",
+        "0",
+        "--draft",
+        draft,
+        "--draft-tokens",
+        &k,
+        "--draft-logits-out",
+        out.to_str().unwrap(),
+        "--json",
+    ];
+    args.extend(extra);
+    let o = common::run(&args);
+    assert!(o.status.success(), "{name}: {}", common::stderr(&o));
+    let s: serde_json::Value =
+        serde_json::from_str(common::stdout(&o).lines().last().unwrap()).unwrap();
+    assert_eq!(s["generated_ids"][0], r["first_token"], "{name}");
+    let got = candle_core::safetensors::load(&out, &candle_core::Device::Cpu)
+        .unwrap()
+        .remove("logits")
+        .unwrap();
+    let first = got.narrow(0, 0, drafted.len()).unwrap();
+    let err = common::reference::max_abs_diff(&first, &want);
+    eprintln!("{name}: drafted logits within {err:.2e} of the reference");
+    assert!(err < 5e-3, "{name}: drafted logits differ by {err}");
+    let got_ids: Vec<u64> = (0..drafted.len())
+        .map(|i| common::reference::argmax(&first.get(i).unwrap()) as u64)
+        .collect();
+    assert_eq!(got_ids, drafted, "{name}: drafted ids");
+    s
+}
+
 /// Gemma 4's assistant drafters (`tests/fixtures/gemma4_assistant/`, transformers 5.25.0; the
 /// target is `gemma4/e2b-like`): the first round's logits, drafted from the prompt's prefill and
 /// the target's first token at position = prompt length, equal the reference's within 5e-3 and
 /// give its drafted ids, with ordered embeddings off and on.
 #[test]
 fn the_gemma4_assistant_drafts_as_the_reference_does() {
-    use common::{run as cli, stderr};
     let root = common::reference::fixtures_root();
     let target = root.join("gemma4/e2b-like");
     for variant in ["plain", "ordered"] {
         let dir = root.join("gemma4_assistant").join(variant);
-        let r = common::reference::read_json(&dir.join("reference.json"));
-        let ids = |k: &str| -> Vec<u64> {
-            r[k].as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap())
-                .collect()
-        };
-        let (prompt, drafted) = (ids("prompt_ids"), ids("drafted_ids"));
-        let want = candle_core::safetensors::load(
-            dir.join("reference.safetensors"),
-            &candle_core::Device::Cpu,
-        )
-        .unwrap()
-        .remove("logits")
-        .unwrap(); // [drafts, vocab]
-        let tmp = tempfile::tempdir().unwrap();
-        let out = tmp.path().join("draft.safetensors");
-        let p: Vec<String> = prompt.iter().map(u64::to_string).collect();
-        let k = drafted.len().to_string();
-        let n = (drafted.len() + 2).to_string();
-        let o = cli(&[
-            "run",
-            target.to_str().unwrap(),
-            "--prompt-ids",
-            &p.join(","),
-            "-n",
-            &n,
-            "--temperature",
-            "0",
-            "--draft",
-            dir.to_str().unwrap(),
-            "--draft-tokens",
-            &k,
-            "--draft-logits-out",
-            out.to_str().unwrap(),
-            "--json",
-        ]);
-        assert!(o.status.success(), "{variant}: {}", stderr(&o));
-        let s: serde_json::Value =
-            serde_json::from_str(common::stdout(&o).lines().last().unwrap()).unwrap();
-        assert_eq!(s["generated_ids"][0], r["first_token"], "{variant}");
+        let s = first_round_matches(&target, &dir, dir.to_str().unwrap(), &[]);
+        // The assistant holds no cache: the target's 6 layers only.
         assert_eq!(s["kv_bytes_per_layer"].as_array().unwrap().len(), 6);
-        let got = candle_core::safetensors::load(&out, &candle_core::Device::Cpu)
-            .unwrap()
-            .remove("logits")
-            .unwrap();
-        let first = got.narrow(0, 0, drafted.len()).unwrap();
-        let err = common::reference::max_abs_diff(&first, &want);
-        eprintln!("{variant}: assistant logits within {err:.2e} of the reference");
-        assert!(err < 5e-3, "{variant}: assistant logits differ by {err}");
-        let got_ids: Vec<u64> = (0..drafted.len())
-            .map(|i| common::reference::argmax(&first.get(i).unwrap()) as u64)
-            .collect();
-        assert_eq!(got_ids, drafted, "{variant}: drafted ids");
     }
 }
 
@@ -502,64 +520,8 @@ fn mtp_fixtures() -> Vec<std::path::PathBuf> {
 /// weights: the MoE checkpoint is bf16, which the reference upcasts).
 #[test]
 fn the_mtp_head_drafts_as_the_reference_does() {
-    use common::run as cli;
     for dir in mtp_fixtures() {
-        let name = fixture_name(&dir);
-        let r = common::reference::read_json(&dir.join("reference.json"));
-        let ids = |k: &str| -> Vec<u64> {
-            r[k].as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap())
-                .collect()
-        };
-        let (prompt, drafted) = (ids("prompt_ids"), ids("drafted_ids"));
-        let want = candle_core::safetensors::load(
-            dir.join("reference.safetensors"),
-            &candle_core::Device::Cpu,
-        )
-        .unwrap()
-        .remove("logits")
-        .unwrap(); // [drafts, vocab]
-        let tmp = tempfile::tempdir().unwrap();
-        let out = tmp.path().join("draft.safetensors");
-        let p: Vec<String> = prompt.iter().map(u64::to_string).collect();
-        let k = drafted.len().to_string();
-        let o = cli(&[
-            "run",
-            dir.to_str().unwrap(),
-            "--prompt-ids",
-            &p.join(","),
-            "-n",
-            "6",
-            "--temperature",
-            "0",
-            "--dtype",
-            "f32",
-            "--draft",
-            "mtp",
-            "--draft-tokens",
-            &k,
-            "--draft-logits-out",
-            out.to_str().unwrap(),
-            "--json",
-        ]);
-        assert!(o.status.success(), "{name}: {}", common::stderr(&o));
-        let s: serde_json::Value =
-            serde_json::from_str(common::stdout(&o).lines().last().unwrap()).unwrap();
-        assert_eq!(s["generated_ids"][0], r["first_token"], "{name}");
-        let got = candle_core::safetensors::load(&out, &candle_core::Device::Cpu)
-            .unwrap()
-            .remove("logits")
-            .unwrap();
-        let first = got.narrow(0, 0, drafted.len()).unwrap();
-        let err = common::reference::max_abs_diff(&first, &want);
-        eprintln!("{name}: MTP logits within {err:.2e} of the reference");
-        assert!(err < 5e-3, "{name}: MTP logits differ by {err}");
-        let got_ids: Vec<u64> = (0..drafted.len())
-            .map(|i| common::reference::argmax(&first.get(i).unwrap()) as u64)
-            .collect();
-        assert_eq!(got_ids, drafted, "{name}: drafted ids");
+        first_round_matches(&dir, &dir, "mtp", &["--dtype", "f32"]);
     }
 }
 
