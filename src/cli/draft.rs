@@ -107,7 +107,7 @@ impl DraftArgs {
 /// `--draft mtp` on a family whose MTP head llmarch does not run: refused, saying why.
 fn no_mtp<T>(target: &ArchSpec) -> Result<T> {
     let why = match target.family {
-        "deepseek_v4" => "DeepSeek V4's MTP layers are listed, not run: each is a whole V4 block (hyper-connections, compressed attention) that no reference llmarch tests against builds",
+        "deepseek_v4" => "DeepSeek V4's MTP layers are listed, not run: each is a whole V4 block, and no public implementation found pins how it carries V4's hyper-connection streams and compressed attention (the MTP files of vLLM and SGLang follow V3)",
         _ => "the family has no multi-token-prediction layers",
     };
     crate::usage!(
