@@ -65,7 +65,7 @@ impl Drafter for MtpDrafter {
         let seen = cache.seen();
         let from = self.cached(cache)?;
         let rows = cache
-            .take_hidden_rows()
+            .take_hidden_rows()?
             .filter(|r| !r.ids.is_empty())
             .ok_or_else(|| {
                 anyhow!("internal: the target left no hidden states for the MTP head")

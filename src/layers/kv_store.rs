@@ -116,7 +116,7 @@ pub struct Checkpoint {
     seen: usize,
     layers: Vec<Option<LayerMark>>,
     last_hidden: Option<Tensor>,
-    hidden_rows: Option<HiddenRows>,
+    hidden_rows: Option<(Vec<u32>, Vec<Tensor>)>,
 }
 
 /// One owning layer at a checkpoint.
@@ -143,8 +143,10 @@ pub struct KvStore {
     last_hidden: Option<Tensor>,
     /// Models leave the normed hidden state of every fed position here (see the module notes).
     keep_hidden_rows: bool,
-    /// Those rows not yet consumed, for the positions just before `seen`.
-    hidden_rows: Option<HiddenRows>,
+    /// Those rows not yet consumed, for the positions just before `seen`: the tokens, and the
+    /// rows one tensor per forward (joined when taken, not at every push: a long prompt's
+    /// chunks would be copied again and again).
+    hidden_rows: Option<(Vec<u32>, Vec<Tensor>)>,
 }
 
 /// Normed hidden states of consecutive positions, ending at the last one fed, with the tokens
@@ -222,24 +224,21 @@ impl KvStore {
     }
 
     /// Append the normed hidden states `h` `[n, hidden]` of the `n` tokens `ids` just fed.
-    pub fn push_hidden_rows(&mut self, ids: &[u32], h: Tensor) -> Result<()> {
-        self.hidden_rows = Some(match self.hidden_rows.take() {
-            Some(mut old) => {
-                old.ids.extend_from_slice(ids);
-                old.h = Tensor::cat(&[&old.h, &h], 0)?;
-                old
-            }
-            None => HiddenRows {
-                ids: ids.to_vec(),
-                h,
-            },
-        });
-        Ok(())
+    pub fn push_hidden_rows(&mut self, ids: &[u32], h: Tensor) {
+        let (all_ids, parts) = self.hidden_rows.get_or_insert_with(Default::default);
+        all_ids.extend_from_slice(ids);
+        parts.push(h);
     }
 
     /// The hidden rows pushed since the last take: the positions just before [`Self::seen`].
-    pub fn take_hidden_rows(&mut self) -> Option<HiddenRows> {
-        self.hidden_rows.take()
+    pub fn take_hidden_rows(&mut self) -> Result<Option<HiddenRows>> {
+        Ok(match self.hidden_rows.take() {
+            Some((ids, parts)) => Some(HiddenRows {
+                ids,
+                h: Tensor::cat(&parts, 0)?,
+            }),
+            None => None,
+        })
     }
 
     /// Give slot `i` (past the model's layers) a full-attention cache, if it has none.

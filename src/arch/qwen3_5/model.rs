@@ -360,7 +360,7 @@ impl CausalLm for Qwen3_5Model {
         //    [rows, vocab]
         let h = if cache.wants_hidden_rows() {
             let normed = self.norm.forward(&h)?; // [n, hidden]
-            cache.push_hidden_rows(tokens, normed.clone())?;
+            cache.push_hidden_rows(tokens, normed.clone());
             rows.select(&normed.unsqueeze(0)?)?
         } else {
             self.norm.forward(&rows.select(&h.unsqueeze(0)?)?)?
