@@ -416,6 +416,13 @@ fn first_round_matches(
     let s: serde_json::Value =
         serde_json::from_str(common::stdout(&o).lines().last().unwrap()).unwrap();
     assert_eq!(s["generated_ids"][0], r["first_token"], "{name}");
+    // The summary line says what was drafted and accepted.
+    let said = format!("{} of {} accepted", s["accepted_tokens"], s["draft_tokens"]);
+    assert!(
+        common::stderr(&o).contains(&said),
+        "{name}: no `{said}` in {}",
+        common::stderr(&o)
+    );
     let got = candle_core::safetensors::load(&out, &candle_core::Device::Cpu)
         .unwrap()
         .remove("logits")

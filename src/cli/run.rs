@@ -355,7 +355,11 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
         write_logits(p, &rows)?;
     }
     if !ctx.quiet {
-        eprintln!("{}", summary(&stats, &at_max, &weights, load_s));
+        let drafter_name = drafter.as_ref().map(|d| d.name());
+        eprintln!(
+            "{}",
+            summary(&stats, &at_max, &weights, load_s, drafter_name.as_deref())
+        );
     }
     if args.json {
         let mut v = serde_json::to_value(&stats)?;
@@ -381,9 +385,27 @@ pub fn run(ctx: &Ctx, args: Args, out: &mut dyn Write) -> Result<()> {
     Ok(())
 }
 
-fn summary(s: &Stats, at_max: &budget::Budget, weights: &str, load_s: f64) -> String {
+/// The one-line summary on stderr; with a drafter, what it drafted and the target accepted.
+fn summary(
+    s: &Stats,
+    at_max: &budget::Budget,
+    weights: &str,
+    load_s: f64,
+    drafter: Option<&str>,
+) -> String {
+    let draft = drafter
+        .map(|name| {
+            format!(
+                " · draft {name}: {} of {} accepted ({:.0} %), {} target steps",
+                s.accepted_tokens,
+                s.draft_tokens,
+                100.0 * s.acceptance_rate,
+                s.target_steps
+            )
+        })
+        .unwrap_or_default();
     format!(
-        "{} prompt{} + {} generated tokens{} · TTFT {:.0} ms · prefill {:.1} tok/s · decode {:.1} tok/s · KV {} (budget {} at {}) · {weights} weights · load {:.1} s{}",
+        "{} prompt{} + {} generated tokens{} · TTFT {:.0} ms · prefill {:.1} tok/s · decode {:.1} tok/s{draft} · KV {} (budget {} at {}) · {weights} weights · load {:.1} s{}",
         s.prompt_tokens,
         if s.prefilled_tokens < s.prompt_tokens {
             format!(" ({} fed)", s.prefilled_tokens)
