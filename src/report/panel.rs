@@ -38,7 +38,7 @@ pub struct DraftFigures {
     /// The drafter (`ngram`, an assistant's name).
     pub name: String,
     /// Target layers whose caches the drafter reads (a Gemma 4 assistant: the last sliding and
-    /// the last full layer); it holds no cache of its own.
+    /// the last full layer).
     pub reads: Vec<usize>,
     /// The last verify step: drafted, accepted.
     pub step: (usize, usize),
@@ -56,8 +56,9 @@ impl DraftFigures {
         self.accepted += accepted;
     }
 
-    /// `draft NAME · step A/D accepted · total A/D (R%) · own KV 0 B[, reads L.. L..]`.
-    pub fn line(&self) -> String {
+    /// `draft NAME · step A/D accepted · total A/D (R%) · own KV B[, reads L.. L..]`, `own`
+    /// being the bytes of the drafter's own cache slots (an MTP head's; 0 for the others).
+    pub fn line(&self, own: u64) -> String {
         let rate = if self.drafted > 0 {
             100.0 * self.accepted as f64 / self.drafted as f64
         } else {
@@ -70,8 +71,13 @@ impl DraftFigures {
             format!(" (reads the target's {})", ls.join(" and "))
         };
         format!(
-            "draft {} · step {}/{} accepted · total {}/{} ({rate:.0}%) · own KV 0 B{reads}",
-            self.name, self.step.1, self.step.0, self.accepted, self.drafted
+            "draft {} · step {}/{} accepted · total {}/{} ({rate:.0}%) · own KV {}{reads}",
+            self.name,
+            self.step.1,
+            self.step.0,
+            self.accepted,
+            self.drafted,
+            units::bytes(own)
         )
     }
 }
@@ -102,7 +108,9 @@ pub fn render(s: &Snapshot) -> Vec<String> {
         units::flops(flops)
     )];
     if let Some(d) = s.draft {
-        lines.push(d.line());
+        // Slots past the model's layers are the drafter's (an MTP head's cache).
+        let own = s.held.iter().skip(s.spec.layers.len()).sum();
+        lines.push(d.line(own));
     }
     let read_by_drafter = |i: usize| s.draft.is_some_and(|d| d.reads.contains(&i));
     let rows = s
@@ -326,8 +334,8 @@ mod tests {
         assert_eq!(p.col, 2);
     }
 
-    /// With a drafter the panel says what it drafted and accepted, that it holds no KV, and
-    /// marks the target layers it reads.
+    /// With a drafter the panel says what it drafted and accepted, the KV it holds of its own
+    /// (none, or an MTP head's slot), and marks the target layers it reads.
     #[test]
     fn shows_the_drafter_and_the_layers_it_reads() {
         let raw: serde_json::Value =
@@ -357,6 +365,22 @@ mod tests {
         );
         let marked: Vec<&String> = lines.iter().filter(|l| l.contains("← draft")).collect();
         assert_eq!(marked.len(), 2, "{lines:?}");
+        // A drafter with a cache of its own (an MTP head) holds the slots past the model's.
+        let mut with_own = held.clone();
+        with_own.push(2048);
+        let own = render(&Snapshot {
+            held: &with_own,
+            ..Snapshot {
+                spec: &spec,
+                budget: &budget,
+                held: &held,
+                tokens: 100,
+                tok_s: 3.0,
+                measured: true,
+                draft: Some(&d),
+            }
+        });
+        assert!(own[1].contains("· own KV 2.05 KB (reads"), "{}", own[1]);
         assert!(
             marked[0].contains("L13 ") && marked[1].contains("L14 "),
             "{marked:?}"
