@@ -360,6 +360,13 @@ fn sampling_with_drafts_keeps_the_targets_distribution() {
     assert!(chi2 < q999, "χ² = {chi2:.1} ≥ {q999:.1}: {got:?}");
 }
 
+/// Runs llmarch with `args`, which must succeed, and parses its last stdout line (`--json`).
+fn run_stats(args: &[&str]) -> serde_json::Value {
+    let o = common::run(args);
+    assert!(o.status.success(), "{args:?}: {}", common::stderr(&o));
+    serde_json::from_str(common::stdout(&o).lines().last().unwrap()).unwrap()
+}
+
 /// Runs `target` on the prompt of `fixture`'s reference.json with `--draft draft` (and
 /// `extra` flags) for as many drafts as the reference has, and checks the first round: the
 /// target's first token, the drafted logits within 5e-3 of reference.safetensors' `logits`
@@ -459,7 +466,6 @@ fn the_gemma4_assistant_drafts_as_the_reference_does() {
 /// does (the assistant owns none), and its default draft count is its generation_config's.
 #[test]
 fn greedy_output_is_the_same_with_the_gemma4_assistant() {
-    use common::run as cli;
     let root = common::reference::fixtures_root();
     let target = root.join("gemma4/e2b-like");
     let t = target.to_str().unwrap();
@@ -476,12 +482,7 @@ fn greedy_output_is_the_same_with_the_gemma4_assistant() {
         "0",
         "--json",
     ];
-    let stats = |extra: &[&str]| -> serde_json::Value {
-        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
-        let o = cli(&args);
-        assert!(o.status.success(), "{args:?}: {}", common::stderr(&o));
-        serde_json::from_str(common::stdout(&o).lines().last().unwrap()).unwrap()
-    };
+    let stats = |extra: &[&str]| run_stats(&[&base[..], extra].concat());
     let plain = stats(&[]);
     for variant in ["plain", "ordered"] {
         let d = root.join("gemma4_assistant").join(variant);
@@ -538,7 +539,6 @@ fn the_mtp_head_drafts_as_the_reference_does() {
 /// slot (one K and V row per position).
 #[test]
 fn greedy_output_is_the_same_with_the_mtp_head() {
-    use common::run as cli;
     for dir in mtp_fixtures() {
         let name = fixture_name(&dir);
         let d = dir.to_str().unwrap();
@@ -559,12 +559,7 @@ fn greedy_output_is_the_same_with_the_mtp_head() {
                 "1024",
                 "--json",
             ];
-            let stats = |extra: &[&str]| -> serde_json::Value {
-                let args: Vec<&str> = base.iter().chain(extra).copied().collect();
-                let o = cli(&args);
-                assert!(o.status.success(), "{args:?}: {}", common::stderr(&o));
-                serde_json::from_str(common::stdout(&o).lines().last().unwrap()).unwrap()
-            };
+            let stats = |extra: &[&str]| run_stats(&[&base[..], extra].concat());
             let plain = stats(&[]);
             let layers = plain["kv_bytes_per_layer"].as_array().unwrap().clone();
             for k in [None, Some("1"), Some("3"), Some("8")] {

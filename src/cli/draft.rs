@@ -4,7 +4,7 @@
 use super::shared::Precision;
 use super::Ctx;
 use crate::arch::gemma4::assistant::{self, is_assistant_config, Gemma4Assistant};
-use crate::arch::qwen3_5::mtp::Qwen3_5Mtp;
+use crate::arch::qwen3_5::mtp::{MtpPlan, Qwen3_5Mtp};
 use crate::arch::ArchSpec;
 use crate::generate::assistant::AssistantDrafter;
 use crate::generate::mtp::MtpDrafter;
@@ -137,15 +137,8 @@ fn mtp(
             progress: ctx.progress(),
         },
     )?;
-    let config = files.config_json()?;
-    // Check the config before reading any weight.
-    let (spec, cfg) = crate::arch::parse_for_family(
-        &config,
-        &ctx.parse,
-        &crate::arch::qwen3_5::FAMILY,
-        crate::arch::qwen3_5::parse,
-    )?;
-    crate::arch::qwen3_5::mtp::mtp_layer(&spec, &cfg)?;
+    // The config is checked before any weight is read.
+    let plan = MtpPlan::of(&files.config_json()?, &ctx.parse)?;
     let opts = weights::LoadOptions {
         whole: true,
         ..Default::default()
@@ -159,7 +152,7 @@ fn mtp(
     }
     let source = crate::kernels::fast_cpu(&precision.device).then(|| w.mapped_source());
     let head = crate::layers::linear::with_weight_format(precision.weights, source, || {
-        Qwen3_5Mtp::load(&config, &ctx.parse, w.root_vb().pp("mtp"))
+        Qwen3_5Mtp::load(&plan, w.root_vb().pp("mtp"))
     })
     .with_context(|| format!("building the MTP head from {}", files.source))?;
     Ok(MtpDrafter {
@@ -233,13 +226,9 @@ pub fn describe(
             own_kv_values_per_token: 0,
         }),
         "mtp" if target.family == "qwen3_5" => {
-            let (spec, cfg) = crate::arch::parse_for_family(
-                target_config,
-                &ctx.parse,
-                &crate::arch::qwen3_5::FAMILY,
-                crate::arch::qwen3_5::parse,
-            )?;
-            let l = crate::arch::qwen3_5::mtp::mtp_layer(&spec, &cfg).context("--draft mtp")?;
+            let l = MtpPlan::of(target_config, &ctx.parse)
+                .context("--draft mtp")?
+                .layer;
             Ok(DraftInfo {
                 name: "mtp".into(),
                 layers: 1,

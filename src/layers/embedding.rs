@@ -14,7 +14,7 @@ use super::linear::{mapped_in_scope, Linear};
 use super::mapped::MappedTensor;
 use super::weight;
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
@@ -74,6 +74,12 @@ impl ScaledEmbedding {
 
     pub fn vocab(&self) -> usize {
         self.vocab
+    }
+
+    /// `tokens` → `[1, n, dim]` on `device` (what a drafter takes in from its target).
+    pub fn lookup(&self, tokens: &[u32], device: &Device) -> Result<Tensor> {
+        crate::arch::check_tokens(tokens, self.vocab)?;
+        self.forward(&Tensor::from_slice(tokens, (1, tokens.len()), device)?)
     }
 
     /// ids `[b, n]` (u32) → `[b, n, dim]`.

@@ -350,7 +350,7 @@ mod tests {
         };
         d.verified(4, 3);
         d.verified(4, 1);
-        let lines = render(&Snapshot {
+        let snap = Snapshot {
             spec: &spec,
             budget: &budget,
             held: &held,
@@ -358,7 +358,8 @@ mod tests {
             tok_s: 3.0,
             measured: true,
             draft: Some(&d),
-        });
+        };
+        let lines = render(&snap);
         assert_eq!(
             lines[1],
             "draft gemma4-e2b-assistant · step 1/4 accepted · total 4/8 (50%) · own KV 0 B (reads the target's L13 and L14)"
@@ -370,15 +371,7 @@ mod tests {
         with_own.push(2048);
         let own = render(&Snapshot {
             held: &with_own,
-            ..Snapshot {
-                spec: &spec,
-                budget: &budget,
-                held: &held,
-                tokens: 100,
-                tok_s: 3.0,
-                measured: true,
-                draft: Some(&d),
-            }
+            ..snap
         });
         assert!(own[1].contains("· own KV 2.05 KB (reads"), "{}", own[1]);
         assert!(

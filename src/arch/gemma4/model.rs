@@ -318,12 +318,7 @@ impl CausalLm for Gemma4Model {
     }
 
     fn input_embedding(&self, tokens: &[u32]) -> Result<Tensor> {
-        crate::arch::check_tokens(tokens, self.spec.vocab_size)?;
-        self.embed.forward(&Tensor::from_slice(
-            tokens,
-            (1, tokens.len()),
-            &self.device,
-        )?)
+        self.embed.lookup(tokens, &self.device)
     }
 
     /// Feeds `tokens` at positions `cache.seen()..`. On error the cache may hold part of the

@@ -370,12 +370,7 @@ impl CausalLm for Qwen3_5Model {
     }
 
     fn input_embedding(&self, tokens: &[u32]) -> Result<Tensor> {
-        crate::arch::check_tokens(tokens, self.spec.vocab_size)?;
-        self.embed.forward(&Tensor::from_slice(
-            tokens,
-            (1, tokens.len()),
-            &self.device,
-        )?)
+        self.embed.lookup(tokens, &self.device)
     }
 
     fn output_head(&self, h: &Tensor) -> Result<Tensor> {

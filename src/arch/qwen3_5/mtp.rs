@@ -25,7 +25,7 @@
 use super::model::{rotary, DecoderLayer};
 use super::RuntimeConfig;
 use crate::arch::config::ParseOptions;
-use crate::arch::{ArchSpec, Attention};
+use crate::arch::{ArchSpec, Attention, LayerSpec};
 use crate::layers::kv_store::KvStore;
 use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
@@ -45,64 +45,71 @@ pub struct Qwen3_5Mtp {
     norm: RmsNorm,
     /// The layer's slot in the target's cache.
     slot: usize,
-    /// Bytes its cache holds per token (K and V of its KV heads, in the cache's dtype).
-    kv_bytes_per_token: u64,
 }
 
-/// The MTP layer's row of the per-layer table: the target's first full-attention layer, in
-/// slot `num_hidden_layers`. Refuses checkpoints whose MTP this head does not run.
-pub fn mtp_layer(spec: &ArchSpec, cfg: &RuntimeConfig) -> Result<crate::arch::LayerSpec> {
-    match cfg.mtp_layers {
-        0 => bail!("config.json declares no MTP layers (`mtp_num_hidden_layers` is 0 or absent)\nhint: --draft ngram drafts without a model"),
-        1 => {}
-        n => bail!("`mtp_num_hidden_layers` = {n}: llmarch runs an MTP head of one layer (every Qwen3.6 checkpoint has one)"),
+/// What `config.json` says of the head: the target's table and runtime config, and the MTP
+/// layer's row (the target's first full-attention layer, in slot `num_hidden_layers`).
+pub struct MtpPlan {
+    spec: ArchSpec,
+    cfg: RuntimeConfig,
+    pub layer: LayerSpec,
+}
+
+impl MtpPlan {
+    /// Read a Qwen3.5 `config.json`; refuses checkpoints whose MTP this head does not run.
+    pub fn of(config: &Value, opts: &ParseOptions) -> Result<Self> {
+        let (spec, cfg) =
+            crate::arch::parse_for_family(config, opts, &super::FAMILY, super::parse)?;
+        match cfg.mtp_layers {
+            0 => bail!("config.json declares no MTP layers (`mtp_num_hidden_layers` is 0 or absent)\nhint: --draft ngram drafts without a model"),
+            1 => {}
+            n => bail!("`mtp_num_hidden_layers` = {n}: llmarch runs an MTP head of one layer (every Qwen3.6 checkpoint has one)"),
+        }
+        if cfg.mtp_dedicated_embeddings {
+            bail!("`mtp_use_dedicated_embeddings` = true is not supported: llmarch's MTP head reads the target's embeddings");
+        }
+        let full = spec
+            .layers
+            .iter()
+            .find(|l| l.attention == Attention::Full)
+            .ok_or_else(|| {
+                anyhow!("the model has no full-attention layer for its MTP layer to copy")
+            })?;
+        let layer = LayerSpec {
+            index: spec.layers.len(),
+            ..full.clone()
+        };
+        Ok(MtpPlan { spec, cfg, layer })
     }
-    if cfg.mtp_dedicated_embeddings {
-        bail!("`mtp_use_dedicated_embeddings` = true is not supported: llmarch's MTP head reads the target's embeddings");
-    }
-    let full = spec
-        .layers
-        .iter()
-        .find(|l| l.attention == Attention::Full)
-        .ok_or_else(|| {
-            anyhow!("the model has no full-attention layer for its MTP layer to copy")
-        })?;
-    Ok(crate::arch::LayerSpec {
-        index: spec.layers.len(),
-        ..full.clone()
-    })
 }
 
 impl Qwen3_5Mtp {
-    /// Build the head from `config.json` and `vb`, positioned at the checkpoint's `mtp.`.
-    pub fn load(config: &Value, opts: &ParseOptions, vb: VarBuilder) -> Result<Self> {
-        let (spec, cfg) =
-            crate::arch::parse_for_family(config, opts, &super::FAMILY, super::parse)?;
-        let l = mtp_layer(&spec, &cfg)?;
-        let (hidden, eps) = (spec.hidden_size, cfg.rms_norm_eps);
-        let rope = rotary(&spec, &cfg, vb.device())?;
+    /// Build the head `plan` describes from `vb`, positioned at the checkpoint's `mtp.`.
+    pub fn load(plan: &MtpPlan, vb: VarBuilder) -> Result<Self> {
+        let (hidden, eps) = (plan.spec.hidden_size, plan.cfg.rms_norm_eps);
+        let rope = rotary(&plan.spec, &plan.cfg, vb.device())?;
         let norm = |name: &str| RmsNorm::load_zero_centred(&vb.pp(name), hidden, eps);
-        let layer = DecoderLayer::load(&vb.pp("layers").pp(0), &l, hidden, &cfg, &rope)
-            .context("MTP layer 0 (`mtp.layers.0`)")?;
-        let dtype_bytes = vb.dtype().size_in_bytes() as u64;
+        let layer = DecoderLayer::load(
+            &vb.pp("layers").pp(0),
+            &plan.layer,
+            hidden,
+            &plan.cfg,
+            &rope,
+        )
+        .context("MTP layer 0 (`mtp.layers.0`)")?;
         Ok(Qwen3_5Mtp {
             pre_fc_norm_embedding: norm("pre_fc_norm_embedding")?,
             pre_fc_norm_hidden: norm("pre_fc_norm_hidden")?,
             fc: Linear::load(&vb.pp("fc"), 2 * hidden, hidden, false)?,
             layer,
             norm: norm("norm")?,
-            slot: l.index,
-            kv_bytes_per_token: 2 * (l.kv_heads * l.head_dim) as u64 * dtype_bytes,
+            slot: plan.layer.index,
         })
     }
 
     /// The head's slot in the target's cache.
     pub fn slot(&self) -> usize {
         self.slot
-    }
-
-    pub fn kv_bytes_per_token(&self) -> u64 {
-        self.kv_bytes_per_token
     }
 
     /// MTP steps for positions `start..start + n`: `e` `[n, hidden]` the embeddings of the
