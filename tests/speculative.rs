@@ -230,6 +230,75 @@ fn a_rolled_back_cache_is_byte_identical_to_one_that_never_drafted() {
     }
 }
 
+/// Where a family's cache is only rows (no states), a verify pass's accepted rows are kept
+/// (`KvStore::keep_prefix`) instead of fed again: a verify pass computes each row as a decode
+/// step does (`as_decode_steps`), so the store, the last hidden state and the next steps'
+/// logits are the same bits as those of a run that decoded only the accepted tokens, one at a
+/// time. Families with states take the rollback above (`keep_prefix` declines, changing nothing).
+#[test]
+fn kept_rows_of_a_verify_pass_equal_a_refeed() {
+    for family in runnable_families() {
+        let mut kept = 0;
+        for dir in family_fixtures(family.name) {
+            let name = fixture_name(&dir);
+            let model = build_any(&dir, DType::F32);
+            let (vocab, layers) = (model.spec().vocab_size, model.spec().layers.len());
+            let p = prompt(37, vocab);
+            let mut base = model.new_cache();
+            model.forward(&p, &mut base).unwrap();
+            // t, d1..d4: within the fixtures' 8-token sliding windows.
+            let input: Vec<u32> = prompt(80, vocab)[70..75].to_vec();
+            for keep in [1usize, 2, 4, 5] {
+                let who = format!("{name}, keep {keep} of 5");
+                let mut live = base.clone();
+                let before = dump(&live, layers);
+                let cp = live.checkpoint();
+                llmarch::kernels::as_decode_steps(|| model.forward(&input, &mut live)).unwrap();
+                if !live.keep_prefix(&cp, keep).unwrap() {
+                    live.rollback(&cp).unwrap();
+                    assert!(
+                        dump(&live, layers) == before,
+                        "{who}: declined, then rolled back"
+                    );
+                    continue;
+                }
+                kept += 1;
+                let mut never = base.clone();
+                for &t in &input[..keep] {
+                    model.forward(&[t], &mut never).unwrap();
+                }
+                assert!(
+                    dump(&live, layers) == dump(&never, layers),
+                    "{who}: kept rows"
+                );
+                let last = |c: &KvStore| {
+                    c.last_hidden().unwrap().map(|h| {
+                        assert_eq!(h.dims(), [1, 1, h.elem_count()], "{who}");
+                        h.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                    })
+                };
+                assert_eq!(last(&live), last(&never), "{who}: last hidden state");
+                for t in [3u32, 9, 4] {
+                    let a = model.forward(&[t], &mut live).unwrap();
+                    let b = model.forward(&[t], &mut never).unwrap();
+                    assert_eq!(
+                        a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                        b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                        "{who}: next logits"
+                    );
+                }
+            }
+        }
+        let rows_only = ["gemma4", "laguna"].contains(&family.name);
+        assert_eq!(
+            kept > 0,
+            rows_only,
+            "{}: kept rows {kept} times",
+            family.name
+        );
+    }
+}
+
 /// Proposes what the target itself ranks second at each step (computed on a copy of its
 /// cache): drafts with 0 < p < 1 under top-k 3, so both acceptance and the residual draw run.
 struct SecondBest;

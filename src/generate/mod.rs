@@ -314,7 +314,9 @@ pub fn generate_with(
             }
         }
         out.stats.accepted_tokens += accepted;
-        if keep < k + 1 {
+        // Keep the accepted rows of the pass where the cache is only rows; else roll back and
+        // feed the accepted tokens again.
+        if keep < k + 1 && !cache.keep_prefix(&checkpoint, keep)? {
             cache.rollback(&checkpoint)?;
             crate::kernels::as_decode_steps(|| {
                 model.forward_logits(&input[..keep], cache, Rows::None)

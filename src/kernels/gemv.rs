@@ -1676,35 +1676,38 @@ pub(crate) mod tests {
         assert_eq!((rows, q8.dequantize().len()), (out, out * n));
     }
 
-    /// A few rows at once give each row's one-row gemv result (the same kernel over the same
-    /// weights, in other task slices: equal to f32 rounding), for every weight format, with
-    /// shapes that leave partial tasks.
+    /// A few rows at once give each row's one-row gemv result bit for bit (the same kernel over
+    /// the same weights, in other task slices), for every weight format, with shapes that leave
+    /// partial tasks, and more rows than a verify pass usually has: what lets a verify pass keep
+    /// its rows as a decode step's ([`crate::kernels::as_decode_steps`]).
     #[test]
     fn a_few_rows_at_once_equal_one_row_at_a_time() {
-        let (out, n) = (1001, 96);
-        let w32 = random(out * n, 5);
-        let wb: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
-        let q8 = Q8_0Matrix::quantize(&w32, out, n).unwrap();
-        let q4 = Q4_0Matrix::quantize(&w32, out, n).unwrap();
-        for m in [2usize, 3, 5, MAX_GEMV_ROWS] {
-            let x = random(m * n, 7 + m as u64);
-            for w in [
-                WeightRows::F32(&w32),
-                WeightRows::Bf16(&wb),
-                WeightRows::Q8_0(&q8),
-                WeightRows::Q4_0(&q4),
-            ] {
-                let mut y = vec![0f32; m * out];
-                gemv_rows(w, &x, m, &mut y).unwrap();
-                for r in 0..m {
-                    let mut one = vec![0f32; out];
-                    gemv(w, &x[r * n..(r + 1) * n], &mut one).unwrap();
-                    let got = &y[r * out..(r + 1) * out];
-                    assert!(rel_rms(got, &one) < 1e-6, "{m} rows, row {r}");
+        for (out, n) in [(1001, 96), (515, 1536)] {
+            let w32 = random(out * n, 5);
+            let wb: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
+            let q8 = Q8_0Matrix::quantize(&w32, out, n).unwrap();
+            let q4 = Q4_0Matrix::quantize(&w32, out, n).unwrap();
+            for m in [2usize, 3, 5, MAX_GEMV_ROWS, MAX_GEMV_ROWS + 3] {
+                let x = random(m * n, 7 + m as u64);
+                for w in [
+                    WeightRows::F32(&w32),
+                    WeightRows::Bf16(&wb),
+                    WeightRows::Q8_0(&q8),
+                    WeightRows::Q4_0(&q4),
+                ] {
+                    let mut y = vec![0f32; m * out];
+                    gemv_rows(w, &x, m, &mut y).unwrap();
+                    for r in 0..m {
+                        let mut one = vec![0f32; out];
+                        gemv(w, &x[r * n..(r + 1) * n], &mut one).unwrap();
+                        let got = &y[r * out..(r + 1) * out];
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert!(bits(got) == bits(&one), "{out}x{n}, {m} rows, row {r}");
+                    }
                 }
             }
         }
-        assert!(gemv_rows(WeightRows::F32(&w32), &[0.0; 95], 2, &mut [0.0; 2002]).is_err());
+        assert!(gemv_rows(WeightRows::F32(&[0.0; 192]), &[0.0; 95], 2, &mut [0.0; 4]).is_err());
     }
 
     #[test]

@@ -120,7 +120,8 @@ fn attend_few_rows(
     let (b, hq, n, _) = q.dims4()?;
     let (_, hkv, t, _) = k.dims4()?;
     let dv = v.dim(3)?;
-    if n > FEW_ROWS
+    let per_row = n > 1 && crate::kernels::in_decode_steps();
+    if (n > FEW_ROWS && !per_row)
         || !crate::kernels::fast_cpu(q.device())
         || [q, k, v].iter().any(|x| x.dtype() != DType::F32)
     {
@@ -159,8 +160,30 @@ fn attend_few_rows(
         window: span.window,
         scale: scale as f32,
     };
-    let mut out = vec![0f32; b * hq * n * dv];
-    attend_few(&geo, &qs, kr, vr, &mut out)?;
+    let mut out = vec![0f32; b * hq * n * dv]; // [b, hq, n, dv]
+    if per_row {
+        // A verify pass: each row on its own, as the decode step at its position computes it
+        // (how a call splits its keys among threads depends on all its rows), so the rows a
+        // verify pass keeps are a decode step's, bit for bit.
+        let (d, heads) = (qs.len() / (b * hq * n), b * hq);
+        let (mut q1, mut o1) = (vec![0f32; heads * d], vec![0f32; heads * dv]); // [b, hq, 1, ·]
+        for i in 0..n {
+            for h in 0..heads {
+                q1[h * d..][..d].copy_from_slice(&qs[(h * n + i) * d..][..d]);
+            }
+            let one = Geometry {
+                rows: 1,
+                q_start: geo.q_start + i,
+                ..geo
+            };
+            attend_few(&one, &q1, kr, vr, &mut o1)?;
+            for h in 0..heads {
+                out[(h * n + i) * dv..][..dv].copy_from_slice(&o1[h * dv..][..dv]);
+            }
+        }
+    } else {
+        attend_few(&geo, &qs, kr, vr, &mut out)?;
+    }
     Ok(Some(Tensor::from_vec(out, (b, hq, n, dv), q.device())?))
 }
 

@@ -138,8 +138,9 @@ pub struct KvStore {
     layers: Vec<Option<LayerKv>>,
     /// Tokens fed so far (the position of the next token).
     seen: usize,
-    /// The model's last normed hidden state `[1, 1, hidden]`, where it keeps one (Gemma 4):
-    /// what its assistant drafter starts from. Not KV: not counted in [`Self::bytes`].
+    /// The model's normed hidden states of the last positions fed `[1, r, hidden]`, where it
+    /// keeps them (Gemma 4): its assistant drafter starts from the last. Not KV: not counted
+    /// in [`Self::bytes`].
     last_hidden: Option<Tensor>,
     /// Models leave the normed hidden state of every fed position here (see the module notes).
     keep_hidden_rows: bool,
@@ -202,12 +203,16 @@ impl KvStore {
         self.hidden_rows = None;
     }
 
-    /// The last normed hidden state the model left (see the field).
-    pub fn last_hidden(&self) -> Option<&Tensor> {
-        self.last_hidden.as_ref()
+    /// The last normed hidden state the model left (see the field), `[1, 1, hidden]`.
+    pub fn last_hidden(&self) -> Result<Option<Tensor>> {
+        Ok(match &self.last_hidden {
+            Some(h) => Some(h.narrow(1, h.dim(1)? - 1, 1)?),
+            None => None,
+        })
     }
 
-    /// Keep `h` as the last normed hidden state.
+    /// Keep `h` `[1, r, hidden]`, the normed hidden states of the last `r` positions fed (the
+    /// last one, or every row of a verify pass, which [`Self::keep_prefix`] may cut).
     pub fn set_last_hidden(&mut self, h: Tensor) {
         self.last_hidden = Some(h);
     }
@@ -391,6 +396,106 @@ impl KvStore {
         Ok(())
     }
 
+    /// After a forward of `fed` tokens from `cp` (a verify pass), keep only the first `keep`
+    /// of them, as if only those had been fed: full layers drop the rows past them, sliding
+    /// layers put the kept rows after the checkpoint's window, the hidden rows and the last
+    /// hidden state are cut to match. The rows kept are the ones the pass computed, so this
+    /// equals a [`Self::rollback`] and a refeed of the `keep` tokens wherever a forward's rows
+    /// do not depend on how many rows it had (tested for every family that takes this path),
+    /// and saves the refeed. `Ok(false)`, with the store unchanged, where it cannot: a layer
+    /// keeps states (DeltaNet, convolution, compressor carries hold no rows to cut), a sliding
+    /// window already evicted some of the fed rows, or the last hidden state holds too few rows.
+    pub fn keep_prefix(&mut self, cp: &Checkpoint, keep: usize) -> Result<bool> {
+        let fed = self.seen.checked_sub(cp.seen);
+        let (Some(fed), true) = (fed, cp.layers.len() == self.layers.len()) else {
+            bail!("internal: a checkpoint of another cache (or of a later state)");
+        };
+        if keep > fed {
+            bail!("internal: keeping {keep} of the {fed} tokens fed since the checkpoint");
+        }
+        let rows = |t: &Option<Tensor>| t.as_ref().map_or(0, |t| t.dim(2).unwrap_or(0));
+        for (l, m) in self.layers.iter().zip(&cp.layers) {
+            let (Some(l), Some(m)) = (l, m) else {
+                continue;
+            };
+            if !l.states.is_empty() || !m.states.is_empty() {
+                return Ok(false);
+            }
+            let now = rows(&l.k);
+            match l.window {
+                None if now != m.rows && now != m.rows + fed => {
+                    bail!(
+                        "internal: a full layer holds {now} rows, not {} + {fed}",
+                        m.rows
+                    )
+                }
+                Some(_) if now < fed => return Ok(false),
+                _ => {}
+            }
+        }
+        let last_rows = match &self.last_hidden {
+            Some(h) => h.dim(1)?,
+            None => usize::MAX,
+        };
+        if last_rows < fed - keep + 1 {
+            return Ok(false);
+        }
+
+        for (l, m) in self.layers.iter_mut().zip(&cp.layers) {
+            let (Some(l), Some(m)) = (l.as_mut(), m.as_ref()) else {
+                continue;
+            };
+            let now = rows(&l.k);
+            if l.window.is_none() {
+                if now == m.rows + fed && fed > keep {
+                    let cut =
+                        |t: &Option<Tensor>| t.as_ref().map(|t| t.narrow(2, 0, m.rows + keep));
+                    l.k = cut(&l.k).transpose()?;
+                    l.v = cut(&l.v).transpose()?;
+                }
+                continue;
+            }
+            // The fed rows are the window's last `fed`: the kept ones go after the checkpoint's
+            // window, trimmed as an append of them would trim. [b, h, rows, d]
+            let window = l.window.unwrap_or(usize::MAX);
+            let splice = |old: &Option<Tensor>, now_t: &Option<Tensor>| -> Result<Option<Tensor>> {
+                let Some(t) = now_t else { return Ok(None) };
+                let kept = t.narrow(2, now - fed, keep)?;
+                let all = match old {
+                    Some(o) => Tensor::cat(&[o, &kept], 2)?,
+                    None => kept,
+                };
+                let total = all.dim(2)?;
+                Ok(Some(if total > window {
+                    all.narrow(2, total - window, window)?.contiguous()?
+                } else {
+                    all
+                }))
+            };
+            l.k = splice(&m.k, &l.k)?;
+            l.v = splice(&m.v, &l.v)?;
+        }
+        if let Some(h) = &self.last_hidden {
+            let r = h.dim(1)?;
+            self.last_hidden = Some(h.narrow(1, r - (fed - keep) - 1, 1)?);
+        }
+        if let Some((ids, parts)) = &mut self.hidden_rows {
+            // Drop the last `fed - keep` rows.
+            ids.truncate(ids.len() - (fed - keep));
+            let mut drop = fed - keep;
+            while drop > 0 {
+                let Some(last) = parts.pop() else { break };
+                let n = last.dim(0)?;
+                if n > drop {
+                    parts.push(last.narrow(0, 0, n - drop)?);
+                }
+                drop -= n.min(drop);
+            }
+        }
+        self.seen = cp.seen + keep;
+        Ok(true)
+    }
+
     /// Bytes each layer really holds now (K, V and states), measured from the tensors.
     pub fn bytes(&self) -> Vec<u64> {
         let size = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
@@ -564,6 +669,63 @@ mod tests {
             [3.0, 4.0, 9.0]
         );
         assert!(KvStore::new(&[true], &[None]).rollback(&cp).is_err());
+    }
+
+    /// Keeping a prefix of the fed rows gives the store of a run fed only that prefix (rows,
+    /// window, last hidden state, hidden rows), and declines, changing nothing, where a layer
+    /// keeps states or the window evicted fed rows.
+    #[test]
+    fn keep_prefix_equals_feeding_the_prefix_only() {
+        let feed = |s: &mut KvStore, n: usize, at: f32| {
+            s.append(0, chunk(n, at), Some(chunk(n, at + 100.0)))
+                .unwrap();
+            s.append(1, chunk(n, at), None).unwrap();
+            s.set_last_hidden(chunk(n, at).reshape((1, n, 1)).unwrap());
+            s.push_hidden_rows(&vec![7; n], chunk(n, at).reshape((n, 1)).unwrap());
+            s.advance(n);
+        };
+        let state = |s: &KvStore| {
+            let mut v: Vec<Vec<f32>> = (0..2)
+                .flat_map(|i| {
+                    let l = s.layer(i).unwrap();
+                    [l.k.as_ref(), l.v.as_ref()]
+                        .into_iter()
+                        .flatten()
+                        .map(values)
+                })
+                .collect();
+            v.push(values(&s.last_hidden().unwrap().unwrap()));
+            let rows = s.clone().take_hidden_rows().unwrap().unwrap();
+            v.push(values(&rows.h));
+            (v, rows.ids.len(), s.seen())
+        };
+        for keep in [1usize, 3, 4] {
+            let mut s = KvStore::new(&[true, true], &[None, Some(6)]);
+            feed(&mut s, 5, 0.0);
+            let mut prefix_only = s.clone();
+            let cp = s.checkpoint();
+            feed(&mut s, 4, 50.0);
+            assert!(s.keep_prefix(&cp, keep).unwrap());
+            feed(&mut prefix_only, keep, 50.0);
+            assert_eq!(state(&s), state(&prefix_only), "keep {keep}");
+        }
+        // A window smaller than the rows fed, or a state: declined, nothing changed.
+        for (window, with_state) in [(3, false), (6, true)] {
+            let mut s = KvStore::new(&[true, true], &[None, Some(window)]);
+            feed(&mut s, 5, 0.0);
+            let cp = s.checkpoint();
+            feed(&mut s, 4, 50.0);
+            if with_state {
+                s.layer_mut(1).unwrap().set_state("carry", chunk(1, 0.0));
+            }
+            let before = s.clone();
+            assert!(!s.keep_prefix(&cp, 2).unwrap());
+            assert_eq!(
+                values(s.layer(1).unwrap().k.as_ref().unwrap()),
+                values(before.layer(1).unwrap().k.as_ref().unwrap())
+            );
+            assert_eq!(s.seen(), 9);
+        }
     }
 
     #[test]

@@ -440,7 +440,7 @@ impl Gemma4Assistant {
     ) -> Result<Vec<Drafted>> {
         let pos = cache.seen();
         let mut state = cache
-            .last_hidden()
+            .last_hidden()?
             .ok_or_else(|| anyhow!("internal: the target left no hidden state for the drafter"))?
             .to_dtype(DType::F32)?
             .reshape((1, 1, self.backbone))?; // [1, 1, backbone]

@@ -349,12 +349,16 @@ impl CausalLm for Gemma4Model {
             }
         }
         cache.advance(n);
-        // The last position's normed state, for a drafter that reads it (an assistant). [1, 1, hidden]
-        let last = self.norm.forward(&h.narrow(1, n - 1, 1)?)?;
-        cache.set_last_hidden(last.clone());
+        // The normed states a drafter reads (an assistant): every row where all are wanted (a
+        // verify pass, of which only some may be kept), else the last. [1, n or 1, hidden]
+        let normed = match rows {
+            Rows::All => self.norm.forward(&h)?,
+            _ => self.norm.forward(&h.narrow(1, n - 1, 1)?)?,
+        };
+        cache.set_last_hidden(normed.clone());
         let h = match rows {
-            Rows::Last => last,
-            _ => self.norm.forward(&rows.select(&h)?)?, // [1, n or 0, hidden]
+            Rows::None => normed.narrow(1, 0, 0)?,
+            _ => normed,
         };
 
         // 3. Output head, soft-cap. [n, vocab]
