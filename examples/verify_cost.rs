@@ -5,14 +5,19 @@
 //!
 //! Model of a step with N drafts and per-token acceptance α: the first rejection comes after
 //! a accepted drafts with probability α^a(1-α) (a < N), all N are accepted with α^N. A step
-//! yields a+1 tokens and costs the verify pass V(N), plus, after a rejection, the rollback and a
-//! forward of the a+1 kept tokens F(a+1) (F(1) is one decode step, F(m) = V(m-1)). Drafting is
-//! free (prompt lookup); a drafter model would add its own cost per drafted token.
+//! yields a+1 tokens and costs the verify pass V(N), plus, after a rejection, what giving back
+//! the rejected rows costs: nothing where the cache is only rows (the accepted rows are kept,
+//! `KvStore::keep_prefix`), else the rollback and a forward of the a+1 kept tokens F(a+1) (F(1)
+//! is one decode step, F(m) = V(m-1)). Drafting is free (prompt lookup); a drafter model would
+//! add its own cost per drafted token. Forwards run as `generate` runs a verify pass
+//! (`as_decode_steps`: every row computed as a decode step computes it); `--as-prompt` times
+//! them as a prompt chunk instead (the GEMM for f32 weights, attention over all rows at once).
 
 use clap::Parser;
 use llmarch::arch::Rows;
 use llmarch::cli::shared::{self, DeviceArgs};
 use llmarch::cli::Ctx;
+use llmarch::kernels::as_decode_steps;
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -30,6 +35,9 @@ struct Args {
     /// Largest number of drafts.
     #[arg(long, default_value_t = 8)]
     max_drafts: usize,
+    /// Time forwards as a prompt chunk, not as a verify pass.
+    #[arg(long)]
+    as_prompt: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -66,7 +74,12 @@ fn main() -> anyhow::Result<()> {
         for r in 0..args.reps + 1 {
             let cp = cache.checkpoint();
             let t = Instant::now();
-            model.forward_logits(&ids(m, r as u64 + 1), &mut cache, Rows::All)?;
+            let tokens = ids(m, r as u64 + 1);
+            if args.as_prompt {
+                model.forward_logits(&tokens, &mut cache, Rows::All)?;
+            } else {
+                as_decode_steps(|| model.forward_logits(&tokens, &mut cache, Rows::All))?;
+            }
             cache.rollback(&cp)?;
             if r > 0 {
                 times.push(t.elapsed().as_secs_f64());
@@ -78,6 +91,13 @@ fn main() -> anyhow::Result<()> {
         .map(forward)
         .collect::<anyhow::Result<_>>()?;
     let step = f[0];
+    // Whether a rejection keeps the accepted rows (else: rollback and refeed).
+    let keeps_rows = {
+        let mut c = cache.clone();
+        let cp = c.checkpoint();
+        model.forward_logits(&ids(2, 0), &mut c, Rows::All)?;
+        c.keep_prefix(&cp, 1)?
+    };
     println!(
         "{} · {} weights · context {} · RAYON_NUM_THREADS={} · median of {}",
         model_ref.display_name(),
@@ -87,9 +107,19 @@ fn main() -> anyhow::Result<()> {
         args.reps
     );
     println!(
-        "decode step (1 token): {:.2} ms = {:.1} tok/s",
+        "decode step (1 token): {:.2} ms = {:.1} tok/s; forwards timed as {}; a rejection {}",
         step * 1e3,
-        1.0 / step
+        1.0 / step,
+        if args.as_prompt {
+            "a prompt chunk"
+        } else {
+            "a verify pass"
+        },
+        if keeps_rows {
+            "keeps the accepted rows"
+        } else {
+            "rolls back and feeds the accepted tokens again"
+        }
     );
     let rates: [f64; 6] = [0.0, 0.25, 0.5, 0.75, 0.9, 1.0];
     print!("{:>3} {:>10} {:>7} |", "N", "verify ms", "×step");
@@ -105,7 +135,9 @@ fn main() -> anyhow::Result<()> {
             for (a, fa) in f.iter().enumerate().take(n) {
                 let p = alpha.powi(a as i32) * (1.0 - alpha);
                 tokens += p * (a + 1) as f64;
-                cost += p * fa;
+                if !keeps_rows {
+                    cost += p * fa;
+                }
             }
             let all = alpha.powi(n as i32);
             tokens += all * (n + 1) as f64;

@@ -566,6 +566,43 @@ fn rows_pass(w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32], task_bytes: 
             super::int8::gemv_rows(isa, w, rows.clone(), xq, &mut ys);
             return;
         }
+        // f32, f16 and bf16 weights on AVX-512: up to four rows of `x` per pass over each
+        // weight row.
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512
+            && matches!(
+                w,
+                WeightRows::F32(_) | WeightRows::F16(_) | WeightRows::Bf16(_)
+            )
+        {
+            let mut ys: Vec<&mut [f32]> = (0..m)
+                // SAFETY: as below; each row of `y` once.
+                .map(|r| unsafe {
+                    std::slice::from_raw_parts_mut(yp.get().add(r * out + rows.start), rows.len())
+                })
+                .collect();
+            let xs: Vec<&[f32]> = x.chunks(n).collect();
+            let part = rows.start * n..rows.end * n;
+            for (xs, ys) in xs.chunks(4).zip(ys.chunks_mut(4)) {
+                // SAFETY: AVX-512F detected (`Isa::Avx512`); `part` holds `rows.len()` rows of
+                // `n`, each `ys[j]` one value per row.
+                unsafe {
+                    match w {
+                        WeightRows::F32(w) => {
+                            x86::avx512::gemv_dense_rows(&w[part.clone()], xs, ys)
+                        }
+                        WeightRows::F16(w) => {
+                            x86::avx512::gemv_dense_rows(&w[part.clone()], xs, ys)
+                        }
+                        WeightRows::Bf16(w) => {
+                            x86::avx512::gemv_bf16_rows(&w[part.clone()], xs, ys)
+                        }
+                        _ => unreachable!("matched above"),
+                    }
+                }
+            }
+            return;
+        }
         for r in 0..m {
             // SAFETY: tasks cover disjoint column ranges of each row of `y`, which outlives
             // `parallel_for`.
@@ -1210,6 +1247,74 @@ pub(crate) mod x86 {
             })
         }
 
+        /// [`gemv_bf16`] for up to four activation rows `xs` at once (`ys[j]` gets `w · xs[j]`):
+        /// each weight vector is loaded and widened once for all of them, and every row's sums
+        /// run in [`gemv_bf16`]'s order, so each row gets its one-row bits.
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        pub(crate) unsafe fn gemv_bf16_rows(w: &[bf16], xs: &[&[f32]], ys: &mut [&mut [f32]]) {
+            match xs.len() {
+                1 => bf16_tile::<1>(w, xs, ys),
+                2 => bf16_tile::<2>(w, xs, ys),
+                3 => bf16_tile::<3>(w, xs, ys),
+                _ => bf16_tile::<4>(w, xs, ys),
+            }
+        }
+
+        /// [`gemv_bf16_rows`] for `R` rows (`xs.len() == R`).
+        #[inline(always)]
+        #[allow(clippy::needless_range_loop)] // register tiles: `acc[j]` by row
+        unsafe fn bf16_tile<const R: usize>(w: &[bf16], xs: &[&[f32]], ys: &mut [&mut [f32]]) {
+            let n = xs[0].len();
+            let n64 = n / 64 * 64;
+            // Each row split into its even and odd elements, as `gemv_bf16` splits it.
+            let split: Vec<Vec<f32>> = xs
+                .iter()
+                .map(|x| {
+                    let mut s = Vec::with_capacity(n64);
+                    s.extend(x[..n64].iter().step_by(2));
+                    s.extend(x[..n64].iter().skip(1).step_by(2));
+                    s
+                })
+                .collect();
+            let xe: [*const f32; R] = std::array::from_fn(|j| split[j].as_ptr());
+            let xo: [*const f32; R] = std::array::from_fn(|j| split[j].as_ptr().add(n64 / 2));
+            let hi = _mm512_set1_epi32(0xffff_0000u32 as i32);
+            let wp = w.as_ptr();
+            for r in 0..ys[0].len() {
+                let p = wp.add(r * n);
+                let mut acc = [[_mm512_setzero_ps(); 4]; R];
+                let mut c = 0;
+                while c < n64 {
+                    let ahead = (p.add(c) as *const i8).add(PREFETCH_BYTES);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.add(64));
+                    for h in 0..2 {
+                        let v = _mm512_loadu_si512(p.add(c + 32 * h) as *const _);
+                        let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
+                        let odd = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+                        let o = c / 2 + 16 * h;
+                        for j in 0..R {
+                            let a = &mut acc[j];
+                            a[2 * h] =
+                                _mm512_fmadd_ps(even, _mm512_loadu_ps(xe[j].add(o)), a[2 * h]);
+                            a[2 * h + 1] =
+                                _mm512_fmadd_ps(odd, _mm512_loadu_ps(xo[j].add(o)), a[2 * h + 1]);
+                        }
+                    }
+                    c += 64;
+                }
+                for j in 0..R {
+                    let a = &acc[j];
+                    let a = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+                    let mut s = _mm512_reduce_add_ps(a);
+                    for (t, &xt) in xs[j].iter().enumerate().skip(n64) {
+                        s = (*p.add(t)).widen().mul_add(xt, s);
+                    }
+                    ys[j][r] = s;
+                }
+            }
+        }
+
         /// How far ahead of the loads the weight stream is prefetched: two 4 KB pages, so a
         /// page's translation is fetched well before its data is needed (measured: 2 KB gave
         /// +5 % decode on the real-size E2B in bf16; 8 KB +5-8 % more than 2 KB on the bench
@@ -1253,6 +1358,74 @@ pub(crate) mod x86 {
                     s = (*p.add(j)).widen().mul_add(*xp.add(j), s);
                 }
                 *y = s;
+            }
+        }
+
+        /// [`gemv_dense`] for up to four activation rows `xs` at once (`ys[j]` gets `w · xs[j]`):
+        /// each weight vector is loaded once for all of them, and every row's sums run in
+        /// [`gemv_dense`]'s order, so each row gets its one-row bits.
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        pub(in super::super) unsafe fn gemv_dense_rows<E: Widen>(
+            w: &[E],
+            xs: &[&[f32]],
+            ys: &mut [&mut [f32]],
+        ) {
+            match xs.len() {
+                1 => dense_tile::<E, 1>(w, xs, ys),
+                2 => dense_tile::<E, 2>(w, xs, ys),
+                3 => dense_tile::<E, 3>(w, xs, ys),
+                _ => dense_tile::<E, 4>(w, xs, ys),
+            }
+        }
+
+        /// [`gemv_dense_rows`] for `R` rows (`xs.len() == R`).
+        #[inline(always)]
+        #[allow(clippy::needless_range_loop)] // register tiles: `acc[j][i]` by row and lane group
+        unsafe fn dense_tile<E: Widen, const R: usize>(
+            w: &[E],
+            xs: &[&[f32]],
+            ys: &mut [&mut [f32]],
+        ) {
+            let n = xs[0].len();
+            let (n64, n16) = (n / 64 * 64, n / 16 * 16);
+            let wp = w.as_ptr();
+            let xp: [*const f32; R] = std::array::from_fn(|j| xs[j].as_ptr());
+            let size = std::mem::size_of::<E>();
+            for r in 0..ys[0].len() {
+                let p = wp.add(r * n);
+                let mut acc = [[_mm512_setzero_ps(); 4]; R];
+                let mut c = 0;
+                while c < n64 {
+                    let ahead = (p.add(c) as *const i8).add(PREFETCH_BYTES);
+                    for line in (0..64 * size).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.add(line));
+                    }
+                    for i in 0..4 {
+                        let o = c + 16 * i;
+                        let wv = E::load16(p.add(o));
+                        for j in 0..R {
+                            acc[j][i] =
+                                _mm512_fmadd_ps(wv, _mm512_loadu_ps(xp[j].add(o)), acc[j][i]);
+                        }
+                    }
+                    c += 64;
+                }
+                while c < n16 {
+                    let wv = E::load16(p.add(c));
+                    for j in 0..R {
+                        acc[j][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xp[j].add(c)), acc[j][0]);
+                    }
+                    c += 16;
+                }
+                for j in 0..R {
+                    let a = &acc[j];
+                    let a = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+                    let mut s = _mm512_reduce_add_ps(a);
+                    for t in n16..n {
+                        s = (*p.add(t)).widen().mul_add(*xp[j].add(t), s);
+                    }
+                    ys[j][r] = s;
+                }
             }
         }
 
@@ -1685,12 +1858,14 @@ pub(crate) mod tests {
         for (out, n) in [(1001, 96), (515, 1536)] {
             let w32 = random(out * n, 5);
             let wb: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
+            let wh: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
             let q8 = Q8_0Matrix::quantize(&w32, out, n).unwrap();
             let q4 = Q4_0Matrix::quantize(&w32, out, n).unwrap();
             for m in [2usize, 3, 5, MAX_GEMV_ROWS, MAX_GEMV_ROWS + 3] {
                 let x = random(m * n, 7 + m as u64);
                 for w in [
                     WeightRows::F32(&w32),
+                    WeightRows::F16(&wh),
                     WeightRows::Bf16(&wb),
                     WeightRows::Q8_0(&q8),
                     WeightRows::Q4_0(&q4),
