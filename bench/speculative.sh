@@ -4,7 +4,8 @@
 #   1. examples/verify_cost (release): a verify pass over N+1 tokens (N = 1..8) against one decode
 #      step at a 128-token context, each followed by its rollback, per weight type; and the
 #      decode tok/s those times give at acceptance rates 0-100 % (the model is in the example's
-#      header: a rejection costs a rollback and a forward of the kept tokens).
+#      header: a rejection costs nothing more where the cache is only rows, else a rollback
+#      and a forward of the kept tokens).
 #   2. `llmarch run` with and without `--draft ngram` on one prompt, greedy: the measured decode
 #      tok/s, the acceptance rate, and a check that both generate the same ids.
 #

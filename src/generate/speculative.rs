@@ -11,12 +11,16 @@
 //!   the sampler would draw from (penalty, temperature, truncations applied); a rejection draws
 //!   from the normalised residual max(0, p − q), which is p with d removed. Greedy (p a point
 //!   mass) is then an exact prefix match, with the target's argmax after the first mismatch.
-//! - Rollback is [`KvStore::checkpoint`] before the pass and [`KvStore::rollback`] after a
-//!   rejection, then the accepted tokens are fed again in one chunk. Recomputing (rather than
-//!   cutting rows out of the verify pass) is what makes every part of the cache byte-identical
-//!   to a run that never saw the rejected tokens, whatever the family keeps: sliding windows
-//!   that evicted rows, DeltaNet and convolution states, CCA's delayed values, DeepSeek V4's
-//!   open compression window and indexer entries.
+//! - The pass runs under [`crate::kernels::as_decode_steps`]: every row gets the bits a decode
+//!   step at its position would give (weight products in the one-row gemv's order, attention
+//!   row by row), so the drafts are judged by plain decoding's logits.
+//! - After a rejection, where the cache is only rows (Gemma 4, Laguna),
+//!   [`KvStore::keep_prefix`] keeps the accepted rows of the pass: byte-identical to decoding
+//!   the accepted tokens one at a time, for free. Where a layer keeps states (DeltaNet and
+//!   convolution states, CCA's delayed values, DeepSeek V4's open compression window and
+//!   indexer entries), [`KvStore::checkpoint`] before the pass and [`KvStore::rollback`] after
+//!   it, then the accepted tokens are fed again in one chunk: a state cannot be cut back to an
+//!   earlier position.
 
 use super::sampler::Sampler;
 use crate::arch::CausalLm;

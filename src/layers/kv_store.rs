@@ -17,8 +17,10 @@
 //! records what a verify pass will change without copying a row: for full layers only how many
 //! rows they hold (the pass writes past them, never over them), for sliding layers their window
 //! tensors and for every layer its states (a forward replaces those tensors, it never writes
-//! into them), so a checkpoint costs a few reference counts. [`KvStore::rollback`] puts the store
-//! back exactly as it was, byte for byte; the caller then feeds the accepted tokens again.
+//! into them), so a checkpoint costs a few reference counts. [`KvStore::keep_prefix`] keeps the
+//! accepted rows of the pass where the store holds only rows; elsewhere [`KvStore::rollback`]
+//! puts the store back exactly as it was, byte for byte, and the caller feeds the accepted
+//! tokens again.
 //!
 //! A drafter with layers of its own (an MTP head, `--draft mtp`) keeps them here too, in slots
 //! past the model's ([`KvStore::add_full_layer`]), so checkpoints, snapshots and `clear` cover
