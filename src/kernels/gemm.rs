@@ -18,8 +18,7 @@
 //!   per instruction), else AVX2+FMA; elsewhere [`gemm`] returns `false` and the caller keeps
 //!   candle's GEMM. The AVX-512 tile is generic over its lane format: f32 FMAs, or with
 //!   AVX512-BF16 bf16 pairs (`vdpbf16ps`) that read bf16 weights as stored, the activations of a
-//!   prompt chunk rounded to bf16 as llama.cpp rounds them ([`BF16_MIN_ROWS`],
-//!   [`super::as_decode_steps`]).
+//!   prompt chunk rounded to bf16 as llama.cpp rounds them ([`BF16_MIN_ROWS`]).
 //! - q8_0/q4_0 weights on AVX512-VNNI go to int8 products instead ([`super::int8`]).
 
 use super::gemv::{Isa, WeightRows};
@@ -44,9 +43,8 @@ const NC: usize = 48;
 /// Most columns per panel (a multiple of 32, so q8_0 panels start on a block).
 const KC: usize = 1024;
 #[cfg(target_arch = "x86_64")]
-/// Fewest activation rows for the bf16 products, which round the activations to bf16 as
-/// llama.cpp does: a prefill chunk, never a decode step, whose bandwidth-bound gemv keeps f32
-/// activations for free (verify passes compute as decode does: [`super::as_decode_steps`]).
+/// Fewest activation rows for the GEMM's bf16 products, which round the activations to bf16 as
+/// llama.cpp does (as the gemv does too on these CPUs); fewer rows widen the panel to f32.
 const BF16_MIN_ROWS: usize = 16;
 
 #[cfg(target_arch = "x86_64")]
@@ -176,7 +174,7 @@ fn for_each_panel(
 /// Whether bf16 weights times `m` activation rows run as bf16 products (`vdpbf16ps`), the
 /// activations rounded to bf16: a prefill chunk on a CPU with AVX512-BF16.
 fn bf16_products(isa: Isa, m: usize) -> bool {
-    m >= BF16_MIN_ROWS && isa.has_avx512_bf16() && !super::in_decode_steps()
+    m >= BF16_MIN_ROWS && isa.has_avx512_bf16()
 }
 
 /// Whether q8_0/q4_0 weights run as int8 products, the activations quantized to q8
@@ -213,7 +211,7 @@ fn pad_rows(x: &[f32], k: usize, stride: usize) -> Vec<f32> {
 /// `stride` apart (the padding zero). Branch-free, so it vectorises, and written once (no
 /// zeroed buffer first): it runs on every prefill matmul's activations.
 #[cfg(target_arch = "x86_64")]
-fn to_bf16_bits(x: &[f32], k: usize, stride: usize) -> Vec<u16> {
+pub(super) fn to_bf16_bits(x: &[f32], k: usize, stride: usize) -> Vec<u16> {
     let mut out = Vec::with_capacity(x.len() / k * stride);
     for row in x.chunks_exact(k) {
         out.extend(row.iter().map(|&v| bf16_bits(v)));
@@ -565,25 +563,6 @@ mod tests {
                 check(&y, &want, 1e-6, &format!("{isa:?} q4_0 {m}×{n}×{k}"));
             }
         }
-    }
-
-    #[test]
-    fn as_decode_steps_a_bf16_prompt_chunk_keeps_its_activations() {
-        if Isa::get() == Isa::Portable {
-            eprintln!("no AVX2 on this machine: the GEMM kernel is not used, nothing to test");
-            return;
-        }
-        let (m, n, k) = (20, 40, 64);
-        let (w, x) = (random(n * k, 7), random(m * k, 8));
-        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
-        let wbf: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
-        let mut y = vec![0f32; m * n];
-        crate::kernels::as_decode_steps(|| {
-            assert!(!bf16_products(Isa::get(), m));
-            assert!(gemm(WeightRows::Bf16(&wb), &x, m, &mut y).unwrap());
-            check(&y, &reference_mm(&wbf, &x, m), 1e-6, "bf16");
-        });
-        assert!(!crate::kernels::in_decode_steps());
     }
 
     #[test]

@@ -509,14 +509,14 @@ pub fn gemv_many(ws: &[WeightRows<'_>], x: &[f32], ys: &mut [&mut [f32]]) -> Res
         })
         .collect();
     tasks.extend(pieces);
-    let int8_x = Int8Rows::new(isa, ws, x);
+    let prepared = Prepared::new(isa, ws, x);
     let yp: Vec<SyncPtr<f32>> = ys.iter_mut().map(|y| SyncPtr(y.as_mut_ptr())).collect();
     parallel_for(tasks.len(), |range| {
         for (i, rows) in tasks[range].iter().cloned() {
             // SAFETY: tasks cover disjoint row ranges of each output, which outlive the call.
             let y =
                 unsafe { std::slice::from_raw_parts_mut(yp[i].get().add(rows.start), rows.len()) };
-            row_kernel(isa, ws[i], rows, x, &int8_x, y);
+            row_kernel(isa, ws[i], rows, x, &prepared, y);
         }
     });
     Ok(())
@@ -550,13 +550,13 @@ fn rows_pass(w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32], task_bytes: 
         .min(out.div_ceil(2 * threads()))
         .max(1)
         .next_multiple_of(w.row_group());
-    let int8_x = Int8Rows::new_rows(isa, w, x, m);
+    let prepared = Prepared::new_rows(isa, w, x, m);
     let yp = SyncPtr(y.as_mut_ptr());
     parallel_for(out.div_ceil(per_task), |tasks| {
         let rows = tasks.start * per_task..(tasks.end * per_task).min(out);
         // Int8 products: every row of `x` per pass over the task's weights.
         #[cfg(target_arch = "x86_64")]
-        if let Some(xq) = int8_x.rows_for(w) {
+        if let Some(xq) = prepared.rows_for(w) {
             let mut ys: Vec<&mut [f32]> = (0..m)
                 // SAFETY: as below; each row of `y` once.
                 .map(|r| unsafe {
@@ -582,19 +582,26 @@ fn rows_pass(w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32], task_bytes: 
                 })
                 .collect();
             let xs: Vec<&[f32]> = x.chunks(n).collect();
+            let xb = prepared.bf16_for(w);
             let part = rows.start * n..rows.end * n;
-            for (xs, ys) in xs.chunks(4).zip(ys.chunks_mut(4)) {
-                // SAFETY: AVX-512F detected (`Isa::Avx512`); `part` holds `rows.len()` rows of
-                // `n`, each `ys[j]` one value per row.
+            for (t, (xs, ys)) in xs.chunks(4).zip(ys.chunks_mut(4)).enumerate() {
+                // SAFETY: AVX-512F detected (`Isa::Avx512`), AVX512-BF16 where bf16 rows were
+                // prepared; `part` holds `rows.len()` rows of `n`, each `ys[j]` one value per
+                // row.
                 unsafe {
-                    match w {
-                        WeightRows::F32(w) => {
+                    match (w, &xb) {
+                        (WeightRows::Bf16(w), Some(xb)) => x86::avx512::gemv_bf16_products(
+                            &w[part.clone()],
+                            &xb[4 * t..4 * t + xs.len()],
+                            ys,
+                        ),
+                        (WeightRows::F32(w), _) => {
                             x86::avx512::gemv_dense_rows(&w[part.clone()], xs, ys)
                         }
-                        WeightRows::F16(w) => {
+                        (WeightRows::F16(w), _) => {
                             x86::avx512::gemv_dense_rows(&w[part.clone()], xs, ys)
                         }
-                        WeightRows::Bf16(w) => {
+                        (WeightRows::Bf16(w), None) => {
                             x86::avx512::gemv_bf16_rows(&w[part.clone()], xs, ys)
                         }
                         _ => unreachable!("matched above"),
@@ -610,40 +617,56 @@ fn rows_pass(w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32], task_bytes: 
                 std::slice::from_raw_parts_mut(yp.get().add(r * out + rows.start), rows.len())
             };
             let xr = &x[r * n..(r + 1) * n];
-            row_kernel(isa, w, rows.clone(), xr, &Int8Rows::default(), y);
+            row_kernel(isa, w, rows.clone(), xr, &Prepared::default(), y);
         }
     });
 }
 
-/// Activation rows quantized for the int8 products (q8_0/q4_0 weights on AVX512-VNNI), once per
-/// row for both formats; empty where the int8 products do not run.
+/// Activation rows prepared for products that do not take f32: quantized to q8 for the int8
+/// products (q8_0/q4_0 weights where the CPU has them), rounded to bf16 for the bf16 products
+/// (bf16 weights on AVX512-BF16); once per row for every matrix of a call. Empty where neither
+/// runs.
 #[derive(Default)]
-struct Int8Rows {
+struct Prepared {
     #[cfg(target_arch = "x86_64")]
     rows: Vec<super::int8::QuantRows>,
+    /// The rows rounded to bf16 (bits), `[m, k]`, and `k`.
+    bf16: (Vec<u16>, usize),
 }
 
-impl Int8Rows {
-    /// For one row `x`, if any of `ws` takes int8 products.
-    fn new(isa: Isa, ws: &[WeightRows<'_>], x: &[f32]) -> Int8Rows {
-        match ws.iter().find(|w| w.row_group() > 1) {
-            Some(&w) => Int8Rows::new_rows(isa, w, x, 1),
-            None => Int8Rows::default(),
+impl Prepared {
+    /// For one row `x`, for whichever of `ws` take int8 or bf16 products.
+    fn new(isa: Isa, ws: &[WeightRows<'_>], x: &[f32]) -> Prepared {
+        let mut p = match ws.iter().find(|w| w.row_group() > 1) {
+            Some(&w) => Prepared::new_rows(isa, w, x, 1),
+            None => Prepared::default(),
+        };
+        if let Some(&w) = ws.iter().find(|w| matches!(w, WeightRows::Bf16(_))) {
+            p.bf16 = Prepared::new_rows(isa, w, x, 1).bf16;
         }
+        p
     }
 
-    /// For the `m` rows of `x`, if `w` takes int8 products.
+    /// For the `m` rows of `x`, if `w` takes int8 or bf16 products.
     #[allow(unused_variables)]
-    fn new_rows(isa: Isa, w: WeightRows<'_>, x: &[f32], m: usize) -> Int8Rows {
+    fn new_rows(isa: Isa, w: WeightRows<'_>, x: &[f32], m: usize) -> Prepared {
+        let k = x.len() / m;
         #[cfg(target_arch = "x86_64")]
         if isa.has_int8_products() && matches!(w, WeightRows::Q8_0(_) | WeightRows::Q4_0(_)) {
-            let k = x.len() / m;
             let rows = x.chunks(k).map(|x| super::int8::QuantRows::quantize(x, k));
-            return Int8Rows {
+            return Prepared {
                 rows: rows.collect(),
+                ..Default::default()
             };
         }
-        Int8Rows::default()
+        #[cfg(target_arch = "x86_64")]
+        if isa.has_avx512_bf16() && matches!(w, WeightRows::Bf16(_)) {
+            return Prepared {
+                bf16: (super::gemm::to_bf16_bits(x, k, k), k),
+                ..Default::default()
+            };
+        }
+        Prepared::default()
     }
 
     /// The quantized rows, if the int8 products run for `w`.
@@ -652,9 +675,15 @@ impl Int8Rows {
         let int8 = matches!(w, WeightRows::Q8_0(_) | WeightRows::Q4_0(_));
         (int8 && !self.rows.is_empty()).then_some(self.rows.as_slice())
     }
+
+    /// The rows rounded to bf16, if the bf16 products run for `w`.
+    fn bf16_for(&self, w: WeightRows<'_>) -> Option<Vec<&[u16]>> {
+        let (bits, k) = &self.bf16;
+        (matches!(w, WeightRows::Bf16(_)) && !bits.is_empty()).then(|| bits.chunks(*k).collect())
+    }
 }
 
-/// `y = w[rows] · x`: int8 products where `int8` holds `x` quantized for `w`'s format, else the
+/// `y = w[rows] · x`: int8 or bf16 products where `prepared` holds `x` for them, else the
 /// kernels of `isa`.
 #[allow(unused_variables)]
 fn row_kernel(
@@ -662,12 +691,12 @@ fn row_kernel(
     w: WeightRows<'_>,
     rows: std::ops::Range<usize>,
     x: &[f32],
-    int8: &Int8Rows,
+    prepared: &Prepared,
     y: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if let Some(xq) = int8.rows_for(w) {
+        if let Some(xq) = prepared.rows_for(w) {
             super::int8::gemv_rows(isa, w, rows, xq, &mut [y]);
             return;
         }
@@ -675,7 +704,15 @@ fn row_kernel(
     let n = x.len();
     match w {
         WeightRows::F32(w) => isa.dense(&w[rows.start * n..rows.end * n], x, y),
-        WeightRows::Bf16(w) => isa.dense_bf16(&w[rows.start * n..rows.end * n], x, y),
+        WeightRows::Bf16(w) => {
+            let w = &w[rows.start * n..rows.end * n];
+            match prepared.bf16_for(WeightRows::Bf16(w)) {
+                // SAFETY: bf16 rows are prepared only where AVX512-BF16 was detected.
+                #[cfg(target_arch = "x86_64")]
+                Some(xb) => unsafe { x86::avx512::gemv_bf16_products(w, &xb, &mut [y]) },
+                _ => isa.dense_bf16(w, x, y),
+            }
+        }
         WeightRows::F16(w) => isa.dense(&w[rows.start * n..rows.end * n], x, y),
         WeightRows::Q8_0(m) => UNGROUPED_Q8.with(|buf| {
             let (q, s) = &mut *buf.borrow_mut();
@@ -1315,6 +1352,70 @@ pub(crate) mod x86 {
             }
         }
 
+        /// bf16 rows against activation rows rounded to bf16 (`xs[j]`, bits): `vdpbf16ps` adds
+        /// the products of 32 bf16 pairs per instruction into 16 f32 lanes, half the
+        /// arithmetic of widening to f32, as llama.cpp's bf16 dot products run on these CPUs
+        /// (and as the GEMM runs a prompt chunk). Up to four rows per pass over each weight
+        /// row, every row summed in the same order, so each row gets its one-row bits.
+        #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
+        pub(crate) unsafe fn gemv_bf16_products(w: &[bf16], xs: &[&[u16]], ys: &mut [&mut [f32]]) {
+            match xs.len() {
+                1 => products_tile::<1>(w, xs, ys),
+                2 => products_tile::<2>(w, xs, ys),
+                3 => products_tile::<3>(w, xs, ys),
+                _ => products_tile::<4>(w, xs, ys),
+            }
+        }
+
+        /// [`gemv_bf16_products`] for `R` rows (`xs.len() == R`).
+        #[inline(always)]
+        #[allow(clippy::needless_range_loop)] // register tiles: `acc[j][i]` by row and lane group
+        unsafe fn products_tile<const R: usize>(w: &[bf16], xs: &[&[u16]], ys: &mut [&mut [f32]]) {
+            let bh = |v| std::mem::transmute::<__m512i, __m512bh>(v);
+            let n = xs[0].len();
+            let (n128, n32) = (n / 128 * 128, n / 32 * 32);
+            let wp = w.as_ptr().cast::<u16>();
+            let xp: [*const u16; R] = std::array::from_fn(|j| xs[j].as_ptr());
+            for r in 0..ys[0].len() {
+                let p = wp.add(r * n);
+                let mut acc = [[_mm512_setzero_ps(); 4]; R];
+                let mut c = 0;
+                while c < n128 {
+                    let ahead = (p.add(c) as *const i8).add(PREFETCH_BYTES);
+                    for line in 0..4 {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.add(64 * line));
+                    }
+                    for i in 0..4 {
+                        let o = c + 32 * i;
+                        let wv = bh(_mm512_loadu_si512(p.add(o).cast()));
+                        for j in 0..R {
+                            let xv = bh(_mm512_loadu_si512(xp[j].add(o).cast()));
+                            acc[j][i] = _mm512_dpbf16_ps(acc[j][i], wv, xv);
+                        }
+                    }
+                    c += 128;
+                }
+                while c < n32 {
+                    let wv = bh(_mm512_loadu_si512(p.add(c).cast()));
+                    for j in 0..R {
+                        let xv = bh(_mm512_loadu_si512(xp[j].add(c).cast()));
+                        acc[j][0] = _mm512_dpbf16_ps(acc[j][0], wv, xv);
+                    }
+                    c += 32;
+                }
+                for j in 0..R {
+                    let a = &acc[j];
+                    let a = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+                    let mut s = _mm512_reduce_add_ps(a);
+                    for t in n32..n {
+                        let (wt, xt) = (u32::from(*p.add(t)) << 16, u32::from(*xp[j].add(t)) << 16);
+                        s = f32::from_bits(wt).mul_add(f32::from_bits(xt), s);
+                    }
+                    ys[j][r] = s;
+                }
+            }
+        }
+
         /// How far ahead of the loads the weight stream is prefetched: two 4 KB pages, so a
         /// page's translation is fetched well before its data is needed (measured: 2 KB gave
         /// +5 % decode on the real-size E2B in bf16; 8 KB +5-8 % more than 2 KB on the bench
@@ -1604,7 +1705,7 @@ pub(crate) mod tests {
             WeightRows::Bf16(w) => isa.dense(w, x, y),
             WeightRows::F16(w) => isa.dense(w, x, y),
             WeightRows::Q8_0(_) | WeightRows::Q4_0(_) => {
-                let int8 = Int8Rows::new_rows(isa, w, x, 1);
+                let int8 = Prepared::new_rows(isa, w, x, 1);
                 row_kernel(isa, w, 0..y.len(), x, &int8, y)
             }
         }
@@ -1625,14 +1726,20 @@ pub(crate) mod tests {
                     &format!("{isa:?} f32 [{out}, {n}]"),
                 );
 
-                // bf16/f16 widen exactly, so compare with the widened weights.
+                // bf16/f16 widen exactly, so compare with the widened weights; where the bf16
+                // products run, with the activations rounded to bf16 as they are.
                 let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
                 let wbf: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+                let xb: Vec<f32> = if isa == Isa::get() && isa.has_avx512_bf16() {
+                    x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
+                } else {
+                    x.clone()
+                };
                 y.fill(f32::NAN);
                 gemv_on(isa, WeightRows::Bf16(&wb), &x, &mut y);
                 check(
                     &y,
-                    &reference(&wbf, &x),
+                    &reference(&wbf, &xb),
                     1e-6,
                     &format!("{isa:?} bf16 [{out}, {n}]"),
                 );

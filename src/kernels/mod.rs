@@ -42,10 +42,11 @@ thread_local! {
     static AS_DECODE_STEPS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Runs `f` computing every weight product as a decode step does, whatever the number of rows:
-/// bf16 weights take f32 products, not the bf16 products of a prompt chunk ([`gemm`]); q8_0 and
-/// q4_0 take int8 products (where the CPU has them) either way. A verify pass over drafted tokens
-/// runs so, to judge each draft by the logits a decode step would have given.
+/// Runs `f` computing every row as a decode step at its position would, bit for bit, whatever
+/// the number of rows: weight products through the one-row gemv's arithmetic
+/// ([`gemv::gemv_rows`], not the GEMM), attention row by row. A verify pass over drafted tokens
+/// runs so: each draft is judged by the logits plain decoding would give, and the rows it
+/// accepts are a decode step's.
 pub fn as_decode_steps<T>(f: impl FnOnce() -> T) -> T {
     let before = AS_DECODE_STEPS.with(|c| c.replace(true));
     let out = f();

@@ -698,6 +698,32 @@ mod tests {
         }
     }
 
+    /// Under `as_decode_steps` (a verify pass) each row of a several-row product has the bits
+    /// of that row alone (a decode step), for f32 and bf16 weights, past eight rows.
+    #[test]
+    fn verify_pass_rows_have_a_decode_steps_bits() {
+        let dev = Device::Cpu;
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.into_iter().map(f32::to_bits).collect()
+        };
+        for &(out, n) in &[(33, 100), (130, 1023), (9, 2050)] {
+            let w = Tensor::randn(0f32, 1.0, (out, n), &dev).unwrap();
+            for w in [w.clone(), w.to_dtype(DType::BF16).unwrap()] {
+                for rows in [2, 5, 11] {
+                    let x = Tensor::randn(0f32, 1.0, (rows, n), &dev).unwrap();
+                    let all = crate::kernels::as_decode_steps(|| dense_kernel(&x, &w));
+                    let all = all.unwrap().expect("a kernel ran");
+                    for r in 0..rows {
+                        let one = dense_kernel(&x.narrow(0, r, 1).unwrap(), &w).unwrap();
+                        let what = format!("{:?} [{out}, {n}], row {r} of {rows}", w.dtype());
+                        assert_eq!(bits(&all.get(r).unwrap()), bits(&one.unwrap()), "{what}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_weight_view_with_an_offset_takes_the_kernel_and_a_transposed_one_does_not() {
         let dev = Device::Cpu;
