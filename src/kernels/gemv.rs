@@ -21,6 +21,13 @@
 //!   `half::bf16::to_f32` does), f16 uses `vcvtph2ps` (portable: a branch-free exponent rebias,
 //!   checked against `half` on every bit pattern), q8_0 is `d · Σ q·x` per block of 32
 //!   ([`Q8_0Matrix`]).
+//! - bf16 weights on AVX512-BF16 multiply bf16 pairs (`vdpbf16ps`, f32 sums) against the
+//!   activations rounded to bf16, as llama.cpp does and as the prompt's GEMM does: half the
+//!   arithmetic, which a verify pass's few rows and weights from L3 feel (decode from DRAM is
+//!   bound by memory either way).
+//! - [`gemv_rows`] gives each of several activation rows the bits [`gemv`] gives it alone (the
+//!   same per-row order, several rows per pass over the weights): a verify pass then computes
+//!   as decode steps do ([`super::as_decode_steps`]).
 //! - q8_0 and q4_0 are stored with their rows interleaved in groups of 16 ([`BlockMatrix`]) for
 //!   the int8 kernels (`super::int8`: AVX512-VNNI or AVX2), which compute whole groups, so their
 //!   tasks start on a group; the portable one-row kernels here (no AVX2, or
