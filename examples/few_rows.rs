@@ -1,7 +1,7 @@
 //! A/B of the two several-row paths of `layers::linear` at a few rows: the tiled GEMM
 //! (`kernels::gemm`) against the one-row kernels run per row over cache-sized weight slices
 //! (`kernels::gemv::gemv_rows`), per weight format, on an `[out, in]` matrix; with the one-row
-//! gemv for scale. Run by hand (release) when tuning `gemv::MAX_GEMV_ROWS`; a benchmark, never a
+//! gemv for scale. Run by hand (release) when tuning `gemv::few_rows`; a benchmark, never a
 //! test. Interleaved repetitions, medians.
 
 use llmarch::kernels::gemm::gemm;

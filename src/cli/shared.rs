@@ -115,8 +115,7 @@ pub struct DeviceArgs {
     ///
     /// On the CPU activations and the KV cache are f32 whatever the weights, except that matmuls
     /// multiply as llama.cpp does where the CPU can: bf16 weights in bf16 (AVX512-BF16:
-    /// activations rounded to bf16 at the matmul, f32 sums; decode steps, verify passes and
-    /// prompt chunks but those of 9-15 tokens), q8_0/q4_0 weights as int8 products (AVX2 or
+    /// activations rounded to bf16 at the matmul, f32 sums), q8_0/q4_0 weights as int8 products (AVX2 or
     /// AVX512-VNNI: activations quantized to q8 per block of 32). `--dtype f32` and
     /// `LLMARCH_KERNELS=avx512` keep f32 products. f32/bf16/f16
     /// weights stored in that type are read from the checkpoint's memory map (others are

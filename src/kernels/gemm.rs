@@ -42,10 +42,10 @@ const NC: usize = 48;
 #[cfg(target_arch = "x86_64")]
 /// Most columns per panel (a multiple of 32, so q8_0 panels start on a block).
 const KC: usize = 1024;
-#[cfg(target_arch = "x86_64")]
 /// Fewest activation rows for the GEMM's bf16 products, which round the activations to bf16 as
-/// llama.cpp does (as the gemv does too on these CPUs); fewer rows widen the panel to f32.
-const BF16_MIN_ROWS: usize = 16;
+/// llama.cpp does (as the gemv does too on these CPUs); fewer rows go to the gemv
+/// ([`super::gemv::few_rows`]).
+pub(crate) const BF16_MIN_ROWS: usize = 16;
 
 #[cfg(target_arch = "x86_64")]
 thread_local! {

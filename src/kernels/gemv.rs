@@ -50,10 +50,21 @@ const TASK_BYTES: usize = 1 << 20;
 /// Weight bytes per task of [`gemv_rows`]: small enough to stay in L2 while every activation row
 /// passes over it, so the weights still come from memory once.
 const ROWS_TASK_BYTES: usize = 256 << 10;
-/// The most activation rows `layers::linear` sends to [`gemv_rows`] (a verify pass of
-/// speculative decoding), for bf16/f16/q8_0/q4_0 weights: measured faster than the GEMM up to 9
-/// rows for bf16 and q8_0 (2 threads, `examples/few_rows.rs`); f32 weights stay with the GEMM.
+/// The most activation rows [`few_rows`] sends to [`gemv_rows`] for f16/q8_0/q4_0 weights:
+/// measured faster than the GEMM up to 9 rows for q8_0 (2 threads, `examples/few_rows.rs`).
 pub const MAX_GEMV_ROWS: usize = 8;
+
+/// Whether `rows` activation rows (more than one) of `w` go to [`gemv_rows`] rather than the
+/// GEMM: a few rows of narrow weights, nothing widened to f32; bf16 ones up to where the GEMM's
+/// bf16 products start (at 9 rows of `[8192, 2048]`, 3.0 ms against 5.1, `examples/few_rows.rs`).
+/// f32 weights stay with the GEMM, which reads them once and sums in tiles.
+pub fn few_rows(w: WeightRows<'_>, rows: usize) -> bool {
+    match w {
+        WeightRows::F32(_) => false,
+        WeightRows::Bf16(_) => rows < super::gemm::BF16_MIN_ROWS,
+        _ => rows <= MAX_GEMV_ROWS,
+    }
+}
 /// Elements per q8_0 block (one scale each), as in GGML.
 pub const Q8_BLOCK: usize = 32;
 

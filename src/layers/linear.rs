@@ -239,13 +239,10 @@ fn run_kernel(
             // nothing to compute: an empty [0, out]
         } else if rows == 1 {
             gemv::gemv(w, xs, &mut y)?;
-        } else if crate::kernels::in_decode_steps()
-            || (rows <= gemv::MAX_GEMV_ROWS && !matches!(w, WeightRows::F32(_)))
-        {
-            // A few rows of narrow weights: nothing is widened to f32 (f32 weights stay with
-            // the GEMM, which reads them once; `examples/few_rows.rs` measures both). A verify
-            // pass takes this path for every format: each row then gets the one-row gemv's
-            // bits, as a decode step does.
+        } else if crate::kernels::in_decode_steps() || gemv::few_rows(w, rows) {
+            // A few rows of narrow weights: nothing is widened to f32. A verify pass takes
+            // this path for every format: each row then gets the one-row gemv's bits, as a
+            // decode step does.
             gemv::gemv_rows(w, xs, rows, &mut y)?;
         } else {
             return gemm::gemm(w, xs, rows, &mut y);
