@@ -37,7 +37,7 @@ pub struct HeadRows<'a> {
 
 impl HeadRows<'_> {
     #[inline(always)]
-    fn row(&self, b: usize, h: usize, j: usize) -> &[f32] {
+    pub(super) fn row(&self, b: usize, h: usize, j: usize) -> &[f32] {
         let at = self.offset + b * self.batch_stride + h * self.head_stride + j * self.width;
         &self.data[at..at + self.width]
     }
@@ -60,7 +60,7 @@ pub struct Geometry {
 
 impl Geometry {
     /// The keys (relative to `k_start`) the query at row `i` sees: `lo..hi`.
-    fn visible(&self, i: usize) -> (usize, usize) {
+    pub(super) fn visible(&self, i: usize) -> (usize, usize) {
         let p = self.q_start + i;
         let first = self.window.map_or(0, |w| (p + 1).saturating_sub(w));
         let lo = first.saturating_sub(self.k_start).min(self.keys);
@@ -314,11 +314,18 @@ fn axpy(p: f32, x: &[f32], y: &mut [f32]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// The plain formula in f64: scores, the causal/window mask, softmax, values.
-    fn reference(geo: &Geometry, q: &[f32], k: &[f32], v: &[f32], d: usize, dv: usize) -> Vec<f32> {
+    pub(in crate::kernels) fn reference(
+        geo: &Geometry,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        d: usize,
+        dv: usize,
+    ) -> Vec<f32> {
         let g = geo.q_heads / geo.kv_heads;
         let mut out = vec![0f32; geo.batch * geo.q_heads * geo.rows * dv];
         for b in 0..geo.batch {
@@ -355,7 +362,7 @@ mod tests {
         out
     }
 
-    fn rnd(seed: &mut u64, n: usize) -> Vec<f32> {
+    pub(in crate::kernels) fn rnd(seed: &mut u64, n: usize) -> Vec<f32> {
         (0..n)
             .map(|_| {
                 *seed = seed

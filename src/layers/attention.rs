@@ -18,7 +18,10 @@
 //! block's scores stay under [`SCORE_BLOCK_ELEMS`], and each block reads only the keys it can see
 //! (its causal end, its window's start) with a mask built for that block alone: a long prompt
 //! never materialises an `[n, t]` score or mask tensor, and a sliding layer never scores keys
-//! outside its window. [`attend`] is the plain one-shot formula it is tested against.
+//! outside its window. [`attend`] is the plain one-shot formula it is tested against. On the CPU
+//! in f32, decode steps and verify passes take [`crate::kernels::attention`] (a few rows, keys
+//! split among threads) and prompt chunks, where the CPU has AVX-512, take
+//! [`crate::kernels::flash_attention`] (online softmax over key blocks, no score tensor).
 //!
 //! Family options beyond [`AttentionOptions`] are builder calls on a loaded layer: QK norm without
 //! the value norm ([`Attention::without_value_norm`]) and a gate on the merged heads before the
@@ -105,9 +108,10 @@ pub fn attend_causal(
 /// passes); longer chunks go through the blocked path, whose products are GEMMs.
 const FEW_ROWS: usize = 16;
 
-/// [`attend_causal`] through [`kernels::attention::attend_few`] for a few f32 query rows on the
-/// CPU; `None` where it does not apply (another device or dtype, more rows, a layout whose rows
-/// are not contiguous).
+/// [`attend_causal`] through the CPU kernels for f32 rows: [`kernels::attention::attend_few`]
+/// for a few query rows, [`kernels::flash_attention::attend_many`] for a prompt chunk; `None`
+/// where neither applies (another device or dtype, a prompt chunk on a CPU without AVX-512, a
+/// layout whose rows are not contiguous).
 fn attend_few_rows(
     q: &Tensor,
     k: &Tensor,
@@ -116,12 +120,15 @@ fn attend_few_rows(
     scale: f64,
 ) -> Result<Option<Tensor>> {
     use crate::kernels::attention::{attend_few, Geometry, HeadRows};
+    use crate::kernels::flash_attention;
     use candle_core::{CpuStorage, Storage};
     let (b, hq, n, _) = q.dims4()?;
     let (_, hkv, t, _) = k.dims4()?;
     let dv = v.dim(3)?;
     let per_row = n > 1 && crate::kernels::in_decode_steps();
-    if (n > FEW_ROWS && !per_row)
+    // A prompt chunk: flash attention where this CPU has it, else the blocked path.
+    let many = n > FEW_ROWS && !per_row;
+    if (many && !flash_attention::applies(dv))
         || !crate::kernels::fast_cpu(q.device())
         || [q, k, v].iter().any(|x| x.dtype() != DType::F32)
     {
@@ -181,6 +188,8 @@ fn attend_few_rows(
                 out[(h * n + i) * dv..][..dv].copy_from_slice(&o1[h * dv..][..dv]);
             }
         }
+    } else if many {
+        flash_attention::attend_many(&geo, &qs, kr, vr, &mut out)?;
     } else {
         attend_few(&geo, &qs, kr, vr, &mut out)?;
     }

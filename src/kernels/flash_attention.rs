@@ -1,0 +1,453 @@
+//! Causal attention for a prompt chunk (many query rows) over f32 keys and values, flash-attention
+//! style, on CPUs with AVX-512: no score, mask or probability tensor beyond one key block.
+//!
+//! Notable:
+//! - Query rows sit in SIMD lanes: an item is 32 rows of one KV head's group (two 16-lane
+//!   registers; rows ordered by position, then query head, so an item's rows see nearly the
+//!   same keys), its queries transposed once to `Qᵀ` `[d, 32]` and pre-scaled.
+//! - Per key block ([`BLOCK`] keys): scores `Sᵀ` `[BLOCK, 32]` by outer products (a `Qᵀ` column
+//!   pair times one broadcast key element per key: no horizontal sums, however short the head
+//!   dimension), the causal/window mask from each lane's visible range, the online softmax
+//!   (running maximum and sum per lane, all lane-wise), then `Oᵀ` `[dv, 32]` rescaled and
+//!   accumulated by outer products of a probability row pair and broadcast value elements.
+//! - Key blocks sit at multiples of [`BLOCK`] whatever the item, and a key a row cannot see adds
+//!   exactly zero, so a row's result depends on its own keys only: not on the other rows of its
+//!   item, the chunk it came in, or the thread count.
+//! - Items go to the pool latest rows first (they see the most keys), so the end of a call is
+//!   not one thread finishing a long item.
+//!
+//! [`super::attention::attend_few`] serves decode steps and verify passes (a few rows, keys split
+//! among threads); this serves prompt chunks, where rows are many and each item's keys stay on
+//! one thread.
+
+use super::attention::{Geometry, HeadRows};
+use super::gemv::{Isa, SyncPtr};
+use super::parallel::{parallel_for, threads};
+use anyhow::{bail, ensure, Result};
+use std::cell::RefCell;
+
+/// Lanes of one register.
+const LANES: usize = 16;
+/// Registers of query rows per row tile.
+const VECS: usize = 3;
+/// Query rows per row tile.
+const ROWS: usize = VECS * LANES;
+/// Most row tiles per item: each key block's keys and values are read once per item, so
+/// `MAX_TILES · ROWS` query rows share them.
+const MAX_TILES: usize = 4;
+/// Keys per online-softmax block: the block's scores are `BLOCK × ROWS` f32 (8 KB).
+const BLOCK: usize = 64;
+/// Keys per score tile and value columns per value tile (8 × 2 accumulators).
+const TILE: usize = 8;
+
+thread_local! {
+    /// Per-thread `Qᵀ`, `Oᵀ`, the block's scores and its packed values.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Whether [`attend_many`] runs for rows of width `d` (keys) and `dv` (values) on this CPU.
+pub fn applies(dv: usize) -> bool {
+    matches!(Isa::get(), Isa::Avx512) && dv.is_multiple_of(TILE) && dv > 0
+}
+
+/// `softmax(q·kᵀ·scale, causal)·v` → `out` `[batch, q_heads, rows, dv]` (overwritten); `q`
+/// contiguous `[batch, q_heads, rows, d]`. Every query must see at least one key; the caller
+/// checks [`applies`] first.
+pub fn attend_many(
+    geo: &Geometry,
+    q: &[f32],
+    k: HeadRows<'_>,
+    v: HeadRows<'_>,
+    out: &mut [f32],
+) -> Result<()> {
+    let Geometry {
+        batch,
+        q_heads,
+        kv_heads,
+        rows: n,
+        ..
+    } = *geo;
+    let (d, dv) = (k.width, v.width);
+    ensure!(applies(dv), "internal: flash attention does not apply here");
+    ensure!(
+        kv_heads > 0 && q_heads % kv_heads == 0,
+        "internal: {q_heads} query heads over {kv_heads} KV heads"
+    );
+    ensure!(
+        q.len() == batch * q_heads * n * d && out.len() == batch * q_heads * n * dv,
+        "internal: attention buffers do not match [{batch}, {q_heads}, {n}, {d}/{dv}]"
+    );
+    if let Some(i) = (0..n).find(|&i| {
+        let (lo, hi) = geo.visible(i);
+        lo >= hi
+    }) {
+        bail!(
+            "internal: the query at {} sees none of the keys at {}..{}",
+            geo.q_start + i,
+            geo.k_start,
+            geo.k_start + geo.keys
+        );
+    }
+    let g = q_heads / kv_heads;
+    let groups = batch * kv_heads;
+    // Row tiles per item: up to MAX_TILES (each key block read once for all of them), fewer
+    // where that would leave threads without two items each.
+    let row_tiles = (g * n).div_ceil(ROWS);
+    let per_item = row_tiles.div_ceil(2 * threads()).clamp(1, MAX_TILES);
+    let per_group = row_tiles.div_ceil(per_item);
+    let op = SyncPtr(out.as_mut_ptr());
+    let out_len = out.len();
+    parallel_for(groups * per_group, |items| {
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            s.resize(MAX_TILES * (d + dv) * ROWS + BLOCK * (ROWS + dv), 0.0);
+            for item in items {
+                // Latest rows first.
+                let (block, group) = (per_group - 1 - item / groups, item % groups);
+                let task = Item {
+                    geo,
+                    q,
+                    k: &k,
+                    v: &v,
+                    bi: group / kv_heads,
+                    h: group % kv_heads,
+                    g,
+                    first: block * per_item * ROWS,
+                    count: (per_item * ROWS).min(g * n - block * per_item * ROWS),
+                };
+                // SAFETY: `Isa::get` detected AVX-512F (checked by `applies` above). Each item
+                // writes only its own rows of `out`, which outlives the call.
+                unsafe {
+                    let out = std::slice::from_raw_parts_mut(op.get(), out_len);
+                    item_avx512(&task, &mut s, out)
+                }
+            }
+        })
+    });
+    Ok(())
+}
+
+/// One parallel item: rows `first..first + count` of group `(bi, h)`, in position-major order
+/// (row `ρ` is position `ρ / g`, query head `h·g + ρ % g`), as tiles of [`ROWS`] rows that
+/// share each key block's values.
+struct Item<'a> {
+    geo: &'a Geometry,
+    q: &'a [f32],
+    k: &'a HeadRows<'a>,
+    v: &'a HeadRows<'a>,
+    bi: usize,
+    h: usize,
+    g: usize,
+    first: usize,
+    count: usize,
+}
+
+impl Item<'_> {
+    /// Offset of tile `tile`'s lane `r` in `q` (width `d`) or `out` (width `dv`), and its
+    /// position index. Lanes past the item's rows repeat its last row (computed, never written).
+    fn row(&self, tile: usize, r: usize, width: usize) -> (usize, usize) {
+        let rho = self.first + (tile * ROWS + r).min(self.count - 1);
+        let (i, head) = (rho / self.g, self.h * self.g + rho % self.g);
+        let n = self.geo.rows;
+        (((self.bi * self.geo.q_heads + head) * n + i) * width, i)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn item_avx512(t: &Item, scratch: &mut [f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (d, dv) = (t.k.width, t.v.width);
+    let tiles = t.count.div_ceil(ROWS);
+    let (qts, rest) = scratch.split_at_mut(MAX_TILES * d * ROWS);
+    let (ots, rest) = rest.split_at_mut(MAX_TILES * dv * ROWS);
+    let (s, vp) = rest.split_at_mut(BLOCK * ROWS);
+    // Per tile: each lane's visible keys `lo..hi` (relative to `k_start`), `Qᵀ` pre-scaled,
+    // `Oᵀ` zeroed, the running maxima and sums.
+    let mut lo = [[0usize; ROWS]; MAX_TILES];
+    let mut hi = [[0usize; ROWS]; MAX_TILES];
+    for tile in 0..tiles {
+        let qt = &mut qts[tile * d * ROWS..][..d * ROWS];
+        for r in 0..ROWS {
+            let (off, i) = t.row(tile, r, d);
+            (lo[tile][r], hi[tile][r]) = t.geo.visible(i);
+            for (c, &x) in t.q[off..off + d].iter().enumerate() {
+                qt[c * ROWS + r] = x * t.geo.scale;
+            }
+        }
+    }
+    ots[..tiles * dv * ROWS].fill(0.0);
+    let mut m = [[f32::NEG_INFINITY; ROWS]; MAX_TILES];
+    let mut l = [[0f32; ROWS]; MAX_TILES];
+    // The keys each tile sees at all, and the item's.
+    let seen: [(usize, usize); MAX_TILES] = std::array::from_fn(|tile| {
+        let lo = lo[tile].iter().min().copied().unwrap_or(0);
+        (lo, hi[tile].iter().max().copied().unwrap_or(0))
+    });
+    let first = seen[..tiles].iter().map(|s| s.0).min().unwrap_or(0);
+    let end = seen[..tiles].iter().map(|s| s.1).max().unwrap_or(0);
+    // Blocks at multiples of BLOCK in positions (not in this call's key indices).
+    let base = t.geo.k_start;
+    let mut j0 = (base + first) / BLOCK * BLOCK;
+    while j0 < base + end {
+        let (ja, jb) = (
+            j0.max(base + first) - base,
+            (j0 + BLOCK).min(base + end) - base,
+        );
+        let nb = jb - ja;
+        j0 += BLOCK;
+        // Values, packed per tile of TILE columns (`vp[c / TILE][j][c % TILE]`: the products
+        // below stream one contiguous run per column tile instead of a line from each of `nb`
+        // rows), once for all the item's row tiles.
+        for j in 0..nb {
+            let vr = t.v.row(t.bi, t.h, ja + j);
+            for c0 in (0..dv).step_by(TILE) {
+                let at = vp.as_mut_ptr().add((c0 / TILE * nb + j) * TILE);
+                _mm256_storeu_ps(at, _mm256_loadu_ps(vr.as_ptr().add(c0)));
+            }
+        }
+        for tile in 0..tiles {
+            // A block none of the tile's lanes sees would leave it exactly as it is.
+            if seen[tile].1 <= ja || seen[tile].0 >= jb {
+                continue;
+            }
+            let (lo, hi, m, l) = (&lo[tile], &hi[tile], &mut m[tile], &mut l[tile]);
+            let qt = &qts[tile * d * ROWS..][..d * ROWS];
+            let ot = &mut ots[tile * dv * ROWS..][..dv * ROWS];
+            // Scores: Sᵀ[j, r] = Qᵀ[·, r] · K[ja + j], tiles of TILE keys (the last one repeats
+            // its last key; those columns are never read).
+            for jt in (0..nb).step_by(TILE) {
+                let kp: [*const f32; TILE] =
+                    std::array::from_fn(|x| t.k.row(t.bi, t.h, ja + (jt + x).min(nb - 1)).as_ptr());
+                let mut acc = [[_mm512_setzero_ps(); VECS]; TILE];
+                for c in 0..d {
+                    let qv: [__m512; VECS] = std::array::from_fn(|u| {
+                        _mm512_loadu_ps(qt.as_ptr().add(c * ROWS + u * LANES))
+                    });
+                    for x in 0..TILE {
+                        let kb = _mm512_set1_ps(*kp[x].add(c));
+                        for u in 0..VECS {
+                            acc[x][u] = _mm512_fmadd_ps(qv[u], kb, acc[x][u]);
+                        }
+                    }
+                }
+                for (x, acc) in acc.iter().enumerate().take(nb - jt) {
+                    for (u, acc) in acc.iter().enumerate() {
+                        _mm512_storeu_ps(s.as_mut_ptr().add((jt + x) * ROWS + u * LANES), *acc);
+                    }
+                }
+            }
+            // Mask (keys outside a lane's range score −∞), then the online softmax, lane-wise:
+            // new maximum, rescale factor, probabilities in place. A lane that has seen no key
+            // yet keeps −∞ and exponentiates against 0 (its probabilities, sum and values stay
+            // exactly 0).
+            if lo.iter().any(|&a| a > ja) || hi.iter().any(|&b| b < jb) {
+                for j in 0..nb {
+                    let row = &mut s[j * ROWS..(j + 1) * ROWS];
+                    for r in 0..ROWS {
+                        let visible = lo[r] <= ja + j && ja + j < hi[r];
+                        row[r] = if visible { row[r] } else { f32::NEG_INFINITY };
+                    }
+                }
+            }
+            let mut top = *m;
+            for row in s[..nb * ROWS].chunks_exact(ROWS) {
+                for r in 0..ROWS {
+                    top[r] = top[r].max(row[r]);
+                }
+            }
+            let safe: [f32; ROWS] = std::array::from_fn(|r| {
+                if top[r] == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    top[r]
+                }
+            });
+            let alpha: [f32; ROWS] = std::array::from_fn(|r| super::gelu::exp(m[r] - safe[r]));
+            let mut sum = [0f32; ROWS];
+            for row in s[..nb * ROWS].chunks_exact_mut(ROWS) {
+                for r in 0..ROWS {
+                    let x = row[r];
+                    let p = super::gelu::exp(x - safe[r]);
+                    let p = if x == f32::NEG_INFINITY { 0.0 } else { p };
+                    row[r] = p;
+                    sum[r] += p;
+                }
+            }
+            for r in 0..ROWS {
+                l[r] = l[r] * alpha[r] + sum[r];
+            }
+            *m = top;
+            // Oᵀ[c, r] = α[r]·Oᵀ[c, r] + Σ_j Sᵀ[j, r]·V[ja + j, c], tiles of TILE columns.
+            let av: [__m512; VECS] =
+                std::array::from_fn(|u| _mm512_loadu_ps(alpha.as_ptr().add(u * LANES)));
+            for c0 in (0..dv).step_by(TILE) {
+                let mut acc = [[_mm512_setzero_ps(); VECS]; TILE];
+                for (x, acc) in acc.iter_mut().enumerate() {
+                    for (u, acc) in acc.iter_mut().enumerate() {
+                        let at = ot.as_ptr().add((c0 + x) * ROWS + u * LANES);
+                        *acc = _mm512_mul_ps(_mm512_loadu_ps(at), av[u]);
+                    }
+                }
+                let vt = vp.as_ptr().add(c0 / TILE * nb * TILE);
+                for j in 0..nb {
+                    let pv: [__m512; VECS] = std::array::from_fn(|u| {
+                        _mm512_loadu_ps(s.as_ptr().add(j * ROWS + u * LANES))
+                    });
+                    for (x, acc) in acc.iter_mut().enumerate() {
+                        let vb = _mm512_set1_ps(*vt.add(j * TILE + x));
+                        for u in 0..VECS {
+                            acc[u] = _mm512_fmadd_ps(pv[u], vb, acc[u]);
+                        }
+                    }
+                }
+                for (x, acc) in acc.iter().enumerate() {
+                    for (u, acc) in acc.iter().enumerate() {
+                        _mm512_storeu_ps(ot.as_mut_ptr().add((c0 + x) * ROWS + u * LANES), *acc);
+                    }
+                }
+            }
+        }
+    }
+    // Normalise and write each real lane's row.
+    for tile in 0..tiles {
+        let ot = &ots[tile * dv * ROWS..][..dv * ROWS];
+        for r in 0..ROWS.min(t.count - tile * ROWS) {
+            let (off, _) = t.row(tile, r, dv);
+            let inv = 1.0 / l[tile][r];
+            for (c, o) in out[off..off + dv].iter_mut().enumerate() {
+                *o = ot[c * ROWS + r] * inv;
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn item_avx512(_: &Item, _: &mut [f32], _: &mut [f32]) {
+    unreachable!("AVX-512 is never detected off x86-64")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::attention::tests::{reference, rnd};
+
+    fn heads<'a>(data: &'a [f32], geo: &Geometry, width: usize) -> HeadRows<'a> {
+        HeadRows {
+            data,
+            offset: 0,
+            batch_stride: geo.kv_heads * geo.keys * width,
+            head_stride: geo.keys * width,
+            width,
+        }
+    }
+
+    /// Prompt-chunk shapes (GQA, MQA, rows not a multiple of an item, several key blocks, a
+    /// head dimension that is no multiple of 16), sliding windows that cut the keys inside a
+    /// block, keys that start after position 0 (a sliding layer's kept window, a later chunk):
+    /// equal to the f64 formula.
+    #[test]
+    fn equals_the_formula_for_prompt_chunks() {
+        if !applies(TILE) {
+            eprintln!("no AVX-512 on this machine: flash attention is not used, nothing to test");
+            return;
+        }
+        let mut seed = 11;
+        for &(batch, q_heads, kv_heads, rows, keys, d, dv, window, k_start) in &[
+            (1, 4, 1, 17, 17, 16, 16, None, 0),
+            (1, 8, 2, 100, 300, 64, 32, None, 0),
+            (2, 4, 4, 33, 700, 40, 40, None, 0),
+            (1, 8, 1, 64, 1000, 32, 32, Some(100), 0),
+            (1, 2, 1, 40, 600, 24, 24, Some(512), 100),
+            (1, 3, 3, 50, 50, 8, 8, Some(4), 0),
+            (1, 1, 1, 129, 200, 72, 80, None, 61),
+        ] {
+            let q_start = k_start + keys - rows;
+            let geo = Geometry {
+                batch,
+                q_heads,
+                kv_heads,
+                rows,
+                keys,
+                q_start,
+                k_start,
+                window,
+                scale: 0.3,
+            };
+            let q = rnd(&mut seed, batch * q_heads * rows * d);
+            let k = rnd(&mut seed, batch * kv_heads * keys * d);
+            let v = rnd(&mut seed, batch * kv_heads * keys * dv);
+            let mut out = vec![f32::NAN; batch * q_heads * rows * dv];
+            attend_many(&geo, &q, heads(&k, &geo, d), heads(&v, &geo, dv), &mut out).unwrap();
+            let want = reference(&geo, &q, &k, &v, d, dv);
+            let err = out
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(err < 1e-5, "{geo:?}: max error {err}");
+        }
+    }
+
+    /// A row's result is its own: the last rows of a chunk, attended as a chunk of their own
+    /// (other items, other key indices), equal the same rows of the whole chunk bit for bit.
+    #[test]
+    fn a_row_does_not_depend_on_its_chunk() {
+        if !applies(TILE) {
+            return;
+        }
+        let mut seed = 5;
+        let (q_heads, kv_heads, rows, keys, d, window) = (4, 1, 90, 400, 32, Some(150));
+        let whole = Geometry {
+            batch: 1,
+            q_heads,
+            kv_heads,
+            rows,
+            keys,
+            q_start: keys - rows,
+            k_start: 0,
+            window,
+            scale: 0.2,
+        };
+        let q = rnd(&mut seed, q_heads * rows * d);
+        let k = rnd(&mut seed, keys * d);
+        let v = rnd(&mut seed, keys * d);
+        let mut out = vec![0f32; q_heads * rows * d];
+        attend_many(
+            &whole,
+            &q,
+            heads(&k, &whole, d),
+            heads(&v, &whole, d),
+            &mut out,
+        )
+        .unwrap();
+        // The last 37 rows, their keys starting at 21 (as a later chunk's kept window would).
+        let (tail, skip) = (37, 21);
+        let part = Geometry {
+            rows: tail,
+            keys: keys - skip,
+            q_start: keys - tail,
+            k_start: skip,
+            ..whole
+        };
+        let qt: Vec<f32> = (0..q_heads)
+            .flat_map(|h| q[(h * rows + rows - tail) * d..][..tail * d].to_vec())
+            .collect();
+        let mut got = vec![0f32; q_heads * tail * d];
+        attend_many(
+            &part,
+            &qt,
+            heads(&k[skip * d..], &part, d),
+            heads(&v[skip * d..], &part, d),
+            &mut got,
+        )
+        .unwrap();
+        for h in 0..q_heads {
+            assert_eq!(
+                got[h * tail * d..][..tail * d],
+                out[(h * rows + rows - tail) * d..][..tail * d],
+                "head {h}"
+            );
+        }
+    }
+}
