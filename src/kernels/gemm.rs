@@ -454,9 +454,18 @@ mod x86 {
                     }
                 }
             }
-            for (r, acc) in acc.iter().enumerate() {
-                for (c, acc) in acc.iter().enumerate() {
-                    let mut s = _mm512_reduce_add_ps(*acc);
+            // The accumulators leave their registers through stores the compiler unrolls whole;
+            // summed in place (a loop with the column tail inside), they were kept on the stack
+            // and zeroed by a `memset` per tile (5 % of a bf16 prompt).
+            let mut lanes = [[std::mem::MaybeUninit::<__m512>::uninit(); C]; R];
+            for r in 0..R {
+                for c in 0..C {
+                    lanes[r][c].write(acc[r][c]);
+                }
+            }
+            for (r, lanes) in lanes.iter().enumerate() {
+                for (c, lane) in lanes.iter().enumerate() {
+                    let mut s = _mm512_reduce_add_ps(lane.assume_init());
                     for kk in full..kc {
                         s = L::widen(x.add(r * xs + kk)).mul_add(L::widen(w.add(c * ws + kk)), s);
                     }
