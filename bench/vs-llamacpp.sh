@@ -26,6 +26,11 @@
 # token): tests/oracle/gemma4_realsize.py --bench-llamacpp /work/bench-model-lc.
 #
 # Per round, per type (in TYPES order): llmarch, then llama.cpp, so a noisy neighbour hits both.
+# Both warm up once before they are timed: llama-bench runs its own warm-up inside its process,
+# llmarch is first run once untimed (the same command with -n 1, WARMUP=0 to skip), so the page
+# cache holds its checkpoint as llama-bench's warm-up leaves llama.cpp's (at real size the two
+# programs' files do not fit the page cache together, so each evicts the other's between runs).
+# llmarch's own process state is not warmed: its prefill is still a fresh process's first forward.
 #   llmarch:   llmarch --quiet run MODEL --prompt-ids IDS -n NEW_TOKENS --temperature 0 --dtype TYPE --json
 #              with RAYON_NUM_THREADS=CANDLE_NUM_THREADS=OMP_NUM_THREADS=THREADS. From its last stdout line:
 #              prefill_tok_s (prompt / first forward), decode_tok_s (single-token forwards after it),
@@ -67,6 +72,7 @@
 #   LLMARCH_ARGS, LLAMA_BENCH_ARGS     extra flags for each side
 #   MAX_CONTEXT    llmarch's --max-context [PROMPT_TOKENS + NEW_TOKENS when that exceeds the model's
 #                  max_position_embeddings, else unset]
+#   WARMUP [1]     0: no untimed llmarch run before each timed one
 #   RESULTS=DIR    keep the raw per-run JSON lines and logs there, replacing a previous run's for the same
 #                  types (default: a temporary folder, removed)
 set -euo pipefail
@@ -85,6 +91,7 @@ LLAMA_BENCH=${LLAMA_BENCH:-$LLAMA_CPP/bin/llama-bench}
 LLMARCH_ARGS=${LLMARCH_ARGS:-}
 LLAMA_BENCH_ARGS=${LLAMA_BENCH_ARGS:-}
 TIME=${TIME:-/usr/bin/time}
+WARMUP=${WARMUP:-1}
 
 die() { echo "bench/vs-llamacpp.sh: $*" >&2; exit 1; }
 [ -x "$LLMARCH" ] || die "no $LLMARCH: build it first (cargo build --release)"
@@ -130,6 +137,11 @@ run_llmarch() { # TYPE ROUND
   local t=$1 r=$2 m log line
   m=$(model_for "$t")
   log="$OUT/llmarch-$t-$r.log"
+  if [ "$WARMUP" != 0 ]; then # untimed, as llama-bench's own warm-up run (see the header)
+    # shellcheck disable=SC2086
+    "$LLMARCH" --quiet run "$m" --prompt-ids "$IDS" -n 1 --temperature 0 --dtype "$t" $CTX_FLAG \
+      $LLMARCH_ARGS >/dev/null 2>&1 || true
+  fi
   # shellcheck disable=SC2086
   if "$LLMARCH" --quiet run "$m" --prompt-ids "$IDS" -n "$NEW_TOKENS" --temperature 0 --dtype "$t" --json \
       $CTX_FLAG $LLMARCH_ARGS >"$log.out" 2>"$log" && line=$(tail -n 1 "$log.out") && [ "${line:0:1}" = "{" ]; then

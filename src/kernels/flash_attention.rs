@@ -2,17 +2,20 @@
 //! style, on CPUs with AVX-512: no score, mask or probability tensor beyond one key block.
 //!
 //! Notable:
-//! - Query rows sit in SIMD lanes: an item is 32 rows of one KV head's group (two 16-lane
-//!   registers; rows ordered by position, then query head, so an item's rows see nearly the
-//!   same keys), its queries transposed once to `Qᵀ` `[d, 32]` and pre-scaled.
-//! - Per key block ([`BLOCK`] keys): scores `Sᵀ` `[BLOCK, 32]` by outer products (a `Qᵀ` column
-//!   pair times one broadcast key element per key: no horizontal sums, however short the head
+//! - Query rows sit in SIMD lanes: a row tile is 48 rows of one KV head's group (three 16-lane
+//!   registers; rows ordered by position, then query head, so a tile's rows see nearly the same
+//!   keys), its queries transposed once to `Qᵀ` `[d, 48]` and pre-scaled.
+//! - Per key block (64 keys): scores `Sᵀ` `[64, 48]` by outer products (three `Qᵀ` registers
+//!   times one broadcast key element per key: no horizontal sums, however short the head
 //!   dimension), the causal/window mask from each lane's visible range, the online softmax
-//!   (running maximum and sum per lane, all lane-wise), then `Oᵀ` `[dv, 32]` rescaled and
-//!   accumulated by outer products of a probability row pair and broadcast value elements.
-//! - Key blocks sit at multiples of [`BLOCK`] whatever the item, and a key a row cannot see adds
-//!   exactly zero, so a row's result depends on its own keys only: not on the other rows of its
-//!   item, the chunk it came in, or the thread count.
+//!   (running maximum and sum per lane, all lane-wise), then `Oᵀ` `[dv, 48]` rescaled and
+//!   accumulated by outer products of probability registers and broadcast value elements.
+//! - A parallel item is up to four row tiles, which share each key block: its values are packed
+//!   once (contiguous per 8 columns) and the block is read from memory once for 192 rows; one
+//!   tile alone streamed every key and value once per 32 rows, bound by memory at 8K contexts.
+//! - Key blocks sit at multiples of 64 positions whatever the item, and a key a row cannot see
+//!   adds exactly zero, so a row's result depends on its own keys only: not on the other rows of
+//!   its item, the chunk it came in, or the thread count.
 //! - Items go to the pool latest rows first (they see the most keys), so the end of a call is
 //!   not one thread finishing a long item.
 //!
@@ -35,9 +38,9 @@ const ROWS: usize = VECS * LANES;
 /// Most row tiles per item: each key block's keys and values are read once per item, so
 /// `MAX_TILES · ROWS` query rows share them.
 const MAX_TILES: usize = 4;
-/// Keys per online-softmax block: the block's scores are `BLOCK × ROWS` f32 (8 KB).
+/// Keys per online-softmax block: the block's scores are `BLOCK × ROWS` f32 (12 KB).
 const BLOCK: usize = 64;
-/// Keys per score tile and value columns per value tile (8 × 2 accumulators).
+/// Keys per score tile and value columns per value tile (`TILE × VECS` accumulators).
 const TILE: usize = 8;
 
 thread_local! {
@@ -91,12 +94,13 @@ pub fn attend_many(
     let g = q_heads / kv_heads;
     let groups = batch * kv_heads;
     // Row tiles per item: up to MAX_TILES (each key block read once for all of them), fewer
-    // where that would leave threads without two items each.
+    // where that would leave a thread without two items.
     let row_tiles = (g * n).div_ceil(ROWS);
-    let per_item = row_tiles.div_ceil(2 * threads()).clamp(1, MAX_TILES);
+    let per_item = (groups * row_tiles)
+        .div_ceil(2 * threads())
+        .clamp(1, MAX_TILES);
     let per_group = row_tiles.div_ceil(per_item);
     let op = SyncPtr(out.as_mut_ptr());
-    let out_len = out.len();
     parallel_for(groups * per_group, |items| {
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
@@ -116,11 +120,9 @@ pub fn attend_many(
                     count: (per_item * ROWS).min(g * n - block * per_item * ROWS),
                 };
                 // SAFETY: `Isa::get` detected AVX-512F (checked by `applies` above). Each item
-                // writes only its own rows of `out`, which outlives the call.
-                unsafe {
-                    let out = std::slice::from_raw_parts_mut(op.get(), out_len);
-                    item_avx512(&task, &mut s, out)
-                }
+                // writes only its own rows of `out` (checked to hold every row), which outlives
+                // the call.
+                unsafe { item_avx512(&task, &mut s, op.get()) }
             }
         })
     });
@@ -155,7 +157,7 @@ impl Item<'_> {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn item_avx512(t: &Item, scratch: &mut [f32], out: &mut [f32]) {
+unsafe fn item_avx512(t: &Item, scratch: &mut [f32], out: *mut f32) {
     use std::arch::x86_64::*;
     let (d, dv) = (t.k.width, t.v.width);
     let tiles = t.count.div_ceil(ROWS);
@@ -211,102 +213,16 @@ unsafe fn item_avx512(t: &Item, scratch: &mut [f32], out: &mut [f32]) {
             if seen[tile].1 <= ja || seen[tile].0 >= jb {
                 continue;
             }
-            let (lo, hi, m, l) = (&lo[tile], &hi[tile], &mut m[tile], &mut l[tile]);
-            let qt = &qts[tile * d * ROWS..][..d * ROWS];
             let ot = &mut ots[tile * dv * ROWS..][..dv * ROWS];
-            // Scores: Sᵀ[j, r] = Qᵀ[·, r] · K[ja + j], tiles of TILE keys (the last one repeats
-            // its last key; those columns are never read).
-            for jt in (0..nb).step_by(TILE) {
-                let kp: [*const f32; TILE] =
-                    std::array::from_fn(|x| t.k.row(t.bi, t.h, ja + (jt + x).min(nb - 1)).as_ptr());
-                let mut acc = [[_mm512_setzero_ps(); VECS]; TILE];
-                for c in 0..d {
-                    let qv: [__m512; VECS] = std::array::from_fn(|u| {
-                        _mm512_loadu_ps(qt.as_ptr().add(c * ROWS + u * LANES))
-                    });
-                    for x in 0..TILE {
-                        let kb = _mm512_set1_ps(*kp[x].add(c));
-                        for u in 0..VECS {
-                            acc[x][u] = _mm512_fmadd_ps(qv[u], kb, acc[x][u]);
-                        }
-                    }
-                }
-                for (x, acc) in acc.iter().enumerate().take(nb - jt) {
-                    for (u, acc) in acc.iter().enumerate() {
-                        _mm512_storeu_ps(s.as_mut_ptr().add((jt + x) * ROWS + u * LANES), *acc);
-                    }
-                }
-            }
-            // Mask (keys outside a lane's range score −∞), then the online softmax, lane-wise:
-            // new maximum, rescale factor, probabilities in place. A lane that has seen no key
-            // yet keeps −∞ and exponentiates against 0 (its probabilities, sum and values stay
-            // exactly 0).
-            if lo.iter().any(|&a| a > ja) || hi.iter().any(|&b| b < jb) {
-                for j in 0..nb {
-                    let row = &mut s[j * ROWS..(j + 1) * ROWS];
-                    for r in 0..ROWS {
-                        let visible = lo[r] <= ja + j && ja + j < hi[r];
-                        row[r] = if visible { row[r] } else { f32::NEG_INFINITY };
-                    }
-                }
-            }
-            let mut top = *m;
-            for row in s[..nb * ROWS].chunks_exact(ROWS) {
-                for r in 0..ROWS {
-                    top[r] = top[r].max(row[r]);
-                }
-            }
-            let safe: [f32; ROWS] = std::array::from_fn(|r| {
-                if top[r] == f32::NEG_INFINITY {
-                    0.0
-                } else {
-                    top[r]
-                }
-            });
-            let alpha: [f32; ROWS] = std::array::from_fn(|r| super::gelu::exp(m[r] - safe[r]));
-            let mut sum = [0f32; ROWS];
-            for row in s[..nb * ROWS].chunks_exact_mut(ROWS) {
-                for r in 0..ROWS {
-                    let x = row[r];
-                    let p = super::gelu::exp(x - safe[r]);
-                    let p = if x == f32::NEG_INFINITY { 0.0 } else { p };
-                    row[r] = p;
-                    sum[r] += p;
-                }
-            }
-            for r in 0..ROWS {
-                l[r] = l[r] * alpha[r] + sum[r];
-            }
-            *m = top;
-            // Oᵀ[c, r] = α[r]·Oᵀ[c, r] + Σ_j Sᵀ[j, r]·V[ja + j, c], tiles of TILE columns.
-            let av: [__m512; VECS] =
-                std::array::from_fn(|u| _mm512_loadu_ps(alpha.as_ptr().add(u * LANES)));
-            for c0 in (0..dv).step_by(TILE) {
-                let mut acc = [[_mm512_setzero_ps(); VECS]; TILE];
-                for (x, acc) in acc.iter_mut().enumerate() {
-                    for (u, acc) in acc.iter_mut().enumerate() {
-                        let at = ot.as_ptr().add((c0 + x) * ROWS + u * LANES);
-                        *acc = _mm512_mul_ps(_mm512_loadu_ps(at), av[u]);
-                    }
-                }
-                let vt = vp.as_ptr().add(c0 / TILE * nb * TILE);
-                for j in 0..nb {
-                    let pv: [__m512; VECS] = std::array::from_fn(|u| {
-                        _mm512_loadu_ps(s.as_ptr().add(j * ROWS + u * LANES))
-                    });
-                    for (x, acc) in acc.iter_mut().enumerate() {
-                        let vb = _mm512_set1_ps(*vt.add(j * TILE + x));
-                        for u in 0..VECS {
-                            acc[u] = _mm512_fmadd_ps(pv[u], vb, acc[u]);
-                        }
-                    }
-                }
-                for (x, acc) in acc.iter().enumerate() {
-                    for (u, acc) in acc.iter().enumerate() {
-                        _mm512_storeu_ps(ot.as_mut_ptr().add((c0 + x) * ROWS + u * LANES), *acc);
-                    }
-                }
-            }
+            scores(t, &qts[tile * d * ROWS..][..d * ROWS], (ja, nb), s);
+            let alpha = online_softmax(
+                (&lo[tile], &hi[tile]),
+                (ja, nb),
+                s,
+                &mut m[tile],
+                &mut l[tile],
+            );
+            add_values(ot, &s[..nb * ROWS], &vp[..nb * dv], &alpha);
         }
     }
     // Normalise and write each real lane's row.
@@ -315,15 +231,131 @@ unsafe fn item_avx512(t: &Item, scratch: &mut [f32], out: &mut [f32]) {
         for r in 0..ROWS.min(t.count - tile * ROWS) {
             let (off, _) = t.row(tile, r, dv);
             let inv = 1.0 / l[tile][r];
-            for (c, o) in out[off..off + dv].iter_mut().enumerate() {
-                *o = ot[c * ROWS + r] * inv;
+            for c in 0..dv {
+                *out.add(off + c) = ot[c * ROWS + r] * inv;
+            }
+        }
+    }
+}
+
+/// Scores of a row tile against the keys `ja..ja + nb`: `s[j·ROWS + r] = Qᵀ[·, r] · K[ja + j]`,
+/// tiles of TILE keys (the last one repeats its last key; those columns are never stored).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn scores(t: &Item, qt: &[f32], (ja, nb): (usize, usize), s: &mut [f32]) {
+    use std::arch::x86_64::*;
+    for jt in (0..nb).step_by(TILE) {
+        let kp: [*const f32; TILE] =
+            std::array::from_fn(|x| t.k.row(t.bi, t.h, ja + (jt + x).min(nb - 1)).as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); VECS]; TILE];
+        for c in 0..t.k.width {
+            let qv: [__m512; VECS] =
+                std::array::from_fn(|u| _mm512_loadu_ps(qt.as_ptr().add(c * ROWS + u * LANES)));
+            for x in 0..TILE {
+                let kb = _mm512_set1_ps(*kp[x].add(c));
+                for u in 0..VECS {
+                    acc[x][u] = _mm512_fmadd_ps(qv[u], kb, acc[x][u]);
+                }
+            }
+        }
+        for (x, acc) in acc.iter().enumerate().take(nb - jt) {
+            for (u, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(s.as_mut_ptr().add((jt + x) * ROWS + u * LANES), *acc);
+            }
+        }
+    }
+}
+
+/// The mask (keys outside a lane's `lo..hi` score −∞), then the online softmax of the block's
+/// scores, lane-wise: the new maxima `m`, the sums `l`, probabilities in place of the scores;
+/// returns the factor each lane's earlier values are rescaled by. A lane that has seen no key
+/// yet keeps −∞ and exponentiates against 0 (its probabilities, sum and values stay exactly 0).
+#[inline(always)]
+fn online_softmax(
+    (lo, hi): (&[usize; ROWS], &[usize; ROWS]),
+    (ja, nb): (usize, usize),
+    s: &mut [f32],
+    m: &mut [f32; ROWS],
+    l: &mut [f32; ROWS],
+) -> [f32; ROWS] {
+    let s = &mut s[..nb * ROWS];
+    if lo.iter().any(|&a| a > ja) || hi.iter().any(|&b| b < ja + nb) {
+        for (j, row) in s.chunks_exact_mut(ROWS).enumerate() {
+            for r in 0..ROWS {
+                let visible = lo[r] <= ja + j && ja + j < hi[r];
+                row[r] = if visible { row[r] } else { f32::NEG_INFINITY };
+            }
+        }
+    }
+    let mut top = *m;
+    for row in s.chunks_exact(ROWS) {
+        for r in 0..ROWS {
+            top[r] = top[r].max(row[r]);
+        }
+    }
+    let safe: [f32; ROWS] = std::array::from_fn(|r| {
+        if top[r] == f32::NEG_INFINITY {
+            0.0
+        } else {
+            top[r]
+        }
+    });
+    let alpha: [f32; ROWS] = std::array::from_fn(|r| super::gelu::exp(m[r] - safe[r]));
+    let mut sum = [0f32; ROWS];
+    for row in s.chunks_exact_mut(ROWS) {
+        for r in 0..ROWS {
+            let x = row[r];
+            let p = super::gelu::exp(x - safe[r]);
+            let p = if x == f32::NEG_INFINITY { 0.0 } else { p };
+            row[r] = p;
+            sum[r] += p;
+        }
+    }
+    for r in 0..ROWS {
+        l[r] = l[r] * alpha[r] + sum[r];
+    }
+    *m = top;
+    alpha
+}
+
+/// `Oᵀ[c, r] = α[r]·Oᵀ[c, r] + Σ_j P[j, r]·V[j, c]` for the block's probabilities `p` and its
+/// packed values `vp` (`[dv / TILE][nb][TILE]`), tiles of TILE columns.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn add_values(ot: &mut [f32], p: &[f32], vp: &[f32], alpha: &[f32; ROWS]) {
+    use std::arch::x86_64::*;
+    let (nb, dv) = (p.len() / ROWS, ot.len() / ROWS);
+    let av: [__m512; VECS] =
+        std::array::from_fn(|u| _mm512_loadu_ps(alpha.as_ptr().add(u * LANES)));
+    for c0 in (0..dv).step_by(TILE) {
+        let mut acc = [[_mm512_setzero_ps(); VECS]; TILE];
+        for (x, acc) in acc.iter_mut().enumerate() {
+            for (u, acc) in acc.iter_mut().enumerate() {
+                let at = ot.as_ptr().add((c0 + x) * ROWS + u * LANES);
+                *acc = _mm512_mul_ps(_mm512_loadu_ps(at), av[u]);
+            }
+        }
+        let vt = vp.as_ptr().add(c0 / TILE * nb * TILE);
+        for j in 0..nb {
+            let pv: [__m512; VECS] =
+                std::array::from_fn(|u| _mm512_loadu_ps(p.as_ptr().add(j * ROWS + u * LANES)));
+            for (x, acc) in acc.iter_mut().enumerate() {
+                let vb = _mm512_set1_ps(*vt.add(j * TILE + x));
+                for u in 0..VECS {
+                    acc[u] = _mm512_fmadd_ps(pv[u], vb, acc[u]);
+                }
+            }
+        }
+        for (x, acc) in acc.iter().enumerate() {
+            for (u, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(ot.as_mut_ptr().add((c0 + x) * ROWS + u * LANES), *acc);
             }
         }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn item_avx512(_: &Item, _: &mut [f32], _: &mut [f32]) {
+unsafe fn item_avx512(_: &Item, _: &mut [f32], _: *mut f32) {
     unreachable!("AVX-512 is never detected off x86-64")
 }
 
