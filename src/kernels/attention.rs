@@ -59,6 +59,32 @@ pub struct Geometry {
 }
 
 impl Geometry {
+    /// That `q` (`[batch, q_heads, rows, d]`) and `out` (`dv` wide) fit the geometry, the query
+    /// heads group evenly over the KV heads, and every query sees at least one key.
+    pub(super) fn check(&self, q: &[f32], out: &[f32], d: usize, dv: usize) -> Result<()> {
+        let (b, hq, hkv, n) = (self.batch, self.q_heads, self.kv_heads, self.rows);
+        ensure!(
+            hkv > 0 && hq % hkv == 0,
+            "internal: {hq} query heads over {hkv} KV heads"
+        );
+        ensure!(
+            q.len() == b * hq * n * d && out.len() == b * hq * n * dv,
+            "internal: attention buffers do not match [{b}, {hq}, {n}, {d}/{dv}]"
+        );
+        if let Some(i) = (0..n).find(|&i| {
+            let (lo, hi) = self.visible(i);
+            lo >= hi
+        }) {
+            bail!(
+                "internal: the query at {} sees none of the keys at {}..{}",
+                self.q_start + i,
+                self.k_start,
+                self.k_start + self.keys
+            );
+        }
+        Ok(())
+    }
+
     /// The keys (relative to `k_start`) the query at row `i` sees: `lo..hi`.
     pub(super) fn visible(&self, i: usize) -> (usize, usize) {
         let p = self.q_start + i;
@@ -90,37 +116,15 @@ pub fn attend_few(
         ..
     } = *geo;
     let (d, dv) = (k.width, v.width);
-    ensure!(
-        kv_heads > 0 && q_heads % kv_heads == 0,
-        "internal: {q_heads} query heads over {kv_heads} KV heads"
-    );
-    ensure!(
-        q.len() == batch * q_heads * n * d && out.len() == batch * q_heads * n * dv,
-        "internal: attention buffers do not match [{batch}, {q_heads}, {n}, {d}/{dv}]"
-    );
+    geo.check(q, out, d, dv)?;
     if n == 0 {
         return Ok(());
     }
     let g = q_heads / kv_heads;
     let group_rows = g * n;
-    // The keys any row of a group sees (the same for every group).
-    let (lo, hi) = (0..n).fold((usize::MAX, 0), |(lo, hi), i| {
-        let (a, b) = geo.visible(i);
-        if a < b {
-            (lo.min(a), hi.max(b))
-        } else {
-            (lo, hi)
-        }
-    });
-    if lo >= hi || (0..n).any(|i| geo.visible(i).0 >= geo.visible(i).1) {
-        bail!(
-            "internal: queries at {}..{} do not all see one of the keys at {}..{}",
-            geo.q_start,
-            geo.q_start + n,
-            geo.k_start,
-            geo.k_start + geo.keys
-        );
-    }
+    // The keys any row of a group sees (the same for every group; each row sees one, checked).
+    let lo = (0..n).map(|i| geo.visible(i).0).min().unwrap_or(0);
+    let hi = (0..n).map(|i| geo.visible(i).1).max().unwrap_or(0);
     // Chunks per group: about four items per thread in all, none under MIN_CHUNK keys.
     let groups = batch * kv_heads;
     let span = hi - lo;

@@ -26,7 +26,7 @@
 use super::attention::{Geometry, HeadRows};
 use super::gemv::{Isa, SyncPtr};
 use super::parallel::{parallel_for, threads};
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 use std::cell::RefCell;
 
 /// Lanes of one register.
@@ -72,25 +72,7 @@ pub fn attend_many(
     } = *geo;
     let (d, dv) = (k.width, v.width);
     ensure!(applies(dv), "internal: flash attention does not apply here");
-    ensure!(
-        kv_heads > 0 && q_heads % kv_heads == 0,
-        "internal: {q_heads} query heads over {kv_heads} KV heads"
-    );
-    ensure!(
-        q.len() == batch * q_heads * n * d && out.len() == batch * q_heads * n * dv,
-        "internal: attention buffers do not match [{batch}, {q_heads}, {n}, {d}/{dv}]"
-    );
-    if let Some(i) = (0..n).find(|&i| {
-        let (lo, hi) = geo.visible(i);
-        lo >= hi
-    }) {
-        bail!(
-            "internal: the query at {} sees none of the keys at {}..{}",
-            geo.q_start + i,
-            geo.k_start,
-            geo.k_start + geo.keys
-        );
-    }
+    geo.check(q, out, d, dv)?;
     let g = q_heads / kv_heads;
     let groups = batch * kv_heads;
     // Row tiles per item: up to MAX_TILES (each key block read once for all of them), fewer
