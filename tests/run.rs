@@ -420,7 +420,7 @@ fn raw_ids_run_without_a_tokenizer() {
 }
 
 /// A long prompt costs the weights, the cache and a bounded working set: prefill goes in chunks
-/// and attention in key blocks (flash attention, on AVX-512) or query blocks (elsewhere), so no
+/// and attention in key blocks (flash attention, with AVX2) or query blocks (elsewhere), so no
 /// `[heads, n, n]` score tensor or `[n, vocab]` logits are ever held. One-shot attention over 4096
 /// tokens held >1 GB of scores on this fixture; here the long run's peak may exceed a 64-token
 /// run's by at most 160 MB: its KV cache is under 2 MB, and the working set is at most one block

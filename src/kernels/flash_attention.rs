@@ -1,17 +1,19 @@
 //! Causal attention for a prompt chunk (many query rows) over f32 keys and values, flash-attention
-//! style, on CPUs with AVX-512: no score, mask or probability tensor beyond one key block.
+//! style, on CPUs with AVX2 or AVX-512: no score, mask or probability tensor beyond one key block.
 //!
 //! Notable:
 //! - Query rows sit in SIMD lanes: a row tile is 48 rows of one KV head's group (three 16-lane
-//!   registers; rows ordered by position, then query head, so a tile's rows see nearly the same
-//!   keys), its queries transposed once to `Qᵀ` `[d, 48]` and pre-scaled.
-//! - Per key block (64 keys): scores `Sᵀ` `[64, 48]` by outer products (three `Qᵀ` registers
-//!   times one broadcast key element per key: no horizontal sums, however short the head
+//!   registers, six AVX2 ones; rows ordered by position, then query head, so a tile's rows see
+//!   nearly the same keys), its queries transposed once to `Qᵀ` `[d, 48]` and pre-scaled. One
+//!   body serves both widths ([`Simd`]); only the register tiles differ (AVX-512: 8 keys or value
+//!   columns × 3 registers of rows; AVX2, 16 registers: 4 × 2).
+//! - Per key block (64 keys): scores `Sᵀ` `[64, 48]` by outer products (`Qᵀ` registers times
+//!   one broadcast key element per key: no horizontal sums, however short the head
 //!   dimension), the causal/window mask from each lane's visible range, the online softmax
 //!   (running maximum and sum per lane, all lane-wise), then `Oᵀ` `[dv, 48]` rescaled and
 //!   accumulated by outer products of probability registers and broadcast value elements.
 //! - A parallel item is up to four row tiles, which share each key block: its values are packed
-//!   once (contiguous per 8 columns) and the block is read from memory once for 192 rows; one
+//!   once (contiguous per value tile) and the block is read from memory once for 192 rows; one
 //!   tile alone streamed every key and value once per 32 rows, bound by memory at 8K contexts.
 //! - Key blocks sit at multiples of 64 positions whatever the item, and a key a row cannot see
 //!   adds exactly zero, so a row's result depends on its own keys only: not on the other rows of
@@ -29,34 +31,44 @@ use super::parallel::{parallel_for, threads};
 use anyhow::{ensure, Result};
 use std::cell::RefCell;
 
-/// Lanes of one register.
-const LANES: usize = 16;
-/// Registers of query rows per row tile.
-const VECS: usize = 3;
-/// Query rows per row tile.
-const ROWS: usize = VECS * LANES;
+/// Query rows per row tile: three AVX-512 registers, or three times two AVX2 ones.
+const ROWS: usize = 48;
 /// Most row tiles per item: each key block's keys and values are read once per item, so
 /// `MAX_TILES · ROWS` query rows share them.
 const MAX_TILES: usize = 4;
 /// Keys per online-softmax block: the block's scores are `BLOCK × ROWS` f32 (12 KB).
 const BLOCK: usize = 64;
-/// Keys per score tile and value columns per value tile (`TILE × VECS` accumulators).
-const TILE: usize = 8;
 
 thread_local! {
     /// Per-thread `Qᵀ`, `Oᵀ`, the block's scores and its packed values.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Whether [`attend_many`] runs for rows of width `d` (keys) and `dv` (values) on this CPU.
+/// Whether [`attend_many`] runs for values `dv` wide on this CPU (AVX2 or AVX-512).
 pub fn applies(dv: usize) -> bool {
-    matches!(Isa::get(), Isa::Avx512) && dv.is_multiple_of(TILE) && dv > 0
+    applies_on(Isa::get(), dv)
+}
+
+fn applies_on(isa: Isa, dv: usize) -> bool {
+    isa.has_avx2() && dv > 0 && dv.is_multiple_of(8)
 }
 
 /// `softmax(q·kᵀ·scale, causal)·v` → `out` `[batch, q_heads, rows, dv]` (overwritten); `q`
 /// contiguous `[batch, q_heads, rows, d]`. Every query must see at least one key; the caller
 /// checks [`applies`] first.
 pub fn attend_many(
+    geo: &Geometry,
+    q: &[f32],
+    k: HeadRows<'_>,
+    v: HeadRows<'_>,
+    out: &mut [f32],
+) -> Result<()> {
+    attend_many_on(Isa::get(), geo, q, k, v, out)
+}
+
+/// [`attend_many`] with the kernels of `isa` (which this CPU must have).
+fn attend_many_on(
+    isa: Isa,
     geo: &Geometry,
     q: &[f32],
     k: HeadRows<'_>,
@@ -71,7 +83,10 @@ pub fn attend_many(
         ..
     } = *geo;
     let (d, dv) = (k.width, v.width);
-    ensure!(applies(dv), "internal: flash attention does not apply here");
+    ensure!(
+        applies_on(isa, dv),
+        "internal: flash attention does not apply here"
+    );
     geo.check(q, out, d, dv)?;
     let g = q_heads / kv_heads;
     let groups = batch * kv_heads;
@@ -101,10 +116,7 @@ pub fn attend_many(
                     first: block * per_item * ROWS,
                     count: (per_item * ROWS).min(g * n - block * per_item * ROWS),
                 };
-                // SAFETY: `Isa::get` detected AVX-512F (checked by `applies` above). Each item
-                // writes only its own rows of `out` (checked to hold every row), which outlives
-                // the call.
-                unsafe { item_avx512(&task, &mut s, op.get()) }
+                run_item(isa, &task, &mut s, op);
             }
         })
     });
@@ -137,10 +149,122 @@ impl Item<'_> {
     }
 }
 
+/// Runs one item with `isa`'s kernels.
+fn run_item(isa: Isa, t: &Item, scratch: &mut [f32], out: SyncPtr<f32>) {
+    match isa {
+        // SAFETY: `Isa::get` detected these features (`applies_on` checked AVX2 at least). Each
+        // item writes only its own rows of `out` (checked to hold every row), which outlives
+        // the call.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { item_avx512(t, scratch, out.get()) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { item_avx2(t, scratch, out.get()) },
+        Isa::Portable => unreachable!("flash attention runs with AVX2 or AVX-512"),
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn item_avx512(t: &Item, scratch: &mut [f32], out: *mut f32) {
+    item::<x86::Avx512, 3, 8>(t, scratch, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn item_avx2(t: &Item, scratch: &mut [f32], out: *mut f32) {
+    // 16 registers: 4 keys × 2 registers of accumulators, 2 of queries, the broadcast (with 3
+    // registers of queries one accumulator went to the stack on every step).
+    item::<x86::Avx2, 2, 4>(t, scratch, out)
+}
+
+/// The vector operations the kernels use, for one register width.
+trait Simd {
+    type V: Copy;
+    /// f32 lanes per register.
+    const LANES: usize;
+    unsafe fn zero() -> Self::V;
+    unsafe fn load(p: *const f32) -> Self::V;
+    unsafe fn store(p: *mut f32, v: Self::V);
+    unsafe fn splat(x: f32) -> Self::V;
+    /// `a · b + c`.
+    unsafe fn mul_add(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Simd;
     use std::arch::x86_64::*;
+
+    pub(super) struct Avx512;
+    impl Simd for Avx512 {
+        type V = __m512;
+        const LANES: usize = 16;
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m512) {
+            _mm512_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m512 {
+            _mm512_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn mul_add(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+            _mm512_mul_ps(a, b)
+        }
+    }
+
+    pub(super) struct Avx2;
+    impl Simd for Avx2 {
+        type V = __m256;
+        const LANES: usize = 8;
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m256) {
+            _mm256_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m256 {
+            _mm256_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn mul_add(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+            _mm256_mul_ps(a, b)
+        }
+    }
+}
+
+/// One item: every row tile over every key block it sees, then each real row normalised into
+/// `out`.
+#[inline(always)]
+unsafe fn item<S: Simd, const VECS: usize, const TILE: usize>(
+    t: &Item,
+    scratch: &mut [f32],
+    out: *mut f32,
+) {
     let (d, dv) = (t.k.width, t.v.width);
     let tiles = t.count.div_ceil(ROWS);
     let (qts, rest) = scratch.split_at_mut(MAX_TILES * d * ROWS);
@@ -185,9 +309,8 @@ unsafe fn item_avx512(t: &Item, scratch: &mut [f32], out: *mut f32) {
         // rows), once for all the item's row tiles.
         for j in 0..nb {
             let vr = t.v.row(t.bi, t.h, ja + j);
-            for c0 in (0..dv).step_by(TILE) {
-                let at = vp.as_mut_ptr().add((c0 / TILE * nb + j) * TILE);
-                _mm256_storeu_ps(at, _mm256_loadu_ps(vr.as_ptr().add(c0)));
+            for (c0, part) in vr.chunks_exact(TILE).enumerate() {
+                vp[(c0 * nb + j) * TILE..][..TILE].copy_from_slice(part);
             }
         }
         for tile in 0..tiles {
@@ -196,7 +319,7 @@ unsafe fn item_avx512(t: &Item, scratch: &mut [f32], out: *mut f32) {
                 continue;
             }
             let ot = &mut ots[tile * dv * ROWS..][..dv * ROWS];
-            scores(t, &qts[tile * d * ROWS..][..d * ROWS], (ja, nb), s);
+            scores::<S, VECS, TILE>(t, &qts[tile * d * ROWS..][..d * ROWS], (ja, nb), s);
             let alpha = online_softmax(
                 (&lo[tile], &hi[tile]),
                 (ja, nb),
@@ -204,7 +327,7 @@ unsafe fn item_avx512(t: &Item, scratch: &mut [f32], out: *mut f32) {
                 &mut m[tile],
                 &mut l[tile],
             );
-            add_values(ot, &s[..nb * ROWS], &vp[..nb * dv], &alpha);
+            add_values::<S, VECS, TILE>(ot, &s[..nb * ROWS], &vp[..nb * dv], &alpha);
         }
     }
     // Normalise and write each real lane's row.
@@ -222,27 +345,33 @@ unsafe fn item_avx512(t: &Item, scratch: &mut [f32], out: *mut f32) {
 
 /// Scores of a row tile against the keys `ja..ja + nb`: `s[j·ROWS + r] = Qᵀ[·, r] · K[ja + j]`,
 /// tiles of TILE keys (the last one repeats its last key; those columns are never stored).
-#[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn scores(t: &Item, qt: &[f32], (ja, nb): (usize, usize), s: &mut [f32]) {
-    use std::arch::x86_64::*;
-    for jt in (0..nb).step_by(TILE) {
-        let kp: [*const f32; TILE] =
-            std::array::from_fn(|x| t.k.row(t.bi, t.h, ja + (jt + x).min(nb - 1)).as_ptr());
-        let mut acc = [[_mm512_setzero_ps(); VECS]; TILE];
-        for c in 0..t.k.width {
-            let qv: [__m512; VECS] =
-                std::array::from_fn(|u| _mm512_loadu_ps(qt.as_ptr().add(c * ROWS + u * LANES)));
-            for x in 0..TILE {
-                let kb = _mm512_set1_ps(*kp[x].add(c));
-                for u in 0..VECS {
-                    acc[x][u] = _mm512_fmadd_ps(qv[u], kb, acc[x][u]);
+unsafe fn scores<S: Simd, const VECS: usize, const TILE: usize>(
+    t: &Item,
+    qt: &[f32],
+    (ja, nb): (usize, usize),
+    s: &mut [f32],
+) {
+    for r0 in (0..ROWS).step_by(VECS * S::LANES) {
+        for jt in (0..nb).step_by(TILE) {
+            let kp: [*const f32; TILE] =
+                std::array::from_fn(|x| t.k.row(t.bi, t.h, ja + (jt + x).min(nb - 1)).as_ptr());
+            let mut acc = [[S::zero(); VECS]; TILE];
+            for c in 0..t.k.width {
+                let at = qt.as_ptr().add(c * ROWS + r0);
+                let qv: [S::V; VECS] = std::array::from_fn(|u| S::load(at.add(u * S::LANES)));
+                for x in 0..TILE {
+                    let kb = S::splat(*kp[x].add(c));
+                    for u in 0..VECS {
+                        acc[x][u] = S::mul_add(qv[u], kb, acc[x][u]);
+                    }
                 }
             }
-        }
-        for (x, acc) in acc.iter().enumerate().take(nb - jt) {
-            for (u, acc) in acc.iter().enumerate() {
-                _mm512_storeu_ps(s.as_mut_ptr().add((jt + x) * ROWS + u * LANES), *acc);
+            for (x, acc) in acc.iter().enumerate().take(nb - jt) {
+                let at = s.as_mut_ptr().add((jt + x) * ROWS + r0);
+                for (u, acc) in acc.iter().enumerate() {
+                    S::store(at.add(u * S::LANES), *acc);
+                }
             }
         }
     }
@@ -302,49 +431,60 @@ fn online_softmax(
 
 /// `Oᵀ[c, r] = α[r]·Oᵀ[c, r] + Σ_j P[j, r]·V[j, c]` for the block's probabilities `p` and its
 /// packed values `vp` (`[dv / TILE][nb][TILE]`), tiles of TILE columns.
-#[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn add_values(ot: &mut [f32], p: &[f32], vp: &[f32], alpha: &[f32; ROWS]) {
-    use std::arch::x86_64::*;
+unsafe fn add_values<S: Simd, const VECS: usize, const TILE: usize>(
+    ot: &mut [f32],
+    p: &[f32],
+    vp: &[f32],
+    alpha: &[f32; ROWS],
+) {
     let (nb, dv) = (p.len() / ROWS, ot.len() / ROWS);
-    let av: [__m512; VECS] =
-        std::array::from_fn(|u| _mm512_loadu_ps(alpha.as_ptr().add(u * LANES)));
-    for c0 in (0..dv).step_by(TILE) {
-        let mut acc = [[_mm512_setzero_ps(); VECS]; TILE];
-        for (x, acc) in acc.iter_mut().enumerate() {
-            for (u, acc) in acc.iter_mut().enumerate() {
-                let at = ot.as_ptr().add((c0 + x) * ROWS + u * LANES);
-                *acc = _mm512_mul_ps(_mm512_loadu_ps(at), av[u]);
-            }
-        }
-        let vt = vp.as_ptr().add(c0 / TILE * nb * TILE);
-        for j in 0..nb {
-            let pv: [__m512; VECS] =
-                std::array::from_fn(|u| _mm512_loadu_ps(p.as_ptr().add(j * ROWS + u * LANES)));
+    for r0 in (0..ROWS).step_by(VECS * S::LANES) {
+        let av: [S::V; VECS] =
+            std::array::from_fn(|u| S::load(alpha.as_ptr().add(r0 + u * S::LANES)));
+        for c0 in (0..dv).step_by(TILE) {
+            let mut acc = [[S::zero(); VECS]; TILE];
             for (x, acc) in acc.iter_mut().enumerate() {
-                let vb = _mm512_set1_ps(*vt.add(j * TILE + x));
-                for u in 0..VECS {
-                    acc[u] = _mm512_fmadd_ps(pv[u], vb, acc[u]);
+                let at = ot.as_ptr().add((c0 + x) * ROWS + r0);
+                for (u, acc) in acc.iter_mut().enumerate() {
+                    *acc = S::mul(S::load(at.add(u * S::LANES)), av[u]);
+                }
+            }
+            let vt = vp.as_ptr().add(c0 / TILE * nb * TILE);
+            for j in 0..nb {
+                let at = p.as_ptr().add(j * ROWS + r0);
+                let pv: [S::V; VECS] = std::array::from_fn(|u| S::load(at.add(u * S::LANES)));
+                for (x, acc) in acc.iter_mut().enumerate() {
+                    let vb = S::splat(*vt.add(j * TILE + x));
+                    for u in 0..VECS {
+                        acc[u] = S::mul_add(pv[u], vb, acc[u]);
+                    }
+                }
+            }
+            for (x, acc) in acc.iter().enumerate() {
+                let at = ot.as_mut_ptr().add((c0 + x) * ROWS + r0);
+                for (u, acc) in acc.iter().enumerate() {
+                    S::store(at.add(u * S::LANES), *acc);
                 }
             }
         }
-        for (x, acc) in acc.iter().enumerate() {
-            for (u, acc) in acc.iter().enumerate() {
-                _mm512_storeu_ps(ot.as_mut_ptr().add((c0 + x) * ROWS + u * LANES), *acc);
-            }
-        }
     }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn item_avx512(_: &Item, _: &mut [f32], _: *mut f32) {
-    unreachable!("AVX-512 is never detected off x86-64")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::kernels::attention::tests::{reference, rnd};
+    use crate::kernels::gemv::tests::isas;
+
+    /// The instruction sets flash attention runs with on this machine.
+    fn flash_isas() -> Vec<Isa> {
+        let isas: Vec<Isa> = isas().into_iter().filter(|&i| applies_on(i, 8)).collect();
+        if isas.is_empty() {
+            eprintln!("no AVX2 on this machine: flash attention is not used, nothing to test");
+        }
+        isas
+    }
 
     fn heads<'a>(data: &'a [f32], geo: &Geometry, width: usize) -> HeadRows<'a> {
         HeadRows {
@@ -362,44 +502,43 @@ mod tests {
     /// equal to the f64 formula.
     #[test]
     fn equals_the_formula_for_prompt_chunks() {
-        if !applies(TILE) {
-            eprintln!("no AVX-512 on this machine: flash attention is not used, nothing to test");
-            return;
-        }
         let mut seed = 11;
-        for &(batch, q_heads, kv_heads, rows, keys, d, dv, window, k_start) in &[
-            (1, 4, 1, 17, 17, 16, 16, None, 0),
-            (1, 8, 2, 100, 300, 64, 32, None, 0),
-            (2, 4, 4, 33, 700, 40, 40, None, 0),
-            (1, 8, 1, 64, 1000, 32, 32, Some(100), 0),
-            (1, 2, 1, 40, 600, 24, 24, Some(512), 100),
-            (1, 3, 3, 50, 50, 8, 8, Some(4), 0),
-            (1, 1, 1, 129, 200, 72, 80, None, 61),
-        ] {
-            let q_start = k_start + keys - rows;
-            let geo = Geometry {
-                batch,
-                q_heads,
-                kv_heads,
-                rows,
-                keys,
-                q_start,
-                k_start,
-                window,
-                scale: 0.3,
-            };
-            let q = rnd(&mut seed, batch * q_heads * rows * d);
-            let k = rnd(&mut seed, batch * kv_heads * keys * d);
-            let v = rnd(&mut seed, batch * kv_heads * keys * dv);
-            let mut out = vec![f32::NAN; batch * q_heads * rows * dv];
-            attend_many(&geo, &q, heads(&k, &geo, d), heads(&v, &geo, dv), &mut out).unwrap();
-            let want = reference(&geo, &q, &k, &v, d, dv);
-            let err = out
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(err < 1e-5, "{geo:?}: max error {err}");
+        for isa in flash_isas() {
+            for &(batch, q_heads, kv_heads, rows, keys, d, dv, window, k_start) in &[
+                (1, 4, 1, 17, 17, 16, 16, None, 0),
+                (1, 8, 2, 100, 300, 64, 32, None, 0),
+                (2, 4, 4, 33, 700, 40, 40, None, 0),
+                (1, 8, 1, 64, 1000, 32, 32, Some(100), 0),
+                (1, 2, 1, 40, 600, 24, 24, Some(512), 100),
+                (1, 3, 3, 50, 50, 8, 8, Some(4), 0),
+                (1, 1, 1, 129, 200, 72, 80, None, 61),
+            ] {
+                let q_start = k_start + keys - rows;
+                let geo = Geometry {
+                    batch,
+                    q_heads,
+                    kv_heads,
+                    rows,
+                    keys,
+                    q_start,
+                    k_start,
+                    window,
+                    scale: 0.3,
+                };
+                let q = rnd(&mut seed, batch * q_heads * rows * d);
+                let k = rnd(&mut seed, batch * kv_heads * keys * d);
+                let v = rnd(&mut seed, batch * kv_heads * keys * dv);
+                let mut out = vec![f32::NAN; batch * q_heads * rows * dv];
+                let (kr, vr) = (heads(&k, &geo, d), heads(&v, &geo, dv));
+                attend_many_on(isa, &geo, &q, kr, vr, &mut out).unwrap();
+                let want = reference(&geo, &q, &k, &v, d, dv);
+                let err = out
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(err < 1e-5, "{isa:?} {geo:?}: max error {err}");
+            }
         }
     }
 
@@ -407,61 +546,61 @@ mod tests {
     /// (other items, other key indices), equal the same rows of the whole chunk bit for bit.
     #[test]
     fn a_row_does_not_depend_on_its_chunk() {
-        if !applies(TILE) {
-            return;
-        }
-        let mut seed = 5;
-        let (q_heads, kv_heads, rows, keys, d, window) = (4, 1, 90, 400, 32, Some(150));
-        let whole = Geometry {
-            batch: 1,
-            q_heads,
-            kv_heads,
-            rows,
-            keys,
-            q_start: keys - rows,
-            k_start: 0,
-            window,
-            scale: 0.2,
-        };
-        let q = rnd(&mut seed, q_heads * rows * d);
-        let k = rnd(&mut seed, keys * d);
-        let v = rnd(&mut seed, keys * d);
-        let mut out = vec![0f32; q_heads * rows * d];
-        attend_many(
-            &whole,
-            &q,
-            heads(&k, &whole, d),
-            heads(&v, &whole, d),
-            &mut out,
-        )
-        .unwrap();
-        // The last 37 rows, their keys starting at 21 (as a later chunk's kept window would).
-        let (tail, skip) = (37, 21);
-        let part = Geometry {
-            rows: tail,
-            keys: keys - skip,
-            q_start: keys - tail,
-            k_start: skip,
-            ..whole
-        };
-        let qt: Vec<f32> = (0..q_heads)
-            .flat_map(|h| q[(h * rows + rows - tail) * d..][..tail * d].to_vec())
-            .collect();
-        let mut got = vec![0f32; q_heads * tail * d];
-        attend_many(
-            &part,
-            &qt,
-            heads(&k[skip * d..], &part, d),
-            heads(&v[skip * d..], &part, d),
-            &mut got,
-        )
-        .unwrap();
-        for h in 0..q_heads {
-            assert_eq!(
-                got[h * tail * d..][..tail * d],
-                out[(h * rows + rows - tail) * d..][..tail * d],
-                "head {h}"
-            );
+        for isa in flash_isas() {
+            let mut seed = 5;
+            let (q_heads, kv_heads, rows, keys, d, window) = (4, 1, 90, 400, 32, Some(150));
+            let whole = Geometry {
+                batch: 1,
+                q_heads,
+                kv_heads,
+                rows,
+                keys,
+                q_start: keys - rows,
+                k_start: 0,
+                window,
+                scale: 0.2,
+            };
+            let q = rnd(&mut seed, q_heads * rows * d);
+            let k = rnd(&mut seed, keys * d);
+            let v = rnd(&mut seed, keys * d);
+            let mut out = vec![0f32; q_heads * rows * d];
+            attend_many(
+                &whole,
+                &q,
+                heads(&k, &whole, d),
+                heads(&v, &whole, d),
+                &mut out,
+            )
+            .unwrap();
+            // The last 37 rows, their keys starting at 21 (as a later chunk's kept window would).
+            let (tail, skip) = (37, 21);
+            let part = Geometry {
+                rows: tail,
+                keys: keys - skip,
+                q_start: keys - tail,
+                k_start: skip,
+                ..whole
+            };
+            let qt: Vec<f32> = (0..q_heads)
+                .flat_map(|h| q[(h * rows + rows - tail) * d..][..tail * d].to_vec())
+                .collect();
+            let mut got = vec![0f32; q_heads * tail * d];
+            attend_many_on(
+                isa,
+                &part,
+                &qt,
+                heads(&k[skip * d..], &part, d),
+                heads(&v[skip * d..], &part, d),
+                &mut got,
+            )
+            .unwrap();
+            for h in 0..q_heads {
+                assert_eq!(
+                    got[h * tail * d..][..tail * d],
+                    out[(h * rows + rows - tail) * d..][..tail * d],
+                    "{isa:?} head {h}"
+                );
+            }
         }
     }
 }

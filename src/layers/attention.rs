@@ -20,7 +20,7 @@
 //! never materialises an `[n, t]` score or mask tensor, and a sliding layer never scores keys
 //! outside its window. [`attend`] is the plain one-shot formula it is tested against. On the CPU
 //! in f32, decode steps and verify passes take [`crate::kernels::attention`] (a few rows, keys
-//! split among threads) and prompt chunks, where the CPU has AVX-512, take
+//! split among threads) and prompt chunks, where the CPU has AVX2 or AVX-512, take
 //! [`crate::kernels::flash_attention`] (online softmax over key blocks, no score tensor).
 //!
 //! Family options beyond [`AttentionOptions`] are builder calls on a loaded layer: QK norm without
@@ -110,7 +110,7 @@ const FEW_ROWS: usize = 16;
 
 /// [`attend_causal`] through the CPU kernels for f32 rows: [`kernels::attention::attend_few`]
 /// for a few query rows, [`kernels::flash_attention::attend_many`] for a prompt chunk; `None`
-/// where neither applies (another device or dtype, a prompt chunk on a CPU without AVX-512, a
+/// where neither applies (another device or dtype, a prompt chunk on a CPU without AVX2, a
 /// layout whose rows are not contiguous).
 fn attend_few_rows(
     q: &Tensor,
