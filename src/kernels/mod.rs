@@ -1,8 +1,8 @@
 //! The CPU kernels, apart from the blocks that use them: the matrix-vector product for one row
 //! ([`gemv`]: dense f32/bf16/f16 and the q8_0/q4_0 block formats), the tiled GEMM for several
 //! ([`gemm`]), attention over the KV store's rows for a few query rows ([`attention`]) and for a
-//! prompt chunk ([`flash_attention`]), tanh-GELU ([`gelu`]), the thread pool they share ([`parallel`]), and the
-//! 2 MB-page buffers quantized weights live in ([`hugepages`]).
+//! prompt chunk ([`flash_attention`]), tanh-GELU ([`gelu`]), the thread pool they share
+//! ([`parallel`]), and the 2 MB-page buffers quantized weights live in ([`hugepages`]).
 //!
 //! Notable: the instruction set is detected once per process at run time (AVX-512, AVX2+FMA,
 //! portable; `LLMARCH_KERNELS` overrides it for comparisons), so one binary runs well on every

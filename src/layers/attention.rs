@@ -98,21 +98,22 @@ pub fn attend_causal(
     span: CausalSpan,
     scale: f64,
 ) -> Result<Tensor> {
-    if let Some(y) = attend_few_rows(q, k, v, span, scale)? {
+    if let Some(y) = attend_on_cpu(q, k, v, span, scale)? {
         return Ok(y);
     }
     attend_in_blocks(q, k, v, span, scale, SCORE_BLOCK_ELEMS)
 }
 
-/// Query rows up to which [`attend_causal`] takes the fused CPU kernel (decode steps and verify
-/// passes); longer chunks go through the blocked path, whose products are GEMMs.
+/// Query rows up to which [`attend_causal`] takes the few-rows CPU kernel (decode steps and
+/// verify passes, keys split among threads); longer chunks take flash attention where the CPU
+/// has it, else the blocked path.
 const FEW_ROWS: usize = 16;
 
 /// [`attend_causal`] through the CPU kernels for f32 rows: [`kernels::attention::attend_few`]
 /// for a few query rows, [`kernels::flash_attention::attend_many`] for a prompt chunk; `None`
 /// where neither applies (another device or dtype, a prompt chunk on a CPU without AVX2, a
 /// layout whose rows are not contiguous).
-fn attend_few_rows(
+fn attend_on_cpu(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -679,7 +680,7 @@ mod tests {
             };
             let mask = causal_mask(n, span.q_start, k_start, t, window, &dev).unwrap();
             let want = attend(&q, &k, &v, Some(&mask), 0.3).unwrap();
-            // `None`: attend_causal itself (the fused kernel up to FEW_ROWS queries).
+            // `None`: attend_causal itself (the CPU kernels: few rows, flash attention).
             for budget in [
                 None,
                 Some(1),
