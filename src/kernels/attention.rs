@@ -377,13 +377,73 @@ pub(super) mod tests {
             .collect()
     }
 
+    /// `(batch, q_heads, kv_heads, rows, keys, d, dv, window, k_start)` of a test case.
+    pub(in crate::kernels) type Case = (
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        Option<usize>,
+        usize,
+    );
+
+    /// Packed `[batch, kv_heads, keys, width]` rows as a view.
+    pub(in crate::kernels) fn heads<'a>(
+        data: &'a [f32],
+        geo: &Geometry,
+        width: usize,
+    ) -> HeadRows<'a> {
+        HeadRows {
+            data,
+            offset: 0,
+            batch_stride: geo.kv_heads * geo.keys * width,
+            head_stride: geo.keys * width,
+            width,
+        }
+    }
+
+    /// `attend` on random queries, keys and values of `case` (the queries the last `rows`
+    /// positions, scale 0.3): its geometry and the largest distance from the f64 formula.
+    pub(in crate::kernels) fn error_against_formula(
+        seed: &mut u64,
+        (batch, q_heads, kv_heads, rows, keys, d, dv, window, k_start): Case,
+        attend: impl Fn(&Geometry, &[f32], HeadRows, HeadRows, &mut [f32]) -> Result<()>,
+    ) -> (Geometry, f32) {
+        let geo = Geometry {
+            batch,
+            q_heads,
+            kv_heads,
+            rows,
+            keys,
+            q_start: k_start + keys - rows,
+            k_start,
+            window,
+            scale: 0.3,
+        };
+        let q = rnd(seed, batch * q_heads * rows * d);
+        let k = rnd(seed, batch * kv_heads * keys * d);
+        let v = rnd(seed, batch * kv_heads * keys * dv);
+        let mut out = vec![f32::NAN; batch * q_heads * rows * dv];
+        attend(&geo, &q, heads(&k, &geo, d), heads(&v, &geo, dv), &mut out).unwrap();
+        let want = reference(&geo, &q, &k, &v, d, dv);
+        let err = out
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        (geo, err)
+    }
+
     /// Decode and verify shapes (GQA, MQA, one row, several rows), contexts shorter and longer
     /// than a key block and a chunk, sliding windows that cut the keys, and keys that start
     /// after position 0 (a sliding layer's kept window): equal to the f64 formula.
     #[test]
     fn equals_the_formula_for_decode_and_verify_shapes() {
         let mut seed = 7;
-        for &(batch, q_heads, kv_heads, rows, keys, d, dv, window, k_start) in &[
+        for case in [
             (1, 4, 1, 1, 5, 16, 16, None, 0),
             (1, 8, 2, 1, 300, 64, 32, None, 0),
             (2, 4, 4, 3, 700, 40, 40, None, 0),
@@ -391,37 +451,7 @@ pub(super) mod tests {
             (1, 2, 1, 4, 600, 24, 24, Some(512), 100),
             (1, 3, 3, 2, 9, 8, 8, Some(4), 0),
         ] {
-            let q_start = k_start + keys - rows;
-            let geo = Geometry {
-                batch,
-                q_heads,
-                kv_heads,
-                rows,
-                keys,
-                q_start,
-                k_start,
-                window,
-                scale: 0.3,
-            };
-            let q = rnd(&mut seed, batch * q_heads * rows * d);
-            let k = rnd(&mut seed, batch * kv_heads * keys * d);
-            let v = rnd(&mut seed, batch * kv_heads * keys * dv);
-            let view = |data: &'static [f32], width| HeadRows {
-                data,
-                offset: 0,
-                batch_stride: kv_heads * keys * width,
-                head_stride: keys * width,
-                width,
-            };
-            let (k, v): (&'static [f32], &'static [f32]) = (k.leak(), v.leak());
-            let mut out = vec![0f32; batch * q_heads * rows * dv];
-            attend_few(&geo, &q, view(k, d), view(v, dv), &mut out).unwrap();
-            let want = reference(&geo, &q, k, v, d, dv);
-            let err = out
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let (geo, err) = error_against_formula(&mut seed, case, attend_few);
             assert!(err < 1e-5, "{geo:?}: max error {err}");
         }
     }

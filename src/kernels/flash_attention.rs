@@ -477,7 +477,7 @@ unsafe fn add_values<S: Simd, const VECS: usize, const TILE: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::attention::tests::{reference, rnd};
+    use crate::kernels::attention::tests::{error_against_formula, heads, rnd};
     use crate::kernels::gemv::tests::isas;
 
     /// The instruction sets flash attention runs with on this machine.
@@ -489,16 +489,6 @@ mod tests {
         isas
     }
 
-    fn heads<'a>(data: &'a [f32], geo: &Geometry, width: usize) -> HeadRows<'a> {
-        HeadRows {
-            data,
-            offset: 0,
-            batch_stride: geo.kv_heads * geo.keys * width,
-            head_stride: geo.keys * width,
-            width,
-        }
-    }
-
     /// Prompt-chunk shapes (GQA, MQA, rows not a multiple of an item, several key blocks, a
     /// head dimension that is no multiple of 16), sliding windows that cut the keys inside a
     /// block, keys that start after position 0 (a sliding layer's kept window, a later chunk):
@@ -507,7 +497,7 @@ mod tests {
     fn equals_the_formula_for_prompt_chunks() {
         let mut seed = 11;
         for isa in flash_isas() {
-            for &(batch, q_heads, kv_heads, rows, keys, d, dv, window, k_start) in &[
+            for case in [
                 (1, 4, 1, 17, 17, 16, 16, None, 0),
                 (1, 8, 2, 100, 300, 64, 32, None, 0),
                 (2, 4, 4, 33, 700, 40, 40, None, 0),
@@ -516,30 +506,10 @@ mod tests {
                 (1, 3, 3, 50, 50, 8, 8, Some(4), 0),
                 (1, 1, 1, 129, 200, 72, 80, None, 61),
             ] {
-                let q_start = k_start + keys - rows;
-                let geo = Geometry {
-                    batch,
-                    q_heads,
-                    kv_heads,
-                    rows,
-                    keys,
-                    q_start,
-                    k_start,
-                    window,
-                    scale: 0.3,
+                let attend = |g: &_, q: &_, k: HeadRows<'_>, v: HeadRows<'_>, o: &mut _| {
+                    attend_many_on(isa, g, q, k, v, o)
                 };
-                let q = rnd(&mut seed, batch * q_heads * rows * d);
-                let k = rnd(&mut seed, batch * kv_heads * keys * d);
-                let v = rnd(&mut seed, batch * kv_heads * keys * dv);
-                let mut out = vec![f32::NAN; batch * q_heads * rows * dv];
-                let (kr, vr) = (heads(&k, &geo, d), heads(&v, &geo, dv));
-                attend_many_on(isa, &geo, &q, kr, vr, &mut out).unwrap();
-                let want = reference(&geo, &q, &k, &v, d, dv);
-                let err = out
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let (geo, err) = error_against_formula(&mut seed, case, attend);
                 assert!(err < 1e-5, "{isa:?} {geo:?}: max error {err}");
             }
         }
