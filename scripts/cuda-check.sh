@@ -6,6 +6,12 @@
 # Not part of .ci/run (it compiles candle's CUDA kernels: long on two cores). Run it before a
 # submission that touches device code.
 #   scripts/cuda-check.sh            (CUDA_COMPUTE_CAP defaults to 90, an H100/H200)
+#   scripts/cuda-check.sh --build    (also a release binary, target/cuda/release/llmarch, to carry
+#                                     to a GPU machine: see scripts/cuda-bench.sh)
+# --build links against stub libraries made here from the symbols cudarc calls (libcuda, cuBLAS,
+# cuBLASLt, cuRAND, NVRTC: the toolkit's real ones are gigabytes of wheels); the binary finds the
+# real ones at run time through the loader (the driver's libcuda.so.1, the toolkit's or PyTorch's
+# libcublas.so.13, libcublasLt.so.13, libcurand.so.10, libnvrtc.so.13, libcudart.so.13).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=$PWD/target/cuda-toolkit
@@ -34,3 +40,25 @@ export CARGO_TARGET_DIR="$PWD/target/cuda"
 cargo check --locked --features cuda --all-targets
 cargo clippy --locked --features cuda --all-targets -- -D warnings
 echo "cuda build check: ok"
+[ "${1:-}" = --build ] || exit 0
+
+# Stubs: one shared library per real one, named for the linker (libcuda.so, not the loader's
+# libcuda.so.1) and carrying the real soname, defining every symbol of its prefix that cudarc's
+# objects leave undefined.
+cargo build --locked --release --features cuda --lib
+S="$T/stubs" && rm -rf "$S" && mkdir -p "$S"
+rlib=$(ls -t "$CARGO_TARGET_DIR"/release/deps/libcudarc-*.rlib | head -1)
+nm -A "$rlib" 2>/dev/null | awk '$2 == "U" {print $3}' | sort -u >"$S/undefined"
+stub() { # NAME SONAME REGEX
+    grep -E "$3" "$S/undefined" | sed 's/.*/void &(void) {}/' >"$S/$1.c"
+    cc -shared -fPIC -o "$S/lib$1.so" -Wl,-soname,"$2" "$S/$1.c"
+}
+stub cuda libcuda.so.1 '^cu[A-Z]'
+stub cublasLt libcublasLt.so.13 '^cublasLt'
+stub cublas libcublas.so.13 '^cublas([^L]|L[^t])'
+stub curand libcurand.so.10 '^curand'
+stub nvrtc libnvrtc.so.13 '^nvrtc'
+# candle-kernels' MoE kernels (a static library) call the runtime: the wheel's real one.
+ln -s "$T/lib/libcudart.so.13" "$S/libcudart.so"
+cargo rustc --locked --release --features cuda --bin llmarch -- -L "native=$S"
+ls -l "$CARGO_TARGET_DIR/release/llmarch"

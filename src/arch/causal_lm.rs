@@ -6,7 +6,7 @@ use super::config::{ParseOptions, TextConfig};
 use super::{ArchSpec, Family};
 use crate::layers::kv_store::KvStore;
 use anyhow::{bail, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::Value;
 
@@ -86,6 +86,22 @@ impl Rows {
             }
             Rows::None => h.narrow(1, 0, 0)?,
         })
+    }
+
+    /// Hidden states `[1, n, hidden]` → f32 logits `[rows, vocab]` through `head` (what the
+    /// family applies: final norm, output head, soft-cap). `Rows::None` runs nothing and gives an
+    /// empty host tensor: a prefill chunk before the last needs no logits, and a GPU refuses a
+    /// kernel launched over no elements (`CUDA_ERROR_INVALID_VALUE`).
+    pub fn logits(
+        self,
+        h: &Tensor,
+        vocab: usize,
+        head: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        if self == Rows::None {
+            return Ok(Tensor::zeros((0, vocab), DType::F32, &Device::Cpu)?);
+        }
+        Ok(head(&self.select(h)?)?.squeeze(0)?.to_dtype(DType::F32)?)
     }
 }
 

@@ -306,7 +306,7 @@ fn scores_qkt(q: &Tensor, k: &Tensor) -> Result<Tensor> {
     let t = k.dim(2)?;
     if !(crate::kernels::fast_cpu(q.device()) && q.dtype() == DType::F32 && k.dtype() == DType::F32)
     {
-        return Ok(q.matmul(&k.t()?)?);
+        return Ok(q.matmul(&gemm_ready(k)?.t()?)?);
     }
     let mut heads = Vec::with_capacity(b * hkv);
     for bi in 0..b {
@@ -324,6 +324,10 @@ fn probs_times_values(p: &Tensor, v: &Tensor) -> Result<Tensor> {
     if v.is_contiguous() {
         return Ok(p.matmul(v)?);
     }
+    if !v.device().is_cpu() {
+        // cuBLAS takes the heads as strided batches in place: one product, not one per head.
+        return Ok(p.matmul(&gemm_ready(v)?)?);
+    }
     let (b, hkv, m, _) = p.dims4()?;
     let dv = v.dim(3)?;
     let mut heads = Vec::with_capacity(b * hkv);
@@ -333,6 +337,18 @@ fn probs_times_values(p: &Tensor, v: &Tensor) -> Result<Tensor> {
         }
     }
     Ok(Tensor::stack(&heads, 0)?.reshape((b, hkv, m, dv))?)
+}
+
+/// `t` `[b, h, rows, cols]` as a GPU's batched product takes it (candle's cuBLAS call): rows
+/// dense (unit column stride, row stride `cols`), batches strided as they lie; otherwise a
+/// contiguous copy (keys a window or a view left interleaved across heads).
+fn gemm_ready(t: &Tensor) -> Result<Tensor> {
+    let s = t.stride();
+    Ok(if s[3] == 1 && s[2] == t.dim(3)? {
+        t.clone()
+    } else {
+        t.contiguous()?
+    })
 }
 
 /// The shape of one softmax attention layer as this block needs it; families make it from their

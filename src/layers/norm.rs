@@ -17,6 +17,10 @@ pub struct RmsNorm {
     weight: Option<Tensor>,
     /// The same scale as host values when it lives on the CPU, read once for [`Self::fused`].
     host: Option<Arc<[f32]>>,
+    /// On the device path, the scale in bf16 where bf16 holds it exactly (a bf16 checkpoint's): bf16
+    /// activations are then normalised in one kernel that computes in f32 and rounds once, with
+    /// no casts to f32 and back around it.
+    bf16: Option<Tensor>,
     eps: f64,
 }
 
@@ -47,6 +51,7 @@ impl RmsNorm {
         RmsNorm {
             weight: None,
             host: None,
+            bf16: None,
             eps,
         }
     }
@@ -57,9 +62,23 @@ impl RmsNorm {
             candle_core::Device::Cpu => Some(w.to_vec1::<f32>()?.into()),
             _ => None,
         };
+        // The device path (a GPU, or the generic path on the CPU).
+        let bf16 = if crate::kernels::fast_cpu(w.device()) {
+            None
+        } else {
+            let b = w.to_dtype(DType::BF16)?;
+            let exact = b
+                .to_dtype(DType::F32)?
+                .eq(&w)?
+                .min_all()?
+                .to_scalar::<u8>()?
+                == 1;
+            exact.then_some(b)
+        };
         Ok(RmsNorm {
             weight: Some(w),
             host,
+            bf16,
             eps,
         })
     }
@@ -130,6 +149,13 @@ impl RmsNorm {
 
     /// Normalise `x` over its last dimension; same dtype out as in.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let (Some(w), DType::BF16) = (&self.bf16, x.dtype()) {
+            return Ok(candle_nn::ops::rms_norm(
+                &x.contiguous()?,
+                w,
+                self.eps as f32,
+            )?);
+        }
         Ok(self.forward_f32(x)?.to_dtype(x.dtype())?)
     }
 }

@@ -52,7 +52,7 @@ use crate::layers::rope::InterleavedRope;
 use crate::layers::token_compressor::{CompressorState, TokenCompressor};
 use crate::layers::weight;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 use std::sync::Arc;
 
@@ -459,9 +459,9 @@ impl DeepseekV4Model {
 
         // 3. Collapse the streams, norm, output head. [rows, vocab]
         let h = self.hc_head.collapse(&streams)?.unsqueeze(0)?; // [1, n, hidden]
-        let h = self.norm.forward(&rows.select(&h)?)?;
-        let logits = self.lm_head.forward(&h)?;
-        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
+        rows.logits(&h, self.spec.vocab_size, |h| {
+            self.lm_head.forward(&self.norm.forward(h)?)
+        })
     }
 }
 

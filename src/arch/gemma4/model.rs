@@ -32,7 +32,7 @@ use crate::layers::per_layer_embedding::{PerLayerEmbedding, PerLayerGate};
 use crate::layers::rope::{Rotary, SharedTables};
 use crate::layers::weight;
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 use std::sync::Arc;
 
@@ -142,7 +142,7 @@ impl DecoderLayer {
             Some(m) => {
                 let (b, n, d) = h.dims3()?;
                 let flat = h.reshape((b * n, d))?; // [tokens, hidden]
-                let picks = m.router.route(&flat)?;
+                let picks = m.router.pick(&flat)?;
                 let y = m.experts.forward(&m.pre_norm.forward(&flat)?, &picks)?;
                 let y = m.post_norm_experts.forward(&y.reshape((b, n, d))?)?;
                 (m.post_norm_mlp.forward(&x)? + y)?
@@ -356,16 +356,14 @@ impl CausalLm for Gemma4Model {
             _ => self.norm.forward(&h.narrow(1, n - 1, 1)?)?,
         };
         cache.set_last_hidden(normed.clone());
-        let h = match rows {
-            Rows::None => normed.narrow(1, 0, 0)?,
-            _ => normed,
-        };
 
-        // 3. Output head, soft-cap. [n, vocab]
-        let mut logits = self.lm_head.forward(&h)?;
-        if let Some(cap) = self.cfg.final_logit_softcapping {
-            logits = softcap(&logits, cap)?;
-        }
-        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
+        // 3. Output head, soft-cap. [rows, vocab]
+        rows.logits(&normed, self.spec.vocab_size, |h| {
+            let logits = self.lm_head.forward(h)?;
+            match self.cfg.final_logit_softcapping {
+                Some(cap) => softcap(&logits, cap),
+                None => Ok(logits),
+            }
+        })
     }
 }

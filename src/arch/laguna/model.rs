@@ -37,7 +37,7 @@ use crate::layers::norm::RmsNorm;
 use crate::layers::output_gate::SoftplusOutputGate;
 use crate::layers::rope::{Rotary, SharedTables};
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 use std::sync::Arc;
 
@@ -271,11 +271,10 @@ impl CausalLm for LagunaModel {
             }
         }
         cache.advance(n);
-        let h = rows.select(&h)?; // [1, n or 1, hidden]
 
-        // 3. Final norm, output head. [n, vocab]
-        let h = self.norm.forward(&h)?;
-        let logits = self.lm_head.forward(&h)?;
-        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
+        // 3. Final norm, output head. [rows, vocab]
+        rows.logits(&h, self.spec.vocab_size, |h| {
+            self.lm_head.forward(&self.norm.forward(h)?)
+        })
     }
 }

@@ -358,15 +358,16 @@ impl CausalLm for Qwen3_5Model {
 
         // 3. Final norm (every row when a drafter keeps them: an MTP head), output head.
         //    [rows, vocab]
-        let h = if cache.wants_hidden_rows() {
+        let vocab = self.spec.vocab_size;
+        if cache.wants_hidden_rows() {
             let normed = self.norm.forward(&h)?; // [n, hidden]
             cache.push_hidden_rows(tokens, normed.clone());
-            rows.select(&normed.unsqueeze(0)?)?
+            rows.logits(&normed.unsqueeze(0)?, vocab, |h| self.lm_head.forward(h))
         } else {
-            self.norm.forward(&rows.select(&h.unsqueeze(0)?)?)?
-        };
-        let logits = self.lm_head.forward(&h)?;
-        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
+            rows.logits(&h.unsqueeze(0)?, vocab, |h| {
+                self.lm_head.forward(&self.norm.forward(h)?)
+            })
+        }
     }
 
     fn input_embedding(&self, tokens: &[u32]) -> Result<Tensor> {

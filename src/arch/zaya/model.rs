@@ -131,7 +131,7 @@ impl DecoderLayer {
 
         // 2. Top-1 experts (or none), scaled residual.
         let x = self.post_attn_norm.forward(&h.to_dtype(dtype)?)?;
-        let (picks, state) = self.router.route(&x, router_state)?;
+        let (picks, state) = self.router.pick(&x, router_state)?;
         let y = self
             .experts
             .forward(&x.reshape((b * n, hidden))?, &picks)?
@@ -305,11 +305,11 @@ impl CausalLm for ZayaModel {
             }
         }
         cache.advance(n);
-        let h = rows.select(&h)?; // [1, n or 1, hidden]
 
-        // 3. Final norm, output head. [n, vocab]
-        let h = self.norm.forward(&h.to_dtype(self.dtype)?)?;
-        let logits = self.lm_head.forward(&h)?;
-        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
+        // 3. Final norm, output head. [rows, vocab]
+        rows.logits(&h, self.spec.vocab_size, |h| {
+            self.lm_head
+                .forward(&self.norm.forward(&h.to_dtype(self.dtype)?)?)
+        })
     }
 }

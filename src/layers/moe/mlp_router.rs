@@ -18,6 +18,7 @@
 //! the file holds there, transformers routes with −1. This router does the same (and uses the
 //! reference's init, zeros and −1, when the checkpoint has no `balancing_biases`).
 
+use super::device_routing::{self, DevicePicks, Routing, TopK};
 use super::Picks;
 use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
@@ -42,6 +43,8 @@ pub struct MlpRouter {
     balancing: Vec<f32>,
     experts: usize,
     top_k: usize,
+    /// The top-k over the classes and `balancing` on the device, made on first use.
+    device: std::sync::OnceLock<(TopK, Tensor)>,
 }
 
 impl MlpRouter {
@@ -80,12 +83,36 @@ impl MlpRouter {
             balancing,
             experts,
             top_k,
+            device: Default::default(),
         })
     }
 
-    /// x `[b, n, hidden]` and the previous layer's state `[b, n, router_hidden]` → each token's
-    /// expert picks (skip-class picks dropped) and this layer's state `[b, n, router_hidden]`.
-    pub fn route(&self, x: &Tensor, prev: Option<&Tensor>) -> Result<(Vec<Picks>, Tensor)> {
+    /// [`Self::route`] as a [`Routing`]: on the device where [`device_routing::on_device`] says
+    /// so, a skip-class pick weighing 0 (on expert 0) instead of dropped.
+    pub fn pick(&self, x: &Tensor, prev: Option<&Tensor>) -> Result<(Routing, Tensor)> {
+        if !device_routing::on_device(x)? {
+            let (picks, state) = self.route(x, prev)?;
+            return Ok((Routing::Host(picks), state));
+        }
+        let (top, balancing) = device_routing::once(&self.device, || {
+            let classes = self.balancing.len();
+            Ok((
+                TopK::new(self.top_k, classes, x.device())?,
+                Tensor::from_slice(&self.balancing, classes, x.device())?,
+            ))
+        })?;
+        let (probs, state) = self.probs(x, prev)?; // [tokens, E + 1]
+        let onehot = top.choose(&probs.broadcast_add(balancing)?)?;
+        let ids = top.ids(&onehot)?; // [tokens, k]
+        let expert = ids.lt(self.experts as u32)?; // the skip class is the last
+        let weights = (top.take(&onehot, &probs)? * expert.to_dtype(DType::F32)?)?;
+        let ids = expert.where_cond(&ids, &ids.zeros_like()?)?;
+        Ok((Routing::Device(DevicePicks { ids, weights }), state))
+    }
+
+    /// The class probabilities `[tokens, E + 1]` (f32, rounded through the model dtype) and this
+    /// layer's state `[b, n, router_hidden]`.
+    fn probs(&self, x: &Tensor, prev: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         let mut r = self.down_proj.forward(x)?; // [b, n, rh]
         if let (Some(scale), Some(prev)) = (&self.state_scale, prev) {
             r = (r + prev.broadcast_mul(scale)?)?;
@@ -99,6 +126,14 @@ impl MlpRouter {
             .to_dtype(x.dtype())? // the reference's softmax runs in the model dtype
             .to_dtype(DType::F32)?
             .reshape(((), classes))?;
+        Ok((probs, r))
+    }
+
+    /// x `[b, n, hidden]` and the previous layer's state `[b, n, router_hidden]` → each token's
+    /// expert picks (skip-class picks dropped) and this layer's state `[b, n, router_hidden]`.
+    pub fn route(&self, x: &Tensor, prev: Option<&Tensor>) -> Result<(Vec<Picks>, Tensor)> {
+        let classes = self.experts + 1;
+        let (probs, r) = self.probs(x, prev)?;
         let probs: Vec<Vec<f32>> = probs.to_vec2()?;
         let picks = probs
             .iter()

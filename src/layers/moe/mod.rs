@@ -16,6 +16,7 @@
 //! renormalised to sum to 1, each times its expert's `per_expert_scale`. The experts run on the
 //! tokens routed to them, in expert order, and their outputs are added weighted.
 
+pub mod device_routing;
 pub mod mlp_router;
 pub mod routed;
 pub mod score_routing;
@@ -28,6 +29,7 @@ use super::weight;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
+pub use device_routing::{DevicePicks, Routing};
 
 /// Which experts a token uses, with their weights.
 pub type Picks = Vec<(usize, f32)>;
@@ -41,6 +43,8 @@ pub struct SoftmaxTopKRouter {
     proj: Linear,
     per_expert_scale: Vec<f32>,
     top_k: usize,
+    /// The top-k and `per_expert_scale` `[experts]` on the device, made on first use.
+    device: std::sync::OnceLock<(device_routing::TopK, Tensor)>,
 }
 
 impl SoftmaxTopKRouter {
@@ -64,15 +68,44 @@ impl SoftmaxTopKRouter {
                 .to_dtype(DType::F32)?
                 .to_vec1()?,
             top_k,
+            device: Default::default(),
         })
+    }
+
+    /// x `[tokens, hidden]` → the expert probabilities `[tokens, experts]` (f32).
+    fn probs(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.norm.forward(x)?.broadcast_mul(&self.scale)?;
+        let h = (h * self.root)?;
+        let scores = self.proj.forward(&h)?.to_dtype(DType::F32)?; // [tokens, experts]
+        Ok(candle_nn::ops::softmax_last_dim(&scores)?)
+    }
+
+    /// x `[tokens, hidden]` → the choice, on the device where [`device_routing::on_device`]
+    /// says so (the same experts and weights as [`Self::route`]).
+    pub fn pick(&self, x: &Tensor) -> Result<Routing> {
+        if !device_routing::on_device(x)? {
+            return Ok(Routing::Host(self.route(x)?));
+        }
+        let (top, scale) = device_routing::once(&self.device, || {
+            let experts = self.per_expert_scale.len();
+            Ok((
+                device_routing::TopK::new(self.top_k, experts, x.device())?,
+                Tensor::from_slice(&self.per_expert_scale, experts, x.device())?,
+            ))
+        })?;
+        let probs = self.probs(x)?; // [n, E]
+        let onehot = top.choose(&probs)?;
+        let p = top.take(&onehot, &probs)?; // [n, k]
+        let scale = top.take(&onehot, &scale.broadcast_as(probs.shape())?)?;
+        Ok(Routing::Device(DevicePicks {
+            ids: top.ids(&onehot)?,
+            weights: p.broadcast_div(&p.sum_keepdim(1)?)?.mul(&scale)?,
+        }))
     }
 
     /// x `[tokens, hidden]` → each token's experts and weights.
     pub fn route(&self, x: &Tensor) -> Result<Vec<Picks>> {
-        let h = self.norm.forward(x)?.broadcast_mul(&self.scale)?;
-        let h = (h * self.root)?;
-        let scores = self.proj.forward(&h)?.to_dtype(DType::F32)?; // [tokens, experts]
-        let probs: Vec<Vec<f32>> = candle_nn::ops::softmax_last_dim(&scores)?.to_vec2()?;
+        let probs: Vec<Vec<f32>> = self.probs(x)?.to_vec2()?;
         Ok(probs
             .iter()
             .map(|p| {
@@ -95,6 +128,9 @@ pub struct PackedExperts {
     gate_up: Vec<Linear>,
     /// Per expert `[hidden, width]`.
     down: Vec<Linear>,
+    /// On the device path, the packed `[experts, 2·width, hidden]` and `[experts, hidden,
+    /// width]` the per-expert matrices are views of: what [`Routing::Device`] gathers from.
+    packed: Option<(Tensor, Tensor)>,
     width: usize,
     act: Activation,
     limit: Option<f64>,
@@ -118,14 +154,21 @@ impl PackedExperts {
     ) -> Result<Self> {
         let gate_up = weight::get(vb, (experts, 2 * width, hidden), "gate_up_proj")?;
         let down = weight::get(vb, (experts, hidden, width), "down_proj")?;
+        Self::from_packed(gate_up, down, width, act)
+    }
+
+    /// Experts from the packed tensors (`[experts, 2·width, hidden]`, `[experts, hidden,
+    /// width]`), kept for gathering on the device path.
+    fn from_packed(gate_up: Tensor, down: Tensor, width: usize, act: Activation) -> Result<Self> {
         let per_expert = |t: &Tensor| -> Result<Vec<Linear>> {
-            (0..experts)
+            (0..t.dim(0)?)
                 .map(|e| Linear::quantized_from_weight(t.get(e)?, None))
                 .collect()
         };
         Ok(PackedExperts {
             gate_up: per_expert(&gate_up)?,
             down: per_expert(&down)?,
+            packed: (!crate::kernels::fast_cpu(gate_up.device())).then(|| (gate_up, down)),
             width,
             act,
             limit: None,
@@ -164,22 +207,72 @@ impl PackedExperts {
             let vb = vb.pp(e);
             let gate = weight::get(&vb.pp("gate_proj"), (width, hidden), "weight")?;
             let up = weight::get(&vb.pp("up_proj"), (width, hidden), "weight")?;
-            let gu = Tensor::cat(&[gate, up], 0)?; // [2·width, hidden]
-            gate_up.push(Linear::quantized_from_weight(gu, None)?);
-            let d = weight::get(&vb.pp("down_proj"), (hidden, width), "weight")?;
-            down.push(Linear::quantized_from_weight(d, None)?);
+            gate_up.push(Tensor::cat(&[gate, up], 0)?); // [2·width, hidden]
+            down.push(weight::get(&vb.pp("down_proj"), (hidden, width), "weight")?);
         }
+        if !crate::kernels::fast_cpu(vb.device()) {
+            // Packed once, the per-expert matrices views of it (not a second copy).
+            return Self::from_packed(
+                Tensor::stack(&gate_up, 0)?,
+                Tensor::stack(&down, 0)?,
+                width,
+                act,
+            );
+        }
+        let linears = |ws: Vec<Tensor>| -> Result<Vec<Linear>> {
+            ws.into_iter()
+                .map(|w| Linear::quantized_from_weight(w, None))
+                .collect()
+        };
         Ok(PackedExperts {
-            gate_up,
-            down,
+            gate_up: linears(gate_up)?,
+            down: linears(down)?,
+            packed: None,
             width,
             act,
             limit: None,
         })
     }
 
-    /// x `[tokens, hidden]` with each token's picks → `[tokens, hidden]`.
-    pub fn forward(&self, x: &Tensor, picks: &[Picks]) -> Result<Tensor> {
+    /// x `[tokens, hidden]` with the router's choice → `[tokens, hidden]`.
+    pub fn forward(&self, x: &Tensor, routing: &Routing) -> Result<Tensor> {
+        match routing {
+            Routing::Host(picks) => self.forward_picks(x, picks),
+            Routing::Device(picks) => self.forward_gathered(x, picks),
+        }
+    }
+
+    /// [`Self::forward`] on the device: each token's k experts gathered from the packed tensors
+    /// and multiplied as one batched product per projection.
+    fn forward_gathered(&self, x: &Tensor, picks: &DevicePicks) -> Result<Tensor> {
+        let Some((gate_up, down)) = &self.packed else {
+            bail!("internal: device routing for experts that are not packed on the device");
+        };
+        let (n, hidden) = x.dims2()?;
+        let k = picks.ids.dim(1)?;
+        let ids = picks.ids.flatten_all()?; // [n·k]
+        let xs = x
+            .unsqueeze(1)?
+            .broadcast_as((n, k, hidden))?
+            .reshape((n * k, 1, hidden))?; // [n·k, 1, hidden]
+        let gu = xs.matmul(&gate_up.index_select(&ids, 0)?.transpose(1, 2)?)?; // [n·k, 1, 2·width]
+        let (gate, up) = swiglu_clamp(
+            gu.narrow(2, 0, self.width)?,
+            gu.narrow(2, self.width, self.width)?,
+            self.limit,
+        )?;
+        let h = self.act.gated(&gate, &up)?; // [n·k, 1, width]
+        let y = h.matmul(&down.index_select(&ids, 0)?.transpose(1, 2)?)?; // [n·k, 1, hidden]
+        let y = y
+            .to_dtype(DType::F32)?
+            .reshape((n, k, hidden))?
+            .broadcast_mul(&picks.weights.unsqueeze(2)?)?
+            .sum(1)?; // [n, hidden]
+        Ok(y.to_dtype(x.dtype())?)
+    }
+
+    /// [`Self::forward`] from picks on the host: each expert runs on the tokens routed to it.
+    fn forward_picks(&self, x: &Tensor, picks: &[Picks]) -> Result<Tensor> {
         let experts = self.gate_up.len();
         let mut routed: Vec<(Vec<u32>, Vec<f32>)> = vec![(vec![], vec![]); experts];
         for (t, p) in picks.iter().enumerate() {

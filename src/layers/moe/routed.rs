@@ -52,7 +52,7 @@ impl RoutedMoe {
 
     /// x `[tokens, hidden]` of tokens `ids` (read by hash routers only) → `[tokens, hidden]`.
     pub fn forward(&self, x: &Tensor, ids: &[u32]) -> Result<Tensor> {
-        let picks = self.router.route(x, ids)?;
+        let picks = self.router.pick(x, ids)?;
         let mut y = self.experts.forward(x, &picks)?;
         if self.routed_scale != 1.0 {
             y = (y * self.routed_scale)?;

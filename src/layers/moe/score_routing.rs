@@ -11,6 +11,7 @@
 //! - **hash**: a frozen token-id → experts table, `tid2eid[token]` (`[vocab, k]`): which experts a
 //!   token uses never depends on the context.
 
+use super::device_routing::{self, DevicePicks, Routing, TopK};
 use super::Picks;
 use crate::layers::embedding::softcap;
 use crate::layers::linear::Linear;
@@ -40,6 +41,22 @@ impl ScoreFn {
                 "scoring function `{other}` is not supported (sqrtsoftplus, sigmoid, softmax)"
             ),
         }
+    }
+
+    /// [`Self::apply`] as tensor ops: logits `[tokens, experts]` (f32) → scores.
+    fn apply_tensor(self, logits: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            // softplus as torch computes it: linear above 20; exp(x) below -15, where 1 + exp(x)
+            // rounds to 1 in f32 (there is no log1p op).
+            ScoreFn::SqrtSoftplus => {
+                let soft = (logits.exp()? + 1.0)?.log()?;
+                let soft = logits.gt(20f32)?.where_cond(logits, &soft)?;
+                let soft = logits.lt(-15f32)?.where_cond(&logits.exp()?, &soft)?;
+                soft.sqrt()?
+            }
+            ScoreFn::Sigmoid => candle_nn::ops::sigmoid(logits)?,
+            ScoreFn::Softmax => candle_nn::ops::softmax_last_dim(logits)?,
+        })
     }
 
     /// The scores of one token's logits.
@@ -86,6 +103,17 @@ pub struct ScoreRouter {
     routed_scale: f32,
     /// `cap · tanh(logit / cap)` before scoring (Laguna's `moe_router_logit_softcapping`).
     logit_softcap: Option<f64>,
+    /// The choice's constants on the device, made on first use.
+    device: std::sync::OnceLock<DeviceChoice>,
+}
+
+/// [`Choice`] on the device.
+#[derive(Debug)]
+enum DeviceChoice {
+    /// The top-k, and the correction bias `[experts]`.
+    TopK { top: TopK, bias: Tensor },
+    /// The table `[vocab, k]` (u32).
+    Hash { table: Tensor },
 }
 
 impl ScoreRouter {
@@ -134,6 +162,7 @@ impl ScoreRouter {
             top_k,
             routed_scale: routed_scale as f32,
             logit_softcap: None,
+            device: Default::default(),
         })
     }
 
@@ -186,17 +215,74 @@ impl ScoreRouter {
             top_k,
             routed_scale: routed_scale as f32,
             logit_softcap: None,
+            device: Default::default(),
         })
+    }
+
+    /// x `[tokens, hidden]` → the router logits `[tokens, experts]` (f32), soft-capped.
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let logits = self.proj.forward(x)?.to_dtype(DType::F32)?;
+        match self.logit_softcap {
+            Some(cap) => softcap(&logits, cap),
+            None => Ok(logits),
+        }
+    }
+
+    /// [`Self::route`] as a [`Routing`]: on the device where [`device_routing::on_device`] says
+    /// so (the same experts; the scores through tensor ops, equal within an f32 rounding).
+    pub fn pick(&self, x: &Tensor, ids: &[u32]) -> Result<Routing> {
+        if !device_routing::on_device(x)? {
+            return Ok(Routing::Host(self.route(x, ids)?));
+        }
+        let dev = x.device();
+        let choice = device_routing::once(&self.device, || {
+            Ok(match &self.choice {
+                Choice::TopK { correction_bias } => DeviceChoice::TopK {
+                    top: TopK::new(self.top_k, correction_bias.len(), dev)?,
+                    bias: Tensor::from_slice(correction_bias, correction_bias.len(), dev)?,
+                },
+                Choice::Hash { table } => {
+                    let flat: Vec<u32> = table.iter().flatten().map(|&e| e as u32).collect();
+                    DeviceChoice::Hash {
+                        table: Tensor::from_vec(flat, (table.len(), self.top_k), dev)?,
+                    }
+                }
+            })
+        })?;
+        let s = self.score.apply_tensor(&self.logits(x)?)?; // [n, E]
+        let (chosen, picked) = match choice {
+            DeviceChoice::TopK { top, bias } => {
+                let onehot = top.choose(&s.broadcast_add(bias)?)?;
+                (top.ids(&onehot)?, top.take(&onehot, &s)?)
+            }
+            DeviceChoice::Hash { table } => {
+                let n = x.dim(0)?;
+                if ids.len() != n {
+                    bail!(
+                        "internal: hash routing of {n} tokens given {} ids",
+                        ids.len()
+                    );
+                }
+                let vocab = table.dim(0)?;
+                if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                    bail!("token {bad} is outside the hash-routing table");
+                }
+                let chosen = table.index_select(&Tensor::from_slice(ids, n, dev)?, 0)?; // [n, k]
+                let picked = s.gather(&chosen.contiguous()?, 1)?;
+                (chosen, picked)
+            }
+        };
+        let sum = (picked.sum_keepdim(1)? + 1e-20)?;
+        Ok(Routing::Device(DevicePicks {
+            ids: chosen,
+            weights: (picked.broadcast_div(&sum)? * f64::from(self.routed_scale))?,
+        }))
     }
 
     /// x `[tokens, hidden]` → each token's experts and weights. `ids` (the tokens' ids) are
     /// read by hash routing only; top-k routers take `&[]`.
     pub fn route(&self, x: &Tensor, ids: &[u32]) -> Result<Vec<Picks>> {
-        let mut logits = self.proj.forward(x)?.to_dtype(DType::F32)?;
-        if let Some(cap) = self.logit_softcap {
-            logits = softcap(&logits, cap)?;
-        }
-        let logits: Vec<Vec<f32>> = logits.to_vec2()?;
+        let logits: Vec<Vec<f32>> = self.logits(x)?.to_vec2()?;
         logits
             .iter()
             .enumerate()
@@ -254,6 +340,7 @@ mod tests {
             top_k: 2,
             routed_scale: 1.0,
             logit_softcap: cap,
+            device: Default::default(),
         }
     }
 
