@@ -45,7 +45,7 @@ use std::sync::Arc;
 #[derive(Debug)]
 enum FeedForward {
     Dense(GatedMlp),
-    Sparse(SharedExpertMoe),
+    Sparse(Box<SharedExpertMoe>),
 }
 
 #[derive(Debug)]
@@ -101,7 +101,7 @@ impl DecoderLayer {
                 shared_width,
                 dense_width: None,
                 ..
-            } => FeedForward::Sparse(SharedExpertMoe::load(
+            } => FeedForward::Sparse(Box::new(SharedExpertMoe::load(
                 &vb.pp("mlp"),
                 &SharedExpertMoeShape {
                     hidden,
@@ -113,7 +113,7 @@ impl DecoderLayer {
                 act,
                 cfg.moe_routed_scaling_factor,
                 cfg.moe_router_logit_softcapping,
-            )?),
+            )?)),
             Ffn::Moe { .. } => bail!(
                 "internal: layer {}: Laguna has no dense MLP beside its experts",
                 spec.index

@@ -138,7 +138,7 @@ enum Mixer {
 enum FeedForward {
     Dense(GatedMlp),
     /// Softmax-routed experts plus the shared expert times `sigmoid(shared_expert_gate x)`.
-    Sparse(RoutedMoe),
+    Sparse(Box<RoutedMoe>),
 }
 
 impl FeedForward {
@@ -167,9 +167,9 @@ impl FeedForward {
                 let shared = GatedMlp::load(&vb.pp("shared_expert"), hidden, shared_width, act)?;
                 let gate =
                     Linear::load_unquantized(&vb.pp("shared_expert_gate"), hidden, 1, false)?;
-                FeedForward::Sparse(
+                FeedForward::Sparse(Box::new(
                     RoutedMoe::new(router, packed, Some(shared)).with_shared_gate(gate),
-                )
+                ))
             }
             ref other => bail!("Qwen3.5 has no `{}` feed-forward", other.label()),
         })

@@ -168,7 +168,7 @@ impl PackedExperts {
         Ok(PackedExperts {
             gate_up: per_expert(&gate_up)?,
             down: per_expert(&down)?,
-            packed: (!crate::kernels::fast_cpu(gate_up.device())).then(|| (gate_up, down)),
+            packed: (!crate::kernels::fast_cpu(gate_up.device())).then_some((gate_up, down)),
             width,
             act,
             limit: None,
