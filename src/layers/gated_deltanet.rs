@@ -57,7 +57,14 @@ pub struct GatedDeltaNet {
     /// `[dv]`, f32.
     norm_weight: Vec<f32>,
     out_proj: Linear,
+    /// `neg_a`, `dt_bias` `[value_heads]` and `norm_weight` `[dv]` on the device, made on first
+    /// use by [`GatedDeltaNet::delta_rule_on_device`].
+    device: std::sync::OnceLock<[Tensor; 3]>,
 }
+
+/// The most tokens the device path runs the rule for, token by token (a decode step, a verify
+/// pass); a longer chunk reads the state back once and runs the host kernel.
+const DEVICE_TOKENS: usize = 16;
 
 const CONV_STATE: &str = "conv state";
 const RECURRENT_STATE: &str = "recurrent state";
@@ -93,6 +100,7 @@ impl GatedDeltaNet {
             norm_weight: weight::get_f32(&vb.pp("norm"), s.value_dim, "weight")?.to_vec1()?,
             out_proj: Linear::load(&vb.pp("out_proj"), vd, s.hidden, false)?,
             s,
+            device: Default::default(),
         })
     }
 
@@ -111,6 +119,18 @@ impl GatedDeltaNet {
             cache.set_state(CONV_STATE, st);
         }
         let qkv = candle_nn::ops::silu(&qkv.squeeze(0)?.to_dtype(DType::F32)?)?;
+        if !crate::kernels::fast_cpu(x.device()) && n <= DEVICE_TOKENS {
+            let f32s = |t: Tensor| t.to_dtype(DType::F32);
+            let y = self.delta_rule_on_device(
+                &qkv,
+                &f32s(self.in_proj_z.forward(x)?)?,
+                &f32s(self.in_proj_b.forward(x)?)?,
+                &f32s(self.in_proj_a.forward(x)?)?,
+                cache,
+                dtype,
+            )?;
+            return self.out_proj.forward(&y.to_dtype(dtype)?);
+        }
         let qkv: Vec<f32> = qkv.flatten_all()?.to_vec1()?;
         let z: Vec<f32> = f32_rows(&self.in_proj_z.forward(x)?)?; // [n, nv·dv]
         let b: Vec<f32> = f32_rows(&self.in_proj_b.forward(x)?)?; // [n, nv]
@@ -166,6 +186,78 @@ impl GatedDeltaNet {
         );
         let y = Tensor::from_vec(y, (n, nv * dv), x.device())?.to_dtype(dtype)?;
         self.out_proj.forward(&y)
+    }
+}
+
+impl GatedDeltaNet {
+    /// Steps 2 and 3 (before `out_proj`) as tensor ops, token by token, every head at once: the
+    /// device path's decode steps and verify passes, the state never read back. qkv `[n,
+    /// conv_dim]` (after the convolution and SiLU), z `[n, nv·dv]`, b and a `[n, nv]`, all f32 →
+    /// `[n, nv·dv]` f32. The same rule as [`HeadInputs::run`], summed in another order.
+    fn delta_rule_on_device(
+        &self,
+        qkv: &Tensor,
+        z: &Tensor,
+        b: &Tensor,
+        a: &Tensor,
+        cache: &mut LayerKv,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let s = self.s;
+        let (nk, nv, dk, dv) = (s.key_heads, s.value_heads, s.key_dim, s.value_dim);
+        let kd = nk * dk;
+        let n = qkv.dim(0)?;
+        let dev = qkv.device();
+        let [neg_a, dt_bias, norm_weight] = crate::layers::once(&self.device, || {
+            Ok([
+                Tensor::from_slice(&self.neg_a, nv, dev)?,
+                Tensor::from_slice(&self.dt_bias, nv, dev)?,
+                Tensor::from_slice(&self.norm_weight, dv, dev)?,
+            ])
+        })?;
+        let mut state = match cache.state(RECURRENT_STATE) {
+            Some(t) if t.dims() == [nv, dk, dv] => t.to_dtype(DType::F32)?,
+            Some(t) => bail!(
+                "Gated DeltaNet: cached recurrent state {:?}, expected [{nv}, {dk}, {dv}]",
+                t.dims()
+            ),
+            None => Tensor::zeros((nv, dk, dv), DType::F32, dev)?,
+        };
+        // Key heads l2-normalised (times `scale`), each repeated for its value heads. [nv, dk]
+        let heads = |t: Tensor, scale: f64| -> Result<Tensor> {
+            let t = t.reshape((nk, dk))?;
+            let inv = ((t.sqr()?.sum_keepdim(1)? + 1e-6)?.sqrt()?.recip()? * scale)?;
+            let t = t.broadcast_mul(&inv)?;
+            Ok(t.unsqueeze(1)?
+                .broadcast_as((nk, nv / nk, dk))?
+                .reshape((nv, dk))?)
+        };
+        let q_scale = (dk as f64).powf(-0.5);
+        let mut outs = Vec::with_capacity(n);
+        for t in 0..n {
+            let row = qkv.get(t)?; // [conv_dim]
+            let q = heads(row.narrow(0, 0, kd)?, q_scale)?.unsqueeze(1)?; // [nv, 1, dk]
+            let k = heads(row.narrow(0, kd, kd)?, 1.0)?.unsqueeze(1)?; // [nv, 1, dk]
+            let v = row.narrow(0, 2 * kd, nv * dv)?.reshape((nv, 1, dv))?;
+            let g = crate::layers::output_gate::softplus(&(a.get(t)? + dt_bias)?)?.mul(neg_a)?;
+            let beta = candle_nn::ops::sigmoid(&b.get(t)?)?.reshape((nv, 1, 1))?;
+            state = state.broadcast_mul(&g.exp()?.reshape((nv, 1, 1))?)?; // S ← exp(g)·S
+            let m = k.matmul(&state)?; // Sᵀk [nv, 1, dv]
+            let delta = (v - m)?.broadcast_mul(&beta)?;
+            state = (state + k.transpose(1, 2)?.matmul(&delta)?)?; // S + k ⊗ δ
+            outs.push(q.matmul(&state)?.squeeze(1)?); // Sᵀq [nv, dv]
+        }
+        cache.set_state(RECURRENT_STATE, state);
+        // 3. RMS norm per head (rounded to the model dtype), times the weight and silu(z).
+        let o = Tensor::stack(&outs, 0)?; // [n, nv, dv]
+        let r = (o.sqr()?.mean_keepdim(2)? + s.eps)?.sqrt()?.recip()?;
+        let normed = o.broadcast_mul(&r)?.to_dtype(dtype)?.to_dtype(DType::F32)?;
+        let z = z.reshape((n, nv, dv))?;
+        let y = normed
+            .broadcast_mul(norm_weight)?
+            .mul(&z)?
+            .mul(&candle_nn::ops::sigmoid(&z)?)?;
+        Ok(y.reshape((n, nv * dv))?)
     }
 }
 
@@ -356,5 +448,109 @@ mod tests {
         assert!((out[0] - 1.2).abs() < 1e-5 && (out[1] - 1.6).abs() < 1e-5);
         assert!((softplus(0.0) - std::f32::consts::LN_2).abs() < 1e-7);
         assert_eq!(softplus(30.0), 30.0);
+    }
+
+    /// The device path's rule (tensor ops, all heads at once) against the host kernel, over two
+    /// calls (the second from the state the first left), value heads sharing key heads.
+    #[test]
+    fn device_rule_equals_the_host_kernel() {
+        let dev = candle_core::Device::Cpu;
+        let s = DeltaNetShape {
+            hidden: 8,
+            key_heads: 2,
+            value_heads: 4,
+            key_dim: 8,
+            value_dim: 6,
+            conv_kernel: 4,
+            eps: 1e-6,
+        };
+        let (nv, dk, dv) = (s.value_heads, s.key_dim, s.value_dim);
+        let conv_dim = 2 * s.key_heads * dk + nv * dv;
+        let mut seed = 7u32;
+        let mut rand = |n: usize, scale: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    ((seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * scale
+                })
+                .collect()
+        };
+        let unit = |t: Tensor| Linear::from_weight(t, None);
+        let w = |o: usize, i: usize| Tensor::zeros((o, i), DType::F32, &dev).unwrap();
+        let net = GatedDeltaNet {
+            s,
+            in_proj_qkv: unit(w(conv_dim, 8)),
+            in_proj_z: unit(w(nv * dv, 8)),
+            in_proj_b: unit(w(nv, 8)),
+            in_proj_a: unit(w(nv, 8)),
+            conv: CausalConvStack::new(conv_dim, vec![]).unwrap(),
+            neg_a: rand(nv, 2.0).iter().map(|a| -a.exp()).collect(),
+            dt_bias: rand(nv, 1.0),
+            norm_weight: rand(dv, 1.0).iter().map(|w| 1.0 + w).collect(),
+            out_proj: unit(w(8, nv * dv)),
+            device: Default::default(),
+        };
+        let mut host_state = vec![0f32; nv * dk * dv];
+        let mut cache = LayerKv::default();
+        for n in [3, 2] {
+            let (qkv, z) = (rand(n * conv_dim, 4.0), rand(n * nv * dv, 4.0));
+            let (b, a) = (rand(n * nv, 4.0), rand(n * nv, 4.0));
+            let inputs = HeadInputs {
+                qkv: &qkv,
+                b: &b,
+                a: &a,
+                z: &z,
+                n,
+                shape: s,
+                neg_a: &net.neg_a,
+                dt_bias: &net.dt_bias,
+                norm_weight: &net.norm_weight,
+                dtype: DType::F32,
+            };
+            let mut want = vec![0f32; n * nv * dv]; // [n, nv, dv]
+            for (h, st) in host_state.chunks_exact_mut(dk * dv).enumerate() {
+                let mut out = vec![0f32; n * dv];
+                inputs.run(h, st, &mut out);
+                for (t, o) in out.chunks_exact(dv).enumerate() {
+                    want[(t * nv + h) * dv..][..dv].copy_from_slice(o);
+                }
+            }
+            let t = |v: &[f32], cols: usize| Tensor::from_slice(v, (n, cols), &dev).unwrap();
+            let got = net
+                .delta_rule_on_device(
+                    &t(&qkv, conv_dim),
+                    &t(&z, nv * dv),
+                    &t(&b, nv),
+                    &t(&a, nv),
+                    &mut cache,
+                    DType::F32,
+                )
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let err = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| (g - w).abs())
+                .fold(0f32, f32::max);
+            let scale = want.iter().fold(0f32, |m, w| m.max(w.abs()));
+            assert!(scale > 0.1, "outputs too small to compare: {scale}");
+            assert!(err < 1e-5, "{n} tokens: outputs differ by {err}");
+            let state: Vec<f32> = cache
+                .state(RECURRENT_STATE)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let err = state
+                .iter()
+                .zip(&host_state)
+                .map(|(g, w)| (g - w).abs())
+                .fold(0f32, f32::max);
+            assert!(err < 1e-5, "{n} tokens: states differ by {err}");
+        }
     }
 }

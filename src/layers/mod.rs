@@ -29,6 +29,18 @@ pub mod weight;
 use anyhow::Result;
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 
+/// `cell`'s value, made by `make` on first use (the constants a layer keeps on the device).
+pub(crate) fn once<T>(
+    cell: &std::sync::OnceLock<T>,
+    make: impl FnOnce() -> Result<T>,
+) -> Result<&T> {
+    if let Some(v) = cell.get() {
+        return Ok(v);
+    }
+    let v = make()?;
+    Ok(cell.get_or_init(|| v))
+}
+
 /// Runs `f` on `x`'s elements as one f32 slice: `x`'s own storage when it is a contiguous f32
 /// CPU tensor (no copy: a prompt chunk's activations are megabytes, read by every kernel), else
 /// a copy.

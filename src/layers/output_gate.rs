@@ -29,13 +29,13 @@ pub struct SoftplusOutputGate {
     granularity: GateGranularity,
 }
 
-/// `log(1 + eˣ)`, computed as `max(x, 0) + log(1 + e^-|x|)` so it neither overflows for large `x`
-/// nor loses the small values for very negative `x` more than f32 does. In f32.
+/// `log(1 + eˣ)`, computed as `max(x, 0) + log(1 + e^-|x|)` so it does not overflow for large
+/// `x`, and as `eˣ` below −15, where `1 + eˣ` rounds to 1 in f32 (what `log1p` gives). In f32.
 pub fn softplus(x: &Tensor) -> Result<Tensor> {
     let x = x.to_dtype(DType::F32)?;
     let pos = x.relu()?;
     let tail = ((x.abs()?.neg()?.exp()? + 1.0)?).log()?;
-    Ok((pos + tail)?)
+    Ok(x.lt(-15f32)?.where_cond(&x.exp()?, &(pos + tail)?)?)
 }
 
 impl SoftplusOutputGate {

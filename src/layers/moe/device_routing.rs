@@ -17,7 +17,6 @@
 use super::Picks;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
-use std::sync::OnceLock;
 
 /// The most token rows routed on the device (a decode step, a verify pass).
 pub const MAX_ROWS: usize = 16;
@@ -43,15 +42,6 @@ pub enum Routing {
 pub fn on_device(x: &Tensor) -> Result<bool> {
     let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
     Ok(!crate::kernels::fast_cpu(x.device()) && rows <= MAX_ROWS)
-}
-
-/// `cell`'s value, made by `make` on first use (the constants a router keeps on the device).
-pub fn once<T>(cell: &OnceLock<T>, make: impl FnOnce() -> Result<T>) -> Result<&T> {
-    if let Some(v) = cell.get() {
-        return Ok(v);
-    }
-    let v = make()?;
-    Ok(cell.get_or_init(|| v))
 }
 
 /// The constants of a top-k over `experts` keys, made once on the device.

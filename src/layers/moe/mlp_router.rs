@@ -94,7 +94,7 @@ impl MlpRouter {
             let (picks, state) = self.route(x, prev)?;
             return Ok((Routing::Host(picks), state));
         }
-        let (top, balancing) = device_routing::once(&self.device, || {
+        let (top, balancing) = crate::layers::once(&self.device, || {
             let classes = self.balancing.len();
             Ok((
                 TopK::new(self.top_k, classes, x.device())?,

@@ -86,7 +86,7 @@ impl SoftmaxTopKRouter {
         if !device_routing::on_device(x)? {
             return Ok(Routing::Host(self.route(x)?));
         }
-        let (top, scale) = device_routing::once(&self.device, || {
+        let (top, scale) = crate::layers::once(&self.device, || {
             let experts = self.per_expert_scale.len();
             Ok((
                 device_routing::TopK::new(self.top_k, experts, x.device())?,

@@ -46,14 +46,7 @@ impl ScoreFn {
     /// [`Self::apply`] as tensor ops: logits `[tokens, experts]` (f32) → scores.
     fn apply_tensor(self, logits: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            // softplus as torch computes it: linear above 20; exp(x) below -15, where 1 + exp(x)
-            // rounds to 1 in f32 (there is no log1p op).
-            ScoreFn::SqrtSoftplus => {
-                let soft = (logits.exp()? + 1.0)?.log()?;
-                let soft = logits.gt(20f32)?.where_cond(logits, &soft)?;
-                let soft = logits.lt(-15f32)?.where_cond(&logits.exp()?, &soft)?;
-                soft.sqrt()?
-            }
+            ScoreFn::SqrtSoftplus => crate::layers::output_gate::softplus(logits)?.sqrt()?,
             ScoreFn::Sigmoid => candle_nn::ops::sigmoid(logits)?,
             ScoreFn::Softmax => candle_nn::ops::softmax_last_dim(logits)?,
         })
@@ -235,7 +228,7 @@ impl ScoreRouter {
             return Ok(Routing::Host(self.route(x, ids)?));
         }
         let dev = x.device();
-        let choice = device_routing::once(&self.device, || {
+        let choice = crate::layers::once(&self.device, || {
             Ok(match &self.choice {
                 Choice::TopK { correction_bias } => DeviceChoice::TopK {
                     top: TopK::new(self.top_k, correction_bias.len(), dev)?,
