@@ -127,12 +127,40 @@ enum Next {
 fn row_values(row: &Tensor, position: usize) -> Result<Vec<f32>> {
     let row: Vec<f32> = row.to_dtype(DType::F32)?.to_vec1()?;
     if row.iter().any(|x| x.is_nan() || *x == f32::INFINITY) {
-        bail!(
-            "the model's scores for token {position} hold NaN or infinity: its output would be meaningless\n\
-             hint: the checkpoint may hold NaN/Inf weights, or a half-precision type overflowed (try --dtype f32)"
-        );
+        return Err(meaningless_row(position));
     }
     Ok(row)
+}
+
+fn meaningless_row(position: usize) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the model's scores for token {position} hold NaN or infinity: its output would be meaningless\n\
+         hint: the checkpoint may hold NaN/Inf weights, or a half-precision type overflowed (try --dtype f32)"
+    )
+}
+
+/// The sampler's choice from `row` `[vocab]`. A plain greedy choice on a GPU (or the generic
+/// path) is taken where the row lies ([`sampler::argmax_on_device`]), `iota` made there on first
+/// use; otherwise the row is read back.
+fn choose(
+    sampler: &mut Sampler,
+    row: &Tensor,
+    history: &[u32],
+    position: usize,
+    iota: &std::sync::OnceLock<Tensor>,
+) -> Result<u32> {
+    if sampler.is_plain_greedy() && !crate::kernels::fast_cpu(row.device()) {
+        let iota = crate::layers::once(iota, || {
+            let vocab = row.dim(0)? as u32;
+            Ok(Tensor::arange(0u32, vocab, row.device())?.to_dtype(DType::F32)?)
+        })?;
+        let (id, bad) = sampler::argmax_on_device(&row.to_dtype(DType::F32)?, iota)?;
+        if bad {
+            return Err(meaningless_row(position));
+        }
+        return Ok(id);
+    }
+    Ok(sampler.next(&row_values(row, position)?, history))
 }
 
 /// What the decode loop has produced so far.
@@ -233,6 +261,7 @@ pub fn generate_with(
 
     let t_decode = Instant::now();
     let decode_start = cache.seen();
+    let iota = std::sync::OnceLock::new();
     let mut out = Out {
         stats,
         history,
@@ -247,8 +276,8 @@ pub fn generate_with(
         }
         let (id, row) = match next {
             Next::Row(row) => {
-                let values = row_values(&row, cache.seen() + 1)?;
-                (sampler.next(&values, &out.history), row)
+                let id = choose(sampler, &row, &out.history, cache.seen() + 1, &iota)?;
+                (id, row)
             }
             Next::Chosen(id, row) => (id, row),
         };

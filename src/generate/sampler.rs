@@ -2,6 +2,8 @@
 //! top-k, top-p, min-p, then a seeded draw. Applied in the order transformers applies its logits
 //! processors, so the same settings mean the same distribution.
 
+use anyhow::Result;
+use candle_core::{DType, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 /// Sampling settings; `temperature` 0 means greedy.
@@ -68,6 +70,12 @@ impl Sampler {
     pub fn new(settings: Sampling) -> Self {
         let rng = StdRng::seed_from_u64(settings.seed);
         Sampler { settings, rng }
+    }
+
+    /// Whether [`Self::next`] is a plain argmax of the logits (greedy, no repeat penalty), which
+    /// a GPU can take on the device ([`argmax_on_device`]).
+    pub fn is_plain_greedy(&self) -> bool {
+        self.settings.temperature == 0.0 && self.settings.repeat_penalty == 1.0
     }
 
     /// Pick the next token from `logits` (one row, vocab-sized), given the sequence so far.
@@ -201,6 +209,23 @@ impl Dist {
     }
 }
 
+/// [`argmax`] of `row` `[vocab]` (f32) where it lies, the first on ties, and whether the row holds
+/// NaN or +∞: two numbers read back instead of the vocabulary. `iota` is `0, 1, …, vocab − 1` in
+/// f32 on the same device (exact up to 2²⁴ entries).
+pub fn argmax_on_device(row: &Tensor, iota: &Tensor) -> Result<(u32, bool)> {
+    let vocab = row.dim(0)?;
+    let at_max = row
+        .broadcast_eq(&row.max_keepdim(0)?)?
+        .to_dtype(DType::F32)?;
+    // Indices at the maximum, every other pushed past the end; the smallest is the first.
+    let first = (iota + at_max.affine(-(vocab as f64), vocab as f64)?)?.min_keepdim(0)?;
+    let nan = row.ne(row)?;
+    let inf = row.eq(f32::INFINITY)?;
+    let bad = (nan.to_dtype(DType::F32)? + inf.to_dtype(DType::F32)?)?.max_keepdim(0)?;
+    let got: Vec<f32> = Tensor::cat(&[first, bad], 0)?.to_vec1()?;
+    Ok((got[0] as u32, got[1] > 0.0))
+}
+
 /// Index of the largest value (the first on ties, as torch.argmax does on CPU).
 pub fn argmax(x: &[f32]) -> u32 {
     let mut best = 0;
@@ -215,6 +240,27 @@ pub fn argmax(x: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn argmax_on_device_takes_the_first_maximum_and_flags_nan_and_infinity() {
+        let dev = candle_core::Device::Cpu;
+        let iota = Tensor::arange(0u32, 6, &dev)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let on_device =
+            |v: &[f32]| argmax_on_device(&Tensor::new(v, &dev).unwrap(), &iota).unwrap();
+        for v in [
+            [0.5f32, 2.0, -1.0, 2.0, 2.0, 0.0],
+            [3.0, 3.0, 3.0, 3.0, 3.0, 3.0],
+            [f32::NEG_INFINITY; 6],
+            [-4.0, -1.0, f32::NEG_INFINITY, -1.5, -0.25, -0.25],
+        ] {
+            assert_eq!(on_device(&v), (argmax(&v), false), "{v:?}");
+        }
+        assert!(on_device(&[0.0, f32::NAN, 1.0, 0.0, 0.0, 0.0]).1);
+        assert!(on_device(&[0.0, 1.0, f32::INFINITY, 0.0, 0.0, 0.0]).1);
+    }
 
     #[test]
     fn greedy_and_penalty() {

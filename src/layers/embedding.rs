@@ -78,15 +78,26 @@ impl ScaledEmbedding {
 
     /// `tokens` → `[1, n, dim]` on `device` (what a drafter takes in from its target).
     pub fn lookup(&self, tokens: &[u32], device: &Device) -> Result<Tensor> {
-        crate::arch::check_tokens(tokens, self.vocab)?;
-        self.forward(&Tensor::from_slice(tokens, (1, tokens.len()), device)?)
+        self.forward_tokens(
+            tokens,
+            &Tensor::from_slice(tokens, (1, tokens.len()), device)?,
+        )
     }
 
-    /// ids `[b, n]` (u32) → `[b, n, dim]`.
+    /// ids `[b, n]` (u32) → `[b, n, dim]`; the ids are read back to be checked.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b, n) = ids.dims2()?;
         let flat = ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
-        if let Some(&bad) = flat.iter().find(|&&id| id as usize >= self.vocab) {
+        self.forward_tokens(&flat, ids)
+    }
+
+    /// `tokens` (checked here, on the host) and the same ids as `ids` `[b, n]` (u32) on the
+    /// model's device → `[b, n, dim]`: nothing read back from a GPU.
+    pub fn forward_tokens(&self, tokens: &[u32], ids: &Tensor) -> Result<Tensor> {
+        let (b, n) = ids.dims2()?;
+        if tokens.len() != b * n {
+            bail!("internal: {} tokens for ids {:?}", tokens.len(), ids.dims());
+        }
+        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= self.vocab) {
             bail!(
                 "token id {bad} is outside the embedding table ({} rows)",
                 self.vocab
@@ -104,7 +115,7 @@ impl ScaledEmbedding {
                 dtype,
             } => {
                 let dim = table.dims2().1;
-                let rows = table.gather_rows(&flat, *scale)?; // [b·n·dim]
+                let rows = table.gather_rows(tokens, *scale)?; // [b·n·dim]
                 Ok(Tensor::from_vec(rows, (b, n, dim), ids.device())?.to_dtype(*dtype)?)
             }
         }

@@ -442,7 +442,7 @@ impl DeepseekV4Model {
         let ids = Tensor::from_slice(tokens, (1, n), &self.device)?;
 
         // 1. Embeddings, copied into the residual streams. [n, M, hidden]
-        let h = self.embed.forward(&ids)?.squeeze(0)?; // [n, hidden]
+        let h = self.embed.forward_tokens(tokens, &ids)?.squeeze(0)?; // [n, hidden]
         let m = self.cfg.hc_mult;
         let mut streams = h
             .unsqueeze(1)?

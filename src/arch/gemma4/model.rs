@@ -329,7 +329,7 @@ impl CausalLm for Gemma4Model {
         let ids = Tensor::from_slice(tokens, (1, n), &self.device)?; // [1, n]
 
         // 1. Token embeddings [1, n, hidden] and per-layer embeddings [1, n, layers, width].
-        let mut h = self.embed.forward(&ids)?;
+        let mut h = self.embed.forward_tokens(tokens, &ids)?;
         let ple = match &self.ple {
             Some(p) => Some(p.forward(tokens, &ids, &h)?),
             None => None,

@@ -259,7 +259,7 @@ impl CausalLm for LagunaModel {
         let ids = Tensor::from_slice(tokens, (1, n), &self.device)?; // [1, n]
 
         // 1. Token embeddings. [1, n, hidden]
-        let mut h = self.embed.forward(&ids)?;
+        let mut h = self.embed.forward_tokens(tokens, &ids)?;
 
         // 2. Decoder layers, sharing one forward context.
         {

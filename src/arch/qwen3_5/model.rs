@@ -346,7 +346,7 @@ impl CausalLm for Qwen3_5Model {
         let ids = Tensor::from_slice(tokens, (1, n), &self.device)?;
 
         // 1. Token embeddings. [n, hidden]
-        let mut h = self.embed.forward(&ids)?.squeeze(0)?;
+        let mut h = self.embed.forward_tokens(tokens, &ids)?.squeeze(0)?;
 
         // 2. Decoder layers.
         for (i, layer) in self.layers.iter().enumerate() {

@@ -289,7 +289,7 @@ impl CausalLm for ZayaModel {
         let ids = Tensor::from_slice(tokens, (1, n), &self.device)?; // [1, n]
 
         // 1. Token embeddings, shifted and scaled, as the f32 residual stream. [1, n, hidden]
-        let e = self.embed.forward(&ids)?;
+        let e = self.embed.forward_tokens(tokens, &ids)?;
         let mut h = self.input_scale.forward(&e)?.to_dtype(DType::F32)?;
 
         // 2. Decoder layers, sharing one forward context and handing on the router state.
