@@ -17,10 +17,13 @@ pub struct RmsNorm {
     weight: Option<Tensor>,
     /// The same scale as host values when it lives on the CPU, read once for [`Self::fused`].
     host: Option<Arc<[f32]>>,
-    /// On the device path, the scale in bf16 where bf16 holds it exactly (a bf16 checkpoint's): bf16
-    /// activations are then normalised in one kernel that computes in f32 and rounds once, with
-    /// no casts to f32 and back around it.
+    /// On the device path, the scale in bf16 where bf16 holds it exactly (a bf16 checkpoint's):
+    /// bf16 activations are then normalised in one kernel that computes in f32 and rounds once,
+    /// with no casts to f32 and back around it.
     bf16: Option<Tensor>,
+    /// The scale-less variant's unit scale in bf16 on the device path, made on first use (the
+    /// fused kernel wants one).
+    unit: std::sync::OnceLock<Tensor>,
     eps: f64,
 }
 
@@ -52,6 +55,7 @@ impl RmsNorm {
             weight: None,
             host: None,
             bf16: None,
+            unit: Default::default(),
             eps,
         }
     }
@@ -79,6 +83,7 @@ impl RmsNorm {
             weight: Some(w),
             host,
             bf16,
+            unit: Default::default(),
             eps,
         })
     }
@@ -149,12 +154,22 @@ impl RmsNorm {
 
     /// Normalise `x` over its last dimension; same dtype out as in.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let (Some(w), DType::BF16) = (&self.bf16, x.dtype()) {
-            return Ok(candle_nn::ops::rms_norm(
-                &x.contiguous()?,
-                w,
-                self.eps as f32,
-            )?);
+        if x.dtype() == DType::BF16 && !crate::kernels::fast_cpu(x.device()) {
+            let dim = x.dim(D::Minus1)?;
+            let w = match (&self.bf16, &self.weight) {
+                (Some(w), _) => Some(w),
+                (None, None) => Some(crate::layers::once(&self.unit, || {
+                    Ok(Tensor::ones(dim, DType::BF16, x.device())?)
+                })?),
+                (None, Some(_)) => None, // a scale bf16 does not hold exactly
+            };
+            if let Some(w) = w.filter(|w| w.dims() == [dim]) {
+                return Ok(candle_nn::ops::rms_norm(
+                    &x.contiguous()?,
+                    w,
+                    self.eps as f32,
+                )?);
+            }
         }
         Ok(self.forward_f32(x)?.to_dtype(x.dtype())?)
     }

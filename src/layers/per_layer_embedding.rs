@@ -68,7 +68,10 @@ impl PerLayerEmbedding {
                 self.table.vocab()
             );
         }
-        let tok = self.table.forward(ids)?.reshape((b, n, l, w))?;
+        let tok = self
+            .table
+            .forward_tokens(tokens, ids)?
+            .reshape((b, n, l, w))?;
         let proj = (self.projection.forward(embeds)? * self.projection_scale)?;
         let proj = self.norm.forward(&proj.reshape((b, n, l, w))?)?;
         Ok(((proj + tok)? * std::f64::consts::FRAC_1_SQRT_2)?)

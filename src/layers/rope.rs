@@ -64,8 +64,9 @@ struct CosSinTable {
     inv_freq: Vec<f32>,
     scaling: f32,
     device: Device,
-    /// cos and sin `[capacity, inv_freq.len()]`.
-    table: RwLock<Option<(Tensor, Tensor)>>,
+    /// cos and sin `[capacity, inv_freq.len()]` in f32, and a copy in each other dtype asked
+    /// for (made once per table, not cast on every call).
+    table: RwLock<Vec<(DType, Tensor, Tensor)>>,
 }
 
 impl CosSinTable {
@@ -74,25 +75,41 @@ impl CosSinTable {
             inv_freq,
             scaling,
             device: device.clone(),
-            table: RwLock::new(None),
+            table: RwLock::new(Vec::new()),
         }
     }
 
-    /// The whole table, holding at least positions `0..end`.
-    fn covering(&self, end: usize) -> Result<(Tensor, Tensor)> {
+    /// The whole table in `dtype`, holding at least positions `0..end`.
+    fn covering(&self, end: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
         let poisoned = || anyhow::anyhow!("RoPE table lock poisoned");
-        let have = |t: &Option<(Tensor, Tensor)>| t.as_ref().map_or(0, |(c, _)| c.dims()[0]);
-        {
-            let t = self.table.read().map_err(|_| poisoned())?;
-            if have(&t) >= end {
-                return Ok(t.clone().expect("checked above"));
+        let find = |v: &[(DType, Tensor, Tensor)], dtype: DType| {
+            v.iter()
+                .find(|(d, c, _)| *d == dtype && c.dims()[0] >= end)
+                .map(|(_, c, s)| (c.clone(), s.clone()))
+        };
+        if let Some(t) = find(&self.table.read().map_err(|_| poisoned())?, dtype) {
+            return Ok(t);
+        }
+        let mut v = self.table.write().map_err(|_| poisoned())?;
+        if let Some(t) = find(&v, dtype) {
+            return Ok(t);
+        }
+        let f32s = match find(&v, DType::F32) {
+            Some(t) => t,
+            None => {
+                // Grown: the copies of the smaller table go with it.
+                let (c, s) = self.build(end.next_power_of_two().max(64))?;
+                v.clear();
+                v.push((DType::F32, c.clone(), s.clone()));
+                (c, s)
             }
+        };
+        let t = (f32s.0.to_dtype(dtype)?, f32s.1.to_dtype(dtype)?);
+        if dtype != DType::F32 {
+            v.retain(|(d, ..)| *d != dtype);
+            v.push((dtype, t.0.clone(), t.1.clone()));
         }
-        let mut t = self.table.write().map_err(|_| poisoned())?;
-        if have(&t) < end {
-            *t = Some(self.build(end.next_power_of_two().max(64))?);
-        }
-        Ok(t.clone().expect("set above"))
+        Ok(t)
     }
 
     fn build(&self, positions: usize) -> Result<(Tensor, Tensor)> {
@@ -119,11 +136,8 @@ impl CosSinTable {
 
     /// cos and sin `[len, half]` for positions `start..start + len`, in `dtype`.
     fn range(&self, start: usize, len: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let (cos, sin) = self.covering(start + len)?;
-        Ok((
-            cos.narrow(0, start, len)?.to_dtype(dtype)?,
-            sin.narrow(0, start, len)?.to_dtype(dtype)?,
-        ))
+        let (cos, sin) = self.covering(start + len, dtype)?;
+        Ok((cos.narrow(0, start, len)?, sin.narrow(0, start, len)?))
     }
 
     /// cos and sin `[positions.len(), half]` for the given positions, in `dtype`.
@@ -134,13 +148,10 @@ impl CosSinTable {
         if positions.iter().enumerate().all(|(i, &p)| p == first + i) {
             return self.range(first, positions.len(), dtype);
         }
-        let (cos, sin) = self.covering(max + 1)?;
+        let (cos, sin) = self.covering(max + 1, dtype)?;
         let idx: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
         let idx = Tensor::from_vec(idx, positions.len(), &self.device)?;
-        Ok((
-            cos.index_select(&idx, 0)?.to_dtype(dtype)?,
-            sin.index_select(&idx, 0)?.to_dtype(dtype)?,
-        ))
+        Ok((cos.index_select(&idx, 0)?, sin.index_select(&idx, 0)?))
     }
 }
 
