@@ -53,6 +53,8 @@ pub struct HyperConnection {
     base: Vec<f32>,
     /// pre, post and comb scales.
     scale: [f32; 3],
+    /// On the device: each mixing logit's scale and `base`, `[(2 + M)·M]` f32, made on first use.
+    device: std::sync::OnceLock<(Tensor, Tensor)>,
 }
 
 impl HyperConnection {
@@ -76,18 +78,79 @@ impl HyperConnection {
             proj: weight::get_f32(vb, (width, m * hidden), "fn")?,
             base: f32_vec(weight::get_f32(vb, width, "base")?)?,
             scale: [scale[0], scale[1], scale[2]],
+            device: Default::default(),
         })
     }
 
     /// streams `[n, M, H]` → (the block input `[n, H]`, the weights to mix its output back).
+    /// On the device path the weights never leave the device ([`Self::collapse_on_device`]).
     pub fn collapse(&self, streams: &Tensor) -> Result<(Tensor, Mix)> {
-        let (n, m, h) = streams.dims3()?;
+        let (_, m, _) = streams.dims3()?;
         if m != self.streams {
             bail!(
                 "internal: {m} residual streams for a hyper-connection of {}",
                 self.streams
             );
         }
+        if crate::kernels::fast_cpu(streams.device()) {
+            self.collapse_on_host(streams)
+        } else {
+            self.collapse_on_device(streams)
+        }
+    }
+
+    /// [`Self::collapse`] as tensor ops: the same weights (Sinkhorn included), summed in
+    /// candle's order.
+    fn collapse_on_device(&self, streams: &Tensor) -> Result<(Tensor, Mix)> {
+        let (n, m, h) = streams.dims3()?;
+        let (scale, base) = crate::layers::once(&self.device, || {
+            let [s_pre, s_post, s_comb] = self.scale;
+            let scales: Vec<f32> = [(s_pre, m), (s_post, m), (s_comb, m * m)]
+                .iter()
+                .flat_map(|&(s, k)| std::iter::repeat_n(s, k))
+                .collect();
+            let dev = streams.device();
+            Ok((
+                Tensor::from_vec(scales, self.base.len(), dev)?,
+                Tensor::from_slice(&self.base, self.base.len(), dev)?,
+            ))
+        })?;
+        let dtype = streams.dtype();
+        let eps = f64::from(self.eps);
+        // 1. Flatten, normalise, project, scale and bias: [n, (2+M)M] in f32.
+        let flat = self.norm.forward_f32(&streams.reshape((n, m * h))?)?;
+        let z = flat
+            .matmul(&self.proj.t()?)?
+            .broadcast_mul(scale)?
+            .broadcast_add(base)?;
+        // 2. pre, post, and comb made doubly stochastic (columns: the sum over dim 1).
+        let pre = (candle_nn::ops::sigmoid(&z.narrow(1, 0, m)?)? + eps)?; // [n, M]
+        let post = (candle_nn::ops::sigmoid(&z.narrow(1, m, m)?)? * 2.0)?;
+        let c = z.narrow(1, 2 * m, m * m)?.reshape((n, m, m))?;
+        let mut c = (candle_nn::ops::softmax_last_dim(&c)? + eps)?;
+        let normalise = |c: &Tensor, dim: usize| -> Result<Tensor> {
+            Ok(c.broadcast_div(&(c.sum_keepdim(dim)? + eps)?)?)
+        };
+        c = normalise(&c, 1)?;
+        for _ in 1..self.sinkhorn_iters {
+            c = normalise(&normalise(&c, 2)?, 1)?;
+        }
+        // 3. Collapse with pre (f32, then the model dtype), as the reference.
+        let collapsed = streams
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&pre.unsqueeze(2)?)?
+            .sum(1)?
+            .to_dtype(dtype)?; // [n, H]
+        let mix = Mix {
+            post: post.to_dtype(dtype)?,
+            comb_t: c.transpose(1, 2)?.contiguous()?.to_dtype(dtype)?,
+        };
+        Ok((collapsed, mix))
+    }
+
+    /// [`Self::collapse`] with the weights computed on the host, token by token.
+    fn collapse_on_host(&self, streams: &Tensor) -> Result<(Tensor, Mix)> {
+        let (n, m, h) = streams.dims3()?;
         let dtype = streams.dtype();
         let dev = streams.device().clone();
         // 1. Flatten, normalise, project: [n, (2+M)M] in f32.
@@ -230,6 +293,63 @@ mod tests {
                 "{c:?}"
             );
         }
+    }
+
+    /// The device path's weights and collapse against the host's, on random parameters.
+    #[test]
+    fn device_collapse_equals_the_host() {
+        let dev = candle_core::Device::Cpu;
+        let (n, m, h) = (3, 4, 8);
+        let width = (2 + m) * m;
+        let mut seed = 11u32;
+        let mut rand = |k: usize| -> Vec<f32> {
+            (0..k)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+                })
+                .collect()
+        };
+        let hc = HyperConnection {
+            streams: m,
+            sinkhorn_iters: 5,
+            eps: 1e-6,
+            norm: RmsNorm::plain(1e-6),
+            proj: Tensor::from_vec(rand(width * m * h), (width, m * h), &dev).unwrap(),
+            base: rand(width),
+            scale: [0.7, 1.3, 2.0],
+            device: Default::default(),
+        };
+        let streams = (Tensor::from_vec(rand(n * m * h), (n, m, h), &dev).unwrap() * 4.0).unwrap();
+        let (a, mix_a) = hc.collapse_on_host(&streams).unwrap();
+        let (b, mix_b) = hc.collapse_on_device(&streams).unwrap();
+        let max = |x: &Tensor, y: &Tensor| -> f32 {
+            (x - y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        assert!(max(&a, &b) < 1e-5, "collapsed: {}", max(&a, &b));
+        assert!(max(&mix_a.post, &mix_b.post) < 1e-5);
+        assert!(
+            max(&mix_a.comb_t, &mix_b.comb_t) < 1e-5,
+            "comb: {}",
+            max(&mix_a.comb_t, &mix_b.comb_t)
+        );
+        // comb's columns (comb_t's rows) sum to 1 after the last round.
+        let sums: Vec<f32> = mix_b
+            .comb_t
+            .sum(2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-3), "{sums:?}");
     }
 
     #[test]
