@@ -80,6 +80,8 @@ pub struct TokenCompressor {
     norm: RmsNorm,
     rope: Arc<InterleavedRope>,
     state: CompressorState,
+    /// `position_bias` `[ratio, width]` on the device, made on first use.
+    device_bias: std::sync::OnceLock<Tensor>,
 }
 
 impl TokenCompressor {
@@ -112,6 +114,7 @@ impl TokenCompressor {
             norm: RmsNorm::load_f32(&vb.pp("kv_norm"), dim, eps)?,
             rope,
             state,
+            device_bias: Default::default(),
         })
     }
 
@@ -122,9 +125,13 @@ impl TokenCompressor {
     /// Feed the chunk `x` `[n, hidden]` (the tokens after those fed before); close every window
     /// it completes and return all entries made so far, `[entries, d]` (possibly 0 rows).
     pub fn forward(&self, x: &Tensor, cache: &mut LayerKv) -> Result<Tensor> {
+        self.forward_on(x, cache, !crate::kernels::fast_cpu(x.device()))
+    }
+
+    /// [`Self::forward`], pooling with tensor ops (`on_device`) or on the host.
+    fn forward_on(&self, x: &Tensor, cache: &mut LayerKv, on_device: bool) -> Result<Tensor> {
         let s = self.state;
         let (r, d) = (self.ratio, self.dim);
-        let width = if self.overlap { 2 * d } else { d };
         let dtype = x.dtype();
         let dev = x.device().clone();
 
@@ -153,8 +160,97 @@ impl TokenCompressor {
 
         // 3. Pool each closed window, in f32. kv, gate: [windows · r, width]
         let windows = usable / r;
-        let kv: Vec<f32> = f32_rows(&kv.narrow(0, 0, usable)?)?;
-        let mut gate: Vec<f32> = f32_rows(&gate.narrow(0, 0, usable)?)?;
+        let (kv, gate) = (kv.narrow(0, 0, usable)?, gate.narrow(0, 0, usable)?);
+        let pooled = if on_device {
+            self.pool_on_device(&kv, &gate, windows, cache)?
+        } else {
+            self.pool_on_host(&kv, &gate, windows, cache)?
+        }; // [windows, d] f32
+
+        // 4. Norm, then RoPE at each window's first position. [windows, d]
+        let entries = self.norm.forward(&pooled.to_dtype(dtype)?)?;
+        let positions: Vec<usize> = (made..made + windows).map(|w| w * r).collect();
+        let entries = self
+            .rope
+            .apply(&entries.reshape((1, 1, windows, d))?, &positions, false)?
+            .reshape((windows, d))?;
+        let all = match cache.state(s.entries) {
+            Some(old) => Tensor::cat(&[old, &entries], 0)?,
+            None => entries,
+        };
+        cache.set_state(s.entries, all.clone());
+        Ok(all)
+    }
+
+    /// Step 3 as tensor ops (the device path: nothing read back): kv and gate `[windows·r,
+    /// width]` → each window's pooled entry `[windows, d]` (f32); keeps the last window's Ca for
+    /// the next forward. The same softmax-weighted sums as [`Self::pool_on_host`], in candle's
+    /// order.
+    fn pool_on_device(
+        &self,
+        kv: &Tensor,
+        gate: &Tensor,
+        windows: usize,
+        cache: &mut LayerKv,
+    ) -> Result<Tensor> {
+        let (s, r, d) = (self.state, self.ratio, self.dim);
+        let width = if self.overlap { 2 * d } else { d };
+        let (dev, dtype) = (kv.device(), kv.dtype());
+        let bias = crate::layers::once(&self.device_bias, || {
+            Ok(Tensor::from_slice(&self.position_bias, (r, width), dev)?)
+        })?;
+        let kv = kv.to_dtype(DType::F32)?.reshape((windows, r, width))?;
+        let gate = gate
+            .to_dtype(DType::F32)?
+            .reshape((windows, r, width))?
+            .broadcast_add(bias)?;
+        let (logits, values) = if self.overlap {
+            let (ca_g, cb_g) = (gate.narrow(2, 0, d)?, gate.narrow(2, d, d)?);
+            let (ca_v, cb_v) = (kv.narrow(2, 0, d)?, kv.narrow(2, d, d)?);
+            // Window w's first slots: window w − 1's Ca; for the first, the carried one, or
+            // none (logits −∞: weight 0).
+            let (first_g, first_v) = match (cache.state(s.overlap_gate), cache.state(s.overlap_kv))
+            {
+                (Some(g), Some(v)) => (g.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?),
+                _ => (
+                    Tensor::full(f32::NEG_INFINITY, (r, d), dev)?,
+                    Tensor::zeros((r, d), DType::F32, dev)?,
+                ),
+            };
+            let before = |first: Tensor, ca: &Tensor| -> Result<Tensor> {
+                let first = first.unsqueeze(0)?;
+                Ok(if windows > 1 {
+                    Tensor::cat(&[&first, &ca.narrow(0, 0, windows - 1)?], 0)?
+                } else {
+                    first
+                })
+            };
+            let logits = Tensor::cat(&[&before(first_g, &ca_g)?, &cb_g], 1)?; // [windows, 2r, d]
+            let values = Tensor::cat(&[&before(first_v, &ca_v)?, &cb_v], 1)?;
+            cache.set_state(s.overlap_kv, ca_v.get(windows - 1)?.to_dtype(dtype)?);
+            cache.set_state(s.overlap_gate, ca_g.get(windows - 1)?.contiguous()?);
+            (logits, values)
+        } else {
+            (gate, kv)
+        };
+        let weights = candle_nn::ops::softmax(&logits, 1)?;
+        Ok((weights * values)?.sum(1)?)
+    }
+
+    /// Step 3 on the host, channel by channel.
+    fn pool_on_host(
+        &self,
+        kv: &Tensor,
+        gate: &Tensor,
+        windows: usize,
+        cache: &mut LayerKv,
+    ) -> Result<Tensor> {
+        let (s, r, d) = (self.state, self.ratio, self.dim);
+        let width = if self.overlap { 2 * d } else { d };
+        let dtype = kv.dtype();
+        let dev = kv.device().clone();
+        let kv: Vec<f32> = f32_rows(kv)?;
+        let mut gate: Vec<f32> = f32_rows(gate)?;
         for (i, g) in gate.iter_mut().enumerate() {
             *g += self.position_bias[i % (r * width)];
         }
@@ -210,22 +306,7 @@ impl TokenCompressor {
             );
             cache.set_state(s.overlap_gate, Tensor::from_vec(og, (r, d), &dev)?);
         }
-
-        // 4. Norm, then RoPE at each window's first position. [windows, d]
-        let entries = self
-            .norm
-            .forward(&Tensor::from_vec(pooled, (windows, d), &dev)?.to_dtype(dtype)?)?;
-        let positions: Vec<usize> = (made..made + windows).map(|w| w * r).collect();
-        let entries = self
-            .rope
-            .apply(&entries.reshape((1, 1, windows, d))?, &positions, false)?
-            .reshape((windows, d))?;
-        let all = match cache.state(s.entries) {
-            Some(old) => Tensor::cat(&[old, &entries], 0)?,
-            None => entries,
-        };
-        cache.set_state(s.entries, all.clone());
-        Ok(all)
+        Ok(Tensor::from_vec(pooled, (windows, d), &dev)?)
     }
 
     fn entries_or_empty(
@@ -312,6 +393,53 @@ mod tests {
             let carried = steps.state("compressor carry kv").unwrap();
             assert_eq!(carried.dims()[0], 2);
             assert_eq!(steps.state("compressor overlap gate").is_some(), overlap);
+        }
+    }
+
+    /// The device path's pooling against the host's, chunk by chunk from an empty cache: a first
+    /// chunk that closes no window (zero entries), then chunks that close one window and several,
+    /// with and without overlapping series (the carried Ca of the window before).
+    #[test]
+    fn device_pooling_equals_the_host() {
+        let x: Vec<f32> = (0..14 * 3).map(|i| (i as f32 * 0.53).sin()).collect();
+        let x = Tensor::from_vec(x, (14, 3), &Device::Cpu).unwrap();
+        let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
+            assert_eq!(a.dims(), b.dims());
+            if a.elem_count() == 0 {
+                return 0.0;
+            }
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        for overlap in [false, true] {
+            let c = compressor(overlap, 3);
+            let (mut host, mut device) = (LayerKv::default(), LayerKv::default());
+            for (at, n, entries) in [(0, 2, 0), (2, 2, 1), (4, 7, 3), (11, 3, 4)] {
+                let chunk = x.narrow(0, at, n).unwrap();
+                let a = c.forward_on(&chunk, &mut host, false).unwrap();
+                let b = c.forward_on(&chunk, &mut device, true).unwrap();
+                assert_eq!(a.dim(0).unwrap(), entries, "tokens {at}..{}", at + n);
+                let diff = max_diff(&a, &b);
+                assert!(
+                    diff < 1e-6,
+                    "overlap {overlap}, tokens {at}..{}: {diff}",
+                    at + n
+                );
+                for name in [c.state.overlap_kv, c.state.overlap_gate] {
+                    match (host.state(name), device.state(name)) {
+                        (None, None) => {}
+                        (Some(h), Some(d)) => assert!(max_diff(h, d) < 1e-6, "{name}"),
+                        _ => panic!("{name}: held by one path only"),
+                    }
+                }
+            }
+            assert_eq!(host.state(c.state.overlap_kv).is_some(), overlap);
         }
     }
 
