@@ -856,16 +856,7 @@ fn the_summary_names_the_weights_and_the_stop() {
 /// path ran.
 #[test]
 fn the_generic_path_equals_the_reference_and_the_cpu_path() {
-    let max_abs = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    };
+    let max_abs = reference::max_abs_diff;
     let mut checked = 0;
     for family in reference::runnable_families() {
         for dir in reference::family_fixtures(family.name) {
@@ -990,20 +981,12 @@ fn the_generic_path_at_bf16_stays_within_the_references_own_bf16_error() {
             let rows =
                 (r["prompt_ids"].as_array().unwrap().len() + same).min(logits.dim(0).unwrap());
             let err = |a: &candle_core::Tensor| -> f32 {
-                let a = a
-                    .to_dtype(candle_core::DType::F32)
-                    .unwrap()
-                    .narrow(0, 0, rows)
-                    .unwrap();
-                let b = theirs["logits"].narrow(0, 0, rows).unwrap();
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap()
+                let a = a.to_dtype(candle_core::DType::F32).unwrap();
+                let b = &theirs["logits"];
+                reference::max_abs_diff(
+                    &a.narrow(0, 0, rows).unwrap(),
+                    &b.narrow(0, 0, rows).unwrap(),
+                )
             };
             let factor = err(&logits) / err(own);
             let bound = EXCEPTIONS

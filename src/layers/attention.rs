@@ -710,14 +710,7 @@ mod tests {
                 }
                 .unwrap();
                 assert_eq!(got.dims(), &[1, 4, n, 6]);
-                let diff: f32 = (got - &want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap();
+                let diff = crate::layers::max_abs_diff(&got, &want);
                 assert!(
                     diff < 1e-5,
                     "n {n}, cached {cached}, window {window:?}, budget {budget:?}: {diff}"

@@ -204,14 +204,7 @@ mod tests {
             st = next;
         }
         let stepped = Tensor::cat(&parts, 1).unwrap();
-        let d: f32 = (full - stepped)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d = crate::layers::max_abs_diff(&full, &stepped);
         assert!(d < 1e-5, "{d}");
     }
 

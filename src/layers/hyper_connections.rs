@@ -323,16 +323,7 @@ mod tests {
         let streams = (Tensor::from_vec(rand(n * m * h), (n, m, h), &dev).unwrap() * 4.0).unwrap();
         let (a, mix_a) = hc.collapse_on_host(&streams).unwrap();
         let (b, mix_b) = hc.collapse_on_device(&streams).unwrap();
-        let max = |x: &Tensor, y: &Tensor| -> f32 {
-            (x - y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
+        let max = crate::layers::max_abs_diff;
         assert!(max(&a, &b) < 1e-5, "collapsed: {}", max(&a, &b));
         assert!(max(&mix_a.post, &mix_b.post) < 1e-5);
         assert!(

@@ -29,6 +29,17 @@ pub mod weight;
 use anyhow::Result;
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 
+/// The largest absolute difference of two tensors of one shape (0 for empty ones), for tests.
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    if a.elem_count() == 0 {
+        return 0.0;
+    }
+    let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
+    d.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+}
+
 /// `cell`'s value, made by `make` on first use (the constants a layer keeps on the device).
 pub(crate) fn once<T>(
     cell: &std::sync::OnceLock<T>,

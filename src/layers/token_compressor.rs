@@ -380,14 +380,7 @@ mod tests {
             for t in 0..11 {
                 b = Some(c.forward(&x.narrow(0, t, 1).unwrap(), &mut steps).unwrap());
             }
-            let diff: f32 = (a - b.unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let diff = crate::layers::max_abs_diff(&a, &b.unwrap());
             assert!(diff < 1e-6, "overlap {overlap}: {diff}");
             // Two tokens of the open window are carried.
             let carried = steps.state("compressor carry kv").unwrap();
@@ -403,20 +396,7 @@ mod tests {
     fn device_pooling_equals_the_host() {
         let x: Vec<f32> = (0..14 * 3).map(|i| (i as f32 * 0.53).sin()).collect();
         let x = Tensor::from_vec(x, (14, 3), &Device::Cpu).unwrap();
-        let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
-            assert_eq!(a.dims(), b.dims());
-            if a.elem_count() == 0 {
-                return 0.0;
-            }
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
+        let max_diff = crate::layers::max_abs_diff;
         for overlap in [false, true] {
             let c = compressor(overlap, 3);
             let (mut host, mut device) = (LayerKv::default(), LayerKv::default());

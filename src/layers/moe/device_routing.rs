@@ -30,6 +30,25 @@ pub struct DevicePicks {
     pub weights: Tensor,
 }
 
+impl DevicePicks {
+    /// The picks read back, a zero-weight pick (a dropped one) left out.
+    pub fn to_host(&self) -> Result<Vec<Picks>> {
+        let ids: Vec<Vec<u32>> = self.ids.to_vec2()?;
+        let weights: Vec<Vec<f32>> = self.weights.to_vec2()?;
+        Ok(ids
+            .iter()
+            .zip(&weights)
+            .map(|(ids, ws)| {
+                ids.iter()
+                    .zip(ws)
+                    .filter(|(_, &w)| w != 0.0)
+                    .map(|(&e, &w)| (e as usize, w))
+                    .collect()
+            })
+            .collect())
+    }
+}
+
 /// A router's choice: read back to the host (expert by expert dispatch), or kept on the device.
 #[derive(Debug, Clone)]
 pub enum Routing {

@@ -165,10 +165,17 @@ impl PackedExperts {
                 .map(|e| Linear::quantized_from_weight(t.get(e)?, None))
                 .collect()
         };
+        let (gu, dn) = (per_expert(&gate_up)?, per_expert(&down)?);
+        // Gathered only where the experts run as the packed tensors hold them (not quantized).
+        let dense = gu
+            .iter()
+            .chain(&dn)
+            .all(|l| l.weight().is_some_and(|w| w.dtype() == gate_up.dtype()));
+        let gather = dense && !crate::kernels::fast_cpu(gate_up.device());
         Ok(PackedExperts {
-            gate_up: per_expert(&gate_up)?,
-            down: per_expert(&down)?,
-            packed: (!crate::kernels::fast_cpu(gate_up.device())).then_some((gate_up, down)),
+            gate_up: gu,
+            down: dn,
+            packed: gather.then_some((gate_up, down)),
             width,
             act,
             limit: None,
@@ -238,7 +245,9 @@ impl PackedExperts {
     pub fn forward(&self, x: &Tensor, routing: &Routing) -> Result<Tensor> {
         match routing {
             Routing::Host(picks) => self.forward_picks(x, picks),
-            Routing::Device(picks) => self.forward_gathered(x, picks),
+            Routing::Device(picks) if self.packed.is_some() => self.forward_gathered(x, picks),
+            // Quantized experts (`LLMARCH_KERNELS=generic` with q8_0/q4_0) run expert by expert.
+            Routing::Device(picks) => self.forward_picks(x, &picks.to_host()?),
         }
     }
 
@@ -246,7 +255,7 @@ impl PackedExperts {
     /// and multiplied as one batched product per projection.
     fn forward_gathered(&self, x: &Tensor, picks: &DevicePicks) -> Result<Tensor> {
         let Some((gate_up, down)) = &self.packed else {
-            bail!("internal: device routing for experts that are not packed on the device");
+            bail!("internal: gathering experts that are not packed");
         };
         let (n, hidden) = x.dims2()?;
         let k = picks.ids.dim(1)?;
