@@ -284,10 +284,10 @@ pub fn attend(
     let q = q.contiguous()?.reshape((b, hkv, g * n, d))?;
     let scores = scores_qkt(&q, k)?; // [b, hkv, g·n, t] in q's dtype
                                      // Narrow types are scaled in their own dtype, then the softmax runs in f32.
-    let (scores, scale) = if dtype == DType::F32 {
-        (scores, scale)
-    } else {
-        ((scores * scale)?.to_dtype(DType::F32)?, 1.0)
+    let (scores, scale) = match (dtype, scale) {
+        (DType::F32, _) => (scores, scale),
+        (_, 1.0) => (scores.to_dtype(DType::F32)?, 1.0), // (Gemma 4: no op to scale by 1)
+        _ => ((scores * scale)?.to_dtype(DType::F32)?, 1.0),
     };
     let scores = scores.reshape((b, hkv, g, n, t))?;
     let p = crate::kernels::gelu::scaled_masked_softmax(&scores, scale, mask)?
