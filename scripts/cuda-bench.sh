@@ -5,7 +5,7 @@
 #
 #   here:  scripts/cuda-check.sh --build
 #          scripts/random_checkpoint.py pack /work/bench-e2b /work/bench-model-lc-bf16 -o gpu/models
-#          cp target/cuda/release/llmarch gpu/   (gpu/ is ignored; carry it)
+#          cp target/cuda/release/llmarch gpu/   (gpu/ is git-ignored; copy it to the GPU machine)
 #   there: scripts/cuda-bench.sh gpu/llmarch gpu/models OUT_DIR
 #          (BASE=gpu/llmarch-before: every speed run made by both binaries, one after the other;
 #          DTYPES="bf16": the speed runs' weight types, bf16 and f32 by default;
