@@ -5,8 +5,8 @@
 //! - Query rows sit in SIMD lanes: a row tile is 48 rows of one KV head's group (three 16-lane
 //!   registers, six AVX2 ones; rows ordered by position, then query head, so a tile's rows see
 //!   nearly the same keys), its queries transposed once to `Qᵀ` `[d, 48]` and pre-scaled. One
-//!   body serves both widths ([`Simd`]); only the register tiles differ (AVX-512: 8 keys or value
-//!   columns × 3 registers of rows; AVX2, 16 registers: 4 × 2).
+//!   body serves both widths (the `Simd` trait); only the register tiles differ (AVX-512: 8
+//!   keys or value columns × 3 registers of rows; AVX2, 16 registers: 4 × 2).
 //! - Per key block (64 keys): scores `Sᵀ` `[64, 48]` by outer products (`Qᵀ` registers times
 //!   one broadcast key element per key: no horizontal sums, however short the head
 //!   dimension), the causal/window mask from each lane's visible range, the online softmax

@@ -62,10 +62,6 @@ pub struct GatedDeltaNet {
     device: std::sync::OnceLock<[Tensor; 3]>,
 }
 
-/// The most tokens the device path runs the rule for, token by token (a decode step, a verify
-/// pass); a longer chunk reads the state back once and runs the host kernel.
-const DEVICE_TOKENS: usize = 16;
-
 const CONV_STATE: &str = "conv state";
 const RECURRENT_STATE: &str = "recurrent state";
 
@@ -119,7 +115,7 @@ impl GatedDeltaNet {
             cache.set_state(CONV_STATE, st);
         }
         let qkv = candle_nn::ops::silu(&qkv.squeeze(0)?.to_dtype(DType::F32)?)?;
-        if !crate::kernels::fast_cpu(x.device()) && n <= DEVICE_TOKENS {
+        if crate::layers::is_device_step(x)? {
             let f32s = |t: Tensor| t.to_dtype(DType::F32);
             let y = self.delta_rule_on_device(
                 &qkv,

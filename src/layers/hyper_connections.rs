@@ -83,7 +83,7 @@ impl HyperConnection {
     }
 
     /// streams `[n, M, H]` → (the block input `[n, H]`, the weights to mix its output back).
-    /// On the device path the weights never leave the device ([`Self::collapse_on_device`]).
+    /// On the device path the weights never leave the device (`collapse_on_device`).
     pub fn collapse(&self, streams: &Tensor) -> Result<(Tensor, Mix)> {
         let (_, m, _) = streams.dims3()?;
         if m != self.streams {

@@ -29,6 +29,18 @@ pub mod weight;
 use anyhow::Result;
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 
+/// The most token rows the device path keeps wholly on the device (a decode step, a verify
+/// pass): MoE routing and Gated DeltaNet's rule run there as tensor ops, token by token or
+/// gathered per token; a longer prompt chunk reads their inputs back once per layer instead.
+pub const DEVICE_STEP_ROWS: usize = 16;
+
+/// Whether `x` `[.., width]` is such a step: on the device path (a GPU, or
+/// `LLMARCH_KERNELS=generic` on the CPU) and at most [`DEVICE_STEP_ROWS`] rows.
+pub fn is_device_step(x: &Tensor) -> Result<bool> {
+    let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
+    Ok(!crate::kernels::fast_cpu(x.device()) && rows <= DEVICE_STEP_ROWS)
+}
+
 /// The largest absolute difference of two tensors of one shape (0 for empty ones), for tests.
 #[cfg(test)]
 pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {

@@ -11,15 +11,12 @@
 //! **Experts gathered.** Each token's k experts' matrices are gathered (`index_select` on the
 //! packed `[E, out, in]` tensors) and multiplied as one batched product: no per-expert token
 //! lists built on the host. Gathering copies the chosen experts' weights, so it serves decode
-//! steps and verify passes ([`MAX_ROWS`] rows); longer prompt chunks route on the host, one
+//! steps and verify passes ([`crate::layers::DEVICE_STEP_ROWS`] rows); longer prompt chunks route on the host, one
 //! read-back per layer per chunk.
 
 use super::Picks;
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor, D};
-
-/// The most token rows routed on the device (a decode step, a verify pass).
-pub const MAX_ROWS: usize = 16;
+use candle_core::{DType, Device, Tensor};
 
 /// Each token's experts and weights as device tensors.
 #[derive(Debug, Clone)]
@@ -54,13 +51,6 @@ impl DevicePicks {
 pub enum Routing {
     Host(Vec<Picks>),
     Device(DevicePicks),
-}
-
-/// Whether `x` `[tokens, hidden]` (or `[b, n, hidden]`) routes on the device: on the device path
-/// (a GPU, or `LLMARCH_KERNELS=generic` on the CPU) for up to [`MAX_ROWS`] tokens.
-pub fn on_device(x: &Tensor) -> Result<bool> {
-    let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
-    Ok(!crate::kernels::fast_cpu(x.device()) && rows <= MAX_ROWS)
 }
 
 /// The constants of a top-k over `experts` keys, made once on the device.

@@ -18,7 +18,7 @@
 //! the file holds there, transformers routes with −1. This router does the same (and uses the
 //! reference's init, zeros and −1, when the checkpoint has no `balancing_biases`).
 
-use super::device_routing::{self, DevicePicks, Routing, TopK};
+use super::device_routing::{DevicePicks, Routing, TopK};
 use super::Picks;
 use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
@@ -87,10 +87,10 @@ impl MlpRouter {
         })
     }
 
-    /// [`Self::route`] as a [`Routing`]: on the device where [`device_routing::on_device`] says
+    /// [`Self::route`] as a [`Routing`]: on the device where [`crate::layers::is_device_step`] says
     /// so, a skip-class pick weighing 0 (on expert 0) instead of dropped.
     pub fn pick(&self, x: &Tensor, prev: Option<&Tensor>) -> Result<(Routing, Tensor)> {
-        if !device_routing::on_device(x)? {
+        if !crate::layers::is_device_step(x)? {
             let (picks, state) = self.route(x, prev)?;
             return Ok((Routing::Host(picks), state));
         }

@@ -80,10 +80,10 @@ impl SoftmaxTopKRouter {
         Ok(candle_nn::ops::softmax_last_dim(&scores)?)
     }
 
-    /// x `[tokens, hidden]` → the choice, on the device where [`device_routing::on_device`]
+    /// x `[tokens, hidden]` → the choice, on the device where [`crate::layers::is_device_step`]
     /// says so (the same experts and weights as [`Self::route`]).
     pub fn pick(&self, x: &Tensor) -> Result<Routing> {
-        if !device_routing::on_device(x)? {
+        if !crate::layers::is_device_step(x)? {
             return Ok(Routing::Host(self.route(x)?));
         }
         let (top, scale) = crate::layers::once(&self.device, || {

@@ -11,7 +11,7 @@
 //! - **hash**: a frozen token-id → experts table, `tid2eid[token]` (`[vocab, k]`): which experts a
 //!   token uses never depends on the context.
 
-use super::device_routing::{self, DevicePicks, Routing, TopK};
+use super::device_routing::{DevicePicks, Routing, TopK};
 use super::Picks;
 use crate::layers::embedding::softcap;
 use crate::layers::linear::Linear;
@@ -221,10 +221,10 @@ impl ScoreRouter {
         }
     }
 
-    /// [`Self::route`] as a [`Routing`]: on the device where [`device_routing::on_device`] says
+    /// [`Self::route`] as a [`Routing`]: on the device where [`crate::layers::is_device_step`] says
     /// so (the same experts; the scores through tensor ops, equal within an f32 rounding).
     pub fn pick(&self, x: &Tensor, ids: &[u32]) -> Result<Routing> {
-        if !device_routing::on_device(x)? {
+        if !crate::layers::is_device_step(x)? {
             return Ok(Routing::Host(self.route(x, ids)?));
         }
         let dev = x.device();
