@@ -414,10 +414,18 @@ mod x86 {
                 let mut j = 0;
                 while j < nc {
                     let (wj, yij) = (w.add(j * ws), yi.add(j));
+                    // The first row group reads the panel from memory: it asks for the next
+                    // tile's weight rows while it works on this one.
+                    let ahead = if i == 0 && j + NR < nc {
+                        NR.min(nc - j - NR)
+                    } else {
+                        0
+                    };
                     macro_rules! tiles {
                         ($($r:literal, $c:literal);*) => {
-                            match (MR.min(m - i), NR.min(nc - j)) {
-                                $(($r, $c) => tile::<L, $r, $c>(xi, xs, wj, ws, kc, (yij, ys, add)),)*
+                            match (MR.min(m - i), NR.min(nc - j), ahead > 0) {
+                                $(($r, $c, false) => tile::<L, $r, $c, false>(xi, xs, (wj, ahead), ws, kc, (yij, ys, add)),
+                                  ($r, $c, true) => tile::<L, $r, $c, true>(xi, xs, (wj, ahead), ws, kc, (yij, ys, add)),)*
                                 _ => unreachable!("tile sizes are at most MR × NR"),
                             }
                         };
@@ -432,10 +440,10 @@ mod x86 {
         /// One `R × C` register tile over `kc` columns, added into `y`: whole registers, then
         /// the last `kc % STEP` columns one by one onto the lane sums.
         #[inline(always)]
-        unsafe fn tile<L: Lanes, const R: usize, const C: usize>(
+        unsafe fn tile<L: Lanes, const R: usize, const C: usize, const AHEAD: bool>(
             x: *const L::E,
             xs: usize,
-            w: *const L::E,
+            (w, ahead): (*const L::E, usize),
             ws: usize,
             kc: usize,
             (y, ys, add): (*mut f32, usize, bool),
@@ -443,6 +451,12 @@ mod x86 {
             let full = kc / L::STEP * L::STEP;
             let mut acc = [[_mm512_setzero_ps(); C]; R];
             for k in (0..full).step_by(L::STEP) {
+                if AHEAD {
+                    // One cache line (a register's worth) of each of the next tile's rows.
+                    for c in 0..ahead {
+                        _mm_prefetch::<_MM_HINT_T1>(w.add((C + c) * ws + k).cast());
+                    }
+                }
                 let mut wv = [_mm512_setzero_si512(); C];
                 for (c, wv) in wv.iter_mut().enumerate() {
                     *wv = L::load(w.add(c * ws + k));
