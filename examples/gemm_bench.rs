@@ -1,8 +1,10 @@
 //! GEMM throughput per weight format, for tuning `src/kernels/gemm.rs` (a benchmark, not a
-//! test): `cargo run --release --example gemm_bench [ROWS]` prints GFLOP/s for a prompt chunk of
+//! test): `cargo run --release --example gemm_bench [ROWS] [cold]` prints GFLOP/s for a prompt chunk of
 //! ROWS (default 512) against E2B-like matrix shapes, the best of 7 interleaved calls each, so
 //! formats measured in one run compare on a shared machine. `LLMARCH_KERNELS` picks the kernels
-//! as for `llmarch` (e.g. `avx512`: f32 products for bf16 weights).
+//! as for `llmarch` (e.g. `avx512`: f32 products for bf16 weights). `cold` as a second argument
+//! writes 64 MB before every call, so the weights come from memory as in a model's forward pass
+//! (each weight read once per prompt chunk) rather than from the caches of the call before.
 
 use half::bf16;
 use llmarch::kernels::gemm::gemm;
@@ -14,6 +16,8 @@ fn main() {
         .nth(1)
         .map(|s| s.parse().unwrap())
         .unwrap_or(512);
+    let cold = std::env::args().nth(2).is_some_and(|a| a == "cold");
+    let mut flush = vec![0u8; if cold { 64 << 20 } else { 0 }];
     let shapes = [(2048usize, 1024usize), (1024, 2048), (1024, 1024)];
     let mut seed = 1u64;
     let mut rnd = || {
@@ -38,6 +42,7 @@ fn main() {
         let mut best = [f64::MAX; 4];
         for _ in 0..7 {
             for (b, (_, wr)) in best.iter_mut().zip(&kinds) {
+                flush.iter_mut().for_each(|v| *v = v.wrapping_add(1));
                 let t = Instant::now();
                 gemm(*wr, &x, m, &mut y).unwrap();
                 *b = b.min(t.elapsed().as_secs_f64());
