@@ -1,10 +1,10 @@
 //! GEMM throughput per weight format, for tuning `src/kernels/gemm.rs` (a benchmark, not a
-//! test): `cargo run --release --example gemm_bench [ROWS] [cold]` prints GFLOP/s for a prompt chunk of
-//! ROWS (default 512) against E2B-like matrix shapes, the best of 7 interleaved calls each, so
-//! formats measured in one run compare on a shared machine. `LLMARCH_KERNELS` picks the kernels
-//! as for `llmarch` (e.g. `avx512`: f32 products for bf16 weights). `cold` as a second argument
-//! writes 64 MB before every call, so the weights come from memory as in a model's forward pass
-//! (each weight read once per prompt chunk) rather than from the caches of the call before.
+//! test): `cargo run --release --example gemm_bench [ROWS] [cold]` prints GFLOP/s for a prompt
+//! chunk of ROWS (default 512) against E2B-like matrix shapes, the best of 7 interleaved calls
+//! each, so formats measured in one run compare on a shared machine. `LLMARCH_KERNELS` picks the
+//! kernels as for `llmarch` (e.g. `avx512`: f32 products for bf16 weights). `cold` writes 64 MB
+//! before every call, so the weights come from memory as in a model's forward pass (each weight
+//! read once per prompt chunk) rather than from the caches of the call before.
 
 use half::bf16;
 use llmarch::kernels::gemm::gemm;
