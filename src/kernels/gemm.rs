@@ -276,10 +276,17 @@ mod x86 {
             let mut j = 0;
             while j < nc {
                 let (wj, yij) = (w.add(j * ws), yi.add(j));
+                // As in the AVX-512 panel: the first row group prefetches the next tile's rows.
+                let ahead = if i == 0 && j + NR < nc {
+                    NR.min(nc - j - NR)
+                } else {
+                    0
+                };
                 macro_rules! tiles {
                     ($($r:literal, $c:literal);*) => {
-                        match (MR.min(m - i), NR.min(nc - j)) {
-                            $(($r, $c) => tile::<$r, $c>(xi, xs, wj, ws, kc, (yij, ys, add)),)*
+                        match (MR.min(m - i), NR.min(nc - j), ahead > 0) {
+                            $(($r, $c, false) => tile::<$r, $c, false>(xi, xs, (wj, ahead), ws, kc, (yij, ys, add)),
+                              ($r, $c, true) => tile::<$r, $c, true>(xi, xs, (wj, ahead), ws, kc, (yij, ys, add)),)*
                             _ => unreachable!("tile sizes are at most MR × NR"),
                         }
                     };
@@ -293,10 +300,10 @@ mod x86 {
 
     /// One `R × C` register tile over `kc` columns, added into `y`.
     #[inline(always)]
-    unsafe fn tile<const R: usize, const C: usize>(
+    unsafe fn tile<const R: usize, const C: usize, const AHEAD: bool>(
         x: *const f32,
         xs: usize,
-        w: *const f32,
+        (w, ahead): (*const f32, usize),
         ws: usize,
         kc: usize,
         (y, ys, add): (*mut f32, usize, bool),
@@ -305,6 +312,12 @@ mod x86 {
         let mut acc = [[_mm256_setzero_ps(); C]; R];
         let mut k = 0;
         while k < k8 {
+            if AHEAD && k % 16 == 0 {
+                // One cache line of each of the next tile's rows per 16 columns.
+                for c in 0..ahead {
+                    _mm_prefetch::<_MM_HINT_T1>(w.add((C + c) * ws + k).cast());
+                }
+            }
             let mut wv = [_mm256_setzero_ps(); C];
             for (c, wv) in wv.iter_mut().enumerate() {
                 *wv = _mm256_loadu_ps(w.add(c * ws + k));
