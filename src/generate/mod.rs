@@ -242,6 +242,7 @@ pub fn generate_with(
     if let Some(d) = drafting.as_mut() {
         d.drafter.prepare(cache)?;
     }
+    cache.reserve((start_len + prompt.len() + limits.max_new_tokens).min(limits.max_context));
     let t0 = Instant::now();
     let Some(logits) = prefill(model, cache, prompt, limits.all_prompt_logits, on_event)? else {
         stats.stop = Some(StopReason::Interrupted);

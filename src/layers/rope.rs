@@ -56,17 +56,44 @@ impl<K: PartialEq> Default for SharedTables<K> {
     }
 }
 
-/// cos and sin of `position · inv_freq[i]` (times `scaling`) in f32, for positions
-/// `0..capacity`, built once on the device and grown by doubling: a forward reads rows of it
-/// instead of computing and uploading angles on every call.
+/// Positions per block of a [`CosSinTable`]: a prompt chunk's worth
+/// ([`crate::generate::PREFILL_CHUNK`]), so an aligned chunk reads one block.
+const BLOCK: usize = 512;
+
+/// cos and sin of `position · inv_freq[i]` (times `scaling`) in f32, built on the device in
+/// blocks of [`BLOCK`] positions as positions are asked for: a forward reads rows of a block
+/// instead of computing and uploading angles on every call. Blocks are never rebuilt, so the
+/// table grows by one block's work per 512 tokens; a table that doubled and was built whole
+/// again cost the first decode step after an 8192-token prompt 80 ms (the bench model's two
+/// tables, 16384 positions each), eight steps' worth.
 #[derive(Debug)]
 struct CosSinTable {
     inv_freq: Vec<f32>,
     scaling: f32,
     device: Device,
-    /// cos and sin `[capacity, inv_freq.len()]` in f32, and a copy in each other dtype asked
-    /// for (made once per table, not cast on every call).
-    table: RwLock<Vec<(DType, Tensor, Tensor)>>,
+    /// Block `b` holds positions `b·BLOCK..(b + 1)·BLOCK`.
+    blocks: RwLock<Vec<Block>>,
+}
+
+/// cos and sin `[BLOCK, inv_freq.len()]` in f32, and a copy in each other dtype asked for
+/// (made once per block, not cast on every call).
+#[derive(Debug)]
+struct Block {
+    cos: Tensor,
+    sin: Tensor,
+    casts: Vec<(DType, Tensor, Tensor)>,
+}
+
+impl Block {
+    fn get(&self, dtype: DType) -> Option<(Tensor, Tensor)> {
+        if dtype == DType::F32 {
+            return Some((self.cos.clone(), self.sin.clone()));
+        }
+        self.casts
+            .iter()
+            .find(|(d, ..)| *d == dtype)
+            .map(|(_, c, s)| (c.clone(), s.clone()))
+    }
 }
 
 impl CosSinTable {
@@ -75,83 +102,104 @@ impl CosSinTable {
             inv_freq,
             scaling,
             device: device.clone(),
-            table: RwLock::new(Vec::new()),
+            blocks: RwLock::new(Vec::new()),
         }
     }
 
-    /// The whole table in `dtype`, holding at least positions `0..end`.
-    fn covering(&self, end: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let poisoned = || anyhow::anyhow!("RoPE table lock poisoned");
-        let find = |v: &[(DType, Tensor, Tensor)], dtype: DType| {
-            v.iter()
-                .find(|(d, c, _)| *d == dtype && c.dims()[0] >= end)
-                .map(|(_, c, s)| (c.clone(), s.clone()))
-        };
-        if let Some(t) = find(&self.table.read().map_err(|_| poisoned())?, dtype) {
-            return Ok(t);
-        }
-        let mut v = self.table.write().map_err(|_| poisoned())?;
-        if let Some(t) = find(&v, dtype) {
-            return Ok(t);
-        }
-        let f32s = match find(&v, DType::F32) {
-            Some(t) => t,
-            None => {
-                // Grown: the copies of the smaller table go with it.
-                let (c, s) = self.build(end.next_power_of_two().max(64))?;
-                v.clear();
-                v.push((DType::F32, c.clone(), s.clone()));
-                (c, s)
-            }
-        };
-        let t = (f32s.0.to_dtype(dtype)?, f32s.1.to_dtype(dtype)?);
-        if dtype != DType::F32 {
-            v.retain(|(d, ..)| *d != dtype);
-            v.push((dtype, t.0.clone(), t.1.clone()));
-        }
-        Ok(t)
-    }
-
-    fn build(&self, positions: usize) -> Result<(Tensor, Tensor)> {
+    /// cos and sin `[positions.len(), inv_freq.len()]` in f32 on the device, computed here.
+    /// Pairs of frequency 0 (Gemma 4's full layers turn a quarter of theirs) take no call.
+    fn angles(&self, positions: &[usize]) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(positions * half);
-        let mut sin = Vec::with_capacity(positions * half);
-        for p in 0..positions {
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
             for &f in &self.inv_freq {
-                let a = p as f32 * f;
-                if self.scaling == 1.0 {
-                    cos.push(a.cos());
-                    sin.push(a.sin());
+                let (c, s) = if f == 0.0 {
+                    (1.0, 0.0)
                 } else {
-                    cos.push(a.cos() * self.scaling);
-                    sin.push(a.sin() * self.scaling);
+                    let a = p as f32 * f;
+                    (a.cos(), a.sin())
+                };
+                if self.scaling == 1.0 {
+                    cos.push(c);
+                    sin.push(s);
+                } else {
+                    cos.push(c * self.scaling);
+                    sin.push(s * self.scaling);
                 }
             }
         }
         Ok((
-            Tensor::from_vec(cos, (positions, half), &self.device)?,
-            Tensor::from_vec(sin, (positions, half), &self.device)?,
+            Tensor::from_vec(cos, (positions.len(), half), &self.device)?,
+            Tensor::from_vec(sin, (positions.len(), half), &self.device)?,
         ))
     }
 
-    /// cos and sin `[len, half]` for positions `start..start + len`, in `dtype`.
-    fn range(&self, start: usize, len: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let (cos, sin) = self.covering(start + len, dtype)?;
-        Ok((cos.narrow(0, start, len)?, sin.narrow(0, start, len)?))
+    /// Block `b` in `dtype`, built (with every block before it) if not yet.
+    fn block(&self, b: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let poisoned = || anyhow::anyhow!("RoPE table lock poisoned");
+        if let Some(t) = self
+            .blocks
+            .read()
+            .map_err(|_| poisoned())?
+            .get(b)
+            .and_then(|bl| bl.get(dtype))
+        {
+            return Ok(t);
+        }
+        let mut blocks = self.blocks.write().map_err(|_| poisoned())?;
+        while blocks.len() <= b {
+            let first = blocks.len() * BLOCK;
+            let positions: Vec<usize> = (first..first + BLOCK).collect();
+            let (cos, sin) = self.angles(&positions)?;
+            blocks.push(Block {
+                cos,
+                sin,
+                casts: vec![],
+            });
+        }
+        let block = &mut blocks[b];
+        if let Some(t) = block.get(dtype) {
+            return Ok(t);
+        }
+        let t = (block.cos.to_dtype(dtype)?, block.sin.to_dtype(dtype)?);
+        block.casts.push((dtype, t.0.clone(), t.1.clone()));
+        Ok(t)
     }
 
-    /// cos and sin `[positions.len(), half]` for the given positions, in `dtype`.
+    /// cos and sin `[len, half]` for positions `start..start + len`, in `dtype`: a view of one
+    /// block, or the blocks' rows joined where the range crosses a block's end.
+    fn range(&self, start: usize, len: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
+        if len == 0 {
+            let (c, s) = self.angles(&[])?;
+            return Ok((c.to_dtype(dtype)?, s.to_dtype(dtype)?));
+        }
+        let (mut cos, mut sin) = (vec![], vec![]);
+        for b in start / BLOCK..=(start + len - 1) / BLOCK {
+            let (c, s) = self.block(b, dtype)?;
+            let lo = start.max(b * BLOCK) - b * BLOCK;
+            let hi = (start + len).min((b + 1) * BLOCK) - b * BLOCK;
+            cos.push(c.narrow(0, lo, hi - lo)?);
+            sin.push(s.narrow(0, lo, hi - lo)?);
+        }
+        if cos.len() == 1 {
+            return Ok((cos.remove(0), sin.remove(0)));
+        }
+        Ok((Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?))
+    }
+
+    /// cos and sin `[positions.len(), half]` for the given positions, in `dtype`: from the
+    /// blocks where they are consecutive, else computed for those positions alone (one upload,
+    /// as an index tensor into the table would be).
     fn rows(&self, positions: &[usize], dtype: DType) -> Result<(Tensor, Tensor)> {
-        let (Some(&first), Some(&max)) = (positions.first(), positions.iter().max()) else {
+        let Some(&first) = positions.first() else {
             bail!("internal: RoPE for no position");
         };
         if positions.iter().enumerate().all(|(i, &p)| p == first + i) {
             return self.range(first, positions.len(), dtype);
         }
-        let (cos, sin) = self.covering(max + 1, dtype)?;
-        let idx: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
-        let idx = Tensor::from_vec(idx, positions.len(), &self.device)?;
-        Ok((cos.index_select(&idx, 0)?, sin.index_select(&idx, 0)?))
+        let (cos, sin) = self.angles(positions)?;
+        Ok((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?))
     }
 }
 
@@ -554,6 +602,37 @@ mod tests {
         // Dims 2..8 and 10..16 do not move.
         assert_eq!(&y[2..8], &x[2..8]);
         assert_eq!(&y[10..], &x[10..]);
+    }
+
+    /// Ranges are read from blocks of the table: within one block, across block ends, far
+    /// past what was built, in f32 and bf16, and scattered positions, all equal the angles
+    /// computed for those positions alone.
+    #[test]
+    fn table_blocks_give_every_range_the_angles_of_its_positions() {
+        let dev = Device::Cpu;
+        let t = CosSinTable::new(vec![1.0, 0.25, 0.0, 1e-3], 1.5, &dev);
+        let rows =
+            |c: Tensor| -> Vec<Vec<f32>> { c.to_dtype(DType::F32).unwrap().to_vec2().unwrap() };
+        for (start, len) in [(0, 1), (3, 7), (500, 30), (1020, 600), (5000, 1), (0, 0)] {
+            let positions: Vec<usize> = (start..start + len).collect();
+            let (want_c, want_s) = t.angles(&positions).unwrap();
+            for dtype in [DType::F32, DType::BF16] {
+                let (c, s) = t.range(start, len, dtype).unwrap();
+                assert_eq!(c.dtype(), dtype);
+                let cast = |w: &Tensor| rows(w.to_dtype(dtype).unwrap());
+                assert_eq!(rows(c), cast(&want_c), "cos {start}+{len} {dtype:?}");
+                assert_eq!(rows(s), cast(&want_s), "sin {start}+{len} {dtype:?}");
+            }
+        }
+        assert_eq!(t.blocks.read().unwrap().len(), 5000 / BLOCK + 1);
+        let scattered = [7, 3, 4000, 3];
+        let (c, _) = t.rows(&scattered, DType::F32).unwrap();
+        assert_eq!(rows(c), rows(t.angles(&scattered).unwrap().0));
+        // Frequency 0 turns nothing; the others turn by position · frequency, times 1.5.
+        let (c, s) = t.range(700, 1, DType::F32).unwrap();
+        let (c, s) = (rows(c)[0].clone(), rows(s)[0].clone());
+        assert_eq!((c[2], s[2]), (1.5, 0.0));
+        assert_eq!((c[1], s[1]), (175f32.cos() * 1.5, 175f32.sin() * 1.5));
     }
 
     #[test]

@@ -1,0 +1,61 @@
+//! The time of each decode step after a prompt, inside one process (a benchmark, not a test):
+//! `cargo run --release --example step_times MODEL [--tokens N] [--steps S] [--dtype T]` prefills
+//! N tokens as `run` does (chunks, the cache told how many tokens to expect) and prints each of
+//! the next S single-token forwards in milliseconds, so a step that does more than the others
+//! (a buffer or table grown, a copy of the cache) stands out.
+
+use clap::Parser;
+use llmarch::arch::Rows;
+use llmarch::cli::shared::{self, DeviceArgs};
+use llmarch::cli::Ctx;
+use std::time::Instant;
+
+#[derive(Parser)]
+struct Args {
+    /// A model folder (or alias / repo).
+    model: String,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Prompt tokens (bench/vs-llamacpp.sh's ids: BOS, then a fixed spread below the vocabulary).
+    #[arg(long, default_value_t = 8192)]
+    tokens: usize,
+    /// Decode steps timed after the prompt.
+    #[arg(long, default_value_t = 8)]
+    steps: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    llmarch::kernels::parallel::init();
+    let args = Args::parse();
+    let ctx = Ctx {
+        quiet: true,
+        verbose: false,
+        parse: Default::default(),
+    };
+    let precision = args.device.resolve(&ctx)?;
+    let (model_ref, spec, family) = shared::runnable_spec(&ctx, &args.model)?;
+    let (files, _) = shared::files_and_tokenizer(&ctx, &model_ref)?;
+    let model = shared::build_model_in(&files, family, &ctx, &precision)?.model;
+    let vocab = spec.vocab_size as u64;
+    let n = args.tokens + args.steps;
+    let ids: Vec<u32> = (0..n as u64)
+        .map(|i| if i == 0 { 2 } else { (i * 7919) % (vocab - 200) + 100 } as u32)
+        .collect();
+    let mut cache = model.new_cache();
+    cache.reserve(n);
+    let t = Instant::now();
+    llmarch::generate::prefill(&*model, &mut cache, &ids[..args.tokens], false, &mut |_| {
+        Ok(true)
+    })?;
+    println!(
+        "prefill of {} tokens: {:.2} s",
+        args.tokens,
+        t.elapsed().as_secs_f64()
+    );
+    for (s, id) in ids[args.tokens..].chunks(1).enumerate() {
+        let t = Instant::now();
+        model.forward_logits(id, &mut cache, Rows::Last)?;
+        println!("step {s}: {:.2} ms", t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(())
+}
