@@ -11,6 +11,9 @@
 //! - Cache blocking: a task owns 48 weight rows (an L2-sized panel of ≤ 1024 columns, ~192 KB
 //!   in f32) and walks every 4-row group of `X` (16 KB, stays in L1) across it, so each weight
 //!   byte comes from memory once per call and `X` from L2/L3. Tasks go to [`super::parallel`]; `k` above 1024 is split into equal panels.
+//! - Prefetch: the first 4- or 8-row group of `X` meets each weight tile straight from memory
+//!   (a prompt's forward reads every weight once), so it asks for the next tile's rows while
+//!   it works on this one: 64-token bf16 forwards of the bench model 11 % faster, f32 2-5 %.
 //! - f16 panels (and bf16, q8_0, q4_0 ones where the faster forms below do not apply) are
 //!   widened to f32 into a per-thread buffer first, once per panel and reused by all `m` rows, so
 //!   one f32 micro-kernel serves every weight format.
@@ -234,6 +237,20 @@ fn bf16_bits(v: f32) -> u16 {
     }
 }
 
+/// Weight rows of the next tile that the tile at row `i`, weight row `j` of an `nc`-row panel
+/// prefetches (tiles of `nr` weight rows): the first row group reads the panel from memory, so
+/// it asks for the next tile's rows while it works on this one; later groups find the panel in
+/// L2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn rows_ahead(i: usize, j: usize, nc: usize, nr: usize) -> usize {
+    if i == 0 && j + nr < nc {
+        nr.min(nc - j - nr)
+    } else {
+        0
+    }
+}
+
 /// `*y = s`, or `*y += s` when `add` (a panel after a row's first).
 ///
 /// # Safety
@@ -276,12 +293,7 @@ mod x86 {
             let mut j = 0;
             while j < nc {
                 let (wj, yij) = (w.add(j * ws), yi.add(j));
-                // As in the AVX-512 panel: the first row group prefetches the next tile's rows.
-                let ahead = if i == 0 && j + NR < nc {
-                    NR.min(nc - j - NR)
-                } else {
-                    0
-                };
+                let ahead = super::rows_ahead(i, j, nc, NR);
                 macro_rules! tiles {
                     ($($r:literal, $c:literal);*) => {
                         match (MR.min(m - i), NR.min(nc - j), ahead > 0) {
@@ -427,13 +439,7 @@ mod x86 {
                 let mut j = 0;
                 while j < nc {
                     let (wj, yij) = (w.add(j * ws), yi.add(j));
-                    // The first row group reads the panel from memory: it asks for the next
-                    // tile's weight rows while it works on this one.
-                    let ahead = if i == 0 && j + NR < nc {
-                        NR.min(nc - j - NR)
-                    } else {
-                        0
-                    };
+                    let ahead = super::super::rows_ahead(i, j, nc, NR);
                     macro_rules! tiles {
                         ($($r:literal, $c:literal);*) => {
                             match (MR.min(m - i), NR.min(nc - j), ahead > 0) {
