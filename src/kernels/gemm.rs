@@ -59,86 +59,127 @@ thread_local! {
 /// `y = x · wᵀ` for `x` `[m, k]`, `w` `[n, k]`, `y` `[m, n]` (row-major, `n = y.len() / m`).
 /// `Ok(false)` (and `y` untouched) when this CPU has no fast kernel.
 pub fn gemm(w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32]) -> Result<bool> {
-    gemm_on(Isa::get(), w, x, m, y)
+    gemm_many_on(Isa::get(), &[w], x, m, &mut [y])
 }
 
-/// [`gemm`] with the kernels of `isa` (which this CPU must have).
-fn gemm_on(isa: Isa, w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32]) -> Result<bool> {
+/// [`gemm`] for several weights that read the same `x` (a layer's q/k/v, an MLP's gate and
+/// up): `x` rounded to bf16 (or padded) once, and every matrix's tasks shared out in one
+/// parallel call. `Ok(false)` (and every `y` untouched) when this CPU has no fast kernel.
+pub fn gemm_many(
+    ws: &[WeightRows<'_>],
+    x: &[f32],
+    m: usize,
+    ys: &mut [&mut [f32]],
+) -> Result<bool> {
+    gemm_many_on(Isa::get(), ws, x, m, ys)
+}
+
+/// [`gemm_many`] with the kernels of `isa` (which this CPU must have).
+fn gemm_many_on(
+    isa: Isa,
+    ws: &[WeightRows<'_>],
+    x: &[f32],
+    m: usize,
+    ys: &mut [&mut [f32]],
+) -> Result<bool> {
     ensure!(
-        m > 0 && x.len().is_multiple_of(m) && y.len().is_multiple_of(m),
-        "gemm: {m} rows do not divide x ({}) and y ({})",
+        m > 0 && x.len().is_multiple_of(m) && ws.len() == ys.len(),
+        "gemm: {m} rows do not divide x ({}), or {} weights for {} outputs",
         x.len(),
-        y.len()
+        ws.len(),
+        ys.len()
     );
-    let (k, n) = (x.len() / m, y.len() / m);
-    w.check(n, k, "gemm")?;
+    let k = x.len() / m;
+    for (w, y) in ws.iter().zip(ys.iter()) {
+        ensure!(
+            y.len().is_multiple_of(m),
+            "gemm: {m} rows do not divide y ({})",
+            y.len()
+        );
+        w.check(y.len() / m, k, "gemm")?;
+    }
     #[cfg(target_arch = "x86_64")]
     if isa.has_avx2() {
+        let bf16 = |w: &WeightRows<'_>| matches!(w, WeightRows::Bf16(_)) && bf16_products(isa, m);
+        let int8 = |w: &WeightRows<'_>| {
+            matches!(w, WeightRows::Q8_0(_) | WeightRows::Q4_0(_)) && int8_products(isa)
+        };
+        if ws.len() > 1 && (ws.iter().any(int8) || (ws.iter().any(bf16) && !ws.iter().all(bf16))) {
+            // Int8 products (which quantize `x` per call) or mixed forms: one at a time.
+            for (w, y) in ws.iter().zip(ys.iter_mut()) {
+                gemm_many_on(isa, &[*w], x, m, &mut [&mut **y])?;
+            }
+            return Ok(true);
+        }
+        let ns: Vec<usize> = ys.iter().map(|y| y.len() / m).collect();
+        let yps: Vec<SyncPtr<f32>> = ys.iter_mut().map(|y| SyncPtr(y.as_mut_ptr())).collect();
         let kc = panel_columns(k);
-        let yp = SyncPtr(y.as_mut_ptr());
-        match w {
-            WeightRows::Bf16(wb) if bf16_products(isa, m) => {
-                let xs = padded_stride(k, 2);
-                let xb = to_bf16_bits(x, k, xs);
+        if ws.iter().all(bf16) {
+            let xs = padded_stride(k, 2);
+            let xb = to_bf16_bits(x, k, xs);
+            for_each_panel(&ns, k, kc, |i, (j0, nc), (k0, kl), _| {
+                let WeightRows::Bf16(wb) = ws[i] else {
+                    unreachable!("every weight is bf16 here")
+                };
                 // SAFETY: `bf16` is a `u16` underneath (`repr(transparent)`).
                 let wb = unsafe { std::slice::from_raw_parts(wb.as_ptr().cast::<u16>(), wb.len()) };
-                for_each_panel(n, k, kc, |(j0, nc), (k0, kl), _| {
-                    // SAFETY: AVX-512F/BW/BF16 detected; as `panel` below.
-                    unsafe {
-                        x86::avx512::panel_bf16((
-                            xb[k0..].as_ptr(),
-                            xs,
-                            m,
-                            (wb[j0 * k + k0..].as_ptr(), k, nc),
-                            kl,
-                            (yp.get().add(j0), n, k0 > 0),
-                        ))
-                    }
-                });
-            }
-            WeightRows::Q8_0(_) | WeightRows::Q4_0(_) if int8_products(isa) => {
-                super::int8::gemm(isa, w, x, m, y);
-            }
-            _ => {
-                // Rows a multiple of 1 KB apart go to a padded copy (see `padded_stride`).
-                let xs = padded_stride(k, 4);
-                let padded: Vec<f32>;
-                let x = if xs == k {
-                    x
-                } else {
-                    padded = pad_rows(x, k, xs);
-                    &padded
-                };
-                for_each_panel(n, k, kc, |(j0, nc), (k0, kl), buf| {
-                    let (wp, ws) = match w {
-                        WeightRows::F32(w) => (w[j0 * k + k0..].as_ptr(), k),
-                        _ => {
-                            buf.resize(nc * kl, 0.0);
-                            w.widen_block(k, (j0, nc), (k0, kl), buf);
-                            (buf.as_ptr(), kl)
-                        }
-                    };
-                    // SAFETY: AVX2+FMA (and AVX-512F for `Avx512`) detected; `wp` holds `nc` rows
-                    // of `kl` at stride `ws`, `x` `m` rows of `k` at stride `xs` from column `k0`;
-                    // this task alone writes columns `j0..j0 + nc` of `y` (`m` rows of `n`), which
-                    // outlives the call.
-                    unsafe {
-                        let args = (
-                            x[k0..].as_ptr(),
-                            xs,
-                            m,
-                            (wp, ws, nc),
-                            kl,
-                            (yp.get().add(j0), n, k0 > 0),
-                        );
-                        match isa {
-                            Isa::Avx512 => x86::avx512::panel(args),
-                            _ => x86::panel(args),
-                        }
-                    };
-                })
+                // SAFETY: AVX-512F/BW/BF16 detected; as `panel` below.
+                unsafe {
+                    x86::avx512::panel_bf16((
+                        xb[k0..].as_ptr(),
+                        xs,
+                        m,
+                        (wb[j0 * k + k0..].as_ptr(), k, nc),
+                        kl,
+                        (yps[i].get().add(j0), ns[i], k0 > 0),
+                    ))
+                }
+            });
+            return Ok(true);
+        }
+        if let ([w], [y]) = (ws, &mut *ys) {
+            if int8(w) {
+                super::int8::gemm(isa, *w, x, m, y);
+                return Ok(true);
             }
         }
+        // Rows a multiple of 1 KB apart go to a padded copy (see `padded_stride`).
+        let xs = padded_stride(k, 4);
+        let padded: Vec<f32>;
+        let x = if xs == k {
+            x
+        } else {
+            padded = pad_rows(x, k, xs);
+            &padded
+        };
+        for_each_panel(&ns, k, kc, |i, (j0, nc), (k0, kl), buf| {
+            let (wp, ws) = match ws[i] {
+                WeightRows::F32(w) => (w[j0 * k + k0..].as_ptr(), k),
+                w => {
+                    buf.resize(nc * kl, 0.0);
+                    w.widen_block(k, (j0, nc), (k0, kl), buf);
+                    (buf.as_ptr(), kl)
+                }
+            };
+            // SAFETY: AVX2+FMA (and AVX-512F for `Avx512`) detected; `wp` holds `nc` rows
+            // of `kl` at stride `ws`, `x` `m` rows of `k` at stride `xs` from column `k0`;
+            // this task alone writes columns `j0..j0 + nc` of output `i` (`m` rows of
+            // `ns[i]`), which outlives the call.
+            unsafe {
+                let args = (
+                    x[k0..].as_ptr(),
+                    xs,
+                    m,
+                    (wp, ws, nc),
+                    kl,
+                    (yps[i].get().add(j0), ns[i], k0 > 0),
+                );
+                match isa {
+                    Isa::Avx512 => x86::avx512::panel(args),
+                    _ => x86::panel(args),
+                }
+            };
+        });
         return Ok(true);
     }
     Ok(false)
@@ -152,22 +193,32 @@ pub(super) fn panel_columns(k: usize) -> usize {
     (k.div_ceil(panels).div_ceil(Q8_BLOCK) * Q8_BLOCK).min(k)
 }
 
-/// Runs `f((j0, nc), (k0, kl), panel_buffer)` for every task of `NC` weight rows and every
-/// `kc`-column panel of it, tasks shared out among the threads.
+/// Runs `f(i, (j0, nc), (k0, kl), panel_buffer)` for every task of `NC` rows of weight `i`
+/// (`ns[i]` rows of `k`) and every `kc`-column panel of it, the tasks of all weights shared out
+/// among the threads in one call.
 #[cfg(target_arch = "x86_64")]
 fn for_each_panel(
-    n: usize,
+    ns: &[usize],
     k: usize,
     kc: usize,
-    f: impl Fn((usize, usize), (usize, usize), &mut Vec<f32>) + Sync,
+    f: impl Fn(usize, (usize, usize), (usize, usize), &mut Vec<f32>) + Sync,
 ) {
-    parallel_for(n.div_ceil(NC), |tasks| {
+    // Task `t` belongs to weight `i` where `starts[i] <= t < starts[i + 1]`.
+    let starts: Vec<usize> = std::iter::once(0)
+        .chain(ns.iter().scan(0, |acc, n| {
+            *acc += n.div_ceil(NC);
+            Some(*acc)
+        }))
+        .collect();
+    parallel_for(starts[ns.len()], |tasks| {
         PANEL.with(|buf| {
             let mut buf = buf.borrow_mut();
             for t in tasks {
-                let (j0, nc) = (t * NC, NC.min(n - t * NC));
+                let i = starts.partition_point(|&s| s <= t) - 1;
+                let j0 = (t - starts[i]) * NC;
+                let nc = NC.min(ns[i] - j0);
                 for k0 in (0..k).step_by(kc) {
-                    f((j0, nc), (k0, kc.min(k - k0)), &mut buf);
+                    f(i, (j0, nc), (k0, kc.min(k - k0)), &mut buf);
                 }
             }
         })
@@ -524,6 +575,59 @@ mod tests {
         per_row.into_iter().flatten().collect()
     }
 
+    /// Several weights over one `x` in one call give each weight's own GEMM, bit for bit: all
+    /// bf16 (one rounding of `x`), all f32, widened and mixed forms, int8 products.
+    #[test]
+    fn gemm_many_equals_one_gemm_per_weight() {
+        let (m, k) = (20, 96);
+        let x = random(m * k, 7);
+        let ns = [50, 7, 130];
+        let f32s: Vec<Vec<f32>> = ns
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| random(n * k, 20 + i as u64))
+            .collect();
+        let bf16s: Vec<Vec<bf16>> = f32s
+            .iter()
+            .map(|w| w.iter().map(|&v| bf16::from_f32(v)).collect())
+            .collect();
+        let f16s: Vec<f16> = f32s[1].iter().map(|&v| f16::from_f32(v)).collect();
+        let q8 = Q8_0Matrix::quantize(&f32s[0], ns[0], k).unwrap();
+        let q4 = Q4_0Matrix::quantize(&f32s[2], ns[2], k).unwrap();
+        let groups: Vec<Vec<WeightRows>> = vec![
+            bf16s.iter().map(|w| WeightRows::Bf16(w)).collect(),
+            f32s.iter().map(|w| WeightRows::F32(w)).collect(),
+            vec![WeightRows::F32(&f32s[0]), WeightRows::F16(&f16s)],
+            vec![WeightRows::Bf16(&bf16s[0]), WeightRows::F32(&f32s[1])],
+            vec![
+                WeightRows::Q8_0(&q8),
+                WeightRows::F16(&f16s),
+                WeightRows::Q4_0(&q4),
+            ],
+        ];
+        for isa in isas().into_iter().filter(|i| i.has_avx2()) {
+            for ws in &groups {
+                let n_of = |w: &WeightRows| match w {
+                    WeightRows::F32(v) => v.len() / k,
+                    WeightRows::Bf16(v) => v.len() / k,
+                    WeightRows::F16(v) => v.len() / k,
+                    WeightRows::Q8_0(q) => q.out_dim(),
+                    WeightRows::Q4_0(q) => q.out_dim(),
+                };
+                let mut together: Vec<Vec<f32>> =
+                    ws.iter().map(|w| vec![0.0; m * n_of(w)]).collect();
+                let mut ys: Vec<&mut [f32]> =
+                    together.iter_mut().map(|y| y.as_mut_slice()).collect();
+                assert!(gemm_many_on(isa, ws, &x, m, &mut ys).unwrap());
+                for (w, got) in ws.iter().zip(&together) {
+                    let mut alone = vec![0.0; got.len()];
+                    assert!(gemm_many_on(isa, &[*w], &x, m, &mut [&mut alone]).unwrap());
+                    assert_eq!(got, &alone, "{isa:?}: {} weights", ws.len());
+                }
+            }
+        }
+    }
+
     #[test]
     fn gemm_matches_an_f64_reference_on_odd_shapes() {
         if Isa::get() == Isa::Portable {
@@ -551,7 +655,7 @@ mod tests {
             .filter(|i| i.has_avx2())
             .flat_map(|i| shapes.iter().enumerate().map(move |s| (i, s)))
         {
-            let gemm = |w, x: &[f32], m, y: &mut [f32]| gemm_on(isa, w, x, m, y);
+            let gemm = |w, x: &[f32], m, y: &mut [f32]| gemm_many_on(isa, &[w], x, m, &mut [y]);
             let w = random(n * k, s as u64);
             let x = random(m * k, 50 + s as u64);
             let mut y = vec![f32::NAN; m * n];

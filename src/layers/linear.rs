@@ -503,32 +503,44 @@ impl Linear {
     }
 
     /// `x` `[.., in]` through several projections that read it (a layer's q/k/v, an MLP's gate
-    /// and up): for one row on the CPU, one parallel pass over all their weights
-    /// ([`gemv::gemv_many`]: one dispatch, `x` quantized once); otherwise one after the other.
+    /// and up): on the CPU, one parallel pass over all their weights, `x` prepared once (one row:
+    /// [`gemv::gemv_many`], `x` quantized once; a prompt chunk: [`gemm::gemm_many`], `x` rounded
+    /// to bf16 once); otherwise one after the other.
     pub fn forward_many(ls: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
         let (rows, in_dim) = rows_of(x)?;
         let ws: Option<Vec<_>> = ls.iter().map(|l| l.stored().ok()).collect();
-        match ws {
-            Some(ws)
-                if rows == 1
-                    && crate::kernels::fast_cpu(x.device())
-                    && ws.iter().all(|(_, (_, i))| *i == in_dim) =>
-            {
-                let xs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-                let mut outs: Vec<Vec<f32>> = ws.iter().map(|(_, (o, _))| vec![0f32; *o]).collect();
-                let mut ys: Vec<&mut [f32]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
-                let weights: Vec<WeightRows<'_>> = ws.iter().map(|(w, _)| *w).collect();
-                gemv::gemv_many(&weights, &xs, &mut ys)?;
-                outs.into_iter()
-                    .zip(ls)
-                    .map(|(y, l)| {
-                        let shape = out_shape(x, y.len());
-                        l.add_bias(Tensor::from_vec(y, shape, x.device())?.to_dtype(x.dtype())?)
-                    })
-                    .collect()
+        let Some(ws) = ws.filter(|ws| {
+            crate::kernels::fast_cpu(x.device())
+                && rows > 0
+                && ws.iter().all(|(_, (_, i))| *i == in_dim)
+                // As `run_kernel` chooses: every weight to the gemv, or every one to the GEMM.
+                && (rows == 1
+                    || !crate::kernels::in_decode_steps()
+                        && ws.iter().all(|(w, _)| !gemv::few_rows(*w, rows)))
+        }) else {
+            return ls.iter().map(|l| l.forward(x)).collect();
+        };
+        let mut outs: Vec<Vec<f32>> = ws.iter().map(|(_, (o, _))| vec![0f32; rows * o]).collect();
+        let mut ys: Vec<&mut [f32]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
+        let weights: Vec<WeightRows<'_>> = ws.iter().map(|(w, _)| *w).collect();
+        let done = super::with_f32_slice(x, |xs| -> Result<bool> {
+            if rows == 1 {
+                gemv::gemv_many(&weights, xs, &mut ys)?;
+                Ok(true)
+            } else {
+                gemm::gemm_many(&weights, xs, rows, &mut ys)
             }
-            _ => ls.iter().map(|l| l.forward(x)).collect(),
+        })??;
+        if !done {
+            return ls.iter().map(|l| l.forward(x)).collect();
         }
+        outs.into_iter()
+            .zip(ls)
+            .map(|(y, l)| {
+                let shape = out_shape(x, y.len() / rows);
+                l.add_bias(Tensor::from_vec(y, shape, x.device())?.to_dtype(x.dtype())?)
+            })
+            .collect()
     }
 
     /// The weight as rows our kernels read, with its `(out, in)`, or the candle tensor it is.
