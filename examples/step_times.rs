@@ -7,7 +7,6 @@
 use clap::Parser;
 use llmarch::arch::Rows;
 use llmarch::cli::shared::{self, DeviceArgs};
-use llmarch::cli::Ctx;
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -27,20 +26,9 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     llmarch::kernels::parallel::init();
     let args = Args::parse();
-    let ctx = Ctx {
-        quiet: true,
-        verbose: false,
-        parse: Default::default(),
-    };
-    let precision = args.device.resolve(&ctx)?;
-    let (model_ref, spec, family) = shared::runnable_spec(&ctx, &args.model)?;
-    let (files, _) = shared::files_and_tokenizer(&ctx, &model_ref)?;
-    let model = shared::build_model_in(&files, family, &ctx, &precision)?.model;
-    let vocab = spec.vocab_size as u64;
+    let (model, spec) = shared::quiet_model(&args.model, &args.device)?;
     let n = args.tokens + args.steps;
-    let ids: Vec<u32> = (0..n as u64)
-        .map(|i| if i == 0 { 2 } else { (i * 7919) % (vocab - 200) + 100 } as u32)
-        .collect();
+    let ids = shared::bench_ids(n, spec.vocab_size);
     let mut cache = model.new_cache();
     cache.reserve(n);
     let t = Instant::now();

@@ -360,6 +360,32 @@ pub fn build_model(
     build_model_in(files, family, ctx, &precision).map(|b| (b.model, b.load_s))
 }
 
+/// A model loaded with nothing printed, as the benchmarks in `examples/` load one: the network,
+/// the weights as `device` says, and the spec.
+pub fn quiet_model(model: &str, device: &DeviceArgs) -> Result<(Box<dyn CausalLm>, ArchSpec)> {
+    let ctx = Ctx {
+        quiet: true,
+        verbose: false,
+        parse: Default::default(),
+    };
+    let precision = device.resolve(&ctx)?;
+    let (model_ref, spec, family) = runnable_spec(&ctx, model)?;
+    let (files, _) = files_and_tokenizer(&ctx, &model_ref)?;
+    Ok((
+        build_model_in(&files, family, &ctx, &precision)?.model,
+        spec,
+    ))
+}
+
+/// The prompt ids `bench/vs-llamacpp.sh` feeds: BOS (2), then a fixed spread below a
+/// vocabulary of `vocab` ids.
+pub fn bench_ids(n: usize, vocab: usize) -> Vec<u32> {
+    let vocab = vocab as u64;
+    (0..n as u64)
+        .map(|i| if i == 0 { 2 } else { (i * 7919) % (vocab - 200) + 100 } as u32)
+        .collect()
+}
+
 /// A built network, with what loading it cost.
 pub struct Built {
     pub model: Box<dyn CausalLm>,
