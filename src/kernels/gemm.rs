@@ -23,6 +23,8 @@
 //!   AVX512-BF16 bf16 pairs (`vdpbf16ps`) that read bf16 weights as stored, the activations of a
 //!   prompt chunk rounded to bf16 as llama.cpp rounds them ([`BF16_MIN_ROWS`]).
 //! - q8_0/q4_0 weights on AVX512-VNNI go to int8 products instead ([`super::int8`]).
+//! - Several weights that read the same `x` (q/k/v, gate/up) run in one call ([`gemm_many`]):
+//!   `x` rounded to bf16, quantized to q8 or padded once, all their tasks in one dispatch.
 
 use super::gemv::{Isa, WeightRows};
 #[cfg(target_arch = "x86_64")]
@@ -104,8 +106,14 @@ fn gemm_many_on(
         let int8 = |w: &WeightRows<'_>| {
             matches!(w, WeightRows::Q8_0(_) | WeightRows::Q4_0(_)) && int8_products(isa)
         };
-        if ws.len() > 1 && (ws.iter().any(int8) || (ws.iter().any(bf16) && !ws.iter().all(bf16))) {
-            // Int8 products (which quantize `x` per call) or mixed forms: one at a time.
+        if ws.iter().all(int8) {
+            super::int8::gemm(isa, ws, x, m, ys);
+            return Ok(true);
+        }
+        let mixed =
+            |form: &dyn Fn(&WeightRows<'_>) -> bool| ws.iter().any(form) && !ws.iter().all(form);
+        if mixed(&int8) || mixed(&bf16) {
+            // Forms that prepare `x` differently: one weight at a time.
             for (w, y) in ws.iter().zip(ys.iter_mut()) {
                 gemm_many_on(isa, &[*w], x, m, &mut [&mut **y])?;
             }
@@ -136,12 +144,6 @@ fn gemm_many_on(
                 }
             });
             return Ok(true);
-        }
-        if let ([w], [y]) = (ws, &mut *ys) {
-            if int8(w) {
-                super::int8::gemm(isa, *w, x, m, y);
-                return Ok(true);
-            }
         }
         // Rows a multiple of 1 KB apart go to a padded copy (see `padded_stride`).
         let xs = padded_stride(k, 4);
@@ -576,7 +578,8 @@ mod tests {
     }
 
     /// Several weights over one `x` in one call give each weight's own GEMM, bit for bit: all
-    /// bf16 (one rounding of `x`), all f32, widened and mixed forms, int8 products.
+    /// bf16 (one rounding of `x`), all f32, widened and mixed forms, all int8 (one quantized
+    /// `x`).
     #[test]
     fn gemm_many_equals_one_gemm_per_weight() {
         let (m, k) = (20, 96);
@@ -594,6 +597,7 @@ mod tests {
         let f16s: Vec<f16> = f32s[1].iter().map(|&v| f16::from_f32(v)).collect();
         let q8 = Q8_0Matrix::quantize(&f32s[0], ns[0], k).unwrap();
         let q4 = Q4_0Matrix::quantize(&f32s[2], ns[2], k).unwrap();
+        let q8b = Q8_0Matrix::quantize(&f32s[1], ns[1], k).unwrap();
         let groups: Vec<Vec<WeightRows>> = vec![
             bf16s.iter().map(|w| WeightRows::Bf16(w)).collect(),
             f32s.iter().map(|w| WeightRows::F32(w)).collect(),
@@ -603,6 +607,11 @@ mod tests {
                 WeightRows::Q8_0(&q8),
                 WeightRows::F16(&f16s),
                 WeightRows::Q4_0(&q4),
+            ],
+            vec![
+                WeightRows::Q8_0(&q8),
+                WeightRows::Q4_0(&q4),
+                WeightRows::Q8_0(&q8b),
             ],
         ];
         for isa in isas().into_iter().filter(|i| i.has_avx2()) {

@@ -209,30 +209,41 @@ fn tile_rows(vnni: bool) -> usize {
     }
 }
 
-/// `y = x · wᵀ` for q8_0/q4_0 `w` `[n, k]`, `x` `[m, k]`, `y` `[m, n]` (overwritten). The caller
-/// checked the shapes and that this CPU has what `isa` says: AVX-512F/BW/VL and AVX512-VNNI
-/// where it has VNNI, else AVX2, FMA and F16C.
-pub(crate) fn gemm(isa: Isa, w: WeightRows<'_>, x: &[f32], m: usize, y: &mut [f32]) {
-    let (k, n) = (x.len() / m, y.len() / m);
+/// `ys[i] = x · wᵢᵀ` for q8_0/q4_0 weights `ws[i]` `[nᵢ, k]` that read the same `x` `[m, k]`
+/// (q/k/v, gate/up), `ys[i]` `[m, nᵢ]` (overwritten): `x` quantized once, every weight's row
+/// groups shared out in one parallel call. The caller checked the shapes and that this CPU has
+/// what `isa` says: AVX-512F/BW/VL and AVX512-VNNI where it has VNNI, else AVX2, FMA and F16C.
+pub(crate) fn gemm(isa: Isa, ws: &[WeightRows<'_>], x: &[f32], m: usize, ys: &mut [&mut [f32]]) {
+    let k = x.len() / m;
     let xq = QuantRows::quantize(x, k);
     let kc = super::gemm::panel_columns(k);
-    let w = Groups::of(w);
+    let ws: Vec<Groups> = ws.iter().map(|&w| Groups::of(w)).collect();
+    let ns: Vec<usize> = ys.iter().map(|y| y.len() / m).collect();
+    let yps: Vec<SyncPtr<f32>> = ys.iter_mut().map(|y| SyncPtr(y.as_mut_ptr())).collect();
+    // Task `t` is row group `t - starts[i]` of weight `i`, where `starts[i] <= t < starts[i + 1]`.
+    let starts: Vec<usize> = std::iter::once(0)
+        .chain(ns.iter().scan(0, |acc, n| {
+            *acc += n.div_ceil(ROW_GROUP);
+            Some(*acc)
+        }))
+        .collect();
     let vnni = isa.has_avx512_vnni();
-    let yp = SyncPtr(y.as_mut_ptr());
     // One group of 16 weight rows per task, read as stored, a panel of `kc` columns (in L1 with
     // a tile's activation rows) at a time for every tile of activation rows.
-    parallel_for(n.div_ceil(ROW_GROUP), |groups| {
-        for g in groups {
+    parallel_for(starts[ns.len()], |tasks| {
+        for t in tasks {
+            let i = starts.partition_point(|&s| s <= t) - 1;
+            let (w, g, n, y) = (ws[i], t - starts[i], ns[i], yps[i]);
             for k0 in (0..k).step_by(kc) {
                 let blocks = k0 / Q8_BLOCK..(k0 + kc).min(k) / Q8_BLOCK;
                 // SAFETY: the caller checked the CPU features and shapes; this task alone writes
-                // columns `16g..16g + 16` of `y` (`m` rows of `n`), which outlives
+                // columns `16g..16g + 16` of output `i` (`m` rows of `n`), which outlives
                 // `parallel_for`.
                 unsafe {
                     if vnni {
-                        x86::panel(w, g, blocks, (&xq, m), (yp.get(), n))
+                        x86::panel(w, g, blocks, (&xq, m), (y.get(), n))
                     } else {
-                        x86::panel_avx2(w, g, blocks, (&xq, m), (yp.get(), n))
+                        x86::panel_avx2(w, g, blocks, (&xq, m), (y.get(), n))
                     }
                 }
             }
