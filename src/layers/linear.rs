@@ -237,15 +237,12 @@ fn run_kernel(
     let done = super::with_f32_slice(x, |xs| -> Result<bool> {
         if rows == 0 {
             // nothing to compute: an empty [0, out]
+        } else if takes_gemm(w, rows) {
+            return gemm::gemm(w, xs, rows, &mut y);
         } else if rows == 1 {
             gemv::gemv(w, xs, &mut y)?;
-        } else if crate::kernels::in_decode_steps() || gemv::few_rows(w, rows) {
-            // A few rows of narrow weights: nothing is widened to f32. A verify pass takes
-            // this path for every format: each row then gets the one-row gemv's bits, as a
-            // decode step does.
-            gemv::gemv_rows(w, xs, rows, &mut y)?;
         } else {
-            return gemm::gemm(w, xs, rows, &mut y);
+            gemv::gemv_rows(w, xs, rows, &mut y)?;
         }
         Ok(true)
     })??;
@@ -254,6 +251,13 @@ fn run_kernel(
     }
     let y = Tensor::from_vec(y, (rows, out_dim), x.device())?; // [rows, out]
     Ok(Some(y.to_dtype(x.dtype())?))
+}
+
+/// Whether `rows` (≥ 1) activation rows go through `w` as a GEMM (a prompt chunk) rather than
+/// the gemv: one row; a few rows of narrow weights (nothing is widened to f32); any rows of a
+/// verify pass, so each row gets the one-row gemv's bits, as a decode step does.
+fn takes_gemm(w: WeightRows<'_>, rows: usize) -> bool {
+    rows > 1 && !crate::kernels::in_decode_steps() && !gemv::few_rows(w, rows)
 }
 
 /// The stored form of a weight.
@@ -513,10 +517,8 @@ impl Linear {
             crate::kernels::fast_cpu(x.device())
                 && rows > 0
                 && ws.iter().all(|(_, (_, i))| *i == in_dim)
-                // As `run_kernel` chooses: every weight to the gemv, or every one to the GEMM.
-                && (rows == 1
-                    || !crate::kernels::in_decode_steps()
-                        && ws.iter().all(|(w, _)| !gemv::few_rows(*w, rows)))
+                // One row to the gemv, or every weight to the GEMM (as `run_kernel` chooses).
+                && (rows == 1 || ws.iter().all(|(w, _)| takes_gemm(*w, rows)))
         }) else {
             return ls.iter().map(|l| l.forward(x)).collect();
         };
