@@ -267,7 +267,9 @@ pub fn device(arg: DeviceArg) -> Result<Device> {
         DeviceArg::Cpu => Ok(Device::Cpu),
         DeviceArg::Cuda => {
             if cfg!(feature = "cuda") {
-                Device::new_cuda(0).context("cannot open CUDA device 0")
+                let device = Device::new_cuda(0).context("cannot open CUDA device 0")?;
+                untracked(&device);
+                Ok(device)
             } else {
                 bail!("this llmarch was built without CUDA\nhint: rebuild with `cargo build --release --features cuda`")
             }
@@ -282,6 +284,7 @@ pub fn device(arg: DeviceArg) -> Result<Device> {
         DeviceArg::Auto => {
             if cfg!(feature = "cuda") {
                 if let Ok(d) = Device::new_cuda(0) {
+                    untracked(&d);
                     return Ok(d);
                 }
             }
@@ -293,6 +296,21 @@ pub fn device(arg: DeviceArg) -> Result<Device> {
             Ok(Device::Cpu)
         }
     }
+}
+
+/// Turns off cudarc's event tracking on a CUDA device: with it on, every tensor's allocation
+/// creates two CUDA events (and its drop destroys them) so that several streams could order
+/// their uses, four driver calls per tensor op. llmarch runs every op of a device on the one
+/// stream candle gives it, where those events order nothing (cudarc records them only once a
+/// second stream exists).
+fn untracked(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        // SAFETY: tensors are used on the device's single stream only, so no use needs ordering
+        // against another stream (the condition `disable_event_tracking` asks the caller to keep).
+        unsafe { d.disable_event_tracking() };
+    }
+    let _ = device;
 }
 
 /// The KV-cache dtype the budget is computed in for a compute dtype.
