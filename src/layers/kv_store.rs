@@ -42,18 +42,26 @@ pub struct LayerKv {
     pub window: Option<usize>,
     /// Fixed-size states (convolution, recurrent, compressor carry), by name.
     pub states: Vec<(&'static str, Tensor)>,
-    /// Full-attention layers: the buffers `k` and `v` are the first rows of.
+    /// The buffers `k` and `v` are views of: their first rows (full layers), or rows from
+    /// `lo` on (sliding layers).
     room: Option<Room>,
 }
 
-/// Growable K/V buffers `[batch, heads, capacity, dim]`, and a token telling whether a clone of
-/// the store shares them.
+/// K/V buffers `[batch, heads, capacity, dim]`, where the layer's rows start, and a token telling
+/// whether a clone of the store shares them.
 #[derive(Debug, Clone)]
 struct Room {
     k: Tensor,
     v: Option<Tensor>,
+    /// The first row of the layer's `k`/`v` in the buffers (0 for full layers).
+    lo: usize,
     owner: std::sync::Arc<()>,
 }
+
+/// Rows a sliding layer's buffer holds past its window: appends go in place until they fill
+/// it, then the window moves to a fresh buffer (one copy of the window per `SLIDE_ROOM` decode
+/// steps, instead of one per step).
+const SLIDE_ROOM: usize = 256;
 
 /// `new` `[b, h, n, d]` written at row `at` of `buf` (grown, or copied away from a snapshot, as
 /// needed, keeping its first `at` rows from `old`); returns the buffer. A buffer made here has
@@ -328,6 +336,7 @@ impl KvStore {
             l.room = Some(Room {
                 k: kb,
                 v: vb,
+                lo: 0,
                 owner,
             });
             return Ok(KvView {
@@ -337,33 +346,58 @@ impl KvStore {
                 start: 0,
             });
         }
-        let cat = |old: &Option<Tensor>, new: Tensor| -> Result<Tensor> {
-            Ok(match old {
-                Some(o) => Tensor::cat(&[o, &new], 2)?,
-                None => new,
-            })
+        // Sliding: the new rows go after the window's in the layer's buffer, in place while
+        // there is room (and no snapshot shares it); else the window and the new rows move to a
+        // fresh buffer with `SLIDE_ROOM` rows to spare. The view attended is the window then
+        // the new rows; the layer keeps the last `window` of them.
+        let window = l.window.unwrap_or(usize::MAX);
+        let n = k.dim(2)?;
+        let total = cached + n;
+        let room = l.room.take().filter(|r| {
+            std::sync::Arc::strong_count(&r.owner) == 1
+                && r.k.dim(2).is_ok_and(|cap| r.lo + total <= cap)
+        });
+        let room = match room {
+            Some(r) => {
+                r.k.slice_set(&k.contiguous()?, 2, r.lo + cached)?;
+                if let (Some(vb), Some(v)) = (&r.v, &v) {
+                    vb.slice_set(&v.contiguous()?, 2, r.lo + cached)?;
+                }
+                r
+            }
+            None => {
+                let rows = total + SLIDE_ROOM;
+                let kb = write_rows(None, l.k.as_ref(), &k, cached, true, rows)?;
+                let vb = match &v {
+                    Some(v) => Some(write_rows(None, l.v.as_ref(), v, cached, true, rows)?),
+                    None => None,
+                };
+                Room {
+                    k: kb,
+                    v: vb,
+                    lo: 0,
+                    owner: std::sync::Arc::new(()),
+                }
+            }
         };
-        let k_all = cat(&l.k, k)?;
-        let v_all = match v {
-            Some(v) => Some(cat(&l.v, v)?),
-            None => None,
-        };
-        let total = k_all.dim(2)?;
-        let keep = l.window.map_or(total, |w| total.min(w));
-        let trim = |t: &Tensor| -> Result<Tensor> {
-            Ok(if keep < total {
-                t.narrow(2, total - keep, keep)?.contiguous()?
-            } else {
-                t.clone()
-            })
-        };
-        l.k = Some(trim(&k_all)?);
-        l.v = v_all.as_ref().map(trim).transpose()?;
-        Ok(KvView {
-            k: k_all,
-            v: v_all,
+        let keep = total.min(window);
+        let rows = |b: &Tensor, from: usize, n: usize| b.narrow(2, room.lo + from, n);
+        let view = KvView {
+            k: rows(&room.k, 0, total)?,
+            v: room.v.as_ref().map(|b| rows(b, 0, total)).transpose()?,
             start: seen - cached,
-        })
+        };
+        l.k = Some(rows(&room.k, total - keep, keep)?);
+        l.v = room
+            .v
+            .as_ref()
+            .map(|b| rows(b, total - keep, keep))
+            .transpose()?;
+        l.room = Some(Room {
+            lo: room.lo + total - keep,
+            ..room
+        });
+        Ok(view)
     }
 
     /// Record the store as it is now, for [`Self::rollback`]; copies no tensor data and does
@@ -412,8 +446,11 @@ impl KvStore {
                 l.k = cut(&l.k)?;
                 l.v = cut(&l.v)?;
             } else {
+                // The window as it was (rows of the buffer no append since has written over);
+                // the next append moves it to a buffer of its own.
                 l.k = m.k.clone();
                 l.v = m.v.clone();
+                l.room = None;
             }
             l.states = m.states.clone();
         }
@@ -501,6 +538,7 @@ impl KvStore {
             };
             l.k = splice(&m.k, &l.k)?;
             l.v = splice(&m.v, &l.v)?;
+            l.room = None;
         }
         if let Some(h) = &self.last_hidden {
             let r = h.dim(1)?;
@@ -613,6 +651,64 @@ mod tests {
 
     fn values(t: &Tensor) -> Vec<f32> {
         t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// Sliding layers append in place: each view is the window then the new rows, as a
+    /// concatenation would give, the buffer is replaced once per `SLIDE_ROOM` steps, and a
+    /// snapshot (a clone) or a checkpoint keeps the window it held.
+    #[test]
+    fn sliding_layers_append_in_place_and_snapshots_never_change() {
+        let w = 4;
+        let mut s = KvStore::new(&[true], &[Some(w)]);
+        let mut at = 0f32;
+        let mut buffers = 0;
+        let mut cap = 0;
+        let mut snapshot = None;
+        for step in 0..2 * SLIDE_ROOM + 10 {
+            let n = if step == 0 { 6 } else { 1 };
+            let view = s
+                .append(0, chunk(n, at), Some(chunk(n, at + 1000.0)))
+                .unwrap();
+            let first = (at as usize).saturating_sub(w) as f32;
+            let want: Vec<f32> = (first as usize..at as usize + n)
+                .map(|p| p as f32)
+                .collect();
+            assert_eq!(values(&view.k), want, "step {step}");
+            let want_v: Vec<f32> = want.iter().map(|p| p + 1000.0).collect();
+            assert_eq!(values(view.v.as_ref().unwrap()), want_v, "step {step}");
+            assert_eq!(view.start, first as usize);
+            at += n as f32;
+            s.advance(n);
+            let room = s.layer(0).unwrap().room.as_ref().unwrap();
+            let c = room.k.dim(2).unwrap();
+            if room.lo == 0 || c != cap {
+                buffers += 1;
+                cap = c;
+            }
+            if step == 20 {
+                snapshot = Some((s.clone(), values(s.layer(0).unwrap().k.as_ref().unwrap())));
+            }
+        }
+        // One buffer for the prompt, one per SLIDE_ROOM steps after it, one after the snapshot.
+        assert!(buffers <= 5, "{buffers} buffers");
+        let (snap, held) = snapshot.unwrap();
+        assert_eq!(values(snap.layer(0).unwrap().k.as_ref().unwrap()), held);
+        assert_eq!(held, [22.0, 23.0, 24.0, 25.0]); // 26 tokens fed by then
+
+        // A checkpoint, appends in place past it, a rollback: the window it held.
+        let cp = s.checkpoint();
+        let before = values(s.layer(0).unwrap().k.as_ref().unwrap());
+        for _ in 0..3 {
+            s.append(0, chunk(1, at), Some(chunk(1, at))).unwrap();
+            s.advance(1);
+            at += 1.0;
+        }
+        s.rollback(&cp).unwrap();
+        assert_eq!(values(s.layer(0).unwrap().k.as_ref().unwrap()), before);
+        let view = s.append(0, chunk(1, 99.0), Some(chunk(1, 99.0))).unwrap();
+        let mut want = before.clone();
+        want.push(99.0);
+        assert_eq!(values(&view.k), want);
     }
 
     /// Full layers write into a growing buffer: past its capacity the cache still holds every
