@@ -7,7 +7,8 @@
 # submission that touches device code.
 #   scripts/cuda-check.sh            (CUDA_COMPUTE_CAP defaults to 90, an H100/H200)
 #   scripts/cuda-check.sh --build    (also a release binary, target/cuda/release/llmarch, to carry
-#                                     to a GPU machine: see scripts/cuda-bench.sh)
+#                                     to a GPU machine: see scripts/cuda-bench.sh; and the
+#                                     op_cost and step_times examples)
 # --build links against stub libraries made here from the symbols cudarc calls (libcuda, cuBLAS,
 # cuBLASLt, cuRAND, NVRTC: the toolkit's real ones are gigabytes of wheels); the binary finds the
 # real ones at run time through the loader (the driver's libcuda.so.1, the toolkit's or PyTorch's
@@ -61,4 +62,9 @@ stub nvrtc libnvrtc.so.13 '^nvrtc'
 # candle-kernels' MoE kernels (a static library) call the runtime: the wheel's real one.
 ln -s "$T/lib/libcudart.so.13" "$S/libcudart.so"
 cargo rustc --locked --release --features cuda --bin llmarch -- -L "native=$S"
-ls -l "$CARGO_TARGET_DIR/release/llmarch"
+# Two benchmarks for the GPU machine: the cost of one op (examples/op_cost.rs) and of each decode
+# step (examples/step_times.rs).
+for e in op_cost step_times; do
+    cargo rustc --locked --release --features cuda --example $e -- -L "native=$S"
+done
+ls -l "$CARGO_TARGET_DIR/release/llmarch" "$CARGO_TARGET_DIR"/release/examples/{op_cost,step_times}

@@ -268,7 +268,7 @@ pub fn device(arg: DeviceArg) -> Result<Device> {
         DeviceArg::Cuda => {
             if cfg!(feature = "cuda") {
                 let device = Device::new_cuda(0).context("cannot open CUDA device 0")?;
-                untracked(&device);
+                prepare(&device)?;
                 Ok(device)
             } else {
                 bail!("this llmarch was built without CUDA\nhint: rebuild with `cargo build --release --features cuda`")
@@ -284,7 +284,7 @@ pub fn device(arg: DeviceArg) -> Result<Device> {
         DeviceArg::Auto => {
             if cfg!(feature = "cuda") {
                 if let Ok(d) = Device::new_cuda(0) {
-                    untracked(&d);
+                    prepare(&d)?;
                     return Ok(d);
                 }
             }
@@ -298,19 +298,34 @@ pub fn device(arg: DeviceArg) -> Result<Device> {
     }
 }
 
-/// Turns off cudarc's event tracking on a CUDA device: with it on, every tensor's allocation
-/// creates two CUDA events (and its drop destroys them) so that several streams could order
-/// their uses, four driver calls per tensor op. llmarch runs every op of a device on the one
-/// stream candle gives it, where those events order nothing (cudarc records them only once a
-/// second stream exists).
-fn untracked(device: &Device) {
+/// Sets a CUDA device up for many small ops on one stream:
+/// - cudarc's event tracking off: with it on, every tensor's allocation creates two CUDA events
+///   (and its drop destroys them) so that several streams could order their uses, four driver
+///   calls per tensor op; llmarch runs every op of a device on the one stream candle gives it,
+///   where those events order nothing (cudarc records them only once a second stream exists);
+/// - the memory pool keeps what tensors free: its default release threshold (0) hands freed
+///   memory back to the OS at every synchronisation, once per decode step (the chosen token is
+///   read back), and the next step's allocations map it again.
+fn prepare(device: &Device) -> Result<()> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::{result, sys};
         // SAFETY: tensors are used on the device's single stream only, so no use needs ordering
         // against another stream (the condition `disable_event_tracking` asks the caller to keep).
         unsafe { d.disable_event_tracking() };
+        let mut keep = u64::MAX;
+        // SAFETY: the device is the context's own; the release threshold is a u64.
+        unsafe {
+            let pool = result::device::get_default_mem_pool(d.cuda_stream().context().cu_device())?;
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut keep as *mut u64).cast(),
+            )?;
+        }
     }
     let _ = device;
+    Ok(())
 }
 
 /// The KV-cache dtype the budget is computed in for a compute dtype.

@@ -12,6 +12,7 @@
 
 pub mod attention;
 pub mod flash_attention;
+pub mod fused;
 pub mod gelu;
 pub mod gemm;
 pub mod gemv;

@@ -282,17 +282,20 @@ pub fn attend(
     let dtype = q.dtype();
     // Query heads h·g..(h+1)·g read KV head h: fold them into the row dimension.
     let q = q.contiguous()?.reshape((b, hkv, g * n, d))?;
-    let scores = scores_qkt(&q, k)?; // [b, hkv, g·n, t] in q's dtype
-                                     // Narrow types are scaled in their own dtype, then the softmax runs in f32.
-    let (scores, scale) = match (dtype, scale) {
-        (DType::F32, _) => (scores, scale),
-        (_, 1.0) => (scores.to_dtype(DType::F32)?, 1.0), // (Gemma 4: no op to scale by 1)
-        _ => ((scores * scale)?.to_dtype(DType::F32)?, 1.0),
-    };
-    let scores = scores.reshape((b, hkv, g, n, t))?;
-    let p = crate::kernels::gelu::scaled_masked_softmax(&scores, scale, mask)?
-        .to_dtype(dtype)?
-        .reshape((b, hkv, g * n, t))?;
+    let scores = scores_qkt(&q, k)?.reshape((b, hkv, g, n, t))?; // in q's dtype
+    let p = match crate::kernels::fused::softmax(&scores, scale, mask)? {
+        Some(p) => p,
+        None => {
+            // Narrow types are scaled in their own dtype, then the softmax runs in f32.
+            let (scores, scale) = match (dtype, scale) {
+                (DType::F32, _) => (scores, scale),
+                (_, 1.0) => (scores.to_dtype(DType::F32)?, 1.0), // (Gemma 4: no op to scale by 1)
+                _ => ((scores * scale)?.to_dtype(DType::F32)?, 1.0),
+            };
+            crate::kernels::gelu::scaled_masked_softmax(&scores, scale, mask)?.to_dtype(dtype)?
+        }
+    }
+    .reshape((b, hkv, g * n, t))?;
     let y = probs_times_values(&p, v)?; // [b, hkv, g·n, dv]
     Ok(y.reshape((b, hq, n, dv))?)
 }

@@ -28,7 +28,8 @@ impl Activation {
         })
     }
 
-    /// `act(gate) · up`, the gated MLP's product: one fused kernel for f32 on the CPU.
+    /// `act(gate) · up`, the gated MLP's product: one fused kernel for f32 on the CPU, and for
+    /// every dtype on CUDA ([`crate::kernels::fused::gated`]).
     pub fn gated(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         if crate::kernels::fast_cpu(gate.device())
             && gate.dtype() == DType::F32
@@ -40,6 +41,9 @@ impl Activation {
                 crate::kernels::gelu::gated_in_place(&mut g, u, self == Activation::Silu)
             })?;
             return Ok(Tensor::from_vec(g, gate.shape(), gate.device())?);
+        }
+        if let Some(y) = crate::kernels::fused::gated(self == Activation::Silu, gate, up)? {
+            return Ok(y);
         }
         Ok((self.apply(gate)? * up)?)
     }

@@ -171,25 +171,83 @@ impl RmsNorm {
 
     /// Normalise `x` over its last dimension; same dtype out as in.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.dtype() == DType::BF16 && !crate::kernels::fast_cpu(x.device()) {
-            let dim = x.dim(D::Minus1)?;
-            let w = match (&self.bf16, &self.weight) {
-                (Some(w), _) => Some(w),
-                (None, None) => Some(crate::layers::once(&self.unit, || {
-                    Ok(Tensor::ones(dim, DType::BF16, x.device())?)
-                })?),
-                (None, Some(_)) => None, // a scale bf16 does not hold exactly
-            };
-            if let Some(w) = w.filter(|w| w.dims() == [dim]) {
-                return Ok(candle_nn::ops::rms_norm(
-                    &x.contiguous()?,
-                    w,
-                    self.eps as f32,
-                )?);
-            }
+        if let Some(w) = self.bf16_scale(x)? {
+            return Ok(candle_nn::ops::rms_norm(
+                &x.contiguous()?,
+                w,
+                self.eps as f32,
+            )?);
         }
         Ok(self.forward_f32(x)?.to_dtype(x.dtype())?)
     }
+
+    /// The bf16 scale `[dim]` for normalising `x` in one bf16 kernel (the device path, bf16
+    /// activations, a scale bf16 holds exactly or none); `None` where the f32 chain runs.
+    fn bf16_scale(&self, x: &Tensor) -> Result<Option<&Tensor>> {
+        if x.dtype() != DType::BF16 || crate::kernels::fast_cpu(x.device()) {
+            return Ok(None);
+        }
+        let dim = x.dim(D::Minus1)?;
+        let w = match (&self.bf16, &self.weight) {
+            (Some(w), _) => Some(w),
+            (None, None) => Some(crate::layers::once(&self.unit, || {
+                Ok(Tensor::ones(dim, DType::BF16, x.device())?)
+            })?),
+            (None, Some(_)) => None, // a scale bf16 does not hold exactly
+        };
+        Ok(w.filter(|w| w.dims() == [dim]))
+    }
+}
+
+/// The residual step before a norm: `h + post(x)` (`h + x` without `post`) and `next` of that
+/// sum, both returned. On CUDA, where each norm is one bf16 kernel, it is one kernel
+/// ([`crate::kernels::fused::residual_norm`]: two or three launches become one); elsewhere the
+/// ops one by one, with the same roundings.
+pub fn residual_then_norm(
+    h: &Tensor,
+    x: &Tensor,
+    post: Option<&RmsNorm>,
+    next: &RmsNorm,
+) -> Result<(Tensor, Tensor)> {
+    let (h, y) = residual(h, x, post, Some(next))?;
+    let y = match y {
+        Some(y) => y,
+        None => next.forward(&h)?,
+    };
+    Ok((h, y))
+}
+
+/// `h + post(x)`: one kernel on CUDA where the norm is one bf16 kernel (see
+/// [`residual_then_norm`]).
+pub fn residual_normed(h: &Tensor, x: &Tensor, post: &RmsNorm) -> Result<Tensor> {
+    Ok(residual(h, x, Some(post), None)?.0)
+}
+
+/// [`residual_then_norm`] and [`residual_normed`]: the sum, and `next` of it where asked.
+fn residual(
+    h: &Tensor,
+    x: &Tensor,
+    post: Option<&RmsNorm>,
+    next: Option<&RmsNorm>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    /// `Some(None)` for no norm, `Some(Some((scale, eps)))` for one bf16 kernel, else `None`.
+    fn scale<'a>(n: Option<&'a RmsNorm>, t: &Tensor) -> Result<Option<Option<(&'a Tensor, f64)>>> {
+        Ok(match n {
+            None => Some(None),
+            Some(n) => n.bf16_scale(t)?.map(|w| Some((w, n.eps))),
+        })
+    }
+    if let (Some(w1), Some(w2)) = (scale(post, x)?, scale(next, h)?) {
+        if let Some(out) = crate::kernels::fused::residual_norm(h, x, w1, w2)? {
+            return Ok(out);
+        }
+    }
+    let h = match post {
+        Some(p) => (h + p.forward(x)?)?,
+        None => (h + x)?,
+    };
+    let y = next.map(|n| n.forward(&h)).transpose()?;
+    Ok((h, y))
 }
 
 #[cfg(test)]

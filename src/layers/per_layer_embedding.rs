@@ -107,8 +107,7 @@ impl PerLayerGate {
     /// h `[b, n, hidden]` plus this layer's embedding `[b, n, width]` → `[b, n, hidden]`.
     pub fn forward(&self, h: &Tensor, e: &Tensor) -> Result<Tensor> {
         let g = self.act.gated(&self.gate.forward(h)?, e)?; // [b, n, width]
-        let y = self.norm.forward(&self.projection.forward(&g)?)?;
-        Ok((h + y)?)
+        super::norm::residual_normed(h, &self.projection.forward(&g)?, &self.norm)
     }
 }
 

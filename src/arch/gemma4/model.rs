@@ -27,7 +27,7 @@ use crate::layers::kv_store::KvStore;
 use crate::layers::linear::{output_head, Linear};
 use crate::layers::mlp::{Activation, GatedMlp};
 use crate::layers::moe::{PackedExperts, SoftmaxTopKRouter};
-use crate::layers::norm::RmsNorm;
+use crate::layers::norm::{residual_normed, residual_then_norm, RmsNorm};
 use crate::layers::per_layer_embedding::{PerLayerEmbedding, PerLayerGate};
 use crate::layers::rope::{Rotary, SharedTables};
 use crate::layers::weight;
@@ -134,10 +134,11 @@ impl DecoderLayer {
     fn forward(&self, h: &Tensor, ple: Option<&Tensor>, ctx: &mut ForwardCtx) -> Result<Tensor> {
         // 1. Attention, with its own pre- and post-norm.
         let x = self.attn.forward(&self.input_norm.forward(h)?, ctx)?;
-        let h = (h + self.post_attn_norm.forward(&x)?)?;
+        let (h, normed) =
+            residual_then_norm(h, &x, Some(&self.post_attn_norm), &self.pre_ffn_norm)?;
 
         // 2. Feed-forward: the dense MLP, and the experts beside it (routed from `h`).
-        let x = self.mlp.forward(&self.pre_ffn_norm.forward(&h)?)?;
+        let x = self.mlp.forward(&normed)?;
         let x = match &self.moe {
             Some(m) => {
                 let (b, n, d) = h.dims3()?;
@@ -149,7 +150,7 @@ impl DecoderLayer {
             }
             None => x,
         };
-        let h = (&h + self.post_ffn_norm.forward(&x)?)?;
+        let h = residual_normed(&h, &x, &self.post_ffn_norm)?;
 
         // 3. Per-layer embedding, through a gated residual.
         let h = match (&self.ple, ple) {

@@ -33,7 +33,7 @@ use crate::layers::kv_store::KvStore;
 use crate::layers::linear::{output_head, Linear};
 use crate::layers::mlp::{Activation, GatedMlp};
 use crate::layers::moe::sigmoid::{SharedExpertMoe, SharedExpertMoeShape};
-use crate::layers::norm::RmsNorm;
+use crate::layers::norm::{residual_then_norm, RmsNorm};
 use crate::layers::output_gate::SoftplusOutputGate;
 use crate::layers::rope::{Rotary, SharedTables};
 use anyhow::{anyhow, bail, Context, Result};
@@ -131,10 +131,9 @@ impl DecoderLayer {
     fn forward(&self, h: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
         // 1. Attention (gated output), residual.
         let x = self.attn.forward(&self.input_norm.forward(h)?, ctx)?;
-        let h = (h + x)?;
+        let (h, x) = residual_then_norm(h, &x, None, &self.post_attn_norm)?;
 
         // 2. Dense MLP or sigmoid-routed experts + shared expert, residual.
-        let x = self.post_attn_norm.forward(&h)?;
         let x = match &self.ffn {
             FeedForward::Dense(mlp) => mlp.forward(&x)?,
             FeedForward::Sparse(moe) => moe.forward(&x)?,

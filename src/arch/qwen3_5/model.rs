@@ -32,7 +32,7 @@ use crate::layers::mlp::{Activation, GatedMlp};
 use crate::layers::moe::routed::RoutedMoe;
 use crate::layers::moe::score_routing::{ScoreFn, ScoreRouter};
 use crate::layers::moe::PackedExperts;
-use crate::layers::norm::RmsNorm;
+use crate::layers::norm::{residual_then_norm, RmsNorm};
 use crate::layers::rope::Rotary;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -249,8 +249,8 @@ impl DecoderLayer {
             Mixer::Linear(net) => net.forward(&x, cache.layer_mut(index)?)?,
             Mixer::Full(attn) => attn.forward(&x, start, cache)?,
         };
-        let h = (h + x)?;
-        let x = self.ffn.forward(&self.post_attn_norm.forward(&h)?)?;
+        let (h, x) = residual_then_norm(h, &x, None, &self.post_attn_norm)?;
+        let x = self.ffn.forward(&x)?;
         Ok((h + x)?)
     }
 }

@@ -1,0 +1,417 @@
+//! Fused kernels for the CUDA path (`fused.cu`, compiled to PTX by `build.rs`). A decode step on
+//! a GPU is bound by the cost of each tensor op, not by memory: candle launches one kernel, with
+//! its own allocation, per op (about 1,300 per Gemma 4 E2B token, 35 layers). These kernels do in
+//! one launch what a chain of ops did, with the same roundings:
+//! - [`gated`]: a gated MLP's `act(gate) · up` (the activation in f32, rounded to the dtype, the
+//!   product rounded again): four launches (cast, activation, cast, product) become one;
+//! - [`softmax`]: attention's softmax of 16-bit scores in f32 with its additive mask: the casts
+//!   around it and the mask's addition go.
+//!
+//! Each returns `None` where it does not apply (another device, a build without `cuda`, an
+//! unsupported dtype or layout), and the caller runs candle's ops. Metal and the generic CPU path
+//! take those ops; the CUDA fixtures run (`scripts/cuda_fixtures.py`) checks these kernels
+//! against the reference.
+
+use anyhow::Result;
+use candle_core::Tensor;
+
+/// `act(gate) · up` (GELU-tanh, or SiLU with `silu`) in one kernel, for CUDA tensors of one
+/// shape and dtype (f32, bf16, f16); `None` elsewhere.
+pub fn gated(silu: bool, gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if gate.device().is_cuda() && gate.shape() == up.shape() && gate.dtype() == up.dtype() {
+        let (gate, up) = (gate.contiguous()?, up.contiguous()?);
+        return Ok(Some(gate.apply_op2_no_bwd(&up, &cuda::Gated { silu })?));
+    }
+    let _ = (silu, gate, up);
+    Ok(None)
+}
+
+/// Softmax over the last dimension of `scores · scale` `[.., n, t]` plus `mask` `[n, t]` (f32,
+/// additive, broadcast over the leading dimensions): the scaling in the scores' dtype (no op for
+/// 1), then one kernel computing the rest in f32 and returning the scores' dtype, for CUDA
+/// tensors; `None` elsewhere.
+pub fn softmax(scores: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if scores.device().is_cuda() && scores.rank() >= 2 {
+        let scores = if scale == 1.0 {
+            scores.contiguous()?
+        } else {
+            (scores * scale)?
+        };
+        let mask = match mask {
+            Some(m) => Some(m.to_dtype(candle_core::DType::F32)?.contiguous()?),
+            None => None,
+        };
+        let op = cuda::Softmax { mask };
+        return Ok(Some(scores.apply_op1_no_bwd(&op)?));
+    }
+    let _ = (scores, scale, mask);
+    Ok(None)
+}
+
+/// `h' = h + norm1(x)` (`h + x` without `norm1`) and, with `norm2`, `y = norm2(h')`, in one
+/// kernel for bf16/f16/f32 CUDA tensors `[.., dim]` of one shape; each norm `(scale [dim], eps)`
+/// as candle's RMSNorm kernel computes it (f32, rounded once), the sum rounded once. `None`
+/// elsewhere.
+pub fn residual_norm(
+    h: &Tensor,
+    x: &Tensor,
+    norm1: Option<(&Tensor, f64)>,
+    norm2: Option<(&Tensor, f64)>,
+) -> Result<Option<(Tensor, Option<Tensor>)>> {
+    #[cfg(feature = "cuda")]
+    if h.device().is_cuda() && h.shape() == x.shape() && h.dtype() == x.dtype() && h.rank() >= 1 {
+        let op = cuda::ResidualNorm {
+            norm1: norm1.map(|(w, e)| (w.clone(), e)),
+            norm2: norm2.map(|(w, e)| (w.clone(), e)),
+        };
+        let both = h.contiguous()?.apply_op2_no_bwd(&x.contiguous()?, &op)?; // [1 or 2, ..]
+        let y = match norm2 {
+            Some(_) => Some(both.get(1)?),
+            None => None,
+        };
+        return Ok(Some((both.get(0)?, y)));
+    }
+    let _ = (h, x, norm1, norm2);
+    Ok(None)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
+    use candle_core::{
+        bail, CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, Layout, Result, Shape,
+        Storage, Tensor,
+    };
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+
+    /// The contiguous elements of `s` under `l`.
+    fn view<'a, T>(
+        s: &'a CudaSlice<T>,
+        l: &Layout,
+    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+        match l.contiguous_offsets() {
+            Some((a, b)) => Ok(s.slice(a..b)),
+            None => bail!("internal: a fused kernel's input is not contiguous"),
+        }
+    }
+
+    fn name(base: &str, s: &CudaStorageSlice) -> Result<String> {
+        Ok(match s {
+            CudaStorageSlice::F32(_) => format!("{base}_f32"),
+            CudaStorageSlice::BF16(_) => format!("{base}_bf16"),
+            CudaStorageSlice::F16(_) => format!("{base}_f16"),
+            _ => bail!("internal: {base} takes f32, bf16 or f16"),
+        })
+    }
+
+    pub struct Gated {
+        pub silu: bool,
+    }
+
+    impl CustomOp2 for Gated {
+        fn name(&self) -> &'static str {
+            "fused-gated"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            bail!("internal: the fused gated kernel runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            g: &CudaStorage,
+            lg: &Layout,
+            u: &CudaStorage,
+            lu: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            fn run<T: DeviceRepr>(
+                dev: &CudaDevice,
+                name: &str,
+                g: &CudaSlice<T>,
+                lg: &Layout,
+                u: &CudaSlice<T>,
+                lu: &Layout,
+            ) -> Result<CudaSlice<T>> {
+                let n = lg.shape().elem_count();
+                let (g, u) = (view(g, lg)?, view(u, lu)?);
+                // SAFETY: every element is written by the kernel.
+                let out = unsafe { dev.alloc::<T>(n)? };
+                let f = dev.get_or_load_custom_func(name, "llmarch_fused", PTX)?;
+                let mut b = f.builder();
+                let n32 = n as u32;
+                b.arg(&g).arg(&u).arg(&out).arg(&n32);
+                // SAFETY: the kernel's signature is (const T*, const T*, T*, unsigned int).
+                unsafe { b.launch(LaunchConfig::for_num_elems(n32)) }.w()?;
+                Ok(out)
+            }
+            let dev = g.device();
+            let name = name(if self.silu { "silu_mul" } else { "gelu_mul" }, &g.slice)?;
+            let slice = match (&g.slice, &u.slice) {
+                (CudaStorageSlice::F32(a), CudaStorageSlice::F32(b)) => {
+                    CudaStorageSlice::F32(run(dev, &name, a, lg, b, lu)?)
+                }
+                (CudaStorageSlice::BF16(a), CudaStorageSlice::BF16(b)) => {
+                    CudaStorageSlice::BF16(run(dev, &name, a, lg, b, lu)?)
+                }
+                (CudaStorageSlice::F16(a), CudaStorageSlice::F16(b)) => {
+                    CudaStorageSlice::F16(run(dev, &name, a, lg, b, lu)?)
+                }
+                _ => bail!("internal: the fused gated kernel's inputs differ in dtype"),
+            };
+            Ok((
+                CudaStorage {
+                    slice,
+                    device: dev.clone(),
+                },
+                lg.shape().clone(),
+            ))
+        }
+    }
+
+    pub struct Softmax {
+        /// `[n, t]` f32, contiguous.
+        pub mask: Option<Tensor>,
+    }
+
+    impl CustomOp1 for Softmax {
+        fn name(&self) -> &'static str {
+            "fused-softmax"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            bail!("internal: the fused softmax runs on CUDA only")
+        }
+
+        fn cuda_fwd(&self, x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
+            let dims = lx.dims();
+            let (n, t) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+            let rows = lx.shape().elem_count() / t.max(1);
+            let mask = match &self.mask {
+                Some(m) => {
+                    if m.dims() != [n, t] {
+                        bail!(
+                            "internal: a softmax mask of {:?} for scores of {dims:?}",
+                            m.dims()
+                        );
+                    }
+                    Some(m.storage_and_layout())
+                }
+                None => None,
+            };
+            let mask_view = match &mask {
+                Some((storage, layout)) => match &**storage {
+                    Storage::Cuda(s) => Some(view(s.as_cuda_slice::<f32>()?, layout)?),
+                    _ => bail!("internal: a softmax mask off the scores' device"),
+                },
+                None => None,
+            };
+            let dev = x.device();
+            fn run<T: DeviceRepr>(
+                dev: &CudaDevice,
+                name: &str,
+                x: &CudaSlice<T>,
+                lx: &Layout,
+                mask: Option<&candle_core::cuda_backend::cudarc::driver::CudaView<'_, f32>>,
+                (rows, n, t): (usize, usize, usize),
+            ) -> Result<CudaSlice<T>> {
+                let x = view(x, lx)?;
+                // SAFETY: every element is written by the kernel.
+                let out = unsafe { dev.alloc::<T>(rows * t)? };
+                let f = dev.get_or_load_custom_func(name, "llmarch_fused", PTX)?;
+                let mut b = f.builder();
+                let null = 0u64;
+                let (t32, n32) = (t as u32, n as u32);
+                b.arg(&x);
+                match mask {
+                    Some(m) => b.arg(m),
+                    None => b.arg(&null),
+                };
+                b.arg(&out).arg(&t32).arg(&n32);
+                let cfg = LaunchConfig {
+                    grid_dim: (rows as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: the kernel's signature is (const T*, const float*, T*, unsigned int,
+                // unsigned int); a null mask pointer means no mask.
+                unsafe { b.launch(cfg) }.w()?;
+                Ok(out)
+            }
+            let name = name("softmax", &x.slice)?;
+            let shape = (rows, n, t);
+            let m = mask_view.as_ref();
+            let slice = match &x.slice {
+                CudaStorageSlice::F32(s) => {
+                    CudaStorageSlice::F32(run(dev, &name, s, lx, m, shape)?)
+                }
+                CudaStorageSlice::BF16(s) => {
+                    CudaStorageSlice::BF16(run(dev, &name, s, lx, m, shape)?)
+                }
+                CudaStorageSlice::F16(s) => {
+                    CudaStorageSlice::F16(run(dev, &name, s, lx, m, shape)?)
+                }
+                _ => bail!("internal: the fused softmax takes f32, bf16 or f16"),
+            };
+            Ok((
+                CudaStorage {
+                    slice,
+                    device: dev.clone(),
+                },
+                lx.shape().clone(),
+            ))
+        }
+    }
+
+    /// A norm's scale as the kernel takes it: its elements, layout and eps.
+    type ScaleView<'a, T> = Option<(&'a CudaSlice<T>, &'a Layout, f32)>;
+
+    fn scale_slice<'a, T: CudaDType, G: std::ops::Deref<Target = Storage>>(
+        s: &'a Option<((G, &'a Layout), f32)>,
+    ) -> Result<ScaleView<'a, T>> {
+        Ok(match s {
+            Some(((st, l), e)) => match &**st {
+                Storage::Cuda(c) => Some((c.as_cuda_slice::<T>()?, *l, *e)),
+                _ => bail!("internal: a norm scale off the activations' device"),
+            },
+            None => None,
+        })
+    }
+
+    pub struct ResidualNorm {
+        /// `(scale [dim], eps)`, the scale in the activations' dtype.
+        pub norm1: Option<(Tensor, f64)>,
+        pub norm2: Option<(Tensor, f64)>,
+    }
+
+    impl CustomOp2 for ResidualNorm {
+        fn name(&self) -> &'static str {
+            "fused-residual-norm"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            bail!("internal: the fused residual norm runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            h: &CudaStorage,
+            lh: &Layout,
+            x: &CudaStorage,
+            lx: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let dim = *lh.dims().last().unwrap_or(&1);
+            let rows = lh.shape().elem_count() / dim.max(1);
+            let outputs = if self.norm2.is_some() { 2 } else { 1 };
+            for (w, _) in self.norm1.iter().chain(&self.norm2) {
+                if w.dims() != [dim] {
+                    bail!("internal: a norm scale of {:?} for rows of {dim}", w.dims());
+                }
+            }
+            let s1 = self
+                .norm1
+                .as_ref()
+                .map(|(w, e)| (w.storage_and_layout(), *e as f32));
+            let s2 = self
+                .norm2
+                .as_ref()
+                .map(|(w, e)| (w.storage_and_layout(), *e as f32));
+            let dev = h.device();
+            #[allow(clippy::too_many_arguments)]
+            fn run<T: DeviceRepr>(
+                dev: &CudaDevice,
+                name: &str,
+                (h, lh): (&CudaSlice<T>, &Layout),
+                (x, lx): (&CudaSlice<T>, &Layout),
+                w1: ScaleView<'_, T>,
+                w2: ScaleView<'_, T>,
+                (rows, dim, outputs): (usize, usize, usize),
+            ) -> Result<CudaSlice<T>> {
+                let (h, x) = (view(h, lh)?, view(x, lx)?);
+                let w1v = w1.map(|(s, l, _)| view(s, l)).transpose()?;
+                let w2v = w2.map(|(s, l, _)| view(s, l)).transpose()?;
+                // SAFETY: the kernel writes every element of each output it is given.
+                let out = unsafe { dev.alloc::<T>(outputs * rows * dim)? };
+                {
+                    let out_y = (outputs == 2).then(|| out.slice(rows * dim..));
+                    let f = dev.get_or_load_custom_func(name, "llmarch_fused", PTX)?;
+                    let mut b = f.builder();
+                    let null = 0u64;
+                    b.arg(&h).arg(&x);
+                    for w in [&w1v, &w2v] {
+                        match w {
+                            Some(w) => b.arg(w),
+                            None => b.arg(&null),
+                        };
+                    }
+                    b.arg(&out);
+                    match &out_y {
+                        Some(y) => b.arg(y),
+                        None => b.arg(&null),
+                    };
+                    let (dim32, e1, e2) =
+                        (dim as u32, w1.map_or(0.0, |w| w.2), w2.map_or(0.0, |w| w.2));
+                    b.arg(&dim32).arg(&e1).arg(&e2);
+                    let cfg = LaunchConfig {
+                        grid_dim: (rows as u32, 1, 1),
+                        block_dim: (if dim >= 2048 { 512 } else { 256 }, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    // SAFETY: the kernel's signature is (const T* h, const T* x, const T* w1,
+                    // const T* w2, T* out_h, T* out_y, unsigned int, float, float); null
+                    // scales mean no norm, a null out_y no second norm.
+                    unsafe { b.launch(cfg) }.w()?;
+                }
+                Ok(out)
+            }
+            macro_rules! go {
+                ($variant:ident, $t:ty, $a:expr, $b:expr) => {{
+                    CudaStorageSlice::$variant(run(
+                        dev,
+                        &name("residual_norm", &h.slice)?,
+                        ($a, lh),
+                        ($b, lx),
+                        scale_slice::<$t, _>(&s1)?,
+                        scale_slice::<$t, _>(&s2)?,
+                        (rows, dim, outputs),
+                    )?)
+                }};
+            }
+            let slice = match (&h.slice, &x.slice) {
+                (CudaStorageSlice::F32(a), CudaStorageSlice::F32(b)) => go!(F32, f32, a, b),
+                (CudaStorageSlice::BF16(a), CudaStorageSlice::BF16(b)) => {
+                    go!(BF16, half::bf16, a, b)
+                }
+                (CudaStorageSlice::F16(a), CudaStorageSlice::F16(b)) => go!(F16, half::f16, a, b),
+                _ => bail!("internal: the fused residual norm's inputs differ in dtype"),
+            };
+            let mut dims = vec![outputs];
+            dims.extend_from_slice(lh.dims());
+            Ok((
+                CudaStorage {
+                    slice,
+                    device: dev.clone(),
+                },
+                Shape::from(dims),
+            ))
+        }
+    }
+}
