@@ -250,7 +250,7 @@ pub fn argmax_on_device(row: &Tensor, iota: &Tensor) -> Result<(u32, bool)> {
 fn first_stage(vocab: usize) -> usize {
     (256..=2048.min(vocab))
         .rev()
-        .find(|c| vocab % c == 0)
+        .find(|&c| vocab.is_multiple_of(c))
         .unwrap_or(vocab)
 }
 

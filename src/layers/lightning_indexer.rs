@@ -10,7 +10,9 @@
 //!
 //! **The selection, by definition**: a query at position `p` may see the entries whose window is
 //! complete by then (`s < (p + 1) / ratio`); it attends the `top_k` of those by score, ties to
-//! the lower index. Prefill and decode both select this way, so they agree.
+//! the lower index. Prefill and decode both select this way, so they agree. On the CPU the
+//! scores are read and sorted ([`top_k_visible`]); on a GPU (and the generic path) the same set
+//! is found where the scores lie ([`LightningIndexer::select_mask`], [`top_k`]): no read-back.
 //!
 //! The reference does not quite: it takes `torch.topk` over *all* entries (those not yet visible
 //! masked to −∞). The ReLU makes every entry whose head scores are all negative score exactly 0,
@@ -24,6 +26,7 @@ use super::kv_store::LayerKv;
 use super::linear::Linear;
 use super::rope::InterleavedRope;
 use super::token_compressor::TokenCompressor;
+use super::top_k;
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
@@ -41,6 +44,8 @@ pub struct LightningIndexer {
     head_dim: usize,
     top_k: usize,
     rope: Arc<InterleavedRope>,
+    /// [`top_k::triangle`] on the model's device, made on first use by [`Self::select_mask`].
+    triangle: std::sync::OnceLock<Tensor>,
 }
 
 /// What the indexer chose for a chunk's queries, with the scores it chose by.
@@ -80,11 +85,13 @@ impl LightningIndexer {
             head_dim,
             top_k,
             rope,
+            triangle: Default::default(),
         })
     }
 
     /// For the chunk `x` `[n, hidden]` (low-rank queries `q_residual` `[n, q_lora_rank]`) at
-    /// `positions`: update the indexer's keys in `cache` and choose each query's entries.
+    /// `positions`: update the indexer's keys in `cache` and choose each query's entries, on the
+    /// host (the scores are read back).
     pub fn select(
         &self,
         x: &Tensor,
@@ -93,13 +100,59 @@ impl LightningIndexer {
         cache: &mut LayerKv,
     ) -> Result<Selection> {
         let n = x.dim(0)?;
-        let keys = self.keys.forward(x, cache)?.to_dtype(DType::F32)?; // [T, hd]
-        let entries = keys.dim(0)?;
-        if entries == 0 {
+        let Some(scores) = self.scores(x, q_residual, positions, cache)? else {
             return Ok(Selection {
                 picks: vec![vec![]; n],
                 scores: vec![vec![]; n],
             });
+        };
+        let scores: Vec<Vec<f32>> = scores.to_vec2()?;
+        let ratio = self.keys.ratio();
+        let picks = scores
+            .iter()
+            .zip(positions)
+            .map(|(row, &p)| top_k_visible(row, (p + 1) / ratio, self.top_k))
+            .collect();
+        Ok(Selection { picks, scores })
+    }
+
+    /// [`Self::select`] where the scores lie, nothing read back ([`crate::layers::top_k`]): the
+    /// additive mask `[n, entries]` (f32: 0 where a query attends an entry, −∞ elsewhere);
+    /// `None` before the first entry.
+    pub fn select_mask(
+        &self,
+        x: &Tensor,
+        q_residual: &Tensor,
+        positions: &[usize],
+        cache: &mut LayerKv,
+    ) -> Result<Option<Tensor>> {
+        let Some(scores) = self.scores(x, q_residual, positions, cache)? else {
+            return Ok(None);
+        };
+        let ratio = self.keys.ratio();
+        let visible: Vec<usize> = positions.iter().map(|&p| (p + 1) / ratio).collect();
+        let triangle = super::once(&self.triangle, || top_k::triangle(x.device()))?;
+        let picked = top_k::top_k_visible(&scores, &visible, self.top_k, triangle)?;
+        let hidden = Tensor::full(f32::NEG_INFINITY, picked.shape(), x.device())?;
+        Ok(Some(
+            picked.ge(0.5)?.where_cond(&picked.zeros_like()?, &hidden)?,
+        ))
+    }
+
+    /// Update the indexer's keys in `cache` with the chunk and score every entry made so far
+    /// for each query: `[n, entries]` f32; `None` before the first entry.
+    fn scores(
+        &self,
+        x: &Tensor,
+        q_residual: &Tensor,
+        positions: &[usize],
+        cache: &mut LayerKv,
+    ) -> Result<Option<Tensor>> {
+        let n = x.dim(0)?;
+        let keys = self.keys.forward(x, cache)?.to_dtype(DType::F32)?; // [T, hd]
+        let entries = keys.dim(0)?;
+        if entries == 0 {
+            return Ok(None);
         }
         // 1. Queries, rotated at the tokens' positions. [n, heads, hd]
         let q = self
@@ -115,7 +168,7 @@ impl LightningIndexer {
         // 2. Scores: Σ_h w_h · ReLU(q_h·k) · hd^-½, queries in blocks (the per-head scores of a
         //    long prompt would be large). [n, T]
         let keys_t = keys.t()?;
-        let mut scores: Vec<Vec<f32>> = Vec::with_capacity(n);
+        let mut blocks = Vec::with_capacity(n.div_ceil(QUERY_BLOCK));
         for start in (0..n).step_by(QUERY_BLOCK) {
             let m = QUERY_BLOCK.min(n - start);
             let qb = q
@@ -125,17 +178,13 @@ impl LightningIndexer {
             let s = qb.matmul(&keys_t)?.relu()?; // [m·heads, T]
             let s = (s * (self.head_dim as f64).powf(-0.5))?.reshape((m, self.heads, entries))?;
             let wb = w.narrow(0, start, m)?.unsqueeze(2)?;
-            scores.extend(s.broadcast_mul(&wb)?.sum(1)?.to_vec2::<f32>()?);
+            blocks.push(s.broadcast_mul(&wb)?.sum(1)?);
         }
-
-        // 3. The top-k of the entries complete by each query's position.
-        let ratio = self.keys.ratio();
-        let picks = scores
-            .iter()
-            .zip(positions)
-            .map(|(row, &p)| top_k_visible(row, (p + 1) / ratio, self.top_k))
-            .collect();
-        Ok(Selection { picks, scores })
+        Ok(Some(if blocks.len() == 1 {
+            blocks.pop().expect("one block")
+        } else {
+            Tensor::cat(&blocks, 0)?
+        }))
     }
 }
 

@@ -24,6 +24,7 @@ pub mod per_layer_embedding;
 pub mod residual_scaling;
 pub mod rope;
 pub mod token_compressor;
+pub mod top_k;
 pub mod weight;
 
 use anyhow::Result;

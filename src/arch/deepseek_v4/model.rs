@@ -204,53 +204,76 @@ impl V4Attention {
 
         // 3. Compressed entries and which of them each query sees. [T, hd], mask [n, T]
         let layer = cache.layer_mut(self.index)?;
-        let (entries, entry_mask) = match &self.compressor {
-            None => (None, None),
+        let entries = match &self.compressor {
+            None => None,
             Some(c) => {
                 let entries = c.forward(x, layer)?;
                 let count = entries.dim(0)?;
-                let visible: Vec<Vec<usize>> = match &self.indexer {
-                    Some(ix) => {
-                        let sel = ix.select(x, &q_residual, positions, layer)?;
-                        match trace {
-                            Some(trace) => {
-                                let picks = sel.picks.clone();
-                                trace.push((self.index, sel));
-                                picks
-                            }
-                            None => sel.picks,
+                let mask = match &self.indexer {
+                    // On a GPU (and the generic path) the indexer's choice is made where its
+                    // scores lie, as a mask: nothing read back.
+                    Some(ix) if trace.is_none() && !crate::kernels::fast_cpu(&dev) => {
+                        match ix.select_mask(x, &q_residual, positions, layer)? {
+                            Some(m) => m,
+                            None => Tensor::full(f32::NEG_INFINITY, (n, count), &dev)?,
                         }
                     }
-                    None => positions
-                        .iter()
-                        .map(|&p| (0..((p + 1) / c.ratio()).min(count)).collect())
-                        .collect(),
-                };
-                let mut m = vec![f32::NEG_INFINITY; n * count];
-                for (qi, picks) in visible.iter().enumerate() {
-                    for &e in picks {
-                        m[qi * count + e] = 0.0;
+                    Some(ix) => {
+                        let sel = ix.select(x, &q_residual, positions, layer)?;
+                        let mask = picks_mask(&sel.picks, count, &dev)?;
+                        if let Some(trace) = trace {
+                            trace.push((self.index, sel));
+                        }
+                        mask
                     }
+                    None => {
+                        let visible: Vec<Vec<usize>> = positions
+                            .iter()
+                            .map(|&p| (0..((p + 1) / c.ratio()).min(count)).collect())
+                            .collect();
+                        picks_mask(&visible, count, &dev)?
+                    }
+                };
+                if mask.dims() != [n, count] {
+                    bail!(
+                        "internal: layer {}: a mask of {:?} over {count} compressed entries",
+                        self.index,
+                        mask.dims()
+                    );
                 }
-                (Some(entries), Some(Tensor::from_vec(m, (n, count), &dev)?))
+                Some((entries, mask))
             }
         };
+        let entries = entries.as_ref().map(|(e, m)| (e, m));
+        self.attend_out(&q, &window_kv, &window_mask, entries, positions)
+    }
 
+    /// Steps 4-6 of [`Self::forward`]: queries `q` `[1, h, n, hd]` attend the window `[t, hd]`
+    /// (mask `[n, t]`) and the compressed entries with their mask (`[T, hd]`, `[n, T]`); the
+    /// output, unrotated and projected. `[n, hidden]`
+    fn attend_out(
+        &self,
+        q: &Tensor,
+        window_kv: &Tensor,
+        window_mask: &Tensor,
+        entries: Option<(&Tensor, &Tensor)>,
+        positions: &[usize],
+    ) -> Result<Tensor> {
+        let n = positions.len();
         // 4. One softmax over window keys, compressed entries and the per-head sink.
-        let keys = match &entries {
-            Some(e) => Tensor::cat(&[&window_kv, e], 0)?,
-            None => window_kv,
-        }; // [t + T, hd]
-        let mask = match &entry_mask {
-            Some(m) => Tensor::cat(&[&window_mask, m], 1)?,
-            None => window_mask,
-        }; // [n, t + T]
+        let (keys, mask) = match entries {
+            Some((e, m)) => (
+                Tensor::cat(&[window_kv, e], 0)?,   // [t + T, hd]
+                Tensor::cat(&[window_mask, m], 1)?, // [n, t + T]
+            ),
+            None => (window_kv.clone(), window_mask.clone()),
+        };
         let out = attend_shared_kv_with_sinks(
             &q.squeeze(0)?,
             &keys,
             &mask,
             &self.sinks,
-            (hd as f64).powf(-0.5),
+            (self.head_dim as f64).powf(-0.5),
         )?
         .unsqueeze(0)?; // [1, h, n, hd]
 
@@ -270,6 +293,18 @@ impl V4Attention {
         let grouped = grouped.transpose(0, 1)?.contiguous()?.reshape((n, ()))?;
         self.o_b_proj.forward(&grouped)
     }
+}
+
+/// The additive mask `[queries, count]` (f32) of each query's picked entries: 0 there, −∞
+/// elsewhere.
+fn picks_mask(picks: &[Vec<usize>], count: usize, dev: &Device) -> Result<Tensor> {
+    let mut m = vec![f32::NEG_INFINITY; picks.len() * count];
+    for (qi, picks) in picks.iter().enumerate() {
+        for &e in picks {
+            m[qi * count + e] = 0.0;
+        }
+    }
+    Ok(Tensor::from_vec(m, (picks.len(), count), dev)?)
 }
 
 /// The MoE block of one layer: score- or hash-routed experts plus the shared expert, SwiGLU

@@ -1,0 +1,181 @@
+//! Top-k selection where the scores lie (a GPU, or the generic path), in candle ops, with no
+//! read-back: which entries of each row are its `k` highest, ties at the k-th place going to the
+//! lower index, as the host's sort (`lightning_indexer::top_k_visible`) picks them.
+//!
+//! 1. The k-th largest value of each row ([`kth_largest`]): candle sorts one row per block of GPU
+//!    threads (a few thousand columns at most), so rows are cut into chunks of at least `2k`,
+//!    each chunk sorted and cut to its best `k`, until one chunk is left: each round halves the
+//!    candidates or better. Sorting is not stable, but the k-th value does not depend on how
+//!    ties are ordered.
+//! 2. Every entry above that value is taken; of those equal to it, the first `k − above` by
+//!    index, counted by a running count along the row ([`running_count`]: blocks of
+//!    [`BLOCK`] by a product with a triangle of ones, then the blocks' totals carried).
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, D};
+
+/// Columns a running count takes per block (the triangle of ones is `BLOCK × BLOCK`).
+pub const BLOCK: usize = 1024;
+
+/// `[BLOCK, BLOCK]` f32, ones on and above the diagonal: `x · triangle` sums each row's entries
+/// up to each column.
+pub fn triangle(device: &Device) -> Result<Tensor> {
+    Ok(Tensor::triu2(BLOCK, DType::F32, device)?)
+}
+
+/// `x` `[rows, n]` with `extra` columns of `value` after its own.
+fn pad(x: &Tensor, extra: usize, value: f32) -> Result<Tensor> {
+    if extra == 0 {
+        return Ok(x.clone());
+    }
+    let rows = x.dim(0)?;
+    let fill = Tensor::full(value, (rows, extra), x.device())?.to_dtype(x.dtype())?;
+    Ok(Tensor::cat(&[x, &fill], 1)?)
+}
+
+/// The k-th largest value of each row of `x` `[rows, n]` (f32; −∞ counts as a value), `[rows, 1]`;
+/// −∞ for a row of fewer than `k` entries. `k ≥ 1`.
+pub fn kth_largest(x: &Tensor, k: usize) -> Result<Tensor> {
+    let (rows, mut n) = x.dims2()?;
+    let chunk = 1024usize.max((2 * k).next_power_of_two());
+    let mut x = x.contiguous()?;
+    while n > chunk {
+        let width = n.div_ceil(chunk) * chunk;
+        let chunks = width / chunk;
+        let (sorted, _) = pad(&x, width - n, f32::NEG_INFINITY)?
+            .reshape((rows * chunks, chunk))?
+            .sort_last_dim(false)?;
+        x = sorted
+            .narrow(1, 0, k)?
+            .contiguous()?
+            .reshape((rows, chunks * k))?;
+        n = chunks * k;
+    }
+    if n < k {
+        return Ok(Tensor::full(f32::NEG_INFINITY, (rows, 1), x.device())?);
+    }
+    let (sorted, _) = x.sort_last_dim(false)?;
+    Ok(sorted.narrow(1, k - 1, 1)?.contiguous()?)
+}
+
+/// For `x` `[rows, n]` of 0s and 1s (f32), how many 1s each row holds up to and including each
+/// column, `[rows, n]` (exact: counts below 2²⁴). `triangle` is [`triangle`]'s.
+pub fn running_count(x: &Tensor, triangle: &Tensor) -> Result<Tensor> {
+    let (rows, n) = x.dims2()?;
+    let width = n.div_ceil(BLOCK) * BLOCK;
+    let blocks = width / BLOCK;
+    let within = pad(x, width - n, 0.0)?
+        .reshape((rows * blocks, BLOCK))?
+        .matmul(triangle)?
+        .reshape((rows, blocks, BLOCK))?;
+    let counts = if blocks == 1 {
+        within
+    } else {
+        // Each block's total, carried into every later block.
+        let totals = within.narrow(2, BLOCK - 1, 1)?.squeeze(2)?.contiguous()?; // [rows, blocks]
+        let before = (totals.cumsum(1)? - &totals)?;
+        within.broadcast_add(&before.unsqueeze(2)?)?
+    };
+    Ok(counts.reshape((rows, width))?.narrow(1, 0, n)?)
+}
+
+/// Which entries of each row of `scores` `[rows, n]` (f32) are its `k` highest among the first
+/// `visible[r]` (ties to the lower index, −0.0 equal to 0.0): `[rows, n]`, 1.0 where taken and
+/// 0.0 elsewhere (f32). `triangle` is [`triangle`]'s.
+pub fn top_k_visible(
+    scores: &Tensor,
+    visible: &[usize],
+    k: usize,
+    triangle: &Tensor,
+) -> Result<Tensor> {
+    let (rows, n) = scores.dims2()?;
+    let dev = scores.device();
+    let limit = Tensor::new(
+        visible.iter().map(|&v| v.min(n) as f32).collect::<Vec<_>>(),
+        dev,
+    )?
+    .reshape((rows, 1))?;
+    let iota = Tensor::arange(0u32, n as u32, dev)?
+        .to_dtype(DType::F32)?
+        .reshape((1, n))?;
+    let seen = iota.broadcast_lt(&limit)?; // [rows, n] u8
+    let seen_f = seen.to_dtype(DType::F32)?;
+    if k == 0 {
+        return Ok(seen_f.zeros_like()?);
+    }
+    // `+ 0.0` turns −0.0 (a negative head weight times a zero ReLU) into 0.0.
+    let hidden = Tensor::full(f32::NEG_INFINITY, (rows, n), dev)?;
+    let s = seen.where_cond(&(scores.to_dtype(DType::F32)? + 0.0)?, &hidden)?;
+    let kth = kth_largest(&s, k)?; // [rows, 1]
+    let above = s.broadcast_gt(&kth)?.to_dtype(DType::F32)?;
+    let at = (s.broadcast_eq(&kth)?.to_dtype(DType::F32)? * &seen_f)?;
+    // Of the entries at the k-th value, the first `k − above` of the row.
+    let room = (above.sum_keepdim(D::Minus1)?.affine(-1.0, k as f64))?; // [rows, 1]
+    let first = running_count(&at, triangle)?
+        .broadcast_le(&room)?
+        .to_dtype(DType::F32)?;
+    Ok((above + (at * first)?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::lightning_indexer::top_k_visible as on_host;
+
+    /// Against the host's sort, on rows with many ties (few distinct values, zeros of both
+    /// signs), for k around the row lengths, the chunk size and the counting block.
+    #[test]
+    fn picks_what_the_host_sort_picks() {
+        let dev = Device::Cpu;
+        let tri = triangle(&dev).unwrap();
+        for (n, ks) in [
+            (7usize, vec![1, 3, 7, 9]),
+            (1500, vec![1, 5, 512, 700, 1499]),
+            (5000, vec![1, 64, 512, 1024, 3000]),
+        ] {
+            let rows: Vec<Vec<f32>> = (0..3u32)
+                .map(|r| {
+                    (0..n as u32)
+                        .map(|i| match (i * 7919 + r * 13) % 11 {
+                            0 => -0.0,
+                            v if v < 4 => 0.0,
+                            v => (v as f32 - 6.0) * 0.5,
+                        })
+                        .collect()
+                })
+                .collect();
+            let visible = [n, n / 2 + 1, n.saturating_sub(3)];
+            let flat: Vec<f32> = rows.concat();
+            let scores = Tensor::from_vec(flat, (3, n), &dev).unwrap();
+            for k in ks {
+                let got = top_k_visible(&scores, &visible, k, &tri).unwrap();
+                let got: Vec<Vec<f32>> = got.to_vec2().unwrap();
+                for r in 0..3 {
+                    let want = on_host(&rows[r], visible[r], k);
+                    let picked: Vec<usize> = (0..n).filter(|&i| got[r][i] == 1.0).collect();
+                    assert_eq!(picked, want, "n {n}, k {k}, row {r}");
+                    assert!(got[r].iter().all(|&v| v == 0.0 || v == 1.0));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn running_count_carries_across_blocks() {
+        let dev = Device::Cpu;
+        let n = 2 * BLOCK + 5;
+        let x: Vec<f32> = (0..n).map(|i| ((i % 3) == 0) as u8 as f32).collect();
+        let got: Vec<Vec<f32>> = running_count(
+            &Tensor::from_vec(x.clone(), (1, n), &dev).unwrap(),
+            &triangle(&dev).unwrap(),
+        )
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+        let mut sum = 0.0;
+        for (i, v) in x.iter().enumerate() {
+            sum += v;
+            assert_eq!(got[0][i], sum, "column {i}");
+        }
+    }
+}
