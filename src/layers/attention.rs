@@ -28,7 +28,7 @@
 //! output projection ([`Attention::with_output_gate`], Laguna's softplus `g_proj`).
 
 use super::kv_store::{causal_mask, KvStore};
-use super::linear::{matmul_t, Linear};
+use super::linear::{matmul_t, Linear, LinearGroup};
 use super::norm::RmsNorm;
 use super::output_gate::SoftplusOutputGate;
 use super::rope::Rotary;
@@ -394,11 +394,8 @@ pub struct Attention {
     kv_source: Option<usize>,
     k_eq_v: bool,
     scale: f64,
-    q_proj: Linear,
-    /// `None` on layers reading another layer's KV.
-    k_proj: Option<Linear>,
-    /// `None` on KV-sharing and K=V layers.
-    v_proj: Option<Linear>,
+    /// `q_proj`, then (owners of their KV) `k_proj` and, unless K=V, `v_proj`.
+    qkv: LinearGroup,
     o_proj: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
@@ -443,16 +440,15 @@ impl Attention {
             kv_source: g.kv_source,
             k_eq_v: g.k_eq_v,
             scale: opts.scale,
-            q_proj: Linear::load(&vb.pp("q_proj"), hidden, hq * d, opts.bias)?,
-            k_proj: if owns {
-                Some(Linear::load(&vb.pp("k_proj"), hidden, hkv * d, opts.bias)?)
-            } else {
-                None
-            },
-            v_proj: if owns && !g.k_eq_v {
-                Some(Linear::load(&vb.pp("v_proj"), hidden, hkv * d, opts.bias)?)
-            } else {
-                None
+            qkv: {
+                let mut p = vec![Linear::load(&vb.pp("q_proj"), hidden, hq * d, opts.bias)?];
+                if owns {
+                    p.push(Linear::load(&vb.pp("k_proj"), hidden, hkv * d, opts.bias)?);
+                    if !g.k_eq_v {
+                        p.push(Linear::load(&vb.pp("v_proj"), hidden, hkv * d, opts.bias)?);
+                    }
+                }
+                LinearGroup::new(p)?
             },
             o_proj: Linear::load(&vb.pp("o_proj"), hq * d, hidden, opts.bias)?,
             q_norm: norm("q_norm")?,
@@ -481,19 +477,7 @@ impl Attention {
         let (hq, d) = (self.q_heads, self.head_dim);
 
         // 1. Projections: the queries, and a layer's own keys (and values), in one pass.
-        let own = match self.kv_source {
-            Some(_) => vec![],
-            None => {
-                let missing = |what| anyhow!("internal: layer {} has no {what}", self.layer);
-                let mut own = vec![self.k_proj.as_ref().ok_or_else(|| missing("k_proj"))?];
-                if !self.k_eq_v {
-                    own.push(self.v_proj.as_ref().ok_or_else(|| missing("v_proj"))?);
-                }
-                own
-            }
-        };
-        let mut projected =
-            Linear::forward_many(&[&[&self.q_proj], own.as_slice()].concat(), x)?.into_iter();
+        let mut projected = self.qkv.forward(x)?.into_iter();
         let mut next = || projected.next().expect("one output per projection");
 
         // 2. Queries: norm per head, rotate. [b, hq, n, d]

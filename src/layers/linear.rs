@@ -28,7 +28,7 @@ use super::weight;
 use crate::kernels::gemm;
 use crate::kernels::gemv::{self, Q4_0Matrix, Q8_0Matrix, WeightRows};
 use anyhow::{bail, Context, Result};
-use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor, D};
 use candle_nn::VarBuilder;
 use std::cell::RefCell;
 use std::sync::{Arc, OnceLock};
@@ -278,6 +278,68 @@ enum Weight {
 pub struct Linear {
     weight: Weight,
     bias: Option<Tensor>,
+}
+
+/// Projections of one input run together: a layer's q/k/v, an MLP's gate and up. On the CPU's
+/// fast path they stay apart, and [`Linear::forward_many`] takes them in one pass over their
+/// weights. On the device path (a GPU, the generic path) the weights are stacked `[Σ out, in]`
+/// once, at load, so a forward is one product instead of one per projection (a GPU decode step
+/// is bound by its launches); the outputs are views of its columns (no copy for one row).
+#[derive(Debug)]
+pub enum LinearGroup {
+    Apart(Vec<Linear>),
+    Stacked { linear: Linear, outs: Vec<usize> },
+}
+
+impl LinearGroup {
+    /// Stacks `parts` where the device path runs them and they are plain tensors of one dtype
+    /// and input width, without bias; keeps them apart otherwise.
+    pub fn new(parts: Vec<Linear>) -> Result<Self> {
+        let dense: Option<Vec<&Tensor>> = parts
+            .iter()
+            .map(|l| match (&l.weight, &l.bias) {
+                (Weight::Dense(w), None) => Some(w),
+                _ => None,
+            })
+            .collect();
+        let Some(ws) = dense.filter(|ws| {
+            ws.len() > 1
+                && !crate::kernels::fast_cpu(ws[0].device())
+                && ws.iter().all(|w| {
+                    w.rank() == 2
+                        && w.dtype() == ws[0].dtype()
+                        && w.dim(1).ok() == ws[0].dim(1).ok()
+                })
+        }) else {
+            return Ok(LinearGroup::Apart(parts));
+        };
+        let outs = ws
+            .iter()
+            .map(|w| w.dim(0))
+            .collect::<candle_core::Result<_>>()?;
+        let stacked = Tensor::cat(&ws, 0)?; // [Σ out, in]
+        Ok(LinearGroup::Stacked {
+            linear: Linear::from_weight(stacked, None),
+            outs,
+        })
+    }
+
+    /// `x` `[.., in]` → one `[.., out]` per projection, in order.
+    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            LinearGroup::Apart(ls) => Linear::forward_many(&ls.iter().collect::<Vec<_>>(), x),
+            LinearGroup::Stacked { linear, outs } => {
+                let y = linear.forward(x)?; // [.., Σ out]
+                let mut at = 0;
+                outs.iter()
+                    .map(|&o| {
+                        at += o;
+                        Ok(y.narrow(D::Minus1, at - o, o)?)
+                    })
+                    .collect()
+            }
+        }
+    }
 }
 
 impl Linear {

@@ -4,7 +4,7 @@
 //! SwiGLU limit (DeepSeek V4's `swiglu_limit`), the gate is clamped to at most `limit` and the up
 //! projection to `[-limit, limit]` first ([`swiglu_clamp`]).
 
-use super::linear::Linear;
+use super::linear::{Linear, LinearGroup};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
@@ -61,8 +61,8 @@ impl Activation {
 
 #[derive(Debug)]
 pub struct GatedMlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// `gate_proj` and `up_proj` `[width, hidden]`.
+    gate_up: LinearGroup,
     down_proj: Linear,
     act: Activation,
     limit: Option<f64>,
@@ -81,8 +81,10 @@ impl GatedMlp {
     /// Reads `gate_proj`, `up_proj` `[width, hidden]` and `down_proj` `[hidden, width]`.
     pub fn load(vb: &VarBuilder, hidden: usize, width: usize, act: Activation) -> Result<Self> {
         Ok(GatedMlp {
-            gate_proj: Linear::load(&vb.pp("gate_proj"), hidden, width, false)?,
-            up_proj: Linear::load(&vb.pp("up_proj"), hidden, width, false)?,
+            gate_up: LinearGroup::new(vec![
+                Linear::load(&vb.pp("gate_proj"), hidden, width, false)?,
+                Linear::load(&vb.pp("up_proj"), hidden, width, false)?,
+            ])?,
             down_proj: Linear::load(&vb.pp("down_proj"), width, hidden, false)?,
             act,
             limit: None,
@@ -97,7 +99,9 @@ impl GatedMlp {
 
     /// `[.., hidden]` → `[.., hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let [gate, up]: [Tensor; 2] = Linear::forward_many(&[&self.gate_proj, &self.up_proj], x)?
+        let [gate, up]: [Tensor; 2] = self
+            .gate_up
+            .forward(x)?
             .try_into()
             .expect("two projections");
         let (gate, up) = swiglu_clamp(gate, up, self.limit)?; // [.., width] each
