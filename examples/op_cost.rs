@@ -113,7 +113,7 @@ fn list(dev: &Device, dtype: DType, iters: usize) -> anyhow::Result<()> {
     };
     let fused = |with1: bool| -> anyhow::Result<Option<(Tensor, Option<Tensor>)>> {
         let n1 = with1.then_some((&w1.0, w1.1));
-        llmarch::kernels::fused::residual_norm(&h, &x, n1, Some((&w2.0, w2.1)))
+        llmarch::kernels::fused::residual_norm(&h, &x, n1, None, Some((&w2.0, w2.1)))
     };
     let mut ops = ops;
     ops.push((
@@ -150,6 +150,23 @@ fn list(dev: &Device, dtype: DType, iters: usize) -> anyhow::Result<()> {
                 max_diff(&y, &cy)?
             );
         }
+    }
+    let layer_scalar = Tensor::new(&[0.375f32], dev)?.to_dtype(dtype)?;
+    let scaled = llmarch::kernels::fused::residual_norm(
+        &h,
+        &x,
+        Some((&w1.0, w1.1)),
+        Some(&layer_scalar),
+        Some((&w2.0, w2.1)),
+    )?;
+    if let Some((h2, y)) = scaled {
+        let ch = (&h + norm(&x, &w1)?)?.broadcast_mul(&layer_scalar)?;
+        let cy = norm(&ch, &w2)?;
+        println!(
+            "  fused residual norm with a scale vs chain: max |diff| {} (sum), {} (norm)",
+            max_diff(&h2, &ch)?,
+            max_diff(&y.expect("asked"), &cy)?
+        );
     }
     let causal = Tensor::from_vec(
         (0..512)

@@ -106,10 +106,10 @@ SOFTMAX(__nv_bfloat16, bf16)
 SOFTMAX(__half, f16)
 
 // A residual add between two RMS norms, per row of dim values (one block per row):
-//   h' = h + (w1 ? rmsnorm(x) · w1 : x)        written to out_h
+//   h' = h + (w1 ? rmsnorm(x) · w1 : x)        then, with scale, h' · scale[0]; to out_h
 //   y  = rmsnorm(h') · w2                      written to out_y (when w2 is not null)
 // with the roundings of candle's chain: each norm in f32 (x · rsqrt(mean(x²) + eps) · w),
-// rounded to T, the sum rounded to T.
+// rounded to T, the sum rounded to T, the product rounded to T.
 template <typename T>
 __device__ float row_sum_sq(const T *x, unsigned int dim, float *red) {
     float s = 0.0f;
@@ -121,8 +121,8 @@ __device__ float row_sum_sq(const T *x, unsigned int dim, float *red) {
 }
 
 template <typename T>
-__device__ void residual_norm(const T *h, const T *x, const T *w1, const T *w2, T *out_h, T *out_y,
-                              unsigned int dim, float eps1, float eps2) {
+__device__ void residual_norm(const T *h, const T *x, const T *w1, const T *w2, const T *scale,
+                              T *out_h, T *out_y, unsigned int dim, float eps1, float eps2) {
     __shared__ float red[32];
     const size_t row = blockIdx.x;
     h += row * dim;
@@ -131,7 +131,8 @@ __device__ void residual_norm(const T *h, const T *x, const T *w1, const T *w2, 
     const float r1 = w1 ? rsqrtf(row_sum_sq(x, dim, red) / dim + eps1) : 1.0f;
     for (unsigned int c = threadIdx.x; c < dim; c += blockDim.x) {
         const float n = w1 ? to_f(from_f<T>(r1 * to_f(x[c]) * to_f(w1[c]))) : to_f(x[c]);
-        out_h[c] = from_f<T>(to_f(h[c]) + n);
+        const T sum = from_f<T>(to_f(h[c]) + n);
+        out_h[c] = scale ? from_f<T>(to_f(sum) * to_f(scale[0])) : sum;
     }
     if (!w2) return;
     __syncthreads(); // out_h's row complete (each thread reads back others' columns)
@@ -142,10 +143,10 @@ __device__ void residual_norm(const T *h, const T *x, const T *w1, const T *w2, 
 }
 
 #define RESIDUAL_NORM(T, NAME)                                                                  \
-    extern "C" __global__ void residual_norm_##NAME(const T *h, const T *x, const T *w1,        \
-                                                    const T *w2, T *out_h, T *out_y,            \
-                                                    unsigned int dim, float eps1, float eps2) { \
-        residual_norm<T>(h, x, w1, w2, out_h, out_y, dim, eps1, eps2);                          \
+    extern "C" __global__ void residual_norm_##NAME(                                            \
+        const T *h, const T *x, const T *w1, const T *w2, const T *scale, T *out_h, T *out_y,   \
+        unsigned int dim, float eps1, float eps2) {                                             \
+        residual_norm<T>(h, x, w1, w2, scale, out_h, out_y, dim, eps1, eps2);                   \
     }
 RESIDUAL_NORM(float, f32)
 RESIDUAL_NORM(__nv_bfloat16, bf16)

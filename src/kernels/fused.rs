@@ -50,20 +50,22 @@ pub fn softmax(scores: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Opt
     Ok(None)
 }
 
-/// `h' = h + norm1(x)` (`h + x` without `norm1`) and, with `norm2`, `y = norm2(h')`, in one
-/// kernel for bf16/f16/f32 CUDA tensors `[.., dim]` of one shape; each norm `(scale [dim], eps)`
+/// `h' = h + norm1(x)` (`h + x` without `norm1`), times `scale` `[1]` where given, and, with
+/// `norm2`, `y = norm2(h')`, in one kernel for bf16/f16/f32 CUDA tensors `[.., dim]` of one shape; each norm `(scale [dim], eps)`
 /// as candle's RMSNorm kernel computes it (f32, rounded once), the sum rounded once. `None`
 /// elsewhere.
 pub fn residual_norm(
     h: &Tensor,
     x: &Tensor,
     norm1: Option<(&Tensor, f64)>,
+    scale: Option<&Tensor>,
     norm2: Option<(&Tensor, f64)>,
 ) -> Result<Option<(Tensor, Option<Tensor>)>> {
     #[cfg(feature = "cuda")]
     if h.device().is_cuda() && h.shape() == x.shape() && h.dtype() == x.dtype() && h.rank() >= 1 {
         let op = cuda::ResidualNorm {
             norm1: norm1.map(|(w, e)| (w.clone(), e)),
+            scale: scale.cloned(),
             norm2: norm2.map(|(w, e)| (w.clone(), e)),
         };
         let both = h.contiguous()?.apply_op2_no_bwd(&x.contiguous()?, &op)?; // [1 or 2, ..]
@@ -73,7 +75,7 @@ pub fn residual_norm(
         };
         return Ok(Some((both.get(0)?, y)));
     }
-    let _ = (h, x, norm1, norm2);
+    let _ = (h, x, norm1, scale, norm2);
     Ok(None)
 }
 
@@ -293,6 +295,8 @@ mod cuda {
     pub struct ResidualNorm {
         /// `(scale [dim], eps)`, the scale in the activations' dtype.
         pub norm1: Option<(Tensor, f64)>,
+        /// `[1]`: multiplies the sum.
+        pub scale: Option<Tensor>,
         pub norm2: Option<(Tensor, f64)>,
     }
 
@@ -334,6 +338,12 @@ mod cuda {
                 .norm2
                 .as_ref()
                 .map(|(w, e)| (w.storage_and_layout(), *e as f32));
+            if let Some(s) = &self.scale {
+                if s.dims() != [1] {
+                    bail!("internal: a residual scale of {:?}", s.dims());
+                }
+            }
+            let s3 = self.scale.as_ref().map(|t| (t.storage_and_layout(), 0.0));
             let dev = h.device();
             #[allow(clippy::too_many_arguments)]
             fn run<T: DeviceRepr>(
@@ -343,11 +353,13 @@ mod cuda {
                 (x, lx): (&CudaSlice<T>, &Layout),
                 w1: ScaleView<'_, T>,
                 w2: ScaleView<'_, T>,
+                scale: ScaleView<'_, T>,
                 (rows, dim, outputs): (usize, usize, usize),
             ) -> Result<CudaSlice<T>> {
                 let (h, x) = (view(h, lh)?, view(x, lx)?);
                 let w1v = w1.map(|(s, l, _)| view(s, l)).transpose()?;
                 let w2v = w2.map(|(s, l, _)| view(s, l)).transpose()?;
+                let scale = scale.map(|(s, l, _)| view(s, l)).transpose()?;
                 // SAFETY: the kernel writes every element of each output it is given.
                 let out = unsafe { dev.alloc::<T>(outputs * rows * dim)? };
                 {
@@ -356,7 +368,7 @@ mod cuda {
                     let mut b = f.builder();
                     let null = 0u64;
                     b.arg(&h).arg(&x);
-                    for w in [&w1v, &w2v] {
+                    for w in [&w1v, &w2v, &scale] {
                         match w {
                             Some(w) => b.arg(w),
                             None => b.arg(&null),
@@ -376,8 +388,9 @@ mod cuda {
                         shared_mem_bytes: 0,
                     };
                     // SAFETY: the kernel's signature is (const T* h, const T* x, const T* w1,
-                    // const T* w2, T* out_h, T* out_y, unsigned int, float, float); null
-                    // scales mean no norm, a null out_y no second norm.
+                    // const T* w2, const T* scale, T* out_h, T* out_y, unsigned int, float,
+                    // float); null norm scales mean no norm, a null scale none, a null out_y no
+                    // second norm.
                     unsafe { b.launch(cfg) }.w()?;
                 }
                 Ok(out)
@@ -391,6 +404,7 @@ mod cuda {
                         ($b, lx),
                         scale_slice::<$t, _>(&s1)?,
                         scale_slice::<$t, _>(&s2)?,
+                        scale_slice::<$t, _>(&s3)?,
                         (rows, dim, outputs),
                     )?)
                 }};

@@ -209,7 +209,7 @@ pub fn residual_then_norm(
     post: Option<&RmsNorm>,
     next: &RmsNorm,
 ) -> Result<(Tensor, Tensor)> {
-    let (h, y) = residual(h, x, post, Some(next))?;
+    let (h, y) = residual(h, x, post, None, Some(next))?;
     let y = match y {
         Some(y) => y,
         None => next.forward(&h)?,
@@ -220,32 +220,42 @@ pub fn residual_then_norm(
 /// `h + post(x)`: one kernel on CUDA where the norm is one bf16 kernel (see
 /// [`residual_then_norm`]).
 pub fn residual_normed(h: &Tensor, x: &Tensor, post: &RmsNorm) -> Result<Tensor> {
-    Ok(residual(h, x, Some(post), None)?.0)
+    Ok(residual(h, x, Some(post), None, None)?.0)
 }
 
-/// [`residual_then_norm`] and [`residual_normed`]: the sum, and `next` of it where asked.
-fn residual(
+/// `h' = (h + post(x)) · scale` (`scale` `[1]`, e.g. Gemma 4's layer scalar; `h + x` without
+/// `post`) and, with `next`, `next(h')`: [`residual_then_norm`] with a scale, one kernel on
+/// CUDA where the norms are one bf16 kernel each.
+pub fn residual(
     h: &Tensor,
     x: &Tensor,
     post: Option<&RmsNorm>,
+    scale: Option<&Tensor>,
     next: Option<&RmsNorm>,
 ) -> Result<(Tensor, Option<Tensor>)> {
     /// `Some(None)` for no norm, `Some(Some((scale, eps)))` for one bf16 kernel, else `None`.
-    fn scale<'a>(n: Option<&'a RmsNorm>, t: &Tensor) -> Result<Option<Option<(&'a Tensor, f64)>>> {
+    fn fusable<'a>(
+        n: Option<&'a RmsNorm>,
+        t: &Tensor,
+    ) -> Result<Option<Option<(&'a Tensor, f64)>>> {
         Ok(match n {
             None => Some(None),
             Some(n) => n.bf16_scale(t)?.map(|w| Some((w, n.eps))),
         })
     }
-    if let (Some(w1), Some(w2)) = (scale(post, x)?, scale(next, h)?) {
-        if let Some(out) = crate::kernels::fused::residual_norm(h, x, w1, w2)? {
+    let scale_ok = scale.is_none_or(|s| s.dims() == [1] && s.dtype() == h.dtype());
+    if let (Some(w1), Some(w2), true) = (fusable(post, x)?, fusable(next, h)?, scale_ok) {
+        if let Some(out) = crate::kernels::fused::residual_norm(h, x, w1, scale, w2)? {
             return Ok(out);
         }
     }
-    let h = match post {
+    let mut h = match post {
         Some(p) => (h + p.forward(x)?)?,
         None => (h + x)?,
     };
+    if let Some(s) = scale {
+        h = h.broadcast_mul(s)?;
+    }
     let y = next.map(|n| n.forward(&h)).transpose()?;
     Ok((h, y))
 }

@@ -104,10 +104,19 @@ impl PerLayerGate {
         })
     }
 
-    /// h `[b, n, hidden]` plus this layer's embedding `[b, n, width]` → `[b, n, hidden]`.
-    pub fn forward(&self, h: &Tensor, e: &Tensor) -> Result<Tensor> {
+    /// h `[b, n, hidden]` plus this layer's embedding `[b, n, width]` → `[b, n, hidden]`, times
+    /// `scale` `[1]` where given, and `next` of that (see [`super::norm::residual`]: one kernel
+    /// on CUDA).
+    pub fn forward(
+        &self,
+        h: &Tensor,
+        e: &Tensor,
+        scale: Option<&Tensor>,
+        next: Option<&RmsNorm>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let g = self.act.gated(&self.gate.forward(h)?, e)?; // [b, n, width]
-        super::norm::residual_normed(h, &self.projection.forward(&g)?, &self.norm)
+        let y = self.projection.forward(&g)?;
+        super::norm::residual(h, &y, Some(&self.norm), scale, next)
     }
 }
 

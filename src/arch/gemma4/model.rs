@@ -27,7 +27,7 @@ use crate::layers::kv_store::KvStore;
 use crate::layers::linear::{output_head, Linear};
 use crate::layers::mlp::{Activation, GatedMlp};
 use crate::layers::moe::{PackedExperts, SoftmaxTopKRouter};
-use crate::layers::norm::{residual_normed, residual_then_norm, RmsNorm};
+use crate::layers::norm::{residual, residual_normed, residual_then_norm, RmsNorm};
 use crate::layers::per_layer_embedding::{PerLayerEmbedding, PerLayerGate};
 use crate::layers::rope::{Rotary, SharedTables};
 use crate::layers::weight;
@@ -130,10 +130,23 @@ impl DecoderLayer {
         })
     }
 
-    /// h `[b, n, hidden]`, this layer's per-layer embedding `[b, n, width]` → `[b, n, hidden]`.
-    fn forward(&self, h: &Tensor, ple: Option<&Tensor>, ctx: &mut ForwardCtx) -> Result<Tensor> {
+    /// h `[b, n, hidden]`, this layer's per-layer embedding `[b, n, width]` → `[b, n, hidden]`,
+    /// and `next(h)` where asked (the next layer's input norm, computed with this layer's last
+    /// residual: one kernel on CUDA). `normed` is `input_norm(h)` where the layer before made it.
+    fn forward(
+        &self,
+        h: &Tensor,
+        normed: Option<Tensor>,
+        ple: Option<&Tensor>,
+        ctx: &mut ForwardCtx,
+        next: Option<&RmsNorm>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let normed = match normed {
+            Some(x) => x,
+            None => self.input_norm.forward(h)?,
+        };
         // 1. Attention, with its own pre- and post-norm.
-        let x = self.attn.forward(&self.input_norm.forward(h)?, ctx)?;
+        let x = self.attn.forward(&normed, ctx)?;
         let (h, normed) =
             residual_then_norm(h, &x, Some(&self.post_attn_norm), &self.pre_ffn_norm)?;
 
@@ -150,17 +163,17 @@ impl DecoderLayer {
             }
             None => x,
         };
-        let h = residual_normed(&h, &x, &self.post_ffn_norm)?;
-
-        // 3. Per-layer embedding, through a gated residual.
-        let h = match (&self.ple, ple) {
-            (Some(gate), Some(e)) => gate.forward(&h, e)?,
-            (None, None) => h,
+        // 3. Per-layer embedding, through a gated residual; 4. the layer scalar, with the last
+        //    residual (and the next layer's input norm).
+        let scalar = Some(&self.layer_scalar);
+        match (&self.ple, ple) {
+            (Some(gate), Some(e)) => {
+                let h = residual_normed(&h, &x, &self.post_ffn_norm)?;
+                gate.forward(&h, e, scalar, next)
+            }
+            (None, None) => residual(&h, &x, Some(&self.post_ffn_norm), scalar, next),
             _ => bail!("internal: per-layer embedding given to a layer without its gate, or not"),
-        };
-
-        // 4. Layer scalar.
-        Ok(h.broadcast_mul(&self.layer_scalar)?)
+        }
     }
 }
 
@@ -339,13 +352,15 @@ impl CausalLm for Gemma4Model {
         // 2. Decoder layers, sharing one forward context (KV views for cross-layer sharing).
         {
             let mut ctx = ForwardCtx::new(cache, n, self.layers.len());
+            let mut normed = None;
             for (i, layer) in self.layers.iter().enumerate() {
                 let e = match &ple {
                     Some(p) => Some(p.narrow(2, i, 1)?.squeeze(2)?), // [1, n, width]
                     None => None,
                 };
-                h = layer
-                    .forward(&h, e.as_ref(), &mut ctx)
+                let next = self.layers.get(i + 1).map(|l| &l.input_norm);
+                (h, normed) = layer
+                    .forward(&h, normed, e.as_ref(), &mut ctx, next)
                     .with_context(|| format!("layer {i}"))?;
             }
         }
