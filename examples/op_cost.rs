@@ -115,7 +115,65 @@ fn list(dev: &Device, dtype: DType, iters: usize) -> anyhow::Result<()> {
         let n1 = with1.then_some((&w1.0, w1.1));
         llmarch::kernels::fused::residual_norm(&h, &x, n1, None, Some((&w2.0, w2.1)))
     };
+    // Attention of one position's 8 query heads over 300 keys of one KV head, the keys and
+    // values views of a longer buffer (as the KV store hands them out).
+    let kbuf = Tensor::randn(0f32, 1.0, (1, 1, 1024, 256), dev)?.to_dtype(dtype)?;
+    let vbuf = Tensor::randn(0f32, 1.0, (1, 1, 1024, 256), dev)?.to_dtype(dtype)?;
+    let (k, v) = (kbuf.narrow(2, 100, 300)?, vbuf.narrow(2, 100, 300)?);
+    let q = Tensor::randn(0f32, 1.0, (1, 1, 8, 256), dev)?.to_dtype(dtype)?;
+    let attn_chain = |mask: Option<&Tensor>, scale: f64| -> anyhow::Result<Tensor> {
+        let s = q.matmul(&k.t()?)?;
+        let s = if scale == 1.0 { s } else { (s * scale)? };
+        let mut s = s.to_dtype(DType::F32)?;
+        if let Some(m) = mask {
+            s = s.broadcast_add(m)?;
+        }
+        let p = candle_nn::ops::softmax_last_dim(&s)?.to_dtype(dtype)?;
+        Ok(p.matmul(&v.contiguous()?)?)
+    };
+    let attn_fused = |mask: Option<&Tensor>, scale: f64| -> anyhow::Result<Option<Tensor>> {
+        llmarch::kernels::fused::attention(&q, &k, &v, mask, 1, scale)
+    };
+    // Per-head norm and RoPE of one position's 8 heads of 256 (all rotated, or the first 64).
+    let heads_x = Tensor::randn(0f32, 1.0, (1, 1, 8, 256), dev)?.to_dtype(dtype)?;
+    let head_w = Tensor::randn(0f32, 1.0, 256, dev)?.to_dtype(dtype)?;
+    let angles = Tensor::randn(0f32, 3.0, (1, 128), dev)?;
+    let (cos_all, sin_all) = (
+        angles.cos()?.to_dtype(dtype)?,
+        angles.sin()?.to_dtype(dtype)?,
+    );
+    let nr_chain = |r: usize| -> anyhow::Result<Tensor> {
+        let (cos, sin) = (cos_all.narrow(1, 0, r / 2)?, sin_all.narrow(1, 0, r / 2)?);
+        let x = candle_nn::ops::rms_norm(&heads_x, &head_w, 1e-6)?
+            .transpose(1, 2)?
+            .contiguous()?;
+        if r == 256 {
+            return Ok(candle_nn::rotary_emb::rope(&x, &cos, &sin)?);
+        }
+        let rot = candle_nn::rotary_emb::rope(&x.narrow(3, 0, r)?.contiguous()?, &cos, &sin)?;
+        Ok(Tensor::cat(&[&rot, &x.narrow(3, r, 256 - r)?], 3)?)
+    };
+    let nr_fused = |r: usize| -> anyhow::Result<Option<Tensor>> {
+        let (cos, sin) = (cos_all.narrow(1, 0, r / 2)?, sin_all.narrow(1, 0, r / 2)?);
+        llmarch::kernels::fused::norm_rope(&heads_x, Some((&head_w, 1e-6)), &cos, &sin, r)
+    };
     let mut ops = ops;
+    ops.push((
+        "norm, transpose, rope [8, 256] as 3 ops",
+        Box::new(|| nr_chain(256)),
+    ));
+    ops.push((
+        "norm, transpose, rope [8, 256] fused",
+        Box::new(|| Ok(nr_fused(256)?.unwrap_or_else(|| heads_x.clone()))),
+    ));
+    ops.push((
+        "attention [8 heads, 300 keys] as 6 ops",
+        Box::new(|| attn_chain(None, 1.0)),
+    ));
+    ops.push((
+        "attention [8 heads, 300 keys] fused",
+        Box::new(|| Ok(attn_fused(None, 1.0)?.unwrap_or_else(|| q.clone()))),
+    ));
     ops.push((
         "h + norm(x), then norm, as 3 ops",
         Box::new(|| Ok(chain(true)?.1)),
@@ -167,6 +225,32 @@ fn list(dev: &Device, dtype: DType, iters: usize) -> anyhow::Result<()> {
             max_diff(&h2, &ch)?,
             max_diff(&y.expect("asked"), &cy)?
         );
+    }
+    for r in [256, 64] {
+        if let Some(fused) = nr_fused(r)? {
+            println!(
+                "  fused norm and rope vs chain (rotary dims {r}): max |diff| {}",
+                max_diff(&fused, &nr_chain(r)?)?
+            );
+        }
+    }
+    let window = Tensor::from_vec(
+        (0..300)
+            .map(|i| if i < 40 { f32::NEG_INFINITY } else { 0.0 })
+            .collect::<Vec<_>>(),
+        (1, 300),
+        dev,
+    )?;
+    for (mask, scale) in [(None, 1.0), (Some(&window), 1.0), (Some(&window), 0.0625)] {
+        if let Some(fused) = attn_fused(mask, scale)? {
+            let chain = attn_chain(mask, scale)?;
+            println!(
+                "  fused attention vs chain (mask: {}, scale {scale}): max |diff| {}, max |chain| {}",
+                mask.is_some(),
+                max_diff(&fused, &chain)?,
+                chain.to_dtype(DType::F32)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?
+            );
+        }
     }
     let causal = Tensor::from_vec(
         (0..512)

@@ -151,3 +151,114 @@ __device__ void residual_norm(const T *h, const T *x, const T *w1, const T *w2, 
 RESIDUAL_NORM(float, f32)
 RESIDUAL_NORM(__nv_bfloat16, bf16)
 RESIDUAL_NORM(__half, f16)
+
+// Attention of a few query rows over up to a few thousand keys (decode), one block per query
+// row, with the roundings of candle's chain (q·kᵀ rounded to T, scaled in T unless the scale is
+// 1, the f32 mask added, softmax in f32, the probabilities rounded to T, their product with the
+// values summed in f32 and rounded to T):
+//   q [bh·rows, d] (bh = batch·kv heads; a KV head's query rows consecutive), k / v rows of d / dv
+//   contiguous values at k + b·k_bs + h·k_hs + j·d (v likewise), mask [n, t] f32 (row r of a
+//   head takes mask row r % n; none when null), out [bh·rows, dv], scratch [bh·rows, t] f32.
+template <typename T>
+__device__ void attend_rows(const T *q, const T *k, const T *v, const float *mask, T *out,
+                            float *scratch, unsigned int rows, unsigned int t, unsigned int d,
+                            unsigned int dv, unsigned int n, unsigned int heads,
+                            unsigned long long k_bs, unsigned long long k_hs,
+                            unsigned long long v_bs, unsigned long long v_hs, float scale,
+                            int scaled) {
+    __shared__ float red[32];
+    const size_t row = blockIdx.x;
+    const size_t bh = row / rows, b = bh / heads, h = bh % heads;
+    const unsigned int r = row % rows;
+    const T *qr = q + row * d;
+    const T *kh = k + b * k_bs + h * k_hs;
+    const T *vh = v + b * v_bs + h * v_hs;
+    const float *mr = mask ? mask + (size_t)(r % n) * t : nullptr;
+    float *s = scratch + row * t;
+    const unsigned int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    // 1. Scores, one key per warp at a time; the row's maximum.
+    float m = -INFINITY;
+    for (unsigned int j = warp; j < t; j += warps) {
+        const T *kj = kh + (size_t)j * d;
+        float dot = 0.0f;
+        for (unsigned int c = lane; c < d; c += 32) dot += to_f(qr[c]) * to_f(kj[c]);
+        dot = warp_sum(dot);
+        float x = to_f(from_f<T>(dot));
+        if (scaled) x = to_f(from_f<T>(x * scale));
+        x += mr ? mr[j] : 0.0f;
+        if (lane == 0) s[j] = x;
+        m = fmaxf(m, x);
+    }
+    m = block_max(m, red); // its barrier also makes every s[j] visible to the block
+    // 2. The softmax's sum.
+    float sum = 0.0f;
+    for (unsigned int j = threadIdx.x; j < t; j += blockDim.x) sum += expf(s[j] - m);
+    const float inv = 1.0f / block_sum(sum, red);
+    // 3. The probabilities, rounded to T, in place of the scores.
+    for (unsigned int j = threadIdx.x; j < t; j += blockDim.x)
+        s[j] = to_f(from_f<T>(expf(s[j] - m) * inv));
+    __syncthreads();
+    // 4. Their product with the values, one output column per thread.
+    for (unsigned int c = threadIdx.x; c < dv; c += blockDim.x) {
+        float acc = 0.0f;
+        for (unsigned int j = 0; j < t; ++j) acc += s[j] * to_f(vh[(size_t)j * dv + c]);
+        out[row * dv + c] = from_f<T>(acc);
+    }
+}
+
+#define ATTEND(T, NAME)                                                                         \
+    extern "C" __global__ void attend_rows_##NAME(                                              \
+        const T *q, const T *k, const T *v, const float *mask, T *out, float *scratch,          \
+        unsigned int rows, unsigned int t, unsigned int d, unsigned int dv, unsigned int n,     \
+        unsigned int heads, unsigned long long k_bs, unsigned long long k_hs,                   \
+        unsigned long long v_bs, unsigned long long v_hs, float scale, int scaled) {            \
+        attend_rows<T>(q, k, v, mask, out, scratch, rows, t, d, dv, n, heads, k_bs, k_hs, v_bs, \
+                       v_hs, scale, scaled);                                                    \
+    }
+ATTEND(float, f32)
+ATTEND(__nv_bfloat16, bf16)
+ATTEND(__half, f16)
+
+// Per-head RMS norm (scale w; none when w is null) then RoPE over the first r dims (pairs c and
+// c + r/2, cos / sin [n, r/2] in T), the heads moved before the positions: x [b, n, h, d] →
+// out [b, h, n, d], one block per head row. The roundings of candle's chain: the norm rounded to
+// T, each product of the rotation rounded to T, their sum or difference rounded to T.
+template <typename T>
+__device__ void norm_rope(const T *x, const T *w, const T *cos, const T *sin, T *out,
+                          unsigned int n, unsigned int h, unsigned int d, unsigned int r,
+                          float eps) {
+    __shared__ float red[32];
+    const size_t row = blockIdx.x;
+    const size_t b = row / ((size_t)n * h), p = (row / h) % n, hd = row % h;
+    const T *xr = x + row * d;
+    T *o = out + ((b * h + hd) * n + p) * d;
+    const float rs = w ? rsqrtf(row_sum_sq(xr, d, red) / d + eps) : 1.0f;
+    const unsigned int half = r / 2;
+    const T *cr = cos + p * half;
+    const T *sr = sin + p * half;
+#define NORMED(c) (w ? to_f(from_f<T>(rs * to_f(xr[c]) * to_f(w[c]))) : to_f(xr[c]))
+    for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) {
+        if (c < half) {
+            const float y1 = NORMED(c), y2 = NORMED(c + half);
+            const float cs = to_f(cr[c]), sn = to_f(sr[c]);
+            const float a = to_f(from_f<T>(y1 * cs)), b2 = to_f(from_f<T>(y2 * sn));
+            const float a2 = to_f(from_f<T>(y1 * sn)), b3 = to_f(from_f<T>(y2 * cs));
+            o[c] = from_f<T>(a - b2);
+            o[c + half] = from_f<T>(a2 + b3);
+        } else if (c >= r) {
+            o[c] = from_f<T>(NORMED(c));
+        }
+    }
+#undef NORMED
+}
+
+#define NORM_ROPE(T, NAME)                                                                      \
+    extern "C" __global__ void norm_rope_##NAME(const T *x, const T *w, const T *cos,           \
+                                                const T *sin, T *out, unsigned int n,           \
+                                                unsigned int h, unsigned int d, unsigned int r, \
+                                                float eps) {                                    \
+        norm_rope<T>(x, w, cos, sin, out, n, h, d, r, eps);                                     \
+    }
+NORM_ROPE(float, f32)
+NORM_ROPE(__nv_bfloat16, bf16)
+NORM_ROPE(__half, f16)

@@ -79,6 +79,103 @@ pub fn residual_norm(
     Ok(None)
 }
 
+/// Keys at most for [`attention`]: one block of threads per query row reads every key, which
+/// is quick for a decode step over a sliding window or a short context, and no match for
+/// cuBLAS's products over long ones.
+pub const ATTENTION_MAX_KEYS: usize = 4096;
+
+/// Query positions at most for [`attention`] (a decode step, a draft's verification): a prompt
+/// chunk's products are cuBLAS's work (tensor cores), not launch-bound.
+pub const ATTENTION_MAX_QUERIES: usize = 16;
+
+/// `softmax(q·kᵀ·scale + mask)·v` in one kernel, with the roundings of [`attention`]'s chain of
+/// candle ops (scores rounded to the dtype, scaled in it unless `scale` is 1, the softmax in
+/// f32, probabilities rounded): q `[b, hkv, rows, d]` (a KV head's `rows` = its query heads ×
+/// `n` positions), k `[b, hkv, t, d]` and v `[b, hkv, t, dv]` with contiguous rows (views of the
+/// KV store's buffers), mask `[n, t]` f32 additive → `[b, hkv, rows, dv]`. CUDA tensors with at
+/// most [`ATTENTION_MAX_KEYS`] keys and [`ATTENTION_MAX_QUERIES`] positions; `None` elsewhere.
+///
+/// [`attention`]: crate::layers::attention::attend
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    n: usize,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() && q.rank() == 4 && k.rank() == 4 && v.rank() == 4 {
+        let (b, hkv, rows, d) = q.dims4()?;
+        let t = k.dim(2)?;
+        let rows_ok = |x: &Tensor| {
+            let s = x.stride();
+            s[3] == 1 && s[2] == x.dim(3).unwrap_or(0)
+        };
+        let fits = k.dims()[..3] == [b, hkv, t]
+            && v.dims()[..3] == [b, hkv, t]
+            && k.dim(3)? == d
+            && (1..=ATTENTION_MAX_KEYS).contains(&t)
+            && (1..=ATTENTION_MAX_QUERIES).contains(&n)
+            && rows.is_multiple_of(n)
+            && q.dtype() == k.dtype()
+            && k.dtype() == v.dtype()
+            && rows_ok(k)
+            && rows_ok(v)
+            && mask.is_none_or(|m| m.dims() == [n, t]);
+        if fits {
+            let mask = match mask {
+                Some(m) => Some(m.to_dtype(candle_core::DType::F32)?.contiguous()?),
+                None => None,
+            };
+            let op = cuda::Attention {
+                mask,
+                n,
+                scale: scale as f32,
+            };
+            return Ok(Some(q.contiguous()?.apply_op3_no_bwd(k, v, &op)?));
+        }
+    }
+    let _ = (q, k, v, mask, n, scale);
+    Ok(None)
+}
+
+/// Per-head RMS norm (`norm`: `(scale [d], eps)`; none: no norm) then RoPE over the first `r`
+/// dims of each head (pairs `i`, `i + r/2`; `cos`, `sin` `[n, r/2]` in x's dtype), with the heads
+/// moved before the positions: x `[b, n, h, d]` → `[b, h, n, d]`, in one kernel for CUDA
+/// tensors (three to four launches: norm, transpose, rotation); `None` elsewhere.
+pub fn norm_rope(
+    x: &Tensor,
+    norm: Option<(&Tensor, f64)>,
+    cos: &Tensor,
+    sin: &Tensor,
+    r: usize,
+) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && x.rank() == 4 {
+        let (_, n, _, d) = x.dims4()?;
+        let same = |t: &Tensor| t.dtype() == x.dtype();
+        let fits = r.is_multiple_of(2)
+            && r <= d
+            && cos.dims() == [n, r / 2]
+            && sin.dims() == [n, r / 2]
+            && same(cos)
+            && same(sin)
+            && norm.is_none_or(|(w, _)| w.dims() == [d] && same(w));
+        if fits {
+            let op = cuda::NormRope {
+                norm: norm.map(|(w, e)| (w.clone(), e)),
+                cos: cos.contiguous()?,
+                sin: sin.contiguous()?,
+                r,
+            };
+            return Ok(Some(x.contiguous()?.apply_op1_no_bwd(&op)?));
+        }
+    }
+    let _ = (x, norm, cos, sin, r);
+    Ok(None)
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
@@ -87,8 +184,8 @@ mod cuda {
     };
     use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
     use candle_core::{
-        bail, CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, Layout, Result, Shape,
-        Storage, Tensor,
+        bail, CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result,
+        Shape, Storage, Tensor,
     };
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
@@ -425,6 +522,267 @@ mod cuda {
                     device: dev.clone(),
                 },
                 Shape::from(dims),
+            ))
+        }
+    }
+
+    pub struct Attention {
+        /// `[n, t]` f32, contiguous.
+        pub mask: Option<Tensor>,
+        pub n: usize,
+        pub scale: f32,
+    }
+
+    impl CustomOp3 for Attention {
+        fn name(&self) -> &'static str {
+            "fused-attention"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            bail!("internal: the fused attention runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            q: &CudaStorage,
+            lq: &Layout,
+            k: &CudaStorage,
+            lk: &Layout,
+            v: &CudaStorage,
+            lv: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let (b, heads, rows, d) = lq.shape().dims4()?;
+            let (t, dv) = (lk.dims()[2], lv.dims()[3]);
+            let mask = self.mask.as_ref().map(|m| m.storage_and_layout());
+            let mask_view = match &mask {
+                Some((storage, layout)) => match &**storage {
+                    Storage::Cuda(s) => Some(view(s.as_cuda_slice::<f32>()?, layout)?),
+                    _ => bail!("internal: an attention mask off the queries' device"),
+                },
+                None => None,
+            };
+            let dev = q.device();
+            let blocks = b * heads * rows;
+            // SAFETY: the kernel writes every score before it reads it.
+            let scratch = unsafe { dev.alloc::<f32>(blocks * t)? };
+            let name = name("attend_rows", &q.slice)?;
+            #[allow(clippy::too_many_arguments)]
+            fn run<T: DeviceRepr>(
+                dev: &CudaDevice,
+                name: &str,
+                (q, lq): (&CudaSlice<T>, &Layout),
+                (k, lk): (&CudaSlice<T>, &Layout),
+                (v, lv): (&CudaSlice<T>, &Layout),
+                mask: Option<&candle_core::cuda_backend::cudarc::driver::CudaView<'_, f32>>,
+                scratch: &CudaSlice<f32>,
+                (blocks, rows, t, d, dv, n, heads): (
+                    usize,
+                    usize,
+                    usize,
+                    usize,
+                    usize,
+                    usize,
+                    usize,
+                ),
+                (scale, scaled): (f32, i32),
+            ) -> Result<CudaSlice<T>> {
+                let q = view(q, lq)?;
+                // Keys and values from their views' first element; their strides go along.
+                let k0 = k.slice(lk.start_offset()..);
+                let v0 = v.slice(lv.start_offset()..);
+                // SAFETY: every output element is written by the kernel.
+                let out = unsafe { dev.alloc::<T>(blocks * dv)? };
+                {
+                    let f = dev.get_or_load_custom_func(name, "llmarch_fused", PTX)?;
+                    let mut bld = f.builder();
+                    let null = 0u64;
+                    bld.arg(&q).arg(&k0).arg(&v0);
+                    match mask {
+                        Some(m) => bld.arg(m),
+                        None => bld.arg(&null),
+                    };
+                    bld.arg(&out).arg(scratch);
+                    let u = |x: usize| x as u32;
+                    let (rows, t, d, dv, n, heads) = (u(rows), u(t), u(d), u(dv), u(n), u(heads));
+                    let (ks, vs) = (lk.stride(), lv.stride());
+                    let (k_bs, k_hs, v_bs, v_hs) =
+                        (ks[0] as u64, ks[1] as u64, vs[0] as u64, vs[1] as u64);
+                    bld.arg(&rows).arg(&t).arg(&d).arg(&dv).arg(&n).arg(&heads);
+                    bld.arg(&k_bs).arg(&k_hs).arg(&v_bs).arg(&v_hs);
+                    bld.arg(&scale).arg(&scaled);
+                    let cfg = LaunchConfig {
+                        grid_dim: (blocks as u32, 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    // SAFETY: the kernel's signature is attend_rows_T (fused.cu): pointers q, k,
+                    // v, mask (null: none), out, scratch; then rows, t, d, dv, n, heads (u32),
+                    // the key and value batch and head strides (u64), scale (f32), scaled (i32).
+                    unsafe { bld.launch(cfg) }.w()?;
+                }
+                Ok(out)
+            }
+            let dims = (blocks, rows, t, d, dv, self.n, heads);
+            let sc = (self.scale, i32::from(self.scale != 1.0));
+            let m = mask_view.as_ref();
+            let slice = match (&q.slice, &k.slice, &v.slice) {
+                (CudaStorageSlice::F32(a), CudaStorageSlice::F32(b), CudaStorageSlice::F32(c)) => {
+                    CudaStorageSlice::F32(run(
+                        dev,
+                        &name,
+                        (a, lq),
+                        (b, lk),
+                        (c, lv),
+                        m,
+                        &scratch,
+                        dims,
+                        sc,
+                    )?)
+                }
+                (
+                    CudaStorageSlice::BF16(a),
+                    CudaStorageSlice::BF16(b),
+                    CudaStorageSlice::BF16(c),
+                ) => CudaStorageSlice::BF16(run(
+                    dev,
+                    &name,
+                    (a, lq),
+                    (b, lk),
+                    (c, lv),
+                    m,
+                    &scratch,
+                    dims,
+                    sc,
+                )?),
+                (CudaStorageSlice::F16(a), CudaStorageSlice::F16(b), CudaStorageSlice::F16(c)) => {
+                    CudaStorageSlice::F16(run(
+                        dev,
+                        &name,
+                        (a, lq),
+                        (b, lk),
+                        (c, lv),
+                        m,
+                        &scratch,
+                        dims,
+                        sc,
+                    )?)
+                }
+                _ => bail!("internal: the fused attention's inputs differ in dtype"),
+            };
+            Ok((
+                CudaStorage {
+                    slice,
+                    device: dev.clone(),
+                },
+                Shape::from((b, heads, rows, dv)),
+            ))
+        }
+    }
+
+    pub struct NormRope {
+        /// `(scale [d], eps)` in x's dtype.
+        pub norm: Option<(Tensor, f64)>,
+        /// `[n, r/2]` each, contiguous, in x's dtype.
+        pub cos: Tensor,
+        pub sin: Tensor,
+        pub r: usize,
+    }
+
+    impl CustomOp1 for NormRope {
+        fn name(&self) -> &'static str {
+            "fused-norm-rope"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            bail!("internal: the fused norm and RoPE run on CUDA only")
+        }
+
+        fn cuda_fwd(&self, x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
+            let (b, n, h, d) = lx.shape().dims4()?;
+            let w = self
+                .norm
+                .as_ref()
+                .map(|(w, e)| (w.storage_and_layout(), *e as f32));
+            let cos = Some((self.cos.storage_and_layout(), 0.0));
+            let sin = Some((self.sin.storage_and_layout(), 0.0));
+            let eps = w.as_ref().map_or(0.0, |(_, e)| *e);
+            let dev = x.device();
+            let name = name("norm_rope", &x.slice)?;
+            let dims = (b * n * h, n, h, d, self.r, eps);
+            #[allow(clippy::type_complexity)]
+            fn run<T: DeviceRepr>(
+                dev: &CudaDevice,
+                name: &str,
+                (x, lx): (&CudaSlice<T>, &Layout),
+                w: ScaleView<'_, T>,
+                cos: ScaleView<'_, T>,
+                sin: ScaleView<'_, T>,
+                (rows, n, h, d, r, eps): (usize, usize, usize, usize, usize, f32),
+            ) -> Result<CudaSlice<T>> {
+                let x = view(x, lx)?;
+                let w = w.map(|(s, l, _)| view(s, l)).transpose()?;
+                let (Some(cos), Some(sin)) = (cos, sin) else {
+                    bail!("internal: RoPE tables missing");
+                };
+                let (cos, sin) = (view(cos.0, cos.1)?, view(sin.0, sin.1)?);
+                // SAFETY: every output element is written by the kernel.
+                let out = unsafe { dev.alloc::<T>(rows * d)? };
+                {
+                    let f = dev.get_or_load_custom_func(name, "llmarch_fused", PTX)?;
+                    let mut bld = f.builder();
+                    let null = 0u64;
+                    bld.arg(&x);
+                    match &w {
+                        Some(w) => bld.arg(w),
+                        None => bld.arg(&null),
+                    };
+                    bld.arg(&cos).arg(&sin).arg(&out);
+                    let (n, h, d, r) = (n as u32, h as u32, d as u32, r as u32);
+                    bld.arg(&n).arg(&h).arg(&d).arg(&r).arg(&eps);
+                    let cfg = LaunchConfig {
+                        grid_dim: (rows as u32, 1, 1),
+                        block_dim: (if d >= 512 { 256 } else { 128 }, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    // SAFETY: the kernel's signature is norm_rope_T (fused.cu): x, w (null: no
+                    // norm), cos, sin, out; n, h, d, r (u32); eps (f32).
+                    unsafe { bld.launch(cfg) }.w()?;
+                }
+                Ok(out)
+            }
+            macro_rules! go {
+                ($variant:ident, $t:ty, $a:expr) => {
+                    CudaStorageSlice::$variant(run(
+                        dev,
+                        &name,
+                        ($a, lx),
+                        scale_slice::<$t, _>(&w)?,
+                        scale_slice::<$t, _>(&cos)?,
+                        scale_slice::<$t, _>(&sin)?,
+                        dims,
+                    )?)
+                };
+            }
+            let slice = match &x.slice {
+                CudaStorageSlice::F32(a) => go!(F32, f32, a),
+                CudaStorageSlice::BF16(a) => go!(BF16, half::bf16, a),
+                CudaStorageSlice::F16(a) => go!(F16, half::f16, a),
+                _ => bail!("internal: the fused norm and RoPE take f32, bf16 or f16"),
+            };
+            Ok((
+                CudaStorage {
+                    slice,
+                    device: dev.clone(),
+                },
+                Shape::from((b, h, n, d)),
             ))
         }
     }

@@ -282,6 +282,10 @@ pub fn attend(
     let dtype = q.dtype();
     // Query heads h·g..(h+1)·g read KV head h: fold them into the row dimension.
     let q = q.contiguous()?.reshape((b, hkv, g * n, d))?;
+    // On CUDA, a decode step's few rows over a window or a short context: one kernel.
+    if let Some(y) = crate::kernels::fused::attention(&q, k, v, mask, n, scale)? {
+        return Ok(y.reshape((b, hq, n, dv))?);
+    }
     let scores = scores_qkt(&q, k)?.reshape((b, hkv, g, n, t))?; // in q's dtype
     let p = match crate::kernels::fused::softmax(&scores, scale, mask)? {
         Some(p) => p,
@@ -481,9 +485,7 @@ impl Attention {
         let mut next = || projected.next().expect("one output per projection");
 
         // 2. Queries: norm per head, rotate. [b, hq, n, d]
-        let q = next().reshape((b, n, hq, d))?;
-        let q = norm_opt(&self.q_norm, &q)?.transpose(1, 2)?.contiguous()?;
-        let q = self.rope.apply(&q, ctx.pos)?;
+        let q = self.norm_rope(&self.q_norm, &next().reshape((b, n, hq, d))?, ctx.pos)?;
 
         // 3. Keys and values: own (appended to the store), or the owner's from this forward.
         let kv = match self.kv_source {
@@ -519,6 +521,26 @@ impl Attention {
         self.o_proj.forward(&y)
     }
 
+    /// `rope(norm(x))` at positions from `start`, the heads moved before the positions: x
+    /// `[b, n, h, d]` → `[b, h, n, d]`; one kernel on CUDA ([`crate::kernels::fused::norm_rope`]).
+    fn norm_rope(&self, norm: &Option<RmsNorm>, x: &Tensor, start: usize) -> Result<Tensor> {
+        if x.device().is_cuda() {
+            let scale = match norm {
+                None => Some(None),
+                Some(n) => n.fused_scale(x)?.map(Some),
+            };
+            if let Some(scale) = scale {
+                let (cos, sin) = self.rope.cos_sin(start, x.dim(1)?, x.dtype())?;
+                let r = self.rope.rotary_dim();
+                if let Some(y) = crate::kernels::fused::norm_rope(x, scale, &cos, &sin, r)? {
+                    return Ok(y);
+                }
+            }
+        }
+        let x = norm_opt(norm, x)?.transpose(1, 2)?.contiguous()?;
+        self.rope.apply(&x, start)
+    }
+
     /// Store this chunk's projected keys `k` and values `v` (`[b, n, hkv·d]`; none for K=V) and
     /// return everything the chunk attends.
     fn own_kv(&self, k: Tensor, v: Option<Tensor>, ctx: &mut ForwardCtx) -> Result<AttendedKv> {
@@ -527,8 +549,8 @@ impl Attention {
         let heads = |t: Tensor| -> Result<Tensor> {
             Ok(t.reshape((b, n, hkv, d))?.transpose(1, 2)?.contiguous()?) // [b, hkv, n, d]
         };
-        let k = heads(k)?;
         if self.k_eq_v {
+            let k = heads(k)?;
             // Store the normalised projection once; values are it, keys derive from it.
             let kv = norm_opt(&self.v_norm, &k)?;
             let view = ctx.cache.append(self.layer, kv, None)?;
@@ -549,7 +571,7 @@ impl Attention {
         }
         let v = v.ok_or_else(|| anyhow!("internal: layer {} projected no values", self.layer))?;
         let v = norm_opt(&self.v_norm, &heads(v)?)?;
-        let k = self.rope.apply(&norm_opt(&self.k_norm, &k)?, ctx.pos)?;
+        let k = self.norm_rope(&self.k_norm, &k.reshape((b, n, hkv, d))?, ctx.pos)?;
         let view = ctx.cache.append(self.layer, k, Some(v))?;
         let v = view
             .v

@@ -181,6 +181,19 @@ impl RmsNorm {
         Ok(self.forward_f32(x)?.to_dtype(x.dtype())?)
     }
 
+    /// `(scale, eps)` for a fused kernel that normalises `x` as [`Self::forward`] does, the scale
+    /// in `x`'s dtype: bf16 activations where [`Self::bf16_scale`] gives one, f32 ones with a
+    /// learned scale; `None` otherwise.
+    pub fn fused_scale(&self, x: &Tensor) -> Result<Option<(&Tensor, f64)>> {
+        Ok(match x.dtype() {
+            DType::BF16 => self.bf16_scale(x)?.map(|w| (w, self.eps)),
+            DType::F32 if !crate::kernels::fast_cpu(x.device()) => {
+                self.weight.as_ref().map(|w| (w, self.eps))
+            }
+            _ => None,
+        })
+    }
+
     /// The bf16 scale `[dim]` for normalising `x` in one bf16 kernel (the device path, bf16
     /// activations, a scale bf16 holds exactly or none); `None` where the f32 chain runs.
     fn bf16_scale(&self, x: &Tensor) -> Result<Option<&Tensor>> {

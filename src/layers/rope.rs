@@ -282,6 +282,11 @@ impl Rotary {
         self.head_dim
     }
 
+    /// The leading dims of each head that rotate (pairs `i`, `i + rotary_dim / 2`).
+    pub fn rotary_dim(&self) -> usize {
+        self.rotary_dim
+    }
+
     /// The angular frequency of each rotated pair.
     pub fn inv_freq(&self) -> &[f32] {
         &self.table.inv_freq
