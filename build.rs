@@ -19,7 +19,10 @@ fn main() {
         .arg(&out)
         .status()
         .unwrap_or_else(|e| {
-            panic!("cannot run `{nvcc}` (the CUDA compiler) to build src/kernels/fused.cu: {e}\nhint: put the CUDA toolkit's bin folder on PATH, or set NVCC")
+            panic!(
+                "cannot run `{nvcc}` (the CUDA compiler) to build src/kernels/fused.cu: {e}\n\
+                 hint: put the CUDA toolkit's bin folder on PATH, or set NVCC"
+            )
         });
     assert!(status.success(), "`{nvcc}` failed on src/kernels/fused.cu");
 }

@@ -153,9 +153,9 @@ RESIDUAL_NORM(__nv_bfloat16, bf16)
 RESIDUAL_NORM(__half, f16)
 
 // Attention of a few query rows over a few keys (decode; fused.rs says how few), one block per
-// query row, with the roundings of candle's chain (q·kᵀ rounded to T, scaled in T unless the scale is
-// 1, the f32 mask added, softmax in f32, the probabilities rounded to T, their product with the
-// values summed in f32 and rounded to T):
+// query row, with the roundings of candle's chain (q·kᵀ rounded to T, scaled in T unless the
+// scale is 1, the f32 mask added, softmax in f32, the probabilities rounded to T, their product
+// with the values summed in f32 and rounded to T):
 //   q [bh·rows, d] (bh = batch·kv heads; a KV head's query rows consecutive), k / v rows of d / dv
 //   contiguous values at k + b·k_bs + h·k_hs + j·d (v likewise), mask [n, t] f32 (row r of a
 //   head takes mask row r % n; none when null), out [bh·rows, dv], scratch [bh·rows, t] f32.

@@ -55,9 +55,9 @@ pub fn softmax(scores: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Opt
 }
 
 /// `h' = h + norm1(x)` (`h + x` without `norm1`), times `scale` `[1]` where given, and, with
-/// `norm2`, `y = norm2(h')`, in one kernel for bf16/f16/f32 CUDA tensors `[.., dim]` of one shape; each norm `(scale [dim], eps)`
-/// as candle's RMSNorm kernel computes it (f32, rounded once), the sum rounded once. `None`
-/// elsewhere.
+/// `norm2`, `y = norm2(h')`, in one kernel for bf16/f16/f32 CUDA tensors `[.., dim]` of one
+/// shape; each norm `(scale [dim], eps)` as candle's RMSNorm kernel computes it (f32, rounded
+/// once), the sum rounded once. `None` elsewhere.
 pub fn residual_norm(
     h: &Tensor,
     x: &Tensor,
