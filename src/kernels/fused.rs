@@ -533,6 +533,18 @@ mod cuda {
         }
     }
 
+    /// The sizes [`Attention`]'s kernel takes: query rows in all (`blocks`, one block each) and
+    /// per KV head (`rows`), keys `t`, head dims `d` and `dv`, mask rows `n`, KV heads.
+    struct AttendDims {
+        blocks: usize,
+        rows: usize,
+        t: usize,
+        d: usize,
+        dv: usize,
+        n: usize,
+        heads: usize,
+    }
+
     pub struct Attention {
         /// `[n, t]` f32, contiguous.
         pub mask: Option<Tensor>,
@@ -590,15 +602,15 @@ mod cuda {
                 (v, lv): (&CudaSlice<T>, &Layout),
                 mask: Option<&candle_core::cuda_backend::cudarc::driver::CudaView<'_, f32>>,
                 scratch: &CudaSlice<f32>,
-                (blocks, rows, t, d, dv, n, heads): (
-                    usize,
-                    usize,
-                    usize,
-                    usize,
-                    usize,
-                    usize,
-                    usize,
-                ),
+                AttendDims {
+                    blocks,
+                    rows,
+                    t,
+                    d,
+                    dv,
+                    n,
+                    heads,
+                }: AttendDims,
                 (scale, scaled): (f32, i32),
             ) -> Result<CudaSlice<T>> {
                 let q = view(q, lq)?;
@@ -637,7 +649,15 @@ mod cuda {
                 }
                 Ok(out)
             }
-            let dims = (blocks, rows, t, d, dv, self.n, heads);
+            let dims = AttendDims {
+                blocks,
+                rows,
+                t,
+                d,
+                dv,
+                n: self.n,
+                heads,
+            };
             let sc = (self.scale, i32::from(self.scale != 1.0));
             let m = mask_view.as_ref();
             let slice = match (&q.slice, &k.slice, &v.slice) {
