@@ -18,6 +18,7 @@ pub mod speculative;
 
 use crate::arch::{CausalLm, Rows};
 use crate::layers::kv_store::KvStore;
+use crate::layers::top_k;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use sampler::Sampler;
@@ -139,28 +140,53 @@ fn meaningless_row(position: usize) -> anyhow::Error {
     )
 }
 
-/// The sampler's choice from `row` `[vocab]`. A plain greedy choice on a GPU (or the generic
-/// path) is taken where the row lies ([`sampler::argmax_on_device`]), `iota` made there on first
-/// use; otherwise the row is read back.
+/// Tensors [`choose`] makes once on the model's device, on first use.
+#[derive(Default)]
+struct OnDevice {
+    /// `0, 1, …, vocab − 1` in f32 ([`sampler::argmax_on_device`]).
+    iota: std::sync::OnceLock<Tensor>,
+    /// [`top_k::triangle`].
+    triangle: std::sync::OnceLock<Tensor>,
+}
+
+/// The sampler's choice from `row` `[vocab]`. On a GPU (or the generic path) a plain greedy
+/// choice is taken where the row lies ([`sampler::argmax_on_device`]: two numbers read back), and
+/// a draw from a top-k reads back only the k candidates ([`top_k::top_k_entries`], then
+/// [`Sampler::next_among`]: the same draw as from the whole row); otherwise the row is read back.
 fn choose(
     sampler: &mut Sampler,
     row: &Tensor,
     history: &[u32],
     position: usize,
-    iota: &std::sync::OnceLock<Tensor>,
+    on_device: &OnDevice,
 ) -> Result<u32> {
-    if sampler.is_plain_greedy() && !crate::kernels::fast_cpu(row.device()) {
-        let iota = crate::layers::once(iota, || {
-            let vocab = row.dim(0)? as u32;
-            Ok(Tensor::arange(0u32, vocab, row.device())?.to_dtype(DType::F32)?)
+    if crate::kernels::fast_cpu(row.device()) {
+        return Ok(sampler.next(&row_values(row, position)?, history));
+    }
+    let vocab = row.dim(0)?;
+    let row = row.to_dtype(DType::F32)?;
+    if sampler.is_plain_greedy() {
+        let iota = crate::layers::once(&on_device.iota, || {
+            Ok(Tensor::arange(0u32, vocab as u32, row.device())?.to_dtype(DType::F32)?)
         })?;
-        let (id, bad) = sampler::argmax_on_device(&row.to_dtype(DType::F32)?, iota)?;
+        let (id, bad) = sampler::argmax_on_device(&row, iota)?;
         if bad {
             return Err(meaningless_row(position));
         }
         return Ok(id);
     }
-    Ok(sampler.next(&row_values(row, position)?, history))
+    if let Some(k) = sampler.top_k_draw(vocab) {
+        let triangle = crate::layers::once(&on_device.triangle, || top_k::triangle(row.device()))?;
+        let (values, ids) = top_k::top_k_entries(&row, k, triangle)?;
+        let bad = sampler::holds_nan_or_infinity(&row)?;
+        let got: Vec<f32> = Tensor::cat(&[values, ids, bad], 0)?.to_vec1()?;
+        if got[2 * k] > 0.0 {
+            return Err(meaningless_row(position));
+        }
+        let ids: Vec<u32> = got[k..2 * k].iter().map(|&i| i as u32).collect();
+        return Ok(sampler.next_among(&got[..k], &ids));
+    }
+    Ok(sampler.next(&row_values(&row, position)?, history))
 }
 
 /// What the decode loop has produced so far.
@@ -262,7 +288,7 @@ pub fn generate_with(
 
     let t_decode = Instant::now();
     let decode_start = cache.seen();
-    let iota = std::sync::OnceLock::new();
+    let on_device = OnDevice::default();
     let mut out = Out {
         stats,
         history,
@@ -277,7 +303,7 @@ pub fn generate_with(
         }
         let (id, row) = match next {
             Next::Row(row) => {
-                let id = choose(sampler, &row, &out.history, cache.seen() + 1, &iota)?;
+                let id = choose(sampler, &row, &out.history, cache.seen() + 1, &on_device)?;
                 (id, row)
             }
             Next::Chosen(id, row) => (id, row),

@@ -78,6 +78,31 @@ impl Sampler {
         self.settings.temperature == 0.0 && self.settings.repeat_penalty == 1.0
     }
 
+    /// The `k` of a draw that reads only a top-k of a row of `vocab` logits, where the settings
+    /// make one (a temperature, a top-k below the vocabulary of at most 1024 for the device's
+    /// sorts, no repeat penalty: it reads the history's ids): see [`Self::next_among`].
+    pub fn top_k_draw(&self, vocab: usize) -> Option<usize> {
+        let s = &self.settings;
+        match s.top_k {
+            Some(k) if s.temperature > 0.0 && s.repeat_penalty == 1.0 && k < vocab && k <= 1024 => {
+                Some(k.max(1))
+            }
+            _ => None,
+        }
+    }
+
+    /// [`Self::next`] from the row's top-k only ([`Self::top_k_draw`]): the candidates' logits
+    /// and ids, in any order, ties at the k-th place taken to the lower id. The same draw as
+    /// from the whole row: the top-k's distribution reads nothing else, and the candidates are
+    /// put in id order so that ties sort as they would there.
+    pub fn next_among(&mut self, logits: &[f32], ids: &[u32]) -> u32 {
+        let mut pairs: Vec<(u32, f32)> = ids.iter().copied().zip(logits.iter().copied()).collect();
+        pairs.sort_by_key(|p| p.0);
+        let row: Vec<f32> = pairs.iter().map(|p| p.1).collect();
+        let d = self.distribution(&row, &[]);
+        pairs[self.draw(&d) as usize].0
+    }
+
     /// Pick the next token from `logits` (one row, vocab-sized), given the sequence so far.
     pub fn next(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let d = self.distribution(logits, history);
@@ -236,13 +261,25 @@ pub fn argmax_on_device(row: &Tensor, iota: &Tensor) -> Result<(u32, bool)> {
     let first = (iota.reshape(shape)? + at_max.affine(-(vocab as f64), vocab as f64)?)?
         .min_keepdim(1)?
         .min_keepdim(0)?;
-    let nan = row.ne(&row)?;
-    let inf = row.eq(f32::INFINITY)?;
-    let bad = (nan.to_dtype(DType::F32)? + inf.to_dtype(DType::F32)?)?
-        .max_keepdim(1)?
-        .max_keepdim(0)?;
+    let bad = bad_entries(&row)?;
     let got: Vec<f32> = Tensor::cat(&[first, bad], 0)?.flatten_all()?.to_vec1()?;
     Ok((got[0] as u32, got[1] > 0.0))
+}
+
+/// `[1]` f32: above 0 where `row` `[vocab]` (f32) holds NaN or +∞, computed where it lies.
+pub fn holds_nan_or_infinity(row: &Tensor) -> Result<Tensor> {
+    let vocab = row.dim(0)?;
+    let cols = first_stage(vocab);
+    Ok(bad_entries(&row.reshape((vocab / cols, cols))?)?.flatten_all()?)
+}
+
+/// `[1, 1]`: above 0 where `row` `[r, c]` holds NaN or +∞ (two-stage reductions).
+fn bad_entries(row: &Tensor) -> Result<Tensor> {
+    let nan = row.ne(row)?;
+    let inf = row.eq(f32::INFINITY)?;
+    Ok((nan.to_dtype(DType::F32)? + inf.to_dtype(DType::F32)?)?
+        .max_keepdim(1)?
+        .max_keepdim(0)?)
 }
 
 /// The columns of [`argmax_on_device`]'s first stage for a row of `vocab`: its largest divisor up
@@ -288,6 +325,75 @@ mod tests {
         }
         assert!(on_device(&[0.0, f32::NAN, 1.0, 0.0, 0.0, 0.0]).1);
         assert!(on_device(&[0.0, 1.0, f32::INFINITY, 0.0, 0.0, 0.0]).1);
+    }
+
+    /// A draw from a top-k's candidates ([`crate::layers::top_k::top_k_entries`], as a GPU
+    /// reads them back) equals the draw from the whole row, seed by seed and draw by draw, with
+    /// ties across the k-th place and every truncation.
+    #[test]
+    fn a_draw_among_the_top_k_is_the_draw_from_the_whole_row() {
+        use crate::layers::top_k;
+        let dev = candle_core::Device::Cpu;
+        let tri = top_k::triangle(&dev).unwrap();
+        let logits: Vec<f32> = (0..3000u32)
+            .map(|i| ((i * 7919) % 101) as f32 * 0.1)
+            .collect();
+        let row = Tensor::new(logits.as_slice(), &dev).unwrap();
+        for (k, top_p, min_p) in [
+            (1, None, None),
+            (20, None, None),
+            (64, Some(0.9), None),
+            (64, Some(0.5), Some(0.1)),
+            (1000, Some(0.95), None),
+        ] {
+            for seed in 0..10 {
+                let settings = Sampling {
+                    temperature: 0.8,
+                    top_k: Some(k),
+                    top_p,
+                    min_p,
+                    seed,
+                    ..Sampling::default()
+                };
+                let mut whole = Sampler::new(settings.clone());
+                let mut among = Sampler::new(settings);
+                let k = among.top_k_draw(logits.len()).expect("a top-k draw");
+                let (values, ids) = top_k::top_k_entries(&row, k, &tri).unwrap();
+                let values: Vec<f32> = values.to_vec1().unwrap();
+                let ids: Vec<u32> = ids
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|&i| i as u32)
+                    .collect();
+                for draw in 0..3 {
+                    assert_eq!(
+                        whole.next(&logits, &[]),
+                        among.next_among(&values, &ids),
+                        "k {k}, seed {seed}, draw {draw}"
+                    );
+                }
+            }
+        }
+        // What needs the whole row (a repeat penalty, no top-k, greedy) is not drawn this way.
+        for settings in [
+            Sampling {
+                temperature: 0.8,
+                top_k: Some(5),
+                repeat_penalty: 1.1,
+                ..Sampling::default()
+            },
+            Sampling {
+                temperature: 0.8,
+                ..Sampling::default()
+            },
+            Sampling {
+                top_k: Some(5),
+                ..Sampling::default()
+            },
+        ] {
+            assert_eq!(Sampler::new(settings).top_k_draw(3000), None);
+        }
     }
 
     /// In two stages (rows of a few hundred and more), with the maximum and its ties in different

@@ -117,6 +117,50 @@ pub fn top_k_visible(
     Ok((above + (at * first)?)?)
 }
 
+/// The `k` entries [`top_k_visible`] picks from the row `x` `[n]` (f32), as their values and
+/// their indices (f32, exact below 2²⁴), `[k]` each, in no particular order: the picked entries
+/// are kept and every other made −∞, then rounds of chunk sorts carry the indices along with
+/// the values down to the best `k`. (Where fewer than `k` entries exceed −∞, the −∞ ones that
+/// fill the count may be others than the pick; their value is the same.) `k ≤ n`.
+pub fn top_k_entries(x: &Tensor, k: usize, triangle: &Tensor) -> Result<(Tensor, Tensor)> {
+    let n = x.dim(0)?;
+    let dev = x.device();
+    let row = x.reshape((1, n))?;
+    let picked = top_k_visible(&row, &[n], k, triangle)?;
+    let hidden = Tensor::full(f32::NEG_INFINITY, (1, n), dev)?;
+    let mut values = picked.ge(0.5)?.where_cond(&row, &hidden)?;
+    let mut ids = Tensor::arange(0u32, n as u32, dev)?
+        .to_dtype(DType::F32)?
+        .reshape((1, n))?;
+    let chunk = 1024usize.max((2 * k).next_power_of_two());
+    let mut n = n;
+    loop {
+        let width = if n > chunk {
+            n.div_ceil(chunk) * chunk
+        } else {
+            n
+        };
+        let chunks = width / chunk.min(width);
+        let values_c =
+            pad(&values, width - n, f32::NEG_INFINITY)?.reshape((chunks, width / chunks))?;
+        let ids_c = pad(&ids, width - n, 0.0)?.reshape((chunks, width / chunks))?;
+        let (sorted, order) = values_c.sort_last_dim(false)?;
+        values = sorted
+            .narrow(1, 0, k)?
+            .contiguous()?
+            .reshape((1, chunks * k))?;
+        ids = ids_c
+            .gather(&order, 1)?
+            .narrow(1, 0, k)?
+            .contiguous()?
+            .reshape((1, chunks * k))?;
+        if chunks == 1 {
+            return Ok((values.squeeze(0)?, ids.squeeze(0)?));
+        }
+        n = chunks * k;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,6 +201,30 @@ mod tests {
                     assert!(got[r].iter().all(|&v| v == 0.0 || v == 1.0));
                 }
             }
+        }
+    }
+
+    /// The entries picked, with their ids: the host's top-k, ties to the lower id, values
+    /// alongside, for rows shorter and longer than a chunk.
+    #[test]
+    fn entries_are_the_host_top_k_with_their_values() {
+        let dev = Device::Cpu;
+        let tri = triangle(&dev).unwrap();
+        for (n, k) in [(50usize, 7usize), (3000, 64), (70_000, 64), (5000, 1000)] {
+            let row: Vec<f32> = (0..n as u32)
+                .map(|i| ((i * 7919) % 97) as f32 * 0.25 - 3.0)
+                .collect();
+            let x = Tensor::from_vec(row.clone(), n, &dev).unwrap();
+            let (values, ids) = top_k_entries(&x, k, &tri).unwrap();
+            let (values, ids): (Vec<f32>, Vec<f32>) =
+                (values.to_vec1().unwrap(), ids.to_vec1().unwrap());
+            let mut got: Vec<(usize, f32)> = ids.iter().map(|&i| i as usize).zip(values).collect();
+            got.sort_by_key(|p| p.0);
+            let want: Vec<(usize, f32)> = on_host(&row, n, k)
+                .into_iter()
+                .map(|i| (i, row[i]))
+                .collect();
+            assert_eq!(got, want, "n {n}, k {k}");
         }
     }
 
