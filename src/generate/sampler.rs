@@ -94,7 +94,9 @@ impl Sampler {
     /// [`Self::next`] from the row's top-k only ([`Self::top_k_draw`]): the candidates' logits
     /// and ids, in any order, ties at the k-th place taken to the lower id. The same draw as
     /// from the whole row: the top-k's distribution reads nothing else, and the candidates are
-    /// put in id order so that ties sort as they would there.
+    /// put in id order so that ties sort as they would there. (One exception: the device sees
+    /// −0.0 and +0.0 as equal, the host's sort puts +0.0 first, so a row with both at the k-th
+    /// place may keep the other one.)
     pub fn next_among(&mut self, logits: &[f32], ids: &[u32]) -> u32 {
         let mut pairs: Vec<(u32, f32)> = ids.iter().copied().zip(logits.iter().copied()).collect();
         pairs.sort_by_key(|p| p.0);
@@ -113,8 +115,10 @@ impl Sampler {
     /// truncations applied to `logits` after `history`. Greedy is a point mass on the argmax.
     pub fn distribution(&self, logits: &[f32], history: &[u32]) -> Dist {
         let s = &self.settings;
-        let mut l = logits.to_vec();
+        // A copy only where the repeat penalty changes the logits.
+        let mut l = std::borrow::Cow::Borrowed(logits);
         if s.repeat_penalty != 1.0 {
+            let l = l.to_mut();
             let mut seen = vec![false; l.len()];
             for &t in history {
                 if let Some(flag) = seen.get_mut(t as usize) {
@@ -138,23 +142,19 @@ impl Sampler {
         if s.temperature == 0.0 {
             return point(argmax(&l));
         }
-        // Candidates sorted by logit, best first.
-        let mut idx: Vec<usize> = (0..l.len()).filter(|&i| l[i].is_finite()).collect();
+        // Candidates sorted by logit, best first, ties to the lower id: one order, however the
+        // candidates are found. With a top-k below the vocabulary only the k best are kept, in
+        // one pass (a vocabulary of 262 K sorted whole, or even copied to be selected from,
+        // costs milliseconds per token).
+        let order = |&a: &usize, &b: &usize| l[b].total_cmp(&l[a]).then(a.cmp(&b));
+        let mut idx = match s.top_k.map(|k| k.max(1)) {
+            Some(k) if k < l.len() => best_k(&l, k),
+            _ => (0..l.len()).filter(|&i| l[i].is_finite()).collect(),
+        };
         if idx.is_empty() {
             return point(argmax(logits));
         }
-        // Best first, ties to the lower id: one order, however the candidates are found. With a
-        // top-k only the k best are sorted (a vocabulary of 262 K sorted whole costs
-        // milliseconds per token).
-        let order = |&a: &usize, &b: &usize| l[b].total_cmp(&l[a]).then(a.cmp(&b));
-        match s.top_k.map(|k| k.max(1)) {
-            Some(k) if k < idx.len() => {
-                idx.select_nth_unstable_by(k - 1, order);
-                idx.truncate(k);
-                idx.sort_unstable_by(order);
-            }
-            _ => idx.sort_unstable_by(order),
-        }
+        idx.sort_unstable_by(order);
         // Scaled after subtracting the best logit: a tiny temperature gives 0 or -inf, never
         // inf - inf (NaN), so it tends to greedy as it should.
         let best = l[idx[0]];
@@ -208,6 +208,43 @@ impl Sampler {
     pub fn uniform(&mut self) -> f32 {
         self.rng.random::<f32>()
     }
+}
+
+/// The ids of the `k` best finite entries of `l` (higher first, ties to the lower id, in
+/// `total_cmp`'s order), in no particular order: one pass, a heap of the `k` best so far whose
+/// root is the worst of them, which most entries fail to beat in one comparison.
+fn best_k(l: &[f32], k: usize) -> Vec<usize> {
+    /// Ordered so that the heap's greatest is the worst entry kept.
+    struct Worst<'a>(&'a [f32], usize);
+    impl Ord for Worst<'_> {
+        fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+            o.0[o.1].total_cmp(&self.0[self.1]).then(self.1.cmp(&o.1))
+        }
+    }
+    impl PartialOrd for Worst<'_> {
+        fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+            Some(self.cmp(o))
+        }
+    }
+    impl PartialEq for Worst<'_> {
+        fn eq(&self, o: &Self) -> bool {
+            self.cmp(o).is_eq()
+        }
+    }
+    impl Eq for Worst<'_> {}
+    let mut heap = std::collections::BinaryHeap::with_capacity(k + 1);
+    for (i, v) in l.iter().enumerate() {
+        if !v.is_finite() {
+            continue;
+        }
+        if heap.len() < k {
+            heap.push(Worst(l, i));
+        } else if heap.peek().is_some_and(|w| Worst(l, i) < *w) {
+            heap.pop();
+            heap.push(Worst(l, i));
+        }
+    }
+    heap.into_iter().map(|w| w.1).collect()
 }
 
 /// A distribution over token ids: `ids` with weights `p` (summing to 1 before truncation; only
