@@ -36,26 +36,50 @@ fn pad(x: &Tensor, extra: usize, value: f32) -> Result<Tensor> {
 /// The k-th largest value of each row of `x` `[rows, n]` (f32; −∞ counts as a value), `[rows, 1]`;
 /// −∞ for a row of fewer than `k` entries. `k ≥ 1`.
 pub fn kth_largest(x: &Tensor, k: usize) -> Result<Tensor> {
-    let (rows, mut n) = x.dims2()?;
-    let chunk = 1024usize.max((2 * k).next_power_of_two());
-    let mut x = x.contiguous()?;
-    while n > chunk {
-        let width = n.div_ceil(chunk) * chunk;
-        let chunks = width / chunk;
-        let (sorted, _) = pad(&x, width - n, f32::NEG_INFINITY)?
-            .reshape((rows * chunks, chunk))?
-            .sort_last_dim(false)?;
-        x = sorted
-            .narrow(1, 0, k)?
-            .contiguous()?
-            .reshape((rows, chunks * k))?;
-        n = chunks * k;
-    }
+    let (rows, n) = x.dims2()?;
     if n < k {
         return Ok(Tensor::full(f32::NEG_INFINITY, (rows, 1), x.device())?);
     }
-    let (sorted, _) = x.sort_last_dim(false)?;
-    Ok(sorted.narrow(1, k - 1, 1)?.contiguous()?)
+    let (best, _) = best_by_chunks(x, None, k)?;
+    Ok(best.narrow(1, k - 1, 1)?.contiguous()?)
+}
+
+/// The `k` largest values of each row of `x` `[rows, n]` (f32, `n ≥ k`), highest first
+/// (`[rows, k]`), with the matching entries of `ids` `[rows, n]` where given: rows cut into
+/// chunks of at least `2k`, each sorted and cut to its best `k`, until one chunk is left. Which
+/// of equal values come with which ids is not defined (the sort is not stable).
+fn best_by_chunks(x: &Tensor, ids: Option<&Tensor>, k: usize) -> Result<(Tensor, Option<Tensor>)> {
+    let (rows, mut n) = x.dims2()?;
+    let chunk = 1024usize.max((2 * k).next_power_of_two());
+    let (mut x, mut ids) = (x.contiguous()?, ids.cloned());
+    loop {
+        let width = if n > chunk {
+            n.div_ceil(chunk) * chunk
+        } else {
+            n
+        };
+        let chunks = width / chunk.min(width);
+        let shape = (rows * chunks, width / chunks);
+        let (sorted, order) = pad(&x, width - n, f32::NEG_INFINITY)?
+            .reshape(shape)?
+            .sort_last_dim(false)?;
+        let best = |t: Tensor| -> Result<Tensor> {
+            Ok(t.narrow(1, 0, k)?
+                .contiguous()?
+                .reshape((rows, chunks * k))?)
+        };
+        x = best(sorted)?;
+        ids = match ids {
+            Some(i) => Some(best(
+                pad(&i, width - n, 0.0)?.reshape(shape)?.gather(&order, 1)?,
+            )?),
+            None => None,
+        };
+        if chunks == 1 {
+            return Ok((x, ids));
+        }
+        n = chunks * k;
+    }
 }
 
 /// For `x` `[rows, n]` of 0s and 1s (f32), how many 1s each row holds up to and including each
@@ -118,9 +142,9 @@ pub fn top_k_visible(
 }
 
 /// The `k` entries [`top_k_visible`] picks from the row `x` `[n]` (f32), as their values and
-/// their indices (f32, exact below 2²⁴), `[k]` each, in no particular order: the picked entries
-/// are kept and every other made −∞, then rounds of chunk sorts carry the indices along with
-/// the values down to the best `k`. (Where fewer than `k` entries exceed −∞, the −∞ ones that
+/// their indices (f32, exact below 2²⁴), `[k]` each, highest first: the picked entries are kept
+/// and every other made −∞, then rounds of chunk sorts carry the indices along with the values
+/// down to the best `k`. (Where fewer than `k` entries exceed −∞, the −∞ ones that
 /// fill the count may be others than the pick; their value is the same.) `k ≤ n`.
 pub fn top_k_entries(x: &Tensor, k: usize, triangle: &Tensor) -> Result<(Tensor, Tensor)> {
     let n = x.dim(0)?;
@@ -128,37 +152,13 @@ pub fn top_k_entries(x: &Tensor, k: usize, triangle: &Tensor) -> Result<(Tensor,
     let row = x.reshape((1, n))?;
     let picked = top_k_visible(&row, &[n], k, triangle)?;
     let hidden = Tensor::full(f32::NEG_INFINITY, (1, n), dev)?;
-    let mut values = picked.ge(0.5)?.where_cond(&row, &hidden)?;
-    let mut ids = Tensor::arange(0u32, n as u32, dev)?
+    let values = picked.ge(0.5)?.where_cond(&row, &hidden)?;
+    let ids = Tensor::arange(0u32, n as u32, dev)?
         .to_dtype(DType::F32)?
         .reshape((1, n))?;
-    let chunk = 1024usize.max((2 * k).next_power_of_two());
-    let mut n = n;
-    loop {
-        let width = if n > chunk {
-            n.div_ceil(chunk) * chunk
-        } else {
-            n
-        };
-        let chunks = width / chunk.min(width);
-        let values_c =
-            pad(&values, width - n, f32::NEG_INFINITY)?.reshape((chunks, width / chunks))?;
-        let ids_c = pad(&ids, width - n, 0.0)?.reshape((chunks, width / chunks))?;
-        let (sorted, order) = values_c.sort_last_dim(false)?;
-        values = sorted
-            .narrow(1, 0, k)?
-            .contiguous()?
-            .reshape((1, chunks * k))?;
-        ids = ids_c
-            .gather(&order, 1)?
-            .narrow(1, 0, k)?
-            .contiguous()?
-            .reshape((1, chunks * k))?;
-        if chunks == 1 {
-            return Ok((values.squeeze(0)?, ids.squeeze(0)?));
-        }
-        n = chunks * k;
-    }
+    let (values, ids) = best_by_chunks(&values, Some(&ids), k)?;
+    let ids = ids.ok_or_else(|| anyhow::anyhow!("internal: the chunk sorts dropped the ids"))?;
+    Ok((values.squeeze(0)?, ids.squeeze(0)?))
 }
 
 #[cfg(test)]
